@@ -1,0 +1,223 @@
+"""Two-tier input validation shared by every public function.
+
+Tier 1, shapes and ranks: checked at trace time with :func:`check_shape` and
+friends; they raise :class:`ValueError` naming the argument, the expected shape
+and the received shape, whether the call is eager or under ``jax.jit``.
+
+Tier 2, values (probabilities that do not sum to one, non-PSD covariances, NaN):
+:func:`check_values` raises :class:`ValueError` on an eager call and, when its
+inputs are traced (under ``jit``/``vmap``/``grad``), inserts an
+:func:`equinox.error_if` so that the same check fires at run time.
+
+Value checks cost a reduction over the inputs. They are on by default and can be
+switched off for speed, globally with :func:`set_value_checks` or for a block
+with the :func:`value_checks` context manager, or from the environment with
+``SSMJAX_VALUE_CHECKS=0``. The switch is read when a function is traced: a
+jitted function keeps the setting it was compiled with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_VALUE_CHECKS: bool = os.environ.get("SSMJAX_VALUE_CHECKS", "1").strip().lower() not in (
+    "0",
+    "false",
+    "no",
+    "off",
+)
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Switch ssmjax's value checks on or off for every call traced afterwards.
+
+    Value checks verify, for example, that probabilities are non-negative and sum
+    to one, that covariances are symmetric positive definite and that unpadded
+    log-likelihoods are not NaN. Shape checks always run (they are free).
+
+    Args:
+        enabled: ``True`` (the default) to check values, ``False`` to skip them.
+
+    Example:
+        >>> import ssmjax
+        >>> ssmjax.set_value_checks(False)
+        >>> ssmjax.set_value_checks(True)
+    """
+    global _VALUE_CHECKS
+    _VALUE_CHECKS = bool(enabled)
+
+
+def value_checks_enabled() -> bool:
+    """Whether value checks are currently on (see :func:`set_value_checks`)."""
+    return _VALUE_CHECKS
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Context manager that sets the value-check switch inside a block.
+
+    Example:
+        >>> import ssmjax
+        >>> with ssmjax.value_checks(False):
+        ...     pass
+    """
+    global _VALUE_CHECKS
+    previous = _VALUE_CHECKS
+    _VALUE_CHECKS = bool(enabled)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS = previous
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def _fmt_shape(shape: Sequence[object]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def as_float_array(name: str, x: object, dtype=None) -> jax.Array:
+    """Convert ``x`` to a floating JAX array, or raise a ValueError naming ``name``."""
+    try:
+        arr = jnp.asarray(x)
+    except Exception as err:  # pragma: no cover - message path
+        raise ValueError(f"`{name}` must be an array of numbers; got {type(x).__name__}.") from err
+    if dtype is not None:
+        arr = arr.astype(dtype)
+    elif not jnp.issubdtype(arr.dtype, jnp.floating):
+        arr = arr.astype(jnp.result_type(float))
+    return arr
+
+
+def as_int_array(name: str, x: object) -> jax.Array:
+    """Convert ``x`` to an integer JAX array, or raise a ValueError naming ``name``."""
+    arr = jnp.asarray(x)
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError(f"`{name}` must hold integers; got dtype {arr.dtype}.")
+    return arr
+
+
+def check_shape(name: str, x: jax.Array, expected: Sequence[object], meaning: str = "") -> None:
+    """Raise ``ValueError`` unless ``x.shape`` matches ``expected``.
+
+    ``expected`` is a sequence whose entries are ints (must match), ``None`` (any
+    size) or strings naming an axis (any size; used in the message only).
+    """
+    shape = tuple(x.shape)
+    ok = len(shape) == len(expected) and all(
+        not isinstance(e, int) or e == s for e, s in zip(expected, shape)
+    )
+    if not ok:
+        what = f" ({meaning})" if meaning else ""
+        raise ValueError(
+            f"`{name}` must have shape {_fmt_shape(expected)}{what}; got shape {_fmt_shape(shape)}."
+        )
+
+
+def check_shape_options(
+    name: str, x: jax.Array, options: Sequence[Sequence[object]], meaning: str = ""
+) -> int:
+    """Like :func:`check_shape` with alternatives; returns the index of the one matched."""
+    shape = tuple(x.shape)
+    for i, expected in enumerate(options):
+        if len(shape) == len(expected) and all(
+            not isinstance(e, int) or e == s for e, s in zip(expected, shape)
+        ):
+            return i
+    what = f" ({meaning})" if meaning else ""
+    alternatives = " or ".join(_fmt_shape(o) for o in options)
+    raise ValueError(f"`{name}` must have shape {alternatives}{what}; got shape {_fmt_shape(shape)}.")
+
+
+def check_length(length: object, num_timesteps: int) -> jax.Array | None:
+    """Validate ``length`` (None, a Python int or a scalar integer array).
+
+    Static lengths are checked eagerly (``1 <= length <= T``); traced lengths are
+    checked at run time through :func:`check_values`. Returns an int32 scalar
+    array, or ``None`` when ``length`` is ``None``.
+    """
+    if length is None:
+        return None
+    arr = jnp.asarray(length)
+    if arr.ndim != 0:
+        raise ValueError(
+            f"`length` must be a scalar integer (use jax.vmap for a batch of lengths); "
+            f"got shape {_fmt_shape(arr.shape)}."
+        )
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError(f"`length` must be an integer; got dtype {arr.dtype}.")
+    arr = arr.astype(jnp.int32)
+    bad = (arr < 1) | (arr > num_timesteps)
+    return check_values(
+        arr, bad, f"`length` must lie in [1, {num_timesteps}] (the number of time steps)"
+    )
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _is_traced(x: object) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_values(x, bad: jax.Array, message: str):
+    """Return ``x`` guarded by the value check ``bad`` (a boolean scalar or array).
+
+    Eager (``bad`` is concrete): raise ``ValueError(message)`` if any entry of
+    ``bad`` is true. Traced: return ``equinox.error_if(x, bad, message)``, which
+    raises at run time. The caller must use the returned ``x`` so the check is
+    not removed as dead code. Does nothing when value checks are switched off.
+    """
+    if not _VALUE_CHECKS:
+        return x
+    bad = jnp.any(bad)
+    if _is_traced(bad) or any(_is_traced(leaf) for leaf in jax.tree_util.tree_leaves(x)):
+        return eqx.error_if(x, bad, message)
+    if bool(np.asarray(bad)):
+        raise ValueError(message)
+    return x
+
+
+def check_probability_vector(name: str, probs: jax.Array, axis: int = -1, atol: float | None = None):
+    """Non-negative entries summing to one along ``axis`` (value check)."""
+    if atol is None:
+        atol = 1e-4 if probs.dtype == jnp.float32 else 1e-8
+    sums = jnp.sum(probs, axis=axis)
+    bad = jnp.any(probs < 0) | jnp.any(jnp.abs(sums - 1) > atol) | jnp.any(~jnp.isfinite(probs))
+    return check_values(
+        probs,
+        bad,
+        f"`{name}` must hold finite non-negative probabilities summing to 1 along its last axis "
+        f"(tolerance {atol:g}).",
+    )
+
+
+def check_not_nan(name: str, x: jax.Array, mask: jax.Array | None = None, what: str = "NaN"):
+    """No NaN in ``x`` where ``mask`` is true (default: everywhere)."""
+    isbad = jnp.isnan(x)
+    if mask is not None:
+        isbad = isbad & mask
+    return check_values(x, isbad, f"`{name}` contains {what} at unpadded steps.")
+
+
+def check_psd(name: str, cov: jax.Array, rtol: float | None = None):
+    """Symmetric positive-definite matrices in the last two axes (value check)."""
+    if not _VALUE_CHECKS:
+        return cov
+    if rtol is None:
+        rtol = 1e-5 if cov.dtype == jnp.float32 else 1e-10
+    asym = jnp.abs(cov - jnp.swapaxes(cov, -1, -2))
+    scale = jnp.maximum(jnp.max(jnp.abs(cov), axis=(-1, -2), keepdims=True), jnp.finfo(cov.dtype).tiny)
+    not_symmetric = jnp.any(asym > rtol * scale)
+    chol = jnp.linalg.cholesky(0.5 * (cov + jnp.swapaxes(cov, -1, -2)))
+    not_pd = jnp.any(~jnp.isfinite(chol))
+    cov = check_values(cov, not_symmetric, f"`{name}` must be symmetric (relative tolerance {rtol:g}).")
+    return check_values(cov, not_pd, f"`{name}` must be positive definite (its Cholesky factorisation failed).")

@@ -1,0 +1,51 @@
+"""Axis glossary and array aliases shared by the whole package.
+
+Every shape annotation in ssmjax uses the same axis names:
+
+=========  ==================================================================
+``T``      time steps of one sequence (``"T-1"``: pairwise quantities)
+``K``      discrete states of a hidden Markov model
+``C``      categories of a categorical emission
+``Dx``     latent (state) dimension of a linear-Gaussian model
+``Dy``     emission (observation) dimension
+``Du``     input (control) dimension
+``D``      emission dimension of an HMM emission model
+``B``      batch of sequences
+``H``      forecast horizon (``num_steps``)
+=========  ==================================================================
+
+Time convention (stated once, linked from every docstring): time is 0-based in
+arrays. For an HMM, ``transition_matrix[i, j] = p(z_{t+1} = j | z_t = i)``; a
+time-varying one has shape ``(T-1, K, K)`` and entry ``t`` moves ``z_t`` to
+``z_{t+1}``. ``log_likelihoods[t, k] = log p(y_t | z_t = k)``.
+
+``length`` (an int, possibly traced) marks steps ``t >= length`` as padding:
+they contribute nothing to the log-likelihood, to posteriors at real steps, or
+to gradients, whatever they contain (NaN and inf included). Outputs at padded
+steps are finite and documented per function.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import jax
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Scalar
+
+Scalarish = Union[int, float, ArrayLike]
+LengthLike = Union[int, Int[ArrayLike, ""], None]
+
+__all__ = [
+    "Array",
+    "ArrayLike",
+    "Bool",
+    "Float",
+    "Int",
+    "PRNGKeyArray",
+    "Scalar",
+    "Scalarish",
+    "LengthLike",
+    "jax",
+    "np",
+]

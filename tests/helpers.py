@@ -1,0 +1,53 @@
+"""Shared test utilities: per-dtype tolerances and small random models.
+
+Tolerances live here and only here. Do not loosen one to make a test pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# (rtol, atol) for comparing against an independent oracle.
+TOLERANCES = {
+    np.dtype("float64"): dict(rtol=1e-9, atol=1e-10),
+    np.dtype("float32"): dict(rtol=2e-4, atol=1e-5),
+}
+# finite-difference gradient checks (float64 only; central differences)
+FD_TOLERANCE = dict(rtol=1e-5, atol=1e-7)
+
+
+def tol(dtype) -> dict:
+    """Tolerances for arrays of ``dtype``."""
+    return TOLERANCES[np.dtype(dtype)]
+
+
+def assert_allclose(actual, desired, dtype=None, **override):
+    """``np.testing.assert_allclose`` with the dtype's tolerances."""
+    actual = np.asarray(actual)
+    dtype = np.dtype(dtype) if dtype is not None else actual.dtype
+    kw = dict(tol(dtype))
+    kw.update(override)
+    np.testing.assert_allclose(actual, np.asarray(desired), **kw)
+
+
+def random_stochastic_matrix(rng: np.random.Generator, shape, concentration=1.0, zeros=False):
+    """Rows drawn from a Dirichlet; with ``zeros`` some entries are exact structural zeros."""
+    probs = rng.dirichlet(np.full(shape[-1], concentration), size=shape[:-1])
+    if zeros:
+        mask = rng.random(probs.shape) < 0.3
+        # keep at least one entry per row
+        mask[..., 0] &= ~mask.all(axis=-1)
+        probs = np.where(mask, 0.0, probs)
+        probs = probs / probs.sum(-1, keepdims=True)
+    return probs
+
+
+def central_difference_grad(f, x, eps=1e-6):
+    """Central finite differences of scalar ``f`` at ``x`` (float64 numpy)."""
+    x = np.asarray(x, dtype=np.float64)
+    g = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[idx] = eps
+        g[idx] = (float(f(x + e)) - float(f(x - e))) / (2 * eps)
+    return g
