@@ -7,7 +7,10 @@ and the received shape, whether the call is eager or under ``jax.jit``.
 Tier 2, values (probabilities that do not sum to one, non-PSD covariances, NaN):
 :func:`check_values` raises :class:`ValueError` on an eager call and, when its
 inputs are traced (under ``jit``/``vmap``/``grad``), inserts an
-:func:`equinox.error_if` so that the same check fires at run time.
+:func:`equinox.error_if` so that the same check fires at run time. The run-time
+error carries the same message; it is raised as :class:`equinox.EquinoxRuntimeError`
+under :func:`equinox.filter_jit` and as :class:`jax.errors.JaxRuntimeError` under
+plain :func:`jax.jit`.
 
 Value checks cost a reduction over the inputs. They are on by default and can be
 switched off for speed, globally with :func:`set_value_checks` or for a block

@@ -1,0 +1,112 @@
+"""The validation layer, the bundled datasets and the README/CI contract."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ssmjax
+from ssmjax import _checks
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_check_shape_names_argument_and_both_shapes():
+    with pytest.raises(ValueError, match=r"`initial_probs` must have shape \(3,\).*got shape \(2,\)"):
+        _checks.check_shape("initial_probs", jnp.zeros(2), (3,))
+    _checks.check_shape("x", jnp.zeros((4, 3)), ("T", 3))  # named axes accept any size
+
+
+def test_check_shape_options_reports_every_alternative():
+    assert _checks.check_shape_options("A", jnp.zeros((5, 2, 2)), [(2, 2), ("T-1", 2, 2)]) == 1
+    with pytest.raises(ValueError, match=r"\(2, 2\) or \(T-1, 2, 2\).*got shape \(3, 3\)"):
+        _checks.check_shape_options("A", jnp.zeros((3, 3)), [(2, 2), ("T-1", 2, 2)])
+
+
+def test_value_check_eager_raises_value_error():
+    with pytest.raises(ValueError, match="`p` must hold finite non-negative probabilities"):
+        _checks.check_probability_vector("p", jnp.array([0.5, 0.6]))
+    out = _checks.check_probability_vector("p", jnp.array([0.5, 0.5]))
+    np.testing.assert_array_equal(out, [0.5, 0.5])
+
+
+def test_value_check_fires_under_jit_and_switch_disables_it():
+    @jax.jit
+    def f(p):
+        return _checks.check_probability_vector("p", p).sum()
+
+    assert float(f(jnp.array([0.25, 0.75]))) == 1.0
+    with pytest.raises(Exception, match="`p` must hold finite non-negative probabilities"):
+        f(jnp.array([0.5, 0.6])).block_until_ready()
+
+    with ssmjax.value_checks(False):
+        assert not ssmjax.value_checks_enabled()
+        g = jax.jit(lambda p: _checks.check_probability_vector("p", p).sum())
+        np.testing.assert_allclose(float(g(jnp.array([0.5, 0.6]))), 1.1)
+    assert ssmjax.value_checks_enabled()
+
+
+def test_check_psd_rejects_asymmetric_and_indefinite():
+    with pytest.raises(ValueError, match="`Q` must be symmetric"):
+        _checks.check_psd("Q", jnp.array([[1.0, 0.5], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="`Q` must be positive definite"):
+        _checks.check_psd("Q", jnp.array([[1.0, 2.0], [2.0, 1.0]]))
+    _checks.check_psd("Q", jnp.eye(3))
+
+
+def test_check_length_static_and_traced():
+    with pytest.raises(ValueError, match=r"`length` must lie in \[1, 5\]"):
+        _checks.check_length(6, 5)
+    with pytest.raises(ValueError, match="scalar integer"):
+        _checks.check_length(jnp.array([1, 2]), 5)
+    with pytest.raises(ValueError, match="must be an integer"):
+        _checks.check_length(2.0, 5)
+    f = jax.jit(lambda n: _checks.check_length(n, 5) + 0)
+    assert int(f(3)) == 3
+    with pytest.raises(Exception, match=r"`length` must lie in \[1, 5\]"):
+        f(0).block_until_ready()
+
+
+def test_runtime_error_types_are_the_documented_ones():
+    # Under equinox.filter_jit: EquinoxRuntimeError; under jax.jit: JaxRuntimeError. Both carry the message.
+    bad = jnp.array([2.0, -1.0])
+    f = eqx.filter_jit(lambda p: _checks.check_probability_vector("p", p))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="`p` must hold"):
+        f(bad).block_until_ready()
+    g = jax.jit(lambda p: _checks.check_probability_vector("p", p))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="`p` must hold"):
+        g(bad).block_until_ready()
+
+
+def test_datasets_match_published_series():
+    eq = ssmjax.datasets.load_earthquakes()
+    assert eq.values.shape == (107,) and eq.years[0] == 1900 and eq.years[-1] == 2006
+    assert eq.values[:5].tolist() == [13, 14, 8, 10, 16] and eq.values[-3:].tolist() == [16, 11, 11]
+    assert int(eq.values.max()) == 41 and int(eq.values.sum()) == 2072
+    nile = ssmjax.datasets.load_nile()
+    assert nile.values.shape == (100,) and nile.years[0] == 1871 and nile.years[-1] == 1970
+    assert nile.values[0] == 1120 and nile.values[-1] == 740 and nile.values.min() == 456
+    np.testing.assert_allclose(nile.values.mean(), 919.35)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    lines = readme.splitlines()
+    assert readme.lstrip().startswith("# ssmjax")
+    i = lines.index("<!-- test-command -->")
+    command = lines[i + 2]
+    assert "pytest" in command
+    j = lines.index("<!-- demo-command -->")
+    assert "ssmjax demo" in lines[j + 2]
+    extracted = subprocess.run(
+        ["awk", "/<!-- test-command -->/{getline; getline; print; exit}", str(ROOT / "README.md")],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert extracted == command
+    assert "README.md" in (ROOT / ".ci" / "run").read_text()
