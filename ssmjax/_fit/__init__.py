@@ -1,0 +1,1 @@
+"""Fitting machinery shared by every model: compiled EM and optax gradient fitting."""

@@ -1,0 +1,292 @@
+"""Expectation-maximisation over ragged batches, compiled end to end.
+
+The whole loop -- E-step over the batch (``jax.vmap``), reduction of the
+sufficient statistics, M-step, convergence test, NaN/decrease guard and the
+progress report -- is one ``lax.while_loop`` inside one compiled function. A
+second call with equal shapes reuses it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import progress as _progress
+from .protocol import AbstractFittableModel, check_frozen
+
+# Status codes of an EM run (see EMInfo.status).
+_RUNNING, _CONVERGED, _MAX_ITERS, _DECREASED, _NOT_FINITE = 0, 1, 2, 3, 4
+STATUS_NAMES = {
+    _CONVERGED: "converged",
+    _MAX_ITERS: "max_iters",
+    _DECREASED: "decreased",
+    _NOT_FINITE: "not_finite",
+}
+
+
+class EMInfo(NamedTuple):
+    """Diagnostics of an EM run (returned with ``return_info=True``).
+
+    Attributes:
+        num_iters: number of E-steps evaluated (= ``len(log_likelihoods)``).
+        status: ``"converged"`` (relative improvement below ``tol``), ``"max_iters"``,
+            ``"decreased"`` (the log-likelihood fell by more than round-off: the
+            last good model is returned) or ``"not_finite"`` (a NaN/inf
+            log-likelihood: the last good model is returned).
+        converged: ``status == "converged"``.
+    """
+
+    num_iters: int
+    status: str
+    converged: bool
+
+
+def _decrease_rtol(dtype) -> float:
+    # Round-off allowance of a summed log-likelihood, relative to its magnitude.
+    return 1e-5 if jnp.dtype(dtype) == jnp.float32 else 1e-10
+
+
+def _batch_e_step(model, emissions, lengths, inputs):
+    stats, lls = jax.vmap(lambda y, n, u: model._e_step(y, n, u))(emissions, lengths, inputs)
+    stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
+    return stats, jnp.sum(lls)
+
+
+class _Carry(eqx.Module):
+    it: jax.Array
+    params: Any
+    prev_params: Any
+    prev_ll: jax.Array
+    lls: jax.Array
+    status: jax.Array
+
+
+def _em_loop(model, emissions, lengths, inputs, tol, max_iters: int, frozen: frozenset, progress: bool):
+    params, static = eqx.partition(model, eqx.is_array)
+    ll_dtype = jnp.result_type(*[x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)])
+    rtol_down = _decrease_rtol(ll_dtype)
+
+    def cond(c: _Carry):
+        return (c.status == _RUNNING) & (c.it < max_iters)
+
+    def body(c: _Carry):
+        current = eqx.combine(c.params, static)
+        stats, ll = _batch_e_step(current, emissions, lengths, inputs)
+        ll = ll.astype(ll_dtype)
+        _progress.report(progress, c.it, ll)
+        first = c.it == 0
+        not_finite = ~jnp.isfinite(ll)
+        decreased = (~first) & (ll < c.prev_ll - rtol_down * jnp.abs(c.prev_ll))
+        improvement = jnp.abs(ll - c.prev_ll)
+        converged = (~first) & (improvement <= tol * jnp.abs(c.prev_ll))
+        bad = not_finite | decreased
+        new_params, _ = eqx.partition(current._m_step(stats, frozen), eqx.is_array)
+        # On a bad step go back to the last good model; otherwise take the M-step.
+        next_params = jax.tree.map(
+            lambda good, new: jnp.where(bad, good, new), c.prev_params, new_params
+        )
+        status = jnp.where(
+            not_finite,
+            _NOT_FINITE,
+            jnp.where(decreased, _DECREASED, jnp.where(converged, _CONVERGED, _RUNNING)),
+        )
+        status = jnp.where((status == _RUNNING) & (c.it + 1 >= max_iters), _MAX_ITERS, status)
+        return _Carry(
+            it=c.it + 1,
+            params=next_params,
+            prev_params=jax.tree.map(lambda good, cur: jnp.where(bad, good, cur), c.prev_params, c.params),
+            prev_ll=jnp.where(bad, c.prev_ll, ll),
+            lls=c.lls.at[c.it].set(ll),
+            status=status.astype(jnp.int32),
+        )
+
+    init = _Carry(
+        it=jnp.asarray(0, jnp.int32),
+        params=params,
+        prev_params=params,
+        prev_ll=jnp.asarray(-jnp.inf, ll_dtype),
+        lls=jnp.full((max_iters,), jnp.nan, ll_dtype),
+        status=jnp.asarray(_RUNNING, jnp.int32),
+    )
+    final = jax.lax.while_loop(cond, body, init)
+    return final.params, final.lls, final.it, final.status
+
+
+@eqx.filter_jit
+def _em_compiled(model, emissions, lengths, inputs, tol, max_iters, frozen, progress):
+    params, lls, it, status = _em_loop(model, emissions, lengths, inputs, tol, max_iters, frozen, progress)
+    return params, lls, it, status
+
+
+@eqx.filter_jit
+def _em_restarts_compiled(models, emissions, lengths, inputs, tol, max_iters, frozen, progress):
+    params, static = eqx.partition(models, eqx.is_array)
+
+    def one(p):
+        m = eqx.combine(p, static)
+        fitted_params, lls, it, status = _em_loop(m, emissions, lengths, inputs, tol, max_iters, frozen, progress)
+        fitted = eqx.combine(fitted_params, static)
+        _, final_ll = _batch_e_step(fitted, emissions, lengths, inputs)
+        return fitted_params, lls, it, status, final_ll
+
+    return jax.vmap(one)(params)
+
+
+def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen):
+    if not isinstance(model, AbstractFittableModel):
+        raise ValueError(
+            f"`model` must be an ssmjax model (HMM, LGSSM, ...); got {type(model).__name__}."
+        )
+    if not isinstance(max_iters, (int, np.integer)) or max_iters < 1:
+        raise ValueError(f"`max_iters` must be a positive int; got {max_iters!r}.")
+    if not np.isfinite(tol) or tol < 0:
+        raise ValueError(f"`tol` must be a non-negative number; got {tol!r}.")
+    frozen = check_frozen(model, frozen)
+    emissions, lengths, inputs = model._check_batch(emissions, lengths, inputs)
+    return emissions, lengths, inputs, int(max_iters), frozen
+
+
+def fit_em(
+    model,
+    emissions,
+    *,
+    lengths=None,
+    inputs=None,
+    max_iters=100,
+    tol=1e-6,
+    frozen=(),
+    progress=False,
+    return_info=False,
+):
+    r"""Fit a model by expectation-maximisation over a (ragged) batch of sequences.
+
+    Each iteration computes the exact posterior of every sequence (forward-backward
+    for an HMM, the RTS smoother for an LGSSM), sums their expected sufficient
+    statistics, and applies the closed-form M-step. EM never decreases
+    :math:`\sum_b \log p(y^{(b)})`; the loop stops when the relative improvement is
+    at most ``tol``, after ``max_iters`` E-steps, or -- as a guard -- when the
+    log-likelihood becomes non-finite or falls by more than round-off, in which case
+    the last good model is returned and a warning is issued.
+
+    The whole loop is one compiled ``lax.while_loop``; a second call with equal
+    shapes and equal ``max_iters``/``frozen``/``progress`` does not recompile.
+
+    Args:
+        model: the initial model (``ssmjax.HMM``, ``ssmjax.LGSSM``, ...).
+        emissions: ``(B, T, D)`` batch of sequences (``(B, T)`` integers for categorical
+            emissions); padded past each sequence's length.
+        lengths: ``(B,)`` ints in ``[1, T]``; ``None`` means every sequence has length ``T``.
+        inputs: ``(B, T, Du)`` inputs for models that take them (LGSSM), else ``None``.
+        max_iters: maximum number of EM iterations (E-steps).
+        tol: relative-improvement tolerance, ``|ll_i - ll_{i-1}| <= tol * |ll_{i-1}|``.
+        frozen: names of parameters kept fixed (see ``model.parameter_names()``).
+        progress: show a tqdm progress bar (iteration, log-likelihood) fed from inside
+            the compiled loop.
+        return_info: also return an :class:`EMInfo`.
+
+    Returns:
+        ``(fitted_model, log_likelihoods)``: ``log_likelihoods[i]`` is the summed
+        log-likelihood of the ``i``-th iterate, evaluated before its M-step (so the
+        returned model, the result of the last M-step, scores at least
+        ``log_likelihoods[-1]``). With ``return_info=True``, ``(fitted_model,
+        log_likelihoods, info)``.
+
+    Raises:
+        ValueError: on malformed emissions/lengths/inputs for the model, unknown
+            ``frozen`` names, or bad ``max_iters``/``tol`` -- before any compute.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, ssmjax
+        >>> counts = jnp.asarray(ssmjax.datasets.load_earthquakes().values)[None, :, None]
+        >>> hmm = ssmjax.HMM.from_data(jax.random.key(0), counts, num_states=2, emissions="poisson")
+        >>> fitted, lls = ssmjax.fit_em(hmm, counts, max_iters=50)
+        >>> bool(lls[-1] >= lls[0])
+        True
+    """
+    emissions, lengths, inputs, max_iters, frozen = _prepare(
+        model, emissions, lengths, inputs, max_iters, tol, frozen
+    )
+    tol_arr = jnp.asarray(tol, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    with _progress.progress_bar(progress, max_iters, "EM", "loglik"):
+        params, lls, it, status = _em_compiled(
+            model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress
+        )
+    _, static = eqx.partition(model, eqx.is_array)
+    fitted = eqx.combine(params, static)
+    num_iters = int(it)
+    status_name = STATUS_NAMES.get(int(status), "max_iters")
+    if status_name in ("decreased", "not_finite"):
+        warnings.warn(
+            f"fit_em stopped at iteration {num_iters}: the log-likelihood "
+            f"{'was not finite' if status_name == 'not_finite' else 'decreased by more than round-off'}; "
+            "the last good model is returned.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    lls = lls[:num_iters]
+    if return_info:
+        return fitted, lls, EMInfo(num_iters, status_name, status_name == "converged")
+    return fitted, lls
+
+
+def fit_em_restarts(
+    models,
+    emissions,
+    *,
+    lengths=None,
+    inputs=None,
+    max_iters=100,
+    tol=1e-6,
+    frozen=(),
+    progress=False,
+):
+    """Run EM from many initial models in parallel and keep the best.
+
+    ``models`` is a *stacked* model: every array leaf has a leading restart axis
+    ``R``, as produced by ``jax.vmap`` / ``equinox.filter_vmap`` over an initialiser,
+    e.g. ``eqx.filter_vmap(lambda k: ssmjax.HMM.from_data(k, y, 3, "poisson"))(keys)``.
+    All restarts run in one compiled, vectorised EM loop (the loop continues until
+    every restart has stopped; finished ones are held fixed).
+
+    Args:
+        models: stacked initial models (leading axis ``R`` on every array leaf).
+        emissions, lengths, inputs, max_iters, tol, frozen, progress: as in :func:`fit_em`.
+
+    Returns:
+        ``(best_model, final_log_likelihoods, log_likelihood_histories)``:
+        the restart with the highest final log-likelihood (an unstacked model),
+        ``(R,)`` the exact log-likelihood of every fitted restart, and
+        ``(R, max_iters)`` their per-iteration histories (NaN after a restart stopped).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, equinox as eqx, ssmjax
+        >>> counts = jnp.asarray(ssmjax.datasets.load_earthquakes().values)[None, :, None]
+        >>> keys = jax.random.split(jax.random.key(0), 4)
+        >>> inits = eqx.filter_vmap(lambda k: ssmjax.HMM.random(k, num_states=2, emissions=ssmjax.PoissonEmissions.random(k, 2, 1, scale=20.0)))(keys)
+        >>> best, scores, histories = ssmjax.fit_em_restarts(inits, counts, max_iters=30)
+        >>> scores.shape
+        (4,)
+    """
+    leaves = [x for x in jax.tree.leaves(eqx.filter(models, eqx.is_array))]
+    if not leaves or any(x.ndim < 1 for x in leaves):
+        raise ValueError("`models` must be a stacked model with a leading restart axis on every array leaf.")
+    num_restarts = leaves[0].shape[0]
+    first = jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, models)
+    emissions, lengths, inputs, max_iters, frozen = _prepare(
+        first, emissions, lengths, inputs, max_iters, tol, frozen
+    )
+    tol_arr = jnp.asarray(tol, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    with _progress.progress_bar(progress, max_iters, f"EM x{num_restarts}", "best loglik"):
+        params, lls, _, _, final_lls = _em_restarts_compiled(
+            models, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress
+        )
+    scores = jnp.where(jnp.isfinite(final_lls), final_lls, -jnp.inf)
+    best = int(jnp.argmax(scores))
+    _, static = eqx.partition(models, eqx.is_array)
+    best_model = eqx.combine(jax.tree.map(lambda x: x[best], params), static)
+    return best_model, final_lls, lls

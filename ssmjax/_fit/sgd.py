@@ -1,0 +1,151 @@
+"""Gradient-based maximum likelihood with optax, compiled as one ``lax.scan``."""
+
+from __future__ import annotations
+
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import progress as _progress
+from .protocol import AbstractFittableModel, check_frozen
+
+
+def _minibatch_loss(model, trainable, fixed, emissions, lengths, inputs):
+    fitted = model._from_unconstrained({**trainable, **fixed})
+    lls = jax.vmap(lambda y, n, u: fitted.marginal_loglik(y, length=n, inputs=u))(emissions, lengths, inputs)
+    return -jnp.sum(lls) / jnp.sum(lengths)
+
+
+@eqx.filter_jit
+def _sgd_compiled(model, trainable, fixed, emissions, lengths, inputs, key, optimizer, num_steps, batch_size, progress):
+    num_sequences = emissions.shape[0]
+    opt_state = optimizer.init(trainable)
+
+    def take(idx):
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return emissions[idx], lengths[idx], jax.tree.map(pick, inputs)
+
+    def step(carry, step_key):
+        trainable, opt_state, i, skipped = carry
+        if batch_size < num_sequences:
+            idx = jax.random.choice(step_key, num_sequences, (batch_size,), replace=False)
+        else:
+            idx = jnp.arange(num_sequences)
+        y, n, u = take(idx)
+        loss, grads = jax.value_and_grad(_minibatch_loss, argnums=1)(model, trainable, fixed, y, n, u)
+        updates, new_state = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        )
+        # A non-finite loss or gradient skips the update instead of poisoning the model.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        trainable = keep(new_trainable, trainable)
+        opt_state = keep(new_state, opt_state)
+        _progress.report(progress, i, loss)
+        return (trainable, opt_state, i + 1, skipped + (~finite).astype(jnp.int32)), loss
+
+    keys = jax.random.split(key, num_steps)
+    init = (trainable, opt_state, jnp.asarray(0, jnp.int32), jnp.asarray(0, jnp.int32))
+    (trainable, _, _, skipped), losses = jax.lax.scan(step, init, keys)
+    return trainable, losses, skipped
+
+
+def fit_sgd(
+    model,
+    emissions,
+    optimizer,
+    *,
+    lengths=None,
+    inputs=None,
+    num_steps=1000,
+    batch_size=None,
+    key=None,
+    frozen=(),
+    progress=False,
+):
+    r"""Maximise the marginal log-likelihood with an optax optimizer.
+
+    The loss is the negative log-likelihood per observed time step of a mini-batch,
+    :math:`-\sum_{b \in \text{batch}} \log p(y^{(b)}) / \sum_{b} T_b`, optimised
+    over the model's unconstrained view (logits for stochastic matrices, Cholesky
+    factors with log-diagonals for covariances, log-rates), so every step is a valid
+    model. All ``num_steps`` steps, including the mini-batch draws, run inside one
+    compiled ``lax.scan``. A step whose loss or gradient is not finite is skipped
+    (and counted in a warning) rather than corrupting the model.
+
+    Args:
+        model: the initial model.
+        emissions: ``(B, T, ...)`` padded batch, as in :func:`ssmjax.fit_em`.
+        optimizer: any ``optax.GradientTransformation``. Passing the same object again
+            reuses the compiled loop.
+        lengths: ``(B,)`` sequence lengths, or ``None``.
+        inputs: ``(B, T, Du)`` inputs for models that take them.
+        num_steps: number of optimizer steps.
+        batch_size: sequences per step (drawn without replacement each step);
+            ``None`` uses the full batch.
+        key: PRNG key for the mini-batch draws (required when ``batch_size < B``).
+        frozen: parameter names kept fixed (same names as in :func:`ssmjax.fit_em`).
+        progress: show a tqdm progress bar fed from inside the compiled loop.
+
+    Returns:
+        ``(fitted_model, losses)`` with ``losses`` of shape ``(num_steps,)``.
+
+    Example:
+        Fitting with the built-in loop:
+
+        >>> import jax, jax.numpy as jnp, optax, ssmjax
+        >>> counts = jnp.asarray(ssmjax.datasets.load_earthquakes().values)[None, :, None]
+        >>> hmm = ssmjax.HMM.from_data(jax.random.key(0), counts, num_states=2, emissions="poisson")
+        >>> fitted, losses = ssmjax.fit_sgd(hmm, counts, optax.adam(0.05), num_steps=200)
+        >>> bool(losses[-1] < losses[0])
+        True
+
+        Writing your own loop: models are equinox Modules, so differentiate
+        ``marginal_loglik`` directly.
+
+        >>> import equinox as eqx
+        >>> loss = lambda m: -m.marginal_loglik(counts[0])
+        >>> value, grads = eqx.filter_value_and_grad(loss)(hmm)
+    """
+    if not isinstance(model, AbstractFittableModel):
+        raise ValueError(f"`model` must be an ssmjax model (HMM, LGSSM, ...); got {type(model).__name__}.")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise ValueError(
+            f"`optimizer` must be an optax.GradientTransformation (e.g. optax.adam(1e-2)); "
+            f"got {type(optimizer).__name__}."
+        )
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"`num_steps` must be a positive int; got {num_steps!r}.")
+    frozen = check_frozen(model, frozen)
+    emissions, lengths, inputs = model._check_batch(emissions, lengths, inputs)
+    num_sequences = emissions.shape[0]
+    if batch_size is None:
+        batch_size = num_sequences
+    if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= num_sequences:
+        raise ValueError(
+            f"`batch_size` must be an int in [1, {num_sequences}] (the number of sequences); got {batch_size!r}."
+        )
+    if key is None:
+        if batch_size < num_sequences:
+            raise ValueError("`key` is required when `batch_size` is smaller than the number of sequences.")
+        key = jax.random.key(0)
+    params = model._unconstrained()
+    trainable = {k: v for k, v in params.items() if k not in frozen}
+    fixed = {k: v for k, v in params.items() if k in frozen}
+    with _progress.progress_bar(progress, int(num_steps), "SGD", "loss"):
+        trainable, losses, skipped = _sgd_compiled(
+            model, trainable, fixed, emissions, lengths, inputs, key, optimizer,
+            int(num_steps), int(batch_size), progress,
+        )
+    if int(skipped):
+        warnings.warn(
+            f"fit_sgd skipped {int(skipped)} of {num_steps} steps whose loss or gradient was not finite.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return model._from_unconstrained({**trainable, **fixed}), losses
