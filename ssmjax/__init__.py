@@ -11,6 +11,13 @@ from ._checks import value_checks_enabled as value_checks_enabled
 
 # --- discrete hidden Markov models: inference (ssmjax/_hmm) ---
 
+# --- fitting (ssmjax/_fit) ---
+from ._fit.em import EMInfo as EMInfo
+from ._fit.em import fit_em as fit_em
+from ._fit.em import fit_em_restarts as fit_em_restarts
+from ._fit.protocol import AbstractFittableModel as AbstractFittableModel
+from ._fit.sgd import fit_sgd as fit_sgd
+
 # --- linear-Gaussian state-space models: inference (ssmjax/_lgssm) ---
 
 __version__ = "0.1.0"
