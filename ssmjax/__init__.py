@@ -20,4 +20,14 @@ from ._fit.sgd import fit_sgd as fit_sgd
 
 # --- linear-Gaussian state-space models: inference (ssmjax/_lgssm) ---
 
+# --- emission models and Markov chains ---
+from ._hmm.emissions import AbstractEmissions as AbstractEmissions
+from ._hmm.emissions import AbstractExponentialFamilyEmissions as AbstractExponentialFamilyEmissions
+from ._hmm.emissions import CategoricalEmissions as CategoricalEmissions
+from ._hmm.emissions import GaussianEmissions as GaussianEmissions
+from ._hmm.emissions import NoClosedFormMStepError as NoClosedFormMStepError
+from ._hmm.emissions import PoissonEmissions as PoissonEmissions
+from ._markov import MarkovChain as MarkovChain
+from ._markov import markov_transition_counts as markov_transition_counts
+
 __version__ = "0.1.0"
