@@ -135,8 +135,10 @@ def fit_sgd(
             raise ValueError("`key` is required when `batch_size` is smaller than the number of sequences.")
         key = jax.random.key(0)
     params = model._unconstrained()
-    trainable = {k: v for k, v in params.items() if k not in frozen}
-    fixed = {k: v for k, v in params.items() if k in frozen}
+    # a group name ("emissions") freezes every parameter under it ("emissions.means", ...)
+    is_frozen = lambda k: k in frozen or any(k.startswith(f + ".") for f in frozen)  # noqa: E731
+    trainable = {k: v for k, v in params.items() if not is_frozen(k)}
+    fixed = {k: v for k, v in params.items() if is_frozen(k)}
     with _progress.progress_bar(progress, int(num_steps), "SGD", "loss"):
         trainable, losses, skipped = _sgd_compiled(
             model, trainable, fixed, emissions, lengths, inputs, key, optimizer,

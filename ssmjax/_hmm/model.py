@@ -1,0 +1,353 @@
+r"""The hidden Markov model as an equinox Module.
+
+.. math::
+    z_1 \sim \mathrm{Cat}(\pi), \qquad z_{t+1} \mid z_t = i \sim \mathrm{Cat}(A_{i,:}), \qquad
+    y_t \mid z_t = k \sim p_k(y_t)
+
+with :math:`\pi` = ``initial_probs``, :math:`A` = ``transition_matrix`` and
+:math:`p_k` given by an emission model (:class:`ssmjax.PoissonEmissions`,
+:class:`ssmjax.GaussianEmissions`, :class:`ssmjax.CategoricalEmissions` or your own
+:class:`ssmjax.AbstractEmissions`). Conventions (time indexing, ``length``) are in
+:mod:`ssmjax._types`.
+
+Storage is unconstrained (log-probabilities, which may be ``-inf`` for structural
+zeros), so any array value is a valid model and gradient fitting needs no
+bijectors; ``initial_probs`` and ``transition_matrix`` are read back as properties.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _checks
+from .._fit.protocol import AbstractFittableModel
+from .emissions import (
+    AbstractEmissions,
+    AbstractExponentialFamilyEmissions,
+    CategoricalEmissions,
+    GaussianEmissions,
+    PoissonEmissions,
+)
+from .inference import hmm_filter, hmm_sample_posterior, hmm_smoother, hmm_viterbi
+
+# public parameter name -> stored field, for the built-in emission families
+_EMISSION_FIELDS = {
+    PoissonEmissions: {"rates": ("log_rates",)},
+    CategoricalEmissions: {"probs": ("logits",)},
+    GaussianEmissions: {"means": ("means",), "covs": ("chol_covs", "log_variances")},
+}
+
+
+def _emission_fields(emissions: AbstractEmissions) -> dict[str, tuple[str, ...]]:
+    for cls, fields in _EMISSION_FIELDS.items():
+        if type(emissions) is cls:
+            return fields
+    return {}
+
+
+def _log_normalize(weights, old_log_probs, axis=-1):
+    """log of ``weights / sum(weights)``; a row with zero total keeps ``old_log_probs``."""
+    total = jnp.sum(weights, axis=axis, keepdims=True)
+    empty = total <= 0
+    safe_total = jnp.where(empty, 1.0, total)
+    new = jnp.log(weights) - jnp.log(safe_total)
+    return jnp.where(empty, old_log_probs, new)
+
+
+class HMM(AbstractFittableModel):
+    """A hidden Markov model with a pluggable emission model.
+
+    Args:
+        initial_probs: ``(K,)`` initial state distribution.
+        transition_matrix: ``(K, K)`` row-stochastic matrix,
+            ``transition_matrix[i, j] = p(z_{t+1} = j | z_t = i)``. Zeros are allowed
+            and stay exactly zero under EM and gradient fitting.
+        emissions: an emission model with ``K`` states.
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> hmm = ssmjax.HMM(
+        ...     initial_probs=jnp.array([0.5, 0.5]),
+        ...     transition_matrix=jnp.array([[0.9, 0.1], [0.2, 0.8]]),
+        ...     emissions=ssmjax.PoissonEmissions(rates=jnp.array([[3.0], [12.0]])),
+        ... )
+        >>> counts = jnp.array([[2], [4], [11], [14], [3]])
+        >>> hmm.most_likely_states(counts).tolist()
+        [0, 0, 1, 1, 0]
+    """
+
+    initial_log_probs: jax.Array
+    transition_log_probs: jax.Array
+    emissions: AbstractEmissions
+
+    def __init__(self, initial_probs=None, transition_matrix=None, emissions=None, *,
+                 initial_log_probs=None, transition_log_probs=None):
+        if not isinstance(emissions, AbstractEmissions):
+            raise ValueError(
+                f"`emissions` must be an ssmjax emission model (e.g. ssmjax.PoissonEmissions); "
+                f"got {type(emissions).__name__}."
+            )
+        num_states = emissions.num_states
+        if (initial_probs is None) == (initial_log_probs is None):
+            raise ValueError("Give exactly one of `initial_probs` and `initial_log_probs`.")
+        if (transition_matrix is None) == (transition_log_probs is None):
+            raise ValueError("Give exactly one of `transition_matrix` and `transition_log_probs`.")
+        if initial_log_probs is None:
+            initial_probs = _checks.as_float_array("initial_probs", initial_probs)
+            _checks.check_shape("initial_probs", initial_probs, (num_states,), "one entry per state")
+            initial_probs = _checks.check_probability_vector("initial_probs", initial_probs)
+            initial_log_probs = jnp.log(initial_probs)
+        else:
+            initial_log_probs = _checks.as_float_array("initial_log_probs", initial_log_probs)
+            _checks.check_shape("initial_log_probs", initial_log_probs, (num_states,))
+        if transition_log_probs is None:
+            transition_matrix = _checks.as_float_array("transition_matrix", transition_matrix)
+            _checks.check_shape("transition_matrix", transition_matrix, (num_states, num_states))
+            transition_matrix = _checks.check_probability_vector("transition_matrix", transition_matrix)
+            transition_log_probs = jnp.log(transition_matrix)
+        else:
+            transition_log_probs = _checks.as_float_array("transition_log_probs", transition_log_probs)
+            _checks.check_shape("transition_log_probs", transition_log_probs, (num_states, num_states))
+        self.initial_log_probs = initial_log_probs
+        self.transition_log_probs = transition_log_probs
+        self.emissions = emissions
+
+    # ------------------------------------------------------------------ views
+    @property
+    def num_states(self) -> int:
+        """Number of hidden states ``K``."""
+        return self.initial_log_probs.shape[-1]
+
+    @property
+    def initial_probs(self) -> jax.Array:
+        """``(K,)`` initial distribution (softmax of the stored log-probabilities)."""
+        return jax.nn.softmax(self.initial_log_probs)
+
+    @property
+    def transition_matrix(self) -> jax.Array:
+        """``(K, K)`` transition matrix (row-wise softmax of the stored log-probabilities)."""
+        return jax.nn.softmax(self.transition_log_probs, axis=-1)
+
+    def parameter_names(self) -> tuple[str, ...]:
+        """Names accepted by ``frozen`` in :func:`ssmjax.fit_em` / :func:`ssmjax.fit_sgd`.
+
+        ``"initial_probs"``, ``"transition_matrix"``, ``"emissions"`` (all emission
+        parameters) and, for the built-in families, ``"emissions.rates"``,
+        ``"emissions.means"``, ``"emissions.covs"`` or ``"emissions.probs"``.
+        """
+        sub = tuple(f"emissions.{n}" for n in _emission_fields(self.emissions))
+        return ("initial_probs", "transition_matrix", "emissions") + sub
+
+    # ------------------------------------------------------------ inference
+    def log_likelihoods(self, emissions, *, length=None) -> jax.Array:
+        """``(T, K)`` emission log-likelihoods of one sequence (see the emission model)."""
+        return self.emissions.log_likelihoods(emissions, length=length)
+
+    @staticmethod
+    def _no_inputs(inputs):
+        if inputs is not None:
+            raise ValueError("`inputs` must be None for an HMM (it has no input matrices).")
+
+    def marginal_loglik(self, emissions, *, length=None, inputs=None) -> jax.Array:
+        """``log p(y_{1:T})`` of one sequence ``(T, *emission_shape)``."""
+        self._no_inputs(inputs)
+        return self.filter(emissions, length=length).marginal_loglik
+
+    def filter(self, emissions, *, length=None):
+        """Forward filtering of one sequence; see :func:`ssmjax.hmm_filter`."""
+        ll = self.log_likelihoods(emissions, length=length)
+        return hmm_filter(self.initial_probs, self.transition_matrix, ll, length=length)
+
+    def smoother(self, emissions, *, length=None):
+        """Forward-backward smoothing of one sequence; see :func:`ssmjax.hmm_smoother`."""
+        ll = self.log_likelihoods(emissions, length=length)
+        return hmm_smoother(self.initial_probs, self.transition_matrix, ll, length=length)
+
+    def most_likely_states(self, emissions, *, length=None) -> jax.Array:
+        """Viterbi path ``(T,)`` of one sequence; see :func:`ssmjax.hmm_viterbi`."""
+        ll = self.log_likelihoods(emissions, length=length)
+        path, _ = hmm_viterbi(self.initial_probs, self.transition_matrix, ll, length=length)
+        return path
+
+    def posterior_sample(self, key, emissions, *, length=None) -> jax.Array:
+        """An exact draw of ``z_{1:T}`` from ``p(z | y)``; see :func:`ssmjax.hmm_sample_posterior`."""
+        ll = self.log_likelihoods(emissions, length=length)
+        return hmm_sample_posterior(key, self.initial_probs, self.transition_matrix, ll, length=length)
+
+    def sample(self, key, num_timesteps: int):
+        """Draw ``(states (T,), emissions (T, *emission_shape))`` from the model.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, ssmjax
+            >>> hmm = ssmjax.HMM(jnp.array([1.0, 0.0]), jnp.array([[0.9, 0.1], [0.1, 0.9]]),
+            ...                  ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [9.0]])))
+            >>> states, counts = hmm.sample(jax.random.key(0), 20)
+            >>> states.shape, counts.shape
+            ((20,), (20, 1))
+        """
+        if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
+            raise ValueError(f"`num_timesteps` must be a positive int; got {num_timesteps!r}.")
+        key_init, key_trans, key_emit = jax.random.split(key, 3)
+        z0 = jax.random.categorical(key_init, self.initial_log_probs)
+
+        def _step(z, k):
+            z_next = jax.random.categorical(k, self.transition_log_probs[z])
+            return z_next, z_next
+
+        _, rest = jax.lax.scan(_step, z0, jax.random.split(key_trans, num_timesteps - 1))
+        states = jnp.concatenate([z0[None], rest])
+        emissions = jax.vmap(self.emissions.sample)(jax.random.split(key_emit, num_timesteps), states)
+        return states, emissions
+
+    # --------------------------------------------------------- initialisers
+    @classmethod
+    def from_data(cls, key, emissions, num_states: int, emissions_type: str = "poisson", *,
+                  lengths=None, stay_prob: float = 0.9, num_classes: int | None = None):
+        """A data-driven starting model for EM.
+
+        Emission parameters come from the pooled real steps: quantiles for Poisson,
+        k-means(++) clusters for Gaussian (``"gaussian"`` full or ``"gaussian_diag"``),
+        smoothed frequencies plus Dirichlet noise for categorical. The initial
+        distribution is uniform and the transition matrix puts ``stay_prob`` on the
+        diagonal.
+
+        Args:
+            key: PRNG key.
+            emissions: ``(B, T, D)`` batch (``(B, T)`` ints for categorical).
+            num_states: ``K``.
+            emissions_type: ``"poisson"``, ``"gaussian"``, ``"gaussian_diag"`` or ``"categorical"``.
+            lengths: ``(B,)`` lengths or ``None``.
+            stay_prob: diagonal of the initial transition matrix.
+            num_classes: number of symbols (categorical only; default ``max + 1``).
+        """
+        emissions = np.asarray(emissions)
+        if emissions.ndim < 2:
+            raise ValueError(
+                f"`emissions` must be a batch (B, T, ...) of sequences; got shape {emissions.shape}."
+            )
+        num_seq, num_timesteps = emissions.shape[:2]
+        lengths_np = np.full(num_seq, num_timesteps) if lengths is None else np.asarray(lengths)
+        mask = np.arange(num_timesteps)[None, :] < lengths_np[:, None]
+        pooled = emissions[mask]
+        if emissions_type == "poisson":
+            emission_model = PoissonEmissions.from_data(pooled, num_states)
+        elif emissions_type in ("gaussian", "gaussian_diag"):
+            cov_type = "full" if emissions_type == "gaussian" else "diag"
+            emission_model = GaussianEmissions.from_data(key, pooled, num_states, cov_type)
+        elif emissions_type == "categorical":
+            num_classes = int(pooled.max()) + 1 if num_classes is None else num_classes
+            emission_model = CategoricalEmissions.from_data(key, pooled, num_states, num_classes)
+        else:
+            raise ValueError(
+                "`emissions_type` must be 'poisson', 'gaussian', 'gaussian_diag' or 'categorical'; "
+                f"got {emissions_type!r}."
+            )
+        dtype = jnp.result_type(float)
+        off = (1.0 - stay_prob) / max(num_states - 1, 1)
+        transition = np.full((num_states, num_states), off)
+        np.fill_diagonal(transition, stay_prob if num_states > 1 else 1.0)
+        return cls(
+            initial_probs=jnp.full((num_states,), 1.0 / num_states, dtype),
+            transition_matrix=jnp.asarray(transition, dtype),
+            emissions=emission_model,
+        )
+
+    @classmethod
+    def random(cls, key, num_states: int, emissions: AbstractEmissions, *, concentration: float = 1.0):
+        """Random initial distribution and transition rows (Dirichlet) around ``emissions``."""
+        k1, k2 = jax.random.split(key)
+        dtype = jnp.result_type(float)
+        alpha = jnp.full((num_states,), concentration, dtype)
+        initial = jax.random.dirichlet(k1, alpha)
+        transition = jax.random.dirichlet(k2, alpha, shape=(num_states,))
+        return cls(initial_log_probs=jnp.log(initial), transition_log_probs=jnp.log(transition),
+                   emissions=emissions)
+
+    # ------------------------------------------------------------- fitting
+    def _check_batch(self, emissions, lengths, inputs):
+        self._no_inputs(inputs)
+        shape = tuple(self.emissions.emission_shape)
+        emissions = jnp.asarray(emissions)
+        _checks.check_shape("emissions", emissions, ("B", "T") + shape, "a padded batch of sequences")
+        num_seq, num_timesteps = emissions.shape[:2]
+        if lengths is None:
+            lengths = jnp.full((num_seq,), num_timesteps, jnp.int32)
+        else:
+            lengths = jnp.asarray(lengths)
+            _checks.check_shape("lengths", lengths, (num_seq,), "one length per sequence")
+            if not jnp.issubdtype(lengths.dtype, jnp.integer):
+                raise ValueError(f"`lengths` must hold integers; got dtype {lengths.dtype}.")
+            if bool(jnp.any((lengths < 1) | (lengths > num_timesteps))):
+                raise ValueError(
+                    f"`lengths` must lie in [1, {num_timesteps}] (the padded length T); "
+                    f"got min {int(lengths.min())}, max {int(lengths.max())}."
+                )
+            lengths = lengths.astype(jnp.int32)
+        mask = jnp.arange(num_timesteps)[None, :] < lengths[:, None]
+        flat = emissions.reshape((num_seq * num_timesteps,) + shape)
+        self.emissions.check_emissions(flat, mask.reshape(-1))
+        return emissions, lengths, None
+
+    def _e_step(self, emissions, length, inputs):
+        ll = self.emissions.log_likelihoods(emissions, length=length)
+        post = hmm_smoother(self.initial_probs, self.transition_matrix, ll, length=length)
+        mask = jnp.arange(emissions.shape[0]) < length
+        if isinstance(self.emissions, AbstractExponentialFamilyEmissions):
+            emission_stats = self.emissions.suff_stats(emissions, post.smoothed_probs, mask)
+        else:
+            emission_stats = None
+        stats = {
+            "initial": post.smoothed_probs[0],
+            "transitions": post.expected_transitions,
+            "emissions": emission_stats,
+        }
+        return stats, post.marginal_loglik
+
+    def _m_step(self, stats, frozen):
+        initial = self.initial_log_probs
+        if "initial_probs" not in frozen:
+            initial = _log_normalize(stats["initial"], self.initial_log_probs)
+        transition = self.transition_log_probs
+        if "transition_matrix" not in frozen:
+            transition = _log_normalize(stats["transitions"], self.transition_log_probs)
+        emissions = self.emissions
+        emission_frozen = {n.split(".", 1)[1] for n in frozen if n.startswith("emissions.")}
+        if "emissions" not in frozen and stats["emissions"] is not None:
+            if emission_frozen:
+                emissions = self.emissions.m_step_from_stats(stats["emissions"], frozen=emission_frozen)
+            else:
+                emissions = self.emissions.m_step_from_stats(stats["emissions"])
+        return HMM(initial_log_probs=initial, transition_log_probs=transition, emissions=emissions)
+
+    def _unconstrained(self):
+        params = {
+            "initial_probs": self.initial_log_probs,
+            "transition_matrix": self.transition_log_probs,
+        }
+        fields = _emission_fields(self.emissions)
+        if fields:
+            for name, attrs in fields.items():
+                params[f"emissions.{name}"] = {a: getattr(self.emissions, a) for a in attrs}
+        else:
+            params["emissions"] = self.emissions
+        return params
+
+    def _from_unconstrained(self, params):
+        fields = _emission_fields(self.emissions)
+        emissions = params.get("emissions", self.emissions)
+        if fields:
+            for name, attrs in fields.items():
+                for a in attrs:
+                    value = params[f"emissions.{name}"][a]
+                    emissions = eqx.tree_at(
+                        lambda e, a=a: getattr(e, a), emissions, value, is_leaf=lambda x: x is None
+                    )
+        # Renormalise so the stored log-probabilities always are normalised.
+        return HMM(
+            initial_log_probs=jax.nn.log_softmax(params["initial_probs"]),
+            transition_log_probs=jax.nn.log_softmax(params["transition_matrix"], axis=-1),
+            emissions=emissions,
+        )

@@ -1,0 +1,263 @@
+r"""Kalman EM: expected sufficient statistics and the closed-form M-step.
+
+Model (see :mod:`ssmjax._lgssm.model` for the convention)
+
+.. math::
+    x_{t+1} = A x_t + B u_{t+1} + b + w_t,\quad w_t \sim N(0, Q); \qquad
+    y_t = C x_t + D u_t + d + v_t,\quad v_t \sim N(0, R).
+
+Both equations are linear regressions with Gaussian noise, on regressors
+:math:`\phi_t = [x_t; u_{t+1}; 1]` (transition) and :math:`\psi_t = [x_t; u_t; 1]`
+(emission). The E-step returns the expected outer products of targets and
+regressors under the smoother's posterior, summed over time; the M-step solves the
+(possibly partly frozen) regressions and sets the noise covariance to the expected
+residual covariance given the new (or frozen) weights. Blocks a model does not
+have (no inputs, ``None`` offsets) are absent and stay absent.
+
+Missing entries of ``y_t`` (NaN) are treated as latent variables, which keeps EM
+exact: given :math:`x_t` and the observed entries, the missing ones are Gaussian
+and affine in :math:`x_t`, :math:`y_t = H_t x_t + h_t + e_t` with
+:math:`e_t \sim N(0, \Sigma_t)` (``H = 0``, ``h = y``, ``Σ = 0`` on a fully
+observed step), so their expected outer products follow in closed form.
+
+Only time-invariant parameters are estimated; time-varying fields must be frozen.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=_HI)
+
+
+def _outer(a, b):
+    return a[..., :, None] * b[..., None, :]
+
+
+def _regressor_moments(mean, cov, extra):
+    """E[z] and E[z z^T] for z = [x; extra] with x ~ N(mean, cov) and ``extra`` known."""
+    ez = jnp.concatenate([mean, extra], axis=-1)
+    dx = mean.shape[-1]
+    second = _outer(ez, ez)
+    second = second.at[..., :dx, :dx].add(cov)
+    return ez, second
+
+
+def _missing_emission_affine(y, mask, emission_matrix, emission_cov, mean_shift):
+    """Write y = H x + h + e given the observed entries (mask) for one step.
+
+    ``mean_shift`` is D u_t + d (zeros when absent). Returns (H, h, Sigma).
+    """
+    dy = y.shape[-1]
+    obs = mask.astype(y.dtype)
+    mis = 1.0 - obs
+    y0 = jnp.where(mask, y, 0.0)
+    # R restricted to observed entries, padded with the identity on missing ones.
+    r_oo = emission_cov * _outer(obs, obs) + jnp.diag(mis)
+    r_mo = emission_cov * _outer(mis, obs)
+    # G = R_mo R_oo^{-1} (rows of missing entries, columns of observed entries)
+    chol = jnp.linalg.cholesky(r_oo)
+    gain = jax.scipy.linalg.cho_solve((chol, True), r_mo.T).T
+    gain = gain * _outer(mis, obs)
+    resid_obs = (y0 - mean_shift) * obs
+    h_cond = mean_shift * mis + _mm(gain, resid_obs)
+    h_matrix = (emission_matrix - _mm(gain, emission_matrix)) * mis[:, None]
+    sigma = (emission_cov - _mm(gain, emission_cov.T)) * _outer(mis, mis)
+    h_vec = y0 * obs + h_cond
+    return h_matrix, h_vec, 0.5 * (sigma + sigma.T)
+
+
+def expected_stats(model, emissions, inputs, length, posterior):
+    """Summed expected sufficient statistics of one sequence (padding excluded).
+
+    Args:
+        model: an :class:`ssmjax.LGSSM` with time-invariant parameters.
+        emissions: (T, Dy) with NaN for missing entries.
+        inputs: (T, Du) or None.
+        length: int scalar (number of real steps).
+        posterior: the :func:`ssmjax.rts_smoother` result for this sequence.
+
+    Returns:
+        A dict of arrays that add across sequences.
+    """
+    num_timesteps, dy = emissions.shape
+    dtype = posterior.smoothed_means.dtype
+    means, covs = posterior.smoothed_means, posterior.smoothed_covs
+    cross = posterior.smoothed_cross_covs  # Cov(x_t, x_{t+1})
+    steps = jnp.arange(num_timesteps)
+    real = steps < length
+    pair_real = steps[:-1] < length - 1
+
+    def transition_extra(t):
+        parts = []
+        if model.transition_input_matrix is not None:
+            parts.append(inputs[t + 1])
+        if model.transition_offset is not None:
+            parts.append(jnp.ones((1,), dtype))
+        return jnp.concatenate(parts) if parts else jnp.zeros((0,), dtype)
+
+    def emission_extra(t):
+        parts = []
+        if model.emission_input_matrix is not None:
+            parts.append(inputs[t])
+        if model.emission_offset is not None:
+            parts.append(jnp.ones((1,), dtype))
+        return jnp.concatenate(parts) if parts else jnp.zeros((0,), dtype)
+
+    # --- transition regression: target x_{t+1}, regressor phi_t = [x_t; extra]
+    extra_tr = jax.vmap(transition_extra)(steps[:-1])
+    e_phi, e_phiphi = jax.vmap(_regressor_moments)(means[:-1], covs[:-1], extra_tr)
+    e_next = means[1:]
+    dx = means.shape[-1]
+    # E[x_{t+1} phi_t^T] = [E[x_{t+1} x_t^T], m_{t+1} extra^T]
+    e_next_x = jnp.swapaxes(cross, -1, -2) + _outer(means[1:], means[:-1])
+    e_next_phi = jnp.concatenate([e_next_x, _outer(e_next, extra_tr)], axis=-1)
+    e_nextnext = covs[1:] + _outer(means[1:], means[1:])
+    w_pair = pair_real.astype(dtype)
+    tr_phiphi = jnp.einsum("t,tij->ij", w_pair, e_phiphi, precision=_HI)
+    tr_nextphi = jnp.einsum("t,tij->ij", w_pair, e_next_phi, precision=_HI)
+    tr_nextnext = jnp.einsum("t,tij->ij", w_pair, e_nextnext, precision=_HI)
+
+    # --- emission regression: target y_t, regressor psi_t = [x_t; extra]
+    extra_em = jax.vmap(emission_extra)(steps)
+    e_psi, e_psipsi = jax.vmap(_regressor_moments)(means, covs, extra_em)
+    mask = ~jnp.isnan(emissions)
+    mask = mask & real[:, None]
+
+    def emission_target_moments(y, m, e_psi_t, e_psipsi_t, extra_t, u_t, mask_t):
+        shift = jnp.zeros((dy,), dtype)
+        if model.emission_input_matrix is not None:
+            shift = shift + _mm(model.emission_input_matrix, u_t)
+        if model.emission_offset is not None:
+            shift = shift + model.emission_offset
+        h_mat, h_vec, sigma = _missing_emission_affine(
+            y, mask_t, model.emission_matrix, model.emission_cov, shift
+        )
+        # y = H x + h + e; E[y psi^T] = H E[x psi^T] + h E[psi]^T
+        e_x_psi = e_psipsi_t[:dx, :]
+        e_y_psi = _mm(h_mat, e_x_psi) + _outer(h_vec, e_psi_t)
+        e_xx = e_psipsi_t[:dx, :dx]
+        e_y = _mm(h_mat, m) + h_vec
+        e_yy = (
+            _mm(_mm(h_mat, e_xx), h_mat.T)
+            + _outer(_mm(h_mat, m), h_vec)
+            + _outer(h_vec, _mm(h_mat, m))
+            + _outer(h_vec, h_vec)
+            + sigma
+        )
+        return e_y_psi, e_yy
+
+    inputs_em = inputs if inputs is not None else jnp.zeros((num_timesteps, 0), dtype)
+    e_ypsi, e_yy = jax.vmap(emission_target_moments)(
+        emissions, means, e_psi, e_psipsi, extra_em, inputs_em, mask
+    )
+    # A step with no observed entry carries no information about C, D, d, R; it
+    # would contribute exactly its prior expectation, so it can be dropped (and
+    # dropping it keeps the update exact).
+    w_step = (real & jnp.any(mask, axis=-1)).astype(dtype)
+    em_psipsi = jnp.einsum("t,tij->ij", w_step, e_psipsi, precision=_HI)
+    em_ypsi = jnp.einsum("t,tij->ij", w_step, e_ypsi, precision=_HI)
+    em_yy = jnp.einsum("t,tij->ij", w_step, e_yy, precision=_HI)
+
+    return {
+        "init_mean": means[0],
+        "init_second": covs[0] + _outer(means[0], means[0]),
+        "init_count": jnp.ones((), dtype),
+        "tr_phiphi": tr_phiphi,
+        "tr_nextphi": tr_nextphi,
+        "tr_nextnext": tr_nextnext,
+        "tr_count": jnp.sum(w_pair),
+        "em_psipsi": em_psipsi,
+        "em_ypsi": em_ypsi,
+        "em_yy": em_yy,
+        "em_count": jnp.sum(w_step),
+    }
+
+
+def _solve_regression(s_zz, s_yz, current_w, free):
+    """Weights maximising the expected Gaussian log-likelihood with some blocks frozen.
+
+    Args:
+        s_zz: (P, P) summed E[z z^T]; s_yz: (N, P) summed E[y z^T].
+        current_w: (N, P) current weights (used for frozen columns).
+        free: (P,) boolean numpy mask of columns to estimate (static).
+    """
+    import numpy as np
+
+    free = np.asarray(free, dtype=bool)
+    if not free.any():
+        return current_w
+    fixed = ~free
+    s_ff = s_zz[np.ix_(free, free)]
+    rhs = s_yz[:, free]
+    if fixed.any():
+        rhs = rhs - _mm(current_w[:, fixed], s_zz[np.ix_(fixed, free)])
+    chol = jnp.linalg.cholesky(0.5 * (s_ff + s_ff.T))
+    w_free = jax.scipy.linalg.cho_solve((chol, True), rhs.T).T
+    return current_w.at[:, free].set(w_free)
+
+
+def _residual_cov(s_yy, s_yz, s_zz, w, count):
+    cov = (s_yy - _mm(w, s_yz.T) - _mm(s_yz, w.T) + _mm(_mm(w, s_zz), w.T)) / count
+    return 0.5 * (cov + cov.T)
+
+
+def m_step(model, stats, frozen: frozenset):
+    """Closed-form M-step. Returns a dict of new field values (frozen ones unchanged)."""
+    import numpy as np
+
+    new = {}
+    n0 = stats["init_count"]
+    mean0 = model.initial_mean if "initial_mean" in frozen else stats["init_mean"] / n0
+    new["initial_mean"] = mean0
+    if "initial_cov" not in frozen:
+        cov0 = stats["init_second"] / n0 - _outer(mean0, stats["init_mean"] / n0) - _outer(
+            stats["init_mean"] / n0, mean0
+        ) + _outer(mean0, mean0)
+        new["initial_cov"] = 0.5 * (cov0 + cov0.T)
+
+    # transition: W = [A, B, b]
+    blocks = [("transition_matrix", model.transition_matrix)]
+    if model.transition_input_matrix is not None:
+        blocks.append(("transition_input_matrix", model.transition_input_matrix))
+    if model.transition_offset is not None:
+        blocks.append(("transition_offset", model.transition_offset[:, None]))
+    w = jnp.concatenate([b for _, b in blocks], axis=1)
+    free = np.concatenate([np.full(b.shape[1], name not in frozen) for name, b in blocks])
+    w = _solve_regression(stats["tr_phiphi"], stats["tr_nextphi"], w, free)
+    col = 0
+    for name, b in blocks:
+        part = w[:, col : col + b.shape[1]]
+        col += b.shape[1]
+        new[name] = part[:, 0] if name == "transition_offset" else part
+    if "transition_cov" not in frozen:
+        new["transition_cov"] = _residual_cov(
+            stats["tr_nextnext"], stats["tr_nextphi"], stats["tr_phiphi"], w, stats["tr_count"]
+        )
+
+    # emission: W = [C, D, d]
+    blocks = [("emission_matrix", model.emission_matrix)]
+    if model.emission_input_matrix is not None:
+        blocks.append(("emission_input_matrix", model.emission_input_matrix))
+    if model.emission_offset is not None:
+        blocks.append(("emission_offset", model.emission_offset[:, None]))
+    w = jnp.concatenate([b for _, b in blocks], axis=1)
+    free = np.concatenate([np.full(b.shape[1], name not in frozen) for name, b in blocks])
+    w = _solve_regression(stats["em_psipsi"], stats["em_ypsi"], w, free)
+    col = 0
+    for name, b in blocks:
+        part = w[:, col : col + b.shape[1]]
+        col += b.shape[1]
+        new[name] = part[:, 0] if name == "emission_offset" else part
+    if "emission_cov" not in frozen:
+        new["emission_cov"] = _residual_cov(
+            stats["em_yy"], stats["em_ypsi"], stats["em_psipsi"], w, stats["em_count"]
+        )
+    for name in frozen:
+        new.pop(name, None)
+    return new

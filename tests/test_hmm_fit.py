@@ -1,0 +1,265 @@
+"""HMM models and learning: EM against hmmlearn, recovery, guards, frozen fields, SGD, restarts."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ssmjax
+
+
+def simulate(rng, initial, transition, emit, lengths):
+    """Independent numpy simulator: states and emissions of ragged sequences, NaN-padded."""
+    seqs, states = [], []
+    for n in lengths:
+        z = np.empty(n, dtype=int)
+        z[0] = rng.choice(len(initial), p=initial)
+        for t in range(1, n):
+            z[t] = rng.choice(len(initial), p=transition[z[t - 1]])
+        states.append(z)
+        seqs.append(np.stack([emit(rng, k) for k in z]))
+    return states, seqs
+
+
+def pad(seqs, fill=np.nan):
+    T = max(len(s) for s in seqs)
+    shape = (len(seqs), T) + seqs[0].shape[1:]
+    out = np.full(shape, fill, dtype=float if np.isnan(fill) else seqs[0].dtype)
+    for b, s in enumerate(seqs):
+        out[b, : len(s)] = s
+    return out
+
+
+PI = np.array([0.6, 0.3, 0.1])
+A = np.array([[0.85, 0.10, 0.05], [0.10, 0.80, 0.10], [0.05, 0.15, 0.80]])
+LENGTHS = [120, 75, 40, 96]
+
+
+def start_model(emissions):
+    return ssmjax.HMM(
+        initial_probs=jnp.array([0.4, 0.35, 0.25]),
+        transition_matrix=jnp.array([[0.7, 0.2, 0.1], [0.2, 0.6, 0.2], [0.1, 0.2, 0.7]]),
+        emissions=emissions,
+    )
+
+
+def total_loglik(model, y, lengths):
+    return sum(float(model.marginal_loglik(jnp.asarray(y[b]), length=int(n))) for b, n in enumerate(lengths))
+
+
+# ------------------------------------------------------------------ hmmlearn trajectories
+def run_hmmlearn(hmm, n_iter, X, lengths):
+    hmm.n_iter = n_iter
+    hmm.tol = -np.inf
+    hmm.fit(X, lengths)
+    return hmm
+
+
+@pytest.mark.parametrize("n_iter", [1, 7])
+def test_poisson_em_equals_hmmlearn(n_iter):
+    hl = pytest.importorskip("hmmlearn.hmm")
+    rng = np.random.default_rng(1)
+    rates = np.array([[2.0, 9.0], [8.0, 1.0], [15.0, 15.0]])
+    _, seqs = simulate(rng, PI, A, lambda r, k: r.poisson(rates[k]), LENGTHS)
+    y = pad([s.astype(float) for s in seqs])
+    init_rates = np.array([[3.0, 5.0], [6.0, 2.0], [10.0, 12.0]])
+    model = start_model(ssmjax.PoissonEmissions(rates=jnp.asarray(init_rates)))
+    fitted, lls = ssmjax.fit_em(model, y, lengths=LENGTHS, max_iters=n_iter, tol=0.0)
+
+    ref = hl.PoissonHMM(3, init_params="", params="stl", lambdas_prior=0.0, lambdas_weight=0.0)
+    ref.startprob_ = np.asarray(model.initial_probs)
+    ref.transmat_ = np.asarray(model.transition_matrix)
+    ref.lambdas_ = init_rates
+    ref = run_hmmlearn(ref, n_iter, np.concatenate(seqs), LENGTHS)
+    np.testing.assert_allclose(lls[-1], ref.monitor_.history[-1], rtol=1e-10)
+    np.testing.assert_allclose(fitted.initial_probs, ref.startprob_, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(fitted.transition_matrix, ref.transmat_, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(fitted.emissions.rates, ref.lambdas_, rtol=1e-8)
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_gaussian_em_equals_hmmlearn(covariance_type):
+    hl = pytest.importorskip("hmmlearn.hmm")
+    rng = np.random.default_rng(2)
+    means = np.array([[0.0, 0.0], [3.0, -1.0], [-2.0, 4.0]])
+    chol = np.array([[1.0, 0.0], [0.5, 0.8]])
+    _, seqs = simulate(rng, PI, A, lambda r, k: means[k] + chol @ r.standard_normal(2), LENGTHS)
+    y = pad(seqs)
+    init_means = means + 0.7
+    if covariance_type == "full":
+        init_covs = np.stack([np.eye(2) * 1.5, np.array([[1.0, 0.3], [0.3, 2.0]]), np.eye(2)])
+    else:
+        init_covs = np.array([[1.5, 1.5], [1.0, 2.0], [1.0, 1.0]])
+    emissions = ssmjax.GaussianEmissions(jnp.asarray(init_means), jnp.asarray(init_covs), min_variance=0.0)
+    model = start_model(emissions)
+    n_iter = 6
+    fitted, lls = ssmjax.fit_em(model, y, lengths=LENGTHS, max_iters=n_iter, tol=0.0)
+
+    ref = hl.GaussianHMM(3, covariance_type=covariance_type, init_params="", params="stmc",
+                         min_covar=0.0, covars_prior=0.0, means_prior=0.0, means_weight=0.0)
+    ref.startprob_ = np.asarray(model.initial_probs)
+    ref.transmat_ = np.asarray(model.transition_matrix)
+    ref.means_ = init_means
+    ref.covars_ = init_covs
+    ref = run_hmmlearn(ref, n_iter, np.concatenate(seqs), LENGTHS)
+    np.testing.assert_allclose(lls[-1], ref.monitor_.history[-1], rtol=1e-10)
+    np.testing.assert_allclose(fitted.transition_matrix, ref.transmat_, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(fitted.emissions.means, ref.means_, rtol=1e-7, atol=1e-10)
+    ref_covs = ref.covars_ if covariance_type == "full" else np.diagonal(ref.covars_, axis1=1, axis2=2)
+    np.testing.assert_allclose(fitted.emissions.covs, ref_covs, rtol=1e-7, atol=1e-10)
+
+
+def test_categorical_em_equals_hmmlearn():
+    hl = pytest.importorskip("hmmlearn.hmm")
+    rng = np.random.default_rng(3)
+    probs = np.array([[0.7, 0.2, 0.1, 0.0], [0.1, 0.1, 0.4, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    _, seqs = simulate(rng, PI, A, lambda r, k: r.choice(4, p=probs[k]), LENGTHS)
+    y = pad([s.astype(np.int64) for s in seqs], fill=0)
+    init_probs = np.array([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4], [0.3, 0.2, 0.2, 0.3]])
+    model = start_model(ssmjax.CategoricalEmissions(jnp.asarray(init_probs)))
+    n_iter = 8
+    fitted, lls = ssmjax.fit_em(model, y, lengths=LENGTHS, max_iters=n_iter, tol=0.0)
+
+    ref = hl.CategoricalHMM(3, n_features=4, init_params="", params="ste")
+    ref.startprob_ = np.asarray(model.initial_probs)
+    ref.transmat_ = np.asarray(model.transition_matrix)
+    ref.emissionprob_ = init_probs
+    ref = run_hmmlearn(ref, n_iter, np.concatenate(seqs)[:, None], LENGTHS)
+    np.testing.assert_allclose(lls[-1], ref.monitor_.history[-1], rtol=1e-10)
+    np.testing.assert_allclose(fitted.transition_matrix, ref.transmat_, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(fitted.emissions.probs, ref.emissionprob_, rtol=1e-7, atol=1e-12)
+
+
+# ------------------------------------------------------------------ EM behaviour
+@pytest.fixture(scope="module")
+def poisson_data():
+    rng = np.random.default_rng(4)
+    rates = np.array([[2.0], [10.0], [25.0]])
+    lengths = [400, 250, 333, 500, 120, 300]
+    states, seqs = simulate(rng, PI, A, lambda r, k: r.poisson(rates[k]), lengths)
+    return rates, lengths, states, pad([s.astype(float) for s in seqs])
+
+
+def test_em_recovers_poisson_parameters_and_is_monotone(poisson_data):
+    rates, lengths, _, y = poisson_data
+    model = ssmjax.HMM.from_data(jax.random.key(0), y, 3, "poisson", lengths=lengths)
+    fitted, lls, info = ssmjax.fit_em(model, y, lengths=lengths, max_iters=300, tol=1e-10, return_info=True)
+    assert info.status in ("converged", "max_iters")
+    assert np.all(np.diff(np.asarray(lls)) >= -1e-10 * np.abs(np.asarray(lls[1:])))
+    order = np.argsort(np.asarray(fitted.emissions.rates[:, 0]))
+    est = np.asarray(fitted.emissions.rates)[order, 0]
+    n = sum(lengths)
+    # each rate from roughly n/3 counts: standard error sqrt(rate / (n/3)); allow 5 of them
+    np.testing.assert_allclose(est, rates[:, 0], atol=5 * np.sqrt(rates[:, 0].max() / (n / 3)) * 2)
+    est_a = np.asarray(fitted.transition_matrix)[np.ix_(order, order)]
+    np.testing.assert_allclose(est_a, A, atol=0.06)
+
+
+def test_ragged_padding_content_is_irrelevant(poisson_data):
+    rates, lengths, _, y = poisson_data
+    model = start_model(ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [8.0], [20.0]])))
+    fit_nan, lls_nan = ssmjax.fit_em(model, y, lengths=lengths, max_iters=5, tol=0.0)
+    y_junk = np.where(np.isnan(y), 7.0, y)
+    fit_junk, lls_junk = ssmjax.fit_em(model, y_junk, lengths=lengths, max_iters=5, tol=0.0)
+    np.testing.assert_array_equal(lls_nan, lls_junk)
+    np.testing.assert_array_equal(fit_nan.emissions.rates, fit_junk.emissions.rates)
+    # and equals the sum of per-sequence log-likelihoods of the unpadded sequences
+    per_seq = sum(
+        float(model.marginal_loglik(jnp.asarray(y[b, :n]))) for b, n in enumerate(lengths)
+    )
+    np.testing.assert_allclose(lls_nan[0], per_seq, rtol=1e-12)
+
+
+def test_frozen_fields_are_untouched(poisson_data):
+    _, lengths, _, y = poisson_data
+    model = start_model(ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [8.0], [20.0]])))
+    fitted, _ = ssmjax.fit_em(model, y, lengths=lengths, max_iters=10, frozen=("transition_matrix",))
+    np.testing.assert_array_equal(fitted.transition_log_probs, model.transition_log_probs)
+    assert not np.allclose(fitted.emissions.rates, model.emissions.rates)
+    fitted, _ = ssmjax.fit_em(model, y, lengths=lengths, max_iters=10, frozen=("emissions.rates", "initial_probs"))
+    np.testing.assert_array_equal(fitted.emissions.log_rates, model.emissions.log_rates)
+    np.testing.assert_array_equal(fitted.initial_log_probs, model.initial_log_probs)
+    fitted, _ = ssmjax.fit_sgd(model, y, optax.adam(0.01), lengths=lengths, num_steps=10, frozen=("emissions",))
+    np.testing.assert_array_equal(fitted.emissions.log_rates, model.emissions.log_rates)
+    assert not np.allclose(fitted.transition_matrix, model.transition_matrix)
+
+
+def test_structural_zeros_survive_em_and_sgd(poisson_data):
+    _, lengths, _, y = poisson_data
+    transition = jnp.array([[0.9, 0.1, 0.0], [0.0, 0.9, 0.1], [0.1, 0.0, 0.9]])
+    model = ssmjax.HMM(jnp.array([1.0, 0.0, 0.0]), transition,
+                       ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [8.0], [20.0]])))
+    fitted, lls = ssmjax.fit_em(model, y, lengths=lengths, max_iters=20)
+    assert np.all(np.isfinite(lls))
+    np.testing.assert_array_equal(np.asarray(fitted.transition_matrix) == 0, np.asarray(transition) == 0)
+    fitted, losses = ssmjax.fit_sgd(model, y, optax.adam(0.01), lengths=lengths, num_steps=20)
+    assert np.all(np.isfinite(losses))
+    np.testing.assert_array_equal(np.asarray(fitted.transition_matrix) == 0, np.asarray(transition) == 0)
+
+
+def test_sgd_reaches_em_optimum():
+    rng = np.random.default_rng(5)
+    pi, a = np.array([0.5, 0.5]), np.array([[0.9, 0.1], [0.2, 0.8]])
+    _, seqs = simulate(rng, pi, a, lambda r, k: r.poisson([3.0, 12.0][k], size=1), [200, 150])
+    y = pad([s.astype(float) for s in seqs])
+    model = ssmjax.HMM(jnp.array([0.5, 0.5]), jnp.array([[0.8, 0.2], [0.3, 0.7]]),
+                       ssmjax.PoissonEmissions(rates=jnp.array([[2.0], [9.0]])))
+    em_fit, lls = ssmjax.fit_em(model, y, lengths=[200, 150], max_iters=2000, tol=1e-14)
+    sgd_fit, losses = ssmjax.fit_sgd(model, y, optax.adam(0.03), lengths=[200, 150], num_steps=3000)
+    best = total_loglik(em_fit, y, [200, 150])
+    np.testing.assert_allclose(total_loglik(sgd_fit, y, [200, 150]), best, rtol=1e-7)
+    np.testing.assert_allclose(sgd_fit.emissions.rates, em_fit.emissions.rates, rtol=2e-3)
+    np.testing.assert_allclose(sgd_fit.transition_matrix, em_fit.transition_matrix, atol=2e-3)
+
+
+def test_restarts_pick_the_best(poisson_data):
+    _, lengths, _, y = poisson_data
+    keys = jax.random.split(jax.random.key(3), 5)
+    inits = eqx.filter_vmap(
+        lambda k: ssmjax.HMM.random(k, 3, ssmjax.PoissonEmissions.random(k, 3, 1, mean_rate=10.0))
+    )(keys)
+    best, scores, histories = ssmjax.fit_em_restarts(inits, y, lengths=lengths, max_iters=40)
+    assert scores.shape == (5,) and histories.shape == (5, 40)
+    np.testing.assert_allclose(total_loglik(best, y, lengths), float(jnp.max(scores)), rtol=1e-10)
+
+
+def test_bad_input_is_rejected_before_compute(poisson_data):
+    _, lengths, _, y = poisson_data
+    model = start_model(ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [8.0], [20.0]])))
+    with pytest.raises(ValueError, match=r"`emissions` must have shape \(B, T, 1\)"):
+        ssmjax.fit_em(model, y[..., 0], lengths=lengths)
+    bad = y.copy()
+    bad[0, 3, 0] = -1.0
+    with pytest.raises(ValueError, match="non-negative"):
+        ssmjax.fit_em(model, bad, lengths=lengths)
+    bad[0, 3, 0] = 2.5
+    with pytest.raises(ValueError, match="integer"):
+        ssmjax.fit_em(model, bad, lengths=lengths)
+    with pytest.raises(ValueError, match=r"`lengths` must lie in \[1, 500\]"):
+        ssmjax.fit_em(model, y, lengths=[0] + lengths[1:])
+    with pytest.raises(ValueError, match=r"`lengths` must lie in \[1, 500\]"):
+        ssmjax.fit_em(model, y, lengths=[501] + lengths[1:])
+    with pytest.raises(ValueError, match="`frozen` names unknown parameters"):
+        ssmjax.fit_em(model, y, lengths=lengths, frozen=("emission_matrix",))
+    cat = start_model(ssmjax.CategoricalEmissions(jnp.full((3, 4), 0.25)))
+    with pytest.raises(ValueError, match="emissions"):
+        ssmjax.fit_em(cat, np.array([[0, 1, 4]]))
+
+
+def test_model_methods_agree_with_functional_api(poisson_data):
+    _, lengths, _, y = poisson_data
+    model = start_model(ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [8.0], [20.0]])))
+    seq = jnp.asarray(y[2])
+    ll = model.log_likelihoods(seq, length=lengths[2])
+    post = ssmjax.hmm_smoother(model.initial_probs, model.transition_matrix, ll, length=lengths[2])
+    np.testing.assert_allclose(model.smoother(seq, length=lengths[2]).smoothed_probs, post.smoothed_probs)
+    path, _ = ssmjax.hmm_viterbi(model.initial_probs, model.transition_matrix, ll, length=lengths[2])
+    np.testing.assert_array_equal(model.most_likely_states(seq, length=lengths[2]), path)
+    states, counts = model.sample(jax.random.key(0), 50)
+    assert states.shape == (50,) and counts.shape == (50, 1)
+    z = model.posterior_sample(jax.random.key(1), seq, length=lengths[2])
+    assert z.shape == (seq.shape[0],)
