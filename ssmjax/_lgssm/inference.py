@@ -1,0 +1,964 @@
+r"""Exact inference in linear-Gaussian state-space models.
+
+Kalman filter, Rauch-Tung-Striebel smoother, forward-filter backward-sample,
+ancestral sampling and forecasting for :class:`ssmjax.LGSSM`. The model, the time
+convention, missing data (NaN) and padding (``length``) are described once in
+:mod:`ssmjax._lgssm.model`.
+
+Layout: public functions take loosely typed arguments, validate them with
+:mod:`ssmjax._checks` (shapes: ``ValueError`` at trace time; covariances: value
+checks), then call jitted private functions with full shape annotations. Each
+recursion is a ``lax.scan`` over a named ``_step``.
+
+Missing entries are handled exactly: at step ``t`` with observed mask ``m`` the rows
+of :math:`C_t` and of the offset are zeroed where ``m`` is false, the missing rows and
+columns of :math:`R_t` are replaced by the identity and the missing observations by
+zero. The dummy dimensions are then independent of the state with zero innovation,
+so they change neither the posterior nor the quadratic form or log-determinant of the
+log-likelihood, and the :math:`\log 2\pi` constant is counted for observed entries
+only. Every substitution is a ``where`` applied *before* arithmetic, so NaN/inf in
+missing or padded entries never reach values or gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from .._checks import as_float_array, check_length, check_shape, check_values
+from .model import LGSSM, model_dims, validate_shapes
+from .small import GeneralOps, choose_ops, psd_cholesky, symmetrize
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+__all__ = [
+    "KalmanFilterResult",
+    "RTSSmootherResult",
+    "LGSSMForecastResult",
+    "kalman_filter",
+    "rts_smoother",
+    "lgssm_sample_posterior",
+    "lgssm_sample",
+    "lgssm_forecast",
+]
+
+
+# --------------------------------------------------------------------------- results
+
+
+class KalmanFilterResult(eqx.Module):
+    r"""Output of :func:`ssmjax.kalman_filter`.
+
+    Attributes:
+        marginal_loglik: :math:`\log p(y_{1:T})` (observed entries, real steps only).
+        filtered_means: :math:`E[x_t \mid y_{1:t}]`, shape (T, Dx).
+        filtered_covs: :math:`\mathrm{Cov}[x_t \mid y_{1:t}]`, shape (T, Dx, Dx).
+        predicted_means: :math:`E[x_t \mid y_{1:t-1}]` (``predicted_means[0]`` is the
+            initial mean), shape (T, Dx).
+        predicted_covs: :math:`\mathrm{Cov}[x_t \mid y_{1:t-1}]`, shape (T, Dx, Dx).
+
+    At padded steps (``t >= length``) every field repeats the filtered moments of
+    step ``length - 1``.
+    """
+
+    marginal_loglik: Float[Array, ""]
+    filtered_means: Float[Array, "T Dx"]
+    filtered_covs: Float[Array, "T Dx Dx"]
+    predicted_means: Float[Array, "T Dx"]
+    predicted_covs: Float[Array, "T Dx Dx"]
+
+
+class RTSSmootherResult(eqx.Module):
+    r"""Output of :func:`ssmjax.rts_smoother`: the filter's fields plus smoothed ones.
+
+    Attributes:
+        marginal_loglik: :math:`\log p(y_{1:T})`.
+        filtered_means, filtered_covs, predicted_means, predicted_covs: as in
+            :class:`KalmanFilterResult`.
+        smoothed_means: :math:`E[x_t \mid y_{1:T}]`, shape (T, Dx).
+        smoothed_covs: :math:`\mathrm{Cov}[x_t \mid y_{1:T}]`, shape (T, Dx, Dx).
+        smoothed_cross_covs: :math:`\mathrm{Cov}[x_t, x_{t+1} \mid y_{1:T}]`, shape
+            (T-1, Dx, Dx); entry ``t`` pairs step ``t`` (rows) with ``t+1`` (columns).
+
+    At padded steps smoothed moments repeat those of step ``length - 1`` and
+    cross-covariances of pairs with ``t + 1 >= length`` are zero.
+    """
+
+    marginal_loglik: Float[Array, ""]
+    filtered_means: Float[Array, "T Dx"]
+    filtered_covs: Float[Array, "T Dx Dx"]
+    predicted_means: Float[Array, "T Dx"]
+    predicted_covs: Float[Array, "T Dx Dx"]
+    smoothed_means: Float[Array, "T Dx"]
+    smoothed_covs: Float[Array, "T Dx Dx"]
+    smoothed_cross_covs: Float[Array, "T-1 Dx Dx"]
+
+
+class LGSSMForecastResult(eqx.Module):
+    r"""Output of :func:`ssmjax.lgssm_forecast`: predictive moments ``H = num_steps`` ahead.
+
+    With ``L = length`` (or ``T``), entry ``h`` describes step ``L + h`` given the
+    observed :math:`y_{1:L}` (0-based: ``emissions[:L]``).
+
+    Attributes:
+        state_means: :math:`E[x_{L+h} \mid y]`, shape (H, Dx).
+        state_covs: :math:`\mathrm{Cov}[x_{L+h} \mid y]`, shape (H, Dx, Dx).
+        emission_means: :math:`E[y_{L+h} \mid y]`, shape (H, Dy).
+        emission_covs: :math:`\mathrm{Cov}[y_{L+h} \mid y]`, shape (H, Dy, Dy).
+    """
+
+    state_means: Float[Array, "H Dx"]
+    state_covs: Float[Array, "H Dx Dx"]
+    emission_means: Float[Array, "H Dy"]
+    emission_covs: Float[Array, "H Dy Dy"]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_cov(name: str, cov, valid, semidefinite: bool):
+    """Symmetric and positive (semi-)definite at real steps; returns the guarded ``cov``."""
+    from .._checks import value_checks_enabled
+
+    if not value_checks_enabled():
+        return cov
+    eye = jnp.eye(cov.shape[-1], dtype=cov.dtype)
+    test = cov
+    if valid is not None and cov.ndim == 3:
+        test = jnp.where(valid[:, None, None], cov, 0.0 if semidefinite else eye)
+    rtol = 1e-5 if cov.dtype == jnp.float32 else 1e-10
+    asym = jnp.abs(test - jnp.swapaxes(test, -1, -2))
+    scale = jnp.maximum(jnp.max(jnp.abs(test), axis=(-1, -2), keepdims=True), jnp.finfo(cov.dtype).tiny)
+    not_symmetric = jnp.any(asym > rtol * scale) | jnp.any(~jnp.isfinite(test))
+    sym = symmetrize(jnp.where(jnp.isfinite(test), test, 0.0))
+    if semidefinite:
+        eig = jnp.linalg.eigvalsh(sym)
+        bad_def = jnp.any(eig < -(cov.shape[-1] * 10 * jnp.finfo(cov.dtype).eps) * scale[..., 0])
+        what = "positive semi-definite (it has a negative eigenvalue)"
+    else:
+        bad_def = jnp.any(~jnp.isfinite(jnp.linalg.cholesky(sym)))
+        what = "positive definite (its Cholesky factorisation failed)"
+    cov = check_values(cov, not_symmetric, f"`{name}` must be finite and symmetric (relative tolerance {rtol:g}).")
+    return check_values(cov, bad_def, f"`{name}` must be {what}.")
+
+
+def _validate(model, emissions, inputs, length, *, need_inputs_name="inputs"):
+    """Shape checks (ValueError) and covariance value checks; returns canonical arguments."""
+    if not isinstance(model, LGSSM):
+        raise ValueError(f"`model` must be an ssmjax.LGSSM; got {type(model).__name__}.")
+    time_sizes = validate_shapes(model)
+    dx, dy, du = model_dims(model)
+    y = as_float_array("emissions", emissions)
+    meaning = f"T time steps; Dy = {dy} from emission_matrix"
+    if y.ndim != 2:
+        check_shape("emissions", y, ("T", dy), meaning + "; use jax.vmap for a batch")
+    check_shape("emissions", y, ("T", dy), meaning)
+    num_timesteps = y.shape[0]
+    if num_timesteps < 1:
+        raise ValueError("`emissions` must have at least one time step; got shape (0, ...).")
+    _check_time_sizes(time_sizes, num_timesteps)
+    u = _validate_inputs(model, inputs, num_timesteps, du, "inputs")
+    length_arr = check_length(length, num_timesteps)
+    model = _value_check_model(model, num_timesteps, length_arr)
+    return model, y, u, length_arr
+
+
+def _check_time_sizes(time_sizes, num_timesteps):
+    for name, size in time_sizes.items():
+        if size is None:
+            continue
+        expected = num_timesteps - 1 if name.startswith("transition") else num_timesteps
+        axis = "T-1" if name.startswith("transition") else "T"
+        if size != expected:
+            raise ValueError(
+                f"`{name}` is time-varying with {size} entries; expected {axis} = {expected} "
+                f"entries for emissions of T = {num_timesteps} steps."
+            )
+
+
+def _validate_inputs(model, inputs, num_timesteps, du, name):
+    has_input_matrix = model.transition_input_matrix is not None or model.emission_input_matrix is not None
+    if has_input_matrix and inputs is None:
+        which = [
+            n for n in ("transition_input_matrix", "emission_input_matrix") if getattr(model, n) is not None
+        ]
+        raise ValueError(
+            f"the model has {', '.join('`' + w + '`' for w in which)}, so `{name}` of shape "
+            f"({num_timesteps}, {du}) (T, Du) is required; got None."
+        )
+    if not has_input_matrix and inputs is not None:
+        raise ValueError(
+            f"`{name}` were given but the model has no `transition_input_matrix` or "
+            "`emission_input_matrix`; pass inputs=None or add an input matrix."
+        )
+    if inputs is None:
+        return None
+    u = as_float_array(name, inputs)
+    check_shape(name, u, (num_timesteps, du), "T, Du (Du from the input matrices)")
+    return u
+
+
+def _value_check_model(model, num_timesteps, length_arr):
+    valid = None
+    valid_next = None
+    if length_arr is not None:
+        steps = jnp.arange(num_timesteps)
+        valid = steps < length_arr
+        valid_next = (steps[: num_timesteps - 1] + 1) < length_arr
+    initial_cov = _check_cov("initial_cov", model.initial_cov, None, semidefinite=False)
+    transition_cov = _check_cov("transition_cov", model.transition_cov, valid_next, semidefinite=True)
+    emission_cov = _check_cov("emission_cov", model.emission_cov, valid, semidefinite=False)
+    return eqx.tree_at(
+        lambda m: (m.initial_cov, m.transition_cov, m.emission_cov),
+        model,
+        (initial_cov, transition_cov, emission_cov),
+    )
+
+
+def _check_method(method):
+    if method not in ("standard", "sqrt"):
+        raise ValueError(f"`method` must be 'standard' or 'sqrt'; got {method!r}.")
+
+
+# --------------------------------------------------------------------------- canonical form
+
+
+def _dtype(model: LGSSM, *arrays):
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(model)] + [a for a in arrays if a is not None]
+    return jnp.result_type(*leaves)
+
+
+def _canonical(model: LGSSM, emissions, inputs, length):
+    """Per-step parameters with inputs folded into offsets, padding and missing data sanitised.
+
+    Returns ``(p, tv, ys, mask, valid_next)``: ``p`` maps short names to arrays (time-varying
+    ones, named in the static set ``tv``, have a leading T axis; transitions are extended
+    with a harmless identity entry so every array has T entries), ``ys`` the emissions with
+    missing and padded entries set to 0, ``mask`` (T, Dy) the observed entries,
+    ``valid_next`` (T,) whether transition ``t`` is real (``t + 1 < length``).
+    """
+    dtype = _dtype(model, emissions, inputs)
+    num_timesteps = emissions.shape[0]
+    dx, dy, du = model_dims(model)
+    cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
+    steps = jnp.arange(num_timesteps)
+    end = num_timesteps if length is None else length
+    valid = steps < end
+    valid_next = steps + 1 < end
+    eye_x = jnp.eye(dx, dtype=dtype)
+    eye_y = jnp.eye(dy, dtype=dtype)
+
+    def tvar(a, static_ndim):
+        return a is not None and a.ndim == static_ndim + 1
+
+    def sanitize(a, static_ndim, ok, safe):
+        if a is None or not tvar(a, static_ndim) or length is None:
+            return a
+        ok = ok.reshape((-1,) + (1,) * static_ndim)
+        return jnp.where(ok, a, safe)
+
+    y = cast(emissions)
+    u = cast(inputs)
+    if u is not None and length is not None:
+        u = jnp.where(valid[:, None], u, 0.0)
+    mask = ~jnp.isnan(y) & valid[:, None]
+    ys = jnp.where(mask, y, 0.0)
+
+    # emissions
+    C = sanitize(cast(model.emission_matrix), 2, valid, 0.0)
+    R = sanitize(cast(model.emission_cov), 2, valid, eye_y)
+    D = sanitize(cast(model.emission_input_matrix), 2, valid, 0.0)
+    d = sanitize(cast(model.emission_offset), 1, valid, 0.0)
+    e = d
+    if D is not None:
+        Du_t = jnp.einsum("tij,tj->ti" if D.ndim == 3 else "ij,tj->ti", D, u, precision=jax.lax.Precision.HIGHEST)
+        e = Du_t if e is None else Du_t + e
+    # transitions (T-1 entries when time-varying)
+    vn = valid_next[: num_timesteps - 1]
+    A = sanitize(cast(model.transition_matrix), 2, vn, eye_x)
+    Q = sanitize(cast(model.transition_cov), 2, vn, 0.0)
+    B = sanitize(cast(model.transition_input_matrix), 2, vn, 0.0)
+    b = sanitize(cast(model.transition_offset), 1, vn, 0.0)
+    f = b
+    if B is not None:
+        Bu = jnp.einsum(
+            "tij,tj->ti" if B.ndim == 3 else "ij,tj->ti", B, u[1:], precision=jax.lax.Precision.HIGHEST
+        )
+        f = Bu if f is None else Bu + f
+
+    def extend(a, safe):
+        # append a harmless entry so time-varying transitions have T entries
+        return jnp.concatenate([a, safe[None]], axis=0)
+
+    p = dict(m0=cast(model.initial_mean), P0=cast(model.initial_cov), C=C, R=R, A=A, Q=Q)
+    tv = set()
+    for key, static_ndim in (("C", 2), ("R", 2)):
+        if tvar(p[key], static_ndim):
+            tv.add(key)
+    if e is not None:
+        p["e"] = e
+        if e.ndim == 2:
+            tv.add("e")
+    for key, safe in (("A", eye_x), ("Q", jnp.zeros_like(eye_x))):
+        if tvar(p[key], 2):
+            p[key] = extend(p[key], safe)
+            tv.add(key)
+    if f is not None:
+        if f.ndim == 2:
+            f = extend(f, jnp.zeros((dx,), dtype))
+            tv.add("f")
+        p["f"] = f
+    return p, frozenset(tv), ys, mask, valid_next
+
+
+def _at(p, tv, x, key):
+    return x[key] if key in tv else p[key]
+
+
+def _scan_inputs(p, tv, **extra):
+    xs = {k: p[k] for k in tv}
+    xs.update(extra)
+    return xs
+
+
+# --------------------------------------------------------------------------- standard filter
+
+
+def _update_inputs(p, tv, x, mean, eye_y):
+    """Masked C, R and innovation for one step."""
+    m = x["mask"]
+    C = jnp.where(m[:, None], _at(p, tv, x, "C"), 0.0)
+    R = jnp.where(m[:, None] & m[None, :], _at(p, tv, x, "R"), eye_y)
+    return m, C, R
+
+
+def _filter_standard(
+    p: dict,
+    tv: frozenset,
+    ys: Float[Array, "T Dy"],
+    mask: Bool[Array, "T Dy"],
+    valid_next: Bool[Array, " T"],
+    has_length: bool,
+    ops: type,
+):
+    dx = p["m0"].shape[-1]
+    dy = ys.shape[-1]
+    dtype = ys.dtype
+    eye_x = jnp.eye(dx, dtype=dtype)
+    eye_y = jnp.eye(dy, dtype=dtype)
+
+    def _step(carry, x):
+        mean, cov, loglik = carry
+        m, C, R = _update_inputs(p, tv, x, mean, eye_y)
+        pred_y = ops.mv(C, mean)
+        if "e" in p:
+            pred_y = pred_y + _at(p, tv, x, "e")
+        resid = jnp.where(m, x["y"] - pred_y, 0.0)
+        CP = ops.mm(C, cov)
+        S = symmetrize(ops.mm(CP, C.T) + R)
+        L = ops.cholesky(S)
+        W = ops.solve_lower(L, CP)  # L^{-1} C P, so K = W^T L^{-1}
+        z = ops.solve_lower(L, resid[:, None])[:, 0]
+        f_mean = mean + ops.mv(W.T, z)
+        f_cov = symmetrize(cov - ops.mm(W.T, W))
+        nobs = jnp.sum(m).astype(dtype)
+        ll = -0.5 * jnp.sum(z * z) - jnp.sum(jnp.log(jnp.diagonal(L))) - 0.5 * nobs * _LOG_2PI
+        # predict x_{t+1}
+        A, Q = _at(p, tv, x, "A"), _at(p, tv, x, "Q")
+        if has_length:
+            A = jnp.where(x["valid_next"], A, eye_x)
+            Q = jnp.where(x["valid_next"], Q, 0.0)
+        p_mean = ops.mv(A, f_mean)
+        if "f" in p:
+            fx = _at(p, tv, x, "f")
+            p_mean = p_mean + (jnp.where(x["valid_next"], fx, 0.0) if has_length else fx)
+        p_cov = symmetrize(ops.mm(ops.mm(A, f_cov), A.T) + Q)
+        return (p_mean, p_cov, loglik + ll), (mean, cov, f_mean, f_cov)
+
+    xs = _scan_inputs(p, tv, y=ys, mask=mask, valid_next=valid_next)
+    init = (p["m0"], p["P0"], jnp.zeros((), dtype))
+    (_, _, loglik), (pm, pc, fm, fc) = jax.lax.scan(_step, init, xs)
+    return loglik, fm, fc, pm, pc
+
+
+# --------------------------------------------------------------------------- square-root filter
+
+
+def _tria(pre):
+    """Lower-triangular ``L`` with ``L L^T = pre pre^T`` (QR of ``pre^T``)."""
+    r = jnp.linalg.qr(jnp.swapaxes(pre, -1, -2), mode="r")
+    return jnp.swapaxes(r, -1, -2)
+
+
+def _filter_sqrt(
+    p: dict,
+    tv: frozenset,
+    ys: Float[Array, "T Dy"],
+    mask: Bool[Array, "T Dy"],
+    valid_next: Bool[Array, " T"],
+    has_length: bool,
+):
+    ops = GeneralOps
+    dx = p["m0"].shape[-1]
+    dy = ys.shape[-1]
+    dtype = ys.dtype
+    eye_x = jnp.eye(dx, dtype=dtype)
+    eye_y = jnp.eye(dy, dtype=dtype)
+    chol_q = psd_cholesky(p["Q"])  # batched when time-varying
+    zeros_yx = jnp.zeros((dx, dy), dtype)
+
+    def _step(carry, x):
+        mean, chol_p, loglik = carry
+        m, C, R = _update_inputs(p, tv, x, mean, eye_y)
+        pred_y = ops.mv(C, mean)
+        if "e" in p:
+            pred_y = pred_y + _at(p, tv, x, "e")
+        resid = jnp.where(m, x["y"] - pred_y, 0.0)
+        chol_r = jnp.linalg.cholesky(R)
+        pre = jnp.block([[chol_r, ops.mm(C, chol_p)], [zeros_yx, chol_p]])
+        post = _tria(pre)
+        chol_s = post[:dy, :dy]
+        gain_s = post[dy:, :dy]
+        chol_f = post[dy:, dy:]
+        z = ops.solve_lower(chol_s, resid[:, None])[:, 0]
+        f_mean = mean + ops.mv(gain_s, z)
+        nobs = jnp.sum(m).astype(dtype)
+        ll = -0.5 * jnp.sum(z * z) - jnp.sum(jnp.log(jnp.abs(jnp.diagonal(chol_s)))) - 0.5 * nobs * _LOG_2PI
+        A = _at(p, tv, x, "A")
+        cq = x["chol_q"] if "Q" in tv else chol_q
+        if has_length:
+            A = jnp.where(x["valid_next"], A, eye_x)
+            cq = jnp.where(x["valid_next"], cq, 0.0)
+        p_mean = ops.mv(A, f_mean)
+        if "f" in p:
+            fx = _at(p, tv, x, "f")
+            p_mean = p_mean + (jnp.where(x["valid_next"], fx, 0.0) if has_length else fx)
+        chol_pp = _tria(jnp.concatenate([ops.mm(A, chol_f), cq], axis=1))
+        return (p_mean, chol_pp, loglik + ll), (mean, chol_p, f_mean, chol_f)
+
+    extra = dict(y=ys, mask=mask, valid_next=valid_next)
+    if "Q" in tv:
+        extra["chol_q"] = chol_q
+    xs = _scan_inputs(p, tv, **extra)
+    init = (p["m0"], jnp.linalg.cholesky(p["P0"]), jnp.zeros((), dtype))
+    (_, _, loglik), (pm, chol_pc, fm, chol_fc) = jax.lax.scan(_step, init, xs)
+    return loglik, fm, chol_fc, pm, chol_pc, chol_q
+
+
+def _outer(chol):
+    return jnp.matmul(chol, jnp.swapaxes(chol, -1, -2), precision=jax.lax.Precision.HIGHEST)
+
+
+# --------------------------------------------------------------------------- smoothers
+
+
+def _transitions(p, tv, num_timesteps):
+    """Transition matrices t = 0..T-2, batched: (T-1, Dx, Dx)."""
+    A = p["A"]
+    if "A" in tv:
+        return A[: num_timesteps - 1]
+    return jnp.broadcast_to(A, (num_timesteps - 1,) + A.shape)
+
+
+def _smoother_gains(A, filtered_covs, chol_pred_next, valid_next, ops):
+    """RTS gains ``G_t = P_{t|t} A_t^T P_{t+1|t}^{-1}`` for t = 0..T-2, all at once (not in the scan)."""
+    AP = ops.mm(A, filtered_covs)
+    gt = ops.solve_lower_t(chol_pred_next, ops.solve_lower(chol_pred_next, AP))
+    return jnp.where(valid_next[:, None, None], jnp.swapaxes(gt, -1, -2), 0.0)
+
+
+def _smooth_standard(
+    p: dict,
+    tv: frozenset,
+    fm: Float[Array, "T Dx"],
+    fc: Float[Array, "T Dx Dx"],
+    pm: Float[Array, "T Dx"],
+    pc: Float[Array, "T Dx Dx"],
+    valid_next: Bool[Array, " T"],
+    ops: type,
+):
+    num_timesteps, dx = fm.shape
+    eye_x = jnp.eye(dx, dtype=fm.dtype)
+    vn = valid_next[:-1]
+    A = _transitions(p, tv, num_timesteps)
+    pred_next = jnp.where(vn[:, None, None], pc[1:], eye_x)
+    G = _smoother_gains(A, fc[:-1], ops.cholesky(pred_next), vn, ops)
+
+    def _step(carry, x):
+        s_mean_next, s_cov_next = carry
+        gain = x["G"]
+        s_mean = x["fm"] + ops.mv(gain, s_mean_next - x["pm_next"])
+        s_cov = symmetrize(x["fc"] + ops.mm(ops.mm(gain, s_cov_next - x["pc_next"]), gain.T))
+        cross = ops.mm(gain, s_cov_next)
+        return (s_mean, s_cov), (s_mean, s_cov, cross)
+
+    xs = dict(G=G, fm=fm[:-1], fc=fc[:-1], pm_next=pm[1:], pc_next=pc[1:])
+    _, (sm, sc, cross) = jax.lax.scan(_step, (fm[-1], fc[-1]), xs, reverse=True)
+    sm = jnp.concatenate([sm, fm[-1:]], axis=0)
+    sc = jnp.concatenate([sc, fc[-1:]], axis=0)
+    return sm, sc, cross
+
+
+def _smooth_sqrt(
+    p: dict,
+    tv: frozenset,
+    fm: Float[Array, "T Dx"],
+    chol_fc: Float[Array, "T Dx Dx"],
+    pm: Float[Array, "T Dx"],
+    chol_pc: Float[Array, "T Dx Dx"],
+    chol_q,
+    valid_next: Bool[Array, " T"],
+):
+    ops = GeneralOps
+    num_timesteps, dx = fm.shape
+    eye_x = jnp.eye(dx, dtype=fm.dtype)
+    vn = valid_next[:-1]
+    A = _transitions(p, tv, num_timesteps)
+    chol_pred_next = jnp.where(vn[:, None, None], chol_pc[1:], eye_x)
+    G = _smoother_gains(A, _outer(chol_fc[:-1]), chol_pred_next, vn, ops)
+    cq = chol_q[: num_timesteps - 1] if chol_q.ndim == 3 else chol_q
+    # parts of the pre-array that do not depend on the recursion, batched
+    part_f = ops.mm(eye_x - ops.mm(G, A), chol_fc[:-1])
+    part_q = ops.mm(G, cq)
+
+    def _step(carry, x):
+        s_mean_next, chol_s_next = carry
+        gain = x["G"]
+        s_mean = x["fm"] + ops.mv(gain, s_mean_next - x["pm_next"])
+        gs = ops.mm(gain, chol_s_next)
+        chol_s = _tria(jnp.concatenate([x["part_f"], x["part_q"], gs], axis=1))
+        cross = ops.mm(gs, chol_s_next.T)
+        return (s_mean, chol_s), (s_mean, chol_s, cross)
+
+    xs = dict(G=G, fm=fm[:-1], pm_next=pm[1:], part_f=part_f, part_q=part_q)
+    _, (sm, chol_sc, cross) = jax.lax.scan(_step, (fm[-1], chol_fc[-1]), xs, reverse=True)
+    sm = jnp.concatenate([sm, fm[-1:]], axis=0)
+    chol_sc = jnp.concatenate([chol_sc, chol_fc[-1:]], axis=0)
+    return sm, chol_sc, cross
+
+
+# --------------------------------------------------------------------------- jitted cores
+
+
+def _run_filter(model, emissions, inputs, length, method, ops):
+    p, tv, ys, mask, valid_next = _canonical(model, emissions, inputs, length)
+    has_length = length is not None
+    if method == "sqrt":
+        loglik, fm, chol_fc, pm, chol_pc, chol_q = _filter_sqrt(p, tv, ys, mask, valid_next, has_length)
+        return p, tv, valid_next, (loglik, fm, chol_fc, pm, chol_pc, chol_q)
+    loglik, fm, fc, pm, pc = _filter_standard(p, tv, ys, mask, valid_next, has_length, ops)
+    return p, tv, valid_next, (loglik, fm, fc, pm, pc)
+
+
+def _filter_impl(
+    model: LGSSM,
+    emissions: Float[Array, "T Dy"],
+    inputs: Optional[Float[Array, "T Du"]],
+    length: Optional[Int[Array, ""]],
+    method: str,
+    ops: type,
+) -> KalmanFilterResult:
+    _, _, _, out = _run_filter(model, emissions, inputs, length, method, ops)
+    if method == "sqrt":
+        loglik, fm, chol_fc, pm, chol_pc, _ = out
+        fc, pc = _outer(chol_fc), _outer(chol_pc)
+    else:
+        loglik, fm, fc, pm, pc = out
+    return KalmanFilterResult(loglik, fm, fc, pm, pc)
+
+
+def _smoother_impl(
+    model: LGSSM,
+    emissions: Float[Array, "T Dy"],
+    inputs: Optional[Float[Array, "T Du"]],
+    length: Optional[Int[Array, ""]],
+    method: str,
+    ops: type,
+) -> RTSSmootherResult:
+    p, tv, valid_next, out = _run_filter(model, emissions, inputs, length, method, ops)
+    if method == "sqrt":
+        loglik, fm, chol_fc, pm, chol_pc, chol_q = out
+        sm, chol_sc, cross = _smooth_sqrt(p, tv, fm, chol_fc, pm, chol_pc, chol_q, valid_next)
+        fc, pc, sc = _outer(chol_fc), _outer(chol_pc), _outer(chol_sc)
+    else:
+        loglik, fm, fc, pm, pc = out
+        sm, sc, cross = _smooth_standard(p, tv, fm, fc, pm, pc, valid_next, ops)
+    return RTSSmootherResult(loglik, fm, fc, pm, pc, sm, sc, cross)
+
+
+_filter_jit = jax.jit(_filter_impl, static_argnames=("method", "ops"))
+_smoother_jit = jax.jit(_smoother_impl, static_argnames=("method", "ops"))
+
+
+def _sample_posterior_impl(
+    key: PRNGKeyArray,
+    model: LGSSM,
+    emissions: Float[Array, "T Dy"],
+    inputs: Optional[Float[Array, "T Du"]],
+    length: Optional[Int[Array, ""]],
+    ops: type,
+) -> Float[Array, "T Dx"]:
+    p, tv, valid_next, out = _run_filter(model, emissions, inputs, length, "standard", ops)
+    _, fm, fc, pm, pc = out
+    num_timesteps, dx = fm.shape
+    eye_x = jnp.eye(dx, dtype=fm.dtype)
+    vn = valid_next[:-1]
+    A = _transitions(p, tv, num_timesteps)
+    pred_next = jnp.where(vn[:, None, None], pc[1:], eye_x)
+    G = _smoother_gains(A, fc[:-1], ops.cholesky(pred_next), vn, ops)
+    # x_t | x_{t+1}, y_{1:t} ~ N(m_t + G_t (x_{t+1} - m_{t+1|t}), P_t - G_t P_{t+1|t} G_t^T)
+    cond_covs = symmetrize(fc[:-1] - ops.mm(ops.mm(G, pc[1:]), jnp.swapaxes(G, -1, -2)))
+    chol = psd_cholesky(jnp.concatenate([cond_covs, fc[-1:]], axis=0))
+    noise = ops.mv(chol, jax.random.normal(key, fm.shape, fm.dtype))
+    offsets = fm - jnp.concatenate([ops.mv(G, pm[1:]), jnp.zeros((1, dx), fm.dtype)], axis=0) + noise
+
+    def _step(x_next, x):
+        state = x["offset"] + ops.mv(x["G"], x_next)
+        return state, state
+
+    last = offsets[-1]
+    _, states = jax.lax.scan(_step, last, dict(G=G, offset=offsets[:-1]), reverse=True)
+    states = jnp.concatenate([states, last[None]], axis=0)
+    if length is not None:
+        keep = jnp.arange(num_timesteps) < length
+        states = jnp.where(keep[:, None], states, states[length - 1])
+    return states
+
+
+_sample_posterior_jit = jax.jit(_sample_posterior_impl, static_argnames=("ops",))
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _ops_for(model):
+    dx, dy, _ = model_dims(model)
+    return choose_ops(dx, dy)
+
+
+def kalman_filter(model, emissions, *, inputs=None, length=None, method="standard") -> KalmanFilterResult:
+    r"""Kalman filter: filtered and one-step predicted moments and :math:`\log p(y_{1:T})`.
+
+    For the model, time convention, missing data and padding see
+    :mod:`ssmjax._lgssm.model`. With predicted moments :math:`m_{t|t-1}, P_{t|t-1}`, the
+    update at step :math:`t` is
+
+    .. math::
+
+        S_t = C_t P_{t|t-1} C_t^\top + R_t,\quad K_t = P_{t|t-1} C_t^\top S_t^{-1},\\
+        m_{t|t} = m_{t|t-1} + K_t (y_t - C_t m_{t|t-1} - D_t u_t - d_t),\quad
+        P_{t|t} = P_{t|t-1} - K_t S_t K_t^\top,
+
+    computed through the Cholesky factor of :math:`S_t` (no inverse), which also gives
+    :math:`\log p(y_t \mid y_{1:t-1}) = \log \mathcal N(y_t; C_t m_{t|t-1} + D_t u_t + d_t, S_t)`,
+    restricted to the observed entries of :math:`y_t`.
+
+    Args:
+        model: an :class:`ssmjax.LGSSM`.
+        emissions: (T, Dy); NaN entries are missing.
+        inputs: (T, Du), required exactly when the model has input matrices.
+        length: number of real steps (see :mod:`ssmjax._types`); steps ``>= length`` are padding.
+        method: ``"standard"`` (covariance form; small dimensions take an unrolled,
+            elementwise fast path automatically) or ``"sqrt"`` (Cholesky factors propagated
+            by QR; slower, stays accurate in float32 when the covariance form loses
+            positive-definiteness, e.g. near-singular emission noise).
+
+    Returns:
+        A :class:`KalmanFilterResult`.
+
+    Raises:
+        ValueError: wrong shapes (naming the argument and both shapes), inputs missing or
+            unexpected, a bad ``length`` or ``method``, or (value checks) covariances that
+            are not symmetric positive (semi-)definite.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import ssmjax
+        >>> model = ssmjax.LGSSM(initial_mean=jnp.zeros(1), initial_cov=jnp.eye(1),
+        ...     transition_matrix=jnp.eye(1), transition_cov=0.1 * jnp.eye(1),
+        ...     emission_matrix=jnp.eye(1), emission_cov=jnp.eye(1))
+        >>> result = ssmjax.kalman_filter(model, jnp.array([[0.5], [jnp.nan], [1.0]]))
+        >>> result.filtered_means.shape
+        (3, 1)
+    """
+    _check_method(method)
+    model, y, u, length_arr = _validate(model, emissions, inputs, length)
+    return _filter_jit(model, y, u, length_arr, method=method, ops=_ops_for(model))
+
+
+def rts_smoother(model, emissions, *, inputs=None, length=None, method="standard") -> RTSSmootherResult:
+    r"""Rauch-Tung-Striebel smoother: posterior marginals and lag-one cross-covariances.
+
+    Runs :func:`kalman_filter`, then, backwards from :math:`t = T-1`,
+
+    .. math::
+
+        G_t = P_{t|t} A_t^\top P_{t+1|t}^{-1},\quad
+        m_{t|T} = m_{t|t} + G_t (m_{t+1|T} - m_{t+1|t}),\\
+        P_{t|T} = P_{t|t} + G_t (P_{t+1|T} - P_{t+1|t}) G_t^\top,\quad
+        \mathrm{Cov}(x_t, x_{t+1} \mid y_{1:T}) = G_t P_{t+1|T}.
+
+    The gains depend on filtered quantities only and are computed for all steps at once
+    before the backward scan. ``method="sqrt"`` propagates Cholesky factors of
+    :math:`P_{t|T}` through the QR of
+    :math:`[(I - G_t A_t) L_{t|t},\ G_t L_{Q_t},\ G_t L_{t+1|T}]`.
+    Arguments, missing data and padding as in :func:`kalman_filter` (convention:
+    :mod:`ssmjax._lgssm.model`).
+
+    Returns:
+        An :class:`RTSSmootherResult`.
+
+    Raises:
+        ValueError: as :func:`kalman_filter`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import ssmjax
+        >>> model = ssmjax.LGSSM(initial_mean=jnp.zeros(1), initial_cov=jnp.eye(1),
+        ...     transition_matrix=jnp.eye(1), transition_cov=0.1 * jnp.eye(1),
+        ...     emission_matrix=jnp.eye(1), emission_cov=jnp.eye(1))
+        >>> post = ssmjax.rts_smoother(model, jnp.array([[0.5], [jnp.nan], [1.0]]))
+        >>> post.smoothed_cross_covs.shape
+        (2, 1, 1)
+    """
+    _check_method(method)
+    model, y, u, length_arr = _validate(model, emissions, inputs, length)
+    return _smoother_jit(model, y, u, length_arr, method=method, ops=_ops_for(model))
+
+
+def lgssm_sample_posterior(key, model, emissions, *, inputs=None, length=None) -> Array:
+    r"""One exact joint sample of :math:`x_{1:T} \mid y_{1:T}` (forward filter, backward sample).
+
+    After the Kalman filter, :math:`x_T \sim \mathcal N(m_{T|T}, P_{T|T})` and, backwards,
+
+    .. math::
+
+        x_t \mid x_{t+1} \sim \mathcal N\big(m_{t|t} + G_t (x_{t+1} - m_{t+1|t}),\
+        P_{t|t} - G_t P_{t+1|t} G_t^\top\big).
+
+    The sample is a differentiable function of the parameters and emissions
+    (reparameterised: standard normal noise times a Cholesky factor; singular
+    conditional covariances, e.g. from deterministic components, are allowed).
+    Arguments, missing data and padding as in :func:`kalman_filter` (convention:
+    :mod:`ssmjax._lgssm.model`); padded steps repeat ``x[length - 1]``.
+
+    Args:
+        key: a JAX PRNG key.
+        model, emissions, inputs, length: as in :func:`kalman_filter`.
+
+    Returns:
+        States of shape (T, Dx).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import ssmjax
+        >>> model = ssmjax.LGSSM(initial_mean=jnp.zeros(1), initial_cov=jnp.eye(1),
+        ...     transition_matrix=jnp.eye(1), transition_cov=0.1 * jnp.eye(1),
+        ...     emission_matrix=jnp.eye(1), emission_cov=jnp.eye(1))
+        >>> ssmjax.lgssm_sample_posterior(jax.random.key(0), model, jnp.ones((4, 1))).shape
+        (4, 1)
+    """
+    model, y, u, length_arr = _validate(model, emissions, inputs, length)
+    return _sample_posterior_jit(key, model, y, u, length_arr, ops=_ops_for(model))
+
+
+def _sample_impl(
+    key: PRNGKeyArray, model: LGSSM, inputs: Optional[Float[Array, "T Du"]], num_timesteps: int
+) -> tuple[Float[Array, "T Dx"], Float[Array, "T Dy"]]:
+    dx, dy, _ = model_dims(model)
+    dummy = jnp.zeros((num_timesteps, dy), _dtype(model, inputs))
+    p, tv, _, _, _ = _canonical(model, dummy, inputs, None)
+    dtype = dummy.dtype
+    k0, k1, k2 = jax.random.split(key, 3)
+    ops = GeneralOps
+    x0 = p["m0"] + ops.mv(jnp.linalg.cholesky(p["P0"]), jax.random.normal(k0, (dx,), dtype))
+    chol_q = psd_cholesky(p["Q"])
+    noise = jax.random.normal(k1, (num_timesteps, dx), dtype)
+
+    def _step(state, x):
+        A = _at(p, tv, x, "A")
+        cq = x["chol_q"] if "Q" in tv else chol_q
+        nxt = ops.mv(A, state) + ops.mv(cq, x["noise"])
+        if "f" in p:
+            nxt = nxt + _at(p, tv, x, "f")
+        return nxt, state
+
+    extra = dict(noise=noise)
+    if "Q" in tv:
+        extra["chol_q"] = chol_q
+    _, states = jax.lax.scan(_step, x0, _scan_inputs(p, tv, **extra))
+    C = p["C"]
+    chol_r = jnp.linalg.cholesky(p["R"])
+    eps = jax.random.normal(k2, (num_timesteps, dy), dtype)
+    means = jnp.einsum("tij,tj->ti" if C.ndim == 3 else "ij,tj->ti", C, states, precision=jax.lax.Precision.HIGHEST)
+    if "e" in p:
+        means = means + p["e"]
+    noise_y = jnp.einsum(
+        "tij,tj->ti" if chol_r.ndim == 3 else "ij,tj->ti", chol_r, eps, precision=jax.lax.Precision.HIGHEST
+    )
+    return states, means + noise_y
+
+
+_sample_jit = jax.jit(_sample_impl, static_argnames=("num_timesteps",))
+
+
+def lgssm_sample(key, model, num_timesteps, *, inputs=None) -> tuple[Array, Array]:
+    r"""Draw states and emissions from the model (ancestral sampling).
+
+    :math:`x_1 \sim \mathcal N(\mu_0, \Sigma_0)`, then the transition and emission
+    equations of :mod:`ssmjax._lgssm.model` with fresh Gaussian noise. Time-varying
+    fields must have ``num_timesteps - 1`` (transitions) or ``num_timesteps``
+    (emissions) entries.
+
+    Args:
+        key: a JAX PRNG key.
+        model: an :class:`ssmjax.LGSSM`.
+        num_timesteps: T, a Python int.
+        inputs: (T, Du), required exactly when the model has input matrices.
+
+    Returns:
+        ``(states, emissions)`` of shapes (T, Dx) and (T, Dy).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import ssmjax
+        >>> model = ssmjax.LGSSM(initial_mean=jnp.zeros(2), initial_cov=jnp.eye(2),
+        ...     transition_matrix=0.9 * jnp.eye(2), transition_cov=0.1 * jnp.eye(2),
+        ...     emission_matrix=jnp.ones((1, 2)), emission_cov=jnp.eye(1))
+        >>> states, emissions = ssmjax.lgssm_sample(jax.random.key(0), model, 5)
+        >>> states.shape, emissions.shape
+        ((5, 2), (5, 1))
+    """
+    if not isinstance(model, LGSSM):
+        raise ValueError(f"`model` must be an ssmjax.LGSSM; got {type(model).__name__}.")
+    if not isinstance(num_timesteps, int) or num_timesteps < 1:
+        raise ValueError(f"`num_timesteps` must be a positive Python int; got {num_timesteps!r}.")
+    time_sizes = validate_shapes(model)
+    _check_time_sizes(time_sizes, num_timesteps)
+    _, _, du = model_dims(model)
+    u = _validate_inputs(model, inputs, num_timesteps, du, "inputs")
+    model = _value_check_model(model, num_timesteps, None)
+    return _sample_jit(key, model, u, num_timesteps=num_timesteps)
+
+
+def _forecast_impl(
+    model: LGSSM,
+    emissions: Float[Array, "T Dy"],
+    inputs: Optional[Float[Array, "T Du"]],
+    length: Optional[Int[Array, ""]],
+    future_inputs: Optional[Float[Array, "H Du"]],
+    num_steps: int,
+    ops: type,
+) -> LGSSMForecastResult:
+    _, _, _, out = _run_filter(model, emissions, inputs, length, "standard", ops)
+    _, fm, fc, _, _ = out
+    num_timesteps = emissions.shape[0]
+    dtype = fm.dtype
+    end = num_timesteps if length is None else length
+    # parameters of the last real step, reused over the horizon
+    t_idx = jnp.maximum(end - 2, 0)
+    e_idx = end - 1
+
+    def pick(a, static_ndim, idx):
+        if a is None:
+            return None
+        a = jnp.asarray(a, dtype)
+        return a[idx] if a.ndim == static_ndim + 1 else a
+
+    A = pick(model.transition_matrix, 2, t_idx)
+    Q = pick(model.transition_cov, 2, t_idx)
+    B = pick(model.transition_input_matrix, 2, t_idx)
+    b = pick(model.transition_offset, 1, t_idx)
+    C = pick(model.emission_matrix, 2, e_idx)
+    R = pick(model.emission_cov, 2, e_idx)
+    D = pick(model.emission_input_matrix, 2, e_idx)
+    d = pick(model.emission_offset, 1, e_idx)
+    fu = None if future_inputs is None else jnp.asarray(future_inputs, dtype)
+
+    def _step(carry, x):
+        mean, cov = carry
+        mean = ops.mv(A, mean)
+        if B is not None:
+            mean = mean + ops.mv(B, x["u"])
+        if b is not None:
+            mean = mean + b
+        cov = symmetrize(ops.mm(ops.mm(A, cov), A.T) + Q)
+        y_mean = ops.mv(C, mean)
+        if D is not None:
+            y_mean = y_mean + ops.mv(D, x["u"])
+        if d is not None:
+            y_mean = y_mean + d
+        y_cov = symmetrize(ops.mm(ops.mm(C, cov), C.T) + R)
+        return (mean, cov), (mean, cov, y_mean, y_cov)
+
+    xs = dict(step=jnp.arange(num_steps))
+    if fu is not None:
+        xs["u"] = fu
+    _, (sm, sc, ym, yc) = jax.lax.scan(_step, (fm[-1], fc[-1]), xs)
+    return LGSSMForecastResult(sm, sc, ym, yc)
+
+
+_forecast_jit = jax.jit(_forecast_impl, static_argnames=("num_steps", "ops"))
+
+
+def lgssm_forecast(
+    model, emissions, num_steps, *, inputs=None, length=None, future_inputs=None
+) -> LGSSMForecastResult:
+    r"""Predictive moments of future states and emissions given the observed sequence.
+
+    With ``L = length`` (or ``T``) observed steps and filtered moments
+    :math:`m_{L|L}, P_{L|L}` of the last real step, for :math:`h = 0, \dots, H-1`
+
+    .. math::
+
+        m_{L+h+1} = A m_{L+h} + B u_{L+h+1} + b,\quad P_{L+h+1} = A P_{L+h} A^\top + Q,\\
+        E[y] = C m + D u + d,\quad \mathrm{Cov}[y] = C P C^\top + R
+
+    (1-based math, as in :mod:`ssmjax._lgssm.model`; entry ``h`` of the result is
+    0-based step ``L + h``).
+
+    **Future inputs.** ``future_inputs`` (H, Du) supplies the inputs of the forecast
+    steps: ``future_inputs[h]`` is the input of 0-based step ``L + h``, used both by
+    the transition into it and by its emission. It is required exactly when the model
+    has input matrices.
+
+    **Time-varying parameters** cover the observed window only (T-1 / T entries, like
+    the filter); every forecast step reuses the parameters of the last real step:
+    transition entry ``max(L - 2, 0)`` and emission entry ``L - 1``. To forecast with
+    other parameters, build a time-invariant model with them and call
+    :func:`lgssm_forecast` on it.
+
+    Args:
+        model: an :class:`ssmjax.LGSSM`.
+        emissions: (T, Dy), NaN = missing.
+        num_steps: H, a Python int ``>= 0``.
+        inputs: (T, Du) inputs of the observed window.
+        length: number of real steps (padding convention of :mod:`ssmjax._types`).
+        future_inputs: (H, Du) inputs of the forecast steps.
+
+    Returns:
+        An :class:`LGSSMForecastResult`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import ssmjax
+        >>> model = ssmjax.LGSSM(initial_mean=jnp.zeros(1), initial_cov=jnp.eye(1),
+        ...     transition_matrix=jnp.eye(1), transition_cov=0.1 * jnp.eye(1),
+        ...     emission_matrix=jnp.eye(1), emission_cov=jnp.eye(1))
+        >>> fc = ssmjax.lgssm_forecast(model, jnp.ones((5, 1)), 3)
+        >>> fc.emission_means.shape
+        (3, 1)
+    """
+    if not isinstance(num_steps, int) or num_steps < 0:
+        raise ValueError(f"`num_steps` must be a non-negative Python int; got {num_steps!r}.")
+    model, y, u, length_arr = _validate(model, emissions, inputs, length)
+    _, _, du = model_dims(model)
+    fu = _validate_inputs(model, future_inputs, num_steps, du, "future_inputs")
+    if model.transition_matrix.ndim == 3 and y.shape[0] < 2 and num_steps > 0:
+        raise ValueError("a time-varying transition needs T >= 2 to forecast (no transition entry to reuse).")
+    return _forecast_jit(model, y, u, length_arr, fu, num_steps=num_steps, ops=_ops_for(model))

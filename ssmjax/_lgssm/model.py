@@ -1,0 +1,254 @@
+r"""The linear-Gaussian state-space model (LGSSM) and its conventions.
+
+.. _lgssm-convention:
+
+**Model.** For time steps :math:`t = 1, \dots, T` (0-based in arrays: ``emissions[t-1]``),
+
+.. math::
+
+    x_1 &\sim \mathcal N(\mu_0, \Sigma_0), \\
+    x_{t+1} &= A_t x_t + B_t u_{t+1} + b_t + w_t, & w_t &\sim \mathcal N(0, Q_t), \\
+    y_t &= C_t x_t + D_t u_t + d_t + v_t, & v_t &\sim \mathcal N(0, R_t),
+
+with :math:`\mu_0` = ``initial_mean`` (Dx), :math:`\Sigma_0` = ``initial_cov`` (Dx, Dx),
+:math:`A` = ``transition_matrix`` (Dx, Dx), :math:`Q` = ``transition_cov`` (Dx, Dx),
+:math:`B` = ``transition_input_matrix`` (Dx, Du), :math:`b` = ``transition_offset`` (Dx),
+:math:`C` = ``emission_matrix`` (Dy, Dx), :math:`R` = ``emission_cov`` (Dy, Dy),
+:math:`D` = ``emission_input_matrix`` (Dy, Du), :math:`d` = ``emission_offset`` (Dy).
+
+**Arrays are 0-based.** ``inputs`` has shape (T, Du): ``inputs[t]`` is :math:`u_{t+1}`.
+Transition entry ``t`` (of a time-varying field with a leading ``T-1`` axis) moves
+``x[t]`` to ``x[t+1]`` and uses ``inputs[t+1]``; emission entry ``t`` (leading ``T``
+axis) produces ``emissions[t]`` and uses ``inputs[t]``. A field without the leading
+axis is shared by all steps. Optional fields default to ``None`` (absent = zero).
+
+**Noise.** ``initial_cov`` and ``emission_cov`` must be symmetric positive definite;
+``transition_cov`` symmetric positive *semi*-definite (exactly deterministic state
+components are allowed).
+
+**Missing data.** ``NaN`` entries of ``emissions`` are missing: a whole step or any
+subset of its dimensions. Inference conditions exactly on the observed entries only.
+
+**Padding.** ``length`` (see :mod:`ssmjax._types`) marks steps ``t >= length`` as
+padding. Emissions, inputs and time-varying parameters at padded steps may hold
+anything (NaN, inf): they change neither the results at real steps nor gradients.
+At padded steps the outputs repeat the last real step: filtered, predicted and
+smoothed moments equal the filtered moments of step ``length - 1`` (which are also its
+smoothed moments), smoothed cross-covariances of pairs ``(t, t+1)`` with
+``t + 1 >= length`` are zero, and posterior samples repeat ``x[length - 1]``.
+
+**Value checks.** Covariances are checked (symmetric, positive (semi-)definite) by each
+inference function, eagerly (``ValueError``) or under ``jit`` (``equinox.error_if``),
+behind :func:`ssmjax.set_value_checks`. Shapes are checked at construction and again,
+against the emissions, by each function.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._checks import check_shape_options
+
+_TRANSITION = ("transition_matrix", "transition_cov", "transition_input_matrix", "transition_offset")
+_EMISSION = ("emission_matrix", "emission_cov", "emission_input_matrix", "emission_offset")
+FIELDS = ("initial_mean", "initial_cov") + _TRANSITION + _EMISSION
+
+
+def _to_array(x):
+    if x is None or isinstance(x, jax.Array):
+        return x
+    if isinstance(x, (np.ndarray, list, tuple, float, int, np.generic)):
+        arr = jnp.asarray(x)
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
+            arr = arr.astype(jnp.result_type(float))
+        return arr
+    return x  # e.g. sentinels placed by pytree utilities
+
+
+def _field_shapes(dx, dy, du):
+    """Per field: (static shape, name of the time axis)."""
+    return {
+        "initial_mean": ((dx,), None),
+        "initial_cov": ((dx, dx), None),
+        "transition_matrix": ((dx, dx), "T-1"),
+        "transition_cov": ((dx, dx), "T-1"),
+        "transition_input_matrix": ((dx, du), "T-1"),
+        "transition_offset": ((dx,), "T-1"),
+        "emission_matrix": ((dy, dx), "T"),
+        "emission_cov": ((dy, dy), "T"),
+        "emission_input_matrix": ((dy, du), "T"),
+        "emission_offset": ((dy,), "T"),
+    }
+
+
+def model_dims(model: "LGSSM") -> tuple[int, int, int | None]:
+    """(Dx, Dy, Du) of a model; Du is None without input matrices."""
+    dx = model.initial_mean.shape[-1]
+    dy = model.emission_matrix.shape[-2]
+    du = None
+    for name in ("transition_input_matrix", "emission_input_matrix"):
+        m = getattr(model, name)
+        if m is not None:
+            du = m.shape[-1]
+            break
+    return dx, dy, du
+
+
+def validate_shapes(model: "LGSSM") -> dict[str, Optional[int]]:
+    """Check every field's shape (ValueError naming it); return {field: time-axis size or None}."""
+    for name in ("initial_mean", "emission_matrix"):
+        if not hasattr(getattr(model, name), "shape"):
+            raise ValueError(f"`{name}` must be an array; got {type(getattr(model, name)).__name__}.")
+    if model.initial_mean.ndim != 1:
+        raise ValueError(
+            f"`initial_mean` must have shape (Dx,); got shape {tuple(model.initial_mean.shape)}."
+        )
+    if model.emission_matrix.ndim not in (2, 3):
+        raise ValueError(
+            "`emission_matrix` must have shape (Dy, Dx) or (T, Dy, Dx); "
+            f"got shape {tuple(model.emission_matrix.shape)}."
+        )
+    dx, dy, du = model_dims(model)
+    shapes = _field_shapes(dx, dy, du)
+    time_sizes: dict[str, Optional[int]] = {}
+    for name in FIELDS:
+        value = getattr(model, name)
+        if value is None:
+            if name in ("initial_mean", "initial_cov", "transition_matrix", "transition_cov",
+                        "emission_matrix", "emission_cov"):
+                raise ValueError(f"`{name}` is required.")
+            time_sizes[name] = None
+            continue
+        if not hasattr(value, "shape"):
+            raise ValueError(f"`{name}` must be an array; got {type(value).__name__}.")
+        static, axis = shapes[name]
+        options = [static] if axis is None else [static, (axis,) + static]
+        meaning = f"Dx = {dx} from initial_mean, Dy = {dy} from emission_matrix"
+        if du is not None:
+            meaning += f", Du = {du} from the input matrices"
+        which = check_shape_options(name, value, options, meaning)
+        time_sizes[name] = int(value.shape[0]) if which == 1 else None
+    # time-varying fields of one kind must agree on their number of entries
+    for group, axis in ((_TRANSITION, "T-1"), (_EMISSION, "T")):
+        sizes = {n: time_sizes[n] for n in group if time_sizes[n] is not None}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"time-varying fields must agree on their leading ({axis}) axis; got {sizes}."
+            )
+    tsizes = [time_sizes[n] for n in _TRANSITION if time_sizes[n] is not None]
+    esizes = [time_sizes[n] for n in _EMISSION if time_sizes[n] is not None]
+    if tsizes and esizes and tsizes[0] != esizes[0] - 1:
+        raise ValueError(
+            f"time-varying transition fields have {tsizes[0]} entries and time-varying emission "
+            f"fields {esizes[0]}; expected T-1 and T."
+        )
+    return time_sizes
+
+
+class LGSSM(eqx.Module):
+    r"""A linear-Gaussian state-space model (see the :ref:`convention <lgssm-convention>`).
+
+    .. math::
+
+        x_1 \sim \mathcal N(\mu_0, \Sigma_0),\quad
+        x_{t+1} = A_t x_t + B_t u_{t+1} + b_t + w_t,\quad
+        y_t = C_t x_t + D_t u_t + d_t + v_t,
+
+    with :math:`w_t \sim \mathcal N(0, Q_t)` and :math:`v_t \sim \mathcal N(0, R_t)`.
+    Parameters are stored as given (covariances, not factors). Transition fields may
+    carry a leading ``T-1`` axis and emission fields a leading ``T`` axis
+    (time-varying). Optional fields are ``None`` when absent (zero).
+
+    Args:
+        initial_mean: :math:`\mu_0`, shape (Dx,).
+        initial_cov: :math:`\Sigma_0`, shape (Dx, Dx), positive definite.
+        transition_matrix: :math:`A`, shape (Dx, Dx) or (T-1, Dx, Dx).
+        transition_cov: :math:`Q`, shape (Dx, Dx) or (T-1, Dx, Dx), positive semi-definite.
+        emission_matrix: :math:`C`, shape (Dy, Dx) or (T, Dy, Dx).
+        emission_cov: :math:`R`, shape (Dy, Dy) or (T, Dy, Dy), positive definite.
+        transition_input_matrix: :math:`B`, shape (Dx, Du) or (T-1, Dx, Du), optional.
+        emission_input_matrix: :math:`D`, shape (Dy, Du) or (T, Dy, Du), optional.
+        transition_offset: :math:`b`, shape (Dx,) or (T-1, Dx), optional.
+        emission_offset: :math:`d`, shape (Dy,) or (T, Dy), optional.
+
+    Raises:
+        ValueError: a field has the wrong shape (the message names the field, the
+            expected and the received shape).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import ssmjax
+        >>> model = ssmjax.LGSSM(
+        ...     initial_mean=jnp.zeros(2), initial_cov=jnp.eye(2),
+        ...     transition_matrix=jnp.array([[1.0, 1.0], [0.0, 1.0]]),
+        ...     transition_cov=0.01 * jnp.eye(2),
+        ...     emission_matrix=jnp.array([[1.0, 0.0]]), emission_cov=jnp.eye(1))
+        >>> model.emission_matrix.shape
+        (1, 2)
+    """
+
+    initial_mean: jax.Array
+    initial_cov: jax.Array
+    transition_matrix: jax.Array
+    transition_cov: jax.Array
+    emission_matrix: jax.Array
+    emission_cov: jax.Array
+    transition_input_matrix: Optional[jax.Array] = None
+    emission_input_matrix: Optional[jax.Array] = None
+    transition_offset: Optional[jax.Array] = None
+    emission_offset: Optional[jax.Array] = None
+
+    def __init__(
+        self,
+        *,
+        initial_mean,
+        initial_cov,
+        transition_matrix,
+        transition_cov,
+        emission_matrix,
+        emission_cov,
+        transition_input_matrix=None,
+        emission_input_matrix=None,
+        transition_offset=None,
+        emission_offset=None,
+    ):
+        self.initial_mean = _to_array(initial_mean)
+        self.initial_cov = _to_array(initial_cov)
+        self.transition_matrix = _to_array(transition_matrix)
+        self.transition_cov = _to_array(transition_cov)
+        self.emission_matrix = _to_array(emission_matrix)
+        self.emission_cov = _to_array(emission_cov)
+        self.transition_input_matrix = _to_array(transition_input_matrix)
+        self.emission_input_matrix = _to_array(emission_input_matrix)
+        self.transition_offset = _to_array(transition_offset)
+        self.emission_offset = _to_array(emission_offset)
+        if self.transition_input_matrix is not None and self.emission_input_matrix is not None:
+            du1 = self.transition_input_matrix.shape[-1]
+            du2 = self.emission_input_matrix.shape[-1]
+            if du1 != du2:
+                raise ValueError(
+                    "`transition_input_matrix` and `emission_input_matrix` must agree on Du; "
+                    f"got shapes {tuple(self.transition_input_matrix.shape)} and "
+                    f"{tuple(self.emission_input_matrix.shape)}."
+                )
+        validate_shapes(self)
+
+    @property
+    def state_dim(self) -> int:
+        """Dx."""
+        return self.initial_mean.shape[-1]
+
+    @property
+    def emission_dim(self) -> int:
+        """Dy."""
+        return self.emission_matrix.shape[-2]
+
+    @property
+    def input_dim(self) -> Optional[int]:
+        """Du, or None when the model takes no inputs."""
+        return model_dims(self)[2]

@@ -1,0 +1,156 @@
+"""Dense linear algebra for the Kalman recursions, in two interchangeable flavours.
+
+On CPU, a Kalman step at small dimensions is dominated by the fixed cost of each
+LAPACK/BLAS custom call (``cholesky``, ``triangular_solve``, ``dot``) inside the
+``lax.scan``, not by arithmetic. :class:`SmallOps` writes the same operations as
+elementwise arithmetic unrolled over the (static, small) matrix size -- a
+column-by-column Cholesky, forward/backward substitution, broadcast-multiply-sum
+products -- which XLA fuses into a handful of loop kernels. :class:`GeneralOps`
+calls the library routines and is used for larger dimensions.
+
+Both are exact (same algorithm, same rounding class); ``tests/test_lgssm_inference.py``
+checks that they agree. :func:`choose_ops` picks one from the dimensions; the
+thresholds were measured with ``benchmarks/lgssm_inference.py``.
+
+All matrix products use ``Precision.HIGHEST`` (no TF32/bf16 passes on GPU).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# Use the unrolled elementwise path when every matrix that is factorised inside the
+# scan is at most this size (the filter factorises the Dy x Dy innovation covariance;
+# products involve Dx). Measured on a 2-core CPU (benchmarks/lgssm_inference.py):
+# at (Dx, Dy) = (8, 4) the unrolled path is faster, at (32, 8) the library path is.
+SMALL_MAX_DX = 8
+SMALL_MAX_DY = 8
+
+
+def symmetrize(m):
+    return 0.5 * (m + jnp.swapaxes(m, -1, -2))
+
+
+class GeneralOps:
+    """Library (BLAS/LAPACK) implementations; batched over leading axes."""
+
+    name = "general"
+
+    @staticmethod
+    def mm(a, b):
+        return jnp.matmul(a, b, precision=HIGHEST)
+
+    @staticmethod
+    def mv(a, x):
+        return jnp.matmul(a, x[..., None], precision=HIGHEST)[..., 0]
+
+    @staticmethod
+    def cholesky(s):
+        return jnp.linalg.cholesky(s)
+
+    @staticmethod
+    def solve_lower(chol, b):
+        """``chol^{-1} b`` for lower-triangular ``chol`` and matrix ``b``."""
+        return jsl.solve_triangular(chol, b, lower=True)
+
+    @staticmethod
+    def solve_lower_t(chol, b):
+        """``chol^{-T} b``."""
+        return jsl.solve_triangular(chol, b, lower=True, trans="T")
+
+
+class SmallOps:
+    """Elementwise implementations unrolled over the (static) matrix size."""
+
+    name = "small"
+
+    @staticmethod
+    def mm(a, b):
+        return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
+
+    @staticmethod
+    def mv(a, x):
+        return jnp.sum(a * x[..., None, :], axis=-1)
+
+    @staticmethod
+    def cholesky(s):
+        n = s.shape[-1]
+        if n == 1:
+            return jnp.sqrt(s)
+        # column j of L: (s[:, j] - sum_{k<j} L[:, k] L[j, k]) / sqrt(pivot), zero above j
+        cols = []
+        rows_idx = jnp.arange(n)
+        for j in range(n):
+            c = s[..., :, j]
+            for k in range(j):
+                c = c - cols[k] * cols[k][..., j : j + 1]
+            pivot = c[..., j : j + 1]
+            c = jnp.where(rows_idx >= j, c / jnp.sqrt(pivot), 0.0)
+            cols.append(c)
+        return jnp.stack(cols, axis=-1)
+
+    @staticmethod
+    def solve_lower(chol, b):
+        n = chol.shape[-1]
+        if n == 1:
+            return b / chol
+        rows = []
+        for i in range(n):
+            r = b[..., i, :]
+            for k in range(i):
+                r = r - chol[..., i, k : k + 1] * rows[k]
+            rows.append(r / chol[..., i, i : i + 1])
+        return jnp.stack(rows, axis=-2)
+
+    @staticmethod
+    def solve_lower_t(chol, b):
+        n = chol.shape[-1]
+        if n == 1:
+            return b / chol
+        rows = [None] * n
+        for i in reversed(range(n)):
+            r = b[..., i, :]
+            for k in range(i + 1, n):
+                r = r - chol[..., k, i : i + 1] * rows[k]
+            rows[i] = r / chol[..., i, i : i + 1]
+        return jnp.stack(rows, axis=-2)
+
+
+def choose_ops(state_dim: int, emission_dim: int, force: str | None = None):
+    """The ops flavour for these dimensions (``force`` = "small"/"general" for tests)."""
+    if force == "small":
+        return SmallOps
+    if force == "general":
+        return GeneralOps
+    if state_dim <= SMALL_MAX_DX and emission_dim <= SMALL_MAX_DY:
+        return SmallOps
+    return GeneralOps
+
+
+def psd_cholesky(m):
+    """A lower-triangular factor ``L`` with ``L L^T = m`` for symmetric PSD ``m`` (batched).
+
+    Unlike :func:`jax.numpy.linalg.cholesky` it accepts singular matrices: a pivot
+    that is zero (relative to the largest diagonal entry) gives a zero column.
+    Gradients are finite (double ``where`` around the square root and division).
+    """
+    n = m.shape[-1]
+    eps = jnp.finfo(m.dtype).eps
+    scale = jnp.max(jnp.abs(jnp.diagonal(m, axis1=-2, axis2=-1)), axis=-1, keepdims=True)
+    tiny = n * eps * scale
+    rows_idx = jnp.arange(n)
+    cols = []
+    for j in range(n):
+        c = m[..., :, j]
+        for k in range(j):
+            c = c - cols[k] * cols[k][..., j : j + 1]
+        pivot = c[..., j : j + 1]
+        ok = pivot > tiny
+        root = jnp.sqrt(jnp.where(ok, pivot, 1.0))
+        c = jnp.where(ok & (rows_idx >= j), c / root, 0.0)
+        cols.append(c)
+    return jnp.stack(cols, axis=-1)
