@@ -19,6 +19,15 @@ from ._fit.protocol import AbstractFittableModel as AbstractFittableModel
 from ._fit.sgd import fit_sgd as fit_sgd
 
 # --- linear-Gaussian state-space models: inference (ssmjax/_lgssm) ---
+from ._lgssm.model import LGSSM as LGSSM
+from ._lgssm.inference import KalmanFilterResult as KalmanFilterResult
+from ._lgssm.inference import RTSSmootherResult as RTSSmootherResult
+from ._lgssm.inference import LGSSMForecastResult as LGSSMForecastResult
+from ._lgssm.inference import kalman_filter as kalman_filter
+from ._lgssm.inference import rts_smoother as rts_smoother
+from ._lgssm.inference import lgssm_sample_posterior as lgssm_sample_posterior
+from ._lgssm.inference import lgssm_sample as lgssm_sample
+from ._lgssm.inference import lgssm_forecast as lgssm_forecast
 
 # --- emission models and Markov chains ---
 from ._hmm.emissions import AbstractEmissions as AbstractEmissions
