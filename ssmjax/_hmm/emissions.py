@@ -843,8 +843,10 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
     ) -> "GaussianEmissions":
         r"""k-means initialisation: k-means++ seeding, ``num_iters`` Lloyd iterations, cluster covariances.
 
-        Seeds are drawn k-means++ style (each next seed with probability
-        proportional to its squared distance to the nearest seed), refined by
+        Seeds are drawn greedy k-means++ style (``2 + floor(log K)`` candidates
+        for each next seed, drawn with probability proportional to their squared
+        distance to the nearest seed; the one lowering the k-means potential most
+        is kept), refined by
         Lloyd iterations compiled in one ``lax.fori_loop`` (an empty cluster
         keeps its centre). Each state's covariance is its cluster's covariance
         shrunk toward the pooled covariance with the weight of ``D + 1``
@@ -903,6 +905,7 @@ def _sq_dists(x: Float[Array, "N D"], centers: Float[Array, "K D"]) -> Float[Arr
 
 def _kmeans(key: PRNGKeyArray, x: Float[Array, "N D"], num_states: int, num_iters: int) -> Float[Array, "K D"]:
     n = x.shape[0]
+    num_trials = 2 + int(math.log(num_states))
     key_first, key_rest = jax.random.split(key)
     centers = jnp.zeros((num_states, x.shape[1]), x.dtype).at[0].set(x[jax.random.randint(key_first, (), 0, n)])
 
@@ -911,9 +914,13 @@ def _kmeans(key: PRNGKeyArray, x: Float[Array, "N D"], num_states: int, num_iter
         key, sub = jax.random.split(key)
         d2 = _sq_dists(x, centers)
         d2 = jnp.where(jnp.arange(num_states)[None, :] < k, d2, jnp.inf).min(axis=1)
-        # probability proportional to d2; uniform if every point coincides with a seed
+        # greedy k-means++: draw a few candidates with probability proportional
+        # to d2 (uniform if every point coincides with a seed) and keep the one
+        # that most reduces the potential sum_n min(d2_n, |x_n - candidate|^2)
         logits = jnp.log(d2 + jnp.finfo(x.dtype).tiny)
-        idx = jax.random.categorical(sub, logits)
+        candidates = jax.random.categorical(sub, logits, shape=(num_trials,))
+        potential = jnp.minimum(d2[None, :], _sq_dists(x, x[candidates]).T).sum(axis=1)
+        idx = candidates[jnp.argmin(potential)]
         return centers.at[k].set(x[idx]), key
 
     centers, _ = jax.lax.fori_loop(1, num_states, _seed_step, (centers, key_rest))
