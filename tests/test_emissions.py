@@ -474,3 +474,46 @@ def test_user_defined_family_works_through_the_interface():
     grad = jax.grad(lambda m: m.log_likelihoods(ys).sum())(model)
     assert np.all(np.isfinite(grad.loc))
     assert jax.vmap(model.sample)(jax.random.split(jax.random.key(0), 4), jnp.array([0, 1, 2, 0])).shape == (4,)
+
+
+# --------------------------------------------------------------------------- storage and float32
+
+
+def test_constrained_views_round_trip_the_constructor_values():
+    # the scipy oracles above read the model's views; pin those views to the inputs
+    rng = np.random.default_rng(15)
+    probs = random_stochastic_matrix(rng, (3, 4), zeros=True)
+    assert_allclose(ssmjax.CategoricalEmissions(probs=jnp.asarray(probs)).probs, probs)
+    rates = rng.uniform(0.1, 9.0, size=(3, 2))
+    assert_allclose(ssmjax.PoissonEmissions(rates=jnp.asarray(rates)).rates, rates)
+    means, covs, variances = rng.normal(size=(3, 2)), _spd(rng, 3, 2), rng.uniform(0.5, 2.0, size=(3, 2))
+    full = ssmjax.GaussianEmissions(jnp.asarray(means), jnp.asarray(covs))
+    assert full.covariance_type == "full"
+    assert_allclose(full.means, means)
+    assert_allclose(full.covs, covs)
+    assert_allclose(full.variances, np.diagonal(covs, axis1=1, axis2=2))
+    diag = ssmjax.GaussianEmissions(jnp.asarray(means), jnp.asarray(variances))
+    assert_allclose(diag.covs, np.stack([np.diag(v) for v in variances]))
+    # any unconstrained value is a valid model: only the lower triangle of chol_covs is read
+    raw = jnp.asarray(rng.normal(size=(3, 2, 2)))
+    model = ssmjax.GaussianEmissions(jnp.asarray(means), chol_covs=raw)
+    lower = np.tril(np.asarray(raw))
+    assert_allclose(model.covs, lower @ np.swapaxes(lower, -1, -2))
+    assert np.all(np.isfinite(model.log_likelihoods(jnp.zeros((2, 2)))))
+
+
+def test_float32_gaussian_m_step_is_stable_for_offset_data():
+    # moments are centred on the current means, so a large common offset costs no precision
+    rng = np.random.default_rng(16)
+    offset = 1e3
+    ys = offset + rng.normal(size=(500, 2)) @ np.array([[1.0, 0.3], [0.0, 0.5]])
+    w = rng.dirichlet(np.ones(2), size=500)
+    start = ssmjax.GaussianEmissions(
+        jnp.full((2, 2), offset, jnp.float32), jnp.broadcast_to(jnp.eye(2, dtype=jnp.float32), (2, 2, 2)),
+        min_variance=0.0,
+    )
+    new = start.m_step(jnp.asarray(ys, jnp.float32), jnp.asarray(w, jnp.float32))
+    means, covs = _numpy_weighted_mle("gaussian_full", ys, w, (None, None, 0.0))
+    assert new.covs.dtype == jnp.float32
+    assert_allclose(new.means, means, dtype=np.float32)
+    assert_allclose(new.covs, covs, dtype=np.float32)
