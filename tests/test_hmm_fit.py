@@ -263,3 +263,25 @@ def test_model_methods_agree_with_functional_api(poisson_data):
     assert states.shape == (50,) and counts.shape == (50, 1)
     z = model.posterior_sample(jax.random.key(1), seq, length=lengths[2])
     assert z.shape == (seq.shape[0],)
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_gaussian_m_step_with_frozen_means_is_exact(covariance_type):
+    rng = np.random.default_rng(6)
+    y = rng.standard_normal((60, 2)) @ np.array([[1.0, 0.4], [0.0, 0.7]]) + 1.0
+    w = rng.dirichlet(np.ones(3), size=60)
+    means = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, -1.0]])
+    covs = np.stack([np.eye(2)] * 3) if covariance_type == "full" else np.ones((3, 2))
+    em = ssmjax.GaussianEmissions(jnp.asarray(means), jnp.asarray(covs), min_variance=0.0)
+    stats = em.suff_stats(jnp.asarray(y), jnp.asarray(w))
+    new = em.m_step_from_stats(stats, frozen={"means"})
+    np.testing.assert_array_equal(new.means, means)
+    for k in range(3):
+        d = y - means[k]
+        ref = (w[:, k, None, None] * d[:, :, None] * d[:, None, :]).sum(0) / w[:, k].sum()
+        if covariance_type == "diag":
+            ref = np.diag(np.diag(ref))
+        np.testing.assert_allclose(new.covs[k], ref, rtol=1e-10, atol=1e-12)
+    kept = em.m_step_from_stats(stats, frozen={"covs"})
+    np.testing.assert_allclose(kept.covs, em.covs)
+    np.testing.assert_allclose(kept.means, (w.T @ y) / w.sum(0)[:, None], rtol=1e-10)

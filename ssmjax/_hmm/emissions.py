@@ -262,8 +262,13 @@ class AbstractExponentialFamilyEmissions(AbstractEmissions):
         """Weighted sufficient statistics of pooled ``emissions`` ``(N, ...)``, ``weights`` ``(N, K)``."""
 
     @abc.abstractmethod
-    def m_step_from_stats(self, stats: PyTree[Array]) -> "AbstractExponentialFamilyEmissions":
-        """The maximiser given (summed) statistics; empty states keep their parameters."""
+    def m_step_from_stats(self, stats: PyTree[Array], frozen=frozenset()) -> "AbstractExponentialFamilyEmissions":
+        """The maximiser given (summed) statistics; empty states keep their parameters.
+
+        ``frozen`` names parameters (``"rates"``, ``"probs"``, ``"means"``, ``"covs"``)
+        kept at their current values; the others get their exact maximiser given
+        them (e.g. Gaussian covariances about frozen means).
+        """
 
 
 def _check_weights(weights, num_steps: int, num_states: int, mask, dtype) -> jax.Array:
@@ -386,7 +391,9 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         weights = _check_weights(weights, n, self.num_states, mask, self.logits.dtype)
         return CategoricalStats(counts=_categorical_counts(weights, emissions, self.num_classes))
 
-    def m_step_from_stats(self, stats: CategoricalStats) -> "CategoricalEmissions":
+    def m_step_from_stats(self, stats: CategoricalStats, frozen=frozenset()) -> "CategoricalEmissions":
+        if "probs" in frozen:
+            return self
         counts = jnp.asarray(stats.counts)
         _checks.check_shape("stats.counts", counts, (self.num_states, self.num_classes))
         return CategoricalEmissions(logits=_categorical_m_step(self.logits, counts))
@@ -571,7 +578,9 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         weights = _check_weights(weights, n, self.num_states, mask, self.log_rates.dtype)
         return PoissonStats(sum_weights=weights.sum(0), weighted_sums=weights.T @ emissions)
 
-    def m_step_from_stats(self, stats: PoissonStats) -> "PoissonEmissions":
+    def m_step_from_stats(self, stats: PoissonStats, frozen=frozenset()) -> "PoissonEmissions":
+        if "rates" in frozen:
+            return self
         return PoissonEmissions(log_rates=_poisson_m_step(self.log_rates, stats.sum_weights, stats.weighted_sums))
 
     # -- initialisers ------------------------------------------------------
@@ -806,13 +815,17 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
         weights = _check_weights(weights, n, self.num_states, mask, self.means.dtype)
         return _gaussian_stats(self.means, emissions, weights, self.covariance_type == "full")
 
-    def m_step_from_stats(self, stats: GaussianStats) -> "GaussianEmissions":
+    def m_step_from_stats(self, stats: GaussianStats, frozen=frozenset()) -> "GaussianEmissions":
         full = self.covariance_type == "full"
         old_cov_param = self.chol_covs if full else self.log_variances
         means, cov_param = _gaussian_m_step(
             self.means, old_cov_param, stats.sum_weights, stats.weighted_sums, stats.weighted_outer,
-            self.min_variance, full,
+            self.min_variance, full, "means" in frozen,
         )
+        if "means" in frozen:
+            means = self.means
+        if "covs" in frozen:
+            cov_param = old_cov_param
         if full:
             return GaussianEmissions(means, chol_covs=cov_param, min_variance=self.min_variance)
         return GaussianEmissions(means, log_variances=cov_param, min_variance=self.min_variance)
@@ -954,10 +967,13 @@ def _gaussian_m_step(
     weighted_outer: Shaped[Array, "K D *d"],
     min_variance: float,
     full: bool,
+    freeze_means: bool = False,
 ) -> tuple[Float[Array, "K D"], Shaped[Array, "K D *d"]]:
     empty = sum_weights <= 0
     safe_w = jnp.where(empty, 1.0, sum_weights)
     shift = weighted_sums / safe_w[:, None]  # new mean minus old mean
+    if freeze_means:  # covariances about the (frozen) current means
+        shift = jnp.zeros_like(shift)
     means = old_means + shift
     dim = old_means.shape[-1]
     if full:
