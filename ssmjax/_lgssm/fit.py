@@ -1,0 +1,143 @@
+"""How an :class:`ssmjax.LGSSM` plugs into :func:`ssmjax.fit_em` and :func:`ssmjax.fit_sgd`.
+
+* EM: the E-step is the RTS smoother plus :func:`ssmjax._lgssm.em.expected_stats`;
+  the M-step is :func:`ssmjax._lgssm.em.m_step`. Only time-invariant fields are
+  estimated by EM; a time-varying field must be frozen.
+* SGD: the unconstrained view keeps matrices and offsets as they are and maps each
+  covariance to its Cholesky factor with a log-diagonal, so every value is a valid
+  (positive definite) model. Time-varying fields are fitted per step.
+
+Parameter names (for ``frozen``) are the field names of the model that are not
+``None``.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+
+from .. import _checks
+from . import em as _em
+from .inference import rts_smoother
+from .model import FIELDS
+
+_COVS = ("initial_cov", "transition_cov", "emission_cov")
+_BASE_NDIM = {
+    "initial_mean": 1, "initial_cov": 2, "transition_matrix": 2, "transition_cov": 2,
+    "emission_matrix": 2, "emission_cov": 2, "transition_input_matrix": 2,
+    "emission_input_matrix": 2, "transition_offset": 1, "emission_offset": 1,
+}
+
+
+def parameter_names(model) -> tuple[str, ...]:
+    return tuple(name for name in FIELDS if getattr(model, name) is not None)
+
+
+def _is_time_varying(model, name) -> bool:
+    value = getattr(model, name)
+    return value is not None and value.ndim > _BASE_NDIM[name]
+
+
+def check_batch(model, emissions, lengths, inputs):
+    emissions = _checks.as_float_array("emissions", emissions)
+    _checks.check_shape("emissions", emissions, ("B", "T", model.emission_dim), "a padded batch of sequences")
+    num_seq, num_timesteps, _ = emissions.shape
+    if lengths is None:
+        lengths = jnp.full((num_seq,), num_timesteps, jnp.int32)
+    else:
+        lengths = jnp.asarray(lengths)
+        _checks.check_shape("lengths", lengths, (num_seq,), "one length per sequence")
+        if not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"`lengths` must hold integers; got dtype {lengths.dtype}.")
+        if bool(jnp.any((lengths < 1) | (lengths > num_timesteps))):
+            raise ValueError(
+                f"`lengths` must lie in [1, {num_timesteps}] (the padded length T); "
+                f"got min {int(lengths.min())}, max {int(lengths.max())}."
+            )
+        lengths = lengths.astype(jnp.int32)
+    du = model.input_dim
+    if du is None:
+        if inputs is not None:
+            raise ValueError("`inputs` must be None: the model has no input matrices.")
+    else:
+        if inputs is None:
+            raise ValueError(
+                f"`inputs` of shape (B, T, {du}) = ({num_seq}, {num_timesteps}, {du}) are required: "
+                "the model has input matrices."
+            )
+        inputs = _checks.as_float_array("inputs", inputs, emissions.dtype)
+        _checks.check_shape("inputs", inputs, (num_seq, num_timesteps, du), "(B, T, Du)")
+    for name in parameter_names(model):
+        value = getattr(model, name)
+        if _is_time_varying(model, name):
+            needed = num_timesteps - 1 if name.startswith("transition") else num_timesteps
+            if value.shape[0] != needed:
+                raise ValueError(
+                    f"`{name}` is time-varying with {value.shape[0]} steps; the batch has T = "
+                    f"{num_timesteps}, so it needs {needed}."
+                )
+    return emissions, lengths, inputs
+
+
+def e_step(model, emissions, length, inputs):
+    post = rts_smoother(model, emissions, inputs=inputs, length=length)
+    return _em.expected_stats(model, emissions, inputs, length, post), post.marginal_loglik
+
+
+def m_step(model, stats, frozen):
+    moving = [n for n in parameter_names(model) if n not in frozen and _is_time_varying(model, n)]
+    if moving:
+        raise ValueError(
+            f"EM estimates time-invariant parameters only; freeze the time-varying field(s) {moving} "
+            "(frozen=...) or fit them with fit_sgd."
+        )
+    new = _em.m_step(model, stats, frozen)
+    names = list(new)
+    return eqx.tree_at(lambda m: [getattr(m, n) for n in names], model, [new[n] for n in names])
+
+
+def _chol_to_unconstrained(chol):
+    diag = jnp.diagonal(chol, axis1=-2, axis2=-1)
+    eye = jnp.eye(chol.shape[-1], dtype=bool)
+    return jnp.where(eye, jnp.log(diag)[..., None, :] * eye, jnp.tril(chol))
+
+
+def _unconstrained_to_cov(u):
+    eye = jnp.eye(u.shape[-1], dtype=bool)
+    chol = jnp.where(eye, jnp.exp(u), jnp.tril(u))
+    return chol @ jnp.swapaxes(chol, -1, -2)
+
+
+def unconstrained(model):
+    params = {}
+    for name in parameter_names(model):
+        value = getattr(model, name)
+        if name in _COVS:
+            chol = jnp.linalg.cholesky(0.5 * (value + jnp.swapaxes(value, -1, -2)))
+            chol = _checks.check_values(
+                chol, ~jnp.isfinite(chol),
+                f"`{name}` must be positive definite for gradient fitting "
+                "(its Cholesky factor parameterises it); add a small jitter to a singular one.",
+            )
+            params[name] = _chol_to_unconstrained(chol)
+        else:
+            params[name] = value
+    return params
+
+
+def from_unconstrained(model, params):
+    names = list(params)
+    values = [_unconstrained_to_cov(params[n]) if n in _COVS else params[n] for n in names]
+    return eqx.tree_at(lambda m: [getattr(m, n) for n in names], model, values)
+
+
+def marginal_loglik(model, emissions, *, length=None, inputs=None):
+    from .inference import kalman_filter
+
+    return kalman_filter(model, emissions, inputs=inputs, length=length).marginal_loglik
+
+
+__all__ = [
+    "check_batch", "e_step", "from_unconstrained", "m_step", "marginal_loglik",
+    "parameter_names", "unconstrained",
+]
