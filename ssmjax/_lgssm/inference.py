@@ -32,7 +32,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .._checks import as_float_array, check_length, check_shape, check_values
 from .model import LGSSM, model_dims, validate_shapes
-from .small import GeneralOps, choose_ops, psd_cholesky, symmetrize
+from .small import GeneralOps, choose_ops, matmul_precision, psd_cholesky, symmetrize
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -276,7 +276,7 @@ def _canonical(model: LGSSM, emissions, inputs, length):
     d = sanitize(cast(model.emission_offset), 1, valid, 0.0)
     e = d
     if D is not None:
-        Du_t = jnp.einsum("tij,tj->ti" if D.ndim == 3 else "ij,tj->ti", D, u, precision=jax.lax.Precision.HIGHEST)
+        Du_t = jnp.einsum("tij,tj->ti" if D.ndim == 3 else "ij,tj->ti", D, u, precision=matmul_precision())
         e = Du_t if e is None else Du_t + e
     # transitions (T-1 entries when time-varying)
     vn = valid_next[: num_timesteps - 1]
@@ -287,7 +287,7 @@ def _canonical(model: LGSSM, emissions, inputs, length):
     f = b
     if B is not None:
         Bu = jnp.einsum(
-            "tij,tj->ti" if B.ndim == 3 else "ij,tj->ti", B, u[1:], precision=jax.lax.Precision.HIGHEST
+            "tij,tj->ti" if B.ndim == 3 else "ij,tj->ti", B, u[1:], precision=matmul_precision()
         )
         f = Bu if f is None else Bu + f
 
@@ -362,8 +362,9 @@ def _filter_standard(
         CP = ops.mm(C, cov)
         S = symmetrize(ops.mm(CP, C.T) + R)
         L = ops.cholesky(S)
-        W = ops.solve_lower(L, CP)  # L^{-1} C P, so K = W^T L^{-1}
-        z = ops.solve_lower(L, resid[:, None])[:, 0]
+        # one triangular solve for L^{-1} [C P, C, r]: K = W^T L^{-1}, C^T S^{-1} C = V^T V
+        sol = ops.solve_lower(L, jnp.concatenate([CP, C, resid[:, None]], axis=1))
+        W, V, z = sol[:, :dx], sol[:, dx : 2 * dx], sol[:, 2 * dx]
         f_mean = mean + ops.mv(W.T, z)
         f_cov = symmetrize(cov - ops.mm(W.T, W))
         nobs = jnp.sum(m).astype(dtype)
@@ -378,12 +379,12 @@ def _filter_standard(
             fx = _at(p, tv, x, "f")
             p_mean = p_mean + (jnp.where(x["valid_next"], fx, 0.0) if has_length else fx)
         p_cov = symmetrize(ops.mm(ops.mm(A, f_cov), A.T) + Q)
-        return (p_mean, p_cov, loglik + ll), (mean, cov, f_mean, f_cov)
+        return (p_mean, p_cov, loglik + ll), (mean, cov, f_mean, f_cov, W, V, z)
 
     xs = _scan_inputs(p, tv, y=ys, mask=mask, valid_next=valid_next)
     init = (p["m0"], p["P0"], jnp.zeros((), dtype))
-    (_, _, loglik), (pm, pc, fm, fc) = jax.lax.scan(_step, init, xs)
-    return loglik, fm, fc, pm, pc
+    (_, _, loglik), (pm, pc, fm, fc, W, V, z) = jax.lax.scan(_step, init, xs)
+    return loglik, fm, fc, pm, pc, (W, V, z)
 
 
 # --------------------------------------------------------------------------- square-root filter
@@ -451,7 +452,7 @@ def _filter_sqrt(
 
 
 def _outer(chol):
-    return jnp.matmul(chol, jnp.swapaxes(chol, -1, -2), precision=jax.lax.Precision.HIGHEST)
+    return jnp.matmul(chol, jnp.swapaxes(chol, -1, -2), precision=matmul_precision())
 
 
 # --------------------------------------------------------------------------- smoothers
@@ -477,31 +478,57 @@ def _smooth_standard(
     tv: frozenset,
     fm: Float[Array, "T Dx"],
     fc: Float[Array, "T Dx Dx"],
-    pm: Float[Array, "T Dx"],
     pc: Float[Array, "T Dx Dx"],
+    W: Float[Array, "T Dy Dx"],
+    V: Float[Array, "T Dy Dx"],
+    z: Float[Array, "T Dy"],
     valid_next: Bool[Array, " T"],
     ops: type,
 ):
+    r"""Smoothed moments by the modified Bryson-Frazier recursion (no Dx x Dx solves).
+
+    Mathematically identical to the RTS recursion. With the filter's per-step factors
+    :math:`W_t = L_t^{-1} C_t P_{t|t-1}`, :math:`V_t = L_t^{-1} C_t`, :math:`z_t = L_t^{-1} r_t`
+    (:math:`L_t L_t^\top = S_t`, missing rows of :math:`C_t` zeroed), the adjoint
+    :math:`\lambda_t, \Lambda_t` (:math:`\lambda_T = 0, \Lambda_T = 0` past the end) obeys
+
+    .. math::
+
+        \hat\lambda_t = A_t^\top \lambda_{t+1},\quad \hat\Lambda_t = A_t^\top \Lambda_{t+1} A_t,\\
+        m_{t|T} = m_{t|t} + P_{t|t} \hat\lambda_t,\quad
+        P_{t|T} = P_{t|t} - P_{t|t} \hat\Lambda_t P_{t|t},\\
+        \mathrm{Cov}(x_t, x_{t+1} \mid y) = P_{t|t} A_t^\top (I - \Lambda_{t+1} P_{t+1|t}),\\
+        F_t = I - W_t^\top V_t,\quad \lambda_t = V_t^\top z_t + F_t^\top \hat\lambda_t,\quad
+        \Lambda_t = V_t^\top V_t + F_t^\top \hat\Lambda_t F_t.
+
+    Only matrix products run inside the scan (no factorisation), and a singular
+    :math:`P_{t+1|t}` (deterministic components) is no problem.
+    """
     num_timesteps, dx = fm.shape
-    eye_x = jnp.eye(dx, dtype=fm.dtype)
-    vn = valid_next[:-1]
-    A = _transitions(p, tv, num_timesteps)
-    pred_next = jnp.where(vn[:, None, None], pc[1:], eye_x)
-    G = _smoother_gains(A, fc[:-1], ops.cholesky(pred_next), vn, ops)
+    dtype = fm.dtype
+    eye_x = jnp.eye(dx, dtype=dtype)
+    pc_next = jnp.concatenate([pc[1:], jnp.zeros((1, dx, dx), dtype)], axis=0)
 
     def _step(carry, x):
-        s_mean_next, s_cov_next = carry
-        gain = x["G"]
-        s_mean = x["fm"] + ops.mv(gain, s_mean_next - x["pm_next"])
-        s_cov = symmetrize(x["fc"] + ops.mm(ops.mm(gain, s_cov_next - x["pc_next"]), gain.T))
-        cross = ops.mm(gain, s_cov_next)
-        return (s_mean, s_cov), (s_mean, s_cov, cross)
+        lam, Lam = carry  # lambda_{t+1}, Lambda_{t+1}
+        A = _at(p, tv, x, "A")
+        A = jnp.where(x["valid_next"], A, eye_x)
+        Pf, Wt, Vt = x["fc"], x["W"], x["V"]
+        X = ops.mm(Pf, A.T)  # P_{t|t} A_t^T
+        # B_t = A_t F_t = A_t - (A_t W_t^T) V_t, so lambda_t = V^T z + B^T lambda_{t+1}
+        Bt = A - ops.mm(ops.mm(A, Wt.T), Vt)
+        Y = ops.mm(X, Lam)
+        s_mean = x["fm"] + ops.mv(X, lam)
+        s_cov = symmetrize(Pf - ops.mm(Y, X.T))
+        cross = jnp.where(x["valid_next"], X - ops.mm(Y, x["pc_next"]), 0.0)
+        lam_new = ops.mv(Vt.T, x["z"]) + ops.mv(Bt.T, lam)
+        Lam_new = symmetrize(ops.mm(Vt.T, Vt) + ops.mm(ops.mm(Bt.T, Lam), Bt))
+        return (lam_new, Lam_new), (s_mean, s_cov, cross)
 
-    xs = dict(G=G, fm=fm[:-1], fc=fc[:-1], pm_next=pm[1:], pc_next=pc[1:])
-    _, (sm, sc, cross) = jax.lax.scan(_step, (fm[-1], fc[-1]), xs, reverse=True)
-    sm = jnp.concatenate([sm, fm[-1:]], axis=0)
-    sc = jnp.concatenate([sc, fc[-1:]], axis=0)
-    return sm, sc, cross
+    xs = _scan_inputs(p, tv, fm=fm, fc=fc, pc_next=pc_next, W=W, V=V, z=z, valid_next=valid_next)
+    init = (jnp.zeros((dx,), dtype), jnp.zeros((dx, dx), dtype))
+    _, (sm, sc, cross) = jax.lax.scan(_step, init, xs, reverse=True)
+    return sm, sc, cross[:-1]
 
 
 def _smooth_sqrt(
@@ -551,8 +578,8 @@ def _run_filter(model, emissions, inputs, length, method, ops):
     if method == "sqrt":
         loglik, fm, chol_fc, pm, chol_pc, chol_q = _filter_sqrt(p, tv, ys, mask, valid_next, has_length)
         return p, tv, valid_next, (loglik, fm, chol_fc, pm, chol_pc, chol_q)
-    loglik, fm, fc, pm, pc = _filter_standard(p, tv, ys, mask, valid_next, has_length, ops)
-    return p, tv, valid_next, (loglik, fm, fc, pm, pc)
+    loglik, fm, fc, pm, pc, factors = _filter_standard(p, tv, ys, mask, valid_next, has_length, ops)
+    return p, tv, valid_next, (loglik, fm, fc, pm, pc, factors)
 
 
 def _filter_impl(
@@ -568,7 +595,7 @@ def _filter_impl(
         loglik, fm, chol_fc, pm, chol_pc, _ = out
         fc, pc = _outer(chol_fc), _outer(chol_pc)
     else:
-        loglik, fm, fc, pm, pc = out
+        loglik, fm, fc, pm, pc, _ = out
     return KalmanFilterResult(loglik, fm, fc, pm, pc)
 
 
@@ -586,8 +613,8 @@ def _smoother_impl(
         sm, chol_sc, cross = _smooth_sqrt(p, tv, fm, chol_fc, pm, chol_pc, chol_q, valid_next)
         fc, pc, sc = _outer(chol_fc), _outer(chol_pc), _outer(chol_sc)
     else:
-        loglik, fm, fc, pm, pc = out
-        sm, sc, cross = _smooth_standard(p, tv, fm, fc, pm, pc, valid_next, ops)
+        loglik, fm, fc, pm, pc, (W, V, z) = out
+        sm, sc, cross = _smooth_standard(p, tv, fm, fc, pc, W, V, z, valid_next, ops)
     return RTSSmootherResult(loglik, fm, fc, pm, pc, sm, sc, cross)
 
 
@@ -604,7 +631,7 @@ def _sample_posterior_impl(
     ops: type,
 ) -> Float[Array, "T Dx"]:
     p, tv, valid_next, out = _run_filter(model, emissions, inputs, length, "standard", ops)
-    _, fm, fc, pm, pc = out
+    _, fm, fc, pm, pc, _ = out
     num_timesteps, dx = fm.shape
     eye_x = jnp.eye(dx, dtype=fm.dtype)
     vn = valid_next[:-1]
@@ -795,11 +822,11 @@ def _sample_impl(
     C = p["C"]
     chol_r = jnp.linalg.cholesky(p["R"])
     eps = jax.random.normal(k2, (num_timesteps, dy), dtype)
-    means = jnp.einsum("tij,tj->ti" if C.ndim == 3 else "ij,tj->ti", C, states, precision=jax.lax.Precision.HIGHEST)
+    means = jnp.einsum("tij,tj->ti" if C.ndim == 3 else "ij,tj->ti", C, states, precision=matmul_precision())
     if "e" in p:
         means = means + p["e"]
     noise_y = jnp.einsum(
-        "tij,tj->ti" if chol_r.ndim == 3 else "ij,tj->ti", chol_r, eps, precision=jax.lax.Precision.HIGHEST
+        "tij,tj->ti" if chol_r.ndim == 3 else "ij,tj->ti", chol_r, eps, precision=matmul_precision()
     )
     return states, means + noise_y
 
@@ -856,7 +883,7 @@ def _forecast_impl(
     ops: type,
 ) -> LGSSMForecastResult:
     _, _, _, out = _run_filter(model, emissions, inputs, length, "standard", ops)
-    _, fm, fc, _, _ = out
+    _, fm, fc, _, _, _ = out
     num_timesteps = emissions.shape[0]
     dtype = fm.dtype
     end = num_timesteps if length is None else length

@@ -12,7 +12,8 @@ Both are exact (same algorithm, same rounding class); ``tests/test_lgssm_inferen
 checks that they agree. :func:`choose_ops` picks one from the dimensions; the
 thresholds were measured with ``benchmarks/lgssm_inference.py``.
 
-All matrix products use ``Precision.HIGHEST`` (no TF32/bf16 passes on GPU).
+All matrix products use ``Precision.HIGHEST`` on GPU/TPU (no TF32/bf16 passes); see
+:func:`matmul_precision`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def matmul_precision():
+    """``HIGHEST`` on accelerators (no TF32/bf16 passes); on CPU float32 dots are always
+    full precision and the explicit flag only selects a slower code path, so it is omitted."""
+    return None if jax.default_backend() == "cpu" else HIGHEST
 
 # Use the unrolled elementwise path when every matrix that is factorised inside the
 # scan is at most this size (the filter factorises the Dy x Dy innovation covariance;
@@ -42,11 +49,11 @@ class GeneralOps:
 
     @staticmethod
     def mm(a, b):
-        return jnp.matmul(a, b, precision=HIGHEST)
+        return jnp.matmul(a, b, precision=matmul_precision())
 
     @staticmethod
     def mv(a, x):
-        return jnp.matmul(a, x[..., None], precision=HIGHEST)[..., 0]
+        return jnp.matmul(a, x[..., None], precision=matmul_precision())[..., 0]
 
     @staticmethod
     def cholesky(s):
