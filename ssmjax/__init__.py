@@ -10,6 +10,15 @@ from ._checks import value_checks as value_checks
 from ._checks import value_checks_enabled as value_checks_enabled
 
 # --- discrete hidden Markov models: inference (ssmjax/_hmm) ---
+from ._hmm.inference import HMMFilterResult as HMMFilterResult
+from ._hmm.inference import HMMPosterior as HMMPosterior
+from ._hmm.inference import hmm_filter as hmm_filter
+from ._hmm.inference import hmm_smoother as hmm_smoother
+from ._hmm.inference import hmm_two_slice_marginals as hmm_two_slice_marginals
+from ._hmm.inference import hmm_viterbi as hmm_viterbi
+from ._hmm.inference import hmm_sample_posterior as hmm_sample_posterior
+from ._hmm.inference import hmm_fixed_lag_smoother as hmm_fixed_lag_smoother
+from ._hmm.inference import hmm_predict as hmm_predict
 
 # --- fitting (ssmjax/_fit) ---
 from ._fit.em import EMInfo as EMInfo

@@ -1,0 +1,946 @@
+r"""Exact inference in discrete hidden Markov models.
+
+Forward filtering, forward-backward smoothing, two-slice marginals, Viterbi
+decoding, forward-filter backward-sample, fixed-lag smoothing and state
+prediction for one sequence. Every function takes the model as three arrays,
+
+* ``initial_probs`` :math:`\pi`, shape ``(K,)``,
+* ``transition_matrix`` :math:`A`, shape ``(K, K)`` or time-varying
+  ``(T-1, K, K)`` (entry ``t`` moves :math:`z_t` to :math:`z_{t+1}`),
+* ``log_likelihoods`` :math:`\ell_t(k) = \log p(y_t \mid z_t = k)`, shape ``(T, K)``,
+
+so any emission model (a neural network too) plugs in through its
+log-likelihoods. The time convention and what ``length`` does are stated once in
+:mod:`ssmjax._types`; batch with :func:`jax.vmap`.
+
+Padding (``length = L < T``)
+    Steps ``t >= L`` are treated as *unobserved and frozen*: their
+    log-likelihoods are replaced by zero and the transitions into them by the
+    identity (both with ``where`` before any arithmetic, so NaN/inf there never
+    reach values or gradients). Hence every per-step posterior output at a padded
+    step repeats the value of step ``L - 1`` (``filtered_probs[t] =
+    predicted_probs[t] = smoothed_probs[t] = filtered_probs[L-1]`` for
+    ``t >= L``), padded two-slice marginals are zero, Viterbi paths and
+    posterior samples repeat the state of step ``L - 1``.
+
+Numerics
+    The forward pass is scaled: each step's likelihoods are shifted by their
+    maximum, :math:`B_t(k) = \exp(\ell_t(k) - m_t)`, so log-likelihoods of any
+    magnitude (``-1e4`` per step and beyond) do not underflow. If the
+    normaliser of some step still underflows (possible only when every state with
+    non-zero predicted probability is hundreds of nats less likely than a
+    state of predicted probability zero), the whole pass is redone with the
+    exact log-sum-exp shift :math:`\max_k \ell_t(k) + \log p(z_t=k \mid y_{<t})`.
+    The per-step log-normalisers are added with a pairwise sum, so the float32
+    log-likelihood of long sequences keeps float64-level relative accuracy.
+    Structural zeros in ``initial_probs`` and ``transition_matrix`` are exact:
+    no logarithm of a probability is taken on the differentiable path.
+
+Gradients
+    :math:`\log p(y_{1:T})` has a custom VJP built from the scaled backward
+    recursion:
+
+    .. math::
+        \frac{\partial \log p}{\partial \ell_t(k)} = p(z_t = k \mid y_{1:T}), \quad
+        \frac{\partial \log p}{\partial A_{ij}} = \sum_t \frac{\alpha_t(i)\, e^{\ell_{t+1}(j)}
+        \beta_{t+1}(j)}{p(y_{1:T})}, \quad
+        \frac{\partial \log p}{\partial \pi_i} = \frac{e^{\ell_0(i)}\beta_0(i)}{p(y_{1:T})},
+
+    evaluated with the scaled messages, never dividing by :math:`A_{ij}`, so
+    they are exact and finite with structural zeros. Its memory is that of the
+    filtered probabilities plus the gradient itself. When the filtered or predicted
+    probabilities also receive cotangents, the VJP of the plain forward scan is
+    used instead (exact too).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+
+from .. import _checks
+
+__all__ = [
+    "HMMFilterResult",
+    "HMMPosterior",
+    "hmm_filter",
+    "hmm_smoother",
+    "hmm_two_slice_marginals",
+    "hmm_viterbi",
+    "hmm_sample_posterior",
+    "hmm_fixed_lag_smoother",
+    "hmm_predict",
+]
+
+
+# --------------------------------------------------------------------------- results
+
+
+class HMMFilterResult(eqx.Module):
+    r"""Output of :func:`ssmjax.hmm_filter`.
+
+    Attributes:
+        marginal_loglik: :math:`\log p(y_{0:L-1})` (real steps only), shape ().
+        filtered_probs: :math:`p(z_t \mid y_{0:t})`, shape (T, K).
+        predicted_probs: :math:`p(z_t \mid y_{0:t-1})`; ``predicted_probs[0]`` is
+            ``initial_probs``, shape (T, K).
+
+    At padded steps ``t >= length`` both fields repeat ``filtered_probs[length-1]``.
+    """
+
+    marginal_loglik: Float[Array, ""]
+    filtered_probs: Float[Array, "T K"]
+    predicted_probs: Float[Array, "T K"]
+
+
+class HMMPosterior(eqx.Module):
+    r"""Output of :func:`ssmjax.hmm_smoother`: the filter's fields plus smoothed ones.
+
+    Attributes:
+        marginal_loglik: :math:`\log p(y_{0:L-1})`, shape ().
+        filtered_probs: :math:`p(z_t \mid y_{0:t})`, shape (T, K).
+        predicted_probs: :math:`p(z_t \mid y_{0:t-1})`, shape (T, K).
+        smoothed_probs: :math:`p(z_t \mid y_{0:L-1})`, shape (T, K).
+        expected_transitions: :math:`\sum_{t=0}^{L-2} \xi_t` with
+            :math:`\xi_t(i, j) = p(z_t = i, z_{t+1} = j \mid y_{0:L-1})`, shape (K, K).
+            Also (K, K) for a time-varying ``transition_matrix``: the sum over
+            time of the two-slice marginals (use :func:`ssmjax.hmm_two_slice_marginals`
+            for the per-step ones).
+
+    At padded steps ``t >= length`` the per-step fields repeat ``filtered_probs[length-1]``
+    (which equals ``smoothed_probs[length-1]``); padded pairs add nothing to
+    ``expected_transitions``.
+    """
+
+    marginal_loglik: Float[Array, ""]
+    filtered_probs: Float[Array, "T K"]
+    predicted_probs: Float[Array, "T K"]
+    smoothed_probs: Float[Array, "T K"]
+    expected_transitions: Float[Array, "K K"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _pairwise_sum(x: Float[Array, " N"]) -> Float[Array, ""]:
+    """Sum of a vector by pairwise (tree) reduction: error O(log N · eps), not O(N · eps)."""
+    n = x.shape[0]
+    if n == 0:
+        return jnp.zeros((), x.dtype)
+    size = 1 << max(n - 1, 0).bit_length()
+    x = jnp.pad(x, (0, size - n))
+    while x.shape[0] > 1:
+        half = x.shape[0] // 2
+        x = x[:half] + x[half:]
+    return x[0]
+
+
+def _safe_log(p: Array) -> Array:
+    """``log p`` with ``-inf`` at zeros and a zero (not NaN) gradient there."""
+    positive = p > 0
+    return jnp.where(positive, jnp.log(jnp.where(positive, p, 1.0)), -jnp.inf)
+
+
+def _masks(num_timesteps: int, length: Int[Array, ""]):
+    """``valid[t] = t < length`` (real step; for t >= 1 also: pair t-1 -> t is real)."""
+    valid = jnp.arange(num_timesteps) < length
+    return valid
+
+
+def _transition_xs(transition_matrix, num_timesteps):
+    """Per-pair transition matrices as scan inputs (None when stationary)."""
+    return transition_matrix if transition_matrix.ndim == 3 else None
+
+
+def _pick(transition_matrix, a_t):
+    return transition_matrix if a_t is None else a_t
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _forward_fast(
+    initial_probs: Float[Array, " K"],
+    transition_matrix: Float[Array, "*S K K"],
+    masked_ll: Float[Array, "T K"],
+    valid: Array,
+):
+    """Scaled forward pass with a per-step max shift computed outside the scan."""
+    shift = lax.stop_gradient(jnp.max(masked_ll, axis=1))
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    scaled = jnp.exp(masked_ll - shift[:, None])
+    a_xs = _transition_xs(transition_matrix, masked_ll.shape[0])
+
+    def _normalise(pred, b):
+        w = pred * b
+        c = jnp.sum(w)
+        c_safe = jnp.where(c > 0, c, 1.0)
+        return w / c_safe, c
+
+    def _step(filtered_prev, x):
+        b, is_valid, a_t = x
+        trans = _pick(transition_matrix, a_t)
+        pred = jnp.where(is_valid, filtered_prev @ trans, filtered_prev)
+        filtered, c = _normalise(pred, b)
+        filtered = jnp.where(is_valid, filtered, filtered_prev)
+        return filtered, (filtered, pred, c)
+
+    filtered0, c0 = _normalise(initial_probs, scaled[0])
+    _, (filtered, predicted, norms) = lax.scan(
+        _step, filtered0, (scaled[1:], valid[1:], a_xs), unroll=1
+    )
+    filtered = jnp.concatenate([filtered0[None], filtered])
+    predicted = jnp.concatenate([initial_probs[None], predicted])
+    norms = jnp.concatenate([c0[None], norms])
+    return filtered, predicted, norms, shift
+
+
+def _forward_robust(
+    initial_probs: Float[Array, " K"],
+    transition_matrix: Float[Array, "*S K K"],
+    masked_ll: Float[Array, "T K"],
+    valid: Array,
+):
+    """Forward pass shifted by the exact log-sum-exp of each step (slower, never underflows)."""
+    dtype = masked_ll.dtype
+    clip = jnp.log(jnp.finfo(dtype).max).astype(dtype) - 1.0
+    a_xs = _transition_xs(transition_matrix, masked_ll.shape[0])
+
+    def _normalise(pred, ll):
+        shift = lax.stop_gradient(jnp.max(ll + _safe_log(pred)))
+        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+        w = pred * jnp.exp(jnp.minimum(ll - shift, clip))
+        c = jnp.sum(w)
+        c_safe = jnp.where(c > 0, c, 1.0)
+        return w / c_safe, c, shift
+
+    def _step(filtered_prev, x):
+        ll, is_valid, a_t = x
+        trans = _pick(transition_matrix, a_t)
+        pred = jnp.where(is_valid, filtered_prev @ trans, filtered_prev)
+        filtered, c, shift = _normalise(pred, ll)
+        filtered = jnp.where(is_valid, filtered, filtered_prev)
+        return filtered, (filtered, pred, c, shift)
+
+    filtered0, c0, s0 = _normalise(initial_probs, masked_ll[0])
+    _, (filtered, predicted, norms, shifts) = lax.scan(
+        _step, filtered0, (masked_ll[1:], valid[1:], a_xs)
+    )
+    filtered = jnp.concatenate([filtered0[None], filtered])
+    predicted = jnp.concatenate([initial_probs[None], predicted])
+    norms = jnp.concatenate([c0[None], norms])
+    shifts = jnp.concatenate([s0[None], shifts])
+    return filtered, predicted, norms, shifts
+
+
+def _forward_impl(
+    initial_probs: Float[Array, " K"],
+    transition_matrix: Float[Array, "*S K K"],
+    log_likelihoods: Float[Array, "T K"],
+    length: Int[Array, ""],
+):
+    """Plain (autodiff-able) forward pass.
+
+    Returns ``(loglik, filtered, predicted, norms, shifts)`` where the per-step
+    log-normaliser is ``log(norms[t]) + shifts[t]`` (exactly 0 at padded steps).
+    """
+    num_timesteps = log_likelihoods.shape[0]
+    valid = _masks(num_timesteps, length)
+    masked_ll = jnp.where(valid[:, None], log_likelihoods, 0.0)
+    fast = _forward_fast(initial_probs, transition_matrix, masked_ll, valid)
+    threshold = jnp.sqrt(jnp.finfo(masked_ll.dtype).tiny)
+    underflow = jnp.any(fast[2] < threshold)
+    filtered, predicted, norms, shifts = lax.cond(
+        underflow,
+        lambda: _forward_robust(initial_probs, transition_matrix, masked_ll, valid),
+        lambda: fast,
+    )
+    norms = jnp.where(valid, norms, 1.0)
+    shifts = jnp.where(valid, shifts, 0.0)
+    log_norms = jnp.log(norms) + shifts
+    loglik = _pairwise_sum(log_norms)
+    return loglik, filtered, predicted, norms, shifts
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def _backward_grad(
+    transition_matrix: Float[Array, "*S K K"],
+    masked_ll: Float[Array, "T K"],
+    filtered: Float[Array, "T K"],
+    norms: Float[Array, " T"],
+    shifts: Float[Array, " T"],
+    valid: Array,
+):
+    r"""Scaled backward recursion for the gradient of :math:`\log p(y)`.
+
+    Returns ``(smoothed (T, K), grad_transition (*S, K, K), v0 (K,))`` with
+    ``v0 = exp(ll_0 - log c_0) * beta_0`` (the gradient w.r.t. ``initial_probs``).
+    Memory: one (T, K) output; the emission weights are recomputed in the scan.
+    """
+    num_states = masked_ll.shape[1]
+    time_varying = transition_matrix.ndim == 3
+    a_xs = _transition_xs(transition_matrix, masked_ll.shape[0])
+    ones = jnp.ones((num_states,), masked_ll.dtype)
+
+    def _step(carry, x):
+        beta_next, grad_trans = carry
+        f_t, ll_next, norm_next, shift_next, valid_next, a_t = x
+        trans = _pick(transition_matrix, a_t)
+        v = jnp.exp(ll_next - shift_next) / norm_next * beta_next
+        beta = jnp.where(valid_next, trans @ v, v)
+        outer = jnp.where(valid_next, jnp.outer(f_t, v), 0.0)
+        smoothed = jnp.where(f_t > 0, f_t * beta, 0.0)
+        if time_varying:
+            return (beta, grad_trans), (smoothed, outer)
+        return (beta, grad_trans + outer), (smoothed, None)
+
+    init = (ones, jnp.zeros((num_states, num_states), masked_ll.dtype))
+    xs = (filtered[:-1], masked_ll[1:], norms[1:], shifts[1:], valid[1:], a_xs)
+    (beta0, grad_sum), (smoothed, outers) = lax.scan(_step, init, xs, reverse=True)
+    smoothed = jnp.concatenate([smoothed, filtered[-1:]])
+    grad_trans = outers if time_varying else grad_sum
+    v0 = jnp.exp(masked_ll[0] - shifts[0]) / norms[0] * beta0
+    return smoothed, grad_trans, v0
+
+
+def _backward_messages(
+    transition_matrix: Float[Array, "*S K K"],
+    emission_weights: Float[Array, "T K"],
+    valid: Array,
+) -> Float[Array, "T K"]:
+    r"""Scaled backward messages :math:`\hat\beta_t` (``beta[T-1] = 1``).
+
+    ``emission_weights[t] = exp(ll_t) / c_t`` (1 at padded steps).
+    """
+    num_states = emission_weights.shape[1]
+    a_xs = _transition_xs(transition_matrix, emission_weights.shape[0])
+
+    def _step(beta_next, x):
+        e_next, valid_next, a_t = x
+        trans = _pick(transition_matrix, a_t)
+        v = e_next * beta_next
+        beta = jnp.where(valid_next, trans @ v, v)
+        return beta, beta
+
+    ones = jnp.ones((num_states,), emission_weights.dtype)
+    _, betas = lax.scan(_step, ones, (emission_weights[1:], valid[1:], a_xs), reverse=True)
+    return jnp.concatenate([betas, ones[None]])
+
+
+# --------------------------------------------------------------------------- filter with custom VJP
+
+
+@jax.custom_vjp
+def _filter_core(initial_probs, transition_matrix, log_likelihoods, length):
+    loglik, filtered, predicted, _, _ = _forward_impl(
+        initial_probs, transition_matrix, log_likelihoods, length
+    )
+    return loglik, filtered, predicted
+
+
+def _filter_core_fwd(initial_probs, transition_matrix, log_likelihoods, length):
+    pi, trans, ll, n = (p.value for p in (initial_probs, transition_matrix, log_likelihoods, length))
+    loglik, filtered, predicted, norms, shifts = _forward_impl(pi, trans, ll, n)
+    residuals = (pi, trans, ll, n, filtered, norms, shifts)
+    return (loglik, filtered, predicted), residuals
+
+
+def _filter_core_bwd(residuals, cotangents):
+    pi, trans, ll, length, filtered, norms, shifts = residuals
+    ct_loglik, ct_filtered, ct_predicted = cotangents
+    length_ct = None
+    if not (isinstance(ct_filtered, SymbolicZero) and isinstance(ct_predicted, SymbolicZero)):
+        # General case: VJP of the plain forward scan (exact, more memory).
+        def _plain(p, a, l):
+            return _forward_impl(p, a, l, length)[:3]
+
+        _, vjp = jax.vjp(_plain, pi, trans, ll)
+        cts = tuple(
+            jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c
+            for c in (ct_loglik, ct_filtered, ct_predicted)
+        )
+        return (*vjp(cts), length_ct)
+    if isinstance(ct_loglik, SymbolicZero):
+        return (None, None, None, length_ct)
+    valid = _masks(ll.shape[0], length)
+    masked_ll = jnp.where(valid[:, None], ll, 0.0)
+    smoothed, grad_trans, v0 = _backward_grad(trans, masked_ll, filtered, norms, shifts, valid)
+    grad_ll = jnp.where(valid[:, None], smoothed, 0.0) * ct_loglik
+    return (v0 * ct_loglik, grad_trans * ct_loglik, grad_ll, length_ct)
+
+
+_filter_core.defvjp(_filter_core_fwd, _filter_core_bwd, symbolic_zeros=True)
+
+
+# --------------------------------------------------------------------------- private jitted algorithms
+
+
+@jax.jit
+def _filter(
+    initial_probs: Float[Array, " K"],
+    transition_matrix: Float[Array, "*S K K"],
+    log_likelihoods: Float[Array, "T K"],
+    length: Int[Array, ""],
+) -> HMMFilterResult:
+    loglik, filtered, predicted = _filter_core(initial_probs, transition_matrix, log_likelihoods, length)
+    return HMMFilterResult(loglik, filtered, predicted)
+
+
+def _smoother_parts(initial_probs, transition_matrix, log_likelihoods, length):
+    """Forward pass, backward messages and the per-pair factors of the two-slice marginals."""
+    loglik, filtered, predicted, norms, shifts = _forward_impl(
+        initial_probs, transition_matrix, log_likelihoods, length
+    )
+    valid = _masks(log_likelihoods.shape[0], length)
+    masked_ll = jnp.where(valid[:, None], log_likelihoods, 0.0)
+    # weights[t] = exp(ll_t) / c_t  (1 at padded steps)
+    weights = jnp.exp(masked_ll - shifts[:, None]) / norms[:, None]
+    betas = _backward_messages(transition_matrix, weights, valid)
+    smoothed = jnp.where(filtered > 0, filtered * betas, 0.0)
+    # v[t] = weights[t] * beta[t];  xi_t = A_t * outer(filtered[t], v[t+1]) on real pairs.
+    v_next = jnp.where(valid[1:, None], weights[1:] * betas[1:], 0.0)
+    return loglik, filtered, predicted, smoothed, weights, v_next
+
+
+@jax.jit
+def _smoother(
+    initial_probs: Float[Array, " K"],
+    transition_matrix: Float[Array, "*S K K"],
+    log_likelihoods: Float[Array, "T K"],
+    length: Int[Array, ""],
+) -> HMMPosterior:
+    loglik, filtered, predicted, smoothed, _, v_next = _smoother_parts(
+        initial_probs, transition_matrix, log_likelihoods, length
+    )
+    if transition_matrix.ndim == 3:
+        expected = jnp.einsum("ti,tj,tij->ij", filtered[:-1], v_next, transition_matrix)
+    else:
+        expected = transition_matrix * (filtered[:-1].T @ v_next)
+    return HMMPosterior(loglik, filtered, predicted, smoothed, expected)
+
+
+@jax.jit
+def _two_slice(
+    initial_probs: Float[Array, " K"],
+    transition_matrix: Float[Array, "*S K K"],
+    log_likelihoods: Float[Array, "T K"],
+    length: Int[Array, ""],
+) -> Float[Array, "T-1 K K"]:
+    _, filtered, _, _, _, v_next = _smoother_parts(initial_probs, transition_matrix, log_likelihoods, length)
+    return filtered[:-1, :, None] * v_next[:, None, :] * transition_matrix
+
+
+@jax.jit
+def _viterbi(
+    initial_probs: Float[Array, " K"],
+    transition_matrix: Float[Array, "*S K K"],
+    log_likelihoods: Float[Array, "T K"],
+    length: Int[Array, ""],
+):
+    num_timesteps, num_states = log_likelihoods.shape
+    valid = _masks(num_timesteps, length)
+    masked_ll = jnp.where(valid[:, None], log_likelihoods, 0.0)
+    log_trans = _safe_log(transition_matrix)
+    a_xs = _transition_xs(log_trans, num_timesteps)
+    states = jnp.arange(num_states)
+
+    def _forward_step(score_prev, x):
+        ll, is_valid, log_a_t = x
+        log_a = _pick(log_trans, log_a_t)
+        cand = score_prev[:, None] + log_a  # (from i, to j)
+        best_from = jnp.argmax(cand, axis=0)  # first maximum = lowest index
+        score = jnp.max(cand, axis=0) + ll
+        score = jnp.where(is_valid, score, score_prev)
+        best_from = jnp.where(is_valid, best_from, states)
+        return score, best_from.astype(jnp.int32)
+
+    score0 = _safe_log(initial_probs) + masked_ll[0]
+    score_last, pointers = lax.scan(_forward_step, score0, (masked_ll[1:], valid[1:], a_xs))
+    last_state = jnp.argmax(score_last).astype(jnp.int32)
+
+    def _backtrack_step(state_next, pointer):
+        state = pointer[state_next]
+        return state, state
+
+    _, path = lax.scan(_backtrack_step, last_state, pointers, reverse=True)
+    path = jnp.concatenate([path, last_state[None]])
+    return path, jnp.max(score_last)
+
+
+@jax.jit
+def _sample_posterior(
+    key: PRNGKeyArray,
+    initial_probs: Float[Array, " K"],
+    transition_matrix: Float[Array, "*S K K"],
+    log_likelihoods: Float[Array, "T K"],
+    length: Int[Array, ""],
+) -> Int[Array, " T"]:
+    num_timesteps = log_likelihoods.shape[0]
+    valid = _masks(num_timesteps, length)
+    _, filtered, _, _, _ = _forward_impl(initial_probs, transition_matrix, log_likelihoods, length)
+    keys = jax.random.split(key, num_timesteps)
+    last = jax.random.categorical(keys[-1], _safe_log(filtered[-1])).astype(jnp.int32)
+    a_xs = _transition_xs(transition_matrix, num_timesteps)
+
+    def _step(state_next, x):
+        f_t, key_t, valid_next, a_t = x
+        trans = _pick(transition_matrix, a_t)
+        drawn = jax.random.categorical(key_t, _safe_log(f_t * trans[:, state_next])).astype(jnp.int32)
+        state = jnp.where(valid_next, drawn, state_next)
+        return state, state
+
+    _, states = lax.scan(_step, last, (filtered[:-1], keys[:-1], valid[1:], a_xs), reverse=True)
+    return jnp.concatenate([states, last[None]])
+
+
+@functools.partial(jax.jit, static_argnames=("lag",))
+def _fixed_lag(
+    initial_probs: Float[Array, " K"],
+    transition_matrix: Float[Array, "*S K K"],
+    log_likelihoods: Float[Array, "T K"],
+    length: Int[Array, ""],
+    lag: int,
+) -> Float[Array, "T K"]:
+    num_timesteps, num_states = log_likelihoods.shape
+    valid = _masks(num_timesteps, length)
+    masked_ll = jnp.where(valid[:, None], log_likelihoods, 0.0)
+    _, filtered, _, norms, shifts = _forward_impl(initial_probs, transition_matrix, log_likelihoods, length)
+    weights = jnp.exp(masked_ll - shifts[:, None]) / norms[:, None]
+    steps = jnp.arange(num_timesteps)
+    start = jnp.maximum(steps - lag, 0)  # window start s0(t)
+
+    def _step(betas, k):
+        # backward step through s = t - k (from z_{s-1} to z_s) for every t at once
+        s = steps - k
+        active = s > start
+        s_idx = jnp.clip(s, 1, num_timesteps - 1)
+        v = weights[s_idx] * betas
+        if transition_matrix.ndim == 3:
+            moved = jnp.einsum("tij,tj->ti", transition_matrix[s_idx - 1], v)
+        else:
+            moved = v @ transition_matrix.T
+        moved = jnp.where(valid[s_idx][:, None], moved, v)
+        scale = jnp.max(moved, axis=1, keepdims=True)
+        moved = moved / jnp.where(scale > 0, scale, 1.0)
+        return jnp.where(active[:, None], moved, betas), None
+
+    betas0 = jnp.ones((num_timesteps, num_states), masked_ll.dtype)
+    betas, _ = lax.scan(_step, betas0, jnp.arange(min(lag, num_timesteps - 1)))
+    joint = filtered[start] * betas
+    total = jnp.sum(joint, axis=1, keepdims=True)
+    return joint / jnp.where(total > 0, total, 1.0)
+
+
+@jax.jit
+def _predict(
+    initial_probs: Float[Array, " K"],
+    transition_matrix: Float[Array, "*S K K"],
+    log_likelihoods: Float[Array, "T K"],
+    length: Int[Array, ""],
+    future_transitions: Float[Array, "H K K"],
+) -> Float[Array, "H K"]:
+    _, filtered, _, _, _ = _forward_impl(initial_probs, transition_matrix, log_likelihoods, length)
+
+    def _step(probs, trans):
+        probs = probs @ trans
+        return probs, probs
+
+    _, out = lax.scan(_step, filtered[-1], future_transitions)
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate(initial_probs, transition_matrix, log_likelihoods, length):
+    """Shape checks (ValueError) and value checks; returns canonical guarded arrays."""
+    ll = _checks.as_float_array("log_likelihoods", log_likelihoods)
+    pi = _checks.as_float_array("initial_probs", initial_probs)
+    trans = _checks.as_float_array("transition_matrix", transition_matrix)
+    _checks.check_shape("log_likelihoods", ll, ("T", "K"), "log p(y_t | z_t = k); use jax.vmap for a batch")
+    num_timesteps, num_states = ll.shape
+    if num_timesteps < 1:
+        raise ValueError(f"`log_likelihoods` must have at least one time step; got shape {tuple(ll.shape)}.")
+    if num_states < 1:
+        raise ValueError(f"`log_likelihoods` must have at least one state; got shape {tuple(ll.shape)}.")
+    _checks.check_shape("initial_probs", pi, (num_states,), f"K = {num_states} from log_likelihoods")
+    _checks.check_shape_options(
+        "transition_matrix",
+        trans,
+        [(num_states, num_states), (num_timesteps - 1, num_states, num_states)],
+        f"stationary (K, K), or time-varying (T-1, K, K) with T = {num_timesteps}, K = {num_states}",
+    )
+    dtype = jnp.result_type(ll.dtype, pi.dtype, trans.dtype)
+    ll, pi, trans = ll.astype(dtype), pi.astype(dtype), trans.astype(dtype)
+    length_arr = _checks.check_length(length, num_timesteps)
+    if length_arr is None:
+        length_arr = jnp.asarray(num_timesteps, jnp.int32)
+    valid = jnp.arange(num_timesteps) < length_arr
+    pi = _checks.check_probability_vector("initial_probs", pi)
+    if trans.ndim == 3:
+        # Only transitions between real steps are used (and checked).
+        trans = jnp.where(valid[1:, None, None], trans, jnp.asarray(1.0 / num_states, dtype))
+    trans = _checks.check_probability_vector("transition_matrix", trans)
+    ll = _checks.check_not_nan("log_likelihoods", ll, valid[:, None])
+    ll = _checks.check_values(
+        ll,
+        (ll == jnp.inf) & valid[:, None],
+        "`log_likelihoods` contains +inf at unpadded steps.",
+    )
+    return pi, trans, ll, length_arr
+
+
+_ARGS_DOC = r"""
+        initial_probs: :math:`\pi_k = p(z_0 = k)`, shape (K,).
+        transition_matrix: :math:`A_{ij} = p(z_{t+1} = j \mid z_t = i)`, shape (K, K), or
+            time-varying (T-1, K, K) where entry ``t`` moves :math:`z_t` to :math:`z_{t+1}`.
+        log_likelihoods: :math:`\ell_t(k) = \log p(y_t \mid z_t = k)`, shape (T, K).
+        length: number of real steps ``L`` (int, may be traced); steps ``t >= L`` are
+            padding and may hold anything (NaN and inf included). ``None`` means ``T``.
+            See :mod:`ssmjax._types`."""
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def hmm_filter(
+    initial_probs: ArrayLike,
+    transition_matrix: ArrayLike,
+    log_likelihoods: ArrayLike,
+    *,
+    length=None,
+) -> HMMFilterResult:
+    r"""Forward filtering and the marginal log-likelihood of one sequence.
+
+    .. math::
+        p(z_t \mid y_{0:t-1}) = \sum_i p(z_{t-1} = i \mid y_{0:t-1}) A_{i,z_t}, \qquad
+        p(z_t \mid y_{0:t}) = \frac{p(z_t \mid y_{0:t-1}) e^{\ell_t(z_t)}}{c_t}, \qquad
+        \log p(y_{0:L-1}) = \sum_{t<L} \log c_t
+
+    with :math:`c_t = p(y_t \mid y_{0:t-1})`. Conventions: :mod:`ssmjax._types`;
+    numerics and padding: :mod:`ssmjax._hmm.inference`. ``marginal_loglik`` has
+    a memory-lean custom gradient (see the module docstring).
+
+    Args:{args}
+
+    Returns:
+        :class:`HMMFilterResult` with ``marginal_loglik`` (), ``filtered_probs`` (T, K)
+        and ``predicted_probs`` (T, K). Padded rows repeat ``filtered_probs[L-1]``.
+
+    Raises:
+        ValueError: on shape mismatches (naming the argument and both shapes), and, when
+            value checks are on, if probabilities are negative / do not sum to one or
+            ``log_likelihoods`` is NaN/+inf at a real step (under ``jit`` these fire at
+            run time through :func:`equinox.error_if`).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, ssmjax
+        >>> pi = jnp.array([0.5, 0.5])
+        >>> A = jnp.array([[0.9, 0.1], [0.2, 0.8]])
+        >>> ll = jnp.log(jnp.array([[0.7, 0.1], [0.6, 0.2], [0.1, 0.9]]))
+        >>> post = ssmjax.hmm_filter(pi, A, ll)
+        >>> post.filtered_probs.shape
+        (3, 2)
+        >>> grads = jax.grad(lambda l: ssmjax.hmm_filter(pi, A, l).marginal_loglik)(ll)
+        >>> bool(jnp.allclose(grads.sum(1), 1.0))
+        True
+        >>> lengths = jnp.array([3, 2])
+        >>> batch = jnp.stack([ll, ll.at[2].set(jnp.nan)])
+        >>> out = jax.vmap(lambda l, n: ssmjax.hmm_filter(pi, A, l, length=n))(batch, lengths)
+        >>> out.marginal_loglik.shape
+        (2,)
+    """
+    pi, trans, ll, n = _validate(initial_probs, transition_matrix, log_likelihoods, length)
+    return _filter(pi, trans, ll, n)
+
+
+def hmm_smoother(
+    initial_probs: ArrayLike,
+    transition_matrix: ArrayLike,
+    log_likelihoods: ArrayLike,
+    *,
+    length=None,
+) -> HMMPosterior:
+    r"""Forward-backward smoothing of one sequence.
+
+    With the scaled backward messages :math:`\hat\beta_{L-1} = 1`,
+    :math:`\hat\beta_t(i) = \sum_j A_{ij} e^{\ell_{t+1}(j)} \hat\beta_{t+1}(j) / c_{t+1}`:
+
+    .. math::
+        p(z_t = k \mid y_{0:L-1}) = p(z_t = k \mid y_{0:t})\, \hat\beta_t(k), \qquad
+        \xi_t(i, j) = \frac{p(z_t = i \mid y_{0:t}) A_{ij} e^{\ell_{t+1}(j)} \hat\beta_{t+1}(j)}{c_{t+1}}.
+
+    All outputs are differentiable (``marginal_loglik`` through the custom VJP,
+    the rest by automatic differentiation).
+
+    Args:{args}
+
+    Returns:
+        :class:`HMMPosterior`; ``expected_transitions`` is :math:`\sum_{t<L-1} \xi_t`,
+        shape (K, K), also for a time-varying ``transition_matrix``.
+
+    Raises:
+        ValueError: as :func:`ssmjax.hmm_filter`.
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> pi = jnp.array([0.5, 0.5])
+        >>> A = jnp.array([[0.9, 0.1], [0.2, 0.8]])
+        >>> ll = jnp.log(jnp.array([[0.7, 0.1], [0.6, 0.2], [0.1, 0.9]]))
+        >>> post = ssmjax.hmm_smoother(pi, A, ll)
+        >>> bool(jnp.allclose(post.smoothed_probs.sum(1), 1.0))
+        True
+        >>> round(float(post.expected_transitions.sum()), 6)  # T - 1 pairs
+        2.0
+    """
+    pi, trans, ll, n = _validate(initial_probs, transition_matrix, log_likelihoods, length)
+    return _smoother(pi, trans, ll, n)
+
+
+def hmm_two_slice_marginals(
+    initial_probs: ArrayLike,
+    transition_matrix: ArrayLike,
+    log_likelihoods: ArrayLike,
+    *,
+    length=None,
+) -> Float[Array, "T-1 K K"]:
+    r"""Pairwise posteriors :math:`\xi_t(i, j) = p(z_t = i, z_{t+1} = j \mid y_{0:L-1})`.
+
+    Computed as in :func:`ssmjax.hmm_smoother` (see its equations).
+
+    Args:{args}
+
+    Returns:
+        Array of shape (T-1, K, K); entry ``t`` pairs step ``t`` (rows) with ``t+1``
+        (columns). Pairs with ``t + 1 >= length`` are zero.
+
+    Raises:
+        ValueError: as :func:`ssmjax.hmm_filter`.
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> pi = jnp.array([0.5, 0.5])
+        >>> A = jnp.array([[0.9, 0.1], [0.2, 0.8]])
+        >>> ll = jnp.log(jnp.array([[0.7, 0.1], [0.6, 0.2], [0.1, 0.9]]))
+        >>> xi = ssmjax.hmm_two_slice_marginals(pi, A, ll)
+        >>> xi.shape
+        (2, 2, 2)
+    """
+    pi, trans, ll, n = _validate(initial_probs, transition_matrix, log_likelihoods, length)
+    return _two_slice(pi, trans, ll, n)
+
+
+def hmm_viterbi(
+    initial_probs: ArrayLike,
+    transition_matrix: ArrayLike,
+    log_likelihoods: ArrayLike,
+    *,
+    length=None,
+):
+    r"""Most likely state path (Viterbi), computed in log space.
+
+    .. math::
+        \delta_0(k) = \log\pi_k + \ell_0(k), \qquad
+        \delta_t(j) = \max_i \big(\delta_{t-1}(i) + \log A_{ij}\big) + \ell_t(j),
+
+    then backtracking from :math:`\arg\max_k \delta_{L-1}(k)`.
+
+    Ties are broken deterministically towards the **lowest state index**, both
+    in the maximisation over predecessors and for the final state.
+
+    Args:{args}
+
+    Returns:
+        ``(path, log_prob)``: ``path`` int32 of shape (T,), the maximiser of
+        :math:`p(z_{0:L-1}, y_{0:L-1})` (padded entries repeat ``path[L-1]``), and
+        ``log_prob`` () :math:`= \max_z \log p(z_{0:L-1}, y_{0:L-1})`.
+
+    Raises:
+        ValueError: as :func:`ssmjax.hmm_filter`.
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> pi = jnp.array([0.5, 0.5])
+        >>> A = jnp.array([[0.9, 0.1], [0.2, 0.8]])
+        >>> ll = jnp.log(jnp.array([[0.7, 0.1], [0.6, 0.2], [0.1, 0.9]]))
+        >>> path, log_prob = ssmjax.hmm_viterbi(pi, A, ll)
+        >>> path.tolist()
+        [0, 0, 1]
+    """
+    pi, trans, ll, n = _validate(initial_probs, transition_matrix, log_likelihoods, length)
+    return _viterbi(pi, trans, ll, n)
+
+
+def hmm_sample_posterior(
+    key: PRNGKeyArray,
+    initial_probs: ArrayLike,
+    transition_matrix: ArrayLike,
+    log_likelihoods: ArrayLike,
+    *,
+    length=None,
+) -> Int[Array, " T"]:
+    r"""An exact draw of :math:`z_{0:L-1} \sim p(z \mid y_{0:L-1})` (forward filter, backward sample).
+
+    .. math::
+        z_{L-1} \sim p(z_{L-1} \mid y_{0:L-1}), \qquad
+        p(z_t = i \mid z_{t+1}, y) \propto p(z_t = i \mid y_{0:t}) A_{i, z_{t+1}}.
+
+    For several draws, ``jax.vmap`` over keys.
+
+    Args:
+        key: a JAX PRNG key.{args}
+
+    Returns:
+        int32 array of shape (T,); padded entries repeat the state at ``L - 1``.
+
+    Raises:
+        ValueError: as :func:`ssmjax.hmm_filter`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, ssmjax
+        >>> pi = jnp.array([0.5, 0.5])
+        >>> A = jnp.array([[0.9, 0.1], [0.2, 0.8]])
+        >>> ll = jnp.log(jnp.array([[0.7, 0.1], [0.6, 0.2], [0.1, 0.9]]))
+        >>> keys = jax.random.split(jax.random.key(0), 100)
+        >>> draws = jax.vmap(lambda k: ssmjax.hmm_sample_posterior(k, pi, A, ll))(keys)
+        >>> draws.shape
+        (100, 3)
+    """
+    pi, trans, ll, n = _validate(initial_probs, transition_matrix, log_likelihoods, length)
+    return _sample_posterior(key, pi, trans, ll, n)
+
+
+def hmm_fixed_lag_smoother(
+    initial_probs: ArrayLike,
+    transition_matrix: ArrayLike,
+    log_likelihoods: ArrayLike,
+    lag: int,
+    *,
+    length=None,
+) -> Float[Array, "T K"]:
+    r"""Fixed-lag smoothing: row ``t`` is :math:`p(z_{t-\mathrm{lag}} \mid y_{0:t})`.
+
+    .. math::
+        p(z_s \mid y_{0:t}) \propto p(z_s \mid y_{0:s})\, \hat\beta^{(t)}_s, \qquad
+        \hat\beta^{(t)}_t = 1, \quad
+        \hat\beta^{(t)}_{r-1} \propto A_{r-1}\big(e^{\ell_r} \odot \hat\beta^{(t)}_r\big)
+
+    with :math:`s = \max(t - \mathrm{lag}, 0)`: rows ``t < lag`` hold
+    :math:`p(z_0 \mid y_{0:t})` (the smoothed first state given the data so far).
+    All windows are advanced together by a scan of ``lag`` vectorised backward
+    steps: :math:`O(T \cdot \mathrm{lag} \cdot K^2)` work, :math:`O(T K)` memory.
+    ``lag = 0`` gives the filtered probabilities; ``lag >= T - 1`` gives, in the last
+    row, the smoothed :math:`p(z_{T-1-\mathrm{lag}} \mid y)`. Rows ``t >= length``
+    hold :math:`p(z_{t-\mathrm{lag}} \mid y_{0:L-1})` (no further data arrives).
+
+    Args:{args}
+        lag: non-negative Python int (static: the scan length).
+
+    Returns:
+        Array of shape (T, K).
+
+    Raises:
+        ValueError: as :func:`ssmjax.hmm_filter`, and for a negative or non-int ``lag``.
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> pi = jnp.array([0.5, 0.5])
+        >>> A = jnp.array([[0.9, 0.1], [0.2, 0.8]])
+        >>> ll = jnp.log(jnp.array([[0.7, 0.1], [0.6, 0.2], [0.1, 0.9]]))
+        >>> probs = ssmjax.hmm_fixed_lag_smoother(pi, A, ll, lag=1)
+        >>> probs.shape
+        (3, 2)
+    """
+    if isinstance(lag, bool) or not isinstance(lag, int) or lag < 0:
+        raise ValueError(f"`lag` must be a non-negative Python int; got {lag!r}.")
+    pi, trans, ll, n = _validate(initial_probs, transition_matrix, log_likelihoods, length)
+    return _fixed_lag(pi, trans, ll, n, lag=lag)
+
+
+def hmm_predict(
+    initial_probs: ArrayLike,
+    transition_matrix: ArrayLike,
+    log_likelihoods: ArrayLike,
+    num_steps: int,
+    *,
+    length=None,
+    future_transition_matrix: Optional[ArrayLike] = None,
+) -> Float[Array, "H K"]:
+    r"""State predictions :math:`p(z_{L-1+h} \mid y_{0:L-1})` for ``h = 1..num_steps``.
+
+    .. math::
+        p(z_{L-1+h} \mid y_{0:L-1}) = p(z_{L-1} \mid y_{0:L-1})\, F_0 F_1 \cdots F_{h-1}
+
+    where :math:`F_h` is ``future_transition_matrix`` (entry ``h`` moves
+    :math:`z_{L-1+h}` to :math:`z_{L+h}`). Prediction starts from the last *real* step
+    ``L - 1`` (``L = length``), whatever the padding holds.
+
+    Args:{args}
+        num_steps: horizon ``H`` (positive Python int).
+        future_transition_matrix: transitions beyond the data, shape (K, K) or (H, K, K).
+            Defaults to ``transition_matrix`` when that is stationary; **required**
+            when ``transition_matrix`` is time-varying (its entries cover only the
+            observed steps, and guessing future dynamics silently would be wrong).
+
+    Returns:
+        Array of shape (H, K).
+
+    Raises:
+        ValueError: as :func:`ssmjax.hmm_filter`; for a bad ``num_steps``; when
+            ``future_transition_matrix`` is missing for a time-varying model or has
+            the wrong shape or values.
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> pi = jnp.array([0.5, 0.5])
+        >>> A = jnp.array([[0.9, 0.1], [0.2, 0.8]])
+        >>> ll = jnp.log(jnp.array([[0.7, 0.1], [0.6, 0.2], [0.1, 0.9]]))
+        >>> ssmjax.hmm_predict(pi, A, ll, num_steps=4).shape
+        (4, 2)
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"`num_steps` must be a positive Python int; got {num_steps!r}.")
+    pi, trans, ll, n = _validate(initial_probs, transition_matrix, log_likelihoods, length)
+    num_states = ll.shape[1]
+    if future_transition_matrix is None:
+        if trans.ndim == 3:
+            raise ValueError(
+                "`future_transition_matrix` of shape (K, K) or (num_steps, K, K) = "
+                f"({num_steps}, {num_states}, {num_states}) is required when `transition_matrix` "
+                f"is time-varying; got None."
+            )
+        future = jnp.broadcast_to(trans, (num_steps, num_states, num_states))
+    else:
+        future = _checks.as_float_array("future_transition_matrix", future_transition_matrix, trans.dtype)
+        which = _checks.check_shape_options(
+            "future_transition_matrix",
+            future,
+            [(num_states, num_states), (num_steps, num_states, num_states)],
+            f"K = {num_states}, num_steps = {num_steps}",
+        )
+        future = _checks.check_probability_vector("future_transition_matrix", future)
+        if which == 0:
+            future = jnp.broadcast_to(future, (num_steps, num_states, num_states))
+    return _predict(pi, trans, ll, n, future)
+
+
+for _fn in (
+    hmm_filter,
+    hmm_smoother,
+    hmm_two_slice_marginals,
+    hmm_viterbi,
+    hmm_sample_posterior,
+    hmm_fixed_lag_smoother,
+    hmm_predict,
+):
+    _fn.__doc__ = _fn.__doc__.replace("{args}", _ARGS_DOC)
+del _fn
