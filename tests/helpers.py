@@ -51,3 +51,9 @@ def central_difference_grad(f, x, eps=1e-6):
         e[idx] = eps
         g[idx] = (float(f(x + e)) - float(f(x - e))) / (2 * eps)
     return g
+
+# Square-root Kalman filter/smoother in float32 on a near-singular problem (emission noise std 1e-6 of
+# the signal scale, T = 1000) against float64: covariance error relative to the largest covariance
+# entry. The limit is the QR's backward error (float32 eps times the pre-array norm, which is 1e6 times
+# the factor being computed); the covariance form fails completely there (errors 1e5 times the scale).
+SQRT_FLOAT32_NEAR_SINGULAR_COV_RTOL = 5e-2
