@@ -148,6 +148,19 @@ def _safe_log(p: Array) -> Array:
     return jnp.where(positive, jnp.log(jnp.where(positive, p, 1.0)), -jnp.inf)
 
 
+def _finite_or_zero(v: Array) -> Array:
+    r"""Replace overflowed backward weights by 0.
+
+    :math:`e^{\ell_t(j)} \hat\beta_t(j) / c_t` overflows only for a state ``j`` that is
+    unreachable (all paths into it have probability zero) yet hundreds of nats more
+    likely than the reachable ones; every quantity it multiplies is then exactly
+    zero, so 0 keeps values exact and avoids ``0 * inf = NaN``. (The derivative of
+    the log-likelihood w.r.t. a structural zero leading into such a state is then
+    reported as 0 instead of overflowing.)
+    """
+    return jnp.where(v < jnp.inf, v, 0.0)
+
+
 def _masks(num_timesteps: int, length: Int[Array, ""]):
     """``valid[t] = t < length`` (real step; for t >= 1 also: pair t-1 -> t is real)."""
     valid = jnp.arange(num_timesteps) < length
@@ -295,7 +308,7 @@ def _backward_grad(
         beta_next, grad_trans = carry
         f_t, ll_next, norm_next, shift_next, valid_next, a_t = x
         trans = _pick(transition_matrix, a_t)
-        v = jnp.exp(ll_next - shift_next) / norm_next * beta_next
+        v = _finite_or_zero(jnp.exp(ll_next - shift_next) / norm_next * beta_next)
         beta = jnp.where(valid_next, trans @ v, v)
         outer = jnp.where(valid_next, jnp.outer(f_t, v), 0.0)
         smoothed = jnp.where(f_t > 0, f_t * beta, 0.0)
@@ -308,7 +321,7 @@ def _backward_grad(
     (beta0, grad_sum), (smoothed, outers) = lax.scan(_step, init, xs, reverse=True)
     smoothed = jnp.concatenate([smoothed, filtered[-1:]])
     grad_trans = outers if time_varying else grad_sum
-    v0 = jnp.exp(masked_ll[0] - shifts[0]) / norms[0] * beta0
+    v0 = _finite_or_zero(jnp.exp(masked_ll[0] - shifts[0]) / norms[0] * beta0)
     return smoothed, grad_trans, v0
 
 
@@ -327,7 +340,7 @@ def _backward_messages(
     def _step(beta_next, x):
         e_next, valid_next, a_t = x
         trans = _pick(transition_matrix, a_t)
-        v = e_next * beta_next
+        v = _finite_or_zero(e_next * beta_next)
         beta = jnp.where(valid_next, trans @ v, v)
         return beta, beta
 
@@ -407,7 +420,7 @@ def _smoother_parts(initial_probs, transition_matrix, log_likelihoods, length):
     betas = _backward_messages(transition_matrix, weights, valid)
     smoothed = jnp.where(filtered > 0, filtered * betas, 0.0)
     # v[t] = weights[t] * beta[t];  xi_t = A_t * outer(filtered[t], v[t+1]) on real pairs.
-    v_next = jnp.where(valid[1:, None], weights[1:] * betas[1:], 0.0)
+    v_next = jnp.where(valid[1:, None], _finite_or_zero(weights[1:] * betas[1:]), 0.0)
     return loglik, filtered, predicted, smoothed, weights, v_next
 
 
@@ -712,7 +725,7 @@ def hmm_two_slice_marginals(
     log_likelihoods: ArrayLike,
     *,
     length=None,
-) -> Float[Array, "T-1 K K"]:
+) -> Array:
     r"""Pairwise posteriors :math:`\xi_t(i, j) = p(z_t = i, z_{t+1} = j \mid y_{0:L-1})`.
 
     Computed as in :func:`ssmjax.hmm_smoother` (see its equations).
@@ -787,7 +800,7 @@ def hmm_sample_posterior(
     log_likelihoods: ArrayLike,
     *,
     length=None,
-) -> Int[Array, " T"]:
+) -> Array:
     r"""An exact draw of :math:`z_{0:L-1} \sim p(z \mid y_{0:L-1})` (forward filter, backward sample).
 
     .. math::
@@ -826,7 +839,7 @@ def hmm_fixed_lag_smoother(
     lag: int,
     *,
     length=None,
-) -> Float[Array, "T K"]:
+) -> Array:
     r"""Fixed-lag smoothing: row ``t`` is :math:`p(z_{t-\mathrm{lag}} \mid y_{0:t})`.
 
     .. math::
@@ -874,7 +887,7 @@ def hmm_predict(
     *,
     length=None,
     future_transition_matrix: Optional[ArrayLike] = None,
-) -> Float[Array, "H K"]:
+) -> Array:
     r"""State predictions :math:`p(z_{L-1+h} \mid y_{0:L-1})` for ``h = 1..num_steps``.
 
     .. math::
