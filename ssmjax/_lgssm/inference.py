@@ -986,6 +986,8 @@ def lgssm_forecast(
     model, y, u, length_arr = _validate(model, emissions, inputs, length)
     _, _, du = model_dims(model)
     fu = _validate_inputs(model, future_inputs, num_steps, du, "future_inputs")
-    if model.transition_matrix.ndim == 3 and y.shape[0] < 2 and num_steps > 0:
+    time_sizes = validate_shapes(model)
+    tv_transition = any(time_sizes[n] is not None for n in time_sizes if n.startswith("transition"))
+    if tv_transition and y.shape[0] < 2 and num_steps > 0:
         raise ValueError("a time-varying transition needs T >= 2 to forecast (no transition entry to reuse).")
     return _forecast_jit(model, y, u, length_arr, fu, num_steps=num_steps, ops=_ops_for(model))
