@@ -45,6 +45,31 @@ def brute_force_loglik_linear(initial_probs, transition_matrix, log_likelihoods)
     return np.log(prod.sum()) + shift.sum()
 
 
+def brute_force_posteriors_linear(initial_probs, transition_matrix, log_likelihoods):
+    """``(smoothed (T, K), summed two-slice (K, K))`` from path weights as products.
+
+    Like :func:`brute_force_loglik_linear`, smooth in ``pi``/``A`` at structural zeros.
+    """
+    pi = np.asarray(initial_probs, np.float64)
+    A = np.asarray(transition_matrix, np.float64)
+    ll = np.asarray(log_likelihoods, np.float64)
+    T, K = ll.shape
+    paths = np.array(list(itertools.product(range(K), repeat=T)), dtype=np.int64).reshape(-1, T)
+    shift = ll.max(axis=1)
+    w = pi[paths[:, 0]] * np.exp(ll[0, paths[:, 0]] - shift[0])
+    for t in range(1, T):
+        At = A[t - 1] if A.ndim == 3 else A
+        w = w * At[paths[:, t - 1], paths[:, t]] * np.exp(ll[t, paths[:, t]] - shift[t])
+    w = w / w.sum()
+    smoothed = np.zeros((T, K))
+    for t in range(T):
+        np.add.at(smoothed[t], paths[:, t], w)
+    pair_sum = np.zeros((K, K))
+    for t in range(T - 1):
+        np.add.at(pair_sum, (paths[:, t], paths[:, t + 1]), w)
+    return smoothed, pair_sum
+
+
 def brute_force(initial_probs, transition_matrix, log_likelihoods):
     """Dictionary of exact posterior quantities for one short sequence."""
     ll = np.asarray(log_likelihoods, np.float64)

@@ -311,7 +311,7 @@ def _backward_grad(
         v = _finite_or_zero(jnp.exp(ll_next - shift_next) / norm_next * beta_next)
         beta = jnp.where(valid_next, trans @ v, v)
         outer = jnp.where(valid_next, jnp.outer(f_t, v), 0.0)
-        smoothed = jnp.where(f_t > 0, f_t * beta, 0.0)
+        smoothed = f_t * beta
         if time_varying:
             return (beta, grad_trans), (smoothed, outer)
         return (beta, grad_trans + outer), (smoothed, None)
@@ -418,7 +418,7 @@ def _smoother_parts(initial_probs, transition_matrix, log_likelihoods, length):
     # weights[t] = exp(ll_t) / c_t  (1 at padded steps)
     weights = jnp.exp(masked_ll - shifts[:, None]) / norms[:, None]
     betas = _backward_messages(transition_matrix, weights, valid)
-    smoothed = jnp.where(filtered > 0, filtered * betas, 0.0)
+    smoothed = filtered * betas
     # v[t] = weights[t] * beta[t];  xi_t = A_t * outer(filtered[t], v[t+1]) on real pairs.
     v_next = jnp.where(valid[1:, None], _finite_or_zero(weights[1:] * betas[1:]), 0.0)
     return loglik, filtered, predicted, smoothed, weights, v_next
