@@ -203,16 +203,13 @@ def _forward_fast(
         pred = jnp.where(is_valid, filtered_prev @ trans, filtered_prev)
         filtered, c = _normalise(pred, b)
         filtered = jnp.where(is_valid, filtered, filtered_prev)
-        return filtered, (filtered, pred, c)
+        return filtered, (filtered, c)
 
     filtered0, c0 = _normalise(initial_probs, scaled[0])
-    _, (filtered, predicted, norms) = lax.scan(
-        _step, filtered0, (scaled[1:], valid[1:], a_xs), unroll=1
-    )
+    _, (filtered, norms) = lax.scan(_step, filtered0, (scaled[1:], valid[1:], a_xs), unroll=1)
     filtered = jnp.concatenate([filtered0[None], filtered])
-    predicted = jnp.concatenate([initial_probs[None], predicted])
     norms = jnp.concatenate([c0[None], norms])
-    return filtered, predicted, norms, shift
+    return filtered, norms, shift
 
 
 def _forward_robust(
@@ -240,17 +237,14 @@ def _forward_robust(
         pred = jnp.where(is_valid, filtered_prev @ trans, filtered_prev)
         filtered, c, shift = _normalise(pred, ll)
         filtered = jnp.where(is_valid, filtered, filtered_prev)
-        return filtered, (filtered, pred, c, shift)
+        return filtered, (filtered, c, shift)
 
     filtered0, c0, s0 = _normalise(initial_probs, masked_ll[0])
-    _, (filtered, predicted, norms, shifts) = lax.scan(
-        _step, filtered0, (masked_ll[1:], valid[1:], a_xs)
-    )
+    _, (filtered, norms, shifts) = lax.scan(_step, filtered0, (masked_ll[1:], valid[1:], a_xs))
     filtered = jnp.concatenate([filtered0[None], filtered])
-    predicted = jnp.concatenate([initial_probs[None], predicted])
     norms = jnp.concatenate([c0[None], norms])
     shifts = jnp.concatenate([s0[None], shifts])
-    return filtered, predicted, norms, shifts
+    return filtered, norms, shifts
 
 
 def _forward_impl(
@@ -269,12 +263,20 @@ def _forward_impl(
     masked_ll = jnp.where(valid[:, None], log_likelihoods, 0.0)
     fast = _forward_fast(initial_probs, transition_matrix, masked_ll, valid)
     threshold = jnp.sqrt(jnp.finfo(masked_ll.dtype).tiny)
-    underflow = jnp.any(fast[2] < threshold)
-    filtered, predicted, norms, shifts = lax.cond(
+    underflow = jnp.any(fast[1] < threshold)
+    filtered, norms, shifts = lax.cond(
         underflow,
         lambda: _forward_robust(initial_probs, transition_matrix, masked_ll, valid),
         lambda: fast,
     )
+    # predicted[t] = filtered[t-1] @ A_{t-1}: one matrix product outside the scan
+    # (removed by the compiler when unused, e.g. for the log-likelihood alone).
+    if transition_matrix.ndim == 3:
+        moved = jnp.einsum("ti,tij->tj", filtered[:-1], transition_matrix)
+    else:
+        moved = filtered[:-1] @ transition_matrix
+    moved = jnp.where(valid[1:, None], moved, filtered[:-1])
+    predicted = jnp.concatenate([initial_probs[None], moved])
     norms = jnp.where(valid, norms, 1.0)
     shifts = jnp.where(valid, shifts, 0.0)
     log_norms = jnp.log(norms) + shifts
