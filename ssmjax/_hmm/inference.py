@@ -786,7 +786,7 @@ def hmm_viterbi(
         >>> import jax.numpy as jnp, ssmjax
         >>> pi = jnp.array([0.5, 0.5])
         >>> A = jnp.array([[0.9, 0.1], [0.2, 0.8]])
-        >>> ll = jnp.log(jnp.array([[0.7, 0.1], [0.6, 0.2], [0.1, 0.9]]))
+        >>> ll = jnp.log(jnp.array([[0.7, 0.1], [0.6, 0.2], [0.05, 0.9]]))
         >>> path, log_prob = ssmjax.hmm_viterbi(pi, A, ll)
         >>> path.tolist()
         [0, 0, 1]
