@@ -147,6 +147,7 @@ def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen):
     if not np.isfinite(tol) or tol < 0:
         raise ValueError(f"`tol` must be a non-negative number; got {tol!r}.")
     frozen = check_frozen(model, frozen)
+    model._check_em(frozen)
     emissions, lengths, inputs = model._check_batch(emissions, lengths, inputs)
     return emissions, lengths, inputs, int(max_iters), frozen
 

@@ -41,6 +41,10 @@ class AbstractFittableModel(eqx.Module):
         """Validate a batch eagerly; return canonical ``(emissions (B, T, ...), lengths (B,), inputs)``."""
 
     @abc.abstractmethod
+    def _check_em(self, frozen: frozenset[str]) -> None:
+        """Raise ValueError (before any compute) if EM cannot fit this model with ``frozen``."""
+
+    @abc.abstractmethod
     def _e_step(self, emissions, length, inputs) -> tuple[PyTree, jax.Array]:
         """Sufficient statistics and marginal log-likelihood of one sequence."""
 

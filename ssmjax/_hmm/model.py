@@ -291,6 +291,15 @@ class HMM(AbstractFittableModel):
         self.emissions.check_emissions(flat, mask.reshape(-1))
         return emissions, lengths, None
 
+    def _check_em(self, frozen):
+        if not isinstance(self.emissions, AbstractExponentialFamilyEmissions) and not (
+            "emissions" in frozen
+        ):
+            raise ValueError(
+                f"{type(self.emissions).__name__} has no closed-form M-step; fit this HMM with fit_sgd, "
+                "or freeze its emissions (frozen=('emissions',)) to fit the Markov chain by EM."
+            )
+
     def _e_step(self, emissions, length, inputs):
         ll = self.emissions.log_likelihoods(emissions, length=length)
         post = hmm_smoother(self.initial_probs, self.transition_matrix, ll, length=length)

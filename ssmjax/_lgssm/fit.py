@@ -1,8 +1,8 @@
 """How an :class:`ssmjax.LGSSM` plugs into :func:`ssmjax.fit_em` and :func:`ssmjax.fit_sgd`.
 
 * EM: the E-step is the RTS smoother plus :func:`ssmjax._lgssm.em.expected_stats`;
-  the M-step is :func:`ssmjax._lgssm.em.m_step`. Only time-invariant fields are
-  estimated by EM; a time-varying field must be frozen.
+  the M-step is :func:`ssmjax._lgssm.em.m_step`. EM fits time-invariant models
+  (every field without a time axis); time-varying ones are fitted with fit_sgd.
 * SGD: the unconstrained view keeps matrices and offsets as they are and maps each
   covariance to its Cholesky factor with a log-diagonal, so every value is a valid
   (positive definite) model. Time-varying fields are fitted per step.
@@ -84,13 +84,16 @@ def e_step(model, emissions, length, inputs):
     return _em.expected_stats(model, emissions, inputs, length, post), post.marginal_loglik
 
 
-def m_step(model, stats, frozen):
-    moving = [n for n in parameter_names(model) if n not in frozen and _is_time_varying(model, n)]
-    if moving:
+def check_em(model, frozen):
+    varying = [n for n in parameter_names(model) if _is_time_varying(model, n)]
+    if varying:
         raise ValueError(
-            f"EM estimates time-invariant parameters only; freeze the time-varying field(s) {moving} "
-            "(frozen=...) or fit them with fit_sgd."
+            f"fit_em fits time-invariant LGSSMs; the field(s) {varying} are time-varying. "
+            "Fit time-varying parameters with fit_sgd."
         )
+
+
+def m_step(model, stats, frozen):
     new = _em.m_step(model, stats, frozen)
     names = list(new)
     return eqx.tree_at(lambda m: [getattr(m, n) for n in names], model, [new[n] for n in names])
@@ -131,13 +134,7 @@ def from_unconstrained(model, params):
     return eqx.tree_at(lambda m: [getattr(m, n) for n in names], model, values)
 
 
-def marginal_loglik(model, emissions, *, length=None, inputs=None):
-    from .inference import kalman_filter
-
-    return kalman_filter(model, emissions, inputs=inputs, length=length).marginal_loglik
-
-
 __all__ = [
-    "check_batch", "e_step", "from_unconstrained", "m_step", "marginal_loglik",
+    "check_batch", "check_em", "e_step", "from_unconstrained", "m_step",
     "parameter_names", "unconstrained",
 ]

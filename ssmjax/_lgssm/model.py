@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._checks import check_shape_options
+from .._fit.protocol import AbstractFittableModel
 
 _TRANSITION = ("transition_matrix", "transition_cov", "transition_input_matrix", "transition_offset")
 _EMISSION = ("emission_matrix", "emission_cov", "emission_input_matrix", "emission_offset")
@@ -150,7 +151,7 @@ def validate_shapes(model: "LGSSM") -> dict[str, Optional[int]]:
     return time_sizes
 
 
-class LGSSM(eqx.Module):
+class LGSSM(AbstractFittableModel):
     r"""A linear-Gaussian state-space model (see the :ref:`convention <lgssm-convention>`).
 
     .. math::
@@ -252,3 +253,79 @@ class LGSSM(eqx.Module):
     def input_dim(self) -> Optional[int]:
         """Du, or None when the model takes no inputs."""
         return model_dims(self)[2]
+
+    # ------------------------------------------------------------ inference
+    def marginal_loglik(self, emissions, *, length=None, inputs=None) -> jax.Array:
+        """``log p(y_{1:T})`` of one sequence; see :func:`ssmjax.kalman_filter`."""
+        from .inference import kalman_filter
+
+        return kalman_filter(self, emissions, inputs=inputs, length=length).marginal_loglik
+
+    def filter(self, emissions, *, inputs=None, length=None, method="standard"):
+        """Kalman filter of one sequence; see :func:`ssmjax.kalman_filter`."""
+        from .inference import kalman_filter
+
+        return kalman_filter(self, emissions, inputs=inputs, length=length, method=method)
+
+    def smoother(self, emissions, *, inputs=None, length=None, method="standard"):
+        """RTS smoother of one sequence; see :func:`ssmjax.rts_smoother`."""
+        from .inference import rts_smoother
+
+        return rts_smoother(self, emissions, inputs=inputs, length=length, method=method)
+
+    def posterior_sample(self, key, emissions, *, inputs=None, length=None):
+        """Exact joint draw of ``x_{1:T} | y``; see :func:`ssmjax.lgssm_sample_posterior`."""
+        from .inference import lgssm_sample_posterior
+
+        return lgssm_sample_posterior(key, self, emissions, inputs=inputs, length=length)
+
+    def sample(self, key, num_timesteps, *, inputs=None):
+        """Draw ``(states, emissions)``; see :func:`ssmjax.lgssm_sample`."""
+        from .inference import lgssm_sample
+
+        return lgssm_sample(key, self, num_timesteps, inputs=inputs)
+
+    def forecast(self, emissions, num_steps, *, inputs=None, length=None, future_inputs=None):
+        """Predictive moments of future states and emissions; see :func:`ssmjax.lgssm_forecast`."""
+        from .inference import lgssm_forecast
+
+        return lgssm_forecast(self, emissions, num_steps, inputs=inputs, length=length,
+                              future_inputs=future_inputs)
+
+    # ------------------------------------------------------------- fitting
+    # (implemented in ssmjax/_lgssm/fit.py; imported lazily to avoid an import cycle)
+    def parameter_names(self) -> tuple[str, ...]:
+        """Names accepted by ``frozen``: the fields that are not ``None``."""
+        from . import fit
+
+        return fit.parameter_names(self)
+
+    def _check_batch(self, emissions, lengths, inputs):
+        from . import fit
+
+        return fit.check_batch(self, emissions, lengths, inputs)
+
+    def _check_em(self, frozen):
+        from . import fit
+
+        return fit.check_em(self, frozen)
+
+    def _e_step(self, emissions, length, inputs):
+        from . import fit
+
+        return fit.e_step(self, emissions, length, inputs)
+
+    def _m_step(self, stats, frozen):
+        from . import fit
+
+        return fit.m_step(self, stats, frozen)
+
+    def _unconstrained(self):
+        from . import fit
+
+        return fit.unconstrained(self)
+
+    def _from_unconstrained(self, params):
+        from . import fit
+
+        return fit.from_unconstrained(self, params)
