@@ -19,6 +19,7 @@ from ._hmm.inference import hmm_viterbi as hmm_viterbi
 from ._hmm.inference import hmm_sample_posterior as hmm_sample_posterior
 from ._hmm.inference import hmm_fixed_lag_smoother as hmm_fixed_lag_smoother
 from ._hmm.inference import hmm_predict as hmm_predict
+from ._hmm.model import HMM as HMM
 
 # --- fitting (ssmjax/_fit) ---
 from ._fit.em import EMInfo as EMInfo
