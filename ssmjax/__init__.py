@@ -49,4 +49,8 @@ from ._hmm.emissions import PoissonEmissions as PoissonEmissions
 from ._markov import MarkovChain as MarkovChain
 from ._markov import markov_transition_counts as markov_transition_counts
 
+# --- saving and loading ---
+from ._io import load as load
+from ._io import save as save
+
 __version__ = "0.1.0"
