@@ -295,3 +295,59 @@ def test_gaussian_m_step_with_frozen_means_is_exact(covariance_type):
     kept = em.m_step_from_stats(stats, frozen={"covs"})
     np.testing.assert_allclose(kept.covs, em.covs)
     np.testing.assert_allclose(kept.means, (w.T @ y) / w.sum(0)[:, None], rtol=1e-10)
+
+
+@pytest.mark.parametrize("family", ["gaussian", "gaussian_diag", "categorical"])
+def test_em_recovers_parameters_for_every_family(family):
+    rng = np.random.default_rng(7)
+    pi, a = np.array([0.5, 0.5]), np.array([[0.95, 0.05], [0.10, 0.90]])
+    lengths = [300] * 8
+    if family == "categorical":
+        probs = np.array([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7]])
+        _, seqs = simulate(rng, pi, a, lambda r, k: r.choice(3, p=probs[k]), lengths)
+        y = np.stack(seqs).astype(np.int64)
+    else:
+        means = np.array([[-2.0, 0.0], [2.0, 1.0]])
+        _, seqs = simulate(rng, pi, a, lambda r, k: means[k] + 0.7 * r.standard_normal(2), lengths)
+        y = np.stack(seqs)
+    model = ssmjax.HMM.from_data(jax.random.key(1), y, 2, family)
+    fitted, lls = ssmjax.fit_em(model, y, max_iters=200, tol=1e-9)
+    assert np.all(np.diff(np.asarray(lls)) >= -1e-10 * np.abs(np.asarray(lls[1:])))
+    if family == "categorical":
+        order = np.argsort(np.asarray(fitted.emissions.probs[:, 0]))[::-1]
+        # ~1200 draws per state: standard error of a probability <= 0.015
+        np.testing.assert_allclose(np.asarray(fitted.emissions.probs)[order], probs, atol=0.05)
+    else:
+        order = np.argsort(np.asarray(fitted.emissions.means[:, 0]))
+        np.testing.assert_allclose(np.asarray(fitted.emissions.means)[order], means, atol=0.06)
+        np.testing.assert_allclose(np.asarray(fitted.emissions.variances)[order], 0.49, atol=0.05)
+    np.testing.assert_allclose(np.asarray(fitted.transition_matrix)[np.ix_(order, order)], a, atol=0.03)
+
+
+def test_state_without_responsibility_produces_no_nan():
+    rng = np.random.default_rng(8)
+    y = rng.poisson(5.0, size=(3, 100, 1)).astype(float)
+    model = ssmjax.HMM(jnp.array([0.5, 0.5 - 1e-300, 1e-300]), jnp.full((3, 3), 1 / 3),
+                       ssmjax.PoissonEmissions(rates=jnp.array([[4.0], [6.0], [1e6]])))
+    fitted, lls = ssmjax.fit_em(model, y, max_iters=20)
+    assert np.all(np.isfinite(lls))
+    assert np.all(np.isfinite(np.asarray(fitted.emissions.rates)))
+    np.testing.assert_allclose(fitted.emissions.rates[2, 0], 1e6)  # kept, not NaN
+    assert np.all(np.isfinite(np.asarray(fitted.transition_matrix)))
+
+
+def test_gaussian_covariances_stay_positive_definite_when_a_state_collapses():
+    rng = np.random.default_rng(9)
+    y = np.concatenate([rng.standard_normal((1, 150, 2)), np.full((1, 50, 2), 3.0)], axis=1)  # a point mass
+    model = ssmjax.HMM(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.1, 0.9]]),
+                       ssmjax.GaussianEmissions(jnp.array([[0.0, 0.0], [3.0, 3.0]]), jnp.stack([jnp.eye(2)] * 2)))
+    fitted, lls = ssmjax.fit_em(model, y, max_iters=30)
+    assert np.all(np.isfinite(lls))
+    eig = np.linalg.eigvalsh(np.asarray(fitted.emissions.covs))
+    assert np.all(eig > 0) and eig.min() >= 0.5 * fitted.emissions.min_variance
+
+
+def test_categorical_emissions_must_be_integer_symbols():
+    model = start_model(ssmjax.CategoricalEmissions(jnp.full((3, 4), 0.25)))
+    with pytest.raises(ValueError, match="emissions"):
+        ssmjax.fit_em(model, np.zeros((2, 5)) + 0.5)
