@@ -56,6 +56,7 @@ Gradients
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import equinox as eqx
@@ -167,8 +168,38 @@ def _masks(num_timesteps: int, length: Int[Array, ""]):
     return valid
 
 
+def _vecmat(x: Float[Array, " K"], matrix: Float[Array, "K K"]) -> Float[Array, " K"]:
+    """``x @ matrix``; for a few states as a fused multiply-sum (no call into a matmul kernel)."""
+    if x.shape[0] <= 8:
+        return jnp.sum(x[:, None] * matrix, axis=0)
+    return x @ matrix
+
+
+def _next_transitions(transition_matrix: Float[Array, "*S K K"], num_timesteps: int):
+    """Scan input ``A_t`` (from ``z_t`` to ``z_{t+1}``) for ``t = 0..T-1`` (entry ``T-1`` unused)."""
+    if transition_matrix.ndim == 2:
+        return None
+    eye = jnp.eye(transition_matrix.shape[-1], dtype=transition_matrix.dtype)
+    return jnp.concatenate([transition_matrix, eye[None]])
+
+
+def _prev_transitions(transition_matrix: Float[Array, "*S K K"], num_timesteps: int):
+    """Scan input ``A_{t-1}`` (from ``z_{t-1}`` to ``z_t``) for ``t = 0..T-1`` (entry 0 unused)."""
+    if transition_matrix.ndim == 2:
+        return None
+    eye = jnp.eye(transition_matrix.shape[-1], dtype=transition_matrix.dtype)
+    return jnp.concatenate([eye[None], transition_matrix])
+
+
+def _matvec(matrix: Float[Array, "K K"], x: Float[Array, " K"]) -> Float[Array, " K"]:
+    """``matrix @ x`` (see :func:`_vecmat`)."""
+    if x.shape[0] <= 8:
+        return jnp.sum(matrix * x[None, :], axis=1)
+    return matrix @ x
+
+
 def _transition_xs(transition_matrix, num_timesteps):
-    """Per-pair transition matrices as scan inputs (None when stationary)."""
+    """Per-pair transition matrices as scan inputs over ``T-1`` steps (None when stationary)."""
     return transition_matrix if transition_matrix.ndim == 3 else None
 
 
@@ -176,75 +207,72 @@ def _pick(transition_matrix, a_t):
     return transition_matrix if a_t is None else a_t
 
 
-# --------------------------------------------------------------------------- forward
+def _exponent_split(probs: Float[Array, " K"]):
+    r"""``(log_scale, scale)`` with ``probs = mantissa * 2^e``, ``log_scale = e log 2``, ``scale = 2^{-e}``.
+
+    Read from the floating-point exponent bits (exact, no logarithm): ``probs * scale``
+    lies in ``[1/2, 1)`` for normal numbers; zeros and subnormals get the smallest
+    normal exponent (``scale`` stays finite) and exact zeros ``e = 0`` (``scale = 1``, so
+    derivatives with respect to a zero probability keep their natural scale).
+    """
+    dtype = probs.dtype
+    finfo = jnp.finfo(dtype)
+    nmant = int(finfo.nmant)
+    bias = int(finfo.maxexp) - 1
+    itype = jnp.int32 if finfo.bits == 32 else jnp.int64
+    bits = lax.bitcast_convert_type(lax.stop_gradient(probs), itype)
+    biased = jnp.maximum((bits >> nmant) & ((1 << finfo.nexp) - 1), 1)
+    biased = jnp.where(probs == 0, bias - 1, biased)
+    log_scale = (biased - (bias - 1)).astype(dtype) * jnp.asarray(math.log(2.0), dtype)
+    scale = lax.bitcast_convert_type((2 * bias - 1 - biased) << nmant, dtype)
+    return log_scale, scale
 
 
-def _forward_fast(
-    initial_probs: Float[Array, " K"],
-    transition_matrix: Float[Array, "*S K K"],
-    masked_ll: Float[Array, "T K"],
-    valid: Array,
-):
-    """Scaled forward pass with a per-step max shift computed outside the scan."""
-    shift = lax.stop_gradient(jnp.max(masked_ll, axis=1))
+def _condition(pred: Float[Array, " K"], ll: Float[Array, " K"]):
+    r"""One scaled Bayes update that cannot underflow.
+
+    Returns ``(filtered, log_c)`` with ``log_c = log p(y_t | y_{<t}) - max_k ll_k``.
+    The shift is :math:`s = \max_k (\ell_k - m + e_k \log 2)` over states with
+    ``pred > 0`` (``e_k`` the binary exponent of ``pred_k``, ``m = max_k ll_k``): an
+    approximation of :math:`\max_k \log(\text{pred}_k e^{\ell_k - m})` to within
+    :math:`\log 2`, so the largest scaled term lies in ``[1/2, 1]`` and the normaliser
+    in ``[1/2, K]`` whatever the magnitudes. ``m`` and ``s`` carry no gradient.
+    """
+    peak = lax.stop_gradient(jnp.max(ll))
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    rel = ll - peak
+    log_scale, scale = _exponent_split(pred)
+    score = rel + log_scale
+    shift = lax.stop_gradient(jnp.max(jnp.where(pred > 0, score, -jnp.inf)))
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-    scaled = jnp.exp(masked_ll - shift[:, None])
-    a_xs = _transition_xs(transition_matrix, masked_ll.shape[0])
-
-    def _normalise(pred, b):
-        w = pred * b
-        c = jnp.sum(w)
-        c_safe = jnp.where(c > 0, c, 1.0)
-        return w / c_safe, c
-
-    def _step(filtered_prev, x):
-        b, is_valid, a_t = x
-        trans = _pick(transition_matrix, a_t)
-        pred = jnp.where(is_valid, filtered_prev @ trans, filtered_prev)
-        filtered, c = _normalise(pred, b)
-        filtered = jnp.where(is_valid, filtered, filtered_prev)
-        return filtered, (filtered, c)
-
-    filtered0, c0 = _normalise(initial_probs, scaled[0])
-    _, (filtered, norms) = lax.scan(_step, filtered0, (scaled[1:], valid[1:], a_xs), unroll=1)
-    filtered = jnp.concatenate([filtered0[None], filtered])
-    norms = jnp.concatenate([c0[None], norms])
-    return filtered, norms, shift
+    arg = score - shift
+    # arg <= 0 wherever pred > 0; the clamp only guards 0 * inf for states with pred = 0.
+    clip = jnp.asarray(math.log(jnp.finfo(ll.dtype).max) - 1.0, ll.dtype)
+    w = (pred * scale) * jnp.exp(jnp.where(arg > clip, clip, arg))
+    c = jnp.sum(w)
+    filtered = w / jnp.where(c > 0, c, 1.0)
+    return filtered, jnp.log(c) + shift, peak
 
 
-def _forward_robust(
+def _forward_scan(
     initial_probs: Float[Array, " K"],
     transition_matrix: Float[Array, "*S K K"],
     masked_ll: Float[Array, "T K"],
-    valid: Array,
 ):
-    """Forward pass shifted by the exact log-sum-exp of each step (slower, never underflows)."""
-    dtype = masked_ll.dtype
-    clip = jnp.log(jnp.finfo(dtype).max).astype(dtype) - 1.0
-    a_xs = _transition_xs(transition_matrix, masked_ll.shape[0])
+    """Scaled forward recursion over all ``T`` steps (no per-step padding logic).
 
-    def _normalise(pred, ll):
-        shift = lax.stop_gradient(jnp.max(ll + _safe_log(pred)))
-        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-        w = pred * jnp.exp(jnp.minimum(ll - shift, clip))
-        c = jnp.sum(w)
-        c_safe = jnp.where(c > 0, c, 1.0)
-        return w / c_safe, c, shift
+    Returns ``(filtered, peaks, log_cs)`` with ``log c_t = peaks[t] + log_cs[t]``.
+    Padded rows (``masked_ll = 0`` there) hold finite values that callers overwrite.
+    """
+    a_xs = _next_transitions(transition_matrix, masked_ll.shape[0])
 
-    def _step(filtered_prev, x):
-        ll, is_valid, a_t = x
-        trans = _pick(transition_matrix, a_t)
-        pred = jnp.where(is_valid, filtered_prev @ trans, filtered_prev)
-        filtered, c, shift = _normalise(pred, ll)
-        filtered = jnp.where(is_valid, filtered, filtered_prev)
-        return filtered, (filtered, c, shift)
+    def _step(pred, x):
+        ll, a_t = x
+        filtered, log_c, peak = _condition(pred, ll)
+        return _vecmat(filtered, _pick(transition_matrix, a_t)), (filtered, peak, log_c)
 
-    filtered0, c0, s0 = _normalise(initial_probs, masked_ll[0])
-    _, (filtered, norms, shifts) = lax.scan(_step, filtered0, (masked_ll[1:], valid[1:], a_xs))
-    filtered = jnp.concatenate([filtered0[None], filtered])
-    norms = jnp.concatenate([c0[None], norms])
-    shifts = jnp.concatenate([s0[None], shifts])
-    return filtered, norms, shifts
+    _, (filtered, peaks, log_cs) = lax.scan(_step, initial_probs, (masked_ll, a_xs))
+    return filtered, peaks, log_cs
 
 
 def _forward_impl(
@@ -255,100 +283,73 @@ def _forward_impl(
 ):
     """Plain (autodiff-able) forward pass.
 
-    Returns ``(loglik, filtered, predicted, norms, shifts)`` where the per-step
-    log-normaliser is ``log(norms[t]) + shifts[t]`` (exactly 0 at padded steps).
+    Returns ``(loglik, filtered, predicted, peaks, log_cs)``; the per-step
+    log-normaliser is ``peaks[t] + log_cs[t]`` (both 0 at padded steps). Padded rows
+    of ``filtered`` and ``predicted`` repeat ``filtered[length-1]``.
     """
     num_timesteps = log_likelihoods.shape[0]
     valid = _masks(num_timesteps, length)
     masked_ll = jnp.where(valid[:, None], log_likelihoods, 0.0)
-    fast = _forward_fast(initial_probs, transition_matrix, masked_ll, valid)
-    threshold = jnp.sqrt(jnp.finfo(masked_ll.dtype).tiny)
-    underflow = jnp.any(fast[1] < threshold)
-    filtered, norms, shifts = lax.cond(
-        underflow,
-        lambda: _forward_robust(initial_probs, transition_matrix, masked_ll, valid),
-        lambda: fast,
-    )
+    raw, peaks, log_cs = _forward_scan(initial_probs, transition_matrix, masked_ll)
+    last = lax.dynamic_index_in_dim(raw, length - 1, keepdims=False)
+    filtered = jnp.where(valid[:, None], raw, last)
     # predicted[t] = filtered[t-1] @ A_{t-1}: one matrix product outside the scan
     # (removed by the compiler when unused, e.g. for the log-likelihood alone).
     if transition_matrix.ndim == 3:
         moved = jnp.einsum("ti,tij->tj", filtered[:-1], transition_matrix)
     else:
         moved = filtered[:-1] @ transition_matrix
-    moved = jnp.where(valid[1:, None], moved, filtered[:-1])
     predicted = jnp.concatenate([initial_probs[None], moved])
-    norms = jnp.where(valid, norms, 1.0)
-    shifts = jnp.where(valid, shifts, 0.0)
-    log_norms = jnp.log(norms) + shifts
-    loglik = _pairwise_sum(log_norms)
-    return loglik, filtered, predicted, norms, shifts
+    predicted = jnp.where(valid[:, None], predicted, last)
+    peaks = jnp.where(valid, peaks, 0.0)
+    log_cs = jnp.where(valid, log_cs, 0.0)
+    loglik = _pairwise_sum(peaks) + _pairwise_sum(log_cs)
+    return loglik, filtered, predicted, peaks, log_cs
+
+
+def _emission_weights(ll, peak, log_c):
+    r"""``exp(ll_t - log c_t)`` (NaN/overflow -> 0, see :func:`_finite_or_zero`)."""
+    return _finite_or_zero(jnp.exp((ll - peak) - log_c))
 
 
 # --------------------------------------------------------------------------- backward
 
 
-def _backward_grad(
+def _backward_scan(
     transition_matrix: Float[Array, "*S K K"],
-    masked_ll: Float[Array, "T K"],
-    filtered: Float[Array, "T K"],
-    norms: Float[Array, " T"],
-    shifts: Float[Array, " T"],
+    log_likelihoods: Float[Array, "T K"],
+    peaks: Float[Array, " T"],
+    log_cs: Float[Array, " T"],
     valid: Array,
+    filtered: Optional[Array] = None,
+    scale=None,
 ):
-    r"""Scaled backward recursion for the gradient of :math:`\log p(y)`.
+    r"""Scaled backward recursion :math:`\hat\beta_{t-1} = A_{t-1} (e_t \odot \hat\beta_t)`.
 
-    Returns ``(smoothed (T, K), grad_transition (*S, K, K), v0 (K,))`` with
-    ``v0 = exp(ll_0 - log c_0) * beta_0`` (the gradient w.r.t. ``initial_probs``).
-    Memory: one (T, K) output; the emission weights are recomputed in the scan.
+    ``e_t = exp(ll_t) / c_t``; :math:`\hat\beta_t = 1` for ``t >= length - 1``
+    (set by a ``where``, so padded steps, whatever they hold, contribute nothing).
+    Without ``filtered``: returns ``betas`` (T, K). With ``filtered``: returns
+    ``(scale * filtered * betas, v)``, both (T, K), the first zeroed at padded steps,
+    ``v[t] = e_t * beta_t`` for real steps and 0 at padded ones (``v[0]`` is the
+    gradient w.r.t. ``initial_probs``; ``v[t]``, ``t >= 1``, pairs with ``filtered[t-1]``
+    in the gradient w.r.t. ``A_{t-1}``): O(K^2) work a step, no (T, K, K) array.
     """
-    num_states = masked_ll.shape[1]
-    time_varying = transition_matrix.ndim == 3
-    a_xs = _transition_xs(transition_matrix, masked_ll.shape[0])
-    ones = jnp.ones((num_states,), masked_ll.dtype)
+    num_states = log_likelihoods.shape[1]
+    a_xs = _prev_transitions(transition_matrix, log_likelihoods.shape[0])
+    ones = jnp.ones((num_states,), log_likelihoods.dtype)
 
-    def _step(carry, x):
-        beta_next, grad_trans = carry
-        f_t, ll_next, norm_next, shift_next, valid_next, a_t = x
-        trans = _pick(transition_matrix, a_t)
-        v = _finite_or_zero(jnp.exp(ll_next - shift_next) / norm_next * beta_next)
-        beta = jnp.where(valid_next, trans @ v, v)
-        outer = jnp.where(valid_next, jnp.outer(f_t, v), 0.0)
-        smoothed = f_t * beta
-        if time_varying:
-            return (beta, grad_trans), (smoothed, outer)
-        return (beta, grad_trans + outer), (smoothed, None)
+    def _step(beta, x):
+        ll, peak, log_c, is_valid, f_t, a_t = x
+        v = _emission_weights(ll, peak, log_c) * beta
+        v = jnp.where(is_valid, v, 0.0)
+        beta_prev = jnp.where(is_valid, _matvec(_pick(transition_matrix, a_t), v), 1.0)
+        if f_t is None:
+            return beta_prev, beta
+        return beta_prev, (jnp.where(is_valid, f_t * beta, 0.0) * scale, v)
 
-    init = (ones, jnp.zeros((num_states, num_states), masked_ll.dtype))
-    xs = (filtered[:-1], masked_ll[1:], norms[1:], shifts[1:], valid[1:], a_xs)
-    (beta0, grad_sum), (smoothed, outers) = lax.scan(_step, init, xs, reverse=True)
-    smoothed = jnp.concatenate([smoothed, filtered[-1:]])
-    grad_trans = outers if time_varying else grad_sum
-    v0 = _finite_or_zero(jnp.exp(masked_ll[0] - shifts[0]) / norms[0] * beta0)
-    return smoothed, grad_trans, v0
-
-
-def _backward_messages(
-    transition_matrix: Float[Array, "*S K K"],
-    emission_weights: Float[Array, "T K"],
-    valid: Array,
-) -> Float[Array, "T K"]:
-    r"""Scaled backward messages :math:`\hat\beta_t` (``beta[T-1] = 1``).
-
-    ``emission_weights[t] = exp(ll_t) / c_t`` (1 at padded steps).
-    """
-    num_states = emission_weights.shape[1]
-    a_xs = _transition_xs(transition_matrix, emission_weights.shape[0])
-
-    def _step(beta_next, x):
-        e_next, valid_next, a_t = x
-        trans = _pick(transition_matrix, a_t)
-        v = _finite_or_zero(e_next * beta_next)
-        beta = jnp.where(valid_next, trans @ v, v)
-        return beta, beta
-
-    ones = jnp.ones((num_states,), emission_weights.dtype)
-    _, betas = lax.scan(_step, ones, (emission_weights[1:], valid[1:], a_xs), reverse=True)
-    return jnp.concatenate([betas, ones[None]])
+    xs = (log_likelihoods, peaks, log_cs, valid, filtered, a_xs)
+    _, out = lax.scan(_step, ones, xs, reverse=True)
+    return out
 
 
 # --------------------------------------------------------------------------- filter with custom VJP
@@ -364,13 +365,26 @@ def _filter_core(initial_probs, transition_matrix, log_likelihoods, length):
 
 def _filter_core_fwd(initial_probs, transition_matrix, log_likelihoods, length):
     pi, trans, ll, n = (p.value for p in (initial_probs, transition_matrix, log_likelihoods, length))
-    loglik, filtered, predicted, norms, shifts = _forward_impl(pi, trans, ll, n)
-    residuals = (pi, trans, ll, n, filtered, norms, shifts)
+    num_timesteps = ll.shape[0]
+    valid = _masks(num_timesteps, n)
+    raw, peaks, log_cs = _forward_scan(pi, trans, jnp.where(valid[:, None], ll, 0.0))
+    last = lax.dynamic_index_in_dim(raw, n - 1, keepdims=False)
+    filtered = jnp.where(valid[:, None], raw, last)
+    if trans.ndim == 3:
+        moved = jnp.einsum("ti,tij->tj", filtered[:-1], trans)
+    else:
+        moved = filtered[:-1] @ trans
+    predicted = jnp.where(valid[:, None], jnp.concatenate([pi[None], moved]), last)
+    peaks = jnp.where(valid, peaks, 0.0)
+    log_cs = jnp.where(valid, log_cs, 0.0)
+    loglik = _pairwise_sum(peaks) + _pairwise_sum(log_cs)
+    # Residuals: the raw filtered rows (padded rows are never read) and two scalars a step.
+    residuals = (pi, trans, ll, n, raw, peaks, log_cs)
     return (loglik, filtered, predicted), residuals
 
 
 def _filter_core_bwd(residuals, cotangents):
-    pi, trans, ll, length, filtered, norms, shifts = residuals
+    pi, trans, ll, length, raw, peaks, log_cs = residuals
     ct_loglik, ct_filtered, ct_predicted = cotangents
     length_ct = None
     if not (isinstance(ct_filtered, SymbolicZero) and isinstance(ct_predicted, SymbolicZero)):
@@ -387,10 +401,13 @@ def _filter_core_bwd(residuals, cotangents):
     if isinstance(ct_loglik, SymbolicZero):
         return (None, None, None, length_ct)
     valid = _masks(ll.shape[0], length)
-    masked_ll = jnp.where(valid[:, None], ll, 0.0)
-    smoothed, grad_trans, v0 = _backward_grad(trans, masked_ll, filtered, norms, shifts, valid)
-    grad_ll = jnp.where(valid[:, None], smoothed, 0.0) * ct_loglik
-    return (v0 * ct_loglik, grad_trans * ct_loglik, grad_ll, length_ct)
+    grad_ll, v = _backward_scan(trans, ll, peaks, log_cs, valid, filtered=raw, scale=ct_loglik)
+    # d log p / d A_{t} = outer(filtered[t], v[t+1]) on real pairs (v is 0 elsewhere).
+    if trans.ndim == 3:
+        grad_trans = raw[:-1, :, None] * v[1:, None, :]
+    else:
+        grad_trans = raw[:-1].T @ v[1:]
+    return (v[0] * ct_loglik, grad_trans * ct_loglik, grad_ll, length_ct)
 
 
 _filter_core.defvjp(_filter_core_fwd, _filter_core_bwd, symbolic_zeros=True)
@@ -412,18 +429,20 @@ def _filter(
 
 def _smoother_parts(initial_probs, transition_matrix, log_likelihoods, length):
     """Forward pass, backward messages and the per-pair factors of the two-slice marginals."""
-    loglik, filtered, predicted, norms, shifts = _forward_impl(
+    loglik, filtered, predicted, peaks, log_cs = _forward_impl(
         initial_probs, transition_matrix, log_likelihoods, length
     )
     valid = _masks(log_likelihoods.shape[0], length)
+    # Masked (not raw) log-likelihoods: this path is differentiated by autodiff.
     masked_ll = jnp.where(valid[:, None], log_likelihoods, 0.0)
-    # weights[t] = exp(ll_t) / c_t  (1 at padded steps)
-    weights = jnp.exp(masked_ll - shifts[:, None]) / norms[:, None]
-    betas = _backward_messages(transition_matrix, weights, valid)
+    betas = _backward_scan(transition_matrix, masked_ll, peaks, log_cs, valid)
+    # beta = 1 from step length-1 on, so padded rows repeat filtered[length-1].
     smoothed = filtered * betas
-    # v[t] = weights[t] * beta[t];  xi_t = A_t * outer(filtered[t], v[t+1]) on real pairs.
-    v_next = jnp.where(valid[1:, None], _finite_or_zero(weights[1:] * betas[1:]), 0.0)
-    return loglik, filtered, predicted, smoothed, weights, v_next
+    # v[t] = e_t * beta_t;  xi_t = A_t * outer(filtered[t], v[t+1]) on real pairs.
+    # (Vectorised, and removed by the compiler when only smoothed_probs is used.)
+    weights = _emission_weights(masked_ll[1:], peaks[1:, None], log_cs[1:, None])
+    v_next = jnp.where(valid[1:, None], weights * betas[1:], 0.0)
+    return loglik, filtered, predicted, smoothed, v_next
 
 
 @jax.jit
@@ -433,7 +452,7 @@ def _smoother(
     log_likelihoods: Float[Array, "T K"],
     length: Int[Array, ""],
 ) -> HMMPosterior:
-    loglik, filtered, predicted, smoothed, _, v_next = _smoother_parts(
+    loglik, filtered, predicted, smoothed, v_next = _smoother_parts(
         initial_probs, transition_matrix, log_likelihoods, length
     )
     if transition_matrix.ndim == 3:
@@ -450,7 +469,7 @@ def _two_slice(
     log_likelihoods: Float[Array, "T K"],
     length: Int[Array, ""],
 ) -> Float[Array, "T-1 K K"]:
-    _, filtered, _, _, _, v_next = _smoother_parts(initial_probs, transition_matrix, log_likelihoods, length)
+    _, filtered, _, _, v_next = _smoother_parts(initial_probs, transition_matrix, log_likelihoods, length)
     return filtered[:-1, :, None] * v_next[:, None, :] * transition_matrix
 
 
@@ -528,8 +547,8 @@ def _fixed_lag(
     num_timesteps, num_states = log_likelihoods.shape
     valid = _masks(num_timesteps, length)
     masked_ll = jnp.where(valid[:, None], log_likelihoods, 0.0)
-    _, filtered, _, norms, shifts = _forward_impl(initial_probs, transition_matrix, log_likelihoods, length)
-    weights = jnp.exp(masked_ll - shifts[:, None]) / norms[:, None]
+    _, filtered, _, peaks, log_cs = _forward_impl(initial_probs, transition_matrix, log_likelihoods, length)
+    weights = jnp.where(valid[:, None], _emission_weights(masked_ll, peaks[:, None], log_cs[:, None]), 1.0)
     steps = jnp.arange(num_timesteps)
     start = jnp.maximum(steps - lag, 0)  # window start s0(t)
 
