@@ -164,6 +164,25 @@ def check_length(length: object, num_timesteps: int) -> jax.Array | None:
     )
 
 
+def check_lengths(lengths: object, num_sequences: int, num_timesteps: int) -> jax.Array:
+    """Validate a batch's ``lengths`` (eagerly); ``None`` means all ``num_timesteps``.
+
+    Returns an int32 array of shape ``(num_sequences,)``.
+    """
+    if lengths is None:
+        return jnp.full((num_sequences,), num_timesteps, jnp.int32)
+    lengths = jnp.asarray(lengths)
+    check_shape("lengths", lengths, (num_sequences,), "one length per sequence")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"`lengths` must hold integers; got dtype {lengths.dtype}.")
+    if bool(jnp.any((lengths < 1) | (lengths > num_timesteps))):
+        raise ValueError(
+            f"`lengths` must lie in [1, {num_timesteps}] (the padded length T); "
+            f"got min {int(lengths.min())}, max {int(lengths.max())}."
+        )
+    return lengths.astype(jnp.int32)
+
+
 # --------------------------------------------------------------------------- values
 
 

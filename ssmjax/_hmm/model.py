@@ -273,19 +273,7 @@ class HMM(AbstractFittableModel):
         emissions = jnp.asarray(emissions)
         _checks.check_shape("emissions", emissions, ("B", "T") + shape, "a padded batch of sequences")
         num_seq, num_timesteps = emissions.shape[:2]
-        if lengths is None:
-            lengths = jnp.full((num_seq,), num_timesteps, jnp.int32)
-        else:
-            lengths = jnp.asarray(lengths)
-            _checks.check_shape("lengths", lengths, (num_seq,), "one length per sequence")
-            if not jnp.issubdtype(lengths.dtype, jnp.integer):
-                raise ValueError(f"`lengths` must hold integers; got dtype {lengths.dtype}.")
-            if bool(jnp.any((lengths < 1) | (lengths > num_timesteps))):
-                raise ValueError(
-                    f"`lengths` must lie in [1, {num_timesteps}] (the padded length T); "
-                    f"got min {int(lengths.min())}, max {int(lengths.max())}."
-                )
-            lengths = lengths.astype(jnp.int32)
+        lengths = _checks.check_lengths(lengths, num_seq, num_timesteps)
         mask = jnp.arange(num_timesteps)[None, :] < lengths[:, None]
         flat = emissions.reshape((num_seq * num_timesteps,) + shape)
         self.emissions.check_emissions(flat, mask.reshape(-1))

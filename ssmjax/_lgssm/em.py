@@ -207,6 +207,35 @@ def _residual_cov(s_yy, s_yz, s_zz, w, count):
     return 0.5 * (cov + cov.T)
 
 
+def _regression_m_step(model, prefix, keys, stats, frozen, new):
+    """Update W = [matrix, input_matrix, offset] and the noise covariance of one equation.
+
+    ``prefix`` is ``"transition"`` or ``"emission"``; ``keys`` name the summed
+    statistics (E[z z^T], E[target z^T], E[target target^T], count). Blocks the
+    model does not have are absent; frozen blocks keep their values and the
+    others are the exact regression given them. Writes into ``new``.
+    """
+    import numpy as np
+
+    s_zz, s_tz, s_tt, count = (stats[k] for k in keys)
+    names = (f"{prefix}_matrix", f"{prefix}_input_matrix", f"{prefix}_offset")
+    blocks = []
+    for name in names:
+        value = getattr(model, name)
+        if value is not None:
+            blocks.append((name, value[:, None] if name.endswith("offset") else value))
+    w = jnp.concatenate([b for _, b in blocks], axis=1)
+    free = np.concatenate([np.full(b.shape[1], name not in frozen) for name, b in blocks])
+    w = _solve_regression(s_zz, s_tz, w, free)
+    col = 0
+    for name, b in blocks:
+        part = w[:, col : col + b.shape[1]]
+        col += b.shape[1]
+        new[name] = part[:, 0] if name.endswith("offset") else part
+    if f"{prefix}_cov" not in frozen:
+        new[f"{prefix}_cov"] = _residual_cov(s_tt, s_tz, s_zz, w, count)
+
+
 def m_step(model, stats, frozen: frozenset):
     """Closed-form M-step. Returns a dict of new field values (frozen ones unchanged)."""
     import numpy as np
@@ -221,43 +250,9 @@ def m_step(model, stats, frozen: frozenset):
         ) + _outer(mean0, mean0)
         new["initial_cov"] = 0.5 * (cov0 + cov0.T)
 
-    # transition: W = [A, B, b]
-    blocks = [("transition_matrix", model.transition_matrix)]
-    if model.transition_input_matrix is not None:
-        blocks.append(("transition_input_matrix", model.transition_input_matrix))
-    if model.transition_offset is not None:
-        blocks.append(("transition_offset", model.transition_offset[:, None]))
-    w = jnp.concatenate([b for _, b in blocks], axis=1)
-    free = np.concatenate([np.full(b.shape[1], name not in frozen) for name, b in blocks])
-    w = _solve_regression(stats["tr_phiphi"], stats["tr_nextphi"], w, free)
-    col = 0
-    for name, b in blocks:
-        part = w[:, col : col + b.shape[1]]
-        col += b.shape[1]
-        new[name] = part[:, 0] if name == "transition_offset" else part
-    if "transition_cov" not in frozen:
-        new["transition_cov"] = _residual_cov(
-            stats["tr_nextnext"], stats["tr_nextphi"], stats["tr_phiphi"], w, stats["tr_count"]
-        )
-
-    # emission: W = [C, D, d]
-    blocks = [("emission_matrix", model.emission_matrix)]
-    if model.emission_input_matrix is not None:
-        blocks.append(("emission_input_matrix", model.emission_input_matrix))
-    if model.emission_offset is not None:
-        blocks.append(("emission_offset", model.emission_offset[:, None]))
-    w = jnp.concatenate([b for _, b in blocks], axis=1)
-    free = np.concatenate([np.full(b.shape[1], name not in frozen) for name, b in blocks])
-    w = _solve_regression(stats["em_psipsi"], stats["em_ypsi"], w, free)
-    col = 0
-    for name, b in blocks:
-        part = w[:, col : col + b.shape[1]]
-        col += b.shape[1]
-        new[name] = part[:, 0] if name == "emission_offset" else part
-    if "emission_cov" not in frozen:
-        new["emission_cov"] = _residual_cov(
-            stats["em_yy"], stats["em_ypsi"], stats["em_psipsi"], w, stats["em_count"]
-        )
+    _regression_m_step(model, "transition", ("tr_phiphi", "tr_nextphi", "tr_nextnext", "tr_count"),
+                       stats, frozen, new)
+    _regression_m_step(model, "emission", ("em_psipsi", "em_ypsi", "em_yy", "em_count"), stats, frozen, new)
     for name in frozen:
         new.pop(name, None)
     return new

@@ -42,19 +42,7 @@ def check_batch(model, emissions, lengths, inputs):
     emissions = _checks.as_float_array("emissions", emissions)
     _checks.check_shape("emissions", emissions, ("B", "T", model.emission_dim), "a padded batch of sequences")
     num_seq, num_timesteps, _ = emissions.shape
-    if lengths is None:
-        lengths = jnp.full((num_seq,), num_timesteps, jnp.int32)
-    else:
-        lengths = jnp.asarray(lengths)
-        _checks.check_shape("lengths", lengths, (num_seq,), "one length per sequence")
-        if not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise ValueError(f"`lengths` must hold integers; got dtype {lengths.dtype}.")
-        if bool(jnp.any((lengths < 1) | (lengths > num_timesteps))):
-            raise ValueError(
-                f"`lengths` must lie in [1, {num_timesteps}] (the padded length T); "
-                f"got min {int(lengths.min())}, max {int(lengths.max())}."
-            )
-        lengths = lengths.astype(jnp.int32)
+    lengths = _checks.check_lengths(lengths, num_seq, num_timesteps)
     du = model.input_dim
     if du is None:
         if inputs is not None:
