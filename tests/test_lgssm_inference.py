@@ -327,6 +327,39 @@ def test_gradients_match_finite_differences():
         assert_allclose(g_y, fd, dtype=np.float64, **FD_TOLERANCE)
 
 
+@pytest.mark.parametrize("name", ["inputs-missing", "full"])
+def test_sqrt_gradients_match_finite_differences(name):
+    """``method="sqrt"`` (QR pre-arrays, Cholesky factors of the noise): gradients of the
+    log-likelihood w.r.t. every model field and the observed emissions, float64."""
+    params, y, u = make_case(name, seed=8)
+    model = to_model(params)
+
+    @jax.jit
+    def loglik(model, y):
+        return ssmjax.kalman_filter(model, y, inputs=u, method="sqrt").marginal_loglik
+
+    with ssmjax.value_checks(False):
+        g_model, g_y = jax.grad(loglik, argnums=(0, 1))(model, jnp.asarray(y))
+        for field in sorted(params):
+            base = np.asarray(params[field], np.float64)
+
+            def f(v, field=field):
+                return loglik(eqx.tree_at(lambda m: getattr(m, field), model, jnp.asarray(v)), jnp.asarray(y))
+
+            fd = central_difference_grad(f, base)
+            assert_allclose(getattr(g_model, field), fd, dtype=np.float64, **FD_TOLERANCE, err_msg=field)
+        observed = ~np.isnan(y)
+        y0 = np.where(observed, y, 0.0)
+
+        def f_y(v):
+            return loglik(model, jnp.where(jnp.asarray(observed), jnp.asarray(v), jnp.nan))
+
+        fd = central_difference_grad(f_y, y0)
+        g_y = np.asarray(g_y)
+        assert np.all(g_y[~observed] == 0.0)
+        assert_allclose(g_y, fd, dtype=np.float64, **FD_TOLERANCE)
+
+
 def test_smoother_and_sampler_are_differentiable():
     params, y, u = make_case("full", seed=9)
     model = to_model(params)

@@ -507,10 +507,14 @@ def _smooth_standard(
     num_timesteps, dx = fm.shape
     dtype = fm.dtype
     eye_x = jnp.eye(dx, dtype=dtype)
-    pc_next = jnp.concatenate([pc[1:], jnp.zeros((1, dx, dx), dtype)], axis=0)
+    # Large (T, Dx, Dx) temporaries cost real time on CPU (fresh pages for every call), so
+    # P_{t+1|t} is carried from the previous (later) iteration instead of a shifted copy, and
+    # the T-1 cross-covariances are written in place into a carried buffer instead of
+    # slicing a T-entry scan output (entry T-1 is zero and lands on T-2 before being overwritten).
+    in_place = num_timesteps > 1
 
     def _step(carry, x):
-        lam, Lam = carry  # lambda_{t+1}, Lambda_{t+1}
+        lam, Lam, pc_next, cross_buf = carry  # lambda_{t+1}, Lambda_{t+1}, P_{t+1|t}, output
         A = _at(p, tv, x, "A")
         A = jnp.where(x["valid_next"], A, eye_x)
         Pf, Wt, Vt = x["fc"], x["W"], x["V"]
@@ -520,15 +524,22 @@ def _smooth_standard(
         Y = ops.mm(X, Lam)
         s_mean = x["fm"] + ops.mv(X, lam)
         s_cov = symmetrize(Pf - ops.mm(Y, X.T))
-        cross = jnp.where(x["valid_next"], X - ops.mm(Y, x["pc_next"]), 0.0)
+        cross = jnp.where(x["valid_next"], X - ops.mm(Y, pc_next), 0.0)
         lam_new = ops.mv(Vt.T, x["z"]) + ops.mv(Bt.T, lam)
         Lam_new = symmetrize(ops.mm(Vt.T, Vt) + ops.mm(ops.mm(Bt.T, Lam), Bt))
-        return (lam_new, Lam_new), (s_mean, s_cov, cross)
+        if not in_place:
+            return (lam_new, Lam_new, x["pc"], cross_buf), (s_mean, s_cov)
+        idx = jnp.minimum(x["t"], num_timesteps - 2)
+        cross_buf = jax.lax.dynamic_update_slice_in_dim(cross_buf, cross[None], idx, axis=0)
+        return (lam_new, Lam_new, x["pc"], cross_buf), (s_mean, s_cov)
 
-    xs = _scan_inputs(p, tv, fm=fm, fc=fc, pc_next=pc_next, W=W, V=V, z=z, valid_next=valid_next)
-    init = (jnp.zeros((dx,), dtype), jnp.zeros((dx, dx), dtype))
-    _, (sm, sc, cross) = jax.lax.scan(_step, init, xs, reverse=True)
-    return sm, sc, cross[:-1]
+    xs = _scan_inputs(
+        p, tv, t=jnp.arange(num_timesteps), fm=fm, fc=fc, pc=pc, W=W, V=V, z=z, valid_next=valid_next
+    )
+    zeros = jnp.zeros((dx, dx), dtype)
+    init = (jnp.zeros((dx,), dtype), zeros, zeros, jnp.zeros((num_timesteps - 1, dx, dx), dtype))
+    (_, _, _, cross), (sm, sc) = jax.lax.scan(_step, init, xs, reverse=True)
+    return sm, sc, cross
 
 
 def _smooth_sqrt(
@@ -730,8 +741,10 @@ def rts_smoother(model, emissions, *, inputs=None, length=None, method="standard
         P_{t|T} = P_{t|t} + G_t (P_{t+1|T} - P_{t+1|t}) G_t^\top,\quad
         \mathrm{Cov}(x_t, x_{t+1} \mid y_{1:T}) = G_t P_{t+1|T}.
 
-    The gains depend on filtered quantities only and are computed for all steps at once
-    before the backward scan. ``method="sqrt"`` propagates Cholesky factors of
+    ``method="standard"`` evaluates exactly these moments by the equivalent modified
+    Bryson-Frazier recursion (only matrix products in the backward scan, no per-step
+    factorisation or inverse of :math:`P_{t+1|t}`). ``method="sqrt"`` computes the gains for
+    all steps at once before the backward scan and propagates Cholesky factors of
     :math:`P_{t|T}` through the QR of
     :math:`[(I - G_t A_t) L_{t|t},\ G_t L_{Q_t},\ G_t L_{t+1|T}]`.
     Arguments, missing data and padding as in :func:`kalman_filter` (convention:
