@@ -1,5 +1,8 @@
 """The ``ssmjax`` console script.
 
+Commands: ``ssmjax demo`` (the main job), ``ssmjax fit {hmm,lgssm} DATA``,
+``ssmjax decode MODEL DATA`` and ``ssmjax smooth MODEL DATA``.
+
 ``ssmjax demo`` fits models to the two bundled real data sets and prints what
 it found:
 
@@ -195,19 +198,356 @@ def run_demo(out=None, output_dir: str = DEFAULT_OUTPUT) -> dict:
     return {"earthquakes": eq_fit, "nile": nile_fit, "plots": written}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ssmjax`` console script."""
+# ----------------------------------------------------------------------------- fit / decode / smooth
+HMM_EMISSIONS = ("poisson", "gaussian", "gaussian-diag", "categorical")
+
+
+def _prepare_hmm_data(data, emissions_type):
+    from ._cli_data import require_complete, require_counts
+
+    what = f"an HMM with {emissions_type} emissions"
+    require_complete(data, what)
+    if emissions_type in ("poisson", "categorical"):
+        require_counts(data, what, categorical=emissions_type == "categorical")
+    mask = np.arange(data.values.shape[1])[None, :] < data.lengths[:, None]
+    values = np.where(mask[..., None], data.values, 0.0)
+    if emissions_type == "categorical":
+        if values.shape[-1] != 1:
+            raise _data_error(f"{data.path}: categorical emissions need exactly one column; got {data.columns}")
+        return values[..., 0].astype(np.int64)
+    return values
+
+
+def _data_error(msg):
+    from ._cli_data import DataError
+
+    return DataError(msg)
+
+
+def _stack(models):
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    arrays = [eqx.filter(m, eqx.is_array) for m in models]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *arrays)
+    return eqx.combine(stacked, eqx.filter(models[0], eqx.is_array, inverse=True))
+
+
+def _initial_hmms(key, y, lengths, num_states, emissions_type, restarts):
+    import jax
+    import jax.numpy as jnp
+
+    import ssmjax
+
+    kind = {"gaussian-diag": "gaussian_diag"}.get(emissions_type, emissions_type)
+    models = []
+    for r, k in enumerate(jax.random.split(key, restarts)):
+        m = ssmjax.HMM.from_data(k, y, num_states, kind, lengths=lengths)
+        if r:  # later restarts: random transitions, and jittered Poisson rates (their start is deterministic)
+            m = ssmjax.HMM.random(k, num_states, m.emissions)
+            if kind == "poisson":
+                jitter = jnp.exp(0.3 * jax.random.normal(jax.random.fold_in(k, 1), m.emissions.log_rates.shape))
+                m = ssmjax.HMM(initial_probs=m.initial_probs, transition_matrix=m.transition_matrix,
+                               emissions=ssmjax.PoissonEmissions(rates=m.emissions.rates * jitter))
+        models.append(m)
+    return models
+
+
+def _initial_lgssms(key, y, lengths, state_dim, restarts):
+    import jax
+    import jax.numpy as jnp
+
+    import ssmjax
+
+    mask = np.arange(y.shape[1])[None, :] < lengths[:, None]
+    pooled = y[mask]
+    pooled = pooled[~np.isnan(pooled).any(axis=1)]
+    if pooled.shape[0] < 2:
+        raise _data_error("too few fully observed steps to initialise an LGSSM (need at least 2)")
+    mean = pooled.mean(0)
+    _, s, vt = np.linalg.svd(pooled - mean, full_matrices=False)
+    dy = y.shape[2]
+    basis = np.zeros((dy, state_dim))
+    r = min(state_dim, vt.shape[0])
+    basis[:, :r] = vt[:r].T * (s[:r] / np.sqrt(pooled.shape[0]))[None, :]
+    var = np.maximum(pooled.var(0), 1e-6)
+    models = []
+    for i, k in enumerate(jax.random.split(key, restarts)):
+        c = basis + (0.1 * np.sqrt(var.mean()) * np.asarray(jax.random.normal(k, basis.shape)) if i else 0.0)
+        models.append(ssmjax.LGSSM(
+            initial_mean=jnp.zeros(state_dim), initial_cov=jnp.eye(state_dim),
+            transition_matrix=0.9 * jnp.eye(state_dim), transition_cov=0.1 * jnp.eye(state_dim),
+            emission_matrix=jnp.asarray(c), emission_cov=jnp.diag(jnp.asarray(0.5 * var)),
+            emission_offset=jnp.asarray(mean),
+        ))
+    return models
+
+
+def _fit(models, y, lengths, args):
+    import jax
+    import optax
+
+    import ssmjax
+
+    if args.method == "em":
+        if len(models) > 1:
+            best, scores, _ = ssmjax.fit_em_restarts(_stack(models), y, lengths=lengths, max_iters=args.iters,
+                                                     tol=args.tol, progress=args.progress)
+            return best, float(np.max(np.asarray(scores))), f"EM, best of {len(models)} restarts"
+        fitted, lls, info = ssmjax.fit_em(models[0], y, lengths=lengths, max_iters=args.iters, tol=args.tol,
+                                          progress=args.progress, return_info=True)
+        return fitted, None, f"EM, {info.num_iters} iterations ({info.status})"
+    best, best_ll = None, -np.inf
+    for r, m in enumerate(models):
+        fitted, _ = ssmjax.fit_sgd(m, y, optax.adam(args.learning_rate), lengths=lengths, num_steps=args.iters,
+                                   key=jax.random.key(args.seed + r), progress=args.progress)
+        ll = _total_loglik(fitted, y, lengths)
+        if ll > best_ll:
+            best, best_ll = fitted, ll
+    return best, best_ll, f"SGD (adam, lr {args.learning_rate}), {args.iters} steps, best of {len(models)}"
+
+
+def _total_loglik(model, y, lengths):
+    import jax
+    import jax.numpy as jnp
+
+    lls = jax.vmap(lambda s, n: model.marginal_loglik(s, length=n))(jnp.asarray(y), jnp.asarray(lengths))
+    return float(jnp.sum(lls))
+
+
+def _posteriors(model, y, lengths, data, decode: bool):
+    """Rows of the per-step posterior CSV and the header."""
+    import jax.numpy as jnp
+
+    import ssmjax
+
+    rows = []
+    if isinstance(model, ssmjax.HMM):
+        k = model.num_states
+        header = ["sequence", "step"] + (["viterbi_state"] if decode else []) + [f"p_state_{i}" for i in range(k)]
+        for b, n in enumerate(lengths):
+            seq = jnp.asarray(y[b, :n])
+            probs = np.asarray(model.smoother(seq).smoothed_probs)
+            path = np.asarray(model.most_likely_states(seq)) if decode else None
+            for t in range(int(n)):
+                rows.append([data.ids[b], t] + ([int(path[t])] if decode else []) + [f"{p:.6g}" for p in probs[t]])
+        return header, rows
+    dx = model.state_dim
+    header = ["sequence", "step"] + [f"mean_{i}" for i in range(dx)] + [f"sd_{i}" for i in range(dx)]
+    for b, n in enumerate(lengths):
+        post = model.smoother(jnp.asarray(y[b, :n]))
+        means = np.asarray(post.smoothed_means)
+        sds = np.sqrt(np.diagonal(np.asarray(post.smoothed_covs), axis1=1, axis2=2))
+        for t in range(int(n)):
+            rows.append([data.ids[b], t] + [f"{v:.6g}" for v in means[t]] + [f"{v:.6g}" for v in sds[t]])
+    return header, rows
+
+
+def _plot(path, model, y, lengths, data):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    import jax.numpy as jnp
+
+    import ssmjax
+
+    n = int(lengths[0])
+    seq = jnp.asarray(y[0, :n])
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
+    obs = np.asarray(y[0, :n]).reshape(n, -1)
+    ax1.plot(np.arange(n), obs[:, 0], ".", color="0.4", label=f"{data.columns[0]} (sequence {data.ids[0]})")
+    if isinstance(model, ssmjax.HMM):
+        probs = np.asarray(model.smoother(seq).smoothed_probs)
+        ax2.stackplot(np.arange(n), probs.T, labels=[f"state {i}" for i in range(probs.shape[1])], alpha=0.8)
+        ax2.set_ylabel("p(state | data)")
+        ax2.set_ylim(0, 1)
+    else:
+        post = model.smoother(seq)
+        means = np.asarray(post.smoothed_means)
+        sds = np.sqrt(np.diagonal(np.asarray(post.smoothed_covs), axis1=1, axis2=2))
+        for i in range(means.shape[1]):
+            ax2.plot(means[:, i], label=f"x_{i}")
+            ax2.fill_between(np.arange(n), means[:, i] - 1.645 * sds[:, i], means[:, i] + 1.645 * sds[:, i], alpha=0.2)
+        ax2.set_ylabel("smoothed state (90 %)")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="upper right")
+    ax2.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _write_outputs(output_dir, model, header, rows, plot_args, out):
+    """Write model/posteriors/plot to a temporary folder, then move them into place."""
+    import csv as _csv
+    import shutil
+    import tempfile
+
+    import ssmjax
+
+    parent = os.path.dirname(os.path.abspath(output_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".ssmjax-staging-")
+    try:
+        names = []
+        if model is not None:
+            ssmjax.save(os.path.join(staging, "model.eqx"), model)
+            names.append("model.eqx")
+        with open(os.path.join(staging, "posteriors.csv"), "w", newline="") as f:
+            w = _csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+        names.append("posteriors.csv")
+        if _plot(os.path.join(staging, "plot.png"), *plot_args):
+            names.append("plot.png")
+        os.makedirs(output_dir, exist_ok=True)
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"Wrote {', '.join(names)} to {os.path.abspath(output_dir)}/", file=out)
+
+
+def _describe_model(model, out):
+    import ssmjax
+
+    if isinstance(model, ssmjax.HMM):
+        print(f"  initial_probs     = {np.round(np.asarray(model.initial_probs), 4).tolist()}", file=out)
+        print(f"  transition_matrix = {_fmt_matrix(np.asarray(model.transition_matrix))}", file=out)
+        em = model.emissions
+        for name in ("rates", "means", "probs"):
+            if hasattr(type(em), name):
+                print(f"  emissions.{name:<7}= {np.round(np.asarray(getattr(em, name)), 4).tolist()}", file=out)
+    else:
+        for name in ("transition_matrix", "transition_cov", "emission_matrix", "emission_cov"):
+            print(f"  {name:<17} = {_fmt_matrix(np.asarray(getattr(model, name)))}", file=out)
+
+
+def cmd_fit(args, out) -> int:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    from ._cli_data import read_data
+
+    data = read_data(args.data, columns=args.columns, id_column=args.id_column)
+    key = jax.random.key(args.seed)
+    if args.model == "hmm":
+        y = _prepare_hmm_data(data, args.emissions)
+        models = _initial_hmms(key, y, data.lengths, args.states, args.emissions, args.restarts)
+    else:
+        y = data.values
+        models = _initial_lgssms(key, y, data.lengths, args.state_dim, args.restarts)
+    fitted, _, how = _fit(models, y, data.lengths, args)
+    ll = _total_loglik(fitted, y, data.lengths)
+    print(f"Fitted {'an HMM' if args.model == 'hmm' else 'an LGSSM'} to {len(data.ids)} sequence(s), "
+          f"{int(data.lengths.sum())} steps, columns {data.columns}: {how}", file=out)
+    _describe_model(fitted, out)
+    print(f"  log-likelihood    = {ll:.4f}", file=out)
+    header, rows = _posteriors(fitted, y, data.lengths, data, decode=args.model == "hmm")
+    _write_outputs(args.output, fitted, header, rows, (fitted, y, data.lengths, data), out)
+    return 0
+
+
+def cmd_apply(args, out, decode: bool) -> int:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import ssmjax
+
+    from ._cli_data import DataError, read_data
+
+    try:
+        model = ssmjax.load(args.model_file)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{args.model_file}: cannot load a model ({err})") from None
+    data = read_data(args.data, columns=args.columns, id_column=args.id_column)
+    if isinstance(model, ssmjax.HMM):
+        kind = type(model.emissions).__name__.replace("Emissions", "").lower()
+        y = _prepare_hmm_data(data, kind if kind in HMM_EMISSIONS else "gaussian")
+        shape = tuple(model.emissions.emission_shape)
+        got = y.shape[2:]
+        if got != shape:
+            raise DataError(f"{data.path}: the model expects emissions of shape {shape} per step; the file gives {got}")
+    elif isinstance(model, ssmjax.LGSSM):
+        if decode:
+            raise DataError(f"{args.model_file}: decode (Viterbi) applies to HMMs; use `ssmjax smooth` for an LGSSM")
+        y = data.values
+        if y.shape[2] != model.emission_dim:
+            raise DataError(f"{data.path}: the model expects {model.emission_dim} emission column(s); "
+                            f"the file gives {y.shape[2]} ({data.columns})")
+    else:
+        raise DataError(f"{args.model_file}: holds a {type(model).__name__}, not an HMM or LGSSM")
+    ll = _total_loglik(model, y, data.lengths)
+    print(f"Applied the model in {args.model_file} to {len(data.ids)} sequence(s): log-likelihood {ll:.4f}", file=out)
+    header, rows = _posteriors(model, y, data.lengths, data, decode=decode)
+    _write_outputs(args.output, None, header, rows, (model, y, data.lengths, data), out)
+    return 0
+
+
+def _add_data_options(p):
+    p.add_argument("data", help="a .csv (header row; one row per step) or .npy ((T,), (T, D) or (B, T, D)) file")
+    p.add_argument("--columns", type=lambda s: [c.strip() for c in s.split(",") if c.strip()], default=None,
+                   help="comma-separated emission columns of a CSV (default: all but the id column)")
+    p.add_argument("--id-column", default="sequence", help="CSV column naming the sequence of each row")
+
+
+def main(argv: Sequence[str] | None = None, out=None) -> int:
+    """Entry point of the ``ssmjax`` console script. Returns the exit code."""
+    from ._cli_data import DataError
+
+    out = out or sys.stdout
     parser = argparse.ArgumentParser(
         prog="ssmjax", description="Exact, fast, differentiable state-space models in JAX."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="fit HMMs to earthquake counts and a local-level model to the Nile")
     demo.add_argument("--output", default=DEFAULT_OUTPUT, help=f"folder for the plots (default {DEFAULT_OUTPUT})")
+
+    fit = sub.add_parser("fit", help="fit an HMM or an LGSSM to your data")
+    fit.add_argument("model", choices=("hmm", "lgssm"))
+    _add_data_options(fit)
+    fit.add_argument("--states", type=int, default=2, help="HMM: number of hidden states K")
+    fit.add_argument("--emissions", choices=HMM_EMISSIONS, default="gaussian", help="HMM emission family")
+    fit.add_argument("--state-dim", type=int, default=1, help="LGSSM: latent dimension Dx")
+    fit.add_argument("--method", choices=("em", "sgd"), default="em")
+    fit.add_argument("--iters", type=int, default=200, help="EM iterations / SGD steps")
+    fit.add_argument("--tol", type=float, default=1e-7, help="EM relative-improvement tolerance")
+    fit.add_argument("--learning-rate", type=float, default=0.02, help="SGD (adam) learning rate")
+    fit.add_argument("--restarts", type=int, default=1, help="fit from this many starts and keep the best")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
+                     help="show a progress bar (default: when stderr is a terminal)")
+    fit.add_argument("--output", default="ssmjax-fit-output", help="folder for model.eqx, posteriors.csv, plot.png")
+
+    for name, text in (("decode", "Viterbi paths and posteriors of new data under a saved HMM"),
+                       ("smooth", "smoothed posteriors of new data under a saved HMM or LGSSM")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model_file", help="a model written by `ssmjax fit` or ssmjax.save")
+        _add_data_options(p)
+        p.add_argument("--output", default=f"ssmjax-{name}-output", help="folder for posteriors.csv and plot.png")
+
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        run_demo(output_dir=args.output)
-        return 0
-    parser.print_help()
+    try:
+        if args.command == "demo":
+            run_demo(out=out, output_dir=args.output)
+            return 0
+        if args.command == "fit":
+            for flag in ("states", "state_dim", "iters", "restarts"):
+                if getattr(args, flag) < 1:
+                    raise DataError(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
+            return cmd_fit(args, out)
+        if args.command in ("decode", "smooth"):
+            return cmd_apply(args, out, decode=args.command == "decode")
+    except DataError as err:
+        print(f"ssmjax: error: {err}", file=sys.stderr)
+        return 2
+    parser.print_help(out)
     return 2
 
 

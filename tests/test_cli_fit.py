@@ -1,0 +1,129 @@
+"""`ssmjax fit / decode / smooth`: real fits from files, round-trips, and one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ssmjax
+from ssmjax import cli
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    with open(d / "counts.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sequence", "count"])
+        for s, n in (("a", 70), ("b", 40)):
+            z = 0
+            for _ in range(n):
+                z = 1 - z if rng.random() < 0.1 else z
+                w.writerow([s, rng.poisson([4, 15][z])])
+    x = np.cumsum(rng.standard_normal(60))
+    y = np.stack([x + 0.3 * rng.standard_normal(60), -x + 0.3 * rng.standard_normal(60)], axis=1)
+    y[5:8, 1] = np.nan  # missing entries are fine for an LGSSM
+    np.save(d / "track.npy", y)
+    return d
+
+
+def run(*argv):
+    buf = io.StringIO()
+    code = cli.main([str(a) for a in argv], out=buf)
+    return code, buf.getvalue()
+
+
+def test_fit_hmm_from_csv_writes_model_posteriors_plot(files, tmp_path):
+    out = tmp_path / "fit"
+    code, text = run("fit", "hmm", files / "counts.csv", "--emissions", "poisson", "--states", "2",
+                     "--restarts", "2", "--output", out)
+    assert code == 0, text
+    model = ssmjax.load(out / "model.eqx")
+    assert isinstance(model, ssmjax.HMM) and model.num_states == 2
+    # the saved model is an EM optimum: one more EM step cannot improve it beyond round-off
+    y = np.loadtxt(files / "counts.csv", delimiter=",", skiprows=1, usecols=1)
+    batch = np.full((2, 70, 1), np.nan)
+    batch[0, :70, 0], batch[1, :40, 0] = y[:70], y[70:]
+    _, lls = ssmjax.fit_em(model, np.nan_to_num(batch), lengths=[70, 40], max_iters=2, tol=0.0)
+    np.testing.assert_allclose(lls[1], lls[0], rtol=1e-6)
+    with open(out / "posteriors.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["sequence", "step", "viterbi_state", "p_state_0", "p_state_1"] and len(rows) == 111
+    probs = np.array([[float(v) for v in r[3:]] for r in rows[1:]])
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    if pytest.importorskip("matplotlib"):
+        assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert "log-likelihood" in text
+
+
+def test_fit_lgssm_from_npy_then_smooth(files, tmp_path):
+    code, text = run("fit", "lgssm", files / "track.npy", "--state-dim", "1", "--iters", "50", "--output", tmp_path / "f")
+    assert code == 0, text
+    model = ssmjax.load(tmp_path / "f" / "model.eqx")
+    assert isinstance(model, ssmjax.LGSSM)
+    code, text = run("smooth", tmp_path / "f" / "model.eqx", files / "track.npy", "--output", tmp_path / "s")
+    assert code == 0, text
+    y = jnp.asarray(np.load(files / "track.npy"))
+    expected = float(model.marginal_loglik(y))
+    assert f"{expected:.4f}" in text
+    means = np.loadtxt(tmp_path / "s" / "posteriors.csv", delimiter=",", skiprows=1, usecols=2)
+    np.testing.assert_allclose(means, np.asarray(model.smoother(y).smoothed_means[:, 0]), rtol=1e-5, atol=1e-8)
+
+
+def test_fit_hmm_by_sgd(files, tmp_path):
+    code, text = run("fit", "hmm", files / "counts.csv", "--emissions", "poisson", "--method", "sgd",
+                     "--iters", "300", "--learning-rate", "0.05", "--output", tmp_path / "o")
+    assert code == 0 and "SGD" in text
+
+
+def test_decode_matches_viterbi(files, tmp_path):
+    run("fit", "hmm", files / "counts.csv", "--emissions", "poisson", "--output", tmp_path / "f")
+    code, _ = run("decode", tmp_path / "f" / "model.eqx", files / "counts.csv", "--output", tmp_path / "d")
+    assert code == 0
+    model = ssmjax.load(tmp_path / "f" / "model.eqx")
+    y = np.loadtxt(files / "counts.csv", delimiter=",", skiprows=1, usecols=1)
+    path = np.asarray(model.most_likely_states(jnp.asarray(y[:70, None])))
+    states = np.loadtxt(tmp_path / "d" / "posteriors.csv", delimiter=",", skiprows=1, usecols=2, dtype=str)
+    np.testing.assert_array_equal(states[:70].astype(int), path)
+
+
+@pytest.mark.parametrize(
+    "content, args, message",
+    [
+        ("sequence,count\na,3\na,x\n", ["--emissions", "poisson"], "row 3, column 'count': cannot parse 'x'"),
+        ("sequence,count\na,3\na,4,5\n", ["--emissions", "poisson"], "row 3: 3 fields, but the header has 2"),
+        ("sequence,count\na,3\nb,\n", ["--emissions", "poisson"], "row 3, column 'count': missing value"),
+        ("sequence,count\na,3\nb,2.5\n", ["--emissions", "poisson"], "row 3, column 'count': 2.5 is not valid"),
+        ("sequence,count\na,3\nb,4\n", ["--columns", "rate"], "row 1: missing column(s) ['rate']"),
+        ("sequence,count\na,3\nb,4\na,5\n", [], "row 4, column 'sequence': rows of sequence 'a' are not contiguous"),
+        ("sequence,count\n", [], "no data rows after the header"),
+    ],
+)
+def test_bad_files_give_one_line_and_exit_2_and_write_nothing(tmp_path, capsys, content, args, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    out = tmp_path / "out"
+    code, _ = run("fit", "hmm", path, *args, "--output", out)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"ssmjax: error: {path}") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_bad_npy_and_model_mismatch(files, tmp_path, capsys):
+    np.save(tmp_path / "cube.npy", np.zeros((2, 3, 4, 5)))
+    assert run("fit", "lgssm", tmp_path / "cube.npy")[0] == 2
+    assert "expected shape (T,), (T, D) or (B, T, D)" in capsys.readouterr().err
+    run("fit", "lgssm", files / "track.npy", "--iters", "5", "--output", tmp_path / "f")
+    np.save(tmp_path / "three.npy", np.zeros((10, 3)))
+    assert run("smooth", tmp_path / "f" / "model.eqx", tmp_path / "three.npy", "--output", tmp_path / "s")[0] == 2
+    assert "the model expects 2 emission column(s)" in capsys.readouterr().err
+    assert run("decode", tmp_path / "f" / "model.eqx", files / "track.npy", "--output", tmp_path / "d")[0] == 2
+    assert "decode (Viterbi) applies to HMMs" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()
