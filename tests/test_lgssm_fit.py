@@ -276,3 +276,18 @@ def test_lgssm_fit_errors():
     # gradient fitting handles time-varying fields (one matrix per step)
     fitted, losses = ssmjax.fit_sgd(tv, y + rng.standard_normal(y.shape), optax.adam(0.01), num_steps=5)
     assert np.all(np.isfinite(losses)) and fitted.emission_matrix.shape == (10, 3, 2)
+
+
+def test_degenerate_em_returns_last_good_model_and_bad_start_is_rejected():
+    model = local_level(1.0, 1.0)
+    tiny = np.array([[[1.0], [np.nan], [1.0]]])  # R collapses towards 0 on three points
+    with pytest.warns(RuntimeWarning, match="last good model"):
+        fitted, lls, info = ssmjax.fit_em(model, tiny, max_iters=500, tol=0.0,
+                                          frozen=("initial_mean", "initial_cov"), return_info=True)
+    assert info.status in ("not_finite", "decreased")
+    assert np.all(np.isfinite(np.asarray(fitted.emission_cov)))
+    assert np.isfinite(float(fitted.marginal_loglik(jnp.asarray(tiny[0]))))
+    bad = ssmjax.LGSSM(initial_mean=jnp.zeros(1), initial_cov=jnp.eye(1), transition_matrix=jnp.eye(1),
+                       transition_cov=jnp.eye(1), emission_matrix=jnp.eye(1), emission_cov=-jnp.eye(1))
+    with pytest.raises(ValueError, match="`emission_cov` must be positive definite"):
+        ssmjax.fit_em(bad, tiny)

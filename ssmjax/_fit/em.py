@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._checks import value_checks
 from . import progress as _progress
 from .protocol import AbstractFittableModel, check_frozen
 
@@ -119,8 +120,11 @@ def _em_loop(model, emissions, lengths, inputs, tol, max_iters: int, frozen: fro
 
 @eqx.filter_jit
 def _em_compiled(model, emissions, lengths, inputs, tol, max_iters, frozen, progress):
-    params, lls, it, status = _em_loop(model, emissions, lengths, inputs, tol, max_iters, frozen, progress)
-    return params, lls, it, status
+    # Inputs were validated eagerly; iterates come from our own M-steps. Value checks
+    # inside the loop would turn a degenerate iterate (e.g. a covariance collapsing on
+    # tiny data) into an exception instead of the guard's "last good model".
+    with value_checks(False):
+        return _em_loop(model, emissions, lengths, inputs, tol, max_iters, frozen, progress)
 
 
 @eqx.filter_jit
@@ -134,7 +138,8 @@ def _em_restarts_compiled(models, emissions, lengths, inputs, tol, max_iters, fr
         _, final_ll = _batch_e_step(fitted, emissions, lengths, inputs)
         return fitted_params, lls, it, status, final_ll
 
-    return jax.vmap(one)(params)
+    with value_checks(False):  # see _em_compiled
+        return jax.vmap(one)(params)
 
 
 def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen):

@@ -55,6 +55,10 @@ def check_batch(model, emissions, lengths, inputs):
             )
         inputs = _checks.as_float_array("inputs", inputs, emissions.dtype)
         _checks.check_shape("inputs", inputs, (num_seq, num_timesteps, du), "(B, T, Du)")
+    # the starting model's covariances are user input: check them now, eagerly
+    from .inference import _value_check_model
+
+    _value_check_model(model, num_timesteps, None)
     for name in parameter_names(model):
         value = getattr(model, name)
         if _is_time_varying(model, name):
