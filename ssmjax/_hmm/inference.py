@@ -443,7 +443,6 @@ def _filter_core_bwd(residuals, cotangents):
     # whatever ll holds (NaN/inf -> 0 by _finite_or_zero), so the scan needs no masking.
     shift = (jnp.where(valid, peaks, jnp.inf), log_cs)
     betas = _lean_backward_scan(trans, ll, shift, valid)
-    grad_ll = jnp.where(valid[:, None], raw * betas, 0.0) * ct_loglik
     grad_pi = _weights(ll[0], shift[0][0], shift[1][0]) * betas[0]
     # d log p / d A_{t} = outer(filtered[t], v[t+1]) on real pairs, v = weights * betas.
     if trans.ndim == 3:
@@ -451,6 +450,7 @@ def _filter_core_bwd(residuals, cotangents):
         grad_trans = raw[:-1, :, None] * v_next[:, None, :]
     else:
         grad_trans = _blocked_transition_grad(raw, ll, shift, betas)
+    grad_ll = jnp.where(valid[:, None], raw * betas, 0.0) * ct_loglik
     return (grad_pi * ct_loglik, grad_trans * ct_loglik, grad_ll, length_ct)
 
 
@@ -466,15 +466,13 @@ def _lean_backward_scan(transition_matrix, log_likelihoods, shift, valid):
     """
     num_states = log_likelihoods.shape[1]
     a_xs = _prev_transitions(transition_matrix, log_likelihoods.shape[0])
-    pad = jnp.where(valid, 0.0, 1.0).astype(log_likelihoods.dtype)
-
     def _step(beta, x):
-        ll, peak, log_c, p, a_t = x
+        ll, peak, log_c, is_valid, a_t = x
         v = _weights(ll, peak, log_c) * beta
-        return _matvec(_pick(transition_matrix, a_t), v) + p, beta
+        return _matvec(_pick(transition_matrix, a_t), v) + jnp.logical_not(is_valid).astype(v.dtype), beta
 
     ones = jnp.ones((num_states,), log_likelihoods.dtype)
-    _, betas = lax.scan(_step, ones, (log_likelihoods, *shift, pad, a_xs), reverse=True)
+    _, betas = lax.scan(_step, ones, (log_likelihoods, *shift, valid, a_xs), reverse=True)
     return betas
 
 
