@@ -379,12 +379,13 @@ def _filter_standard(
             fx = _at(p, tv, x, "f")
             p_mean = p_mean + (jnp.where(x["valid_next"], fx, 0.0) if has_length else fx)
         p_cov = symmetrize(ops.mm(ops.mm(A, f_cov), A.T) + Q)
-        return (p_mean, p_cov, loglik + ll), (mean, cov, f_mean, f_cov, W, V, z)
+        # the smoother's factors leave the scan as one array [W, V, z] (one write per step)
+        return (p_mean, p_cov, loglik + ll), (mean, cov, f_mean, f_cov, sol)
 
     xs = _scan_inputs(p, tv, y=ys, mask=mask, valid_next=valid_next)
     init = (p["m0"], p["P0"], jnp.zeros((), dtype))
-    (_, _, loglik), (pm, pc, fm, fc, W, V, z) = jax.lax.scan(_step, init, xs)
-    return loglik, fm, fc, pm, pc, (W, V, z)
+    (_, _, loglik), (pm, pc, fm, fc, factors) = jax.lax.scan(_step, init, xs)
+    return loglik, fm, fc, pm, pc, factors
 
 
 # --------------------------------------------------------------------------- square-root filter
@@ -479,16 +480,15 @@ def _smooth_standard(
     fm: Float[Array, "T Dx"],
     fc: Float[Array, "T Dx Dx"],
     pc: Float[Array, "T Dx Dx"],
-    W: Float[Array, "T Dy Dx"],
-    V: Float[Array, "T Dy Dx"],
-    z: Float[Array, "T Dy"],
+    factors: Float[Array, "T Dy _"],
     valid_next: Bool[Array, " T"],
     ops: type,
 ):
     r"""Smoothed moments by the modified Bryson-Frazier recursion (no Dx x Dx solves).
 
     Mathematically identical to the RTS recursion. With the filter's per-step factors
-    :math:`W_t = L_t^{-1} C_t P_{t|t-1}`, :math:`V_t = L_t^{-1} C_t`, :math:`z_t = L_t^{-1} r_t`
+    ``factors[t] = [W_t, V_t, z_t]``, :math:`W_t = L_t^{-1} C_t P_{t|t-1}`,
+    :math:`V_t = L_t^{-1} C_t`, :math:`z_t = L_t^{-1} r_t`
     (:math:`L_t L_t^\top = S_t`, missing rows of :math:`C_t` zeroed), the adjoint
     :math:`\lambda_t, \Lambda_t` (:math:`\lambda_T = 0, \Lambda_T = 0` past the end) obeys
 
@@ -517,7 +517,8 @@ def _smooth_standard(
         lam, Lam, pc_next, cross_buf = carry  # lambda_{t+1}, Lambda_{t+1}, P_{t+1|t}, output
         A = _at(p, tv, x, "A")
         A = jnp.where(x["valid_next"], A, eye_x)
-        Pf, Wt, Vt = x["fc"], x["W"], x["V"]
+        Pf, sol = x["fc"], x["factors"]
+        Wt, Vt, zt = sol[:, :dx], sol[:, dx : 2 * dx], sol[:, 2 * dx]
         X = ops.mm(Pf, A.T)  # P_{t|t} A_t^T
         # B_t = A_t F_t = A_t - (A_t W_t^T) V_t, so lambda_t = V^T z + B^T lambda_{t+1}
         Bt = A - ops.mm(ops.mm(A, Wt.T), Vt)
@@ -525,7 +526,7 @@ def _smooth_standard(
         s_mean = x["fm"] + ops.mv(X, lam)
         s_cov = symmetrize(Pf - ops.mm(Y, X.T))
         cross = jnp.where(x["valid_next"], X - ops.mm(Y, pc_next), 0.0)
-        lam_new = ops.mv(Vt.T, x["z"]) + ops.mv(Bt.T, lam)
+        lam_new = ops.mv(Vt.T, zt) + ops.mv(Bt.T, lam)
         Lam_new = symmetrize(ops.mm(Vt.T, Vt) + ops.mm(ops.mm(Bt.T, Lam), Bt))
         if not in_place:
             return (lam_new, Lam_new, x["pc"], cross_buf), (s_mean, s_cov)
@@ -534,7 +535,7 @@ def _smooth_standard(
         return (lam_new, Lam_new, x["pc"], cross_buf), (s_mean, s_cov)
 
     xs = _scan_inputs(
-        p, tv, t=jnp.arange(num_timesteps), fm=fm, fc=fc, pc=pc, W=W, V=V, z=z, valid_next=valid_next
+        p, tv, t=jnp.arange(num_timesteps), fm=fm, fc=fc, pc=pc, factors=factors, valid_next=valid_next
     )
     zeros = jnp.zeros((dx, dx), dtype)
     init = (jnp.zeros((dx,), dtype), zeros, zeros, jnp.zeros((num_timesteps - 1, dx, dx), dtype))
@@ -624,8 +625,8 @@ def _smoother_impl(
         sm, chol_sc, cross = _smooth_sqrt(p, tv, fm, chol_fc, pm, chol_pc, chol_q, valid_next)
         fc, pc, sc = _outer(chol_fc), _outer(chol_pc), _outer(chol_sc)
     else:
-        loglik, fm, fc, pm, pc, (W, V, z) = out
-        sm, sc, cross = _smooth_standard(p, tv, fm, fc, pc, W, V, z, valid_next, ops)
+        loglik, fm, fc, pm, pc, factors = out
+        sm, sc, cross = _smooth_standard(p, tv, fm, fc, pc, factors, valid_next, ops)
     return RTSSmootherResult(loglik, fm, fc, pm, pc, sm, sc, cross)
 
 
