@@ -136,8 +136,9 @@ def _steps(model, emissions, inputs, length):
         a = p[key]
         return a if key in tv else jnp.broadcast_to(a, (num_timesteps,) + static_shape)
 
+    # covariances enter symmetrised, so gradients w.r.t. them are symmetric (as the sequential ones)
     H = jnp.where(mask[:, :, None], full("C", (dy, dx)), 0.0)
-    R = jnp.where(mask[:, :, None] & mask[:, None, :], full("R", (dy, dy)), eye_y)
+    R = jnp.where(mask[:, :, None] & mask[:, None, :], symmetrize(full("R", (dy, dy))), eye_y)
     r = ys
     if "e" in p:
         r = r - full("e", (dy,))
@@ -145,12 +146,12 @@ def _steps(model, emissions, inputs, length):
     # transitions: the extra entry T-1 (and padding) is the identity
     vn = valid_next  # already False at t = T-1
     F = jnp.where(vn[:, None, None], full("A", (dx, dx)), eye_x)
-    Q = jnp.where(vn[:, None, None], full("Q", (dx, dx)), 0.0)
+    Q = jnp.where(vn[:, None, None], symmetrize(full("Q", (dx, dx))), 0.0)
     c = jnp.zeros((num_timesteps, dx), dtype)
     if "f" in p:
         c = jnp.where(vn[:, None], full("f", (dx,)), 0.0)
     valid = jnp.arange(num_timesteps) < (num_timesteps if length is None else length)
-    return dict(H=H, R=R, r=r, mask=mask, F=F, c=c, Q=Q, m0=p["m0"], P0=p["P0"], valid=valid,
+    return dict(H=H, R=R, r=r, mask=mask, F=F, c=c, Q=Q, m0=p["m0"], P0=symmetrize(p["P0"]), valid=valid,
                 valid_next=vn)
 
 

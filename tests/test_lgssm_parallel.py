@@ -1,0 +1,232 @@
+"""Parallel-in-time (associative-scan) Kalman filter and RTS smoother against the sequential ones and the oracle.
+
+Tolerances (``helpers.TOLERANCES``):
+
+* float64, parallel vs sequential ``ssmjax.kalman_filter`` / ``ssmjax.rts_smoother`` (every field, incl.
+  ``smoothed_cross_covs``, padded outputs, vmapped ragged batches) and vs the dense-Gaussian oracle:
+  ``helpers.tol(float64)`` = ``rtol=1e-9, atol=1e-10``; observed ~1e-15.
+* float64 gradients (log-likelihood and a function of every smoothed output, w.r.t. all model fields and
+  the emissions) vs the sequential ones: ``helpers.tol(float64)``; observed ~1e-14.
+* float32, benign problem (Dx = 4, Dy = 2, stable dynamics, T = 10^4): filtered and smoothed means within
+  ``helpers.tol(float32)`` (``rtol=2e-4, atol=1e-5``) of float64, log-likelihood within relative
+  ``2e-4`` (``helpers.tol(float32)['rtol']``). Observed: means ~2e-6 absolute, log-likelihood ~1e-6
+  relative (see ``test_float32_long_sequence``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_allclose, tol
+from test_lgssm_inference import CONFIGS, FIELDS, _pad, make_case, make_params, to_model
+from test_lgssm_oracle import oracle
+
+from ssmjax._lgssm.model import FIELDS as FIELD_NAMES
+
+import ssmjax
+from ssmjax._lgssm import parallel
+
+F64 = tol(np.float64)
+FILTER_FIELDS = FIELDS[:5]
+
+
+def _close(a, b, fields=FIELDS):
+    for field in fields:
+        got, want = np.asarray(getattr(a, field)), np.asarray(getattr(b, field))
+        assert got.shape == want.shape, field
+        np.testing.assert_allclose(got, want, err_msg=field, **F64)
+
+
+def _grads_close(g_par, g_seq, pad_from=None):
+    """Model gradients field by field (covariances: symmetric parts, the only meaningful ones for a
+    symmetric parameter), then any other arguments; ``pad_from`` = (T, ...) checks zeros past T."""
+    (m_par, *rest_par), (m_seq, *rest_seq) = g_par, g_seq
+    pairs = []
+    for field in FIELD_NAMES:
+        a, b = getattr(m_par, field), getattr(m_seq, field)
+        if a is None:
+            continue
+        a, b = np.asarray(a), np.asarray(b)
+        if "cov" in field:
+            a, b = 0.5 * (a + np.swapaxes(a, -1, -2)), 0.5 * (b + np.swapaxes(b, -1, -2))
+        pairs.append((field, a, b))
+    pairs += [(f"argument {i}", np.asarray(a), np.asarray(b)) for i, (a, b) in enumerate(zip(rest_par, rest_seq))]
+    for name, a, b in pairs:
+        assert np.all(np.isfinite(a)), name
+        if a.shape != b.shape:  # padded time-varying fields, emissions, inputs: real part equal, padding zero
+            np.testing.assert_allclose(a[: b.shape[0]], b, err_msg=name, **F64)
+            assert np.all(a[b.shape[0] :] == 0.0), name
+        else:
+            np.testing.assert_allclose(a, b, err_msg=name, **F64)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_equal_sequential_and_oracle(name):
+    """Stationary, time-varying, inputs, offsets, partial and whole missing steps."""
+    params, y, u = make_case(name, seed=1)
+    model = to_model(params)
+    post = parallel.rts_smoother_parallel(model, y, inputs=u)
+    _close(post, ssmjax.rts_smoother(model, y, inputs=u))
+    if name == "full":
+        _close(parallel.kalman_filter_parallel(model, y, inputs=u), ssmjax.kalman_filter(model, y, inputs=u), FILTER_FIELDS)
+    ref = oracle(params, y, u)
+    for field in FIELDS:
+        assert_allclose(getattr(post, field), ref[field], dtype=np.float64, err_msg=field)
+
+
+def test_deterministic_component_and_all_missing():
+    """Singular transition noise (exactly deterministic state component); a sequence with nothing observed."""
+    rng = np.random.default_rng(2)
+    params = make_params(rng, 3, 2, 6, du=1, offsets=True, singular_q=True)
+    model = to_model(params)
+    y = rng.normal(size=(6, 2))
+    y[2, 1] = np.nan
+    u = rng.normal(size=(6, 1))
+    _close(parallel.rts_smoother_parallel(model, y, inputs=u), ssmjax.rts_smoother(model, y, inputs=u))
+    y_none = np.full_like(y, np.nan)
+    post = parallel.rts_smoother_parallel(model, y_none, inputs=u)
+    _close(post, ssmjax.rts_smoother(model, y_none, inputs=u))
+    assert float(post.marginal_loglik) == 0.0
+
+
+@pytest.mark.parametrize("garbage", [np.nan, np.inf])
+def test_padding_values_and_gradients(garbage):
+    params, y, u = make_case("full", seed=5)
+    T, T_pad = y.shape[0], 9
+    padded, y_p, u_p = _pad(params, y, u, T_pad, garbage)
+    out = parallel.rts_smoother_parallel(to_model(padded), y_p, inputs=u_p, length=T)
+    _close(out, ssmjax.rts_smoother(to_model(padded), y_p, inputs=u_p, length=T))
+    for field in FIELDS:
+        assert np.all(np.isfinite(np.asarray(getattr(out, field)))), field
+    # documented padded outputs, exactly: the filtered moments of step length - 1, zero cross-covariances
+    for field in ("filtered_means", "predicted_means", "smoothed_means"):
+        np.testing.assert_array_equal(np.asarray(getattr(out, field))[T:], np.broadcast_to(out.filtered_means[T - 1], (T_pad - T, 3)))
+    for field in ("filtered_covs", "predicted_covs", "smoothed_covs"):
+        np.testing.assert_array_equal(np.asarray(getattr(out, field))[T:], np.broadcast_to(out.filtered_covs[T - 1], (T_pad - T, 3, 3)))
+    assert np.all(np.asarray(out.smoothed_cross_covs)[T - 1 :] == 0.0)
+
+    def loss(fn, model, y, u, length):  # a function of the real steps only
+        out = fn(model, y, inputs=u, length=length)
+        return out.marginal_loglik + jnp.sum(jnp.sin(out.filtered_means[:T])) + jnp.sum(out.predicted_covs[:T] ** 2)
+
+    if garbage is np.inf:
+        return  # same compiled functions as for NaN; values checked above
+    with ssmjax.value_checks(False):
+        g_ref = jax.grad(loss, argnums=(1, 2, 3))(ssmjax.kalman_filter, to_model(params), jnp.asarray(y), jnp.asarray(u), None)
+        g_pad = jax.grad(loss, argnums=(1, 2, 3))(
+            parallel.kalman_filter_parallel, to_model(padded), jnp.asarray(y_p), jnp.asarray(u_p), T
+        )
+    _grads_close(g_pad, g_ref)
+
+
+def test_gradients_equal_sequential():
+    """float64 smoother gradients w.r.t. every model field, the emissions (missing entries too) and the inputs."""
+    params, y, u = make_case("full", seed=8)
+    model = to_model(params)
+
+    def loss(fn, model, y, u):
+        out = fn(model, y, inputs=u)
+        value = out.marginal_loglik + jnp.sum(jnp.cos(out.filtered_means)) + jnp.sum(out.predicted_covs**2)
+        value = value + jnp.sum(jnp.sin(out.smoothed_means)) + jnp.sum(out.smoothed_covs**2)
+        return value + jnp.sum(out.smoothed_cross_covs)
+
+    with ssmjax.value_checks(False):
+        g_par = jax.grad(loss, argnums=(1, 2, 3))(parallel.rts_smoother_parallel, model, jnp.asarray(y), jnp.asarray(u))
+        g_seq = jax.grad(loss, argnums=(1, 2, 3))(ssmjax.rts_smoother, model, jnp.asarray(y), jnp.asarray(u))
+    _grads_close(g_par, g_seq)
+
+
+def test_jit_and_vmap_ragged_batch():
+    rng = np.random.default_rng(6)
+    T = 7
+    model = to_model(make_params(rng, 2, 2, T, du=1, offsets=True))
+    lengths = [7, 4, 1]
+    ys, us = [], []
+    for L in lengths:
+        y = rng.normal(size=(L, 2))
+        if L > 2:
+            y[1, 1] = np.nan
+        y_p = np.full((T, 2), np.nan)
+        y_p[:L] = y
+        u_p = np.full((T, 1), np.inf)
+        u_p[:L] = rng.normal(size=(L, 1))
+        ys.append(y_p)
+        us.append(u_p)
+    Y, U, N = jnp.asarray(np.stack(ys)), jnp.asarray(np.stack(us)), jnp.asarray(lengths)
+
+    def run(fn, y, u, length):
+        return fn(model, y, inputs=u, length=length)
+
+    got = jax.jit(jax.vmap(lambda y, u, n: run(parallel.rts_smoother_parallel, y, u, n)))(Y, U, N)
+    want = jax.vmap(lambda y, u, n: run(ssmjax.rts_smoother, y, u, n))(Y, U, N)
+    _close(got, want)
+    i, L = 1, lengths[1]  # a row equals its own unpadded run
+    single = parallel.rts_smoother_parallel(model, ys[i][:L], inputs=us[i][:L])
+    np.testing.assert_allclose(got.marginal_loglik[i], single.marginal_loglik, **F64)
+    np.testing.assert_allclose(got.smoothed_means[i, :L], single.smoothed_means, **F64)
+    np.testing.assert_allclose(got.smoothed_cross_covs[i, : L - 1], single.smoothed_cross_covs, **F64)
+
+
+def test_no_recompilation_on_second_call():
+    params, y, u = make_case("inputs-missing", seed=3)
+    model = to_model(params)
+    parallel.rts_smoother_parallel(model, y, inputs=u)
+    before = parallel._smoother_parallel._cache_size()
+    parallel.rts_smoother_parallel(model, y + 1.0, inputs=u)
+    assert parallel._smoother_parallel._cache_size() == before
+
+
+def test_single_step():
+    params, y, u = make_case("inputs-missing", seed=4)
+    params = {k: (v[:1] if np.ndim(v) == 3 else v) for k, v in params.items()}
+    model = to_model(params)
+    _close(parallel.rts_smoother_parallel(model, y[:1], inputs=u[:1]), ssmjax.rts_smoother(model, y[:1], inputs=u[:1]))
+
+
+def test_float32_long_sequence():
+    """Benign problem, T = 10^4, float32 vs float64 (tolerances in the module docstring)."""
+    rng = np.random.default_rng(0)
+    dx, dy, T = 4, 2, 10_000
+    q, _ = np.linalg.qr(rng.normal(size=(dx, dx)))
+    params = dict(
+        initial_mean=np.zeros(dx), initial_cov=np.eye(dx), transition_matrix=0.9 * q,
+        transition_cov=0.1 * np.eye(dx), emission_matrix=rng.normal(size=(dy, dx)), emission_cov=0.5 * np.eye(dy),
+        transition_offset=0.1 * rng.normal(size=dx),
+    )
+    model = to_model(params)
+    states, y = ssmjax.lgssm_sample(jax.random.key(0), model, T)
+    y = np.array(y)
+    y[::37, 0] = np.nan
+    ref = ssmjax.rts_smoother(model, y)
+    np.testing.assert_allclose(parallel.rts_smoother_parallel(model, y).marginal_loglik, ref.marginal_loglik, **F64)
+    out = parallel.rts_smoother_parallel(to_model(params, jnp.float32), jnp.asarray(y, jnp.float32))
+    assert out.smoothed_means.dtype == jnp.float32
+    for field in ("filtered_means", "smoothed_means", "filtered_covs", "smoothed_covs"):
+        assert_allclose(getattr(out, field), getattr(ref, field), dtype=np.float32, err_msg=field)
+    rel = abs(float(out.marginal_loglik) - float(ref.marginal_loglik)) / abs(float(ref.marginal_loglik))
+    assert rel <= tol(np.float32)["rtol"]
+
+
+def test_errors_identical_to_sequential():
+    params, y, u = make_case("inputs-missing", seed=0)
+    model = to_model(params)
+    bad = dict(initial_cov=-np.eye(2))
+    bad_cases = [
+        (model, y[:, :1], dict(inputs=u)),
+        (model, y, dict()),
+        (model, y, dict(inputs=u[:, None])),
+        (model, y, dict(inputs=u, length=0)),
+        (to_model({**params, **bad}), y, dict(inputs=u)),
+    ]
+    for model_, y_, kw in bad_cases:
+        for par, seq in (
+            (parallel.kalman_filter_parallel, ssmjax.kalman_filter),
+            (parallel.rts_smoother_parallel, ssmjax.rts_smoother),
+        ):
+            with pytest.raises(ValueError) as want:
+                seq(model_, y_, **kw)
+            with pytest.raises(ValueError) as got:
+                par(model_, y_, **kw)
+            assert str(got.value) == str(want.value)
