@@ -15,6 +15,8 @@ Tolerances (float64 unless stated; ``helpers.TOLERANCES`` for comparisons with a
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +25,12 @@ from helpers import assert_allclose, random_stochastic_matrix, tol
 from test_hmm_oracle import brute_force, path_log_joints
 
 import ssmjax
-from ssmjax._hmm import parallel
+
+# the parallel-in-time algorithms, reached through the public functions
+hmm_filter_parallel = functools.partial(ssmjax.hmm_filter, parallel=True)
+hmm_smoother_parallel = functools.partial(ssmjax.hmm_smoother, parallel=True)
+hmm_viterbi_parallel = functools.partial(ssmjax.hmm_viterbi, parallel=True)
+hmm_sample_posterior_parallel = functools.partial(ssmjax.hmm_sample_posterior, parallel=True)
 
 F64 = tol(np.float64)
 
@@ -56,8 +63,8 @@ def test_filter_and_smoother_equal_sequential(time_varying, zeros, length):
     pi, A, ll = _model(1 + time_varying + 2 * zeros, num_timesteps=7, time_varying=time_varying, zeros=zeros)
     if length is not None:
         ll = _pad_nan(ll, length)
-    _close(parallel.hmm_filter_parallel(pi, A, ll, length=length), ssmjax.hmm_filter(pi, A, ll, length=length))
-    post = parallel.hmm_smoother_parallel(pi, A, ll, length=length)
+    _close(hmm_filter_parallel(pi, A, ll, length=length), ssmjax.hmm_filter(pi, A, ll, length=length))
+    post = hmm_smoother_parallel(pi, A, ll, length=length)
     _close(post, ssmjax.hmm_smoother(pi, A, ll, length=length))
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(post))
     # and the brute-force oracle on the real steps
@@ -75,7 +82,7 @@ def test_filter_and_smoother_equal_sequential(time_varying, zeros, length):
 def test_viterbi_matches_brute_force_and_sequential(time_varying, zeros):
     for seed in range(4):
         pi, A, ll = _model(10 + seed, num_timesteps=6, time_varying=time_varying, zeros=zeros)
-        path, log_prob = parallel.hmm_viterbi_parallel(pi, A, ll)
+        path, log_prob = hmm_viterbi_parallel(pi, A, ll)
         seq_path, seq_log_prob = ssmjax.hmm_viterbi(pi, A, ll)
         oracle = brute_force(pi, A, ll)
         np.testing.assert_array_equal(path, oracle["viterbi_path"])
@@ -84,7 +91,7 @@ def test_viterbi_matches_brute_force_and_sequential(time_varying, zeros):
         np.testing.assert_allclose(log_prob, seq_log_prob, **F64)
         for length in (1, 3):
             padded = _pad_nan(ll, length)
-            p_path, p_lp = parallel.hmm_viterbi_parallel(pi, A, padded, length=length)
+            p_path, p_lp = hmm_viterbi_parallel(pi, A, padded, length=length)
             s_path, s_lp = ssmjax.hmm_viterbi(pi, A, padded, length=length)
             np.testing.assert_array_equal(p_path, s_path)
             np.testing.assert_allclose(p_lp, s_lp, **F64)
@@ -101,7 +108,7 @@ def test_viterbi_exact_ties_break_like_sequential():
         A[np.arange(T - 1)[:, None], np.arange(K)[None, :], rng.integers(0, K, size=(T - 1, K))] = 1.0
         ll = rng.integers(-2, 1, size=(T, K)).astype(np.float64)
         for pi in (np.eye(K)[rng.integers(K)], np.array([0.5, 0.0, 0.5]), np.full(K, 1.0 / K)):
-            path, log_prob = parallel.hmm_viterbi_parallel(pi, A, ll)
+            path, log_prob = hmm_viterbi_parallel(pi, A, ll)
             seq_path, seq_log_prob = ssmjax.hmm_viterbi(pi, A, ll)
             np.testing.assert_array_equal(path, seq_path)
             assert float(log_prob) == float(seq_log_prob)
@@ -116,7 +123,7 @@ def test_viterbi_symmetric_ties_lowest_index():
         pi = np.full(K, 1.0 / K)
         A = np.full((K, K), 1.0 / K)
         ll = np.zeros((T, K))
-        path, log_prob = parallel.hmm_viterbi_parallel(pi, A, ll)
+        path, log_prob = hmm_viterbi_parallel(pi, A, ll)
         seq_path, seq_log_prob = ssmjax.hmm_viterbi(pi, A, ll)
         np.testing.assert_array_equal(path, np.zeros(T))
         np.testing.assert_array_equal(path, seq_path)
@@ -132,7 +139,7 @@ def test_viterbi_degenerate_ties_give_an_optimal_path():
         A = A / A.sum(1, keepdims=True)
         pi = np.full(K, 1.0 / K)
         ll = np.log(rng.choice([0.25, 0.5], size=(T, K)))
-        path, log_prob = parallel.hmm_viterbi_parallel(pi, A, ll)
+        path, log_prob = hmm_viterbi_parallel(pi, A, ll)
         _, seq_log_prob = ssmjax.hmm_viterbi(pi, A, ll)
         paths, logj = path_log_joints(pi, A, ll)
         own = logj[np.all(paths == np.asarray(path)[None], axis=1)][0]
@@ -147,16 +154,16 @@ def test_float32_long_sequence():
     A = 0.9 * np.eye(K) + 0.1 * rng.dirichlet(np.ones(K), K)
     ll = rng.normal(size=(T, K)) * 3.0 - 2.0
     exact = float(ssmjax.hmm_filter(pi, A, ll).marginal_loglik)
-    approx = parallel.hmm_filter_parallel(pi.astype(np.float32), A.astype(np.float32), ll.astype(np.float32))
+    approx = hmm_filter_parallel(pi.astype(np.float32), A.astype(np.float32), ll.astype(np.float32))
     assert approx.marginal_loglik.dtype == jnp.float32
     assert abs(float(approx.marginal_loglik) - exact) <= 1e-5 * abs(exact)
     # shorter run: per-step float32 posteriors vs float64
     n = 500
-    post32 = parallel.hmm_smoother_parallel(*(x.astype(np.float32) for x in (pi, A, ll[:n])))
+    post32 = hmm_smoother_parallel(*(x.astype(np.float32) for x in (pi, A, ll[:n])))
     post64 = ssmjax.hmm_smoother(pi, A, ll[:n])
     assert_allclose(post32.filtered_probs, post64.filtered_probs, dtype=np.float32)
     assert_allclose(post32.smoothed_probs, post64.smoothed_probs, dtype=np.float32)
-    path32, _ = parallel.hmm_viterbi_parallel(*(x.astype(np.float32) for x in (pi, A, ll[:n])))
+    path32, _ = hmm_viterbi_parallel(*(x.astype(np.float32) for x in (pi, A, ll[:n])))
     path64, _ = ssmjax.hmm_viterbi(pi, A, ll[:n])
     assert np.mean(np.asarray(path32) == np.asarray(path64)) > 0.99
 
@@ -179,8 +186,8 @@ def test_gradients_equal_sequential(time_varying, zeros, length):
 
     # filter with the plain log-likelihood (the sequential custom VJP), smoother with every output
     for smoother in (False, True):
-        fns = (parallel.hmm_smoother_parallel, ssmjax.hmm_smoother) if smoother else (
-            parallel.hmm_filter_parallel,
+        fns = (hmm_smoother_parallel, ssmjax.hmm_smoother) if smoother else (
+            hmm_filter_parallel,
             ssmjax.hmm_filter,
         )
         if not smoother and time_varying:
@@ -207,13 +214,13 @@ def test_jit_and_vmap_ragged_batch():
         path, lp = fns[2](pi, A, l, length=n)
         return filt, post, path, lp
 
-    par = (parallel.hmm_filter_parallel, parallel.hmm_smoother_parallel, parallel.hmm_viterbi_parallel)
+    par = (hmm_filter_parallel, hmm_smoother_parallel, hmm_viterbi_parallel)
     seq = (ssmjax.hmm_filter, ssmjax.hmm_smoother, ssmjax.hmm_viterbi)
     got = jax.jit(jax.vmap(lambda l, n: run(par, l, n)))(ll, lengths)
     want = jax.vmap(lambda l, n: run(seq, l, n))(ll, lengths)
     _close(got, want)
     for b, n in enumerate(lengths):  # each row equals its unpadded run
-        single = parallel.hmm_smoother_parallel(pi, A, ll[b, :n])
+        single = hmm_smoother_parallel(pi, A, ll[b, :n])
         _close(single.smoothed_probs, got[1].smoothed_probs[b, :n])
         _close(single.marginal_loglik, got[1].marginal_loglik[b])
 
@@ -224,7 +231,7 @@ def test_posterior_samples(time_varying, length):
     if length is not None:
         ll = _pad_nan(ll, length)
     keys = jax.random.split(jax.random.key(0), 3000)
-    draw_par = jax.vmap(lambda k: parallel.hmm_sample_posterior_parallel(k, pi, A, ll, length=length))(keys)
+    draw_par = jax.vmap(lambda k: hmm_sample_posterior_parallel(k, pi, A, ll, length=length))(keys)
     draw_seq = jax.vmap(lambda k: ssmjax.hmm_sample_posterior(k, pi, A, ll, length=length))(keys)
     np.testing.assert_array_equal(draw_par, draw_seq)
     n = ll.shape[0] if length is None else length
@@ -248,9 +255,9 @@ def test_errors_identical_to_sequential():
     ]
     for args in bad_cases:
         for par, seq in (
-            (parallel.hmm_filter_parallel, ssmjax.hmm_filter),
-            (parallel.hmm_smoother_parallel, ssmjax.hmm_smoother),
-            (parallel.hmm_viterbi_parallel, ssmjax.hmm_viterbi),
+            (hmm_filter_parallel, ssmjax.hmm_filter),
+            (hmm_smoother_parallel, ssmjax.hmm_smoother),
+            (hmm_viterbi_parallel, ssmjax.hmm_viterbi),
         ):
             with pytest.raises(ValueError) as want:
                 seq(*args)
@@ -261,7 +268,7 @@ def test_errors_identical_to_sequential():
 
 def test_single_step():
     pi, A, ll = _model(2, num_timesteps=1)
-    _close(parallel.hmm_smoother_parallel(pi, A, ll), ssmjax.hmm_smoother(pi, A, ll))
-    _close(parallel.hmm_viterbi_parallel(pi, A, ll), ssmjax.hmm_viterbi(pi, A, ll))
+    _close(hmm_smoother_parallel(pi, A, ll), ssmjax.hmm_smoother(pi, A, ll))
+    _close(hmm_viterbi_parallel(pi, A, ll), ssmjax.hmm_viterbi(pi, A, ll))
     key = jax.random.key(0)
-    _close(parallel.hmm_sample_posterior_parallel(key, pi, A, ll), ssmjax.hmm_sample_posterior(key, pi, A, ll))
+    _close(hmm_sample_posterior_parallel(key, pi, A, ll), ssmjax.hmm_sample_posterior(key, pi, A, ll))

@@ -352,39 +352,25 @@ def _backward_scan(
     peaks: Float[Array, " T"],
     log_cs: Float[Array, " T"],
     valid: Array,
-    filtered: Optional[Array] = None,
-    scale=None,
-):
-    r"""Scaled backward recursion :math:`\hat\beta_{t-1} = A_{t-1} (e_t \odot \hat\beta_t)`.
+) -> Float[Array, "T K"]:
+    r"""Scaled backward recursion :math:`\hat\beta_{t-1} = A_{t-1} (e_t \odot \hat\beta_t)` (smoother).
 
-    ``e_t = exp(ll_t) / c_t``; :math:`\hat\beta_t = 1` for ``t >= length - 1``
-    (set by a ``where``, so padded steps, whatever they hold, contribute nothing).
-    Without ``filtered``: returns ``betas`` (T, K). With ``filtered``: returns
-    ``(scale * filtered * betas, v)``, both (T, K), the first zeroed at padded steps,
-    ``v[t] = e_t * beta_t`` for real steps and 0 at padded ones (``v[0]`` is the
-    gradient w.r.t. ``initial_probs``; ``v[t]``, ``t >= 1``, pairs with ``filtered[t-1]``
-    in the gradient w.r.t. ``A_{t-1}``): O(K^2) work a step, no (T, K, K) array.
+    ``e_t = exp(ll_t) / c_t``, computed for all steps at once before the scan and
+    zeroed at padded steps; :math:`\hat\beta_t = 1` for ``t >= length - 1`` (set by a
+    ``where``, so padded steps, whatever they hold, contribute nothing). Returns
+    ``betas`` (T, K). The gradient path uses :func:`_lean_backward_scan`.
     """
     num_states = log_likelihoods.shape[1]
     a_xs = _prev_transitions(transition_matrix, log_likelihoods.shape[0])
     ones = jnp.ones((num_states,), log_likelihoods.dtype)
 
     def _step(beta, x):
-        ll, peak, log_c, is_valid, f_t, a_t = x
-        if f_t is None:  # smoother: weights precomputed (vectorised), 0 at padded steps
-            v = ll * beta
-        else:
-            v = jnp.where(is_valid, _emission_weights(ll, peak, log_c) * beta, 0.0)
-        beta_prev = jnp.where(is_valid, _matvec(_pick(transition_matrix, a_t), v), 1.0)
-        if f_t is None:
-            return beta_prev, beta
-        return beta_prev, (jnp.where(is_valid, f_t * beta, 0.0) * scale, v)
+        weight, is_valid, a_t = x
+        beta_prev = jnp.where(is_valid, _matvec(_pick(transition_matrix, a_t), weight * beta), 1.0)
+        return beta_prev, beta
 
-    if filtered is None:
-        weights = _emission_weights(log_likelihoods, peaks[:, None], log_cs[:, None])
-        xs = (jnp.where(valid[:, None], weights, 0.0), None, None, valid, None, a_xs)
-    else:
-        xs = (log_likelihoods, peaks, log_cs, valid, filtered, a_xs)
+    weights = _emission_weights(log_likelihoods, peaks[:, None], log_cs[:, None])
+    xs = (jnp.where(valid[:, None], weights, 0.0), valid, a_xs)
     _, out = lax.scan(_step, ones, xs, reverse=True)
     return out
 
@@ -752,6 +738,7 @@ def hmm_filter(
     log_likelihoods: ArrayLike,
     *,
     length=None,
+    parallel: bool = False,
 ) -> HMMFilterResult:
     r"""Forward filtering and the marginal log-likelihood of one sequence.
 
@@ -765,6 +752,10 @@ def hmm_filter(
     a memory-lean custom gradient (see the module docstring).
 
     Args:{args}
+        parallel: ``True`` runs the parallel-in-time (``lax.associative_scan``,
+            O(log T) depth) version from :mod:`ssmjax._hmm.parallel`; same results to
+            round-off. Worth it on accelerators for long sequences; on CPU the
+            sequential scan is faster (see ``benchmarks/README.md``).
 
     Returns:
         :class:`HMMFilterResult` with ``marginal_loglik`` (), ``filtered_probs`` (T, K)
@@ -794,6 +785,10 @@ def hmm_filter(
         (2,)
     """
     pi, trans, ll, n = _validate(initial_probs, transition_matrix, log_likelihoods, length)
+    if parallel:
+        from .parallel import _filter_parallel
+
+        return _filter_parallel(pi, trans, ll, n)
     return _filter(pi, trans, ll, n)
 
 
@@ -803,6 +798,7 @@ def hmm_smoother(
     log_likelihoods: ArrayLike,
     *,
     length=None,
+    parallel: bool = False,
 ) -> HMMPosterior:
     r"""Forward-backward smoothing of one sequence.
 
@@ -817,6 +813,10 @@ def hmm_smoother(
     the rest by automatic differentiation).
 
     Args:{args}
+        parallel: ``True`` runs the parallel-in-time (``lax.associative_scan``,
+            O(log T) depth) version from :mod:`ssmjax._hmm.parallel`; same results to
+            round-off. Worth it on accelerators for long sequences; on CPU the
+            sequential scan is faster (see ``benchmarks/README.md``).
 
     Returns:
         :class:`HMMPosterior`; ``expected_transitions`` is :math:`\sum_{t<L-1} \xi_t`,
@@ -837,6 +837,10 @@ def hmm_smoother(
         2.0
     """
     pi, trans, ll, n = _validate(initial_probs, transition_matrix, log_likelihoods, length)
+    if parallel:
+        from .parallel import _smoother_parallel
+
+        return _smoother_parallel(pi, trans, ll, n)
     return _smoother(pi, trans, ll, n)
 
 
@@ -879,6 +883,7 @@ def hmm_viterbi(
     log_likelihoods: ArrayLike,
     *,
     length=None,
+    parallel: bool = False,
 ):
     r"""Most likely state path (Viterbi), computed in log space.
 
@@ -892,6 +897,10 @@ def hmm_viterbi(
     in the maximisation over predecessors and for the final state.
 
     Args:{args}
+        parallel: ``True`` runs the parallel-in-time (``lax.associative_scan``,
+            O(log T) depth) version from :mod:`ssmjax._hmm.parallel`; same results to
+            round-off. Worth it on accelerators for long sequences; on CPU the
+            sequential scan is faster (see ``benchmarks/README.md``).
 
     Returns:
         ``(path, log_prob)``: ``path`` int32 of shape (T,), the maximiser of
@@ -911,6 +920,10 @@ def hmm_viterbi(
         [0, 0, 1]
     """
     pi, trans, ll, n = _validate(initial_probs, transition_matrix, log_likelihoods, length)
+    if parallel:
+        from .parallel import _viterbi_parallel
+
+        return _viterbi_parallel(pi, trans, ll, n)
     return _viterbi(pi, trans, ll, n)
 
 
@@ -921,6 +934,7 @@ def hmm_sample_posterior(
     log_likelihoods: ArrayLike,
     *,
     length=None,
+    parallel: bool = False,
 ) -> Array:
     r"""An exact draw of :math:`z_{0:L-1} \sim p(z \mid y_{0:L-1})` (forward filter, backward sample).
 
@@ -932,6 +946,10 @@ def hmm_sample_posterior(
 
     Args:
         key: a JAX PRNG key.{args}
+        parallel: ``True`` runs the parallel-in-time (``lax.associative_scan``,
+            O(log T) depth) version from :mod:`ssmjax._hmm.parallel`; same results to
+            round-off. Worth it on accelerators for long sequences; on CPU the
+            sequential scan is faster (see ``benchmarks/README.md``).
 
     Returns:
         int32 array of shape (T,); padded entries repeat the state at ``L - 1``.
@@ -950,6 +968,10 @@ def hmm_sample_posterior(
         (100, 3)
     """
     pi, trans, ll, n = _validate(initial_probs, transition_matrix, log_likelihoods, length)
+    if parallel:
+        from .parallel import _sample_posterior_parallel
+
+        return _sample_posterior_parallel(key, pi, trans, ll, n)
     return _sample_posterior(key, pi, trans, ll, n)
 
 
