@@ -113,9 +113,69 @@ def _hmm_rows():
 
 
 # --- LGSSM rows (parallel Kalman filter / RTS smoother) -------------------------------------
-# To be added by the LGSSM engineer: a `_lgssm_rows()` returning rows with the same keys
-# (model="lgssm", algorithm, Dx/Dy in place of K, T, sequential_s, parallel_s, ...), and
-# appended to `rows` in `main()` below, once `ssmjax/_lgssm/parallel.py` exists.
+STATE_DIM, EMISSION_DIM = 4, 2
+
+
+def _lgssm_args(num_timesteps, seed=0):
+    """A stable Dx = 4, Dy = 2 float32 model and emissions sampled from it (full length)."""
+    from ssmjax._lgssm.inference import lgssm_sample
+
+    rng = np.random.default_rng(seed)
+    rotation, _ = np.linalg.qr(rng.normal(size=(STATE_DIM, STATE_DIM)))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    model = ssmjax.LGSSM(
+        initial_mean=f32(np.zeros(STATE_DIM)), initial_cov=f32(np.eye(STATE_DIM)),
+        transition_matrix=f32(0.95 * rotation), transition_cov=f32(0.1 * np.eye(STATE_DIM)),
+        emission_matrix=f32(rng.normal(size=(EMISSION_DIM, STATE_DIM))), emission_cov=f32(0.5 * np.eye(EMISSION_DIM)),
+    )
+    _, emissions = lgssm_sample(jax.random.key(seed), model, num_timesteps)
+    return model, emissions, None, jnp.asarray(num_timesteps, jnp.int32)
+
+
+def _lgssm_functions():
+    import functools
+
+    from ssmjax._lgssm import inference as lgssm_sequential
+    from ssmjax._lgssm import parallel as lgssm_parallel
+
+    ops = lgssm_sequential.choose_ops(STATE_DIM, EMISSION_DIM)
+    seq_filter = functools.partial(lgssm_sequential._filter_impl, method="standard", ops=ops)
+    seq_smoother = functools.partial(lgssm_sequential._smoother_impl, method="standard", ops=ops)
+    return {
+        "filter": (seq_filter, lgssm_parallel._filter_parallel),
+        "smoother": (seq_smoother, lgssm_parallel._smoother_parallel),
+    }
+
+
+def _lgssm_timing(fn, *args):
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(compiled(*args))  # warm
+    repeats = REPEATS if args[1].shape[0] < 10**6 else 5
+    return compile_s, _median_time(compiled, *args, repeats=repeats)
+
+
+def _lgssm_rows():
+    """Sequential (standard covariance form, as ssmjax.kalman_filter/rts_smoother) vs parallel, float32."""
+    rows = []
+    functions = _lgssm_functions()
+    for num_timesteps in TIMESTEPS:
+        args = _lgssm_args(num_timesteps)
+        for name, (seq_fn, par_fn) in functions.items():
+            seq_compile, seq_s = _lgssm_timing(seq_fn, *args)
+            par_compile, par_s = _lgssm_timing(par_fn, *args)
+            rows.append(dict(
+                model="lgssm", algorithm=name, K=None, Dx=STATE_DIM, Dy=EMISSION_DIM, T=num_timesteps,
+                sequential_s=seq_s, parallel_s=par_s, parallel_over_sequential=par_s / seq_s,
+                sequential_compile_s=seq_compile, parallel_compile_s=par_compile,
+            ))
+            print(
+                f"  lgssm {name:9s} T={num_timesteps:>8d}  seq {seq_s * 1e3:10.3f} ms  "
+                f"par {par_s * 1e3:10.3f} ms  ratio {par_s / seq_s:7.2f}",
+                flush=True,
+            )
+    return rows
 # ---------------------------------------------------------------------------------------------
 
 
@@ -172,7 +232,7 @@ def main():
     ssmjax.set_value_checks(False)
     device = jax.devices()[0]
     print(f"device {device}, K = {NUM_STATES}, float32, repeats {REPEATS}", flush=True)
-    rows = _hmm_rows()
+    rows = _hmm_rows() + _lgssm_rows()
     crossovers = _crossovers(rows)
     print()
     print(_table(rows, crossovers))
