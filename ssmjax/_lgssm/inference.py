@@ -507,14 +507,18 @@ def _smooth_standard(
     num_timesteps, dx = fm.shape
     dtype = fm.dtype
     eye_x = jnp.eye(dx, dtype=dtype)
-    # Large (T, Dx, Dx) temporaries cost real time on CPU (fresh pages for every call), so
-    # P_{t+1|t} is carried from the previous (later) iteration instead of a shifted copy, and
-    # the T-1 cross-covariances are written in place into a carried buffer instead of
-    # slicing a T-entry scan output (entry T-1 is zero and lands on T-2 before being overwritten).
-    in_place = num_timesteps > 1
+    # At large Dx, (T, Dx, Dx) temporaries cost real time on CPU (fresh pages on every call),
+    # so P_{t+1|t} is carried from the previous (later) iteration instead of a shifted copy,
+    # and the T-1 cross-covariances are written in place into a carried buffer instead of
+    # slicing a T-entry scan output (entry T-1 is zero and lands on T-2 before being
+    # overwritten). At small sizes those copies are cheap and the plain layout is faster.
+    in_place = ops is GeneralOps and num_timesteps > 1
 
     def _step(carry, x):
-        lam, Lam, pc_next, cross_buf = carry  # lambda_{t+1}, Lambda_{t+1}, P_{t+1|t}, output
+        if in_place:
+            lam, Lam, pc_next, cross_buf = carry  # lambda_{t+1}, Lambda_{t+1}, P_{t+1|t}, output
+        else:
+            (lam, Lam), pc_next = carry, x["pc_next"]
         A = _at(p, tv, x, "A")
         A = jnp.where(x["valid_next"], A, eye_x)
         Pf, sol = x["fc"], x["factors"]
@@ -529,15 +533,18 @@ def _smooth_standard(
         lam_new = ops.mv(Vt.T, zt) + ops.mv(Bt.T, lam)
         Lam_new = symmetrize(ops.mm(Vt.T, Vt) + ops.mm(ops.mm(Bt.T, Lam), Bt))
         if not in_place:
-            return (lam_new, Lam_new, x["pc"], cross_buf), (s_mean, s_cov)
+            return (lam_new, Lam_new), (s_mean, s_cov, cross)
         idx = jnp.minimum(x["t"], num_timesteps - 2)
         cross_buf = jax.lax.dynamic_update_slice_in_dim(cross_buf, cross[None], idx, axis=0)
         return (lam_new, Lam_new, x["pc"], cross_buf), (s_mean, s_cov)
 
-    xs = _scan_inputs(
-        p, tv, t=jnp.arange(num_timesteps), fm=fm, fc=fc, pc=pc, factors=factors, valid_next=valid_next
-    )
+    xs = _scan_inputs(p, tv, fm=fm, fc=fc, factors=factors, valid_next=valid_next)
     zeros = jnp.zeros((dx, dx), dtype)
+    if not in_place:
+        xs["pc_next"] = jnp.concatenate([pc[1:], zeros[None]], axis=0)
+        _, (sm, sc, cross) = jax.lax.scan(_step, (jnp.zeros((dx,), dtype), zeros), xs, reverse=True)
+        return sm, sc, cross[:-1]
+    xs.update(t=jnp.arange(num_timesteps), pc=pc)
     init = (jnp.zeros((dx,), dtype), zeros, zeros, jnp.zeros((num_timesteps - 1, dx, dx), dtype))
     (_, _, _, cross), (sm, sc) = jax.lax.scan(_step, init, xs, reverse=True)
     return sm, sc, cross
