@@ -9,8 +9,10 @@ Tolerances (``helpers.TOLERANCES``):
   the emissions) vs the sequential ones: ``helpers.tol(float64)``; observed ~1e-14.
 * float32, benign problem (Dx = 4, Dy = 2, stable dynamics, T = 10^4): filtered and smoothed means within
   ``helpers.tol(float32)`` (``rtol=2e-4, atol=1e-5``) of float64, log-likelihood within relative
-  ``2e-4`` (``helpers.tol(float32)['rtol']``). Observed: means ~2e-6 absolute, log-likelihood ~1e-6
-  relative (see ``test_float32_long_sequence``).
+  ``2e-4`` (``helpers.tol(float32)['rtol']``). Observed: means ~7e-7 and covariances ~8e-8 absolute
+  (values of order 1), log-likelihood ~4e-8 relative (see ``test_float32_long_sequence``).
+* Test time is dominated by XLA compilation of the associative scan (one copy of the combine per tree
+  level: ~20-30 s for ``T = 10^4`` on a shared 2-core CPU).
 """
 
 from __future__ import annotations
@@ -200,7 +202,6 @@ def test_float32_long_sequence():
     y = np.array(y)
     y[::37, 0] = np.nan
     ref = ssmjax.rts_smoother(model, y)
-    np.testing.assert_allclose(parallel.rts_smoother_parallel(model, y).marginal_loglik, ref.marginal_loglik, **F64)
     out = parallel.rts_smoother_parallel(to_model(params, jnp.float32), jnp.asarray(y, jnp.float32))
     assert out.smoothed_means.dtype == jnp.float32
     for field in ("filtered_means", "smoothed_means", "filtered_covs", "smoothed_covs"):

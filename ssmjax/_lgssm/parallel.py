@@ -41,8 +41,8 @@ Filtering elements
     :math:`C = P_{t|t}`. :math:`C_i` and :math:`J_j` are only positive
     *semi*-definite (a deterministic state component, or fewer observations than
     states, makes them singular), so neither has a Cholesky factor in general and
-    :math:`X` is not symmetric: it is solved by LU (``jnp.linalg.solve``; no inverse
-    is formed). Its eigenvalues are those of :math:`I + C_i^{1/2} J_j C_i^{1/2}`,
+    :math:`X` is not symmetric: it is solved by LU (``jax.scipy.linalg.lu_factor``; no inverse
+    is formed; one LU serves :math:`X` and :math:`X^\top`). Its eigenvalues are those of :math:`I + C_i^{1/2} J_j C_i^{1/2}`,
     all real and :math:`\ge 1`, so the solve is always well posed. Every other solve
     (the elements above, the log-likelihood, the smoother gains) is a Cholesky
     solve. Covariances are symmetrised after each combination.
@@ -189,10 +189,11 @@ def _filtering_combine(earlier, later):
     eye = jnp.eye(dx, dtype=A_i.dtype)
     X = eye + _mm(C_i, J_j)
     rhs = jnp.concatenate([A_i, (b_i + _mv(C_i, eta_j))[..., None], C_i], axis=-1)
-    sol = jnp.linalg.solve(X, rhs)
+    lu_piv = jsl.lu_factor(X)  # one LU for both X and X^T
+    sol = jsl.lu_solve(lu_piv, rhs)
     sol_A, sol_b, sol_C = sol[..., :dx], sol[..., dx], sol[..., dx + 1 :]
     rhs_t = jnp.concatenate([(eta_j - _mv(J_j, b_i))[..., None], _mm(J_j, A_i)], axis=-1)
-    sol_t = jnp.linalg.solve(_t(X), rhs_t)
+    sol_t = jsl.lu_solve(lu_piv, rhs_t, trans=1)
     A = _mm(A_j, sol_A)
     b = _mv(A_j, sol_b) + b_j
     C = symmetrize(_mm(_mm(A_j, sol_C), _t(A_j)) + C_j)
