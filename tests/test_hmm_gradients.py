@@ -155,3 +155,26 @@ def test_value_and_grad_float32_is_finite_for_long_sequences():
     for g in grads:
         assert np.all(np.isfinite(np.asarray(g)))
     assert_allclose(np.asarray(grads[2]).sum(1), np.ones(20_000), dtype=np.float32)
+
+
+def test_value_and_grad_peak_memory_is_at_most_four_loglik_arrays():
+    # Peak = argument + output + temporaries - aliased bytes of the compiled
+    # value_and_grad (as in benchmarks/hmm_inference.py), relative to the (T, K)
+    # float32 log-likelihood array; deterministic (compile-time analysis only).
+    num_timesteps, num_states = 100_000, 16
+    spec = (
+        jax.ShapeDtypeStruct((num_states,), jnp.float32),
+        jax.ShapeDtypeStruct((num_states, num_states), jnp.float32),
+        jax.ShapeDtypeStruct((num_timesteps, num_states), jnp.float32),
+    )
+    compiled = jax.jit(jax.value_and_grad(loglik, argnums=(0, 1, 2))).lower(*spec).compile()
+    mem = compiled.memory_analysis()
+    if mem is None:  # pragma: no cover - backend without memory analysis
+        pytest.skip("no memory analysis on this backend")
+    peak = (
+        int(mem.temp_size_in_bytes)
+        + int(mem.argument_size_in_bytes)
+        + int(mem.output_size_in_bytes)
+        - int(getattr(mem, "alias_size_in_bytes", 0))
+    )
+    assert peak <= 4 * num_timesteps * num_states * 4
