@@ -475,34 +475,71 @@ def _lean_backward_scan(transition_matrix, log_likelihoods, shift, valid):
     return betas
 
 
-def _fused_backward_scan(transition_matrix, log_likelihoods, shift, valid, raw):
-    r"""Gradients of :math:`\log p` for a stationary ``A`` from one backward scan, no (T, K) messages.
+def _fused_backward_steps(transition_matrix, carry, xs):
+    """Reverse scan of the fused backward step over ``xs``; returns (carry, v rows, gradient rows).
 
-    The loop writes the gradient row ``raw[t] * beta_t`` (the smoothed probabilities,
-    0 at padded steps) directly as its output and carries ``beta_t``,
-    ``v_{t+1} = e_{t+1} * beta_{t+1}`` and the (K, K) sum of ``outer(raw[t], v_{t+1})``,
-    so the only (T, K) arrays are the stored filtered rows and the gradient itself.
-    Returns ``(grad_pi, grad_trans, grad_ll)`` for a unit cotangent.
+    ``carry = (beta, v_next)``; ``xs = (ll, peak, log_c, valid, raw)``, each with a
+    leading step axis. The transition-gradient sum is left to the caller (one
+    matrix product per block instead of an outer product per step).
     """
-    num_states = log_likelihoods.shape[1]
-    dtype = log_likelihoods.dtype
+    dtype = xs[0].dtype
 
-    def _step(carry, x):
-        beta, v_next, acc = carry
+    def _step(c, x):
+        beta, _ = c
         ll, peak, log_c, is_valid, f = x
         grad_row = jnp.where(is_valid, f * beta, 0.0)
-        acc = acc + f[:, None] * v_next[None, :]
         v = _weights(ll, peak, log_c) * beta
         beta_prev = _matvec(transition_matrix, v) + jnp.logical_not(is_valid).astype(dtype)
-        return (beta_prev, v, acc), grad_row
+        return (beta_prev, v), (v, grad_row)
 
-    init = (
-        jnp.ones((num_states,), dtype),
-        jnp.zeros((num_states,), dtype),
-        jnp.zeros((num_states, num_states), dtype),
-    )
-    (_, v0, acc), grad_ll = lax.scan(_step, init, (log_likelihoods, *shift, valid, raw), reverse=True)
-    return v0, acc, grad_ll
+    return lax.scan(_step, carry, xs, reverse=True)
+
+
+def _fused_backward_scan(transition_matrix, log_likelihoods, shift, valid, raw):
+    r"""Gradients of :math:`\log p` for a stationary ``A`` from one backward pass, no (T, K) messages.
+
+    The pass writes the gradient row ``raw[t] * beta_t`` (the smoothed probabilities,
+    0 at padded steps) straight into the output and never stores the backward messages
+    for all steps: it walks backwards over blocks of ``_GRAD_BLOCK`` steps (a
+    ``fori_loop`` whose gradient buffer is updated in place), runs the step recursion
+    inside each block, and adds the block's ``sum_t outer(raw[t], v_{t+1})`` as one
+    matrix product. The first ``T mod _GRAD_BLOCK`` steps are one final short scan.
+    Returns ``(grad_pi, grad_trans, grad_ll)`` for a unit cotangent.
+    """
+    num_timesteps, num_states = log_likelihoods.shape
+    dtype = log_likelihoods.dtype
+    xs_all = (log_likelihoods, shift[0], shift[1], valid, raw)
+    block = _GRAD_BLOCK
+    head = num_timesteps % block
+    num_blocks = num_timesteps // block
+    carry = (jnp.ones((num_states,), dtype), jnp.zeros((num_states,), dtype))
+    acc = jnp.zeros((num_states, num_states), dtype)
+    grad_ll = jnp.zeros((num_timesteps, num_states), dtype)
+
+    def _pairs(f, v, v_after):
+        # sum_t outer(f_t, v_{t+1}) within the rows, the last row pairing with v_after
+        v_shift = jnp.concatenate([v[1:], v_after[None]], axis=0)
+        return f.T @ v_shift
+
+    def _block(i, state):
+        carry, acc, grad_ll = state
+        start = head + (num_blocks - 1 - i) * block
+        xs = tuple(lax.dynamic_slice_in_dim(x, start, block) for x in xs_all)
+        v_after = carry[1]
+        carry, (v, rows) = _fused_backward_steps(transition_matrix, carry, xs)
+        acc = acc + _pairs(xs[4], v, v_after)
+        grad_ll = lax.dynamic_update_slice_in_dim(grad_ll, rows, start, axis=0)
+        return carry, acc, grad_ll
+
+    if num_blocks:
+        carry, acc, grad_ll = lax.fori_loop(0, num_blocks, _block, (carry, acc, grad_ll))
+    if head:
+        xs = tuple(x[:head] for x in xs_all)
+        v_after = carry[1]
+        carry, (v, rows) = _fused_backward_steps(transition_matrix, carry, xs)
+        acc = acc + _pairs(xs[4], v, v_after)
+        grad_ll = lax.dynamic_update_slice_in_dim(grad_ll, rows, 0, axis=0)
+    return carry[1], acc, grad_ll
 
 
 _GRAD_BLOCK = 1024
