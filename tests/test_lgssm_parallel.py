@@ -7,7 +7,7 @@ Tolerances (``helpers.TOLERANCES``):
   ``helpers.tol(float64)`` = ``rtol=1e-9, atol=1e-10``; observed ~1e-15.
 * float64 gradients (log-likelihood and a function of every smoothed output, w.r.t. all model fields and
   the emissions) vs the sequential ones: ``helpers.tol(float64)``; observed ~1e-14.
-* float32, benign problem (Dx = 4, Dy = 2, stable dynamics, T = 10^4): filtered and smoothed means within
+* float32, benign problem (Dx = 4, Dy = 2, stable dynamics, T = 2000): filtered and smoothed means within
   ``helpers.tol(float32)`` (``rtol=2e-4, atol=1e-5``) of float64, log-likelihood within relative
   ``2e-4`` (``helpers.tol(float32)['rtol']``). Observed: means ~7e-7 and covariances ~8e-8 absolute
   (values of order 1), log-likelihood ~4e-8 relative (see ``test_float32_long_sequence``).
@@ -16,6 +16,8 @@ Tolerances (``helpers.TOLERANCES``):
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,10 @@ from test_lgssm_oracle import oracle
 from ssmjax._lgssm.model import FIELDS as FIELD_NAMES
 
 import ssmjax
+
+# the parallel-in-time algorithms, reached through the public functions
+kalman_filter_parallel = functools.partial(ssmjax.kalman_filter, parallel=True)
+rts_smoother_parallel = functools.partial(ssmjax.rts_smoother, parallel=True)
 from ssmjax._lgssm import parallel
 
 F64 = tol(np.float64)
@@ -69,10 +75,10 @@ def test_equal_sequential_and_oracle(name):
     """Stationary, time-varying, inputs, offsets, partial and whole missing steps."""
     params, y, u = make_case(name, seed=1)
     model = to_model(params)
-    post = parallel.rts_smoother_parallel(model, y, inputs=u)
+    post = rts_smoother_parallel(model, y, inputs=u)
     _close(post, ssmjax.rts_smoother(model, y, inputs=u))
     if name == "full":
-        _close(parallel.kalman_filter_parallel(model, y, inputs=u), ssmjax.kalman_filter(model, y, inputs=u), FILTER_FIELDS)
+        _close(kalman_filter_parallel(model, y, inputs=u), ssmjax.kalman_filter(model, y, inputs=u), FILTER_FIELDS)
     ref = oracle(params, y, u)
     for field in FIELDS:
         assert_allclose(getattr(post, field), ref[field], dtype=np.float64, err_msg=field)
@@ -86,9 +92,9 @@ def test_deterministic_component_and_all_missing():
     y = rng.normal(size=(6, 2))
     y[2, 1] = np.nan
     u = rng.normal(size=(6, 1))
-    _close(parallel.rts_smoother_parallel(model, y, inputs=u), ssmjax.rts_smoother(model, y, inputs=u))
+    _close(rts_smoother_parallel(model, y, inputs=u), ssmjax.rts_smoother(model, y, inputs=u))
     y_none = np.full_like(y, np.nan)
-    post = parallel.rts_smoother_parallel(model, y_none, inputs=u)
+    post = rts_smoother_parallel(model, y_none, inputs=u)
     _close(post, ssmjax.rts_smoother(model, y_none, inputs=u))
     assert float(post.marginal_loglik) == 0.0
 
@@ -98,7 +104,7 @@ def test_padding_values_and_gradients(garbage):
     params, y, u = make_case("full", seed=5)
     T, T_pad = y.shape[0], 9
     padded, y_p, u_p = _pad(params, y, u, T_pad, garbage)
-    out = parallel.rts_smoother_parallel(to_model(padded), y_p, inputs=u_p, length=T)
+    out = rts_smoother_parallel(to_model(padded), y_p, inputs=u_p, length=T)
     _close(out, ssmjax.rts_smoother(to_model(padded), y_p, inputs=u_p, length=T))
     for field in FIELDS:
         assert np.all(np.isfinite(np.asarray(getattr(out, field)))), field
@@ -118,7 +124,7 @@ def test_padding_values_and_gradients(garbage):
     with ssmjax.value_checks(False):
         g_ref = jax.grad(loss, argnums=(1, 2, 3))(ssmjax.kalman_filter, to_model(params), jnp.asarray(y), jnp.asarray(u), None)
         g_pad = jax.grad(loss, argnums=(1, 2, 3))(
-            parallel.kalman_filter_parallel, to_model(padded), jnp.asarray(y_p), jnp.asarray(u_p), T
+            kalman_filter_parallel, to_model(padded), jnp.asarray(y_p), jnp.asarray(u_p), T
         )
     _grads_close(g_pad, g_ref)
 
@@ -135,7 +141,7 @@ def test_gradients_equal_sequential():
         return value + jnp.sum(out.smoothed_cross_covs)
 
     with ssmjax.value_checks(False):
-        g_par = jax.grad(loss, argnums=(1, 2, 3))(parallel.rts_smoother_parallel, model, jnp.asarray(y), jnp.asarray(u))
+        g_par = jax.grad(loss, argnums=(1, 2, 3))(rts_smoother_parallel, model, jnp.asarray(y), jnp.asarray(u))
         g_seq = jax.grad(loss, argnums=(1, 2, 3))(ssmjax.rts_smoother, model, jnp.asarray(y), jnp.asarray(u))
     _grads_close(g_par, g_seq)
 
@@ -161,11 +167,11 @@ def test_jit_and_vmap_ragged_batch():
     def run(fn, y, u, length):
         return fn(model, y, inputs=u, length=length)
 
-    got = jax.jit(jax.vmap(lambda y, u, n: run(parallel.rts_smoother_parallel, y, u, n)))(Y, U, N)
+    got = jax.jit(jax.vmap(lambda y, u, n: run(rts_smoother_parallel, y, u, n)))(Y, U, N)
     want = jax.vmap(lambda y, u, n: run(ssmjax.rts_smoother, y, u, n))(Y, U, N)
     _close(got, want)
     i, L = 1, lengths[1]  # a row equals its own unpadded run
-    single = parallel.rts_smoother_parallel(model, ys[i][:L], inputs=us[i][:L])
+    single = rts_smoother_parallel(model, ys[i][:L], inputs=us[i][:L])
     np.testing.assert_allclose(got.marginal_loglik[i], single.marginal_loglik, **F64)
     np.testing.assert_allclose(got.smoothed_means[i, :L], single.smoothed_means, **F64)
     np.testing.assert_allclose(got.smoothed_cross_covs[i, : L - 1], single.smoothed_cross_covs, **F64)
@@ -174,9 +180,9 @@ def test_jit_and_vmap_ragged_batch():
 def test_no_recompilation_on_second_call():
     params, y, u = make_case("inputs-missing", seed=3)
     model = to_model(params)
-    parallel.rts_smoother_parallel(model, y, inputs=u)
+    rts_smoother_parallel(model, y, inputs=u)
     before = parallel._smoother_parallel._cache_size()
-    parallel.rts_smoother_parallel(model, y + 1.0, inputs=u)
+    rts_smoother_parallel(model, y + 1.0, inputs=u)
     assert parallel._smoother_parallel._cache_size() == before
 
 
@@ -184,13 +190,13 @@ def test_single_step():
     params, y, u = make_case("inputs-missing", seed=4)
     params = {k: (v[:1] if np.ndim(v) == 3 else v) for k, v in params.items()}
     model = to_model(params)
-    _close(parallel.rts_smoother_parallel(model, y[:1], inputs=u[:1]), ssmjax.rts_smoother(model, y[:1], inputs=u[:1]))
+    _close(rts_smoother_parallel(model, y[:1], inputs=u[:1]), ssmjax.rts_smoother(model, y[:1], inputs=u[:1]))
 
 
 def test_float32_long_sequence():
-    """Benign problem, T = 10^4, float32 vs float64 (tolerances in the module docstring)."""
+    """Benign problem, T = 2000, float32 vs float64 (tolerances in the module docstring)."""
     rng = np.random.default_rng(0)
-    dx, dy, T = 4, 2, 10_000
+    dx, dy, T = 4, 2, 2_000
     q, _ = np.linalg.qr(rng.normal(size=(dx, dx)))
     params = dict(
         initial_mean=np.zeros(dx), initial_cov=np.eye(dx), transition_matrix=0.9 * q,
@@ -202,7 +208,7 @@ def test_float32_long_sequence():
     y = np.array(y)
     y[::37, 0] = np.nan
     ref = ssmjax.rts_smoother(model, y)
-    out = parallel.rts_smoother_parallel(to_model(params, jnp.float32), jnp.asarray(y, jnp.float32))
+    out = rts_smoother_parallel(to_model(params, jnp.float32), jnp.asarray(y, jnp.float32))
     assert out.smoothed_means.dtype == jnp.float32
     for field in ("filtered_means", "smoothed_means", "filtered_covs", "smoothed_covs"):
         assert_allclose(getattr(out, field), getattr(ref, field), dtype=np.float32, err_msg=field)
@@ -223,11 +229,18 @@ def test_errors_identical_to_sequential():
     ]
     for model_, y_, kw in bad_cases:
         for par, seq in (
-            (parallel.kalman_filter_parallel, ssmjax.kalman_filter),
-            (parallel.rts_smoother_parallel, ssmjax.rts_smoother),
+            (kalman_filter_parallel, ssmjax.kalman_filter),
+            (rts_smoother_parallel, ssmjax.rts_smoother),
         ):
             with pytest.raises(ValueError) as want:
                 seq(model_, y_, **kw)
             with pytest.raises(ValueError) as got:
                 par(model_, y_, **kw)
             assert str(got.value) == str(want.value)
+
+
+def test_parallel_requires_the_standard_method():
+    model = ssmjax.LGSSM(initial_mean=jnp.zeros(1), initial_cov=jnp.eye(1), transition_matrix=jnp.eye(1),
+                         transition_cov=jnp.eye(1), emission_matrix=jnp.eye(1), emission_cov=jnp.eye(1))
+    with pytest.raises(ValueError, match="`parallel=True` supports method='standard' only"):
+        ssmjax.kalman_filter(model, jnp.zeros((3, 1)), method="sqrt", parallel=True)

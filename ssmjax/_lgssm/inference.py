@@ -687,7 +687,7 @@ def _ops_for(model):
     return choose_ops(dx, dy)
 
 
-def kalman_filter(model, emissions, *, inputs=None, length=None, method="standard") -> KalmanFilterResult:
+def kalman_filter(model, emissions, *, inputs=None, length=None, method="standard", parallel=False) -> KalmanFilterResult:
     r"""Kalman filter: filtered and one-step predicted moments and :math:`\log p(y_{1:T})`.
 
     For the model, time convention, missing data and padding see
@@ -714,6 +714,10 @@ def kalman_filter(model, emissions, *, inputs=None, length=None, method="standar
             by QR; slower, stays accurate in float32 when the covariance form loses
             positive-definiteness, e.g. near-singular emission noise).
 
+        parallel: ``True`` runs the parallel-in-time version (``lax.associative_scan``,
+            O(log T) depth; :mod:`ssmjax._lgssm.parallel`) with ``method="standard"``; same
+            results to round-off. Worth it on accelerators for long sequences; on CPU the
+            sequential scan is faster (see ``benchmarks/README.md``).
     Returns:
         A :class:`KalmanFilterResult`.
 
@@ -733,11 +737,17 @@ def kalman_filter(model, emissions, *, inputs=None, length=None, method="standar
         (3, 1)
     """
     _check_method(method)
+    if parallel and method != "standard":
+        raise ValueError(f"`parallel=True` supports method='standard' only; got method={method!r}.")
     model, y, u, length_arr = _validate(model, emissions, inputs, length)
+    if parallel:
+        from .parallel import _filter_parallel
+
+        return _filter_parallel(model, y, u, length_arr)
     return _filter_jit(model, y, u, length_arr, method=method, ops=_ops_for(model))
 
 
-def rts_smoother(model, emissions, *, inputs=None, length=None, method="standard") -> RTSSmootherResult:
+def rts_smoother(model, emissions, *, inputs=None, length=None, method="standard", parallel=False) -> RTSSmootherResult:
     r"""Rauch-Tung-Striebel smoother: posterior marginals and lag-one cross-covariances.
 
     Runs :func:`kalman_filter`, then, backwards from :math:`t = T-1`,
@@ -758,6 +768,10 @@ def rts_smoother(model, emissions, *, inputs=None, length=None, method="standard
     Arguments, missing data and padding as in :func:`kalman_filter` (convention:
     :mod:`ssmjax._lgssm.model`).
 
+        parallel: ``True`` runs the parallel-in-time version (``lax.associative_scan``,
+            O(log T) depth; :mod:`ssmjax._lgssm.parallel`) with ``method="standard"``; same
+            results to round-off. Worth it on accelerators for long sequences; on CPU the
+            sequential scan is faster (see ``benchmarks/README.md``).
     Returns:
         An :class:`RTSSmootherResult`.
 
@@ -775,7 +789,13 @@ def rts_smoother(model, emissions, *, inputs=None, length=None, method="standard
         (2, 1, 1)
     """
     _check_method(method)
+    if parallel and method != "standard":
+        raise ValueError(f"`parallel=True` supports method='standard' only; got method={method!r}.")
     model, y, u, length_arr = _validate(model, emissions, inputs, length)
+    if parallel:
+        from .parallel import _smoother_parallel
+
+        return _smoother_parallel(model, y, u, length_arr)
     return _smoother_jit(model, y, u, length_arr, method=method, ops=_ops_for(model))
 
 

@@ -100,7 +100,6 @@ from .small import matmul_precision, symmetrize
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
-__all__ = ["kalman_filter_parallel", "rts_smoother_parallel"]
 
 
 def _mm(a, b):
@@ -308,48 +307,3 @@ def _smoother_parallel(
     loglik, fm, fc, pm, pc = _filter(s, length)
     sm, sc, cross = _smooth(s, fm, fc, pm, pc, length)
     return RTSSmootherResult(loglik, fm, fc, pm, pc, sm, sc, cross)
-
-
-# --------------------------------------------------------------------------- entry points
-
-
-def kalman_filter_parallel(model, emissions, *, inputs=None, length=None) -> KalmanFilterResult:
-    r"""Parallel-in-time :func:`ssmjax.kalman_filter` (same arguments, result, padding and errors).
-
-    Prefix combination of filtering elements by :func:`jax.lax.associative_scan`, then
-    the predicted moments and the log-likelihood vectorised over time; see the module
-    docstring. Gradients by automatic differentiation (exact).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> import ssmjax
-        >>> from ssmjax._lgssm.parallel import kalman_filter_parallel
-        >>> model = ssmjax.LGSSM(initial_mean=jnp.zeros(1), initial_cov=jnp.eye(1),
-        ...     transition_matrix=jnp.eye(1), transition_cov=0.1 * jnp.eye(1),
-        ...     emission_matrix=jnp.eye(1), emission_cov=jnp.eye(1))
-        >>> kalman_filter_parallel(model, jnp.array([[0.5], [jnp.nan], [1.0]])).filtered_means.shape
-        (3, 1)
-    """
-    model, y, u, length_arr = _validate(model, emissions, inputs, length)
-    return _filter_parallel(model, y, u, length_arr)
-
-
-def rts_smoother_parallel(model, emissions, *, inputs=None, length=None) -> RTSSmootherResult:
-    r"""Parallel-in-time :func:`ssmjax.rts_smoother`: prefix (filter) and suffix (smoother) scans.
-
-    Returns the same :class:`RTSSmootherResult`, including ``smoothed_cross_covs``
-    :math:`\mathrm{Cov}(x_t, x_{t+1} \mid y) = G_t P_{t+1|T}`. Requires the predicted
-    covariances :math:`P_{t+1|t}` of real steps to be positive definite (module docstring).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> import ssmjax
-        >>> from ssmjax._lgssm.parallel import rts_smoother_parallel
-        >>> model = ssmjax.LGSSM(initial_mean=jnp.zeros(1), initial_cov=jnp.eye(1),
-        ...     transition_matrix=jnp.eye(1), transition_cov=0.1 * jnp.eye(1),
-        ...     emission_matrix=jnp.eye(1), emission_cov=jnp.eye(1))
-        >>> rts_smoother_parallel(model, jnp.ones((3, 1))).smoothed_cross_covs.shape
-        (2, 1, 1)
-    """
-    model, y, u, length_arr = _validate(model, emissions, inputs, length)
-    return _smoother_parallel(model, y, u, length_arr)
