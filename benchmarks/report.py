@@ -146,19 +146,22 @@ def parallel_table(d):
     rows = d.get("results") or d.get("timings") or []
     if not rows:
         return ""
-    keys = [k for k in rows[0].keys() if k not in ("T", "K", "model")]
     lines = [
-        "### Sequential vs parallel-in-time (`benchmarks/parallel.py`)",
+        "### Sequential vs parallel-in-time (`benchmarks/parallel.py`), float32",
         "",
         _header(d),
         "",
-        "| " + " | ".join(["model", "T"] + keys) + " |",
-        "|" + "---|" * (len(keys) + 2),
+        "`parallel / sequential` > 1 means the sequential scan is faster.",
+        "",
+        "| model | algorithm | T | sequential ms | parallel ms | parallel / sequential | compile s (seq / par) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        vals = [str(r.get("model", "HMM K=%s" % r.get("K", "?"))), str(r.get("T"))]
-        vals += [_ms(r[k]) if isinstance(r[k], float) else str(r[k]) for k in keys]
-        lines.append("| " + " | ".join(vals) + " |")
+        model = f"HMM K={r['K']}" if r.get("model") == "hmm" else f"LGSSM Dx={r.get('Dx')}, Dy={r.get('Dy')}"
+        lines.append(
+            f"| {model} | {r['algorithm']} | {r['T']:,} | {_ms(r['sequential_s'])} | {_ms(r['parallel_s'])} | "
+            f"{r['parallel_over_sequential']:.1f} | {r['sequential_compile_s']:.2f} / {r['parallel_compile_s']:.2f} |"
+        )
     return "\n".join(lines)
 
 
