@@ -279,6 +279,12 @@ class LGSSM(AbstractFittableModel):
 
         return lgssm_sample_posterior(key, self, emissions, inputs=inputs, length=length)
 
+    def log_joint(self, states, emissions, *, inputs=None, length=None):
+        """``log p(y_{1:T}, x_{1:T})`` of a state path; see :func:`ssmjax.lgssm_log_joint`."""
+        from .joint import lgssm_log_joint
+
+        return lgssm_log_joint(self, states, emissions, inputs=inputs, length=length)
+
     def sample(self, key, num_timesteps, *, inputs=None):
         """Draw ``(states, emissions)``; see :func:`ssmjax.lgssm_sample`."""
         from .inference import lgssm_sample
