@@ -1,0 +1,184 @@
+"""The Kalman VAE example (ssmjax.examples.kvae): data, objective, gradients, training, imputation."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ssmjax
+from helpers import FD_TOLERANCE, assert_allclose, central_difference_grad
+from ssmjax.examples import kvae
+
+TINY = kvae.KVAEConfig(image_size=6, a_dim=2, z_dim=3, num_matrices=2, hidden=8, rnn_hidden=4)
+
+
+def _tiny_model(dtype=jnp.float64, seed=0):
+    model = kvae.KalmanVAE(jax.random.key(seed), TINY, dtype=dtype)
+    # non-trivial base matrices so every path carries gradient
+    k1, k2 = jax.random.split(jax.random.key(seed + 100))
+    return eqx.tree_at(
+        lambda m: (m.base_transitions, m.base_emissions),
+        model,
+        (
+            model.base_transitions + 0.2 * jax.random.normal(k1, model.base_transitions.shape, dtype),
+            model.base_emissions + 0.5 * jax.random.normal(k2, model.base_emissions.shape, dtype),
+        ),
+    )
+
+
+def _tiny_frames(num_timesteps=5, seed=0):
+    return kvae.bouncing_ball(jax.random.key(seed), 1, num_timesteps, size=6, radius=1.5, speed=(0.5, 1.0))[0]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_bouncing_ball_stays_in_the_box_and_moves():
+    videos = np.asarray(kvae.bouncing_ball(jax.random.key(0), 64, 30))
+    assert videos.shape == (64, 30, 32, 32) and videos.dtype == np.float32
+    assert set(np.unique(videos)) <= {0.0, 1.0}
+    area = videos.sum(axis=(2, 3))
+    # a disk of radius 3 covers ~28 pixel centres wherever it is, and never leaves the box
+    assert area.min() >= 21 and area.max() <= 32
+    moved = np.abs(np.diff(videos, axis=1)).sum(axis=(2, 3))
+    assert moved.min() > 0  # speed >= 1.5 px/frame: consecutive frames always differ
+    # elastic reflection: the centre of mass stays at least (about) a radius from each wall
+    ii = np.arange(32) + 0.5
+    com_r = (videos.sum(axis=3) * ii).sum(axis=2) / area
+    com_c = (videos.sum(axis=2) * ii).sum(axis=2) / area
+    for com in (com_r, com_c):
+        assert com.min() > 2.5 and com.max() < 29.5
+
+
+def test_last_frame_baseline_and_error_metric():
+    frames = jnp.arange(5.0)[:, None, None] * jnp.ones((5, 2, 2)) / 10.0
+    observed = jnp.array([False, True, False, False, True])
+    base = kvae.last_frame_baseline(frames, observed)
+    np.testing.assert_array_equal(base[:, 0, 0], np.array([0.1, 0.1, 0.1, 0.1, 0.4]))
+    truth = jnp.zeros((2, 3, 2, 2)).at[0, 1, 0, 0].set(1.0)
+    pred = jnp.zeros((2, 3, 2, 2))
+    obs = jnp.array([[True, False, True], [True, True, True]])
+    assert float(kvae.imputation_error(pred, truth, obs)) == pytest.approx(0.25)  # 1 of 4 pixels, 1 missing frame
+
+
+def test_drop_frames_and_argument_errors():
+    obs = np.asarray(kvae.drop_frames(jax.random.key(0), 50, 20, gap=6))
+    assert obs.shape == (50, 20)
+    assert np.all((~obs).sum(axis=1) == 6) and np.all(obs[:, :4])
+    with pytest.raises(ValueError, match="`gap` must be in 1..16; got 17"):
+        kvae.drop_frames(jax.random.key(0), 2, 20, gap=17)
+    model = _tiny_model(jnp.float32)
+    with pytest.raises(ValueError, match="`estimator` must be 'exact' or 'sampled'; got 'mc'"):
+        model.elbo(jax.random.key(0), _tiny_frames(), estimator="mc")
+
+
+# --------------------------------------------------------------------------- objective
+
+
+def test_sampled_estimator_is_unbiased_for_the_exact_one():
+    # For fixed encodings a: E_z[log p(a, z~) + H[q(z | a)]] = log p(a) (the exact estimator).
+    model = _tiny_model()
+    mean, std = model.encode(_tiny_frames(8))
+    a = mean + std * jax.random.normal(jax.random.key(3), mean.shape, mean.dtype)
+    exact = model.lgssm_term(jax.random.key(0), a, estimator="exact")
+    keys = jax.random.split(jax.random.key(1), 2000)
+    draws = jax.jit(jax.vmap(lambda k: model.lgssm_term(k, a, estimator="sampled")))(keys)
+    stderr = float(jnp.std(draws)) / np.sqrt(keys.shape[0])
+    assert stderr > 0
+    assert abs(float(jnp.mean(draws)) - float(exact)) < 4 * stderr
+
+
+def test_padding_changes_nothing_and_gradients_stay_finite():
+    model = _tiny_model()
+    frames = _tiny_frames(7)
+    L = 5
+    padded = frames.at[L:].set(jnp.nan)
+    key = jax.random.key(2)
+    elbo = eqx.filter_jit(lambda m, x, n: m.elbo(key, x, length=n)[0])
+    assert_allclose(elbo(model, padded, L), elbo(model, frames[:L], None), jnp.float64)
+    for estimator in ("exact", "sampled"):
+        grads = eqx.filter_jit(eqx.filter_grad(lambda m: m.elbo(key, padded, estimator=estimator, length=L)[0]))(model)
+        leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sampled"])
+def test_gradients_through_smoother_and_sampler_match_finite_differences(estimator):
+    model = _tiny_model()
+    frames = _tiny_frames(5)
+    key = jax.random.key(7)
+    # the LGSSM base matrices and the dynamics network's output layer: their gradient flows
+    # through the filter/smoother, the posterior sampler and the path densities
+    get = lambda m: (m.base_transitions, m.base_emissions, m.dpn_out.weight)  # noqa: E731
+    shapes = [p.shape for p in get(model)]
+    sizes = [int(np.prod(s)) for s in shapes]
+
+    @jax.jit
+    def f(theta):
+        parts, start = [], 0
+        for shape, size in zip(shapes, sizes):
+            parts.append(theta[start : start + size].reshape(shape))
+            start += size
+        return model_with(parts).elbo(key, frames, estimator=estimator)[0]
+
+    def model_with(parts):
+        return eqx.tree_at(get, model, tuple(parts))
+
+    theta = np.concatenate([np.ravel(p) for p in get(model)])
+    auto = jax.grad(f)(jnp.asarray(theta))
+    fd = central_difference_grad(f, theta)
+    assert bool(jnp.any(jnp.abs(auto) > 1e-3))
+    assert_allclose(auto, fd, **FD_TOLERANCE)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_float32_training_steps_are_finite_and_lower_the_loss_on_a_fixed_batch():
+    model = kvae.KalmanVAE(jax.random.key(0), kvae.KVAEConfig(image_size=16, hidden=32, rnn_hidden=8))
+    batch = kvae.bouncing_ball(jax.random.key(1), 8, 10, size=16, radius=2.0)
+    for estimator in ("exact", "sampled"):
+        optimizer = kvae.default_optimizer(3e-3, 30)
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+        step = kvae.make_train_step(optimizer, estimator=estimator)
+        m, losses = model, []
+        for i in range(30):
+            m, opt_state, loss, parts = step(m, opt_state, jax.random.key(i), batch)
+            assert loss.dtype == jnp.float32
+            losses.append(float(loss))
+        assert np.all(np.isfinite(losses)), estimator
+        assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), (estimator, losses[:5], losses[-5:])
+
+
+# --------------------------------------------------------------------------- imputation
+
+
+def _sequential_imputation(model, frames, observed):
+    """The paper's scheme step by step: a missing a_t is the filter's prediction C_t E[z_t | a_<t]."""
+    mean, _ = model.encode(frames)
+    a_obs = jnp.where(observed[:, None], mean, jnp.nan)
+    a_fill = np.where(np.asarray(observed)[:, None], np.asarray(mean), 0.0)
+    for t in range(frames.shape[0]):
+        if not bool(observed[t]):
+            lgssm = model.lgssm(model.mixture_weights(jnp.asarray(a_fill)))  # alpha_t uses a_fill[:t] only
+            pred = ssmjax.kalman_filter(lgssm, a_obs).predicted_means[t]  # depends on a_obs[:t] only
+            a_fill[t] = np.asarray(lgssm.emission_matrix[t] @ pred)
+    lgssm = model.lgssm(model.mixture_weights(jnp.asarray(a_fill)))
+    z = ssmjax.rts_smoother(lgssm, a_obs).smoothed_means
+    return np.where(np.asarray(observed)[:, None], np.asarray(mean), np.einsum("tij,tj->ti", lgssm.emission_matrix, z))
+
+
+def test_imputation_equals_the_sequential_scheme():
+    model = _tiny_model()
+    frames = _tiny_frames(9)
+    observed = jnp.array([True, True, False, True, False, False, True, False, False])
+    got = eqx.filter_jit(model.impute)(frames, observed)
+    assert_allclose(got["a"], _sequential_imputation(model, frames, observed), jnp.float64)
+    assert got["probs"].shape == frames.shape
+    # observed frames are their own reconstructions
+    mean, _ = model.encode(frames)
+    recon = jax.nn.sigmoid(model.decode_logits(mean))
+    assert_allclose(got["probs"][observed], recon[observed], jnp.float64)
