@@ -18,7 +18,8 @@ import numpy as np
 
 from .._checks import value_checks
 from . import progress as _progress
-from .protocol import AbstractFittableModel, check_frozen
+from .compiler import fast_compile_jit
+from .protocol import AbstractFittableModel, check_frozen, tracing_observed_batch
 
 # Status codes of an EM run (see EMInfo.status).
 _RUNNING, _CONVERGED, _MAX_ITERS, _DECREASED, _NOT_FINITE = 0, 1, 2, 3, 4
@@ -53,6 +54,9 @@ def _decrease_rtol(dtype) -> float:
 
 
 def _batch_e_step(model, emissions, lengths, inputs):
+    batched = getattr(model, "_batched_e_step", None)
+    if batched is not None:  # optional hook, see protocol.py
+        return batched(emissions, lengths, inputs)
     stats, lls = jax.vmap(lambda y, n, u: model._e_step(y, n, u))(emissions, lengths, inputs)
     stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
     return stats, jnp.sum(lls)
@@ -118,17 +122,18 @@ def _em_loop(model, emissions, lengths, inputs, tol, max_iters: int, frozen: fro
     return final.params, final.lls, final.it, final.status
 
 
-@eqx.filter_jit
-def _em_compiled(model, emissions, lengths, inputs, tol, max_iters, frozen, progress):
+def _em_single(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, observed):
     # Inputs were validated eagerly; iterates come from our own M-steps. Value checks
     # inside the loop would turn a degenerate iterate (e.g. a covariance collapsing on
     # tiny data) into an exception instead of the guard's "last good model".
-    with value_checks(False):
+    with value_checks(False), tracing_observed_batch(observed):
         return _em_loop(model, emissions, lengths, inputs, tol, max_iters, frozen, progress)
 
 
-@eqx.filter_jit
-def _em_restarts_compiled(models, emissions, lengths, inputs, tol, max_iters, frozen, progress):
+_em_compiled = fast_compile_jit(_em_single)
+
+
+def _em_restarts(models, emissions, lengths, inputs, tol, max_iters, frozen, progress, observed):
     params, static = eqx.partition(models, eqx.is_array)
 
     def one(p):
@@ -138,8 +143,11 @@ def _em_restarts_compiled(models, emissions, lengths, inputs, tol, max_iters, fr
         _, final_ll = _batch_e_step(fitted, emissions, lengths, inputs)
         return fitted_params, lls, it, status, final_ll
 
-    with value_checks(False):  # see _em_compiled
+    with value_checks(False), tracing_observed_batch(observed):  # see _em_single
         return jax.vmap(one)(params)
+
+
+_em_restarts_compiled = fast_compile_jit(_em_restarts)
 
 
 def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen):
@@ -154,7 +162,21 @@ def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen):
     frozen = check_frozen(model, frozen)
     model._check_em(frozen)
     emissions, lengths, inputs = model._check_batch(emissions, lengths, inputs)
-    return emissions, lengths, inputs, int(max_iters), frozen
+    return emissions, lengths, inputs, int(max_iters), frozen, _is_observed(emissions, lengths)
+
+
+def _is_observed(emissions, lengths) -> bool:
+    """No NaN in ``emissions`` at real steps (a static fact for the E-step, see protocol.py)."""
+    if not (isinstance(emissions, jax.Array) and jnp.issubdtype(emissions.dtype, jnp.floating)):
+        return False
+    if not emissions.is_fully_addressable:  # sharded over several hosts: keep the general path
+        return False
+    nan = np.isnan(np.asarray(emissions))
+    if not nan.any():
+        return True
+    steps = nan.reshape(nan.shape[:2] + (-1,)).any(axis=-1)
+    real = np.arange(nan.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    return not bool((steps & real).any())
 
 
 def fit_em(
@@ -214,13 +236,13 @@ def fit_em(
         >>> bool(lls[-1] >= lls[0])
         True
     """
-    emissions, lengths, inputs, max_iters, frozen = _prepare(
+    emissions, lengths, inputs, max_iters, frozen, observed = _prepare(
         model, emissions, lengths, inputs, max_iters, tol, frozen
     )
     tol_arr = jnp.asarray(tol, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
     with _progress.progress_bar(progress, max_iters, "EM", "loglik"):
         params, lls, it, status = _em_compiled(
-            model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress
+            model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, observed
         )
     _, static = eqx.partition(model, eqx.is_array)
     fitted = eqx.combine(params, static)
@@ -234,7 +256,7 @@ def fit_em(
             RuntimeWarning,
             stacklevel=2,
         )
-    lls = lls[:num_iters]
+    lls = jnp.asarray(np.asarray(lls)[:num_iters])  # sliced on the host: no eager kernel to compile
     if return_info:
         return fitted, lls, EMInfo(num_iters, status_name, status_name == "converged")
     return fitted, lls
@@ -283,13 +305,13 @@ def fit_em_restarts(
         raise ValueError("`models` must be a stacked model with a leading restart axis on every array leaf.")
     num_restarts = leaves[0].shape[0]
     first = jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, models)
-    emissions, lengths, inputs, max_iters, frozen = _prepare(
+    emissions, lengths, inputs, max_iters, frozen, observed = _prepare(
         first, emissions, lengths, inputs, max_iters, tol, frozen
     )
     tol_arr = jnp.asarray(tol, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
     with _progress.progress_bar(progress, max_iters, f"EM x{num_restarts}", "best loglik"):
         params, lls, _, _, final_lls = _em_restarts_compiled(
-            models, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress
+            models, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, observed
         )
     scores = jnp.where(jnp.isfinite(final_lls), final_lls, -jnp.inf)
     best = int(jnp.argmax(scores))

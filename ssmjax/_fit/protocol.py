@@ -8,6 +8,19 @@ sequence and consumed by ``_m_step`` once per iteration. Gradient fitting only
 ever sees the *unconstrained view*: a dict from parameter name to a pytree of
 arrays in which every value is a valid model, so optax needs no bijectors.
 
+A model may also define ``_batched_e_step(emissions, lengths, inputs)``, taking
+the padded batch ``(B, T, ...)`` and returning the *summed* statistics and the
+summed log-likelihood; :func:`ssmjax.fit_em` then calls it instead of
+``jax.vmap`` of ``_e_step`` (the HMM does, to batch its emission maths across
+sequences while running forward-backward sequence by sequence). It must equal
+the sum of ``_e_step`` over the batch.
+
+While :func:`ssmjax.fit_em` traces its loop, :func:`observed_batch` tells an
+E-step whether every entry of the batch's emissions at real (unpadded) steps is
+a number (no NaN). It is a static fact, part of the compiled loop's cache key,
+so an E-step may skip missing-data work (the LGSSM skips the per-step
+conditioning of missing entries). Outside ``fit_em`` it is ``False``.
+
 Parameter names are the public ones (``"transition_matrix"``,
 ``"emission_cov"``, ``"emissions.means"``...). ``frozen`` in both fitting
 functions takes these names: a frozen parameter never moves, and the others
@@ -17,12 +30,33 @@ get their exact constrained M-step (EM) or gradient update (SGD) given it.
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import equinox as eqx
 import jax
 
 PyTree = Any
+
+_OBSERVED_BATCH = False
+
+
+def observed_batch() -> bool:
+    """Whether the batch being traced by ``fit_em`` has no NaN at real steps (see the module doc)."""
+    return _OBSERVED_BATCH
+
+
+@contextlib.contextmanager
+def tracing_observed_batch(observed: bool) -> Iterator[None]:
+    """Set :func:`observed_batch` while a fitting loop is traced."""
+    global _OBSERVED_BATCH
+    previous = _OBSERVED_BATCH
+    _OBSERVED_BATCH = bool(observed)
+    try:
+        yield
+    finally:
+        _OBSERVED_BATCH = previous
 
 
 class AbstractFittableModel(eqx.Module):

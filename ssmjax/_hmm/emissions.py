@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional, Union
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import gammaln
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
@@ -74,6 +75,30 @@ def _as_mask(name: str, mask, num_steps: int) -> Optional[jax.Array]:
     if mask.dtype != jnp.bool_:
         raise ValueError(f"`{name}` must be a boolean array; got dtype {mask.dtype}.")
     return mask
+
+
+def _host_values(emissions, mask):
+    """``(numpy, emissions, mask)`` when both are concrete and in host memory, else ``(jnp, ...)``.
+
+    Eager validation of a large batch then computes its flags with NumPy and
+    reduces them to one boolean, instead of compiling an XLA kernel per new shape
+    for each elementwise op (the dominant cost of an eager check).
+    """
+    arrays = (emissions,) if mask is None else (emissions, mask)
+    on_host = all(
+        isinstance(x, np.ndarray)
+        or (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+            and all(d.platform == "cpu" for d in x.devices()))
+        for x in arrays
+    )
+    if not on_host:
+        return jnp, emissions, mask
+    return np, np.asarray(emissions), None if mask is None else np.asarray(mask)
+
+
+def _any_bad(xp, bad):
+    """Reduce ``bad`` to a scalar with ``xp`` (NumPy: no compilation), for ``check_values``."""
+    return jnp.asarray(np.any(bad)) if xp is np else bad
 
 
 def _fill_padding(emissions: jax.Array, mask: Optional[jax.Array], fill) -> jax.Array:
@@ -365,11 +390,12 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
             raise ValueError(
                 f"`emissions` of a categorical model must hold integer symbols; got dtype {emissions.dtype}."
             )
-        bad = (emissions < 0) | (emissions >= self.num_classes)
+        xp, values, mask = _host_values(emissions, mask)
+        bad = (values < 0) | (values >= self.num_classes)
         if mask is not None:
             bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
         return _checks.check_values(
-            emissions, bad, f"`emissions` must be symbols in [0, {self.num_classes}) (num_classes)."
+            emissions, _any_bad(xp, bad), f"`emissions` must be symbols in [0, {self.num_classes}) (num_classes)."
         )
 
     def log_prob(self, emission) -> Float[Array, " K"]:
@@ -546,12 +572,14 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
                 f"`emissions` of a Poisson model must be integer counts (integer or float dtype); "
                 f"got dtype {emissions.dtype}."
             )
+        xp, values, mask = _host_values(emissions, mask)
         if jnp.issubdtype(emissions.dtype, jnp.integer):
-            bad = emissions < 0
+            bad = values < 0
         else:
-            bad = (emissions < 0) | (emissions != jnp.floor(emissions)) | ~jnp.isfinite(emissions)
+            bad = (values < 0) | (values != xp.floor(values)) | ~xp.isfinite(values)
         if mask is not None:
             bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
+        bad = _any_bad(xp, bad)
         return _checks.check_values(
             emissions, bad, "`emissions` of a Poisson model must be non-negative integer counts."
         )
@@ -663,9 +691,15 @@ class GaussianStats(NamedTuple):
 def _gaussian_full_log_prob(
     means: Float[Array, "K D"], chol_covs: Float[Array, "K D D"], emission: Float[Array, " D"]
 ) -> Float[Array, " K"]:
+    # Whitening matrices L_k^{-1}, computed from the parameters alone: under
+    # ``jax.vmap`` over emissions (``log_likelihoods``) they are computed once, and
+    # z = L_k^{-1} (y - mu_k) for every step and state is one batched product
+    # instead of a triangular solve per step.
     chol = jnp.tril(chol_covs)
+    eye = jnp.broadcast_to(jnp.eye(chol.shape[-1], dtype=chol.dtype), chol.shape)
+    inv_chol = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
     diff = emission[None, :] - means
-    z = jax.vmap(lambda L, d: jax.scipy.linalg.solve_triangular(L, d, lower=True))(chol, diff)
+    z = jnp.einsum("kde,ke->kd", inv_chol, diff)
     log_det = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(chol, axis1=-2, axis2=-1))), axis=-1)
     dim = means.shape[-1]
     return -0.5 * jnp.sum(z**2, axis=-1) - log_det - 0.5 * dim * math.log(2 * math.pi)
@@ -786,10 +820,11 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
         emissions = jnp.asarray(emissions)
         if not (jnp.issubdtype(emissions.dtype, jnp.floating) or jnp.issubdtype(emissions.dtype, jnp.integer)):
             raise ValueError(f"`emissions` of a Gaussian model must be real numbers; got dtype {emissions.dtype}.")
-        bad = jnp.isnan(emissions)
+        xp, values, mask = _host_values(emissions, mask)
+        bad = xp.isnan(values)
         if mask is not None:
             bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
-        return _checks.check_values(emissions, bad, "`emissions` contains NaN at unpadded steps.")
+        return _checks.check_values(emissions, _any_bad(xp, bad), "`emissions` contains NaN at unpadded steps.")
 
     def log_prob(self, emission) -> Float[Array, " K"]:
         emission = jnp.asarray(emission)

@@ -72,7 +72,7 @@ def _missing_emission_affine(y, mask, emission_matrix, emission_cov, mean_shift)
     return h_matrix, h_vec, 0.5 * (sigma + sigma.T)
 
 
-def expected_stats(model, emissions, inputs, length, posterior):
+def expected_stats(model, emissions, inputs, length, posterior, observed: bool = False):
     """Summed expected sufficient statistics of one sequence (padding excluded).
 
     Args:
@@ -81,6 +81,10 @@ def expected_stats(model, emissions, inputs, length, posterior):
         inputs: (T, Du) or None.
         length: int scalar (number of real steps).
         posterior: the :func:`ssmjax.rts_smoother` result for this sequence.
+        observed: static promise that no real step has a missing entry; the
+            emission moments are then ``y psi^T`` and ``y y^T`` directly, skipping
+            the per-step conditioning of missing entries (a Cholesky factorisation
+            per step).
 
     Returns:
         A dict of arrays that add across sequences.
@@ -152,17 +156,25 @@ def expected_stats(model, emissions, inputs, length, posterior):
         )
         return e_y_psi, e_yy
 
-    inputs_em = inputs if inputs is not None else jnp.zeros((num_timesteps, 0), dtype)
-    e_ypsi, e_yy = jax.vmap(emission_target_moments)(
-        emissions, means, e_psi, e_psipsi, extra_em, inputs_em, mask
-    )
-    # A step with no observed entry carries no information about C, D, d, R; it
-    # would contribute exactly its prior expectation, so it can be dropped (and
-    # dropping it keeps the update exact).
-    w_step = (real & jnp.any(mask, axis=-1)).astype(dtype)
-    em_psipsi = jnp.einsum("t,tij->ij", w_step, e_psipsi, precision=_HI)
-    em_ypsi = jnp.einsum("t,tij->ij", w_step, e_ypsi, precision=_HI)
-    em_yy = jnp.einsum("t,tij->ij", w_step, e_yy, precision=_HI)
+    if observed:
+        # y is known at every real step: E[y psi^T] = y E[psi]^T, E[y y^T] = y y^T.
+        w_step = real.astype(dtype)
+        y = jnp.where(real[:, None], emissions, 0.0).astype(dtype)
+        em_psipsi = jnp.einsum("t,tij->ij", w_step, e_psipsi, precision=_HI)
+        em_ypsi = jnp.einsum("ti,tj->ij", y, e_psi, precision=_HI)
+        em_yy = jnp.einsum("ti,tj->ij", y, y, precision=_HI)
+    else:
+        inputs_em = inputs if inputs is not None else jnp.zeros((num_timesteps, 0), dtype)
+        e_ypsi, e_yy = jax.vmap(emission_target_moments)(
+            emissions, means, e_psi, e_psipsi, extra_em, inputs_em, mask
+        )
+        # A step with no observed entry carries no information about C, D, d, R; it
+        # would contribute exactly its prior expectation, so it can be dropped (and
+        # dropping it keeps the update exact).
+        w_step = (real & jnp.any(mask, axis=-1)).astype(dtype)
+        em_psipsi = jnp.einsum("t,tij->ij", w_step, e_psipsi, precision=_HI)
+        em_ypsi = jnp.einsum("t,tij->ij", w_step, e_ypsi, precision=_HI)
+        em_yy = jnp.einsum("t,tij->ij", w_step, e_yy, precision=_HI)
 
     return {
         "init_mean": means[0],

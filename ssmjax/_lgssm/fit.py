@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 
 from .. import _checks
+from .._fit.protocol import observed_batch
 from . import em as _em
 from .inference import rts_smoother
 from .model import FIELDS
@@ -42,7 +44,10 @@ def check_batch(model, emissions, lengths, inputs):
     emissions = _checks.as_float_array("emissions", emissions)
     _checks.check_shape("emissions", emissions, ("B", "T", model.emission_dim), "a padded batch of sequences")
     num_seq, num_timesteps, _ = emissions.shape
-    lengths = _checks.check_lengths(lengths, num_seq, num_timesteps)
+    if lengths is None:  # host-built: no eager XLA kernel to compile
+        lengths = jnp.asarray(np.full((num_seq,), num_timesteps, np.int32))
+    else:
+        lengths = _checks.check_lengths(lengths, num_seq, num_timesteps)
     du = model.input_dim
     if du is None:
         if inputs is not None:
@@ -55,10 +60,8 @@ def check_batch(model, emissions, lengths, inputs):
             )
         inputs = _checks.as_float_array("inputs", inputs, emissions.dtype)
         _checks.check_shape("inputs", inputs, (num_seq, num_timesteps, du), "(B, T, Du)")
-    # the starting model's covariances are user input: check them now, eagerly
-    from .inference import _value_check_model
-
-    _value_check_model(model, num_timesteps, None)
+    # the starting model's covariances are user input: check them now
+    _check_model_values(model, num_timesteps)
     for name in parameter_names(model):
         value = getattr(model, name)
         if _is_time_varying(model, name):
@@ -71,9 +74,48 @@ def check_batch(model, emissions, lengths, inputs):
     return emissions, lengths, inputs
 
 
+def _clearly_valid_covs(model) -> bool:
+    """A strict host-side (NumPy) version of the inference functions' covariance checks.
+
+    ``True`` only with a wide margin: finite, symmetric to a tenth of the tolerance,
+    and well-conditioned positive (semi-)definite. Anything else goes to the exact
+    checks, which raise the ValueError naming the parameter (or let it pass).
+    """
+    for name, semidefinite in (("initial_cov", False), ("transition_cov", True), ("emission_cov", False)):
+        value = getattr(model, name)
+        cov = np.asarray(value, np.float64)
+        if not np.all(np.isfinite(cov)):
+            return False
+        rtol = 1e-5 if value.dtype == jnp.float32 else 1e-10
+        scale = np.max(np.abs(cov), axis=(-1, -2), keepdims=True)
+        if np.any(np.abs(cov - np.swapaxes(cov, -1, -2)) > 0.1 * rtol * scale):
+            return False
+        eig = np.linalg.eigvalsh(0.5 * (cov + np.swapaxes(cov, -1, -2)))
+        floor = 0.0 if semidefinite else 1e3 * float(jnp.finfo(value.dtype).eps) * np.max(np.abs(eig))
+        if np.any(eig.min(axis=-1) <= floor) and not (semidefinite and np.all(eig >= 0)):
+            return False
+    return True
+
+
+def _check_model_values(model, num_timesteps):
+    """The covariance checks of the inference functions, as ValueError before any EM work.
+
+    Run op by op, the exact checks compile some forty tiny XLA kernels (longer than
+    the EM loop itself on small problems); a strict NumPy pre-check clears the
+    usual case, and only a doubtful model goes through them.
+    """
+    if not _checks.value_checks_enabled() or _clearly_valid_covs(model):
+        return
+    from .inference import _value_check_model
+
+    _value_check_model(model, num_timesteps, None)
+
+
 def e_step(model, emissions, length, inputs):
     post = rts_smoother(model, emissions, inputs=inputs, length=length)
-    return _em.expected_stats(model, emissions, inputs, length, post), post.marginal_loglik
+    # fit_em knows statically whether the batch has missing entries (NaN)
+    stats = _em.expected_stats(model, emissions, inputs, length, post, observed=observed_batch())
+    return stats, post.marginal_loglik
 
 
 def check_em(model, frozen):

@@ -1,0 +1,35 @@
+"""Compilation settings shared by the fitting loops.
+
+XLA:CPU compiles every fusion through its MLIR fusion emitters by default, at a
+fixed cost per fusion that dominates the compile time of an EM loop (many small
+kernels on ``K x K`` and ``D x D`` matrices). The classic emitters compile the
+loops of ``benchmarks/fit.py`` about twice as fast at equal run time. The option
+is applied on CPU only, and dropped for good if this jaxlib does not know it.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+
+CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+_use_compiler_options = True
+
+
+def fast_compile_jit(fun):
+    """``equinox.filter_jit(fun)``, compiled with :data:`CPU_COMPILER_OPTIONS` on CPU."""
+    plain = eqx.filter_jit(fun)
+    tuned = eqx.filter_jit(fun, compiler_options=CPU_COMPILER_OPTIONS)
+
+    def call(*args):
+        global _use_compiler_options
+        if _use_compiler_options and jax.default_backend() == "cpu":
+            try:
+                return tuned(*args)
+            except Exception as err:  # noqa: BLE001 - only an unknown option is handled
+                if "compile option" not in str(err):
+                    raise
+                _use_compiler_options = False
+        return plain(*args)
+
+    return call
