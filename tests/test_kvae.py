@@ -70,6 +70,10 @@ def test_drop_frames_and_argument_errors():
     assert np.all((~obs).sum(axis=1) == 6) and np.all(obs[:, :4])
     with pytest.raises(ValueError, match="`gap` must be in 1..16; got 17"):
         kvae.drop_frames(jax.random.key(0), 2, 20, gap=17)
+    with pytest.raises(ValueError, match="exactly one of `gap` and `probability`"):
+        kvae.drop_frames(jax.random.key(0), 2, 20, gap=3, probability=0.5)
+    rand = np.asarray(kvae.drop_frames(jax.random.key(1), 400, 20, probability=0.5))
+    assert np.all(rand[:, :4]) and abs((~rand[:, 4:]).mean() - 0.5) < 0.02
     model = _tiny_model(jnp.float32)
     with pytest.raises(ValueError, match="`estimator` must be 'exact' or 'sampled'; got 'mc'"):
         model.elbo(jax.random.key(0), _tiny_frames(), estimator="mc")

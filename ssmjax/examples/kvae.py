@@ -113,16 +113,32 @@ def bouncing_ball(
     return (d2 <= radius**2).astype(jnp.float32)
 
 
-def drop_frames(key: PRNGKeyArray, num_sequences: int, num_timesteps: int, *, gap: int, keep_first: int = 4):
-    """Observed-frame masks (N, T) with one run of ``gap`` consecutive missing frames per sequence.
+def drop_frames(
+    key: PRNGKeyArray,
+    num_sequences: int,
+    num_timesteps: int,
+    *,
+    gap: Optional[int] = None,
+    probability: Optional[float] = None,
+    keep_first: int = 4,
+) -> Bool[Array, "N T"]:
+    """Observed-frame masks (N, T) for the paper's two imputation tasks; the first ``keep_first`` frames are kept.
 
-    The run starts uniformly in ``[keep_first, T - gap]``, so at least ``keep_first``
-    frames are seen before it (the paper's imputation task).
+    ``gap``: one run of ``gap`` consecutive missing frames per sequence, starting uniformly in
+    ``[keep_first, T - gap]``. ``probability``: every later frame is dropped independently with
+    this probability. Give exactly one of the two.
     """
+    if (gap is None) == (probability is None):
+        raise ValueError("give exactly one of `gap` and `probability`.")
+    t = jnp.arange(num_timesteps)
+    if probability is not None:
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"`probability` must be in [0, 1]; got {probability}.")
+        dropped = jax.random.bernoulli(key, probability, (num_sequences, num_timesteps))
+        return ~(dropped & (t[None] >= keep_first))
     if not 0 < gap <= num_timesteps - keep_first:
         raise ValueError(f"`gap` must be in 1..{num_timesteps - keep_first}; got {gap}.")
     starts = jax.random.randint(key, (num_sequences,), keep_first, num_timesteps - gap + 1)
-    t = jnp.arange(num_timesteps)
     return ~((t[None] >= starts[:, None]) & (t[None] < starts[:, None] + gap))
 
 
@@ -438,7 +454,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--estimator", choices=("exact", "sampled"), default="exact")
     parser.add_argument("--reconstruction-weight", type=float, default=1.0)
     parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--gap", type=int, default=6, help="missing frames per test sequence")
+    parser.add_argument("--gap", type=int, default=6, help="consecutive missing frames per test sequence")
+    parser.add_argument("--drop-probability", type=float, default=0.5, help="for the random-drop task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="larger run for a GPU: 10000 sequences, 20000 steps, batch 64")
     args = parser.parse_args(argv)
@@ -459,13 +476,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     seconds = time.perf_counter() - start
     print(f"device {jax.devices()[0].device_kind}; {args.steps} steps in {seconds:.1f} s")
     print(f"negative ELBO per frame: first 50 steps {np.mean(losses[:50]):.2f}, last 50 {np.mean(losses[-50:]):.2f}")
-    errors = evaluate_imputation(model, test, observed)
-    print(
-        f"fraction of incorrectly imputed pixels ({args.gap} missing frames, 256 test sequences): "
-        f"smoother {errors['smoother']:.4f}, filter {errors['filter']:.4f}, last frame {errors['last_frame']:.4f}, "
-        f"empty frame {errors['empty_frame']:.4f}"
-    )
-
+    tasks = {
+        f"a run of {args.gap} missing frames": observed,
+        f"frames dropped with probability {args.drop_probability}": drop_frames(
+            k_mask, 256, args.timesteps, probability=args.drop_probability
+        ),
+    }
+    print("fraction of incorrectly imputed pixels (256 test sequences):")
+    for task, mask in tasks.items():
+        errors = evaluate_imputation(model, test, mask)
+        print(f"  {task}: " + ", ".join(f"{name} {value:.4f}" for name, value in errors.items()))
 
 if __name__ == "__main__":
     main()
