@@ -177,9 +177,14 @@ def _masks(num_timesteps: int, length: Int[Array, ""]):
     return valid
 
 
-def _vecmat(x: Float[Array, " K"], matrix: Float[Array, "K K"]) -> Float[Array, " K"]:
+# Up to this many states a vector-matrix product in a scan step is a fused multiply-sum
+# (no call into a matmul kernel): measured ~10% faster smoother steps at K = 16 on CPU.
+_FUSED_MATVEC_MAX_STATES = 16
+
+
+def _vecmat(x: Float[Array, " K"], matrix: Float[Array, "K M"]) -> Float[Array, " M"]:
     """``x @ matrix``; for a few states as a fused multiply-sum (no call into a matmul kernel)."""
-    if x.shape[0] <= 8:
+    if x.shape[0] <= _FUSED_MATVEC_MAX_STATES:
         return jnp.sum(x[:, None] * matrix, axis=0)
     return x @ matrix
 
@@ -202,9 +207,45 @@ def _prev_transitions(transition_matrix: Float[Array, "*S K K"], num_timesteps: 
 
 def _matvec(matrix: Float[Array, "K K"], x: Float[Array, " K"]) -> Float[Array, " K"]:
     """``matrix @ x`` (see :func:`_vecmat`)."""
-    if x.shape[0] <= 8:
+    if x.shape[0] <= _FUSED_MATVEC_MAX_STATES:
         return jnp.sum(matrix * x[None, :], axis=1)
-    return x @ matrix.T  # measured faster than matrix @ x on CPU at K = 16
+    return matrix @ x  # measured 1.25-1.9x faster than x @ matrix.T in a scan step at K = 32-64
+
+
+def _augmented_transitions(transition_matrix: Float[Array, "*S K K"]):
+    """``[A | 1]`` for a stationary ``A``, None for a time-varying one (see :func:`_normalise_step`).
+
+    On the matmul-kernel path (larger ``K``) zero columns pad the width to a multiple of
+    8 (measured ~15% faster forward steps at K = 64 than an odd width K + 1).
+    """
+    num_states = transition_matrix.shape[-1]
+    if transition_matrix.ndim == 3:
+        return None
+    dtype = transition_matrix.dtype
+    columns = [transition_matrix, jnp.ones((num_states, 1), dtype)]
+    if num_states > _FUSED_MATVEC_MAX_STATES:
+        columns.append(jnp.zeros((num_states, -(num_states + 1) % 8), dtype))
+    return jnp.concatenate(columns, axis=1)
+
+
+def _normalise_step(w: Float[Array, " K"], transition: Float[Array, "K K"], augmented):
+    r"""``(filtered, c, next_pred)`` of one forward step from the unnormalised ``w``.
+
+    ``c = sum(w)``, ``filtered = w / c``, ``next_pred = filtered @ A``. With ``augmented``
+    (``[A | 1]``, stationary ``A``) one product gives :math:`(w A, \sum_k w_k)`, a kernel
+    less per loop step (the sum is two kernels at larger ``K``). This matters beyond the
+    saved kernel: XLA's CPU runtime runs a loop body of more than 8 kernels concurrently
+    on its thread pool, whose hand-offs cost more than the work (measured 3x slower at
+    K = 64), and this keeps the forward bodies at 7 or fewer.
+    """
+    if augmented is None:
+        c = jnp.sum(w)
+        filtered = w / c
+        return filtered, c, _vecmat(filtered, transition)
+    num_states = w.shape[0]
+    moved = _vecmat(w, augmented)
+    c = moved[num_states]
+    return w / c, c, moved[:num_states] / c
 
 
 def _transition_xs(transition_matrix, num_timesteps):
@@ -263,6 +304,42 @@ def _condition(pred: Float[Array, " K"], ll: Float[Array, " K"]):
     return filtered, jnp.log(c) + shift, peak
 
 
+def _row_max(x: Float[Array, "T K"]) -> Float[Array, " T"]:
+    """``max(x, axis=1)``; for a few states as elementwise maxima of the columns.
+
+    XLA's CPU row reduction over a short minor axis is slow (measured 0.15 ms at
+    T = 1e4, K = 4, about a third of a whole forward pass; the elementwise form is ~3x faster).
+    """
+    if x.shape[1] <= 8:
+        return functools.reduce(jnp.maximum, [x[:, k] for k in range(x.shape[1])])
+    return jnp.max(x, axis=1)
+
+
+def _step_peaks(masked_ll: Float[Array, "T K"], valid: Array) -> Float[Array, " T"]:
+    """Per-step shift ``max_k ll_t(k)`` (0 at padded steps and where it is not finite), no gradient."""
+    peaks = lax.stop_gradient(_row_max(jnp.where(valid[:, None], masked_ll, 0.0)))
+    return jnp.where(jnp.isfinite(peaks), peaks, 0.0)
+
+
+def _robust_forward_scan(initial_probs, transition_matrix, masked_ll, valid):
+    """Forward recursion with the underflow-proof shift of :func:`_condition`: ``(filtered, peaks, log_cs)``."""
+    a_xs = _next_transitions(transition_matrix, masked_ll.shape[0])
+
+    def _robust_step(pred, x):
+        ll, is_valid, a_t = x
+        ll = jnp.where(is_valid, ll, 0.0)
+        filtered, log_c, peak = _condition(pred, ll)
+        return _vecmat(filtered, _pick(transition_matrix, a_t)), (filtered, peak, log_c)
+
+    _, out = lax.scan(_robust_step, initial_probs, (masked_ll, valid, a_xs))
+    return out
+
+
+def _underflow_threshold(dtype) -> float:
+    """``log sqrt(tiny)``: a normaliser ``c_t < sqrt(tiny)`` sends a pass to :func:`_robust_forward_scan`."""
+    return 0.5 * math.log(float(jnp.finfo(dtype).tiny))
+
+
 def _forward_scan(
     initial_probs: Float[Array, " K"],
     transition_matrix: Float[Array, "*S K K"],
@@ -279,40 +356,32 @@ def _forward_scan(
     a_xs = _next_transitions(transition_matrix, masked_ll.shape[0])
     if valid is None:
         valid = jnp.ones(masked_ll.shape[:1], bool)
-    peaks = lax.stop_gradient(jnp.max(jnp.where(valid[:, None], masked_ll, 0.0), axis=1))
-    peaks = jnp.where(jnp.isfinite(peaks), peaks, 0.0)
+    peaks = _step_peaks(masked_ll, valid)
+
+    augmented = _augmented_transitions(transition_matrix)
 
     def _fast_step(pred, x):
         ll, is_valid, peak, a_t = x
         # masking here, not on a (T, K) copy of the input (one buffer less)
         ll = jnp.where(is_valid, ll, 0.0)
         w = pred * jnp.exp(ll - peak)
-        c = jnp.sum(w)
         # No guard on c: c = 0 (or NaN) only where the fast pass fails, which sends
         # the whole pass to the robust one below. Any extra op here (a ``where`` or a
-        # clamp on c) was measured to slow the XLA CPU loop body up to 4x at K = 16.
-        filtered = w / c
-        return _vecmat(filtered, _pick(transition_matrix, a_t)), (filtered, jnp.log(c))
-
-    def _robust_step(pred, x):
-        ll, is_valid, a_t = x
-        ll = jnp.where(is_valid, ll, 0.0)
-        filtered, log_c, peak = _condition(pred, ll)
-        return _vecmat(filtered, _pick(transition_matrix, a_t)), (filtered, peak, log_c)
+        # clamp on c) adds a kernel to the loop body (see :func:`_normalise_step`).
+        filtered, c, pred_next = _normalise_step(w, _pick(transition_matrix, a_t), augmented)
+        return pred_next, (filtered, jnp.log(c))
 
     def _fast():
         _, (filtered, log_cs) = lax.scan(_fast_step, initial_probs, (masked_ll, valid, peaks, a_xs))
         return filtered, peaks, log_cs
 
-    def _robust():
-        _, out = lax.scan(_robust_step, initial_probs, (masked_ll, valid, a_xs))
-        return out
-
     fast = _fast()
-    threshold = 0.5 * math.log(float(jnp.finfo(masked_ll.dtype).tiny))
+    threshold = _underflow_threshold(masked_ll.dtype)
     # ``not >=`` also catches NaN (a zero normaliser propagates NaN through the fast pass).
     underflow = jnp.logical_not(jnp.all(jnp.where(valid, fast[2], 0.0) >= threshold))
-    return lax.cond(underflow, _robust, lambda: fast)
+    return lax.cond(
+        underflow, lambda: _robust_forward_scan(initial_probs, transition_matrix, masked_ll, valid), lambda: fast
+    )
 
 
 def _forward_impl(
@@ -350,38 +419,6 @@ def _forward_impl(
 def _emission_weights(ll, peak, log_c):
     r"""``exp(ll_t - log c_t)`` (NaN/overflow -> 0, see :func:`_finite_or_zero`)."""
     return _finite_or_zero(jnp.exp((ll - peak) - log_c))
-
-
-# --------------------------------------------------------------------------- backward
-
-
-def _backward_scan(
-    transition_matrix: Float[Array, "*S K K"],
-    log_likelihoods: Float[Array, "T K"],
-    peaks: Float[Array, " T"],
-    log_cs: Float[Array, " T"],
-    valid: Array,
-) -> Float[Array, "T K"]:
-    r"""Scaled backward recursion :math:`\hat\beta_{t-1} = A_{t-1} (e_t \odot \hat\beta_t)` (smoother).
-
-    ``e_t = exp(ll_t) / c_t``, computed for all steps at once before the scan and
-    zeroed at padded steps; :math:`\hat\beta_t = 1` for ``t >= length - 1`` (set by a
-    ``where``, so padded steps, whatever they hold, contribute nothing). Returns
-    ``betas`` (T, K). The gradient path uses :func:`_lean_backward_scan`.
-    """
-    num_states = log_likelihoods.shape[1]
-    a_xs = _prev_transitions(transition_matrix, log_likelihoods.shape[0])
-    ones = jnp.ones((num_states,), log_likelihoods.dtype)
-
-    def _step(beta, x):
-        weight, is_valid, a_t = x
-        beta_prev = jnp.where(is_valid, _matvec(_pick(transition_matrix, a_t), weight * beta), 1.0)
-        return beta_prev, beta
-
-    weights = _emission_weights(log_likelihoods, peaks[:, None], log_cs[:, None])
-    xs = (jnp.where(valid[:, None], weights, 0.0), valid, a_xs)
-    _, out = lax.scan(_step, ones, xs, reverse=True)
-    return out
 
 
 # --------------------------------------------------------------------------- filter with custom VJP
@@ -475,24 +512,29 @@ def _lean_backward_scan(transition_matrix, log_likelihoods, shift, valid):
     return betas
 
 
-def _fused_backward_steps(transition_matrix, carry, xs):
-    """Reverse scan of the fused backward step over ``xs``; returns (carry, v rows, gradient rows).
+def _fused_backward_block(transition_matrix, beta, xs):
+    r"""Backward recursion over one block of steps: ``(beta before the block, v rows, gradient rows)``.
 
-    ``carry = (beta, v_next)``; ``xs = (ll, peak, log_c, valid, raw)``, each with a
-    leading step axis. The transition-gradient sum is left to the caller (one
-    matrix product per block instead of an outer product per step).
+    ``beta`` is :math:`\hat\beta` at the block's last step; ``xs = (ll, peak, log_c, valid,
+    raw)``, each with a leading step axis. The emission weights are exponentiated for the
+    whole block before the scan (one vectorised pass instead of ``K`` scalar exponentials
+    per step), the loop only carries and writes :math:`\hat\beta_t`, and the rows
+    :math:`v_t = w_t \hat\beta_t` and ``raw[t] * beta_t`` (0 at padded steps) are formed
+    from the block's messages afterwards.
     """
-    dtype = xs[0].dtype
+    ll, peak, log_c, valid, raw = xs
+    weights = _weights(ll, peak[:, None], log_c[:, None])
+    pad = jnp.logical_not(valid).astype(weights.dtype)
 
-    def _step(c, x):
-        beta, _ = c
-        ll, peak, log_c, is_valid, f = x
-        grad_row = jnp.where(is_valid, f * beta, 0.0)
-        v = _weights(ll, peak, log_c) * beta
-        beta_prev = _matvec(transition_matrix, v) + jnp.logical_not(is_valid).astype(dtype)
-        return (beta_prev, v), (v, grad_row)
+    def _step(beta, x):
+        w, p = x
+        beta_prev = _matvec(transition_matrix, w * beta) + p
+        # Writing the new carry (not the old one) spares XLA a copy of the carry per step.
+        return beta_prev, beta_prev
 
-    return lax.scan(_step, carry, xs, reverse=True)
+    beta_before, shifted = lax.scan(_step, beta, (weights, pad), reverse=True)
+    betas = jnp.concatenate([shifted[1:], beta[None]])  # beta_t = shifted[t + 1]
+    return beta_before, weights * betas, jnp.where(valid[:, None], raw * betas, 0.0)
 
 
 def _fused_backward_scan(transition_matrix, log_likelihoods, shift, valid, raw):
@@ -502,47 +544,39 @@ def _fused_backward_scan(transition_matrix, log_likelihoods, shift, valid, raw):
     0 at padded steps) straight into the output and never stores the backward messages
     for all steps: it walks backwards over blocks of ``_GRAD_BLOCK`` steps (a
     ``fori_loop`` whose gradient buffer is updated in place), runs the step recursion
-    inside each block, and adds the block's ``sum_t outer(raw[t], v_{t+1})`` as one
-    matrix product. The first ``T mod _GRAD_BLOCK`` steps are one final short scan.
-    Returns ``(grad_pi, grad_trans, grad_ll)`` for a unit cotangent.
+    inside each block, and adds the block's :math:`\sum_t \text{raw}_{t-1} \otimes v_t`
+    as one matrix product (the rows ``raw[t-1]`` are one slice of ``raw`` starting a
+    step before the block). The first block, which holds ``t = 0``, is a final scan of
+    static length. Returns ``(grad_pi, grad_trans, grad_ll)`` for a unit cotangent.
     """
     num_timesteps, num_states = log_likelihoods.shape
     dtype = log_likelihoods.dtype
     xs_all = (log_likelihoods, shift[0], shift[1], valid, raw)
-    block = _GRAD_BLOCK
-    head = num_timesteps % block
-    num_blocks = num_timesteps // block
-    carry = (jnp.ones((num_states,), dtype), jnp.zeros((num_states,), dtype))
+    block = min(_GRAD_BLOCK, num_timesteps)
+    num_blocks = num_timesteps // block - 1
+    head = num_timesteps - num_blocks * block  # in [block, 2 block): every loop block starts at t >= 1
+    beta = jnp.ones((num_states,), dtype)
     acc = jnp.zeros((num_states, num_states), dtype)
     grad_ll = jnp.zeros((num_timesteps, num_states), dtype)
 
-    def _pairs(f, v, v_after):
-        # sum_t outer(f_t, v_{t+1}) within the rows, the last row pairing with v_after
-        v_shift = jnp.concatenate([v[1:], v_after[None]], axis=0)
-        return f.T @ v_shift
-
     def _block(i, state):
-        carry, acc, grad_ll = state
+        beta, acc, grad_ll = state
         start = head + (num_blocks - 1 - i) * block
         xs = tuple(lax.dynamic_slice_in_dim(x, start, block) for x in xs_all)
-        v_after = carry[1]
-        carry, (v, rows) = _fused_backward_steps(transition_matrix, carry, xs)
-        acc = acc + _pairs(xs[4], v, v_after)
+        beta, v, rows = _fused_backward_block(transition_matrix, beta, xs)
+        acc = acc + lax.dynamic_slice_in_dim(raw, start - 1, block).T @ v
         grad_ll = lax.dynamic_update_slice_in_dim(grad_ll, rows, start, axis=0)
-        return carry, acc, grad_ll
+        return beta, acc, grad_ll
 
     if num_blocks:
-        carry, acc, grad_ll = lax.fori_loop(0, num_blocks, _block, (carry, acc, grad_ll))
-    if head:
-        xs = tuple(x[:head] for x in xs_all)
-        v_after = carry[1]
-        carry, (v, rows) = _fused_backward_steps(transition_matrix, carry, xs)
-        acc = acc + _pairs(xs[4], v, v_after)
-        grad_ll = lax.dynamic_update_slice_in_dim(grad_ll, rows, 0, axis=0)
-    return carry[1], acc, grad_ll
+        beta, acc, grad_ll = lax.fori_loop(0, num_blocks, _block, (beta, acc, grad_ll))
+    _, v, rows = _fused_backward_block(transition_matrix, beta, tuple(x[:head] for x in xs_all))
+    acc = acc + raw[: head - 1].T @ v[1:]
+    grad_ll = lax.dynamic_update_slice_in_dim(grad_ll, rows, 0, axis=0)
+    return v[0], acc, grad_ll
 
 
-_GRAD_BLOCK = 1024
+_GRAD_BLOCK = 256
 
 
 def _blocked_transition_grad(raw, ll, shift, betas):
@@ -593,22 +627,88 @@ def _filter(
     return HMMFilterResult(loglik, filtered, predicted)
 
 
+def _smoother_forward(initial_probs, transition_matrix, masked_ll, valid):
+    r"""Forward pass of the smoother: ``(filtered, peaks, log_cs, weights)``, all (autodiff-able).
+
+    As :func:`_forward_scan`, but the shifted emissions :math:`E_t = e^{\ell_t - m_t}`
+    are exponentiated for all steps at once before the scan (a vectorised pass instead
+    of ``K`` scalar exponentials in every loop step), and the per-step normalisers come
+    out as ``c_t`` (their logarithms are taken outside the loop). Also returns the
+    backward weights :math:`e^{\ell_t - m_t} / c_t` of the accepted pass (rows at padded
+    steps are finite and unused).
+    """
+    a_xs = _next_transitions(transition_matrix, masked_ll.shape[0])
+    peaks = _step_peaks(masked_ll, valid)
+    emissions = jnp.exp(masked_ll - peaks[:, None])  # in [0, 1]
+
+    augmented = _augmented_transitions(transition_matrix)
+
+    def _step(pred, x):
+        e, a_t = x
+        # c = 0 or NaN sends the pass to the robust one (see _forward_scan)
+        filtered, c, pred_next = _normalise_step(pred * e, _pick(transition_matrix, a_t), augmented)
+        return pred_next, (filtered, c)
+
+    _, (raw, cs) = lax.scan(_step, initial_probs, (emissions, a_xs))
+    threshold = math.exp(_underflow_threshold(masked_ll.dtype))
+    underflow = jnp.logical_not(jnp.all(cs >= threshold))  # padded steps have c_t = 1
+
+    def _fast():
+        # c_t >= sqrt(tiny) and e <= 1: the weights are finite.
+        return raw, peaks, jnp.log(cs), emissions / cs[:, None]
+
+    def _robust():
+        filtered, robust_peaks, log_cs = _robust_forward_scan(initial_probs, transition_matrix, masked_ll, valid)
+        weights = _emission_weights(masked_ll, robust_peaks[:, None], log_cs[:, None])
+        return filtered, robust_peaks, log_cs, weights
+
+    return lax.cond(underflow, _robust, _fast)
+
+
+def _smoother_backward(transition_matrix, weights, valid, raw, last):
+    r"""Backward scan of the smoother: ``(smoothed, v)``, both (T, K).
+
+    :math:`\hat\beta_{t-1} = A_{t-1} v_t` with :math:`v_t = w_t \odot \hat\beta_t` and
+    :math:`\hat\beta_t = 1` for ``t >= length - 1`` (a ``where`` on real steps, so padded
+    weights contribute nothing); the loop writes ``smoothed[t] = raw[t] * beta_t``
+    (``last`` at padded steps) and ``v_t`` (0 at padded steps) directly. Outputs that
+    are not used are removed by the compiler.
+    """
+    num_states = weights.shape[1]
+    a_xs = _prev_transitions(transition_matrix, weights.shape[0])
+
+    def _step(beta, x):
+        w, is_valid, f, a_t = x
+        v = w * beta
+        beta_prev = jnp.where(is_valid, _matvec(_pick(transition_matrix, a_t), v), 1.0)
+        return beta_prev, (jnp.where(is_valid, f * beta, last), jnp.where(is_valid, v, 0.0))
+
+    ones = jnp.ones((num_states,), weights.dtype)
+    _, (smoothed, v) = lax.scan(_step, ones, (weights, valid, raw, a_xs), reverse=True)
+    return smoothed, v
+
+
 def _smoother_parts(initial_probs, transition_matrix, log_likelihoods, length):
-    """Forward pass, backward messages and the per-pair factors of the two-slice marginals."""
-    loglik, filtered, predicted, peaks, log_cs = _forward_impl(
-        initial_probs, transition_matrix, log_likelihoods, length
-    )
-    valid = _masks(log_likelihoods.shape[0], length)
+    """Forward pass, smoothed probabilities and the per-pair factors of the two-slice marginals."""
+    num_timesteps = log_likelihoods.shape[0]
+    valid = _masks(num_timesteps, length)
     # Masked (not raw) log-likelihoods: this path is differentiated by autodiff.
     masked_ll = jnp.where(valid[:, None], log_likelihoods, 0.0)
-    betas = _backward_scan(transition_matrix, masked_ll, peaks, log_cs, valid)
+    raw, peaks, log_cs, weights = _smoother_forward(initial_probs, transition_matrix, masked_ll, valid)
+    last = lax.dynamic_index_in_dim(raw, length - 1, keepdims=False)
+    filtered = jnp.where(valid[:, None], raw, last)
+    if transition_matrix.ndim == 3:
+        moved = jnp.einsum("ti,tij->tj", filtered[:-1], transition_matrix)
+    else:
+        moved = filtered[:-1] @ transition_matrix
+    predicted = jnp.where(valid[:, None], jnp.concatenate([initial_probs[None], moved]), last)
+    peaks = jnp.where(valid, peaks, 0.0)
+    log_cs = jnp.where(valid, log_cs, 0.0)
+    loglik = _pairwise_sum(peaks) + _pairwise_sum(log_cs)
     # beta = 1 from step length-1 on, so padded rows repeat filtered[length-1].
-    smoothed = filtered * betas
-    # v[t] = e_t * beta_t;  xi_t = A_t * outer(filtered[t], v[t+1]) on real pairs.
-    # (Vectorised, and removed by the compiler when only smoothed_probs is used.)
-    weights = _emission_weights(masked_ll[1:], peaks[1:, None], log_cs[1:, None])
-    v_next = jnp.where(valid[1:, None], weights * betas[1:], 0.0)
-    return loglik, filtered, predicted, smoothed, v_next
+    smoothed, v = _smoother_backward(transition_matrix, weights, valid, raw, last)
+    # xi_t = A_t * outer(filtered[t], v[t+1]) on real pairs (v = 0 at padded steps).
+    return loglik, filtered, predicted, smoothed, v[1:]
 
 
 @jax.jit
