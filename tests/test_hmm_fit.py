@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_allclose
 
 import ssmjax
 
@@ -351,3 +352,36 @@ def test_categorical_emissions_must_be_integer_symbols():
     model = start_model(ssmjax.CategoricalEmissions(jnp.full((3, 4), 0.25)))
     with pytest.raises(ValueError, match="emissions"):
         ssmjax.fit_em(model, np.zeros((2, 5)) + 0.5)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("underflow", [False, True])
+def test_batched_e_step_equals_sum_of_per_sequence_e_steps(dtype, underflow):
+    """Ragged NaN-padded batch; with ``underflow`` one sequence needs the robust forward pass."""
+    rng = np.random.default_rng(3)
+    lengths = np.array([7, 12, 3, 12])
+    means = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    _, seqs = simulate(rng, PI, A, lambda r, k: means[k] + r.standard_normal(2), lengths)
+    y = pad(seqs)
+    pi, trans = PI, A
+    if underflow:
+        # state 2 is unreachable, yet at steps 2.. of sequence 1 thousands of nats likelier than states 0 and 1
+        pi = np.array([0.6, 0.4, 0.0])
+        trans = np.array([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0], [0.3, 0.3, 0.4]])
+        y[1, 2 : lengths[1]] = means[2] * 400.0
+    covs = np.stack([np.eye(2)] * 3)
+    model = ssmjax.HMM(jnp.asarray(pi, dtype), jnp.asarray(trans, dtype),
+                       ssmjax.GaussianEmissions(jnp.asarray(means, dtype), jnp.asarray(covs, dtype)))
+    y, n = jnp.asarray(y, dtype), jnp.asarray(lengths, jnp.int32)
+
+    def batched(m, y, n):
+        return m._batched_e_step(y, n, None)
+
+    stats, ll = jax.jit(batched)(model, y, n)
+    e_step = jax.jit(lambda m, y, n: m._e_step(y, n, None))
+    per_seq = [e_step(model, y[b], n[b]) for b in range(len(lengths))]
+    ref_stats = jax.tree.map(lambda *s: sum(s), *[s for s, _ in per_seq])
+    assert np.isfinite(float(ll))
+    assert_allclose(ll, sum(float(l) for _, l in per_seq), dtype=dtype)
+    for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(ref_stats)):
+        assert_allclose(got, want, dtype=dtype)

@@ -361,14 +361,14 @@ def _filter_standard(
         resid = jnp.where(m, x["y"] - pred_y, 0.0)
         CP = ops.mm(C, cov)
         S = symmetrize(ops.mm(CP, C.T) + R)
-        L = ops.cholesky(S)
-        # one triangular solve for L^{-1} [C P, C, r]: K = W^T L^{-1}, C^T S^{-1} C = V^T V
-        sol = ops.solve_lower(L, jnp.concatenate([CP, C, resid[:, None]], axis=1))
+        # one factorisation S = L L^T and triangular solve for L^{-1} [C P, C, r]:
+        # K = W^T L^{-1}, C^T S^{-1} C = V^T V
+        log_diag, sol = ops.cholesky_solve_lower(S, jnp.concatenate([CP, C, resid[:, None]], axis=1))
         W, V, z = sol[:, :dx], sol[:, dx : 2 * dx], sol[:, 2 * dx]
         f_mean = mean + ops.mv(W.T, z)
         f_cov = symmetrize(cov - ops.mm(W.T, W))
         nobs = jnp.sum(m).astype(dtype)
-        ll = -0.5 * jnp.sum(z * z) - jnp.sum(jnp.log(jnp.diagonal(L))) - 0.5 * nobs * _LOG_2PI
+        ll = -0.5 * jnp.sum(z * z) - jnp.sum(log_diag) - 0.5 * nobs * _LOG_2PI
         # predict x_{t+1}
         A, Q = _at(p, tv, x, "A"), _at(p, tv, x, "Q")
         if has_length:
