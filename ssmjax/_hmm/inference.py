@@ -432,13 +432,11 @@ def _filter_core(initial_probs, transition_matrix, log_likelihoods, length):
     return loglik, filtered, predicted
 
 
-def _filter_core_fwd(initial_probs, transition_matrix, log_likelihoods, length):
-    pi, trans, ll, n = (p.value for p in (initial_probs, transition_matrix, log_likelihoods, length))
-    num_timesteps = ll.shape[0]
-    valid = _masks(num_timesteps, n)
-    # ``ll`` is masked inside the scan (``valid``): no (T, K) masked copy is kept.
-    raw, peaks, log_cs = _forward_scan(pi, trans, ll, valid)
-    last = lax.dynamic_index_in_dim(raw, n - 1, keepdims=False)
+def _filter_outputs(pi, trans, raw, peaks, log_cs, valid, length):
+    """From a forward pass's raw rows and per-step normalisers: log-likelihood, filtered and
+    predicted probabilities (padded rows repeat step ``length - 1``), the last real row, and the
+    normalisers zeroed at padded steps."""
+    last = lax.dynamic_index_in_dim(raw, length - 1, keepdims=False)
     filtered = jnp.where(valid[:, None], raw, last)
     if trans.ndim == 3:
         moved = jnp.einsum("ti,tij->tj", filtered[:-1], trans)
@@ -448,6 +446,16 @@ def _filter_core_fwd(initial_probs, transition_matrix, log_likelihoods, length):
     peaks = jnp.where(valid, peaks, 0.0)
     log_cs = jnp.where(valid, log_cs, 0.0)
     loglik = _pairwise_sum(peaks) + _pairwise_sum(log_cs)
+    return loglik, filtered, predicted, last, peaks, log_cs
+
+
+def _filter_core_fwd(initial_probs, transition_matrix, log_likelihoods, length):
+    pi, trans, ll, n = (p.value for p in (initial_probs, transition_matrix, log_likelihoods, length))
+    num_timesteps = ll.shape[0]
+    valid = _masks(num_timesteps, n)
+    # ``ll`` is masked inside the scan (``valid``): no (T, K) masked copy is kept.
+    raw, peaks, log_cs = _forward_scan(pi, trans, ll, valid)
+    loglik, filtered, predicted, _, peaks, log_cs = _filter_outputs(pi, trans, raw, peaks, log_cs, valid, n)
     # Residuals: the raw filtered rows (padded rows are never read) and two scalars a step.
     residuals = (pi, trans, ll, n, raw, peaks, log_cs)
     return (loglik, filtered, predicted), residuals
@@ -695,16 +703,9 @@ def _smoother_parts(initial_probs, transition_matrix, log_likelihoods, length):
     # Masked (not raw) log-likelihoods: this path is differentiated by autodiff.
     masked_ll = jnp.where(valid[:, None], log_likelihoods, 0.0)
     raw, peaks, log_cs, weights = _smoother_forward(initial_probs, transition_matrix, masked_ll, valid)
-    last = lax.dynamic_index_in_dim(raw, length - 1, keepdims=False)
-    filtered = jnp.where(valid[:, None], raw, last)
-    if transition_matrix.ndim == 3:
-        moved = jnp.einsum("ti,tij->tj", filtered[:-1], transition_matrix)
-    else:
-        moved = filtered[:-1] @ transition_matrix
-    predicted = jnp.where(valid[:, None], jnp.concatenate([initial_probs[None], moved]), last)
-    peaks = jnp.where(valid, peaks, 0.0)
-    log_cs = jnp.where(valid, log_cs, 0.0)
-    loglik = _pairwise_sum(peaks) + _pairwise_sum(log_cs)
+    loglik, filtered, predicted, last, _, _ = _filter_outputs(
+        initial_probs, transition_matrix, raw, peaks, log_cs, valid, length
+    )
     # beta = 1 from step length-1 on, so padded rows repeat filtered[length-1].
     smoothed, v = _smoother_backward(transition_matrix, weights, valid, raw, last)
     # xi_t = A_t * outer(filtered[t], v[t+1]) on real pairs (v = 0 at padded steps).
