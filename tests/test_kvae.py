@@ -186,3 +186,14 @@ def test_imputation_equals_the_sequential_scheme():
     mean, _ = model.encode(frames)
     recon = jax.nn.sigmoid(model.decode_logits(mean))
     assert_allclose(got["probs"][observed], recon[observed], jnp.float64)
+
+
+def test_filter_imputation_uses_only_past_frames():
+    model = _tiny_model()
+    frames = _tiny_frames(9)
+    observed = jnp.array([True, True, True, True, False, False, True, True, True])
+    got = eqx.filter_jit(model.impute)(frames, observed)["filter_probs"]
+    # frames after the gap cannot change the filter's imputation of the gap
+    later = observed.at[6:].set(False)
+    want = eqx.filter_jit(model.impute)(frames, later)["filter_probs"]
+    assert_allclose(got[4:6], want[4:6], jnp.float64)

@@ -286,14 +286,15 @@ class KalmanVAE(eqx.Module):
 
     # ---------------------------------------------------------------- imputation
     def impute(
-        self, frames: Float[Array, "T H W"], observed: Bool[Array, " T"], *, smooth: bool = True
+        self, frames: Float[Array, "T H W"], observed: Bool[Array, " T"]
     ) -> dict[str, Array]:
         """Fill the frames where ``observed`` is False (see the module docstring).
 
         Returns ``probs`` (T, H, W) pixel probabilities of every frame (observed ones
         reconstructed, missing ones imputed), ``a`` (T, Da) the encodings used (imputed where
-        missing), ``z_means`` (T, Dz) the posterior state means and ``alphas`` (T, K).
-        ``smooth=False`` imputes with the filter (only past frames) instead of the smoother.
+        missing), ``z_means`` (T, Dz) the smoothed state means and ``alphas`` (T, K); and
+        ``filter_probs``, the same frames imputed by the filter (only past frames) from the
+        same pass.
         """
         mean, _ = self.encode(frames)
         a_obs = jnp.where(observed[:, None], mean, jnp.nan)
@@ -308,12 +309,15 @@ class KalmanVAE(eqx.Module):
         a_fill = jax.lax.fori_loop(0, num_missing, fill, jnp.where(observed[:, None], mean, 0.0))
         alphas = self.mixture_weights(a_fill)
         model = self.lgssm(alphas)
-        if smooth:
-            z = ssmjax.rts_smoother(model, a_obs).smoothed_means
-        else:
-            z = ssmjax.kalman_filter(model, a_obs).filtered_means
-        a = jnp.where(observed[:, None], mean, jnp.einsum("tij,tj->ti", model.emission_matrix, z))
-        return dict(probs=jax.nn.sigmoid(self.decode_logits(a)), a=a, z_means=z, alphas=alphas)
+        post = ssmjax.rts_smoother(model, a_obs)
+
+        def decoded(z):
+            a = jnp.where(observed[:, None], mean, jnp.einsum("tij,tj->ti", model.emission_matrix, z))
+            return a, jax.nn.sigmoid(self.decode_logits(a))
+
+        a, probs = decoded(post.smoothed_means)
+        _, filter_probs = decoded(post.filtered_means)
+        return dict(probs=probs, a=a, z_means=post.smoothed_means, alphas=alphas, filter_probs=filter_probs)
 
 
 # --------------------------------------------------------------------------- training
@@ -433,8 +437,8 @@ def evaluate_imputation(model: KalmanVAE, frames, observed) -> dict[str, float]:
     Baselines: ``last_frame`` copies the last observed frame, ``empty_frame`` predicts no
     ball at all (its error is the fraction of ball pixels: a model must beat both).
     """
-    smooth = eqx.filter_jit(jax.vmap(lambda x, m: model.impute(x, m)["probs"]))(frames, observed)
-    filt = eqx.filter_jit(jax.vmap(lambda x, m: model.impute(x, m, smooth=False)["probs"]))(frames, observed)
+    out = eqx.filter_jit(jax.vmap(model.impute))(frames, observed)  # one fixed-point pass for both
+    smooth, filt = out["probs"], out["filter_probs"]
     base = jax.vmap(last_frame_baseline)(frames, observed)
     return dict(
         smoother=float(imputation_error(smooth, frames, observed)),
