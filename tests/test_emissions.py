@@ -517,3 +517,36 @@ def test_float32_gaussian_m_step_is_stable_for_offset_data():
     assert new.covs.dtype == jnp.float32
     assert_allclose(new.means, means, dtype=np.float32)
     assert_allclose(new.covs, covs, dtype=np.float32)
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+@pytest.mark.parametrize("hard", [True, False])
+def test_float32_gaussian_stats_for_widely_separated_states(covariance, hard):
+    # States 300 standard deviations apart: sums about a common centre would lose ~eps * 300^2
+    # (a few per cent) in float32; each state's sums must keep float32 accuracy.
+    rng = np.random.default_rng(17)
+    num_states, dim, n = 4, 3, 4000
+    true_means = rng.normal(size=(num_states, dim)) * 300.0
+    z = rng.integers(num_states, size=n)
+    ys = true_means[z] + rng.normal(size=(n, dim))
+    w = np.eye(num_states)[z] if hard else rng.dirichlet(np.full(num_states, 0.3), size=n)
+    means = true_means + 0.1  # the model's current means (the centres of the statistics)
+    covs = np.broadcast_to(np.eye(dim), (num_states, dim, dim))
+    model = ssmjax.GaussianEmissions(
+        jnp.asarray(means, jnp.float32),
+        jnp.asarray(covs if covariance == "full" else np.ones((num_states, dim)), jnp.float32),
+    )
+    stats = model.suff_stats(jnp.asarray(ys, jnp.float32), jnp.asarray(w, jnp.float32))
+    # float64 oracle, direct weighted sums, from the same float32-rounded inputs (rounding y ~ 300
+    # to float32 alone moves y - m by ~2e-5, which no algorithm can recover)
+    ys, means, w = (np.asarray(np.asarray(a, np.float32), np.float64) for a in (ys, means, w))
+    diffs = ys[:, None, :] - means[None]
+    expected_outer = (
+        np.einsum("nk,nkd,nke->kde", w, diffs, diffs) if covariance == "full" else np.einsum("nk,nkd->kd", w, diffs**2)
+    )
+    expected_sums = np.einsum("nk,nkd->kd", w, diffs)
+    np.testing.assert_allclose(stats.sum_weights, w.sum(0), rtol=1e-5)
+    # the sums about the means are small differences of large terms: compare on the scale of their terms
+    scale = np.einsum("nk,nkd->kd", w, np.abs(diffs))
+    assert np.all(np.abs(np.asarray(stats.weighted_sums) - expected_sums) <= 1e-5 * scale)
+    np.testing.assert_allclose(stats.weighted_outer, expected_outer, rtol=2e-5)

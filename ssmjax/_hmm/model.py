@@ -194,17 +194,9 @@ class HMM(AbstractFittableModel):
         """
         if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
             raise ValueError(f"`num_timesteps` must be a positive int; got {num_timesteps!r}.")
-        key_init, key_trans, key_emit = jax.random.split(key, 3)
-        z0 = jax.random.categorical(key_init, self.initial_log_probs)
-
-        def _step(z, k):
-            z_next = jax.random.categorical(k, self.transition_log_probs[z])
-            return z_next, z_next
-
-        _, rest = jax.lax.scan(_step, z0, jax.random.split(key_trans, num_timesteps - 1))
-        states = jnp.concatenate([z0[None], rest])
-        emissions = jax.vmap(self.emissions.sample)(jax.random.split(key_emit, num_timesteps), states)
-        return states, emissions
+        # One compiled program (an eager call would compile every primitive of the
+        # samplers separately: seconds on first use).
+        return _sample_jit(self, key, int(num_timesteps))
 
     # --------------------------------------------------------- initialisers
     @classmethod
@@ -400,3 +392,20 @@ class HMM(AbstractFittableModel):
             transition_log_probs=jax.nn.log_softmax(params["transition_matrix"], axis=-1),
             emissions=emissions,
         )
+
+
+def _sample(model: HMM, key, num_timesteps: int):
+    key_init, key_trans, key_emit = jax.random.split(key, 3)
+    z0 = jax.random.categorical(key_init, model.initial_log_probs)
+
+    def _step(z, k):
+        z_next = jax.random.categorical(k, model.transition_log_probs[z])
+        return z_next, z_next
+
+    _, rest = jax.lax.scan(_step, z0, jax.random.split(key_trans, num_timesteps - 1))
+    states = jnp.concatenate([z0[None], rest])
+    emissions = jax.vmap(model.emissions.sample)(jax.random.split(key_emit, num_timesteps), states)
+    return states, emissions
+
+
+_sample_jit = eqx.filter_jit(_sample)
