@@ -12,6 +12,7 @@ Oracles:
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,11 +97,15 @@ def q_function(model, stats):
     return init + tr + em
 
 
+# compiled once per shape (eager, every primitive of the E-step would compile on its own)
+_e_step = eqx.filter_jit(lgssm_fit.e_step)
+
+
 def summed_stats(model, ys, lengths, inputs):
     total, ll = None, 0.0
     for b in range(ys.shape[0]):
         u = None if inputs is None else jnp.asarray(inputs[b])
-        s, l_b = lgssm_fit.e_step(model, jnp.asarray(ys[b]), jnp.asarray(lengths[b]), u)
+        s, l_b = _e_step(model, jnp.asarray(ys[b]), jnp.asarray(lengths[b]), u)
         total = s if total is None else jax.tree.map(jnp.add, total, s)
         ll += l_b
     return total, ll
@@ -141,8 +146,8 @@ def test_fisher_identity_with_missing_entries_inputs_and_offsets(missing_batch):
             for b, n in enumerate(lengths)
         )
 
-    g_exact = jax.grad(loglik)(model)
-    g_q = jax.grad(lambda m: q_function(m, jax.lax.stop_gradient(stats)))(model)
+    g_exact = eqx.filter_jit(jax.grad(loglik))(model)
+    g_q = eqx.filter_jit(jax.grad(lambda m: q_function(m, jax.lax.stop_gradient(stats))))(model)
     for name in FIELDS:
         a, b = getattr(g_exact, name), getattr(g_q, name)
         np.testing.assert_allclose(sym(a), sym(b), rtol=1e-7, atol=1e-8, err_msg=name)
@@ -158,7 +163,7 @@ def test_m_step_is_the_exact_constrained_maximiser(missing_batch, frozen):
     model = make_model({k: v * 1.1 for k, v in p.items()})
     stats, _ = summed_stats(model, ys, lengths, u)
     new = lgssm_fit.m_step(model, stats, frozenset(frozen))
-    grads = jax.grad(lambda m: q_function(m, stats))(new)
+    grads = eqx.filter_jit(jax.grad(q_function))(new, stats)
     for name in FIELDS:
         if name in frozen:
             np.testing.assert_array_equal(getattr(new, name), getattr(model, name))
