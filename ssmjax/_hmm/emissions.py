@@ -1006,10 +1006,11 @@ def _gaussian_stats(
     grouped_u = (onehot[:, :, None] * u[:, None, :]).reshape(num_steps, num_states * dim)
     squares = (u[:, :, None] * u[:, None, :]).reshape(num_steps, dim * dim) if full else u * u
     sums = weights.T @ jnp.concatenate([onehot, u, grouped_u, squares], axis=1)
-    counts = sums[:, :num_states]  # counts[k, j] = sum over steps with reference j of w_nk
-    sum_u = sums[:, num_states : num_states + dim]
-    cross_u = sums[:, num_states + dim : num_states + dim + num_states * dim].reshape(num_states, num_states, dim)
-    sum_sq = sums[:, num_states + dim + num_states * dim :]
+    # counts[k, j] = sum of w_nk over the steps with reference j; cross_u[k, j] likewise of w_nk u_n
+    counts, sum_u, cross_u, sum_sq = jnp.split(
+        sums, [num_states, num_states + dim, num_states + dim + num_states * dim], axis=1
+    )
+    cross_u = cross_u.reshape(num_states, num_states, dim)
     delta = means[None, :, :] - means[:, None, :]  # delta[k, j] = m_j - m_k
     weighted_sums = sum_u + jnp.einsum("kj,kjd->kd", counts, delta)
     if full:
