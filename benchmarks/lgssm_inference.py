@@ -3,6 +3,9 @@
 T = 10^4, (Dx, Dy) in {(2, 1), (8, 4), (32, 8)}, float32. jit warm (compile time
 reported separately), ``block_until_ready``, median of repeats, ratios printed and saved
 as JSON to ``benchmarks/results/lgssm_inference.json`` with date, machine and versions.
+ssmjax and dynamax are timed in interleaved rounds (one call of each per round), so that
+a change in the machine's load during the run reaches both sides of a ratio alike;
+pykalman, ~100x slower, is timed on its own afterwards.
 
     python benchmarks/lgssm_inference.py [--quick] [--device cpu|gpu] [--out PATH]
 """
@@ -60,6 +63,20 @@ def _compile_time(fn):
     return time.perf_counter() - t0
 
 
+def _interleaved(calls: dict, repeats: int) -> dict:
+    """``{key: fn}`` -> ``{key: dict(median_s, times_s, compile_s)}``: the first call of each
+    (compilation) is timed apart, then every fn runs once per round, ``repeats`` rounds."""
+    out = {key: dict(compile_s=_compile_time(fn), times_s=[]) for key, fn in calls.items()}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            out[key]["times_s"].append(time.perf_counter() - t0)
+    for res in out.values():
+        res["median_s"] = statistics.median(res["times_s"])
+    return out
+
+
 def make_problem(dx, dy, T, seed=0):
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(dx, dx))
@@ -78,7 +95,7 @@ def make_problem(dx, dy, T, seed=0):
     return dict(m0=f32(m0), P0=f32(P0), A=f32(A), Q=f32(Q), C=f32(C), R=f32(R)), f32(ys)
 
 
-def bench_ssmjax(p, ys, repeats):
+def ssmjax_calls(p, ys):
     model = ssmjax.LGSSM(
         initial_mean=jnp.asarray(p["m0"]), initial_cov=jnp.asarray(p["P0"]),
         transition_matrix=jnp.asarray(p["A"]), transition_cov=jnp.asarray(p["Q"]),
@@ -87,15 +104,10 @@ def bench_ssmjax(p, ys, repeats):
     y = jnp.asarray(ys)
     filt = jax.jit(lambda m, y: ssmjax.kalman_filter(m, y))
     smooth = jax.jit(lambda m, y: ssmjax.rts_smoother(m, y))
-    out = {}
-    for name, fn in (("filter", filt), ("smoother", smooth)):
-        compile_s = _compile_time(lambda: fn(model, y))
-        median, times = _time(lambda: fn(model, y), repeats)
-        out[name] = dict(median_s=median, times_s=times, compile_s=compile_s)
-    return out
+    return {"filter": lambda: filt(model, y), "smoother": lambda: smooth(model, y)}
 
 
-def bench_dynamax(p, ys, repeats):
+def dynamax_calls(p, ys):
     from dynamax.linear_gaussian_ssm import lgssm_filter, lgssm_smoother
     from dynamax.linear_gaussian_ssm.inference import (
         ParamsLGSSM, ParamsLGSSMEmissions, ParamsLGSSMInitial, ParamsLGSSMDynamics,
@@ -117,12 +129,7 @@ def bench_dynamax(p, ys, repeats):
     y = jnp.asarray(ys)
     filt = jax.jit(lambda pr, y: lgssm_filter(pr, y))
     smooth = jax.jit(lambda pr, y: lgssm_smoother(pr, y))
-    out = {}
-    for name, fn in (("filter", filt), ("smoother", smooth)):
-        compile_s = _compile_time(lambda: fn(params, y))
-        median, times = _time(lambda: fn(params, y), repeats)
-        out[name] = dict(median_s=median, times_s=times, compile_s=compile_s)
-    return out
+    return {"filter": lambda: filt(params, y), "smoother": lambda: smooth(params, y)}
 
 
 def bench_pykalman(p, ys, repeats):
@@ -161,13 +168,20 @@ def main():
     results = []
     for dx, dy in dims:
         p, ys = make_problem(dx, dy, T)
-        row = dict(Dx=dx, Dy=dy, T=T, ssmjax=bench_ssmjax(p, ys, repeats))
+        calls = {("ssmjax", task): fn for task, fn in ssmjax_calls(p, ys).items()}
+        row = dict(Dx=dx, Dy=dy, T=T)
         if not ARGS.no_peers:
-            for name, fn, reps in (("dynamax", bench_dynamax, repeats), ("pykalman", bench_pykalman, py_repeats)):
-                try:
-                    row[name] = fn(p, ys, reps)
-                except ImportError as err:  # peer not installed
-                    row[name] = dict(error=str(err))
+            try:
+                calls.update({("dynamax", task): fn for task, fn in dynamax_calls(p, ys).items()})
+            except ImportError as err:  # peer not installed
+                row["dynamax"] = dict(error=str(err))
+        for (lib, task), res in _interleaved(calls, repeats).items():
+            row.setdefault(lib, {})[task] = res
+        if not ARGS.no_peers:
+            try:
+                row["pykalman"] = bench_pykalman(p, ys, py_repeats)
+            except ImportError as err:  # peer not installed
+                row["pykalman"] = dict(error=str(err))
         for peer in ("dynamax", "pykalman"):
             if peer in row and "error" not in row[peer]:
                 row[f"speedup_vs_{peer}"] = {
@@ -192,7 +206,10 @@ def main():
             device=str(jax.devices()[0]),
         ),
         versions=_versions(),
-        settings=dict(quick=ARGS.quick, repeats=repeats, pykalman_repeats=py_repeats, dtype="float32"),
+        settings=dict(
+            quick=ARGS.quick, repeats=repeats, pykalman_repeats=py_repeats, dtype="float32",
+            timing="ssmjax and dynamax in interleaved rounds; pykalman on its own",
+        ),
         results=results,
     )
     out = pathlib.Path(ARGS.out)
