@@ -18,6 +18,9 @@ Tolerances (``helpers.TOLERANCES``):
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +194,37 @@ def test_single_step():
     params = {k: (v[:1] if np.ndim(v) == 3 else v) for k, v in params.items()}
     model = to_model(params)
     _close(rts_smoother_parallel(model, y[:1], inputs=u[:1]), ssmjax.rts_smoother(model, y[:1], inputs=u[:1]))
+
+
+_ONE_CPU_SCRIPT = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before JAX starts its CPU client
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import numpy as np
+import ssmjax
+rng = np.random.default_rng(0)
+model = ssmjax.LGSSM(initial_mean=jnp.zeros(2), initial_cov=jnp.eye(2), transition_matrix=0.9 * jnp.eye(2),
+    transition_cov=0.1 * jnp.eye(2), emission_matrix=jnp.asarray(rng.normal(size=(3, 2))),
+    emission_cov=jnp.eye(3))
+y = jnp.asarray(rng.normal(size=(1, 3)))
+par, seq = ssmjax.rts_smoother(model, y, parallel=True), ssmjax.rts_smoother(model, y)
+np.testing.assert_allclose(par.smoothed_covs, seq.smoothed_covs, rtol=1e-9, atol=1e-10)
+np.testing.assert_allclose(par.smoothed_means, seq.smoothed_means, rtol=1e-9, atol=1e-10)
+assert par.smoothed_cross_covs.shape == (0, 2, 2)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)")
+def test_single_step_on_one_cpu():
+    """Regression: a one-step parallel smoother on a process pinned to one CPU failed at run time with
+    "No registered implementation for untyped custom call to lapack_dpotrf_ffi" (jaxlib 0.10.2), which
+    test_single_step does not see on a multi-CPU worker. Runs in a child pinned before JAX starts."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _ONE_CPU_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 def test_float32_long_sequence():
