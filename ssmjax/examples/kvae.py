@@ -431,13 +431,20 @@ def imputation_error(
     return jnp.sum(jnp.where(missing, wrong, 0.0)) / jnp.maximum(jnp.sum(missing), 1)
 
 
+@eqx.filter_jit
+def _impute_batch(model: KalmanVAE, frames, observed) -> dict[str, Array]:
+    # compiled once per shape, with the model as an argument (a fresh ``filter_jit(jax.vmap(model.impute))``
+    # per call would recompile every time, with the weights baked in as constants)
+    return jax.vmap(model.impute)(frames, observed)
+
+
 def evaluate_imputation(model: KalmanVAE, frames, observed) -> dict[str, float]:
     """Imputation error of the smoother, the filter and two baselines on a batch.
 
     Baselines: ``last_frame`` copies the last observed frame, ``empty_frame`` predicts no
     ball at all (its error is the fraction of ball pixels: a model must beat both).
     """
-    out = eqx.filter_jit(jax.vmap(model.impute))(frames, observed)  # one fixed-point pass for both
+    out = _impute_batch(model, frames, observed)  # one fixed-point pass for both
     smooth, filt = out["probs"], out["filter_probs"]
     base = jax.vmap(last_frame_baseline)(frames, observed)
     return dict(
