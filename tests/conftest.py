@@ -20,12 +20,19 @@ import sys
 # notebook kernels (child processes inherit the environment). It changes how XLA generates code
 # for the same programs, not what the tests compute or check. An XLA that does not know the flag
 # would abort on it, so it is only set after a child interpreter has accepted it.
+# ``SSMJAX_TESTS_DEFAULT_COMPILER=1`` keeps XLA's defaults: tests/test_default_compiler.py runs the
+# core oracle tests that way, so the code generator users get by default is tested too.
 _FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+DEFAULT_COMPILER_ENV = "SSMJAX_TESTS_DEFAULT_COMPILER"
 
 
 def _use_fast_compile_flag() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_use_fusion_emitters" in flags or os.environ.get("JAX_PLATFORMS", "cpu") != "cpu":
+    if (
+        "xla_cpu_use_fusion_emitters" in flags
+        or os.environ.get("JAX_PLATFORMS", "cpu") != "cpu"
+        or os.environ.get(DEFAULT_COMPILER_ENV) == "1"
+    ):
         return
     env = dict(os.environ, XLA_FLAGS=f"{flags} {_FAST_COMPILE_FLAG}".strip(), JAX_PLATFORMS="cpu")
     probe = "import jax, jax.numpy as jnp; jax.block_until_ready(jax.jit(jnp.sin)(1.0))"
@@ -57,6 +64,7 @@ _LONGEST_FILES_FIRST = (
     "test_hmm_parallel.py",
     "test_hmm_fit.py",
     "test_cli_fit.py",
+    "test_default_compiler.py",
 )
 
 
