@@ -259,7 +259,7 @@ def _smooth(s, fm, fc, pm, pc, length):
         # Nothing to smooth. Skipping the empty (0, Dx, Dx) batch also avoids a zero-size LAPACK
         # call: with it, XLA:CPU on a 1-CPU affinity (jaxlib 0.10.2) compiled the step's other
         # Cholesky as an untyped custom call that fails at run time ("No registered implementation
-        # for untyped custom call to lapack_dpotrf_ffi"); tests/test_lgssm_parallel.py::test_single_step.
+        # for untyped custom call to lapack_dpotrf_ffi"); see test_single_step_on_one_cpu.
         return fm, fc, jnp.zeros((0, dx, dx), fm.dtype)
     eye = jnp.eye(dx, dtype=fm.dtype)
     vn = s["valid_next"][:-1]
