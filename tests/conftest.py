@@ -22,14 +22,15 @@ import sys
 # would abort on it, so it is only set after a child interpreter has accepted it.
 # ``SSMJAX_TESTS_DEFAULT_COMPILER=1`` keeps XLA's defaults: tests/test_default_compiler.py runs the
 # core oracle tests that way, so the code generator users get by default is tested too.
-_FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
-DEFAULT_COMPILER_ENV = "SSMJAX_TESTS_DEFAULT_COMPILER"
+from helpers import DEFAULT_COMPILER_ENV, FAST_COMPILE_OPTION  # numpy only: JAX is not started yet
+
+_FAST_COMPILE_FLAG = f"--{FAST_COMPILE_OPTION}=false"
 
 
 def _use_fast_compile_flag() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if (
-        "xla_cpu_use_fusion_emitters" in flags
+        FAST_COMPILE_OPTION in flags
         or os.environ.get("JAX_PLATFORMS", "cpu") != "cpu"
         or os.environ.get(DEFAULT_COMPILER_ENV) == "1"
     ):

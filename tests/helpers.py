@@ -15,6 +15,12 @@ TOLERANCES = {
 # finite-difference gradient checks (float64 only; central differences)
 FD_TOLERANCE = dict(rtol=1e-5, atol=1e-7)
 
+# The suite compiles with XLA:CPU's classic fusion emitters (set by conftest.py, which imports this
+# module before JAX starts); this environment variable set to "1" keeps XLA's defaults instead
+# (tests/test_default_compiler.py).
+FAST_COMPILE_OPTION = "xla_cpu_use_fusion_emitters"
+DEFAULT_COMPILER_ENV = "SSMJAX_TESTS_DEFAULT_COMPILER"
+
 
 def tol(dtype) -> dict:
     """Tolerances for arrays of ``dtype``."""

@@ -199,6 +199,8 @@ def test_single_step():
 _ONE_CPU_SCRIPT = """
 import os, sys
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before JAX starts its CPU client
+sys.path.insert(0, sys.argv[1])
+from helpers import assert_allclose
 import jax
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
@@ -210,8 +212,8 @@ model = ssmjax.LGSSM(initial_mean=jnp.zeros(2), initial_cov=jnp.eye(2), transiti
     emission_cov=jnp.eye(3))
 y = jnp.asarray(rng.normal(size=(1, 3)))
 par, seq = ssmjax.rts_smoother(model, y, parallel=True), ssmjax.rts_smoother(model, y)
-np.testing.assert_allclose(par.smoothed_covs, seq.smoothed_covs, rtol=1e-9, atol=1e-10)
-np.testing.assert_allclose(par.smoothed_means, seq.smoothed_means, rtol=1e-9, atol=1e-10)
+assert_allclose(par.smoothed_covs, seq.smoothed_covs, np.float64)
+assert_allclose(par.smoothed_means, seq.smoothed_means, np.float64)
 assert par.smoothed_cross_covs.shape == (0, 2, 2)
 print("ok")
 """
@@ -223,7 +225,9 @@ def test_single_step_on_one_cpu():
     "No registered implementation for untyped custom call to lapack_dpotrf_ffi" (jaxlib 0.10.2), which
     test_single_step does not see on a multi-CPU worker. Runs in a child pinned before JAX starts."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _ONE_CPU_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-c", _ONE_CPU_SCRIPT, tests_dir]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
