@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from types import ModuleType
 
 import equinox as eqx
 import jax
@@ -190,15 +191,45 @@ def _is_traced(x: object) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def check_values(x, bad: jax.Array, message: str):
+def host_namespace(*arrays) -> ModuleType:
+    """``numpy`` when every array is concrete and in host memory, else ``jax.numpy``.
+
+    Eager checks then compute their flags with NumPy: each elementwise ``jnp`` op run
+    eagerly compiles an XLA kernel per new shape (about 30-60 ms each on CPU), which
+    made building a model in a fresh process cost seconds of compilation.
+    """
+    for x in arrays:
+        if x is None or isinstance(x, (np.ndarray, np.generic, bool, int, float)):
+            continue
+        if _is_traced(x) or not isinstance(x, jax.Array):
+            return jnp
+        if not all(d.platform == "cpu" for d in x.devices()):
+            return jnp
+    return np
+
+
+def host_arrays(*arrays):
+    """``(xp, *arrays)``: :func:`host_namespace` and the arrays as ``xp`` arrays (None kept)."""
+    xp = host_namespace(*arrays)
+    if xp is jnp:
+        return (jnp, *arrays)
+    return (np, *(None if x is None else np.asarray(x) for x in arrays))
+
+
+def check_values(x, bad: "jax.Array | np.ndarray | np.generic | bool", message: str):
     """Return ``x`` guarded by the value check ``bad`` (a boolean scalar or array).
 
     Eager (``bad`` is concrete): raise ``ValueError(message)`` if any entry of
     ``bad`` is true. Traced: return ``equinox.error_if(x, bad, message)``, which
     raises at run time. The caller must use the returned ``x`` so the check is
     not removed as dead code. Does nothing when value checks are switched off.
+    A NumPy ``bad`` (from :func:`host_namespace`) is decided here and now.
     """
     if not _VALUE_CHECKS:
+        return x
+    if isinstance(bad, (np.ndarray, np.generic, bool)):
+        if np.any(bad):
+            raise ValueError(message)
         return x
     bad = jnp.any(bad)
     if _is_traced(bad) or any(_is_traced(leaf) for leaf in jax.tree_util.tree_leaves(x)):
@@ -212,8 +243,10 @@ def check_probability_vector(name: str, probs: jax.Array, axis: int = -1, atol: 
     """Non-negative entries summing to one along ``axis`` (value check)."""
     if atol is None:
         atol = 1e-4 if probs.dtype == jnp.float32 else 1e-8
-    sums = jnp.sum(probs, axis=axis)
-    bad = jnp.any(probs < 0) | jnp.any(jnp.abs(sums - 1) > atol) | jnp.any(~jnp.isfinite(probs))
+    xp = host_namespace(probs)
+    values = np.asarray(probs) if xp is np else probs
+    sums = xp.sum(values, axis=axis)
+    bad = xp.any(values < 0) | xp.any(xp.abs(sums - 1) > atol) | xp.any(~xp.isfinite(values))
     return check_values(
         probs,
         bad,
@@ -222,24 +255,26 @@ def check_probability_vector(name: str, probs: jax.Array, axis: int = -1, atol: 
     )
 
 
-def check_not_nan(name: str, x: jax.Array, mask: jax.Array | None = None, what: str = "NaN"):
-    """No NaN in ``x`` where ``mask`` is true (default: everywhere)."""
-    isbad = jnp.isnan(x)
-    if mask is not None:
-        isbad = isbad & mask
-    return check_values(x, isbad, f"`{name}` contains {what} at unpadded steps.")
-
-
 def check_psd(name: str, cov: jax.Array, rtol: float | None = None):
     """Symmetric positive-definite matrices in the last two axes (value check)."""
     if not _VALUE_CHECKS:
         return cov
     if rtol is None:
         rtol = 1e-5 if cov.dtype == jnp.float32 else 1e-10
-    asym = jnp.abs(cov - jnp.swapaxes(cov, -1, -2))
-    scale = jnp.maximum(jnp.max(jnp.abs(cov), axis=(-1, -2), keepdims=True), jnp.finfo(cov.dtype).tiny)
-    not_symmetric = jnp.any(asym > rtol * scale)
-    chol = jnp.linalg.cholesky(0.5 * (cov + jnp.swapaxes(cov, -1, -2)))
-    not_pd = jnp.any(~jnp.isfinite(chol))
+    xp = host_namespace(cov)
+    if xp is np and np.dtype(cov.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        xp = jnp  # NumPy's linear algebra has no half-precision types
+    values = np.asarray(cov) if xp is np else cov
+    asym = xp.abs(values - xp.swapaxes(values, -1, -2))
+    scale = xp.maximum(xp.max(xp.abs(values), axis=(-1, -2), keepdims=True), jnp.finfo(cov.dtype).tiny)
+    not_symmetric = xp.any(asym > rtol * scale)
+    sym = 0.5 * (values + xp.swapaxes(values, -1, -2))
+    if xp is np:
+        try:
+            not_pd = not np.all(np.isfinite(np.linalg.cholesky(sym)))
+        except np.linalg.LinAlgError:
+            not_pd = True
+    else:
+        not_pd = jnp.any(~jnp.isfinite(jnp.linalg.cholesky(sym)))
     cov = check_values(cov, not_symmetric, f"`{name}` must be symmetric (relative tolerance {rtol:g}).")
     return check_values(cov, not_pd, f"`{name}` must be positive definite (its Cholesky factorisation failed).")

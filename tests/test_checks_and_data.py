@@ -60,6 +60,65 @@ def test_check_psd_rejects_asymmetric_and_indefinite():
     _checks.check_psd("Q", jnp.eye(3))
 
 
+def test_check_psd_traced_rejects_indefinite_at_run_time():
+    f = jax.jit(lambda q: _checks.check_psd("Q", q).sum())
+    assert float(f(jnp.eye(2))) == 2.0
+    with pytest.raises(Exception, match="`Q` must be positive definite"):
+        f(jnp.array([[1.0, 2.0], [2.0, 1.0]])).block_until_ready()
+
+
+class _CompileCounter:
+    """Counts XLA backend compilations while active (a jax.monitoring listener, registered once)."""
+
+    active = False
+    count = 0
+
+    @classmethod
+    def listener(cls, event, duration, **kwargs):
+        if cls.active and event == "/jax/core/compile/backend_compile_duration":
+            cls.count += 1
+
+    def __enter__(self):
+        type(self).count, type(self).active = 0, True
+        return self
+
+    def __exit__(self, *exc):
+        type(self).active = False
+
+
+jax.monitoring.register_event_duration_secs_listener(_CompileCounter.listener)
+
+
+def test_eager_value_checks_compile_nothing():
+    # Eager checks of concrete host arrays are decided with NumPy: an eager jnp op would
+    # compile an XLA kernel per new shape (odd shapes here, so nothing can be cached).
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(7, 5, 5))
+    cov = jnp.asarray(g @ np.swapaxes(g, -1, -2) + 0.1 * np.eye(5), jnp.float32)
+    probs = jnp.asarray(rng.dirichlet(np.ones(11), size=3), jnp.float32)
+    indefinite, asymmetric, unnormalised = -cov, cov.at[0, 0, 1].add(1.0), 2.0 * probs
+    with _CompileCounter() as counter:
+        _checks.check_psd("cov", cov)
+        _checks.check_probability_vector("probs", probs)
+        with pytest.raises(ValueError, match="`cov` must be positive definite"):
+            _checks.check_psd("cov", indefinite)
+        with pytest.raises(ValueError, match="`cov` must be symmetric"):
+            _checks.check_psd("cov", asymmetric)
+        with pytest.raises(ValueError, match="`probs` must hold finite non-negative probabilities"):
+            _checks.check_probability_vector("probs", unnormalised)
+    assert counter.count == 0
+
+
+def test_gaussian_from_data_compiles_once_per_shape():
+    ys = np.random.default_rng(1).normal(size=(4, 37, 2))
+    first = ssmjax.HMM.from_data(jax.random.key(0), ys, 3, "gaussian")
+    with _CompileCounter() as counter:
+        again = ssmjax.HMM.from_data(jax.random.key(0), ys, 3, "gaussian")
+    assert counter.count == 0  # op by op, its k-means loops recompiled on every call
+    np.testing.assert_array_equal(first.emissions.means, again.emissions.means)
+    np.testing.assert_array_equal(first.emissions.covs, again.emissions.covs)
+
+
 def test_check_length_static_and_traced():
     with pytest.raises(ValueError, match=r"`length` must lie in \[1, 5\]"):
         _checks.check_length(6, 5)

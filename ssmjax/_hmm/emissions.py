@@ -22,6 +22,7 @@ constrained views are read back through properties of the same names.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from typing import NamedTuple, Optional, Union
 
@@ -84,16 +85,7 @@ def _host_values(emissions, mask):
     reduces them to one boolean, instead of compiling an XLA kernel per new shape
     for each elementwise op (the dominant cost of an eager check).
     """
-    arrays = (emissions,) if mask is None else (emissions, mask)
-    on_host = all(
-        isinstance(x, np.ndarray)
-        or (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-            and all(d.platform == "cpu" for d in x.devices()))
-        for x in arrays
-    )
-    if not on_host:
-        return jnp, emissions, mask
-    return np, np.asarray(emissions), None if mask is None else np.asarray(mask)
+    return _checks.host_arrays(emissions, mask)
 
 
 def _any_bad(xp, bad):
@@ -539,7 +531,8 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         if rates is not None:
             rates = _checks.as_float_array("rates", rates)
             _checks.check_shape("rates", rates, ("K", "D"), "one rate per state and count dimension")
-            bad = (rates < 0) | ~jnp.isfinite(rates)
+            xp, values = _checks.host_arrays(rates)
+            bad = (values < 0) | ~xp.isfinite(values)
             rates = _checks.check_values(rates, bad, "`rates` must be finite and non-negative.")
             self.log_rates = jnp.where(rates > 0, jnp.log(jnp.where(rates > 0, rates, 1.0)), -jnp.inf)
         else:
@@ -756,7 +749,8 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
         means = _checks.as_float_array("means", means)
         _checks.check_shape("means", means, ("K", "D"), "one mean vector per state")
         k, d = means.shape
-        bad = ~jnp.isfinite(means)
+        xp, values = _checks.host_arrays(means)
+        bad = ~xp.isfinite(values)
         means = _checks.check_values(means, bad, "`means` must be finite.")
         self.means = means
         self.min_variance = float(min_variance)
@@ -771,7 +765,8 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
                 covs = _checks.check_psd("covs", covs)
                 self.chol_covs = jnp.linalg.cholesky(0.5 * (covs + jnp.swapaxes(covs, -1, -2)))
             else:
-                bad = (covs <= 0) | ~jnp.isfinite(covs)
+                xp, values = _checks.host_arrays(covs)
+                bad = (values <= 0) | ~xp.isfinite(values)
                 covs = _checks.check_values(covs, bad, "`covs` (diagonal variances) must be finite and positive.")
                 self.log_variances = jnp.log(covs)
         elif chol_covs is not None:
@@ -921,22 +916,34 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
             raise ValueError(f"`emissions` must hold at least num_states={num_states} rows; got {n}.")
         if covariance_type not in ("full", "diag"):
             raise ValueError(f"`covariance_type` must be 'full' or 'diag'; got {covariance_type!r}.")
-        bad = ~jnp.isfinite(emissions)
-        emissions = _checks.check_values(emissions, bad, "`emissions` must be finite.")
-        centers = _kmeans(key, emissions, num_states, num_iters)
-        assign = jnp.argmin(_sq_dists(emissions, centers), axis=1)
-        onehot = jax.nn.one_hot(assign, num_states, dtype=emissions.dtype)
-        counts = onehot.sum(0)
-        centred = emissions - emissions.mean(0)
-        pooled = centred.T @ centred / n + min_variance * jnp.eye(d, dtype=emissions.dtype)
-        diffs = emissions[:, None, :] - centers[None, :, :]  # (N, K, D)
-        scatter = jnp.einsum("nk,nkd,nke->kde", onehot, diffs, diffs)
-        prior = d + 1.0
-        covs = (scatter + prior * pooled[None]) / (counts + prior)[:, None, None]
-        covs = 0.5 * (covs + jnp.swapaxes(covs, -1, -2))
-        if covariance_type == "diag":
-            covs = jnp.diagonal(covs, axis1=-2, axis2=-1)
+        xp, values = _checks.host_arrays(emissions)
+        emissions = _checks.check_values(emissions, ~xp.isfinite(values), "`emissions` must be finite.")
+        centers, covs = _gaussian_init(key, emissions, min_variance, num_states, num_iters, covariance_type == "full")
         return cls(centers, covs, min_variance=min_variance)
+
+
+@functools.partial(jax.jit, static_argnames=("num_states", "num_iters", "full"))
+def _gaussian_init(key, emissions, min_variance, num_states: int, num_iters: int, full: bool):
+    """Centres and covariances of :meth:`GaussianEmissions.from_data`, one compiled program.
+
+    Run op by op, the k-means seeding and refinement compiled about 90 small programs
+    (about 6 s on a 2-core CPU) and their loops again on every call.
+    """
+    n, d = emissions.shape
+    centers = _kmeans(key, emissions, num_states, num_iters)
+    assign = jnp.argmin(_sq_dists(emissions, centers), axis=1)
+    onehot = jax.nn.one_hot(assign, num_states, dtype=emissions.dtype)
+    counts = onehot.sum(0)
+    centred = emissions - emissions.mean(0)
+    pooled = centred.T @ centred / n + min_variance * jnp.eye(d, dtype=emissions.dtype)
+    diffs = emissions[:, None, :] - centers[None, :, :]  # (N, K, D)
+    scatter = jnp.einsum("nk,nkd,nke->kde", onehot, diffs, diffs)
+    prior = d + 1.0
+    covs = (scatter + prior * pooled[None]) / (counts + prior)[:, None, None]
+    covs = 0.5 * (covs + jnp.swapaxes(covs, -1, -2))
+    if not full:
+        covs = jnp.diagonal(covs, axis1=-2, axis2=-1)
+    return centers, covs
 
 
 def _identity_covs(num_states: int, dim: int, covariance_type: str, dtype) -> jax.Array:
