@@ -150,7 +150,8 @@ def check_length(length: object, num_timesteps: int) -> jax.Array | None:
     """
     if length is None:
         return None
-    arr = jnp.asarray(length)
+    on_host = host_namespace(length) is np
+    arr = np.asarray(length) if on_host else jnp.asarray(length)
     if arr.ndim != 0:
         raise ValueError(
             f"`length` must be a scalar integer (use jax.vmap for a batch of lengths); "
@@ -158,11 +159,14 @@ def check_length(length: object, num_timesteps: int) -> jax.Array | None:
         )
     if not jnp.issubdtype(arr.dtype, jnp.integer):
         raise ValueError(f"`length` must be an integer; got dtype {arr.dtype}.")
+    message = f"`length` must lie in [1, {num_timesteps}] (the number of time steps)"
+    if on_host:  # decided here with NumPy (an eager jnp comparison would compile kernels)
+        value = int(arr)
+        check_values(None, np.bool_(value < 1 or value > num_timesteps), message)
+        return jnp.asarray(value, jnp.int32)
     arr = arr.astype(jnp.int32)
     bad = (arr < 1) | (arr > num_timesteps)
-    return check_values(
-        arr, bad, f"`length` must lie in [1, {num_timesteps}] (the number of time steps)"
-    )
+    return check_values(arr, bad, message)
 
 
 def check_lengths(lengths: object, num_sequences: int, num_timesteps: int) -> jax.Array:

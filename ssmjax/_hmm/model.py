@@ -30,6 +30,7 @@ from .emissions import (
     CategoricalEmissions,
     GaussianEmissions,
     PoissonEmissions,
+    softmax_rows,
 )
 from .inference import hmm_filter, hmm_sample_posterior, hmm_smoother, hmm_viterbi
 
@@ -59,6 +60,32 @@ def _log_normalize(weights, old_log_probs, axis=-1):
     safe_total = jnp.where(empty, 1.0, total)
     new = jnp.log(weights) - jnp.log(safe_total)
     return jnp.where(empty, old_log_probs, new)
+
+
+def _filter_fn(model, emissions, length):
+    ll = model.log_likelihoods(emissions, length=length)
+    return hmm_filter(model.initial_probs, model.transition_matrix, ll, length=length)
+
+
+def _smoother_fn(model, emissions, length):
+    ll = model.log_likelihoods(emissions, length=length)
+    return hmm_smoother(model.initial_probs, model.transition_matrix, ll, length=length)
+
+
+def _viterbi_fn(model, emissions, length):
+    ll = model.log_likelihoods(emissions, length=length)
+    path, _ = hmm_viterbi(model.initial_probs, model.transition_matrix, ll, length=length)
+    return path
+
+
+def _posterior_sample_fn(model, emissions, length, key):
+    ll = model.log_likelihoods(emissions, length=length)
+    return hmm_sample_posterior(key, model.initial_probs, model.transition_matrix, ll, length=length)
+
+
+@eqx.filter_jit
+def _run_jit(fn, model, emissions, length, extra):
+    return fn(model, emissions, length, *extra)
 
 
 class HMM(AbstractFittableModel):
@@ -128,12 +155,12 @@ class HMM(AbstractFittableModel):
     @property
     def initial_probs(self) -> jax.Array:
         """``(K,)`` initial distribution (softmax of the stored log-probabilities)."""
-        return jax.nn.softmax(self.initial_log_probs)
+        return softmax_rows(self.initial_log_probs)
 
     @property
     def transition_matrix(self) -> jax.Array:
         """``(K, K)`` transition matrix (row-wise softmax of the stored log-probabilities)."""
-        return jax.nn.softmax(self.transition_log_probs, axis=-1)
+        return softmax_rows(self.transition_log_probs)
 
     def parameter_names(self) -> tuple[str, ...]:
         """Names accepted by ``frozen`` in :func:`ssmjax.fit_em` / :func:`ssmjax.fit_sgd`.
@@ -162,24 +189,40 @@ class HMM(AbstractFittableModel):
 
     def filter(self, emissions, *, length=None):
         """Forward filtering of one sequence; see :func:`ssmjax.hmm_filter`."""
-        ll = self.log_likelihoods(emissions, length=length)
-        return hmm_filter(self.initial_probs, self.transition_matrix, ll, length=length)
+        return self._run(_filter_fn, emissions, length)
 
     def smoother(self, emissions, *, length=None):
         """Forward-backward smoothing of one sequence; see :func:`ssmjax.hmm_smoother`."""
-        ll = self.log_likelihoods(emissions, length=length)
-        return hmm_smoother(self.initial_probs, self.transition_matrix, ll, length=length)
+        return self._run(_smoother_fn, emissions, length)
 
     def most_likely_states(self, emissions, *, length=None) -> jax.Array:
         """Viterbi path ``(T,)`` of one sequence; see :func:`ssmjax.hmm_viterbi`."""
-        ll = self.log_likelihoods(emissions, length=length)
-        path, _ = hmm_viterbi(self.initial_probs, self.transition_matrix, ll, length=length)
-        return path
+        return self._run(_viterbi_fn, emissions, length)
 
     def posterior_sample(self, key, emissions, *, length=None) -> jax.Array:
         """An exact draw of ``z_{1:T}`` from ``p(z | y)``; see :func:`ssmjax.hmm_sample_posterior`."""
-        ll = self.log_likelihoods(emissions, length=length)
-        return hmm_sample_posterior(key, self.initial_probs, self.transition_matrix, ll, length=length)
+        return self._run(_posterior_sample_fn, emissions, length, key)
+
+    def _run(self, fn, emissions, length, *extra):
+        """``fn(self, emissions, length, *extra)``; called eagerly, as one compiled program.
+
+        Eagerly (no tracers), the emissions and ``length`` are validated here -- shapes,
+        and values with NumPy -- raising ``ValueError`` as before, and ``fn`` then runs
+        compiled (``equinox.filter_jit``, cached per shape) with its own value checks off.
+        Run op by op instead, the log-likelihoods and validation compiled dozens of small
+        kernels on first use (seconds on CPU). Under a trace ``fn`` is simply inlined.
+        """
+        leaves = jax.tree_util.tree_leaves((self, emissions, length, extra))
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+            return fn(self, emissions, length, *extra)
+        emissions = jnp.asarray(emissions)
+        shape = tuple(self.emissions.emission_shape)
+        _checks.check_shape("emissions", emissions, ("T",) + shape, "one emission per time step")
+        length = _checks.check_length(length, emissions.shape[0])
+        mask = None if length is None else jnp.asarray(np.arange(emissions.shape[0]) < int(length))
+        self.emissions.check_emissions(emissions, mask)
+        with _checks.value_checks(False):  # checked above
+            return _run_jit(fn, self, emissions, length, extra)
 
     def sample(self, key, num_timesteps: int):
         """Draw ``(states (T,), emissions (T, *emission_shape))`` from the model.

@@ -28,9 +28,10 @@ from typing import Optional
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from .._checks import as_float_array, check_length, check_shape, check_values
+from .._checks import as_float_array, check_length, check_shape, check_values, host_arrays
 from .model import LGSSM, model_dims, validate_shapes
 from .small import GeneralOps, choose_ops, matmul_precision, psd_cholesky, symmetrize
 
@@ -127,21 +128,32 @@ def _check_cov(name: str, cov, valid, semidefinite: bool):
 
     if not value_checks_enabled():
         return cov
-    eye = jnp.eye(cov.shape[-1], dtype=cov.dtype)
-    test = cov
+    # NumPy when everything is concrete and on the host: no XLA compilation per eager check
+    xp, values, valid = host_arrays(cov, valid)
+    if xp is np and values.dtype not in (np.float32, np.float64):
+        xp, values, valid = jnp, cov, None if valid is None else jnp.asarray(valid)
+    eye = xp.eye(cov.shape[-1], dtype=values.dtype)
+    test = values
     if valid is not None and cov.ndim == 3:
-        test = jnp.where(valid[:, None, None], cov, 0.0 if semidefinite else eye)
+        test = xp.where(valid[:, None, None], values, 0.0 if semidefinite else eye)
     rtol = 1e-5 if cov.dtype == jnp.float32 else 1e-10
-    asym = jnp.abs(test - jnp.swapaxes(test, -1, -2))
-    scale = jnp.maximum(jnp.max(jnp.abs(test), axis=(-1, -2), keepdims=True), jnp.finfo(cov.dtype).tiny)
-    not_symmetric = jnp.any(asym > rtol * scale) | jnp.any(~jnp.isfinite(test))
-    sym = symmetrize(jnp.where(jnp.isfinite(test), test, 0.0))
+    asym = xp.abs(test - xp.swapaxes(test, -1, -2))
+    scale = xp.maximum(xp.max(xp.abs(test), axis=(-1, -2), keepdims=True), jnp.finfo(cov.dtype).tiny)
+    not_symmetric = xp.any(asym > rtol * scale) | xp.any(~xp.isfinite(test))
+    sym = xp.where(xp.isfinite(test), test, 0.0)
+    sym = 0.5 * (sym + xp.swapaxes(sym, -1, -2))
     if semidefinite:
-        eig = jnp.linalg.eigvalsh(sym)
-        bad_def = jnp.any(eig < -(cov.shape[-1] * 10 * jnp.finfo(cov.dtype).eps) * scale[..., 0])
+        eig = xp.linalg.eigvalsh(sym)
+        bad_def = xp.any(eig < -(cov.shape[-1] * 10 * jnp.finfo(cov.dtype).eps) * scale[..., 0])
         what = "positive semi-definite (it has a negative eigenvalue)"
     else:
-        bad_def = jnp.any(~jnp.isfinite(jnp.linalg.cholesky(sym)))
+        if xp is np:
+            try:
+                bad_def = not np.all(np.isfinite(np.linalg.cholesky(sym)))
+            except np.linalg.LinAlgError:
+                bad_def = True
+        else:
+            bad_def = jnp.any(~jnp.isfinite(jnp.linalg.cholesky(sym)))
         what = "positive definite (its Cholesky factorisation failed)"
     cov = check_values(cov, not_symmetric, f"`{name}` must be finite and symmetric (relative tolerance {rtol:g}).")
     return check_values(cov, bad_def, f"`{name}` must be {what}.")
@@ -207,7 +219,8 @@ def _value_check_model(model, num_timesteps, length_arr):
     valid = None
     valid_next = None
     if length_arr is not None:
-        steps = jnp.arange(num_timesteps)
+        xp, length_arr = host_arrays(length_arr)
+        steps = xp.arange(num_timesteps)
         valid = steps < length_arr
         valid_next = (steps[: num_timesteps - 1] + 1) < length_arr
     initial_cov = _check_cov("initial_cov", model.initial_cov, None, semidefinite=False)
