@@ -163,7 +163,7 @@ def check_length(length: object, num_timesteps: int) -> jax.Array | None:
     if on_host:  # decided here with NumPy (an eager jnp comparison would compile kernels)
         value = int(arr)
         check_values(None, np.bool_(value < 1 or value > num_timesteps), message)
-        return jnp.asarray(value, jnp.int32)
+        return jnp.asarray(np.int32(value))  # a transfer: nothing to compile
     arr = arr.astype(jnp.int32)
     bad = (arr < 1) | (arr > num_timesteps)
     return check_values(arr, bad, message)

@@ -185,3 +185,58 @@ def test_readme_python_snippets_run():
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
     assert namespace["posts"].smoothed_probs.shape == (3, 5, 2)
     assert namespace["fitted"].transition_matrix.shape in ((2, 2),)
+
+
+def test_hmm_methods_validate_eagerly_and_compile_one_program():
+    hmm = ssmjax.HMM(
+        jnp.array([0.6, 0.4]), jnp.array([[0.9, 0.1], [0.2, 0.8]]),
+        ssmjax.PoissonEmissions(rates=jnp.array([[1.0, 2.0], [6.0, 9.0]])),
+    )
+    y = jnp.asarray(np.random.default_rng(2).poisson(3.0, size=(23, 2)), jnp.float32)
+    ll = hmm.emissions.log_likelihoods(y)
+    # the methods equal the functional API on the model's log-likelihoods
+    helpers_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
+    helpers_close(hmm.marginal_loglik(y), ssmjax.hmm_filter(hmm.initial_probs, hmm.transition_matrix, ll).marginal_loglik)
+    helpers_close(hmm.smoother(y).smoothed_probs,
+                  ssmjax.hmm_smoother(hmm.initial_probs, hmm.transition_matrix, ll).smoothed_probs)
+    np.testing.assert_array_equal(hmm.most_likely_states(y),
+                                  ssmjax.hmm_viterbi(hmm.initial_probs, hmm.transition_matrix, ll)[0])
+    # eager errors are ValueErrors naming the problem, before any compute
+    bad = y.at[5, 1].set(-1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        hmm.filter(bad)
+    with pytest.raises(ValueError, match="`emissions` must have shape"):
+        hmm.smoother(y[:, :1])
+    with pytest.raises(ValueError, match=r"`length` must lie in \[1, 23\]"):
+        hmm.most_likely_states(y, length=24)
+    # padding may hold anything
+    padded = hmm.filter(bad, length=5)
+    helpers_close(padded.marginal_loglik, hmm.marginal_loglik(y[:5]))
+    # under jit the same check is a run-time error
+    with pytest.raises(Exception, match="non-negative"):
+        jax.jit(lambda m, e: m.marginal_loglik(e))(hmm, bad).block_until_ready()
+    # one compiled program per eager call on a new shape (op by op it compiled dozens)
+    fresh = jnp.asarray(np.random.default_rng(3).poisson(3.0, size=(29, 2)), jnp.float32)
+    jnp.asarray(np.int32(1))  # JAX compiles a transfer program once per scalar dtype; not ours to count
+    for method in (hmm.filter, hmm.smoother, hmm.most_likely_states):
+        with _CompileCounter() as counter:
+            jax.block_until_ready(method(fresh, length=27))
+        assert counter.count == 1, method.__name__
+
+
+def test_lgssm_eager_call_compiles_one_program():
+    rng = np.random.default_rng(4)
+    dx, dy, num_timesteps = 3, 5, 17  # shapes no other test uses
+    g = rng.normal(size=(dx, dx))
+    model = ssmjax.LGSSM(
+        initial_mean=jnp.zeros(dx), initial_cov=jnp.eye(dx),
+        transition_matrix=jnp.asarray(0.5 * g), transition_cov=jnp.asarray(g @ g.T + np.eye(dx)),
+        emission_matrix=jnp.asarray(rng.normal(size=(dy, dx))), emission_cov=jnp.eye(dy),
+    )
+    y = jnp.asarray(rng.normal(size=(num_timesteps, dy)))
+    jnp.asarray(np.int32(1))  # JAX compiles a transfer program once per scalar dtype; not ours to count
+    with _CompileCounter() as counter:
+        jax.block_until_ready(ssmjax.rts_smoother(model, y, length=15))
+    assert counter.count == 1  # the covariance checks run in NumPy (op by op they compiled ~25 kernels)
+    with pytest.raises(ValueError, match="`transition_cov` must be positive semi-definite"):
+        ssmjax.kalman_filter(eqx.tree_at(lambda m: m.transition_cov, model, -model.transition_cov), y)

@@ -67,6 +67,12 @@ def softmax_rows(logits: Float[Array, "*K C"]) -> Float[Array, "*K C"]:
     return jax.nn.softmax(logits, axis=-1)
 
 
+@jax.jit
+def _sym_cholesky(covs: Float[Array, "*K D D"]) -> Float[Array, "*K D D"]:
+    """Cholesky factor of the symmetric part, one compiled program (eagerly: four)."""
+    return jnp.linalg.cholesky(0.5 * (covs + jnp.swapaxes(covs, -1, -2)))
+
+
 def _step_mask(num_steps: int, length) -> Optional[jax.Array]:
     """Boolean (N,) mask of real steps, or None when every step is real."""
     length = _checks.check_length(length, num_steps)
@@ -778,7 +784,7 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
             )
             if which == 0:
                 covs = _checks.check_psd("covs", covs)
-                self.chol_covs = jnp.linalg.cholesky(0.5 * (covs + jnp.swapaxes(covs, -1, -2)))
+                self.chol_covs = _sym_cholesky(covs)
             else:
                 xp, values = _checks.host_arrays(covs)
                 bad = (values <= 0) | ~xp.isfinite(values)

@@ -219,7 +219,7 @@ class HMM(AbstractFittableModel):
         shape = tuple(self.emissions.emission_shape)
         _checks.check_shape("emissions", emissions, ("T",) + shape, "one emission per time step")
         length = _checks.check_length(length, emissions.shape[0])
-        mask = None if length is None else jnp.asarray(np.arange(emissions.shape[0]) < int(length))
+        mask = None if length is None else np.arange(emissions.shape[0]) < int(length)
         self.emissions.check_emissions(emissions, mask)
         with _checks.value_checks(False):  # checked above
             return _run_jit(fn, self, emissions, length, extra)
