@@ -7,10 +7,11 @@ small program the first time it meets a shape, so a call that runs op by op can 
 seconds compiling; ssmjax runs validation with NumPy and the numerics as one compiled
 program per call.
 
-    python benchmarks/first_use.py [--repeats 3] [--src PATH] [--out PATH]
+    python benchmarks/first_use.py [--repeats 3] [--baseline PATH] [--out PATH]
 
-``--src`` imports ssmjax from another checkout (e.g. a ``git worktree`` of an older
-commit) to compare before and after in the same environment.
+``--baseline`` also times the ssmjax of another checkout (e.g. ``git worktree add
+/tmp/old <commit>``), alternating the two checkouts run by run, so that a change in the
+machine's load reaches both alike.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ SCENARIOS = {
         "    emission_matrix=np.ones((1, 1)), emission_cov=np.full((1, 1), 15000.0))\n"
         "out = ssmjax.rts_smoother(model, y)\n",
     ),
+    "ssmjax demo (whole: 3 EM fits, inference, 2 plots)": (
+        "import io, tempfile\n"
+        "from ssmjax.cli import run_demo\n",
+        "run_demo(out=io.StringIO(), output_dir=tempfile.mkdtemp())\nout = None\n",
+    ),
 }
 
 RUN = r"""
@@ -87,31 +93,44 @@ def run_once(src: str, setup: str, timed: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _commit(src: str):
+    proc = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--src", default=str(HERE.parent), help="checkout whose ssmjax is imported")
+    ap.add_argument("--baseline", default=None, help="another checkout to time alongside this one")
     ap.add_argument("--out", default=str(HERE / "results" / "first_use.json"))
     args = ap.parse_args()
-    src = str(pathlib.Path(args.src).resolve())
+    sources = {"current": str(HERE.parent)}
+    if args.baseline:
+        sources["baseline"] = str(pathlib.Path(args.baseline).resolve())
     rows = []
     for name, (setup, timed) in SCENARIOS.items():
-        runs = [run_once(src, setup, timed) for _ in range(args.repeats)]
-        row = dict(
-            scenario=name,
-            median_s=statistics.median(r["seconds"] for r in runs),
-            seconds=[r["seconds"] for r in runs],
-            compiles=runs[0]["compiles"],
-        )
+        runs = {key: [] for key in sources}
+        for _ in range(args.repeats):
+            for key, src in sources.items():
+                runs[key].append(run_once(src, setup, timed))
+        row = dict(scenario=name)
+        for key, rs in runs.items():
+            row[key] = dict(
+                median_s=statistics.median(r["seconds"] for r in rs),
+                seconds=[r["seconds"] for r in rs],
+                compiles=rs[0]["compiles"],
+            )
         rows.append(row)
-        print(f"{row['median_s']:6.2f} s  {row['compiles']:3d} compilations  {name}", flush=True)
-    commit = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        line = "  ".join(
+            f"{key}: {row[key]['median_s']:6.2f} s {row[key]['compiles']:3d} compilations" for key in sources
+        )
+        print(f"{line}  | {name}", flush=True)
     result = dict(
         date=datetime.datetime.now().isoformat(timespec="minutes"),
-        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        python=platform.python_version(),
-        src=src,
-        commit=commit.stdout.strip() or None,
+        machine=dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count()),
+        versions=dict(python=platform.python_version()),
+        commits={key: _commit(src) for key, src in sources.items()},
+        repeats=args.repeats,
         rows=rows,
     )
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)

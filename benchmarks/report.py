@@ -165,10 +165,42 @@ def parallel_table(d):
     return "\n".join(lines)
 
 
+def first_use_table(d):
+    rows = d.get("rows") or []
+    if not rows:
+        return ""
+    commits = d.get("commits") or {}
+    has_base = "baseline" in rows[0]
+    lines = [
+        "### First use in a fresh process (`benchmarks/first_use.py`), CPU",
+        "",
+        _header(d),
+        "",
+        f"Wall time of the call (median of {d.get('repeats', '?')} new processes) and the number of XLA programs it "
+        "compiled." + (f" Baseline: commit {commits.get('baseline')}; this: {commits.get('current')}." if has_base else ""),
+        "",
+    ]
+    if has_base:
+        lines += ["| scenario | baseline s (compilations) | this s (compilations) | speed-up |", "|---|---|---|---|"]
+    else:
+        lines += ["| scenario | s (compilations) |", "|---|---|"]
+    for r in rows:
+        cur = r["current"]
+        cell = f"{cur['median_s']:.2f} ({cur['compiles']})"
+        if has_base:
+            base = r["baseline"]
+            lines.append(f"| {r['scenario']} | {base['median_s']:.2f} ({base['compiles']}) | {cell} | "
+                         f"{_ratio(base['median_s'], cur['median_s'])} |")
+        else:
+            lines.append(f"| {r['scenario']} | {cell} |")
+    return "\n".join(lines)
+
+
 def render() -> str:
     parts = []
     for name, fn in (("hmm_inference.json", hmm_table), ("lgssm_inference.json", lgssm_table),
-                     ("fit.json", fit_table), ("parallel.json", parallel_table)):
+                     ("fit.json", fit_table), ("parallel.json", parallel_table),
+                     ("first_use.json", first_use_table)):
         d = _load(name)
         if d is not None:
             parts.append(fn(d))
