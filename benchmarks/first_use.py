@@ -67,6 +67,11 @@ SCENARIOS = {
         "    emission_matrix=np.ones((1, 1)), emission_cov=np.full((1, 1), 15000.0))\n"
         "out = ssmjax.rts_smoother(model, y)\n",
     ),
+    "MarkovChain (5 state sequences, T=40): fit, log_prob": (
+        "states = np.random.default_rng(0).integers(0, 3, (5, 40))\n",
+        "chain = ssmjax.MarkovChain.fit(states)\n"
+        "out = (chain.transition_matrix, chain.log_prob(states[0]))\n",
+    ),
     "ssmjax demo (whole: 3 EM fits, inference, 2 plots)": (
         "import io, tempfile\n"
         "from ssmjax.cli import run_demo\n",

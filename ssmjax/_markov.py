@@ -40,6 +40,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import equinox as eqx
@@ -59,8 +60,11 @@ def _safe_log(p: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.log(jnp.where(positive, p, 1.0)), -jnp.inf)
 
 
-def _check_states(name: str, states: jax.Array, num_states: int, mask: Optional[jax.Array]) -> jax.Array:
-    bad = (states < 0) | (states >= num_states)
+def _check_states(
+    name: str, states: jax.Array, num_states: int, mask: "Optional[jax.Array | np.ndarray]"
+) -> jax.Array:
+    xp, values, mask = _checks.host_arrays(states, mask)  # NumPy when concrete: nothing to compile
+    bad = (values < 0) | (values >= num_states)
     if mask is not None:
         bad = bad & mask
     return _checks.check_values(
@@ -70,18 +74,20 @@ def _check_states(name: str, states: jax.Array, num_states: int, mask: Optional[
 
 def _check_lengths(lengths, batch_size: int, num_timesteps: int) -> jax.Array:
     if lengths is None:
-        return jnp.full((batch_size,), num_timesteps, jnp.int32)
+        return jnp.asarray(np.full((batch_size,), num_timesteps, np.int32))
     lengths = jnp.asarray(lengths)
     _checks.check_shape("lengths", lengths, (batch_size,), "one length per sequence")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"`lengths` must hold integers; got dtype {lengths.dtype}.")
     lengths = lengths.astype(jnp.int32)
-    bad = (lengths < 1) | (lengths > num_timesteps)
+    xp, values = _checks.host_arrays(lengths)
+    bad = (values < 1) | (values > num_timesteps)
     return _checks.check_values(
         lengths, bad, f"`lengths` must lie in [1, {num_timesteps}] (the number of time steps T)."
     )
 
 
+@functools.partial(jax.jit, static_argnames=("num_states", "dtype"))
 def _counts(
     states: Int[Array, "B T"], lengths: Int[Array, " B"], num_states: int, dtype
 ) -> tuple[Float[Array, " K"], Float[Array, "K K"]]:
@@ -114,7 +120,8 @@ def _prepare_batch(states, lengths, num_states):
     if not isinstance(num_states, (int, np.integer)) or num_states < 1:
         raise ValueError(f"`num_states` must be a positive int; got {num_states!r}.")
     num_states = int(num_states)
-    valid = jnp.arange(num_timesteps)[None, :] < lengths[:, None]
+    xp, lengths_v = _checks.host_arrays(lengths)
+    valid = xp.arange(num_timesteps)[None, :] < lengths_v[:, None]
     states = _check_states("states", states, num_states, valid)
     return states.astype(jnp.int32), lengths, num_states
 
@@ -277,8 +284,9 @@ class MarkovChain(eqx.Module):
             raise ValueError("`states` must have at least one time step; got shape (0,).")
         length = _checks.check_length(length, num_timesteps)
         if length is None:
-            length = jnp.asarray(num_timesteps, jnp.int32)
-        valid = jnp.arange(num_timesteps) < length
+            length = jnp.asarray(np.int32(num_timesteps))
+        xp, length_v = _checks.host_arrays(length)
+        valid = xp.arange(num_timesteps) < length_v
         states = _check_states("states", states, self.num_states, valid)
         return _log_prob(self.initial_probs, self.transition_matrix, states.astype(jnp.int32), length)
 
@@ -366,16 +374,19 @@ def _as_pseudo_counts(name: str, value, shape: tuple[int, ...], dtype) -> jax.Ar
         raise ValueError(
             f"`{name}` must be a scalar or broadcastable to shape {shape}; got shape {tuple(arr.shape)}."
         ) from err
-    bad = (arr < 0) | ~jnp.isfinite(arr)
+    xp, values = _checks.host_arrays(arr)
+    bad = (values < 0) | ~xp.isfinite(values)
     return _checks.check_values(arr, bad, f"`{name}` must be finite and non-negative.")
 
 
+@jax.jit
 def _normalise_rows(counts: Float[Array, "*rows K"]) -> Float[Array, "*rows K"]:
     totals = counts.sum(-1, keepdims=True)
     uniform = jnp.full_like(counts, 1.0 / counts.shape[-1])
     return jnp.where(totals > 0, counts / jnp.where(totals > 0, totals, 1.0), uniform)
 
 
+@jax.jit
 def _log_prob(
     initial_probs: Float[Array, " K"], transition_matrix: Float[Array, "K K"], states: Int[Array, " T"], length: Int[Array, ""]
 ) -> Float[Array, ""]:
@@ -386,6 +397,7 @@ def _log_prob(
     return _safe_log(initial_probs)[safe[0]] + jnp.sum(jnp.where(pair_valid, log_trans, 0.0))
 
 
+@functools.partial(jax.jit, static_argnames=("num_timesteps",))
 def _sample(
     initial_probs: Float[Array, " K"], transition_matrix: Float[Array, "K K"], key: PRNGKeyArray, num_timesteps: int
 ) -> Int[Array, " T"]:
@@ -401,6 +413,7 @@ def _sample(
     return jnp.concatenate([first[None], rest])
 
 
+@jax.jit
 def _stationary(transition_matrix: Float[Array, "K K"]) -> Float[Array, " K"]:
     k = transition_matrix.shape[0]
     system = jnp.concatenate([transition_matrix.T - jnp.eye(k, dtype=transition_matrix.dtype),
