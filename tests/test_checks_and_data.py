@@ -240,3 +240,18 @@ def test_lgssm_eager_call_compiles_one_program():
     assert counter.count == 1  # the covariance checks run in NumPy (op by op they compiled ~25 kernels)
     with pytest.raises(ValueError, match="`transition_cov` must be positive semi-definite"):
         ssmjax.kalman_filter(eqx.tree_at(lambda m: m.transition_cov, model, -model.transition_cov), y)
+
+
+def test_markov_chain_eager_calls_compile_one_program_each():
+    states = np.random.default_rng(5).integers(0, 3, (4, 31))  # shapes no other test uses
+    jnp.asarray(np.int32(1))  # JAX compiles a transfer program once per scalar dtype; not ours to count
+    chain = ssmjax.MarkovChain.fit(states)
+    sequence = jnp.asarray(states[0, :29].astype(np.int32))
+    with _CompileCounter() as counter:
+        jax.block_until_ready(chain.log_prob(sequence))
+    assert counter.count == 1  # op by op: 36 kernels
+    with pytest.raises(ValueError, match=r"`states` must hold states in \[0, 3\)"):
+        chain.log_prob(np.array([0, 1, 5]))
+    a, b = (int(v) for v in states[0, :2])  # an observed start and transition: positive probability
+    np.testing.assert_allclose(chain.log_prob(np.array([a, b, 5]), length=2),
+                               np.log(chain.initial_probs[a] * chain.transition_matrix[a, b]), rtol=1e-6)
