@@ -220,6 +220,25 @@ def host_arrays(*arrays):
     return (np, *(None if x is None else np.asarray(x) for x in arrays))
 
 
+def linalg_arrays(*arrays):
+    """:func:`host_arrays` for checks that factorise: ``jax.numpy`` for types NumPy's linear
+    algebra lacks (half precision)."""
+    out = host_arrays(*arrays)
+    if out[0] is np and any(x is not None and x.dtype not in (np.float32, np.float64, np.bool_) for x in out[1:]):
+        return (jnp, *(None if x is None else jnp.asarray(x) for x in arrays))
+    return out
+
+
+def cholesky_fails(xp, sym) -> "jax.Array | bool":
+    """Whether the Cholesky factorisation of (a batch of) symmetric ``sym`` fails, with ``xp``."""
+    if xp is np:
+        try:
+            return not np.all(np.isfinite(np.linalg.cholesky(sym)))
+        except np.linalg.LinAlgError:
+            return True
+    return jnp.any(~jnp.isfinite(jnp.linalg.cholesky(sym)))
+
+
 def check_values(x, bad: "jax.Array | np.ndarray | np.generic | bool", message: str):
     """Return ``x`` guarded by the value check ``bad`` (a boolean scalar or array).
 
@@ -265,20 +284,10 @@ def check_psd(name: str, cov: jax.Array, rtol: float | None = None):
         return cov
     if rtol is None:
         rtol = 1e-5 if cov.dtype == jnp.float32 else 1e-10
-    xp = host_namespace(cov)
-    if xp is np and np.dtype(cov.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
-        xp = jnp  # NumPy's linear algebra has no half-precision types
-    values = np.asarray(cov) if xp is np else cov
+    xp, values = linalg_arrays(cov)
     asym = xp.abs(values - xp.swapaxes(values, -1, -2))
     scale = xp.maximum(xp.max(xp.abs(values), axis=(-1, -2), keepdims=True), jnp.finfo(cov.dtype).tiny)
     not_symmetric = xp.any(asym > rtol * scale)
-    sym = 0.5 * (values + xp.swapaxes(values, -1, -2))
-    if xp is np:
-        try:
-            not_pd = not np.all(np.isfinite(np.linalg.cholesky(sym)))
-        except np.linalg.LinAlgError:
-            not_pd = True
-    else:
-        not_pd = jnp.any(~jnp.isfinite(jnp.linalg.cholesky(sym)))
+    not_pd = cholesky_fails(xp, 0.5 * (values + xp.swapaxes(values, -1, -2)))
     cov = check_values(cov, not_symmetric, f"`{name}` must be symmetric (relative tolerance {rtol:g}).")
     return check_values(cov, not_pd, f"`{name}` must be positive definite (its Cholesky factorisation failed).")

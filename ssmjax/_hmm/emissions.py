@@ -93,21 +93,6 @@ def _as_mask(name: str, mask, num_steps: int) -> Optional[jax.Array]:
     return mask
 
 
-def _host_values(emissions, mask):
-    """``(numpy, emissions, mask)`` when both are concrete and in host memory, else ``(jnp, ...)``.
-
-    Eager validation of a large batch then computes its flags with NumPy and
-    reduces them to one boolean, instead of compiling an XLA kernel per new shape
-    for each elementwise op (the dominant cost of an eager check).
-    """
-    return _checks.host_arrays(emissions, mask)
-
-
-def _any_bad(xp, bad):
-    """Reduce ``bad`` to a scalar with ``xp`` (NumPy: no compilation), for ``check_values``."""
-    return jnp.asarray(np.any(bad)) if xp is np else bad
-
-
 def _fill_padding(emissions: jax.Array, mask: Optional[jax.Array], fill) -> jax.Array:
     """Replace emissions at padded steps by ``fill`` (so garbage never reaches the maths)."""
     if mask is None:
@@ -397,12 +382,12 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
             raise ValueError(
                 f"`emissions` of a categorical model must hold integer symbols; got dtype {emissions.dtype}."
             )
-        xp, values, mask = _host_values(emissions, mask)
+        xp, values, mask = _checks.host_arrays(emissions, mask)
         bad = (values < 0) | (values >= self.num_classes)
         if mask is not None:
             bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
         return _checks.check_values(
-            emissions, _any_bad(xp, bad), f"`emissions` must be symbols in [0, {self.num_classes}) (num_classes)."
+            emissions, bad, f"`emissions` must be symbols in [0, {self.num_classes}) (num_classes)."
         )
 
     def log_prob(self, emission) -> Float[Array, " K"]:
@@ -580,14 +565,13 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
                 f"`emissions` of a Poisson model must be integer counts (integer or float dtype); "
                 f"got dtype {emissions.dtype}."
             )
-        xp, values, mask = _host_values(emissions, mask)
+        xp, values, mask = _checks.host_arrays(emissions, mask)
         if jnp.issubdtype(emissions.dtype, jnp.integer):
             bad = values < 0
         else:
             bad = (values < 0) | (values != xp.floor(values)) | ~xp.isfinite(values)
         if mask is not None:
             bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
-        bad = _any_bad(xp, bad)
         return _checks.check_values(
             emissions, bad, "`emissions` of a Poisson model must be non-negative integer counts."
         )
@@ -836,11 +820,11 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
         emissions = jnp.asarray(emissions)
         if not (jnp.issubdtype(emissions.dtype, jnp.floating) or jnp.issubdtype(emissions.dtype, jnp.integer)):
             raise ValueError(f"`emissions` of a Gaussian model must be real numbers; got dtype {emissions.dtype}.")
-        xp, values, mask = _host_values(emissions, mask)
+        xp, values, mask = _checks.host_arrays(emissions, mask)
         bad = xp.isnan(values)
         if mask is not None:
             bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
-        return _checks.check_values(emissions, _any_bad(xp, bad), "`emissions` contains NaN at unpadded steps.")
+        return _checks.check_values(emissions, bad, "`emissions` contains NaN at unpadded steps.")
 
     def log_prob(self, emission) -> Float[Array, " K"]:
         emission = jnp.asarray(emission)

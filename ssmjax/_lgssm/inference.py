@@ -28,10 +28,9 @@ from typing import Optional
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from .._checks import as_float_array, check_length, check_shape, check_values, host_arrays
+from .._checks import as_float_array, check_length, check_shape, check_values, cholesky_fails, host_arrays, linalg_arrays
 from .model import LGSSM, model_dims, validate_shapes
 from .small import GeneralOps, choose_ops, matmul_precision, psd_cholesky, symmetrize
 
@@ -129,9 +128,7 @@ def _check_cov(name: str, cov, valid, semidefinite: bool):
     if not value_checks_enabled():
         return cov
     # NumPy when everything is concrete and on the host: no XLA compilation per eager check
-    xp, values, valid = host_arrays(cov, valid)
-    if xp is np and values.dtype not in (np.float32, np.float64):
-        xp, values, valid = jnp, cov, None if valid is None else jnp.asarray(valid)
+    xp, values, valid = linalg_arrays(cov, valid)
     eye = xp.eye(cov.shape[-1], dtype=values.dtype)
     test = values
     if valid is not None and cov.ndim == 3:
@@ -147,13 +144,7 @@ def _check_cov(name: str, cov, valid, semidefinite: bool):
         bad_def = xp.any(eig < -(cov.shape[-1] * 10 * jnp.finfo(cov.dtype).eps) * scale[..., 0])
         what = "positive semi-definite (it has a negative eigenvalue)"
     else:
-        if xp is np:
-            try:
-                bad_def = not np.all(np.isfinite(np.linalg.cholesky(sym)))
-            except np.linalg.LinAlgError:
-                bad_def = True
-        else:
-            bad_def = jnp.any(~jnp.isfinite(jnp.linalg.cholesky(sym)))
+        bad_def = cholesky_fails(xp, sym)
         what = "positive definite (its Cholesky factorisation failed)"
     cov = check_values(cov, not_symmetric, f"`{name}` must be finite and symmetric (relative tolerance {rtol:g}).")
     return check_values(cov, bad_def, f"`{name}` must be {what}.")
