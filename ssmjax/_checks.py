@@ -196,7 +196,7 @@ def _is_traced(x: object) -> bool:
 
 
 def host_namespace(*arrays) -> ModuleType:
-    """``numpy`` when every array is concrete and in host memory, else ``jax.numpy``.
+    """``numpy`` when every array is concrete and in this process's host memory, else ``jax.numpy``.
 
     Eager checks then compute their flags with NumPy: each elementwise ``jnp`` op run
     eagerly compiles an XLA kernel per new shape (about 30-60 ms each on CPU), which
@@ -207,7 +207,7 @@ def host_namespace(*arrays) -> ModuleType:
             continue
         if _is_traced(x) or not isinstance(x, jax.Array):
             return jnp
-        if not all(d.platform == "cpu" for d in x.devices()):
+        if not (x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices())):
             return jnp
     return np
 
