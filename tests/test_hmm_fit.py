@@ -354,6 +354,40 @@ def test_categorical_emissions_must_be_integer_symbols():
         ssmjax.fit_em(model, np.zeros((2, 5)) + 0.5)
 
 
+@pytest.mark.parametrize("num_states", [3, 20])  # fused state products and matrix products
+def test_batch_smoother_stats_equal_per_sequence_smoothers(num_states):
+    """All sequences advanced together (state-major) == hmm_smoother per sequence, ragged, with
+    structural zeros and garbage in the padding."""
+    from ssmjax._hmm.inference import _batch_smoother_stats
+
+    rng = np.random.default_rng(11)
+    lengths = np.array([9, 1, 14, 5, 14])
+    num_seq, num_timesteps = len(lengths), int(lengths.max())
+    trans = rng.dirichlet(np.ones(num_states), size=num_states)
+    trans[0, 1] = 0.0
+    trans /= trans.sum(axis=1, keepdims=True)
+    pi = rng.dirichlet(np.ones(num_states))
+    pi[1] = 0.0
+    pi /= pi.sum()
+    lls = rng.normal(size=(num_seq, num_timesteps, num_states)) * 3.0
+    for b, n in enumerate(lengths):
+        lls[b, n:] = np.nan
+    pi, trans, lls = (jnp.asarray(x, jnp.float64) for x in (pi, trans, lls))
+    n = jnp.asarray(lengths, jnp.int32)
+    smoothed, expected, loglik = jax.jit(_batch_smoother_stats)(pi, trans, lls, n)
+    assert smoothed.shape == (num_timesteps, num_seq, num_states)
+    want_expected = np.zeros((num_states, num_states))
+    want_loglik = 0.0
+    for b, length in enumerate(lengths):
+        post = ssmjax.hmm_smoother(pi, trans, lls[b], length=int(length))
+        assert_allclose(smoothed[:length, b], post.smoothed_probs[:length], dtype=np.float64)
+        np.testing.assert_array_equal(np.asarray(smoothed[length:, b]), 0.0)
+        want_expected += np.asarray(post.expected_transitions)
+        want_loglik += float(post.marginal_loglik)
+    assert_allclose(expected, want_expected, dtype=np.float64)
+    assert_allclose(loglik, want_loglik, dtype=np.float64)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("underflow", [False, True])
 def test_batched_e_step_equals_sum_of_per_sequence_e_steps(dtype, underflow):

@@ -64,11 +64,22 @@ def _batch_e_step(model, emissions, lengths, inputs):
 
 class _Carry(eqx.Module):
     it: jax.Array
-    params: Any
-    prev_params: Any
+    params: Any  # the model the next E-step evaluates
+    prev_params: Any  # the model the last E-step evaluated
+    before_prev: Any  # the one before: the last good model when that E-step was bad
     prev_ll: jax.Array
     lls: jax.Array
     status: jax.Array
+
+
+def _is_bad(status):
+    return (status == _DECREASED) | (status == _NOT_FINITE)
+
+
+def _last_good(params, before_prev, status):
+    """The model to return: ``before_prev`` if the loop stopped on a bad E-step (traced)."""
+    bad = _is_bad(status)
+    return jax.tree.map(lambda b, p: jnp.where(bad, b, p), before_prev, params)
 
 
 def _em_loop(model, emissions, lengths, inputs, tol, max_iters: int, frozen: frozenset, progress: bool):
@@ -89,23 +100,21 @@ def _em_loop(model, emissions, lengths, inputs, tol, max_iters: int, frozen: fro
         decreased = (~first) & (ll < c.prev_ll - rtol_down * jnp.abs(c.prev_ll))
         improvement = jnp.abs(ll - c.prev_ll)
         converged = (~first) & (improvement <= tol * jnp.abs(c.prev_ll))
-        bad = not_finite | decreased
         new_params, _ = eqx.partition(current._m_step(stats, frozen), eqx.is_array)
-        # On a bad step go back to the last good model; otherwise take the M-step.
-        next_params = jax.tree.map(
-            lambda good, new: jnp.where(bad, good, new), c.prev_params, new_params
-        )
         status = jnp.where(
             not_finite,
             _NOT_FINITE,
             jnp.where(decreased, _DECREASED, jnp.where(converged, _CONVERGED, _RUNNING)),
         )
         status = jnp.where((status == _RUNNING) & (c.it + 1 >= max_iters), _MAX_ITERS, status)
+        # No select between models in the loop: a bad E-step stops it, and the last good
+        # model (the one evaluated before) is picked afterwards (see _last_good).
         return _Carry(
             it=c.it + 1,
-            params=next_params,
-            prev_params=jax.tree.map(lambda good, cur: jnp.where(bad, good, cur), c.prev_params, c.params),
-            prev_ll=jnp.where(bad, c.prev_ll, ll),
+            params=new_params,
+            prev_params=c.params,
+            before_prev=c.prev_params,
+            prev_ll=ll,
             lls=c.lls.at[c.it].set(ll),
             status=status.astype(jnp.int32),
         )
@@ -114,12 +123,13 @@ def _em_loop(model, emissions, lengths, inputs, tol, max_iters: int, frozen: fro
         it=jnp.asarray(0, jnp.int32),
         params=params,
         prev_params=params,
+        before_prev=params,
         prev_ll=jnp.asarray(-jnp.inf, ll_dtype),
         lls=jnp.full((max_iters,), jnp.nan, ll_dtype),
         status=jnp.asarray(_RUNNING, jnp.int32),
     )
     final = jax.lax.while_loop(cond, body, init)
-    return final.params, final.lls, final.it, final.status
+    return final.params, final.before_prev, final.lls, final.it, final.status
 
 
 def _em_single(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, observed):
@@ -138,7 +148,8 @@ def _em_restarts(models, emissions, lengths, inputs, tol, max_iters, frozen, pro
 
     def one(p):
         m = eqx.combine(p, static)
-        fitted_params, lls, it, status = _em_loop(m, emissions, lengths, inputs, tol, max_iters, frozen, progress)
+        last, before_prev, lls, it, status = _em_loop(m, emissions, lengths, inputs, tol, max_iters, frozen, progress)
+        fitted_params = _last_good(last, before_prev, status)
         fitted = eqx.combine(fitted_params, static)
         _, final_ll = _batch_e_step(fitted, emissions, lengths, inputs)
         return fitted_params, lls, it, status, final_ll
@@ -241,13 +252,15 @@ def fit_em(
     )
     tol_arr = jnp.asarray(tol, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
     with _progress.progress_bar(progress, max_iters, "EM", "loglik"):
-        params, lls, it, status = _em_compiled(
+        last, before_prev, lls, it, status = _em_compiled(
             model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, observed
         )
-    _, static = eqx.partition(model, eqx.is_array)
-    fitted = eqx.combine(params, static)
     num_iters = int(it)
     status_name = STATUS_NAMES.get(int(status), "max_iters")
+    # chosen here, not in the compiled loop (fewer kernels to compile)
+    params = before_prev if status_name in ("decreased", "not_finite") else last
+    _, static = eqx.partition(model, eqx.is_array)
+    fitted = eqx.combine(params, static)
     if status_name in ("decreased", "not_finite"):
         warnings.warn(
             f"fit_em stopped at iteration {num_iters}: the log-likelihood "

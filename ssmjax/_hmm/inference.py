@@ -740,6 +740,101 @@ def _two_slice(
     return filtered[:-1, :, None] * v_next[:, None, :] * transition_matrix
 
 
+def _state_major_product(matrix, x):
+    r"""``matrix.T @ x`` for state-major ``x`` (K, B): ``out[j, b] = sum_i matrix[i, j] x[i, b]``.
+
+    For a few states a fused multiply-sum over the leading axis (the batch stays the
+    vectorised minor axis, no call into a matmul kernel), else a matrix product.
+    """
+    if x.shape[0] <= _FUSED_MATVEC_MAX_STATES:
+        return jnp.sum(matrix[:, :, None] * x[:, None, :], axis=0)
+    return matrix.T @ x
+
+
+def _batch_smoother_stats(
+    initial_probs: Float[Array, " K"],
+    transition_matrix: Float[Array, "K K"],
+    log_likelihoods: Float[Array, "B T K"],
+    lengths: Int[Array, " B"],
+):
+    r"""Forward-backward for a padded batch of sequences at once (the E-step of EM).
+
+    Returns ``(smoothed, expected_transitions, loglik)``: smoothed probabilities
+    ``(T, B, K)`` (time-major, zero at padded steps), the two-slice marginals summed
+    over pairs and sequences ``(K, K)``, and :math:`\sum_b \log p(y^{(b)})`. Equal to
+    summing :func:`hmm_smoother` over the batch (``tests/test_hmm_fit.py`` checks it).
+
+    The recursions advance all ``B`` sequences per loop step in state-major ``(K, B)``
+    blocks, so the batch is the vectorised axis of every kernel: on CPU at K = 5,
+    B = 100 the forward scan is about 7x faster than a per-sequence ``lax.map`` (the
+    loop's per-step overhead is paid once per step, not once per sequence and step).
+    The fast pass is that of :func:`hmm_smoother` (each step shifted by its largest
+    log-likelihood); if any normaliser of any sequence underflows, the forward pass of
+    the whole batch is redone in log space (exact whatever the magnitudes). Not
+    differentiated (EM needs no gradient); stationary ``transition_matrix`` only.
+    """
+    num_seq, num_timesteps, num_states = log_likelihoods.shape
+    dtype = log_likelihoods.dtype
+    ll = jnp.transpose(log_likelihoods, (1, 2, 0))  # (T, K, B)
+    valid = jnp.arange(num_timesteps)[:, None] < lengths[None, :]  # (T, B)
+    masked = jnp.where(valid[:, None, :], ll, 0.0)
+    peaks = functools.reduce(jnp.maximum, [masked[:, k] for k in range(num_states)])
+    peaks = jnp.where(jnp.isfinite(peaks), peaks, 0.0)  # (T, B)
+    emissions = jnp.exp(masked - peaks[:, None, :])  # in [0, 1]; 1 at padded steps
+    augmented = jnp.concatenate([transition_matrix, jnp.ones((num_states, 1), dtype)], axis=1)
+    start = jnp.broadcast_to(initial_probs[:, None], (num_states, num_seq))
+
+    def _step(pred, e):
+        w = pred * e
+        moved = _state_major_product(augmented, w)  # (K + 1, B): w A and sum(w)
+        c = moved[num_states:]
+        return moved[:num_states] / c, (w / c, c[0])
+
+    _, (raw, cs) = lax.scan(_step, start, emissions)
+    # padded steps have c = sum(pred) = 1; c = 0 or NaN also fails the test
+    underflow = jnp.logical_not(jnp.all(cs >= math.exp(_underflow_threshold(dtype))))
+
+    def _fast():
+        return raw, peaks, jnp.log(cs), emissions / cs[:, None, :]
+
+    def _robust():
+        # The forward pass in log space: exact whatever the magnitudes (an underflow needs
+        # log-likelihoods hundreds of nats apart) and a short loop body, so it adds
+        # little to the compiled program although it is rarely run.
+        def _log_step(log_pred, rel_t):
+            a = log_pred + rel_t  # (K, B)
+            top = functools.reduce(jnp.maximum, [a[k] for k in range(num_states)])
+            top = jnp.where(top > -jnp.inf, top, 0.0)
+            w = jnp.exp(a - top)
+            c = jnp.sum(w, axis=0)  # 0 only for an impossible step (log-likelihood -inf)
+            filtered = w / jnp.where(c > 0, c, 1.0)
+            pred = _state_major_product(transition_matrix, filtered)
+            return jnp.log(pred), (filtered, top + jnp.log(c))
+
+        # relative to the step's peak, as in the fast pass: (ll - peak) - log_c keeps the
+        # weights exact when |ll| is large (float32 spacing is 0.06 at 1e6)
+        _, (filtered, log_cs) = lax.scan(_log_step, jnp.log(start), masked - peaks[:, None, :])
+        return filtered, peaks, log_cs, _emission_weights(masked, peaks[:, None, :], log_cs[:, None, :])
+
+    raw, peaks, log_cs, weights = lax.cond(underflow, _robust, _fast)
+
+    def _back(beta, x):
+        w, is_valid, f = x
+        v = w * beta
+        # beta = 1 from step length - 1 on; padded rows contribute nothing
+        beta_prev = jnp.where(is_valid, _state_major_product(transition_matrix.T, v), 1.0)
+        return beta_prev, (jnp.where(is_valid, f * beta, 0.0), jnp.where(is_valid, v, 0.0))
+
+    ones = jnp.ones((num_states, num_seq), dtype)
+    _, (smoothed, v) = lax.scan(_back, ones, (weights, valid[:, None, :], raw), reverse=True)
+    # sum_{t, b} outer(filtered[t, b], v[t + 1, b]) as one product over the (T - 1) * B pairs
+    filtered_rows = jnp.swapaxes(raw[:-1], 1, 2).reshape(-1, num_states)
+    v_rows = jnp.swapaxes(v[1:], 1, 2).reshape(-1, num_states)
+    expected = transition_matrix * (filtered_rows.T @ v_rows)
+    loglik = _pairwise_sum(jnp.where(valid, peaks + log_cs, 0.0).reshape(-1))
+    return jnp.swapaxes(smoothed, 1, 2), expected, loglik
+
+
 @jax.jit
 def _viterbi(
     initial_probs: Float[Array, " K"],

@@ -32,7 +32,7 @@ from .emissions import (
     PoissonEmissions,
     softmax_rows,
 )
-from .inference import hmm_filter, hmm_sample_posterior, hmm_smoother, hmm_viterbi
+from .inference import _batch_smoother_stats, hmm_filter, hmm_sample_posterior, hmm_smoother, hmm_viterbi
 
 # public parameter name -> stored field, for the built-in emission families
 _EMISSION_FIELDS = {
@@ -353,42 +353,32 @@ class HMM(AbstractFittableModel):
 
         Equal to summing :meth:`_e_step` over the batch, organised for speed:
         emission log-likelihoods and emission statistics are computed for all
-        ``B * T`` steps at once (batched products), while forward-backward runs
-        sequence by sequence (``lax.map``). Vectorising the smoother over the batch
-        instead turns its underflow fallback (a ``lax.cond``) into a ``select`` that
-        evaluates both forward passes; the sequential map keeps one pass and
-        compiles a graph several times smaller, at equal run time on CPU. On an
-        accelerator the batch is vectorised (``vmap``) instead.
+        ``B * T`` steps at once (batched products), and forward-backward advances
+        all sequences together (:func:`~ssmjax._hmm.inference._batch_smoother_stats`,
+        state-major blocks with the batch as the vectorised axis), on every backend.
         """
-        num_seq, num_timesteps = emissions.shape[:2]
         lls = jax.vmap(lambda y, n: self.emissions.log_likelihoods(y, length=n))(emissions, lengths)
-        initial_probs, transition_matrix = self.initial_probs, self.transition_matrix
-
-        def _smooth(args):
-            ll, length = args
-            post = hmm_smoother(initial_probs, transition_matrix, ll, length=length)
-            return post.smoothed_probs, post.expected_transitions, post.marginal_loglik
-
-        if jax.default_backend() == "cpu":
-            smoothed, transitions, logliks = jax.lax.map(_smooth, (lls, lengths))
-        else:  # accelerators: one wide program over the batch (a per-sequence loop would serialise it)
-            smoothed, transitions, logliks = jax.vmap(_smooth)((lls, lengths))
+        smoothed, transitions, loglik = _batch_smoother_stats(
+            self.initial_probs, self.transition_matrix, lls, lengths
+        )  # smoothed: (T, B, K), zero at padded steps
         if isinstance(self.emissions, AbstractExponentialFamilyEmissions):
-            mask = jnp.arange(num_timesteps)[None, :] < lengths[:, None]
-            flat_shape = (num_seq * num_timesteps,)
+            num_timesteps, num_seq = smoothed.shape[:2]
+            valid = jnp.arange(num_timesteps)[:, None] < lengths[None, :]
+            flat_shape = (num_timesteps * num_seq,)
+            time_major = jnp.swapaxes(emissions, 0, 1)
             emission_stats = self.emissions.suff_stats(
-                emissions.reshape(flat_shape + emissions.shape[2:]),
+                time_major.reshape(flat_shape + emissions.shape[2:]),
                 smoothed.reshape(flat_shape + smoothed.shape[2:]),
-                mask.reshape(flat_shape),
+                valid.reshape(flat_shape),
             )
         else:
             emission_stats = None
         stats = {
-            "initial": jnp.sum(smoothed[:, 0], axis=0),
-            "transitions": jnp.sum(transitions, axis=0),
+            "initial": jnp.sum(smoothed[0], axis=0),
+            "transitions": transitions,
             "emissions": emission_stats,
         }
-        return stats, jnp.sum(logliks)
+        return stats, loglik
 
     def _m_step(self, stats, frozen):
         initial = self.initial_log_probs
