@@ -257,11 +257,11 @@ def fit_em(
         )
     num_iters = int(it)
     status_name = STATUS_NAMES.get(int(status), "max_iters")
-    # chosen here, not in the compiled loop (fewer kernels to compile)
-    params = before_prev if status_name in ("decreased", "not_finite") else last
+    bad = bool(_is_bad(int(status)))
+    # the last good model is chosen here, not in the compiled loop (fewer kernels to compile)
     _, static = eqx.partition(model, eqx.is_array)
-    fitted = eqx.combine(params, static)
-    if status_name in ("decreased", "not_finite"):
+    fitted = eqx.combine(before_prev if bad else last, static)
+    if bad:
         warnings.warn(
             f"fit_em stopped at iteration {num_iters}: the log-likelihood "
             f"{'was not finite' if status_name == 'not_finite' else 'decreased by more than round-off'}; "
