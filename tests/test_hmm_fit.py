@@ -374,7 +374,8 @@ def test_batch_smoother_stats_equal_per_sequence_smoothers(num_states):
         lls[b, n:] = np.nan
     pi, trans, lls = (jnp.asarray(x, jnp.float64) for x in (pi, trans, lls))
     n = jnp.asarray(lengths, jnp.int32)
-    smoothed, expected, loglik = jax.jit(_batch_smoother_stats)(pi, trans, lls, n)
+    valid = jnp.arange(num_timesteps)[:, None] < n[None, :]
+    smoothed, expected, loglik = jax.jit(_batch_smoother_stats)(pi, trans, jnp.transpose(lls, (1, 2, 0)), valid)
     assert smoothed.shape == (num_timesteps, num_seq, num_states)
     want_expected = np.zeros((num_states, num_states))
     want_loglik = 0.0
@@ -409,7 +410,7 @@ def test_batched_e_step_equals_sum_of_per_sequence_e_steps(dtype, underflow):
     y, n = jnp.asarray(y, dtype), jnp.asarray(lengths, jnp.int32)
 
     def batched(m, y, n):
-        return m._batched_e_step(y, n, None)
+        return m._batched_e_step(m._prepare_batch(y, n, None))
 
     stats, ll = jax.jit(batched)(model, y, n)
     e_step = jax.jit(lambda m, y, n: m._e_step(y, n, None))

@@ -53,10 +53,17 @@ def _decrease_rtol(dtype) -> float:
     return 1e-5 if jnp.dtype(dtype) == jnp.float32 else 1e-10
 
 
-def _batch_e_step(model, emissions, lengths, inputs):
-    batched = getattr(model, "_batched_e_step", None)
-    if batched is not None:  # optional hook, see protocol.py
-        return batched(emissions, lengths, inputs)
+def _prepare_batch(model, emissions, lengths, inputs):
+    """The E-step's view of the batch, computed once outside the loop (see protocol.py)."""
+    if hasattr(model, "_batched_e_step"):
+        return model._prepare_batch(emissions, lengths, inputs)
+    return emissions, lengths, inputs
+
+
+def _batch_e_step(model, batch):
+    if hasattr(model, "_batched_e_step"):  # optional hooks, see protocol.py
+        return model._batched_e_step(batch)
+    emissions, lengths, inputs = batch
     stats, lls = jax.vmap(lambda y, n, u: model._e_step(y, n, u))(emissions, lengths, inputs)
     stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
     return stats, jnp.sum(lls)
@@ -90,9 +97,11 @@ def _em_loop(model, emissions, lengths, inputs, tol, max_iters: int, frozen: fro
     def cond(c: _Carry):
         return (c.status == _RUNNING) & (c.it < max_iters)
 
+    batch = _prepare_batch(model, emissions, lengths, inputs)
+
     def body(c: _Carry):
         current = eqx.combine(c.params, static)
-        stats, ll = _batch_e_step(current, emissions, lengths, inputs)
+        stats, ll = _batch_e_step(current, batch)
         ll = ll.astype(ll_dtype)
         _progress.report(progress, c.it, ll)
         first = c.it == 0
@@ -151,7 +160,7 @@ def _em_restarts(models, emissions, lengths, inputs, tol, max_iters, frozen, pro
         last, before_prev, lls, it, status = _em_loop(m, emissions, lengths, inputs, tol, max_iters, frozen, progress)
         fitted_params = _last_good(last, before_prev, status)
         fitted = eqx.combine(fitted_params, static)
-        _, final_ll = _batch_e_step(fitted, emissions, lengths, inputs)
+        _, final_ll = _batch_e_step(fitted, _prepare_batch(fitted, emissions, lengths, inputs))
         return fitted_params, lls, it, status, final_ll
 
     with value_checks(False), tracing_observed_batch(observed):  # see _em_single

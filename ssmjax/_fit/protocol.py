@@ -8,12 +8,14 @@ sequence and consumed by ``_m_step`` once per iteration. Gradient fitting only
 ever sees the *unconstrained view*: a dict from parameter name to a pytree of
 arrays in which every value is a valid model, so optax needs no bijectors.
 
-A model may also define ``_batched_e_step(emissions, lengths, inputs)``, taking
-the padded batch ``(B, T, ...)`` and returning the *summed* statistics and the
-summed log-likelihood; :func:`ssmjax.fit_em` then calls it instead of
-``jax.vmap`` of ``_e_step`` (the HMM does, to batch its emission maths across
-sequences while running forward-backward sequence by sequence). It must equal
-the sum of ``_e_step`` over the batch.
+A model may also define the pair ``_prepare_batch(emissions, lengths, inputs)``
+and ``_batched_e_step(batch)``. The first maps the padded batch ``(B, T, ...)``
+to any pytree (layouts the E-step wants, e.g. time-major), once per fit, outside
+the compiled loop; the second takes that pytree and returns the *summed*
+statistics and the summed log-likelihood. :func:`ssmjax.fit_em` then calls them
+instead of ``jax.vmap`` of ``_e_step`` (the HMM does, to run emission maths and
+forward-backward for all sequences at once). The result must equal the sum of
+``_e_step`` over the batch.
 
 While :func:`ssmjax.fit_em` traces its loop, :func:`observed_batch` tells an
 E-step whether every entry of the batch's emissions at real (unpadded) steps is

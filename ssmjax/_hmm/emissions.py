@@ -219,6 +219,25 @@ class AbstractEmissions(eqx.Module):
             lls = jnp.where(mask[:, None], lls, 0.0)
         return lls
 
+    def _time_major_log_likelihoods(
+        self, emissions, valid: Bool[Array, "T B"]
+    ) -> Float[Array, "T K B"]:
+        """State-major log-likelihoods of a time-major padded batch (the EM E-step's layout).
+
+        ``emissions`` is ``(T, B, *emission_shape)``, already checked; ``out[t, k, b] =
+        log p(emissions[t, b] | z = k)`` at real steps and ``0`` at padded ones (whose
+        emissions may hold anything). Families may override it with a faster formula
+        (:class:`GaussianEmissions` does); it must equal this default.
+        """
+        num_steps, num_seq = valid.shape
+        shape = emissions.shape[2:]
+        # padded steps evaluate step 0 of their sequence (always real) instead
+        safe = jnp.where(valid.reshape(valid.shape + (1,) * len(shape)), emissions, emissions[:1])
+        with _checks.value_checks(False):
+            lls = jax.vmap(self.log_prob)(safe.reshape((num_steps * num_seq,) + shape))
+        lls = jnp.swapaxes(lls.reshape(num_steps, num_seq, -1), 1, 2)
+        return jnp.where(valid[:, None, :], lls, 0.0)
+
     @property
     def has_closed_form_m_step(self) -> bool:
         """Whether :meth:`m_step` is available (the family has summable sufficient statistics)."""
@@ -686,6 +705,12 @@ class GaussianStats(NamedTuple):
     weighted_outer: Array
 
 
+# Largest D for which the full-covariance log-likelihoods of a batch are forward
+# substitution unrolled over D: D (D + 1) / 2 multiply-adds per step and state in one
+# fused elementwise kernel, no library call. Above it, the generic per-step path.
+_UNROLLED_SOLVE_MAX_DIM = 8
+
+
 def _gaussian_full_log_prob(
     means: Float[Array, "K D"], chol_covs: Float[Array, "K D D"], emission: Float[Array, " D"]
 ) -> Float[Array, " K"]:
@@ -833,6 +858,39 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
         if self.chol_covs is not None:
             return _gaussian_full_log_prob(self.means, self.chol_covs, emission)
         return _gaussian_diag_log_prob(self.means, self.log_variances, emission)
+
+    def _time_major_log_likelihoods(self, emissions, valid):
+        # Elementwise arithmetic over the (T, K, B) output, one fused kernel with the batch
+        # as the vectorised axis, instead of a batched product over a (K, D, T * B)
+        # residual (4x faster at K = 5, D = 3, B = 100, T = 1000; see the class's base).
+        dim = self.emission_dim
+        if self.chol_covs is not None and dim > _UNROLLED_SOLVE_MAX_DIM:
+            return super()._time_major_log_likelihoods(emissions, valid)
+        y = jnp.moveaxis(emissions, 2, 1).astype(self.means.dtype)  # (T, D, B)
+        y = jnp.where(valid[:, None, :], y, 0.0)
+        means = self.means[None, :, :, None]  # (1, K, D, 1)
+        const = 0.5 * dim * math.log(2 * math.pi)
+        if self.chol_covs is None:
+            inv_var = jnp.exp(-self.log_variances)[None, :, :, None]
+            diff = y[:, None, :, :] - means  # (T, K, D, B), fused, never stored
+            quad = jnp.sum(diff * diff * inv_var, axis=2)
+            log_det = 0.5 * jnp.sum(self.log_variances, axis=-1)
+        else:
+            # z = L_k^{-1} (y - mu_k) by forward substitution, unrolled over the small D:
+            # no factor inverse, no library call, only multiply-adds on (T, K, B) values
+            chol = jnp.tril(self.chol_covs)
+            diag = jnp.sum(chol * jnp.eye(dim, dtype=chol.dtype), axis=-1)  # (K, D), no gather
+            inv_diag = 1.0 / diag
+            log_det = jnp.sum(jnp.log(jnp.abs(diag)), axis=-1)
+            zs, quad = [], 0.0
+            for d in range(dim):
+                r = y[:, None, d, :] - means[:, :, d]  # (T, K, B)
+                for e in range(d):
+                    r = r - chol[None, :, d, e, None] * zs[e]
+                zs.append(r * inv_diag[None, :, d, None])
+                quad = quad + zs[d] * zs[d]
+        out = -0.5 * quad - log_det[None, :, None] - const
+        return jnp.where(valid[:, None, :], out, 0.0)
 
     def sample(self, key: PRNGKeyArray, state) -> Float[Array, " D"]:
         eps = jax.random.normal(key, (self.emission_dim,), self.means.dtype)

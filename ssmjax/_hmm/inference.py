@@ -73,7 +73,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
-from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from .. import _checks
 
@@ -754,10 +754,12 @@ def _state_major_product(matrix, x):
 def _batch_smoother_stats(
     initial_probs: Float[Array, " K"],
     transition_matrix: Float[Array, "K K"],
-    log_likelihoods: Float[Array, "B T K"],
-    lengths: Int[Array, " B"],
+    log_likelihoods: Float[Array, "T K B"],
+    valid: Bool[Array, "T B"],
 ):
     r"""Forward-backward for a padded batch of sequences at once (the E-step of EM).
+
+    ``log_likelihoods`` are state-major, ``[t, k, b]``; ``valid[t, b]`` marks real steps.
 
     Returns ``(smoothed, expected_transitions, loglik)``: smoothed probabilities
     ``(T, B, K)`` (time-major, zero at padded steps), the two-slice marginals summed
@@ -773,11 +775,9 @@ def _batch_smoother_stats(
     the whole batch is redone in log space (exact whatever the magnitudes). Not
     differentiated (EM needs no gradient); stationary ``transition_matrix`` only.
     """
-    num_seq, num_timesteps, num_states = log_likelihoods.shape
+    num_timesteps, num_states, num_seq = log_likelihoods.shape
     dtype = log_likelihoods.dtype
-    ll = jnp.transpose(log_likelihoods, (1, 2, 0))  # (T, K, B)
-    valid = jnp.arange(num_timesteps)[:, None] < lengths[None, :]  # (T, B)
-    masked = jnp.where(valid[:, None, :], ll, 0.0)
+    masked = jnp.where(valid[:, None, :], log_likelihoods, 0.0)
     peaks = functools.reduce(jnp.maximum, [masked[:, k] for k in range(num_states)])
     peaks = jnp.where(jnp.isfinite(peaks), peaks, 0.0)  # (T, B)
     emissions = jnp.exp(masked - peaks[:, None, :])  # in [0, 1]; 1 at padded steps

@@ -348,26 +348,31 @@ class HMM(AbstractFittableModel):
         }
         return stats, post.marginal_loglik
 
-    def _batched_e_step(self, emissions, lengths, inputs):
+    def _prepare_batch(self, emissions, lengths, inputs):
+        """The loop-invariant layouts of a padded batch, computed once per fit (see protocol.py)."""
+        valid = jnp.arange(emissions.shape[1])[:, None] < lengths[None, :]  # (T, B)
+        return jnp.swapaxes(emissions, 0, 1), valid
+
+    def _batched_e_step(self, batch):
         """Summed statistics and log-likelihood of a padded batch (the hook fit_em uses).
 
-        Equal to summing :meth:`_e_step` over the batch, organised for speed:
-        emission log-likelihoods and emission statistics are computed for all
-        ``B * T`` steps at once (batched products), and forward-backward advances
-        all sequences together (:func:`~ssmjax._hmm.inference._batch_smoother_stats`,
-        state-major blocks with the batch as the vectorised axis), on every backend.
+        ``batch`` is :meth:`_prepare_batch`'s ``(time-major emissions (T, B, ...), valid (T, B))``.
+        Equal to summing :meth:`_e_step` over the batch, organised for speed: emission
+        log-likelihoods come state-major ``(T, K, B)`` for all steps at once
+        (``_time_major_log_likelihoods``), forward-backward advances all sequences together
+        (:func:`~ssmjax._hmm.inference._batch_smoother_stats`, the batch as the vectorised
+        axis), and emission statistics are pooled over the ``T * B`` steps.
         """
-        lls = jax.vmap(lambda y, n: self.emissions.log_likelihoods(y, length=n))(emissions, lengths)
+        time_major, valid = batch
+        lls = self.emissions._time_major_log_likelihoods(time_major, valid)
         smoothed, transitions, loglik = _batch_smoother_stats(
-            self.initial_probs, self.transition_matrix, lls, lengths
+            self.initial_probs, self.transition_matrix, lls, valid
         )  # smoothed: (T, B, K), zero at padded steps
         if isinstance(self.emissions, AbstractExponentialFamilyEmissions):
-            num_timesteps, num_seq = smoothed.shape[:2]
-            valid = jnp.arange(num_timesteps)[:, None] < lengths[None, :]
+            num_timesteps, num_seq = valid.shape
             flat_shape = (num_timesteps * num_seq,)
-            time_major = jnp.swapaxes(emissions, 0, 1)
             emission_stats = self.emissions.suff_stats(
-                time_major.reshape(flat_shape + emissions.shape[2:]),
+                time_major.reshape(flat_shape + time_major.shape[2:]),
                 smoothed.reshape(flat_shape + smoothed.shape[2:]),
                 valid.reshape(flat_shape),
             )
