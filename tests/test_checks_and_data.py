@@ -119,6 +119,26 @@ def test_gaussian_from_data_compiles_once_per_shape():
     np.testing.assert_array_equal(first.emissions.covs, again.emissions.covs)
 
 
+def test_to_device_copies_host_data_and_compiles_nothing():
+    x = np.arange(6.0).reshape(2, 3)
+    with _CompileCounter() as counter:
+        y = _checks.to_device(x)
+        n = _checks.to_device(np.int64(4))
+    assert counter.count == 0  # jnp.asarray compiles a staging program per new host shape
+    assert y.dtype == jnp.result_type(float) and n.dtype == jnp.result_type(int)
+    x[0, 0] = 99.0  # the caller's array changes afterwards; the device array must not
+    np.testing.assert_array_equal(np.asarray(y), np.arange(6.0).reshape(2, 3))
+
+
+def test_first_fit_em_call_compiles_only_its_loop():
+    ys = np.random.default_rng(2).normal(size=(3, 43, 2))  # shapes no other test uses
+    model = ssmjax.HMM.from_data(jax.random.key(0), ys, 3, "gaussian")
+    with _CompileCounter() as counter:
+        fitted, lls = ssmjax.fit_em(model, ys, max_iters=3)
+        np.asarray(lls), np.asarray(fitted.emissions.means)
+    assert counter.count == 1
+
+
 def test_check_length_static_and_traced():
     with pytest.raises(ValueError, match=r"`length` must lie in \[1, 5\]"):
         _checks.check_length(6, 5)

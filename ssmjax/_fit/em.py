@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._checks import value_checks
+from .._checks import to_device, value_checks
 from . import progress as _progress
 from .compiler import fast_compile_jit
 from .protocol import AbstractFittableModel, check_frozen, tracing_observed_batch
@@ -259,7 +259,7 @@ def fit_em(
     emissions, lengths, inputs, max_iters, frozen, observed = _prepare(
         model, emissions, lengths, inputs, max_iters, tol, frozen
     )
-    tol_arr = jnp.asarray(tol, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    tol_arr = np.asarray(tol, dtype=np.float64 if jax.config.jax_enable_x64 else np.float32)
     with _progress.progress_bar(progress, max_iters, "EM", "loglik"):
         last, before_prev, lls, it, status = _em_compiled(
             model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, observed
@@ -278,7 +278,7 @@ def fit_em(
             RuntimeWarning,
             stacklevel=2,
         )
-    lls = jnp.asarray(np.asarray(lls)[:num_iters])  # sliced on the host: no eager kernel to compile
+    lls = to_device(np.asarray(lls)[:num_iters])  # sliced on the host: no eager kernel to compile
     if return_info:
         return fitted, lls, EMInfo(num_iters, status_name, status_name == "converged")
     return fitted, lls
@@ -330,7 +330,7 @@ def fit_em_restarts(
     emissions, lengths, inputs, max_iters, frozen, observed = _prepare(
         first, emissions, lengths, inputs, max_iters, tol, frozen
     )
-    tol_arr = jnp.asarray(tol, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    tol_arr = np.asarray(tol, dtype=np.float64 if jax.config.jax_enable_x64 else np.float32)
     with _progress.progress_bar(progress, max_iters, f"EM x{num_restarts}", "best loglik"):
         params, lls, _, _, final_lls = _em_restarts_compiled(
             models, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, observed

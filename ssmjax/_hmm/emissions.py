@@ -202,7 +202,7 @@ class AbstractEmissions(eqx.Module):
             >>> model.log_likelihoods(jnp.array([[0], [3], [7]])).shape
             (3, 2)
         """
-        emissions = jnp.asarray(emissions)
+        emissions = _checks.to_device(emissions)
         shape = tuple(self.emission_shape)
         _checks.check_shape("emissions", emissions, ("T",) + shape, "one emission per time step")
         num_steps = emissions.shape[0]
@@ -396,7 +396,7 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         return softmax_rows(self.logits)
 
     def check_emissions(self, emissions, mask=None) -> Array:
-        emissions = jnp.asarray(emissions)
+        emissions = _checks.to_device(emissions)
         if not jnp.issubdtype(emissions.dtype, jnp.integer):
             raise ValueError(
                 f"`emissions` of a categorical model must hold integer symbols; got dtype {emissions.dtype}."
@@ -410,7 +410,7 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         )
 
     def log_prob(self, emission) -> Float[Array, " K"]:
-        emission = jnp.asarray(emission)
+        emission = _checks.to_device(emission)
         _checks.check_shape("emission", emission, (), "one integer symbol")
         emission = self.check_emissions(emission)
         return _categorical_log_prob(self.logits, emission)
@@ -419,7 +419,7 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         return jax.random.categorical(key, self.logits[state])
 
     def suff_stats(self, emissions, weights, mask=None) -> CategoricalStats:
-        emissions = jnp.asarray(emissions)
+        emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N",), "pooled integer symbols")
         n = emissions.shape[0]
         mask = _as_mask("mask", mask, n)
@@ -474,7 +474,7 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.CategoricalEmissions.from_data(jax.random.key(0), ys, 2, 3).probs.shape
             (2, 3)
         """
-        emissions = jnp.asarray(emissions)
+        emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N",), "pooled integer symbols")
         probe = cls(logits=jnp.zeros((num_states, num_classes)))
         emissions = probe.check_emissions(emissions)
@@ -578,7 +578,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         return jnp.exp(self.log_rates)
 
     def check_emissions(self, emissions, mask=None) -> Array:
-        emissions = jnp.asarray(emissions)
+        emissions = _checks.to_device(emissions)
         if not (jnp.issubdtype(emissions.dtype, jnp.integer) or jnp.issubdtype(emissions.dtype, jnp.floating)):
             raise ValueError(
                 f"`emissions` of a Poisson model must be integer counts (integer or float dtype); "
@@ -599,7 +599,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         return emissions.astype(self.log_rates.dtype)
 
     def log_prob(self, emission) -> Float[Array, " K"]:
-        emission = jnp.asarray(emission)
+        emission = _checks.to_device(emission)
         _checks.check_shape("emission", emission, (self.emission_dim,), "one vector of counts")
         emission = self.check_emissions(emission[None])[0]
         return _poisson_log_prob(self.log_rates, self._float(emission))
@@ -608,7 +608,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         return jax.random.poisson(key, self.rates[state]).astype(jnp.int32)
 
     def suff_stats(self, emissions, weights, mask=None) -> PoissonStats:
-        emissions = jnp.asarray(emissions)
+        emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", self.emission_dim), "pooled count vectors")
         n = emissions.shape[0]
         mask = _as_mask("mask", mask, n)
@@ -660,7 +660,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.PoissonEmissions.from_data(ys, 2).rates.shape
             (2, 1)
         """
-        emissions = jnp.asarray(emissions)
+        emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", "D"), "pooled count vectors")
         probe = cls(log_rates=jnp.zeros((num_states, emissions.shape[1])))
         emissions = probe._float(probe.check_emissions(emissions))
@@ -842,7 +842,7 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
         return jnp.exp(self.log_variances)
 
     def check_emissions(self, emissions, mask=None) -> Array:
-        emissions = jnp.asarray(emissions)
+        emissions = _checks.to_device(emissions)
         if not (jnp.issubdtype(emissions.dtype, jnp.floating) or jnp.issubdtype(emissions.dtype, jnp.integer)):
             raise ValueError(f"`emissions` of a Gaussian model must be real numbers; got dtype {emissions.dtype}.")
         xp, values, mask = _checks.host_arrays(emissions, mask)
@@ -852,7 +852,7 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
         return _checks.check_values(emissions, bad, "`emissions` contains NaN at unpadded steps.")
 
     def log_prob(self, emission) -> Float[Array, " K"]:
-        emission = jnp.asarray(emission)
+        emission = _checks.to_device(emission)
         _checks.check_shape("emission", emission, (self.emission_dim,), "one emission vector")
         emission = self.check_emissions(emission[None])[0].astype(self.means.dtype)
         if self.chol_covs is not None:
@@ -899,7 +899,7 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
         return self.means[state] + jnp.exp(0.5 * self.log_variances[state]) * eps
 
     def suff_stats(self, emissions, weights, mask=None) -> GaussianStats:
-        emissions = jnp.asarray(emissions)
+        emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", self.emission_dim), "pooled emission vectors")
         n = emissions.shape[0]
         mask = _as_mask("mask", mask, n)

@@ -215,7 +215,7 @@ class HMM(AbstractFittableModel):
         leaves = jax.tree_util.tree_leaves((self, emissions, length, extra))
         if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
             return fn(self, emissions, length, *extra)
-        emissions = jnp.asarray(emissions)
+        emissions = _checks.to_device(emissions)
         shape = tuple(self.emissions.emission_shape)
         _checks.check_shape("emissions", emissions, ("T",) + shape, "one emission per time step")
         length = _checks.check_length(length, emissions.shape[0])
@@ -309,11 +309,11 @@ class HMM(AbstractFittableModel):
     def _check_batch(self, emissions, lengths, inputs):
         self._no_inputs(inputs)
         shape = tuple(self.emissions.emission_shape)
-        emissions = jnp.asarray(emissions)
+        emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("B", "T") + shape, "a padded batch of sequences")
         num_seq, num_timesteps = emissions.shape[:2]
         if lengths is None:  # host-built: no eager XLA kernel to compile
-            lengths = jnp.asarray(np.full((num_seq,), num_timesteps, np.int32))
+            lengths = _checks.to_device(np.full((num_seq,), num_timesteps, np.int32))
         else:
             lengths = _checks.check_lengths(lengths, num_seq, num_timesteps)
         # Host copies (free on CPU): the emission family checks values with NumPy.

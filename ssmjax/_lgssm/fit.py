@@ -45,7 +45,7 @@ def check_batch(model, emissions, lengths, inputs):
     _checks.check_shape("emissions", emissions, ("B", "T", model.emission_dim), "a padded batch of sequences")
     num_seq, num_timesteps, _ = emissions.shape
     if lengths is None:  # host-built: no eager XLA kernel to compile
-        lengths = jnp.asarray(np.full((num_seq,), num_timesteps, np.int32))
+        lengths = _checks.to_device(np.full((num_seq,), num_timesteps, np.int32))
     else:
         lengths = _checks.check_lengths(lengths, num_seq, num_timesteps)
     du = model.input_dim
