@@ -389,10 +389,8 @@ def test_batch_smoother_stats_equal_per_sequence_smoothers(num_states):
     assert_allclose(loglik, want_loglik, dtype=np.float64)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("underflow", [False, True])
-def test_batched_e_step_equals_sum_of_per_sequence_e_steps(dtype, underflow):
-    """Ragged NaN-padded batch; with ``underflow`` one sequence needs the robust forward pass."""
+def _gaussian_batch(dtype, underflow):
+    """A ragged NaN-padded Gaussian batch; with ``underflow`` its forward pass underflows."""
     rng = np.random.default_rng(3)
     lengths = np.array([7, 12, 3, 12])
     means = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
@@ -407,7 +405,15 @@ def test_batched_e_step_equals_sum_of_per_sequence_e_steps(dtype, underflow):
     covs = np.stack([np.eye(2)] * 3)
     model = ssmjax.HMM(jnp.asarray(pi, dtype), jnp.asarray(trans, dtype),
                        ssmjax.GaussianEmissions(jnp.asarray(means, dtype), jnp.asarray(covs, dtype)))
-    y, n = jnp.asarray(y, dtype), jnp.asarray(lengths, jnp.int32)
+    return model, jnp.asarray(y, dtype), jnp.asarray(lengths, jnp.int32)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("underflow", [False, True])
+def test_batched_e_step_equals_sum_of_per_sequence_e_steps(dtype, underflow):
+    """Ragged NaN-padded batch; with ``underflow`` one sequence needs the robust forward pass."""
+    model, y, n = _gaussian_batch(dtype, underflow)
+    lengths = np.asarray(n)
 
     def batched(m, y, n):
         return m._batched_e_step(m._prepare_batch(y, n, None))
@@ -420,3 +426,80 @@ def test_batched_e_step_equals_sum_of_per_sequence_e_steps(dtype, underflow):
     assert_allclose(ll, sum(float(l) for _, l in per_seq), dtype=dtype)
     for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(ref_stats)):
         assert_allclose(got, want, dtype=dtype)
+
+
+def test_fast_e_step_leaves_out_the_fallback_and_flags_underflow():
+    """Traced with fast_e_step (fit_em's first program), the batched E-step has no log-space
+    pass: an underflow gives a NaN log-likelihood (a retry), never a wrong finite one."""
+    from ssmjax._fit.protocol import tracing_fast_e_step
+
+    def run(model, y, n, fast):
+        with tracing_fast_e_step(fast):
+            return jax.jit(lambda m, y, n: m._batched_e_step(m._prepare_batch(y, n, None))[1])(model, y, n)
+
+    for underflow in (False, True):
+        model, y, n = _gaussian_batch(np.float64, underflow)
+        exact = float(run(model, y, n, False))
+        assert np.isfinite(exact)
+        if underflow:
+            assert np.isnan(float(run(model, y, n, True)))
+        else:
+            assert float(run(model, y, n, True)) == exact
+
+
+def test_fit_em_redoes_an_underflowing_iteration_with_the_exact_program():
+    """Real underflow at the first E-step: fit_em (fast program, then the exact one from
+    that iteration) equals the always-exact restarts loop started from the same model."""
+    model, y, n = _gaussian_batch(np.float64, True)
+    fitted, lls = ssmjax.fit_em(model, y, lengths=n, max_iters=6, tol=0.0)
+    stacked = jax.tree.map(lambda x: x[None] if eqx.is_array(x) else x, model)
+    best, _, histories = ssmjax.fit_em_restarts(stacked, y, lengths=n, max_iters=6, tol=0.0)
+    assert np.all(np.isfinite(np.asarray(lls))) and len(lls) == 6
+    assert_allclose(lls, histories[0], dtype=np.float64)
+    for got, want in zip(jax.tree.leaves(eqx.filter(fitted, eqx.is_array)), jax.tree.leaves(eqx.filter(best, eqx.is_array))):
+        assert_allclose(got, want, dtype=np.float64)
+
+
+def _flaky_fast_hmm(threshold):
+    """A test model: under fast_e_step its E-step reports a retry once the log-likelihood
+    passes ``threshold`` (as an underflow would); its exact E-step is the HMM's."""
+    from ssmjax._fit.protocol import fast_e_step
+
+    class FlakyFastHMM(ssmjax.HMM):
+        def _batched_e_step(self, batch):
+            stats, ll = super()._batched_e_step(batch)
+            if fast_e_step():
+                ll = jnp.where(ll > threshold, jnp.nan, ll)
+            return stats, ll
+
+    return FlakyFastHMM
+
+
+def test_fit_em_retry_mid_run_continues_exactly_where_the_fast_program_stopped():
+    from ssmjax._fit import em as em_module
+
+    rng = np.random.default_rng(4)
+    means = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    _, seqs = simulate(rng, PI, A, lambda r, k: means[k] + r.standard_normal(2), LENGTHS)
+    y = jnp.asarray(pad(seqs))
+    start = ssmjax.HMM.from_data(jax.random.key(0), y, 3, "gaussian", lengths=jnp.asarray(LENGTHS))
+    lls0 = np.asarray(ssmjax.fit_em(start, y, lengths=jnp.asarray(LENGTHS), max_iters=8, tol=0.0)[1])
+    rel = np.abs(np.diff(lls0)) / np.abs(lls0[:-1])  # rel[i - 1]: relative improvement of iteration i
+    assert rel[2] < rel[1] and rel[2] < rel[0]
+    tol = float(np.sqrt(rel[1] * rel[2]))  # the run converges at iteration 3, judged against iteration 2
+    plain, plain_lls, plain_info = ssmjax.fit_em(start, y, lengths=jnp.asarray(LENGTHS), max_iters=8, tol=tol,
+                                                  return_info=True)
+    assert (plain_info.num_iters, plain_info.status) == (4, "converged")
+    # a retry at iteration 3: the exact program redoes it with the state the fast one left
+    threshold = 0.5 * float(plain_lls[2] + plain_lls[3])
+    flaky = _flaky_fast_hmm(threshold)(start.initial_probs, start.transition_matrix, start.emissions)
+    args = em_module._prepare(flaky, y, jnp.asarray(LENGTHS), None, 8, tol, ())
+    emissions, lengths, inputs, max_iters, frozen, observed = args
+    fast_run = em_module._em_compiled(flaky, emissions, lengths, inputs, np.asarray(tol), max_iters, frozen, False,
+                                      observed, True, None)
+    assert int(fast_run.status) == em_module._RETRY and int(fast_run.it) == 4  # stopped after iteration 3
+    fitted, lls, info = ssmjax.fit_em(flaky, y, lengths=jnp.asarray(LENGTHS), max_iters=8, tol=tol, return_info=True)
+    assert (info.num_iters, info.status) == (plain_info.num_iters, plain_info.status)
+    assert_allclose(lls, plain_lls, dtype=np.float64)
+    for got, want in zip(jax.tree.leaves(eqx.filter(fitted, eqx.is_array)), jax.tree.leaves(eqx.filter(plain, eqx.is_array))):
+        assert_allclose(got, want, dtype=np.float64)

@@ -19,10 +19,13 @@ import numpy as np
 from .._checks import to_device, value_checks
 from . import progress as _progress
 from .compiler import fast_compile_jit
-from .protocol import AbstractFittableModel, check_frozen, tracing_observed_batch
+from .protocol import AbstractFittableModel, check_frozen, tracing_fast_e_step, tracing_observed_batch
 
 # Status codes of an EM run (see EMInfo.status).
 _RUNNING, _CONVERGED, _MAX_ITERS, _DECREASED, _NOT_FINITE = 0, 1, 2, 3, 4
+# Internal: a fast program's E-step was not finite; redo it with the exact program
+# (see fast_e_step in protocol.py). Never reported to users.
+_RETRY = 5
 STATUS_NAMES = {
     _CONVERGED: "converged",
     _MAX_ITERS: "max_iters",
@@ -89,7 +92,15 @@ def _last_good(params, before_prev, status):
     return jax.tree.map(lambda b, p: jnp.where(bad, b, p), before_prev, params)
 
 
-def _em_loop(model, emissions, lengths, inputs, tol, max_iters: int, frozen: frozenset, progress: bool):
+def _em_loop(
+    model, emissions, lengths, inputs, tol, max_iters: int, frozen: frozenset, progress: bool,
+    fast: bool = False, start: "_Carry | None" = None,
+) -> "_Carry":
+    """The EM while-loop from ``model`` (or from the carry ``start``); returns the final carry.
+
+    ``fast``: the program is traced with :func:`~ssmjax._fit.protocol.fast_e_step`, and a
+    non-finite E-step stops it with the internal status ``_RETRY`` (see :func:`_resume`).
+    """
     params, static = eqx.partition(model, eqx.is_array)
     ll_dtype = jnp.result_type(*[x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)])
     rtol_down = _decrease_rtol(ll_dtype)
@@ -112,7 +123,7 @@ def _em_loop(model, emissions, lengths, inputs, tol, max_iters: int, frozen: fro
         new_params, _ = eqx.partition(current._m_step(stats, frozen), eqx.is_array)
         status = jnp.where(
             not_finite,
-            _NOT_FINITE,
+            _RETRY if fast else _NOT_FINITE,
             jnp.where(decreased, _DECREASED, jnp.where(converged, _CONVERGED, _RUNNING)),
         )
         status = jnp.where((status == _RUNNING) & (c.it + 1 >= max_iters), _MAX_ITERS, status)
@@ -128,25 +139,49 @@ def _em_loop(model, emissions, lengths, inputs, tol, max_iters: int, frozen: fro
             status=status.astype(jnp.int32),
         )
 
-    init = _Carry(
-        it=jnp.asarray(0, jnp.int32),
-        params=params,
-        prev_params=params,
-        before_prev=params,
-        prev_ll=jnp.asarray(-jnp.inf, ll_dtype),
-        lls=jnp.full((max_iters,), jnp.nan, ll_dtype),
-        status=jnp.asarray(_RUNNING, jnp.int32),
+    init = start
+    if init is None:
+        init = _Carry(
+            it=jnp.asarray(0, jnp.int32),
+            params=params,
+            prev_params=params,
+            before_prev=params,
+            prev_ll=jnp.asarray(-jnp.inf, ll_dtype),
+            lls=jnp.full((max_iters,), jnp.nan, ll_dtype),
+            status=jnp.asarray(_RUNNING, jnp.int32),
+        )
+    return jax.lax.while_loop(cond, body, init)
+
+
+def _resume(final: _Carry) -> _Carry:
+    """Where the exact program starts after the fast one stopped with ``_RETRY``.
+
+    The fast loop stopped after evaluating iteration ``n = it - 1``; its carry still
+    holds that model (``prev_params``) and the one before (``before_prev``), and the
+    log-likelihoods of iterations ``< n``. The exact program redoes iteration ``n`` from
+    the same state, so the run is that of the exact program alone (host-side, rare).
+    """
+    n = int(final.it) - 1
+    lls = np.array(final.lls)
+    lls[n] = np.nan
+    prev_ll = lls[n - 1] if n > 0 else -np.inf
+    return _Carry(
+        it=to_device(np.int32(n)),
+        params=final.prev_params,
+        prev_params=final.before_prev,
+        before_prev=final.before_prev,
+        prev_ll=to_device(lls.dtype.type(prev_ll)),
+        lls=to_device(lls),
+        status=to_device(np.int32(_RUNNING)),
     )
-    final = jax.lax.while_loop(cond, body, init)
-    return final.params, final.before_prev, final.lls, final.it, final.status
 
 
-def _em_single(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, observed):
+def _em_single(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, observed, fast, start):
     # Inputs were validated eagerly; iterates come from our own M-steps. Value checks
     # inside the loop would turn a degenerate iterate (e.g. a covariance collapsing on
     # tiny data) into an exception instead of the guard's "last good model".
-    with value_checks(False), tracing_observed_batch(observed):
-        return _em_loop(model, emissions, lengths, inputs, tol, max_iters, frozen, progress)
+    with value_checks(False), tracing_observed_batch(observed), tracing_fast_e_step(fast):
+        return _em_loop(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, fast, start)
 
 
 _em_compiled = fast_compile_jit(_em_single)
@@ -157,11 +192,11 @@ def _em_restarts(models, emissions, lengths, inputs, tol, max_iters, frozen, pro
 
     def one(p):
         m = eqx.combine(p, static)
-        last, before_prev, lls, it, status = _em_loop(m, emissions, lengths, inputs, tol, max_iters, frozen, progress)
-        fitted_params = _last_good(last, before_prev, status)
+        final = _em_loop(m, emissions, lengths, inputs, tol, max_iters, frozen, progress)
+        fitted_params = _last_good(final.params, final.before_prev, final.status)
         fitted = eqx.combine(fitted_params, static)
         _, final_ll = _batch_e_step(fitted, _prepare_batch(fitted, emissions, lengths, inputs))
-        return fitted_params, lls, it, status, final_ll
+        return fitted_params, final.lls, final.it, final.status, final_ll
 
     with value_checks(False), tracing_observed_batch(observed):  # see _em_single
         return jax.vmap(one)(params)
@@ -260,10 +295,14 @@ def fit_em(
         model, emissions, lengths, inputs, max_iters, tol, frozen
     )
     tol_arr = np.asarray(tol, dtype=np.float64 if jax.config.jax_enable_x64 else np.float32)
+    fast = bool(getattr(model, "_has_fast_e_step", False))
     with _progress.progress_bar(progress, max_iters, "EM", "loglik"):
-        last, before_prev, lls, it, status = _em_compiled(
-            model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, observed
-        )
+        final = _em_compiled(model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, observed, fast, None)
+        if fast and int(final.status) == _RETRY:  # compiled only for data that need it
+            final = _em_compiled(
+                model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, observed, False, _resume(final)
+            )
+    last, before_prev, lls, it, status = final.params, final.before_prev, final.lls, final.it, final.status
     num_iters = int(it)
     status_name = STATUS_NAMES.get(int(status), "max_iters")
     bad = bool(_is_bad(int(status)))

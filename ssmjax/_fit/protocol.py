@@ -23,6 +23,15 @@ a number (no NaN). It is a static fact, part of the compiled loop's cache key,
 so an E-step may skip missing-data work (the LGSSM skips the per-step
 conditioning of missing entries). Outside ``fit_em`` it is ``False``.
 
+While :func:`ssmjax.fit_em` traces its first program, :func:`fast_e_step` is
+``True`` for models whose ``_has_fast_e_step`` is true. Their E-step may then
+leave out an exact fallback that only rare numerical cases need and that costs
+much compile time (the HMM's log-space forward pass, on underflow), and return a
+non-finite log-likelihood where the fallback would have been needed. ``fit_em``
+then redoes that iteration and the rest with a second program, traced with
+:func:`fast_e_step` ``False``: the result is that of the second program, and the
+fallback is compiled only for data that need it.
+
 Parameter names are the public ones (``"transition_matrix"``,
 ``"emission_cov"``, ``"emissions.means"``...). ``frozen`` in both fitting
 functions takes these names: a frozen parameter never moves, and the others
@@ -42,6 +51,7 @@ import jax
 PyTree = Any
 
 _OBSERVED_BATCH = False
+_FAST_E_STEP = False
 
 
 def observed_batch() -> bool:
@@ -59,6 +69,23 @@ def tracing_observed_batch(observed: bool) -> Iterator[None]:
         yield
     finally:
         _OBSERVED_BATCH = previous
+
+
+def fast_e_step() -> bool:
+    """Whether the E-step being traced may leave out its rarely needed fallback (see the module doc)."""
+    return _FAST_E_STEP
+
+
+@contextlib.contextmanager
+def tracing_fast_e_step(fast: bool) -> Iterator[None]:
+    """Set :func:`fast_e_step` while a fitting loop is traced."""
+    global _FAST_E_STEP
+    previous = _FAST_E_STEP
+    _FAST_E_STEP = bool(fast)
+    try:
+        yield
+    finally:
+        _FAST_E_STEP = previous
 
 
 class AbstractFittableModel(eqx.Module):

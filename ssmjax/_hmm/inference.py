@@ -756,10 +756,14 @@ def _batch_smoother_stats(
     transition_matrix: Float[Array, "K K"],
     log_likelihoods: Float[Array, "T K B"],
     valid: Bool[Array, "T B"],
+    fallback: bool = True,
 ):
     r"""Forward-backward for a padded batch of sequences at once (the E-step of EM).
 
     ``log_likelihoods`` are state-major, ``[t, k, b]``; ``valid[t, b]`` marks real steps.
+    With ``fallback=False`` the log-space pass is left out of the program (it is a
+    third of its compile time) and an underflow returns a NaN log-likelihood instead
+    (see ``fast_e_step`` in ``ssmjax/_fit/protocol.py``).
 
     Returns ``(smoothed, expected_transitions, loglik)``: smoothed probabilities
     ``(T, B, K)`` (time-major, zero at padded steps), the two-slice marginals summed
@@ -816,7 +820,10 @@ def _batch_smoother_stats(
         _, (filtered, log_cs) = lax.scan(_log_step, jnp.log(start), masked - peaks[:, None, :])
         return filtered, peaks, log_cs, _emission_weights(masked, peaks[:, None, :], log_cs[:, None, :])
 
-    raw, peaks, log_cs, weights = lax.cond(underflow, _robust, _fast)
+    if fallback:
+        raw, peaks, log_cs, weights = lax.cond(underflow, _robust, _fast)
+    else:
+        raw, peaks, log_cs, weights = _fast()
 
     def _back(beta, x):
         w, is_valid, f = x
@@ -832,6 +839,8 @@ def _batch_smoother_stats(
     v_rows = jnp.swapaxes(v[1:], 1, 2).reshape(-1, num_states)
     expected = transition_matrix * (filtered_rows.T @ v_rows)
     loglik = _pairwise_sum(jnp.where(valid, peaks + log_cs, 0.0).reshape(-1))
+    if not fallback:
+        loglik = jnp.where(underflow, jnp.nan, loglik)
     return jnp.swapaxes(smoothed, 1, 2), expected, loglik
 
 

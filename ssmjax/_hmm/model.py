@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _checks
-from .._fit.protocol import AbstractFittableModel
+from .._fit.protocol import AbstractFittableModel, fast_e_step
 from .emissions import (
     AbstractEmissions,
     AbstractExponentialFamilyEmissions,
@@ -348,6 +348,8 @@ class HMM(AbstractFittableModel):
         }
         return stats, post.marginal_loglik
 
+    _has_fast_e_step = True  # the log-space forward pass is left out of fit_em's first program
+
     def _prepare_batch(self, emissions, lengths, inputs):
         """The loop-invariant layouts of a padded batch, computed once per fit (see protocol.py)."""
         valid = jnp.arange(emissions.shape[1])[:, None] < lengths[None, :]  # (T, B)
@@ -366,7 +368,7 @@ class HMM(AbstractFittableModel):
         time_major, valid = batch
         lls = self.emissions._time_major_log_likelihoods(time_major, valid)
         smoothed, transitions, loglik = _batch_smoother_stats(
-            self.initial_probs, self.transition_matrix, lls, valid
+            self.initial_probs, self.transition_matrix, lls, valid, fallback=not fast_e_step()
         )  # smoothed: (T, B, K), zero at padded steps
         if isinstance(self.emissions, AbstractExponentialFamilyEmissions):
             num_timesteps, num_seq = valid.shape
@@ -399,7 +401,12 @@ class HMM(AbstractFittableModel):
                 emissions = self.emissions.m_step_from_stats(stats["emissions"], frozen=emission_frozen)
             else:
                 emissions = self.emissions.m_step_from_stats(stats["emissions"])
-        return HMM(initial_log_probs=initial, transition_log_probs=transition, emissions=emissions)
+        # tree_at, not HMM(...): a subclass (and any field it adds) survives the M-step
+        return eqx.tree_at(
+            lambda m: (m.initial_log_probs, m.transition_log_probs, m.emissions),
+            self,
+            (initial, transition, emissions),
+        )
 
     def _unconstrained(self):
         params = {
