@@ -838,7 +838,8 @@ def _batch_smoother_stats(
     filtered_rows = jnp.swapaxes(raw[:-1], 1, 2).reshape(-1, num_states)
     v_rows = jnp.swapaxes(v[1:], 1, 2).reshape(-1, num_states)
     expected = transition_matrix * (filtered_rows.T @ v_rows)
-    loglik = _pairwise_sum(jnp.where(valid, peaks + log_cs, 0.0).reshape(-1))
+    # per step over the batch, then pairwise over time (one vectorised pass over T * B)
+    loglik = _pairwise_sum(jnp.sum(jnp.where(valid, peaks + log_cs, 0.0), axis=1))
     if not fallback:
         loglik = jnp.where(underflow, jnp.nan, loglik)
     return jnp.swapaxes(smoothed, 1, 2), expected, loglik
