@@ -1070,17 +1070,17 @@ def _row_argmax(w: Float[Array, "N K"]) -> Int[Array, " N"]:
 def _gaussian_stats(
     means: Float[Array, "K D"], emissions: Float[Array, "N D"], weights: Float[Array, "N K"], full: bool
 ) -> GaussianStats:
-    r"""Weighted sums about each state's mean, from four matrix products over the steps.
+    r"""Weighted sums about each state's mean, from three matrix products over the steps.
 
     Each step ``n`` is centred on the mean of its own reference state ``j(n) = argmax_k w_nk``:
     :math:`u_n = y_n - m_{j(n)}`, and :math:`y_n - m_k = u_n + \delta_{j(n) k}` with
     :math:`\delta_{jk} = m_j - m_k` formed exactly from the parameters. Every sum over ``n``
     is then a product ``weights.T @ feature`` for each of the per-step features
-    ``onehot(j)``, ``u``, ``onehot(j) (x) u`` and ``u (x) u``, and the :math:`\delta` terms
-    are added per pair of states. Rounding is that of centring each step on its own
+    ``onehot(j)``, ``onehot(j) (x) u`` and ``u (x) u`` (the sums of ``u`` are those of
+    ``onehot(j) (x) u`` over ``j``), and the :math:`\delta` terms are added per pair of states. Rounding is that of centring each step on its own
     state's mean (the terms that dominate a state's sums have :math:`\delta = 0`), with no
     ``(N, K, D)`` or ``(N, K, D, D)`` temporaries, and as accurate in float32 as the direct
-    weighted sums (which differ only by summation order). The four products are separate,
+    weighted sums (which differ only by summation order). The products are separate,
     not one product of the features concatenated: XLA:CPU's classic loop emitter, which the
     fitting loops are compiled with (``ssmjax/_fit/compiler.py``), builds the concatenated
     ``(N, K + D + K D + D^2)`` operand slowly (measured 11 ms against 3.9 ms for the four
@@ -1096,8 +1096,8 @@ def _gaussian_stats(
     weights_t = weights.T
     # counts[k, j] = sum of w_nk over the steps with reference j; cross_u[k, j] likewise of w_nk u_n
     counts = weights_t @ onehot
-    sum_u = weights_t @ u
     cross_u = (weights_t @ grouped_u).reshape(num_states, num_states, dim)
+    sum_u = jnp.sum(cross_u, axis=1)  # every step has one reference state: no fifth product
     sum_sq = weights_t @ squares
     delta = means[None, :, :] - means[:, None, :]  # delta[k, j] = m_j - m_k
     weighted_sums = sum_u + jnp.einsum("kj,kjd->kd", counts, delta)
