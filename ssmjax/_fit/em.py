@@ -3,7 +3,9 @@
 The whole loop -- E-step over the batch (``jax.vmap``), reduction of the
 sufficient statistics, M-step, convergence test, NaN/decrease guard and the
 progress report -- is one ``lax.while_loop`` inside one compiled function. A
-second call with equal shapes reuses it.
+second call with equal shapes reuses it. For models with a fast E-step (the HMM),
+that program leaves out a rarely needed fallback; if an E-step needs it, the run
+continues from that iteration in a second program that has it (``_resume``).
 """
 
 from __future__ import annotations

@@ -50,42 +50,38 @@ import jax
 
 PyTree = Any
 
-_OBSERVED_BATCH = False
-_FAST_E_STEP = False
+# Static facts about the loop being traced (see the module doc), set by fit_em while it traces.
+_TRACING = {"observed_batch": False, "fast_e_step": False}
+
+
+@contextlib.contextmanager
+def _tracing(name: str, value: bool) -> Iterator[None]:
+    previous = _TRACING[name]
+    _TRACING[name] = bool(value)
+    try:
+        yield
+    finally:
+        _TRACING[name] = previous
 
 
 def observed_batch() -> bool:
     """Whether the batch being traced by ``fit_em`` has no NaN at real steps (see the module doc)."""
-    return _OBSERVED_BATCH
+    return _TRACING["observed_batch"]
 
 
-@contextlib.contextmanager
-def tracing_observed_batch(observed: bool) -> Iterator[None]:
+def tracing_observed_batch(observed: bool):
     """Set :func:`observed_batch` while a fitting loop is traced."""
-    global _OBSERVED_BATCH
-    previous = _OBSERVED_BATCH
-    _OBSERVED_BATCH = bool(observed)
-    try:
-        yield
-    finally:
-        _OBSERVED_BATCH = previous
+    return _tracing("observed_batch", observed)
 
 
 def fast_e_step() -> bool:
     """Whether the E-step being traced may leave out its rarely needed fallback (see the module doc)."""
-    return _FAST_E_STEP
+    return _TRACING["fast_e_step"]
 
 
-@contextlib.contextmanager
-def tracing_fast_e_step(fast: bool) -> Iterator[None]:
+def tracing_fast_e_step(fast: bool):
     """Set :func:`fast_e_step` while a fitting loop is traced."""
-    global _FAST_E_STEP
-    previous = _FAST_E_STEP
-    _FAST_E_STEP = bool(fast)
-    try:
-        yield
-    finally:
-        _FAST_E_STEP = previous
+    return _tracing("fast_e_step", fast)
 
 
 class AbstractFittableModel(eqx.Module):
