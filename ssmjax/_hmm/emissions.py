@@ -861,8 +861,9 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
 
     def _time_major_log_likelihoods(self, emissions, valid):
         # Elementwise arithmetic over the (T, K, B) output, one fused kernel with the batch
-        # as the vectorised axis, instead of a batched product over a (K, D, T * B)
-        # residual (4x faster at K = 5, D = 3, B = 100, T = 1000; see the class's base).
+        # as the vectorised axis, instead of the base class's batched product over a
+        # (K, D, T * B) residual and a transpose (0.6 against 2.2 ms at K = 5, D = 3,
+        # B = 100, T = 1000).
         dim = self.emission_dim
         if self.chol_covs is not None and dim > _UNROLLED_SOLVE_MAX_DIM:
             return super()._time_major_log_likelihoods(emissions, valid)
