@@ -15,6 +15,7 @@ evaluated by the same exact ssmjax function, so "higher" means better.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -214,7 +215,7 @@ def combine(runs):
     minutes, so the ratios are formed within each run (all libraries in the same
     process, seconds apart) and their median is reported with the per-run values.
     """
-    out = json.loads(json.dumps(runs[0]))
+    out = copy.deepcopy(runs[0])
     out["repeats"] = len(runs)
     for section, libs, base in (("gaussian_hmm_em", _HMM_LIBS, "ssmjax"),
                                 ("kalman_em", _KALMAN_RUNS, "ssmjax_single")):

@@ -171,7 +171,7 @@ def _resume(final: _Carry) -> _Carry:
         it=to_device(np.int32(n)),
         params=final.prev_params,
         prev_params=final.before_prev,
-        before_prev=final.before_prev,
+        before_prev=final.before_prev,  # unread: the first iteration overwrites it
         prev_ll=to_device(lls.dtype.type(prev_ll)),
         lls=to_device(lls),
         status=to_device(np.int32(_RUNNING)),
