@@ -220,11 +220,52 @@ def first_use_table(d):
     return "\n".join(lines)
 
 
+def batched_table(d, title):
+    rows = d.get("results") or []
+    if not rows:
+        return ""
+    lines = [
+        f"### Batched throughput (`benchmarks/batched.py`), {title}",
+        "",
+        _header(d),
+        "",
+        "`jax.jit(jax.vmap(...))` over B sequences; ms = median of repeats, jit warm; M steps/s = B T / time "
+        "(ragged: real steps only); `×` = dynamax time / ssmjax time. Error = largest "
+        "`||out - ref|| / ||ref||` over the first sequences against a float64 NumPy reference "
+        "(log-likelihood; smoothed means and covariances, or smoothed probabilities).",
+        "",
+        "| model | task | variant | ssmjax ms | M steps/s | dynamax ms | × dynamax | error ssmjax | error dynamax | compile s (ssmjax / dynamax) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def key(r):
+        size = f"HMM K={r['K']}" if r["model"] == "hmm" else f"LGSSM Dx={r['Dx']}, Dy={r['Dy']}"
+        return size, r["algorithm"], r["variant"]
+
+    peers = {key(r): r for r in rows if r["library"] == "dynamax"}
+    for r in rows:
+        if r["library"] != "ssmjax":
+            continue
+        p = peers.get(key(r))
+        err = lambda x: "–" if x is None else " / ".join(f"{v:.0e}" for v in x["max_rel_error"].values())  # noqa: E731
+        size, task, variant = key(r)
+        lines.append(
+            f"| {size} (B={r['B']}, T={r['T']}) | {task} | {variant} | {_ms(r['median_s'])} | {r['steps_per_s'] / 1e6:.0f} | "
+            f"{_ms(p['median_s']) if p else '–'} | {_ratio(p['median_s'] if p else None, r['median_s'])} | {err(r)} | {err(p)} | "
+            f"{r['compile_s']:.1f} / {p['compile_s']:.1f} |" if p else
+            f"| {size} (B={r['B']}, T={r['T']}) | {task} | {variant} | {_ms(r['median_s'])} | {r['steps_per_s'] / 1e6:.0f} | "
+            f"– | – | {err(r)} | – | {r['compile_s']:.1f} / – |"
+        )
+    return "\n".join(lines)
+
+
 def render() -> str:
     parts = []
     for name, fn in (("hmm_inference.json", hmm_table), ("lgssm_inference.json", lgssm_table),
                      ("fit.json", fit_table), ("parallel.json", parallel_table),
-                     ("first_use.json", first_use_table)):
+                     ("first_use.json", first_use_table),
+                     ("batched_gpu.json", lambda d: batched_table(d, "GPU")),
+                     ("batched.json", lambda d: batched_table(d, "CPU"))):
         d = _load(name)
         if d is not None:
             parts.append(fn(d))

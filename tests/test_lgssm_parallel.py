@@ -87,6 +87,57 @@ def test_equal_sequential_and_oracle(name):
         assert_allclose(getattr(post, field), ref[field], dtype=np.float64, err_msg=field)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_unrolled_lu_solves_match_lapack(n):
+    """The unrolled LU (small dimensions) against LAPACK's ``getrf``/``getrs`` and NumPy, for X and X^T,
+    including matrices that need row swaps: a zero leading pivot, row-permuted triangular ones."""
+    rng = np.random.default_rng(n)
+    X = rng.normal(size=(40, n, n))
+    X[:8] = np.triu(X[:8])[:, rng.permutation(n)]  # pivoting undoes the permutation
+    if n > 1:
+        X[8:16, 0, 0] = 0.0  # the first column's pivot must come from another row
+    rhs, rhs_t = rng.normal(size=(40, n, 4)), rng.normal(size=(40, n, 3))
+    got, got_t = parallel._lu_solve_both_unrolled(jnp.asarray(X), jnp.asarray(rhs), jnp.asarray(rhs_t))
+    lib, lib_t = parallel._lu_solve_both(jnp.asarray(X), jnp.asarray(rhs), jnp.asarray(rhs_t))
+    want, want_t = np.linalg.solve(X, rhs), np.linalg.solve(np.swapaxes(X, -1, -2), rhs_t)
+    for a, b in ((got, want), (got_t, want_t), (lib, want), (lib_t, want_t)):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-9, atol=1e-9)
+
+
+def test_small_path_equals_general_path(monkeypatch):
+    """The unrolled small-dimension path (SmallOps, unrolled LU) and the library path agree: values,
+    padded outputs and gradients."""
+    from ssmjax._lgssm import inference as lgssm_inference
+    from ssmjax._lgssm import small
+
+    params, y, u = make_case("full", seed=4)
+    model = to_model(params)
+    T, T_pad = y.shape[0], y.shape[0] + 2
+    padded_params, y_p, u_p = _pad(params, y, u, T_pad, np.nan)
+    padded = to_model(padded_params)
+
+    def loss(model, y):
+        out = rts_smoother_parallel(model, y, inputs=u)
+        return out.marginal_loglik + jnp.sum(jnp.sin(out.smoothed_means)) + jnp.sum(out.smoothed_cross_covs)
+
+    def run():
+        with ssmjax.value_checks(False):
+            out = rts_smoother_parallel(model, y, inputs=u)
+            out_pad = rts_smoother_parallel(padded, y_p, inputs=u_p, length=T)
+            grads = jax.grad(loss, argnums=(0, 1))(model, jnp.asarray(y))
+        return out, out_pad, grads
+
+    assert lgssm_inference._ops_for(model) is small.SmallOps
+    fast = run()
+    monkeypatch.setattr(small, "SMALL_MAX_DX", 0)
+    assert lgssm_inference._ops_for(model) is small.GeneralOps
+    general = run()
+    _close(fast[0], general[0])
+    _close(fast[1], general[1])
+    assert fast[1].smoothed_means.shape[0] == T_pad
+    _grads_close(fast[2], general[2])
+
+
 def test_deterministic_component_and_all_missing():
     """Singular transition noise (exactly deterministic state component); a sequence with nothing observed."""
     rng = np.random.default_rng(2)

@@ -747,7 +747,7 @@ def kalman_filter(model, emissions, *, inputs=None, length=None, method="standar
     if parallel:
         from .parallel import _filter_parallel
 
-        return _filter_parallel(model, y, u, length_arr)
+        return _filter_parallel(model, y, u, length_arr, ops=_ops_for(model))
     return _filter_jit(model, y, u, length_arr, method=method, ops=_ops_for(model))
 
 
@@ -799,7 +799,7 @@ def rts_smoother(model, emissions, *, inputs=None, length=None, method="standard
     if parallel:
         from .parallel import _smoother_parallel
 
-        return _smoother_parallel(model, y, u, length_arr)
+        return _smoother_parallel(model, y, u, length_arr, ops=_ops_for(model))
     return _smoother_jit(model, y, u, length_arr, method=method, ops=_ops_for(model))
 
 

@@ -85,6 +85,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -96,18 +97,10 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .inference import KalmanFilterResult, RTSSmootherResult, _canonical, _validate
 from .model import LGSSM
-from .small import matmul_precision, symmetrize
+from .small import GeneralOps, SmallOps, symmetrize
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=matmul_precision())
-
-
-def _mv(a, x):
-    return _mm(a, x[..., None])[..., 0]
 
 
 def _t(a):
@@ -157,9 +150,10 @@ def _steps(model, emissions, inputs, length):
 # --------------------------------------------------------------------------- filtering
 
 
-def _filtering_elements(s):
+def _filtering_elements(s, ops):
     """Elements ``(A, b, C, eta, J)`` of shapes (T, Dx, Dx), (T, Dx), (T, Dx, Dx), (T, Dx), (T, Dx, Dx)."""
     dx = s["m0"].shape[-1]
+    _mm, _mv = ops.mm, ops.mv
     # transition into step t: (F, c, Q)[t-1]; for t = 0 the prior with F = 0
     F = jnp.concatenate([jnp.zeros_like(s["F"][:1]), s["F"][:-1]])
     c = jnp.concatenate([s["m0"][None], s["c"][:-1]])
@@ -167,10 +161,9 @@ def _filtering_elements(s):
     H, R = s["H"], s["R"]
     HQ = _mm(H, Q)
     S = symmetrize(_mm(HQ, _t(H)) + R)
-    chol = jnp.linalg.cholesky(S)
     resid = s["r"] - _mv(H, c)
     rhs = jnp.concatenate([HQ, _mm(H, F), resid[..., None]], axis=-1)
-    sol = jsl.solve_triangular(chol, rhs, lower=True)
+    _, sol = ops.cholesky_solve_lower(S, rhs)
     W, V, z = sol[..., :dx], sol[..., dx : 2 * dx], sol[..., 2 * dx]
     A = F - _mm(_t(W), V)
     b = c + _mv(_t(W), z)
@@ -180,19 +173,87 @@ def _filtering_elements(s):
     return A, b, C, eta, J
 
 
-def _filtering_combine(earlier, later):
+def _lu_solve_both(X, rhs, rhs_t):
+    """``(X^{-1} rhs, X^{-T} rhs_t)`` from one LU factorisation with partial pivoting (library)."""
+    lu_piv = jsl.lu_factor(X)
+    return jsl.lu_solve(lu_piv, rhs), jsl.lu_solve(lu_piv, rhs_t, trans=1)
+
+
+def _lu_solve_both_unrolled(X, rhs, rhs_t):
+    """:func:`_lu_solve_both` unrolled over the (static, small) size: the same algorithm as LAPACK's
+    ``getrf`` -- Gaussian elimination with partial pivoting (largest magnitude in the column, first
+    one on ties), multipliers stored in place -- written as elementwise arithmetic on rows, so
+    that XLA fuses the factorisation and both solves into a few loop kernels (on a GPU, instead of
+    batched solver calls for tiny matrices). Batched over leading axes."""
+    n = X.shape[-1]
+    cols = jnp.arange(n)
+    rows = [X[..., i, :] for i in range(n)]  # (..., n) each; L below the diagonal, U on and above
+    b_rows = [rhs[..., i, :] for i in range(n)]
+    perm = [jnp.full(X.shape[:-2], i, jnp.int32) for i in range(n)]  # row i of P X is row perm[i] of X
+    for k in range(n):
+        # pivot: the first row i >= k with the largest |X[i, k]| (what LAPACK's i*amax picks)
+        best, piv = jnp.abs(rows[k][..., k]), jnp.full(X.shape[:-2], k, jnp.int32)
+        for i in range(k + 1, n):
+            mag = jnp.abs(rows[i][..., k])
+            take = mag > best
+            best, piv = jnp.where(take, mag, best), jnp.where(take, i, piv)
+        old_k, old_b, old_p = rows[k], b_rows[k], perm[k]
+        for i in range(k + 1, n):  # swap rows k and piv
+            sel = piv == i
+            rows[k] = jnp.where(sel[..., None], rows[i], rows[k])
+            b_rows[k] = jnp.where(sel[..., None], b_rows[i], b_rows[k])
+            perm[k] = jnp.where(sel, perm[i], perm[k])
+            rows[i] = jnp.where(sel[..., None], old_k, rows[i])
+            b_rows[i] = jnp.where(sel[..., None], old_b, b_rows[i])
+            perm[i] = jnp.where(sel, old_p, perm[i])
+        inv_pivot = 1.0 / rows[k][..., k : k + 1]
+        for i in range(k + 1, n):
+            factor = rows[i][..., k : k + 1] * inv_pivot
+            rows[i] = jnp.where(cols > k, rows[i] - factor * rows[k], jnp.where(cols == k, factor, rows[i]))
+            b_rows[i] = b_rows[i] - factor * b_rows[k]
+    # X sol = rhs: back substitution with U (rhs already permuted and eliminated)
+    sol = [None] * n
+    for i in reversed(range(n)):
+        acc = b_rows[i]
+        for k in range(i + 1, n):
+            acc = acc - rows[i][..., k : k + 1] * sol[k]
+        sol[i] = acc / rows[i][..., i : i + 1]
+    # X^T sol_t = rhs_t with X = P^T L U: U^T w = rhs_t, L^T v = w, sol_t = P^T v
+    w = [None] * n
+    for i in range(n):
+        acc = rhs_t[..., i, :]
+        for k in range(i):
+            acc = acc - rows[k][..., i : i + 1] * w[k]
+        w[i] = acc / rows[i][..., i : i + 1]
+    v = [None] * n
+    for i in reversed(range(n)):
+        acc = w[i]
+        for k in range(i + 1, n):
+            acc = acc - rows[k][..., i : i + 1] * v[k]
+        v[i] = acc
+    sol_t = []
+    for j in range(n):  # sol_t[perm[i]] = v[i]
+        acc = jnp.zeros_like(v[0])
+        for i in range(n):
+            acc = jnp.where((perm[i] == j)[..., None], v[i], acc)
+        sol_t.append(acc)
+    return jnp.stack(sol, axis=-2), jnp.stack(sol_t, axis=-2)
+
+
+def _filtering_combine(earlier, later, ops):
     """Combine (batched) filtering elements, ``earlier`` then ``later``."""
+    _mm, _mv = ops.mm, ops.mv
     A_i, b_i, C_i, eta_i, J_i = earlier
     A_j, b_j, C_j, eta_j, J_j = later
     dx = A_i.shape[-1]
     eye = jnp.eye(dx, dtype=A_i.dtype)
     X = eye + _mm(C_i, J_j)
     rhs = jnp.concatenate([A_i, (b_i + _mv(C_i, eta_j))[..., None], C_i], axis=-1)
-    lu_piv = jsl.lu_factor(X)  # one LU for both X and X^T
-    sol = jsl.lu_solve(lu_piv, rhs)
-    sol_A, sol_b, sol_C = sol[..., :dx], sol[..., dx], sol[..., dx + 1 :]
     rhs_t = jnp.concatenate([(eta_j - _mv(J_j, b_i))[..., None], _mm(J_j, A_i)], axis=-1)
-    sol_t = jsl.lu_solve(lu_piv, rhs_t, trans=1)
+    # one LU for both X and X^T
+    solve = _lu_solve_both_unrolled if ops is SmallOps else _lu_solve_both
+    sol, sol_t = solve(X, rhs, rhs_t)
+    sol_A, sol_b, sol_C = sol[..., :dx], sol[..., dx], sol[..., dx + 1 :]
     A = _mm(A_j, sol_A)
     b = _mv(A_j, sol_b) + b_j
     C = symmetrize(_mm(_mm(A_j, sol_C), _t(A_j)) + C_j)
@@ -213,9 +274,11 @@ def _pad_with(x, valid, last):
     return jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, last)
 
 
-def _filter(s, length):
+def _filter(s, length, ops):
     """``(loglik, fm, fc, pm, pc)`` from the prefix scan."""
-    _, fm, fc, _, _ = lax.associative_scan(_filtering_combine, _filtering_elements(s))
+    _mm, _mv = ops.mm, ops.mv
+    combine = functools.partial(_filtering_combine, ops=ops)
+    _, fm, fc, _, _ = lax.associative_scan(combine, _filtering_elements(s, ops))
     fc = symmetrize(fc)
     valid = s["valid"]
     if length is not None:  # documented padded outputs, exactly
@@ -230,11 +293,11 @@ def _filter(s, length):
     # log-likelihood of every observed entry given the past
     H, R, mask = s["H"], s["R"], s["mask"]
     S = symmetrize(_mm(_mm(H, pc), _t(H)) + R)
-    chol = jnp.linalg.cholesky(S)
     resid = jnp.where(mask, s["r"] - _mv(H, pm), 0.0)
-    z = jsl.solve_triangular(chol, resid[..., None], lower=True)[..., 0]
+    log_diag, z = ops.cholesky_solve_lower(S, resid[..., None])
+    z = z[..., 0]
     nobs = jnp.sum(mask).astype(z.dtype)
-    log_det = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)))
+    log_det = jnp.sum(log_diag)
     loglik = -0.5 * jnp.sum(z * z) - log_det - 0.5 * nobs * _LOG_2PI
     return loglik, fm, fc, pm, pc
 
@@ -242,8 +305,9 @@ def _filter(s, length):
 # --------------------------------------------------------------------------- smoothing
 
 
-def _smoothing_combine(earlier, later):
+def _smoothing_combine(earlier, later, ops):
     """Compose (batched) smoothing elements: ``x_i = E_i x_j + g_i``, ``x_j = E_j x_k + g_j``."""
+    _mm, _mv = ops.mm, ops.mv
     E_i, g_i, L_i = earlier
     E_j, g_j, L_j = later
     E = _mm(E_i, E_j)
@@ -252,8 +316,9 @@ def _smoothing_combine(earlier, later):
     return E, g, L
 
 
-def _smooth(s, fm, fc, pm, pc, length):
+def _smooth(s, fm, fc, pm, pc, length, ops):
     """``(sm, sc, cross)`` from the suffix scan."""
+    _mm, _mv = ops.mm, ops.mv
     num_timesteps, dx = fm.shape
     if num_timesteps == 1:
         # Nothing to smooth. Skipping the empty (0, Dx, Dx) batch also avoids a zero-size LAPACK
@@ -266,9 +331,9 @@ def _smooth(s, fm, fc, pm, pc, length):
     F = s["F"][:-1]
     # gains E_t = P_{t|t} F_t^T P_{t+1|t}^{-1} (Cholesky solve), zero where t + 1 >= length
     pred = jnp.where(vn[:, None, None], pc[1:], eye)
-    chol = jnp.linalg.cholesky(pred)
+    chol = ops.cholesky(pred)
     FP = _mm(F, fc[:-1])  # P_{t+1|t} E_t^T = F_t P_{t|t}
-    gain_t = jsl.solve_triangular(chol, jsl.solve_triangular(chol, FP, lower=True), lower=True, trans="T")
+    gain_t = ops.solve_lower_t(chol, ops.solve_lower(chol, FP))
     gain = jnp.where(vn[:, None, None], _t(gain_t), 0.0)
     g = fm[:-1] - _mv(gain, pm[1:])
     L = symmetrize(fc[:-1] - _mm(gain, FP))
@@ -277,7 +342,7 @@ def _smooth(s, fm, fc, pm, pc, length):
     L = jnp.concatenate([L, fc[-1:]])
     # suffix scan: reverse time by hand so the combine's argument order is explicit
     _, sm, sc = lax.associative_scan(
-        lambda later, earlier: _smoothing_combine(earlier, later), (E[::-1], g[::-1], L[::-1])
+        lambda later, earlier: _smoothing_combine(earlier, later, ops), (E[::-1], g[::-1], L[::-1])
     )
     sm, sc = sm[::-1], symmetrize(sc[::-1])
     if length is not None:
@@ -291,25 +356,30 @@ def _smooth(s, fm, fc, pm, pc, length):
 # --------------------------------------------------------------------------- jitted cores
 
 
-@jax.jit
+# ``ops`` (:mod:`ssmjax._lgssm.small`): at small dimensions every factorisation and product is
+# unrolled elementwise arithmetic (SmallOps, with :func:`_lu_solve_both_unrolled`), which XLA fuses;
+# batched library calls on tiny matrices are what made the vmapped parallel filter slow on a GPU.
+@functools.partial(jax.jit, static_argnames=("ops",))
 def _filter_parallel(
     model: LGSSM,
     emissions: Float[Array, "T Dy"],
     inputs: Optional[Float[Array, "T Du"]],
     length: Optional[Int[Array, ""]],
+    ops: type = GeneralOps,
 ) -> KalmanFilterResult:
     s = _steps(model, emissions, inputs, length)
-    return KalmanFilterResult(*_filter(s, length))
+    return KalmanFilterResult(*_filter(s, length, ops))
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("ops",))
 def _smoother_parallel(
     model: LGSSM,
     emissions: Float[Array, "T Dy"],
     inputs: Optional[Float[Array, "T Du"]],
     length: Optional[Int[Array, ""]],
+    ops: type = GeneralOps,
 ) -> RTSSmootherResult:
     s = _steps(model, emissions, inputs, length)
-    loglik, fm, fc, pm, pc = _filter(s, length)
-    sm, sc, cross = _smooth(s, fm, fc, pm, pc, length)
+    loglik, fm, fc, pm, pc = _filter(s, length, ops)
+    sm, sc, cross = _smooth(s, fm, fc, pm, pc, length, ops)
     return RTSSmootherResult(loglik, fm, fc, pm, pc, sm, sc, cross)
