@@ -44,6 +44,7 @@ def _parse():
     ap.add_argument("--emission-dim", type=int, default=2)
     ap.add_argument("--num-states", default="16,64", help="comma-separated HMM state counts ('' for none)")
     ap.add_argument("--models", default="lgssm,hmm", help="comma-separated subset of lgssm,hmm")
+    ap.add_argument("--hmm-sequential-only", action="store_true", help="skip the parallel HMM rows")
     ap.add_argument("--check", type=int, default=4, help="sequences checked against the float64 reference")
     ap.add_argument("--quick", action="store_true", help="5 repeats instead of 11")
     ap.add_argument("--no-peers", action="store_true")
@@ -265,7 +266,7 @@ def _hmm_rows(B, T, K, check):
     rows = []
     for smoother in (False, True):
         # the parallel versions hold B T K^2 numbers (67 GB at K = 64): K <= 16 only
-        for parallel in (False, True) if K <= 16 else (False,):
+        for parallel in (False, True) if K <= 16 and not ARGS.hmm_sequential_only else (False,):
             for lib in ("ssmjax",) + (() if ARGS.no_peers else ("dynamax",)):
                 if lib == "ssmjax":
                     f = ssmjax.hmm_smoother if smoother else ssmjax.hmm_filter

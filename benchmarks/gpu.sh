@@ -25,15 +25,15 @@ export JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== 1. batched throughput (B = 4096, T = 1000)"
-timeout "${BATCHED_TIMEOUT:-240}" "$PY" benchmarks/batched.py --device gpu --out "$OUT/batched.json" 2>&1 \
+timeout "${BATCHED_TIMEOUT:-240}" "$PY" benchmarks/batched.py --device gpu --out "$OUT/batched.json" ${BATCHED_ARGS:-} 2>&1 \
   | grep -v "^WARNING" | tee "$OUT/batched.log"
 
 echo "== 2. tests on the GPU"
-timeout "${TESTS_TIMEOUT:-200}" "$PY" -m pytest -q -p no:cacheprovider -n 8 --dist loadfile \
+timeout "${TESTS_TIMEOUT:-200}" "$PY" -m pytest -q -p no:cacheprovider -n 8 --dist loadfile -rfE --tb=line \
   tests/test_hmm_oracle.py tests/test_lgssm_oracle.py tests/test_hmm_parallel.py tests/test_lgssm_parallel.py \
   tests/test_hmm_gradients.py tests/test_lgssm_inference.py 2>&1 | tee "$OUT/tests.log" | tail -40
 
 echo "== 3. sequential vs parallel-in-time, one sequence"
-timeout "${PARALLEL_TIMEOUT:-120}" "$PY" benchmarks/parallel.py --quick --device gpu --out "$OUT/parallel_gpu.json" 2>&1 \
+[ "${SKIP_PARALLEL:-0}" = 1 ] || timeout "${PARALLEL_TIMEOUT:-120}" "$PY" benchmarks/parallel.py --quick --device gpu --out "$OUT/parallel_gpu.json" 2>&1 \
   | grep -v "^WARNING" | tee "$OUT/parallel.log" | tail -30
 date -u

@@ -341,6 +341,51 @@ def _underflow_threshold(dtype) -> float:
     return 0.5 * math.log(float(jnp.finfo(dtype).tiny))
 
 
+@jax.custom_batching.custom_vmap
+def _any_in_batch(flag: Bool[Array, ""]) -> Bool[Array, ""]:
+    """``flag``; under ``jax.vmap``, whether it holds for any member of the batch (unbatched)."""
+    return flag
+
+
+@_any_in_batch.def_vmap
+def _any_in_batch_rule(axis_size, in_batched, flag):
+    (batched,) = in_batched
+    return (jnp.any(flag) if batched else flag), False
+
+
+@jax.custom_batching.custom_vmap
+def _rows_to_redo(flag: Bool[Array, ""]) -> Bool[Array, ""]:
+    """Inside :func:`_fallback`'s robust branch, which sequences take the robust result: unbatched
+    the branch runs only if ``flag`` holds, so a constant True (the compiler then drops the select and
+    keeps no copy of the fast results); under ``jax.vmap``, ``flag`` of each member."""
+    return jnp.ones_like(flag)
+
+
+@_rows_to_redo.def_vmap
+def _rows_to_redo_rule(axis_size, in_batched, flag):
+    (batched,) = in_batched
+    return flag, batched
+
+
+def _fallback(underflow, fast, robust, robust_args):
+    """``robust(*robust_args)`` where ``underflow``, else ``fast`` -- computing the robust pass only if needed.
+
+    A ``lax.cond`` on ``underflow`` itself would do, unbatched; but under ``jax.vmap`` a cond on a
+    batched predicate becomes a ``select`` that runs both branches for every sequence, so the
+    rarely needed robust pass would cost every batch as much as the fast one. The predicate here is
+    "some sequence of the batch underflowed" (:func:`_any_in_batch`, unbatched), and within that
+    branch each sequence selects its own result, so every sequence gets what it gets unbatched.
+    Derivatives are those of the same ``cond`` (the predicate is boolean).
+    """
+
+    def redo():
+        again = robust(*robust_args)
+        take = _rows_to_redo(underflow)
+        return jax.tree.map(lambda r, f: jnp.where(take, r, f), again, fast)
+
+    return lax.cond(_any_in_batch(underflow), redo, lambda: fast)
+
+
 def _forward_scan(
     initial_probs: Float[Array, " K"],
     transition_matrix: Float[Array, "*S K K"],
@@ -380,9 +425,7 @@ def _forward_scan(
     threshold = _underflow_threshold(masked_ll.dtype)
     # ``not >=`` also catches NaN (a zero normaliser propagates NaN through the fast pass).
     underflow = jnp.logical_not(jnp.all(jnp.where(valid, fast[2], 0.0) >= threshold))
-    return lax.cond(
-        underflow, lambda: _robust_forward_scan(initial_probs, transition_matrix, masked_ll, valid), lambda: fast
-    )
+    return _fallback(underflow, fast, _robust_forward_scan, (initial_probs, transition_matrix, masked_ll, valid))
 
 
 def _forward_impl(
@@ -662,16 +705,16 @@ def _smoother_forward(initial_probs, transition_matrix, masked_ll, valid):
     threshold = math.exp(_underflow_threshold(masked_ll.dtype))
     underflow = jnp.logical_not(jnp.all(cs >= threshold))  # padded steps have c_t = 1
 
-    def _fast():
-        # c_t >= sqrt(tiny) and e <= 1: the weights are finite.
-        return raw, peaks, jnp.log(cs), emissions / cs[:, None]
+    # c_t >= sqrt(tiny) and e <= 1: the weights are finite.
+    fast = (raw, peaks, jnp.log(cs), emissions / cs[:, None])
+    return _fallback(underflow, fast, _robust_smoother_forward, (initial_probs, transition_matrix, masked_ll, valid))
 
-    def _robust():
-        filtered, robust_peaks, log_cs = _robust_forward_scan(initial_probs, transition_matrix, masked_ll, valid)
-        weights = _emission_weights(masked_ll, robust_peaks[:, None], log_cs[:, None])
-        return filtered, robust_peaks, log_cs, weights
 
-    return lax.cond(underflow, _robust, _fast)
+def _robust_smoother_forward(initial_probs, transition_matrix, masked_ll, valid):
+    """The smoother's forward pass in the underflow-proof form (see :func:`_smoother_forward`)."""
+    filtered, robust_peaks, log_cs = _robust_forward_scan(initial_probs, transition_matrix, masked_ll, valid)
+    weights = _emission_weights(masked_ll, robust_peaks[:, None], log_cs[:, None])
+    return filtered, robust_peaks, log_cs, weights
 
 
 def _smoother_backward(transition_matrix, weights, valid, raw, last):
