@@ -61,6 +61,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import ssmjax  # noqa: E402
+from _versions import installed_versions  # noqa: E402
 
 REPEATS = 5 if ARGS.quick else 11
 
@@ -316,20 +317,6 @@ def _print(row):
     )
 
 
-def _versions():
-    import importlib.metadata as md
-
-    v = {}
-    for pkg in ("jax", "jaxlib", "equinox", "numpy", "dynamax"):
-        try:
-            v[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            v[pkg] = None
-    v["ssmjax"] = ssmjax.__version__
-    v["python"] = platform.python_version()
-    return v
-
-
 def main():
     ssmjax.set_value_checks(False)
     device = jax.devices()[0]
@@ -347,7 +334,7 @@ def main():
             platform=platform.platform(), cpu_count=os.cpu_count(), device=str(device),
             device_kind=getattr(device, "device_kind", None),
         ),
-        versions=_versions(),
+        versions=installed_versions(("jax", "jaxlib", "equinox", "numpy", "dynamax")),
         settings=dict(repeats=REPEATS, dtype="float32", value_checks=False, checked_sequences=check),
         results=rows,
     )

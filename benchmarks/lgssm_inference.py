@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import ssmjax  # noqa: E402
+from _versions import installed_versions  # noqa: E402
 
 
 def _time(fn, repeats):
@@ -146,20 +147,6 @@ def bench_pykalman(p, ys, repeats):
     return out
 
 
-def _versions():
-    import importlib.metadata as md
-
-    v = {}
-    for pkg in ("jax", "jaxlib", "equinox", "numpy", "dynamax", "pykalman"):
-        try:
-            v[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            v[pkg] = None
-    v["ssmjax"] = ssmjax.__version__
-    v["python"] = platform.python_version()
-    return v
-
-
 def main():
     repeats = 5 if ARGS.quick else 11
     py_repeats = 1 if ARGS.quick else 3
@@ -205,7 +192,7 @@ def main():
             platform=platform.platform(), processor=platform.processor(), cpu_count=os.cpu_count(),
             device=str(jax.devices()[0]),
         ),
-        versions=_versions(),
+        versions=installed_versions(("jax", "jaxlib", "equinox", "numpy", "dynamax", "pykalman")),
         settings=dict(
             quick=ARGS.quick, repeats=repeats, pykalman_repeats=py_repeats, dtype="float32",
             timing="ssmjax and dynamax in interleaved rounds; pykalman on its own",
