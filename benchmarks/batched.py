@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -56,12 +55,11 @@ ARGS = _parse()
 os.environ.setdefault("JAX_PLATFORMS", "cuda" if ARGS.device == "gpu" else "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import ssmjax  # noqa: E402
-from _versions import installed_versions  # noqa: E402
+from _common import dynamax_lgssm_params, installed_versions, write_record  # noqa: E402
 
 REPEATS = 5 if ARGS.quick else 11
 
@@ -150,23 +148,8 @@ def _ssmjax_lgssm(p, parallel, ragged, smoother):
 def _dynamax_lgssm(p, parallel, smoother):
     from dynamax.linear_gaussian_ssm import inference as seq
     from dynamax.linear_gaussian_ssm import parallel_inference as par
-    from dynamax.linear_gaussian_ssm.inference import (
-        ParamsLGSSM, ParamsLGSSMDynamics, ParamsLGSSMEmissions, ParamsLGSSMInitial,
-    )
 
-    dx, dy = p["C"].shape[1], p["C"].shape[0]
-    f32 = np.float32
-    params = ParamsLGSSM(
-        initial=ParamsLGSSMInitial(mean=jnp.asarray(p["m0"]), cov=jnp.asarray(p["P0"])),
-        dynamics=ParamsLGSSMDynamics(
-            weights=jnp.asarray(p["A"]), bias=jnp.zeros(dx, f32), input_weights=jnp.zeros((dx, 0), f32),
-            cov=jnp.asarray(p["Q"]),
-        ),
-        emissions=ParamsLGSSMEmissions(
-            weights=jnp.asarray(p["C"]), bias=jnp.zeros(dy, f32), input_weights=jnp.zeros((dy, 0), f32),
-            cov=jnp.asarray(p["R"]),
-        ),
-    )
+    params = dynamax_lgssm_params(p)
     lib = par if parallel else seq
     fn = lib.lgssm_smoother if smoother else lib.lgssm_filter
     return jax.vmap(lambda y: fn(params, y)), lambda r: (
@@ -338,10 +321,7 @@ def main():
         settings=dict(repeats=REPEATS, dtype="float32", value_checks=False, checked_sequences=check),
         results=rows,
     )
-    out = pathlib.Path(ARGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    write_record(ARGS.out, record)
 
 
 if __name__ == "__main__":

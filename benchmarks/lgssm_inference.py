@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -46,7 +45,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import ssmjax  # noqa: E402
-from _versions import installed_versions  # noqa: E402
+from _common import dynamax_lgssm_params, installed_versions, write_record  # noqa: E402
 
 
 def _time(fn, repeats):
@@ -110,23 +109,8 @@ def ssmjax_calls(p, ys):
 
 def dynamax_calls(p, ys):
     from dynamax.linear_gaussian_ssm import lgssm_filter, lgssm_smoother
-    from dynamax.linear_gaussian_ssm.inference import (
-        ParamsLGSSM, ParamsLGSSMEmissions, ParamsLGSSMInitial, ParamsLGSSMDynamics,
-    )
 
-    dx, dy = p["C"].shape[1], p["C"].shape[0]
-    f32 = jnp.float32
-    params = ParamsLGSSM(
-        initial=ParamsLGSSMInitial(mean=jnp.asarray(p["m0"]), cov=jnp.asarray(p["P0"])),
-        dynamics=ParamsLGSSMDynamics(
-            weights=jnp.asarray(p["A"]), bias=jnp.zeros(dx, f32),
-            input_weights=jnp.zeros((dx, 0), f32), cov=jnp.asarray(p["Q"]),
-        ),
-        emissions=ParamsLGSSMEmissions(
-            weights=jnp.asarray(p["C"]), bias=jnp.zeros(dy, f32),
-            input_weights=jnp.zeros((dy, 0), f32), cov=jnp.asarray(p["R"]),
-        ),
-    )
+    params = dynamax_lgssm_params(p)
     y = jnp.asarray(ys)
     filt = jax.jit(lambda pr, y: lgssm_filter(pr, y))
     smooth = jax.jit(lambda pr, y: lgssm_smoother(pr, y))
@@ -199,10 +183,7 @@ def main():
         ),
         results=results,
     )
-    out = pathlib.Path(ARGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    write_record(ARGS.out, record)
 
 
 if __name__ == "__main__":

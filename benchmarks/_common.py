@@ -1,0 +1,52 @@
+"""Helpers shared by the benchmark scripts: installed versions, and writing a JSON record."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+
+def installed_versions(packages) -> dict:
+    """``{package: version or None}`` for ``packages``, plus ssmjax's and Python's versions."""
+    import ssmjax
+
+    versions = {}
+    for pkg in packages:
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    versions["ssmjax"] = ssmjax.__version__
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def write_record(path, record: dict) -> None:
+    """Write a benchmark's results as JSON (parent folders created) and say where."""
+    import json
+    import pathlib
+
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+
+
+def dynamax_lgssm_params(p: dict):
+    """dynamax's ``ParamsLGSSM`` for the benchmark problems' ``dict(m0, P0, A, Q, C, R)`` (no inputs or biases)."""
+    import jax.numpy as jnp
+    from dynamax.linear_gaussian_ssm.inference import (
+        ParamsLGSSM, ParamsLGSSMDynamics, ParamsLGSSMEmissions, ParamsLGSSMInitial,
+    )
+
+    dy, dx = p["C"].shape
+    zeros = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
+    return ParamsLGSSM(
+        initial=ParamsLGSSMInitial(mean=jnp.asarray(p["m0"]), cov=jnp.asarray(p["P0"])),
+        dynamics=ParamsLGSSMDynamics(
+            weights=jnp.asarray(p["A"]), bias=zeros(dx), input_weights=zeros(dx, 0), cov=jnp.asarray(p["Q"]),
+        ),
+        emissions=ParamsLGSSMEmissions(
+            weights=jnp.asarray(p["C"]), bias=zeros(dy), input_weights=zeros(dy, 0), cov=jnp.asarray(p["R"]),
+        ),
+    )
