@@ -104,13 +104,14 @@ def test_unrolled_lu_solves_match_lapack(n):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-9, atol=1e-9)
 
 
-def test_small_path_equals_general_path(monkeypatch):
+@pytest.mark.parametrize("name", ["full", "inputs-missing"])
+def test_small_path_equals_general_path(monkeypatch, name):
     """The unrolled small-dimension path (SmallOps, unrolled LU) and the library path agree: values,
     padded outputs and gradients."""
     from ssmjax._lgssm import inference as lgssm_inference
     from ssmjax._lgssm import small
 
-    params, y, u = make_case("full", seed=4)
+    params, y, u = make_case(name, seed=4)  # Dy < Dx and Dy > Dx
     model = to_model(params)
     T, T_pad = y.shape[0], y.shape[0] + 2
     padded_params, y_p, u_p = _pad(params, y, u, T_pad, np.nan)

@@ -174,9 +174,21 @@ def _filtering_elements(s, ops):
 
 
 def _lu_solve_both(X, rhs, rhs_t):
-    """``(X^{-1} rhs, X^{-T} rhs_t)`` from one LU factorisation with partial pivoting (library)."""
-    lu_piv = jsl.lu_factor(X)
-    return jsl.lu_solve(lu_piv, rhs), jsl.lu_solve(lu_piv, rhs_t, trans=1)
+    """``(X^{-1} rhs, X^{-T} rhs_t)`` with LAPACK (LU with partial pivoting), as one batched solve of the
+    stacked systems ``[X, X^T]``: a single getrf -> trsm -> trsm chain.
+
+    Two independent LAPACK calls in one program (say, one LU and two ``lu_solve``) can deadlock
+    XLA:CPU with jaxlib 0.10.2: its batched LAPACK kernels split a large batch into chunks on the
+    intra-op thread pool and block until they finish, so when as many such calls run at once as the
+    pool has threads (two on a 2-core machine), every thread waits for chunks that no thread is free
+    to run. The vmapped parallel filter hung that way in about half of the runs; see
+    ``benchmarks/README.md``. Factorising X^T again costs one more small LU per combination.
+    """
+    width, width_t = rhs.shape[-1], rhs_t.shape[-1]
+    m = max(width, width_t)
+    pad = lambda b: jnp.concatenate([b, jnp.zeros(b.shape[:-1] + (m - b.shape[-1],), b.dtype)], axis=-1)  # noqa: E731
+    both = jnp.linalg.solve(jnp.stack([X, _t(X)]), jnp.stack([pad(rhs), pad(rhs_t)]))
+    return both[0][..., :width], both[1][..., :width_t]
 
 
 def _lu_solve_both_unrolled(X, rhs, rhs_t):
@@ -274,8 +286,8 @@ def _pad_with(x, valid, last):
     return jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, last)
 
 
-def _filter(s, length, ops):
-    """``(loglik, fm, fc, pm, pc)`` from the prefix scan."""
+def _filter_moments(s, length, ops):
+    """``(fm, fc, pm, pc)`` from the prefix scan."""
     _mm, _mv = ops.mm, ops.mv
     combine = functools.partial(_filtering_combine, ops=ops)
     _, fm, fc, _, _ = lax.associative_scan(combine, _filtering_elements(s, ops))
@@ -290,16 +302,56 @@ def _filter(s, length, ops):
     pc = jnp.concatenate([s["P0"][None], symmetrize(_mm(_mm(F, fc[:-1]), _t(F)) + Q)])
     if length is not None:
         pm, pc = _pad_with(pm, valid, last_m), _pad_with(pc, valid, last_c)
-    # log-likelihood of every observed entry given the past
-    H, R, mask = s["H"], s["R"], s["mask"]
-    S = symmetrize(_mm(_mm(H, pc), _t(H)) + R)
-    resid = jnp.where(mask, s["r"] - _mv(H, pm), 0.0)
+    return fm, fc, pm, pc
+
+
+def _innovations(s, pm, pc, ops):
+    """Innovation covariances (T, Dy, Dy) and residuals (T, Dy) of every step given the past."""
+    H, R = s["H"], s["R"]
+    S = symmetrize(ops.mm(ops.mm(H, pc), _t(H)) + R)
+    resid = jnp.where(s["mask"], s["r"] - ops.mv(H, pm), 0.0)
+    return S, resid
+
+
+def _loglik(s, log_diag, z):
+    """``log p(y)`` from the innovations' Cholesky log-diagonals (T, Dy) and whitened residuals (T, Dy)."""
+    nobs = jnp.sum(s["mask"]).astype(z.dtype)
+    return -0.5 * jnp.sum(z * z) - jnp.sum(log_diag) - 0.5 * nobs * _LOG_2PI
+
+
+def _filter(s, length, ops):
+    """``(loglik, fm, fc, pm, pc)``."""
+    fm, fc, pm, pc = _filter_moments(s, length, ops)
+    S, resid = _innovations(s, pm, pc, ops)
     log_diag, z = ops.cholesky_solve_lower(S, resid[..., None])
-    z = z[..., 0]
-    nobs = jnp.sum(mask).astype(z.dtype)
-    log_det = jnp.sum(log_diag)
-    loglik = -0.5 * jnp.sum(z * z) - log_det - 0.5 * nobs * _LOG_2PI
-    return loglik, fm, fc, pm, pc
+    return _loglik(s, log_diag, z[..., 0]), fm, fc, pm, pc
+
+
+def _block(a, n):
+    """``a`` (..., k, k) as the leading block of ``diag(a, I)`` (..., n, n)."""
+    k = a.shape[-1]
+    if k == n:
+        return a
+    eye = jnp.eye(n, dtype=a.dtype)
+    return eye.at[:k, :k].set(0.0) + jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, n - k), (0, n - k)])
+
+
+def _joint_cholesky_solves(S, resid, pred, FP):
+    """Library path of the smoother: the log-likelihood's ``(log diag L_S, L_S^{-1} r)`` and the gains'
+    ``P_{t+1|t}^{-1} F_t P_{t|t}``, with both systems in one batched Cholesky and solve chain (block
+    ``diag(S, I)`` and ``diag(P, I)`` of a common size; the identity blocks add log 1 = 0 and zero
+    rows). Two independent LAPACK chains could run concurrently and deadlock XLA:CPU (see
+    :func:`_lu_solve_both`)."""
+    num_timesteps, dy = resid.shape
+    dx = FP.shape[-1]
+    n = max(dx, dy)
+    rhs_s = jnp.zeros((num_timesteps, n, dx), resid.dtype).at[:, :dy, 0].set(resid)
+    rhs_p = jnp.pad(FP, [(0, 0), (0, n - dx), (0, 0)])
+    chol = jnp.linalg.cholesky(jnp.concatenate([_block(S, n), _block(pred, n)]))
+    half = jsl.solve_triangular(chol, jnp.concatenate([rhs_s, rhs_p]), lower=True)
+    gain_t = jsl.solve_triangular(chol[num_timesteps:], half[num_timesteps:], lower=True, trans="T")
+    log_diag = jnp.log(jnp.diagonal(chol[:num_timesteps], axis1=-2, axis2=-1))
+    return log_diag, half[:num_timesteps, :dy, 0], gain_t[:, :dx]
 
 
 # --------------------------------------------------------------------------- smoothing
@@ -316,24 +368,20 @@ def _smoothing_combine(earlier, later, ops):
     return E, g, L
 
 
-def _smooth(s, fm, fc, pm, pc, length, ops):
-    """``(sm, sc, cross)`` from the suffix scan."""
+def _gain_system(s, fc, pc, ops):
+    """The RTS gains' system ``P_{t+1|t} E_t^T = F_t P_{t|t}``: ``(P, F P)`` for t = 0..T-2, with the identity
+    for ``P`` where ``t + 1 >= length`` (those gains are zeroed)."""
+    dx = fc.shape[-1]
+    vn = s["valid_next"][:-1]
+    pred = jnp.where(vn[:, None, None], pc[1:], jnp.eye(dx, dtype=fc.dtype))
+    return pred, ops.mm(s["F"][:-1], fc[:-1])
+
+
+def _smooth(s, fm, fc, pm, gain_t, FP, length, ops):
+    """``(sm, sc, cross)`` from the suffix scan, given ``gain_t = P_{t+1|t}^{-1} F_t P_{t|t}`` (T-1, Dx, Dx)."""
     _mm, _mv = ops.mm, ops.mv
     num_timesteps, dx = fm.shape
-    if num_timesteps == 1:
-        # Nothing to smooth. Skipping the empty (0, Dx, Dx) batch also avoids a zero-size LAPACK
-        # call: with it, XLA:CPU on a 1-CPU affinity (jaxlib 0.10.2) compiled the step's other
-        # Cholesky as an untyped custom call that fails at run time ("No registered implementation
-        # for untyped custom call to lapack_dpotrf_ffi"); see test_single_step_on_one_cpu.
-        return fm, fc, jnp.zeros((0, dx, dx), fm.dtype)
-    eye = jnp.eye(dx, dtype=fm.dtype)
     vn = s["valid_next"][:-1]
-    F = s["F"][:-1]
-    # gains E_t = P_{t|t} F_t^T P_{t+1|t}^{-1} (Cholesky solve), zero where t + 1 >= length
-    pred = jnp.where(vn[:, None, None], pc[1:], eye)
-    chol = ops.cholesky(pred)
-    FP = _mm(F, fc[:-1])  # P_{t+1|t} E_t^T = F_t P_{t|t}
-    gain_t = ops.solve_lower_t(chol, ops.solve_lower(chol, FP))
     gain = jnp.where(vn[:, None, None], _t(gain_t), 0.0)
     g = fm[:-1] - _mv(gain, pm[1:])
     L = symmetrize(fc[:-1] - _mm(gain, FP))
@@ -380,6 +428,25 @@ def _smoother_parallel(
     ops: type = GeneralOps,
 ) -> RTSSmootherResult:
     s = _steps(model, emissions, inputs, length)
-    loglik, fm, fc, pm, pc = _filter(s, length, ops)
-    sm, sc, cross = _smooth(s, fm, fc, pm, pc, length, ops)
+    fm, fc, pm, pc = _filter_moments(s, length, ops)
+    S, resid = _innovations(s, pm, pc, ops)
+    num_timesteps, dx = fm.shape
+    if num_timesteps == 1:
+        # Nothing to smooth. Skipping the empty (0, Dx, Dx) batch also avoids a zero-size LAPACK
+        # call: with it, XLA:CPU on a 1-CPU affinity (jaxlib 0.10.2) compiled the step's other
+        # Cholesky as an untyped custom call that fails at run time ("No registered implementation
+        # for untyped custom call to lapack_dpotrf_ffi"); see test_single_step_on_one_cpu.
+        log_diag, z = ops.cholesky_solve_lower(S, resid[..., None])
+        loglik = _loglik(s, log_diag, z[..., 0])
+        return RTSSmootherResult(loglik, fm, fc, pm, pc, fm, fc, jnp.zeros((0, dx, dx), fm.dtype))
+    pred, FP = _gain_system(s, fc, pc, ops)
+    if ops is GeneralOps:
+        log_diag, z, gain_t = _joint_cholesky_solves(S, resid, pred, FP)
+    else:
+        log_diag, z = ops.cholesky_solve_lower(S, resid[..., None])
+        z = z[..., 0]
+        chol = ops.cholesky(pred)
+        gain_t = ops.solve_lower_t(chol, ops.solve_lower(chol, FP))
+    loglik = _loglik(s, log_diag, z)
+    sm, sc, cross = _smooth(s, fm, fc, pm, gain_t, FP, length, ops)
     return RTSSmootherResult(loglik, fm, fc, pm, pc, sm, sc, cross)
