@@ -37,7 +37,7 @@ import ssmjax
 # the parallel-in-time algorithms, reached through the public functions
 kalman_filter_parallel = functools.partial(ssmjax.kalman_filter, parallel=True)
 rts_smoother_parallel = functools.partial(ssmjax.rts_smoother, parallel=True)
-from ssmjax._lgssm import parallel
+from ssmjax._lgssm import parallel, small
 
 F64 = tol(np.float64)
 FILTER_FIELDS = FIELDS[:5]
@@ -97,8 +97,8 @@ def test_unrolled_lu_solves_match_lapack(n):
     if n > 1:
         X[8:16, 0, 0] = 0.0  # the first column's pivot must come from another row
     rhs, rhs_t = rng.normal(size=(40, n, 4)), rng.normal(size=(40, n, 3))
-    got, got_t = parallel._lu_solve_both_unrolled(jnp.asarray(X), jnp.asarray(rhs), jnp.asarray(rhs_t))
-    lib, lib_t = parallel._lu_solve_both(jnp.asarray(X), jnp.asarray(rhs), jnp.asarray(rhs_t))
+    got, got_t = small.SmallOps.lu_solve_both(jnp.asarray(X), jnp.asarray(rhs), jnp.asarray(rhs_t))
+    lib, lib_t = small.GeneralOps.lu_solve_both(jnp.asarray(X), jnp.asarray(rhs), jnp.asarray(rhs_t))
     want, want_t = np.linalg.solve(X, rhs), np.linalg.solve(np.swapaxes(X, -1, -2), rhs_t)
     for a, b in ((got, want), (got_t, want_t), (lib, want), (lib_t, want_t)):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-9, atol=1e-9)
@@ -109,7 +109,6 @@ def test_small_path_equals_general_path(monkeypatch, name):
     """The unrolled small-dimension path (SmallOps, unrolled LU) and the library path agree: values,
     padded outputs and gradients."""
     from ssmjax._lgssm import inference as lgssm_inference
-    from ssmjax._lgssm import small
 
     params, y, u = make_case(name, seed=4)  # Dy < Dx and Dy > Dx
     model = to_model(params)

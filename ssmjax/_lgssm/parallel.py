@@ -97,7 +97,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .inference import KalmanFilterResult, RTSSmootherResult, _canonical, _validate
 from .model import LGSSM
-from .small import GeneralOps, SmallOps, symmetrize
+from .small import GeneralOps, symmetrize
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -173,85 +173,6 @@ def _filtering_elements(s, ops):
     return A, b, C, eta, J
 
 
-def _lu_solve_both(X, rhs, rhs_t):
-    """``(X^{-1} rhs, X^{-T} rhs_t)`` with LAPACK (LU with partial pivoting), as one batched solve of the
-    stacked systems ``[X, X^T]``: a single getrf -> trsm -> trsm chain.
-
-    Two independent LAPACK calls in one program (say, one LU and two ``lu_solve``) can deadlock
-    XLA:CPU with jaxlib 0.10.2: its batched LAPACK kernels split a large batch into chunks on the
-    intra-op thread pool and block until they finish, so when as many such calls run at once as the
-    pool has threads (two on a 2-core machine), every thread waits for chunks that no thread is free
-    to run. The vmapped parallel filter hung that way in about half of the runs; see
-    ``benchmarks/README.md``. Factorising X^T again costs one more small LU per combination.
-    """
-    width, width_t = rhs.shape[-1], rhs_t.shape[-1]
-    m = max(width, width_t)
-    pad = lambda b: jnp.concatenate([b, jnp.zeros(b.shape[:-1] + (m - b.shape[-1],), b.dtype)], axis=-1)  # noqa: E731
-    both = jnp.linalg.solve(jnp.stack([X, _t(X)]), jnp.stack([pad(rhs), pad(rhs_t)]))
-    return both[0][..., :width], both[1][..., :width_t]
-
-
-def _lu_solve_both_unrolled(X, rhs, rhs_t):
-    """:func:`_lu_solve_both` unrolled over the (static, small) size: the same algorithm as LAPACK's
-    ``getrf`` -- Gaussian elimination with partial pivoting (largest magnitude in the column, first
-    one on ties), multipliers stored in place -- written as elementwise arithmetic on rows, so
-    that XLA fuses the factorisation and both solves into a few loop kernels (on a GPU, instead of
-    batched solver calls for tiny matrices). Batched over leading axes."""
-    n = X.shape[-1]
-    cols = jnp.arange(n)
-    rows = [X[..., i, :] for i in range(n)]  # (..., n) each; L below the diagonal, U on and above
-    b_rows = [rhs[..., i, :] for i in range(n)]
-    perm = [jnp.full(X.shape[:-2], i, jnp.int32) for i in range(n)]  # row i of P X is row perm[i] of X
-    for k in range(n):
-        # pivot: the first row i >= k with the largest |X[i, k]| (what LAPACK's i*amax picks)
-        best, piv = jnp.abs(rows[k][..., k]), jnp.full(X.shape[:-2], k, jnp.int32)
-        for i in range(k + 1, n):
-            mag = jnp.abs(rows[i][..., k])
-            take = mag > best
-            best, piv = jnp.where(take, mag, best), jnp.where(take, i, piv)
-        old_k, old_b, old_p = rows[k], b_rows[k], perm[k]
-        for i in range(k + 1, n):  # swap rows k and piv
-            sel = piv == i
-            rows[k] = jnp.where(sel[..., None], rows[i], rows[k])
-            b_rows[k] = jnp.where(sel[..., None], b_rows[i], b_rows[k])
-            perm[k] = jnp.where(sel, perm[i], perm[k])
-            rows[i] = jnp.where(sel[..., None], old_k, rows[i])
-            b_rows[i] = jnp.where(sel[..., None], old_b, b_rows[i])
-            perm[i] = jnp.where(sel, old_p, perm[i])
-        inv_pivot = 1.0 / rows[k][..., k : k + 1]
-        for i in range(k + 1, n):
-            factor = rows[i][..., k : k + 1] * inv_pivot
-            rows[i] = jnp.where(cols > k, rows[i] - factor * rows[k], jnp.where(cols == k, factor, rows[i]))
-            b_rows[i] = b_rows[i] - factor * b_rows[k]
-    # X sol = rhs: back substitution with U (rhs already permuted and eliminated)
-    sol = [None] * n
-    for i in reversed(range(n)):
-        acc = b_rows[i]
-        for k in range(i + 1, n):
-            acc = acc - rows[i][..., k : k + 1] * sol[k]
-        sol[i] = acc / rows[i][..., i : i + 1]
-    # X^T sol_t = rhs_t with X = P^T L U: U^T w = rhs_t, L^T v = w, sol_t = P^T v
-    w = [None] * n
-    for i in range(n):
-        acc = rhs_t[..., i, :]
-        for k in range(i):
-            acc = acc - rows[k][..., i : i + 1] * w[k]
-        w[i] = acc / rows[i][..., i : i + 1]
-    v = [None] * n
-    for i in reversed(range(n)):
-        acc = w[i]
-        for k in range(i + 1, n):
-            acc = acc - rows[k][..., i : i + 1] * v[k]
-        v[i] = acc
-    sol_t = []
-    for j in range(n):  # sol_t[perm[i]] = v[i]
-        acc = jnp.zeros_like(v[0])
-        for i in range(n):
-            acc = jnp.where((perm[i] == j)[..., None], v[i], acc)
-        sol_t.append(acc)
-    return jnp.stack(sol, axis=-2), jnp.stack(sol_t, axis=-2)
-
-
 def _filtering_combine(earlier, later, ops):
     """Combine (batched) filtering elements, ``earlier`` then ``later``."""
     _mm, _mv = ops.mm, ops.mv
@@ -262,9 +183,7 @@ def _filtering_combine(earlier, later, ops):
     X = eye + _mm(C_i, J_j)
     rhs = jnp.concatenate([A_i, (b_i + _mv(C_i, eta_j))[..., None], C_i], axis=-1)
     rhs_t = jnp.concatenate([(eta_j - _mv(J_j, b_i))[..., None], _mm(J_j, A_i)], axis=-1)
-    # one LU for both X and X^T
-    solve = _lu_solve_both_unrolled if ops is SmallOps else _lu_solve_both
-    sol, sol_t = solve(X, rhs, rhs_t)
+    sol, sol_t = ops.lu_solve_both(X, rhs, rhs_t)  # one LU for X and X^T
     sol_A, sol_b, sol_C = sol[..., :dx], sol[..., dx], sol[..., dx + 1 :]
     A = _mm(A_j, sol_A)
     b = _mv(A_j, sol_b) + b_j
@@ -313,18 +232,23 @@ def _innovations(s, pm, pc, ops):
     return S, resid
 
 
-def _loglik(s, log_diag, z):
+def _loglik_from(s, log_diag, z):
     """``log p(y)`` from the innovations' Cholesky log-diagonals (T, Dy) and whitened residuals (T, Dy)."""
     nobs = jnp.sum(s["mask"]).astype(z.dtype)
     return -0.5 * jnp.sum(z * z) - jnp.sum(log_diag) - 0.5 * nobs * _LOG_2PI
 
 
+def _loglik(s, pm, pc, ops):
+    """``log p(y)`` of every observed entry given the past."""
+    S, resid = _innovations(s, pm, pc, ops)
+    log_diag, z = ops.cholesky_solve_lower(S, resid[..., None])
+    return _loglik_from(s, log_diag, z[..., 0])
+
+
 def _filter(s, length, ops):
     """``(loglik, fm, fc, pm, pc)``."""
     fm, fc, pm, pc = _filter_moments(s, length, ops)
-    S, resid = _innovations(s, pm, pc, ops)
-    log_diag, z = ops.cholesky_solve_lower(S, resid[..., None])
-    return _loglik(s, log_diag, z[..., 0]), fm, fc, pm, pc
+    return _loglik(s, pm, pc, ops), fm, fc, pm, pc
 
 
 def _block(a, n):
@@ -341,7 +265,7 @@ def _joint_cholesky_solves(S, resid, pred, FP):
     ``P_{t+1|t}^{-1} F_t P_{t|t}``, with both systems in one batched Cholesky and solve chain (block
     ``diag(S, I)`` and ``diag(P, I)`` of a common size; the identity blocks add log 1 = 0 and zero
     rows). Two independent LAPACK chains could run concurrently and deadlock XLA:CPU (see
-    :func:`_lu_solve_both`)."""
+    :meth:`GeneralOps.lu_solve_both <ssmjax._lgssm.small.GeneralOps.lu_solve_both>`)."""
     num_timesteps, dy = resid.shape
     dx = FP.shape[-1]
     n = max(dx, dy)
@@ -428,25 +352,22 @@ def _smoother_parallel(
     ops: type = GeneralOps,
 ) -> RTSSmootherResult:
     s = _steps(model, emissions, inputs, length)
-    fm, fc, pm, pc = _filter_moments(s, length, ops)
-    S, resid = _innovations(s, pm, pc, ops)
-    num_timesteps, dx = fm.shape
+    num_timesteps, dx = emissions.shape[0], s["m0"].shape[-1]
     if num_timesteps == 1:
         # Nothing to smooth. Skipping the empty (0, Dx, Dx) batch also avoids a zero-size LAPACK
         # call: with it, XLA:CPU on a 1-CPU affinity (jaxlib 0.10.2) compiled the step's other
         # Cholesky as an untyped custom call that fails at run time ("No registered implementation
         # for untyped custom call to lapack_dpotrf_ffi"); see test_single_step_on_one_cpu.
-        log_diag, z = ops.cholesky_solve_lower(S, resid[..., None])
-        loglik = _loglik(s, log_diag, z[..., 0])
+        loglik, fm, fc, pm, pc = _filter(s, length, ops)
         return RTSSmootherResult(loglik, fm, fc, pm, pc, fm, fc, jnp.zeros((0, dx, dx), fm.dtype))
+    fm, fc, pm, pc = _filter_moments(s, length, ops)
     pred, FP = _gain_system(s, fc, pc, ops)
-    if ops is GeneralOps:
-        log_diag, z, gain_t = _joint_cholesky_solves(S, resid, pred, FP)
+    if ops is GeneralOps:  # the log-likelihood's and the gains' solves as one LAPACK chain
+        log_diag, z, gain_t = _joint_cholesky_solves(*_innovations(s, pm, pc, ops), pred, FP)
+        loglik = _loglik_from(s, log_diag, z)
     else:
-        log_diag, z = ops.cholesky_solve_lower(S, resid[..., None])
-        z = z[..., 0]
+        loglik = _loglik(s, pm, pc, ops)
         chol = ops.cholesky(pred)
         gain_t = ops.solve_lower_t(chol, ops.solve_lower(chol, FP))
-    loglik = _loglik(s, log_diag, z)
     sm, sc, cross = _smooth(s, fm, fc, pm, gain_t, FP, length, ops)
     return RTSSmootherResult(loglik, fm, fc, pm, pc, sm, sc, cross)

@@ -75,6 +75,24 @@ class GeneralOps:
         chol = jnp.linalg.cholesky(s)
         return jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), jsl.solve_triangular(chol, b, lower=True)
 
+    @staticmethod
+    def lu_solve_both(X, rhs, rhs_t):
+        """``(X^{-1} rhs, X^{-T} rhs_t)`` with LAPACK (LU with partial pivoting), as one batched solve of the
+        stacked systems ``[X, X^T]``: a single getrf -> trsm -> trsm chain.
+
+        Two independent LAPACK calls in one program (say, one LU and two ``lu_solve``) can deadlock
+        XLA:CPU with jaxlib 0.10.2: its batched LAPACK kernels split a large batch into chunks on the
+        intra-op thread pool and block until they finish, so when as many such calls run at once as the
+        pool has threads (two on a 2-core machine), every thread waits for chunks that no thread is free
+        to run. The vmapped parallel filter hung that way in about half of the runs; see
+        ``benchmarks/README.md``. Factorising X^T again costs one more small LU per combination.
+        """
+        width, width_t = rhs.shape[-1], rhs_t.shape[-1]
+        m = max(width, width_t)
+        pad = lambda b: jnp.concatenate([b, jnp.zeros(b.shape[:-1] + (m - b.shape[-1],), b.dtype)], axis=-1)  # noqa: E731
+        both = jnp.linalg.solve(jnp.stack([X, jnp.swapaxes(X, -1, -2)]), jnp.stack([pad(rhs), pad(rhs_t)]))
+        return both[0][..., :width], both[1][..., :width_t]
+
 
 class SmallOps:
     """Elementwise implementations unrolled over the (static) matrix size."""
@@ -159,6 +177,67 @@ class SmallOps:
                 r = r - chol[..., k, i : i + 1] * rows[k]
             rows[i] = r / chol[..., i, i : i + 1]
         return jnp.stack(rows, axis=-2)
+
+    @staticmethod
+    def lu_solve_both(X, rhs, rhs_t):
+        """:meth:`GeneralOps.lu_solve_both` unrolled over the (static, small) size: the same algorithm as LAPACK's
+        ``getrf`` -- Gaussian elimination with partial pivoting (largest magnitude in the column, first
+        one on ties), multipliers stored in place -- written as elementwise arithmetic on rows, so
+        that XLA fuses the factorisation and both solves into a few loop kernels (on a GPU, instead of
+        batched solver calls for tiny matrices). Batched over leading axes."""
+        n = X.shape[-1]
+        cols = jnp.arange(n)
+        rows = [X[..., i, :] for i in range(n)]  # (..., n) each; L below the diagonal, U on and above
+        b_rows = [rhs[..., i, :] for i in range(n)]
+        perm = [jnp.full(X.shape[:-2], i, jnp.int32) for i in range(n)]  # row i of P X is row perm[i] of X
+        for k in range(n):
+            # pivot: the first row i >= k with the largest |X[i, k]| (what LAPACK's i*amax picks)
+            best, piv = jnp.abs(rows[k][..., k]), jnp.full(X.shape[:-2], k, jnp.int32)
+            for i in range(k + 1, n):
+                mag = jnp.abs(rows[i][..., k])
+                take = mag > best
+                best, piv = jnp.where(take, mag, best), jnp.where(take, i, piv)
+            old_k, old_b, old_p = rows[k], b_rows[k], perm[k]
+            for i in range(k + 1, n):  # swap rows k and piv
+                sel = piv == i
+                rows[k] = jnp.where(sel[..., None], rows[i], rows[k])
+                b_rows[k] = jnp.where(sel[..., None], b_rows[i], b_rows[k])
+                perm[k] = jnp.where(sel, perm[i], perm[k])
+                rows[i] = jnp.where(sel[..., None], old_k, rows[i])
+                b_rows[i] = jnp.where(sel[..., None], old_b, b_rows[i])
+                perm[i] = jnp.where(sel, old_p, perm[i])
+            inv_pivot = 1.0 / rows[k][..., k : k + 1]
+            for i in range(k + 1, n):
+                factor = rows[i][..., k : k + 1] * inv_pivot
+                rows[i] = jnp.where(cols > k, rows[i] - factor * rows[k], jnp.where(cols == k, factor, rows[i]))
+                b_rows[i] = b_rows[i] - factor * b_rows[k]
+        # X sol = rhs: back substitution with U (rhs already permuted and eliminated)
+        sol = [None] * n
+        for i in reversed(range(n)):
+            acc = b_rows[i]
+            for k in range(i + 1, n):
+                acc = acc - rows[i][..., k : k + 1] * sol[k]
+            sol[i] = acc / rows[i][..., i : i + 1]
+        # X^T sol_t = rhs_t with X = P^T L U: U^T w = rhs_t, L^T v = w, sol_t = P^T v
+        w = [None] * n
+        for i in range(n):
+            acc = rhs_t[..., i, :]
+            for k in range(i):
+                acc = acc - rows[k][..., i : i + 1] * w[k]
+            w[i] = acc / rows[i][..., i : i + 1]
+        v = [None] * n
+        for i in reversed(range(n)):
+            acc = w[i]
+            for k in range(i + 1, n):
+                acc = acc - rows[k][..., i : i + 1] * v[k]
+            v[i] = acc
+        sol_t = []
+        for j in range(n):  # sol_t[perm[i]] = v[i]
+            acc = jnp.zeros_like(v[0])
+            for i in range(n):
+                acc = jnp.where((perm[i] == j)[..., None], v[i], acc)
+            sol_t.append(acc)
+        return jnp.stack(sol, axis=-2), jnp.stack(sol_t, axis=-2)
 
 
 def choose_ops(state_dim: int, emission_dim: int, force: str | None = None):
