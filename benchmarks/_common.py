@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: installed versions, and writing a JSON record."""
+"""Helpers shared by the benchmark scripts: installed versions, a JSON record, timing, dynamax parameters."""
 
 from __future__ import annotations
 
@@ -50,3 +50,23 @@ def dynamax_lgssm_params(p: dict):
             weights=jnp.asarray(p["C"]), bias=zeros(dy), input_weights=zeros(dy, 0), cov=jnp.asarray(p["R"]),
         ),
     )
+
+
+def compile_and_time(fn, *args, repeats: int):
+    """``(compile s, median run s, output)`` of ``jax.jit(fn)(*args)``: compiled ahead, one warm call, then
+    ``repeats`` timed calls (``block_until_ready``)."""
+    import statistics
+    import time
+
+    import jax
+
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    out = jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return compile_s, statistics.median(times), out

@@ -29,9 +29,7 @@ import datetime
 import os
 import pathlib
 import platform
-import statistics
 import sys
-import time
 
 
 def _parse():
@@ -59,23 +57,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import ssmjax  # noqa: E402
-from _common import dynamax_lgssm_params, installed_versions, write_record  # noqa: E402
+from _common import compile_and_time, dynamax_lgssm_params, installed_versions, write_record  # noqa: E402
 
 REPEATS = 5 if ARGS.quick else 11
 
 
 def _timed(fn, *args):
-    """(compile s, median run s, output) of ``jax.jit(fn)(*args)``."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    out = jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return compile_s, statistics.median(times), out
+    return compile_and_time(fn, *args, repeats=REPEATS)
 
 
 def _rel(out, ref):

@@ -20,9 +20,7 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 
 def _parse():
@@ -41,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ssmjax  # noqa: E402
+from _common import compile_and_time  # noqa: E402
 from ssmjax._hmm import inference as _sequential  # noqa: E402
 from ssmjax._hmm import parallel as _parallel  # noqa: E402
 
@@ -49,23 +48,11 @@ TIMESTEPS = (10**2, 10**3, 10**4, 10**5) if ARGS.quick else (10**2, 10**3, 10**4
 REPEATS = 5 if ARGS.quick else 9
 
 
-def _median_time(fn, *args, repeats=REPEATS):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _timing(fn, *args):
-    """(compile seconds, median run seconds) of a jitted function."""
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(*args))  # warm
-    repeats = REPEATS if args[2].shape[0] < 10**6 else 5
-    return compile_s, _median_time(compiled, *args, repeats=repeats)
+    """(compile seconds, median run seconds) of a jitted function (fewer repeats at T = 10^6)."""
+    num_timesteps = max(a.shape[0] for a in jax.tree.leaves(args) if getattr(a, "ndim", 0) >= 2)
+    compile_s, median_s, _ = compile_and_time(fn, *args, repeats=REPEATS if num_timesteps < 10**6 else 5)
+    return compile_s, median_s
 
 
 def _model(num_timesteps, num_states=NUM_STATES, seed=0):
@@ -147,15 +134,6 @@ def _lgssm_functions():
     }
 
 
-def _lgssm_timing(fn, *args):
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(*args))  # warm
-    repeats = REPEATS if args[1].shape[0] < 10**6 else 5
-    return compile_s, _median_time(compiled, *args, repeats=repeats)
-
-
 def _lgssm_rows():
     """Sequential (standard covariance form, as ssmjax.kalman_filter/rts_smoother) vs parallel, float32."""
     rows = []
@@ -165,8 +143,8 @@ def _lgssm_rows():
     for num_timesteps in [t for t in TIMESTEPS if t <= 10**4]:
         args = _lgssm_args(num_timesteps)
         for name, (seq_fn, par_fn) in functions.items():
-            seq_compile, seq_s = _lgssm_timing(seq_fn, *args)
-            par_compile, par_s = _lgssm_timing(par_fn, *args)
+            seq_compile, seq_s = _timing(seq_fn, *args)
+            par_compile, par_s = _timing(par_fn, *args)
             rows.append(dict(
                 model="lgssm", algorithm=name, K=None, Dx=STATE_DIM, Dy=EMISSION_DIM, T=num_timesteps,
                 sequential_s=seq_s, parallel_s=par_s, parallel_over_sequential=par_s / seq_s,

@@ -242,20 +242,21 @@ def batched_table(d, title):
         size = f"HMM K={r['K']}" if r["model"] == "hmm" else f"LGSSM Dx={r['Dx']}, Dy={r['Dy']}"
         return size, r["algorithm"], r["variant"]
 
+    def err(x):
+        return "–" if x is None else " / ".join(f"{v:.0e}" for v in x["max_rel_error"].values())
+
     peers = {key(r): r for r in rows if r["library"] == "dynamax"}
     for r in rows:
         if r["library"] != "ssmjax":
             continue
         p = peers.get(key(r))
-        err = lambda x: "–" if x is None else " / ".join(f"{v:.0e}" for v in x["max_rel_error"].values())  # noqa: E731
         size, task, variant = key(r)
-        lines.append(
-            f"| {size} (B={r['B']}, T={r['T']}) | {task} | {variant} | {_ms(r['median_s'])} | {r['steps_per_s'] / 1e6:.0f} | "
-            f"{_ms(p['median_s']) if p else '–'} | {_ratio(p['median_s'] if p else None, r['median_s'])} | {err(r)} | {err(p)} | "
-            f"{r['compile_s']:.1f} / {p['compile_s']:.1f} |" if p else
-            f"| {size} (B={r['B']}, T={r['T']}) | {task} | {variant} | {_ms(r['median_s'])} | {r['steps_per_s'] / 1e6:.0f} | "
-            f"– | – | {err(r)} | – | {r['compile_s']:.1f} / – |"
-        )
+        cells = [
+            f"{size} (B={r['B']}, T={r['T']})", task, variant, _ms(r["median_s"]), f"{r['steps_per_s'] / 1e6:.0f}",
+            _ms(p["median_s"] if p else None), _ratio(p["median_s"] if p else None, r["median_s"]), err(r), err(p),
+            f"{r['compile_s']:.1f} / " + (f"{p['compile_s']:.1f}" if p else "–"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
