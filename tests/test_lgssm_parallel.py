@@ -282,6 +282,23 @@ def test_single_step_on_one_cpu():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+_DEADLOCK_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "lapack_deadlock.py")
+
+
+@pytest.mark.parametrize("task", ["filter", "smoother"])
+def test_vmapped_library_path_does_not_deadlock(task):
+    """Regression: with jaxlib 0.10.2 a jitted ``vmap`` of the parallel filter at Dx > 8 (LAPACK path) hung
+    XLA:CPU when two independent batched LAPACK calls ran at once on its 2-thread pool. Runs
+    ``benchmarks/lapack_deadlock.py`` in a child with a watchdog (it exits 3 on a stalled call). With the
+    combine's two solves made separate calls again, every one of 4 runs hung at the first call."""
+    cmd = [sys.executable, _DEADLOCK_SCRIPT, "--calls", "8", "--watchdog", "20", "--first-watchdog", "90"]
+    if task == "smoother":
+        cmd.append("--smoother")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok:"), (proc.returncode, proc.stdout, proc.stderr[-3000:])
+
+
 def test_float32_long_sequence():
     """Benign problem, T = 2000, float32 vs float64 (tolerances in the module docstring)."""
     rng = np.random.default_rng(0)
