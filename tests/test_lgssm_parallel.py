@@ -289,8 +289,10 @@ _DEADLOCK_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 def test_vmapped_library_path_does_not_deadlock(task):
     """Regression: with jaxlib 0.10.2 a jitted ``vmap`` of the parallel filter at Dx > 8 (LAPACK path) hung
     XLA:CPU when two independent batched LAPACK calls ran at once on its 2-thread pool. Runs
-    ``benchmarks/lapack_deadlock.py`` in a child with a watchdog (it exits 3 on a stalled call). With the
-    combine's two solves made separate calls again, every one of 4 runs hung at the first call."""
+    ``benchmarks/lapack_deadlock.py`` in a child with a watchdog (it exits 3 on a stalled call). Mutation
+    checks: with the combine's two solves made separate calls again, 4 of 4 runs hung at the first call;
+    with the smoother's ``_joint_cholesky_solves`` split into two Cholesky chains, the smoother case
+    failed in 4 of 4 runs (the equal-to-sequential tests still pass then)."""
     cmd = [sys.executable, _DEADLOCK_SCRIPT, "--calls", "8", "--watchdog", "20", "--first-watchdog", "90"]
     if task == "smoother":
         cmd.append("--smoother")
