@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_allclose, random_stochastic_matrix
+from helpers import FD_TOLERANCE, assert_allclose, central_difference_grad, random_stochastic_matrix
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_hmm_oracle import brute_force, brute_force_prefix, filtered_and_predicted
@@ -298,15 +298,44 @@ def test_vmap_keeps_the_underflow_rescue_conditional():
             for name in ("marginal_loglik", "filtered_probs", "predicted_probs", "smoothed_probs"):
                 if hasattr(one, name):
                     assert_allclose(getattr(out, name)[i], getattr(one, name), err_msg=f"{f.__name__} {name} {i}")
-            if f is ssmjax.hmm_smoother and i == 0:
-                # Known defect, batched or not: the smoother's plain autodiff through a rescued forward
-                # pass gives NaN (zero cotangents meet the failed fast pass's 1/c). Use hmm_filter's
-                # log-likelihood for gradients (custom VJP, checked here); see the closing note of #3.
-                continue
             g = jax.grad(lambda l: loglik(f, l))(ll)
             assert np.all(np.isfinite(np.asarray(grads[i])))
             assert_allclose(grads[i], g, err_msg=f"{f.__name__} grad {i}")
+            # d loglik / d ll_t = smoothed_t (the filter's custom VJP, checked against finite
+            # differences elsewhere; the smoother is plain autodiff through both forward passes)
+            assert_allclose(g, one.smoothed_probs if hasattr(one, "smoothed_probs") else ssmjax.hmm_smoother(pi, A, ll).smoothed_probs)
         assert_allclose(out.marginal_loglik[0], -4000.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_smoother_gradients_through_the_underflow_rescue(dtype):
+    """Autodiff of ``hmm_smoother`` through a rescued forward pass: the discarded fast pass
+    (normalisers below the threshold) must not leak NaN into the gradients. Transition
+    probabilities are tiny but non-zero, so every derivative exists; the reference is
+    ``hmm_filter``'s custom VJP, which is checked against finite differences elsewhere."""
+    tiny = 1e-200 if dtype == np.float64 else 1e-30
+    pi = np.array([1.0 - tiny, tiny], dtype)
+    A = np.array([[1.0 - tiny, tiny], [0.5, 0.5]], dtype)
+    ll = np.array([[0.0, 0.0], [-2000.0, 0.0], [-2000.0, 0.0], [0.3, -0.2]], dtype)
+
+    def loglik(f):
+        return lambda p, a, l: f(p, a, l).marginal_loglik
+
+    got = jax.grad(loglik(ssmjax.hmm_smoother), argnums=(0, 1, 2))(pi, A, ll)
+    want = jax.grad(loglik(ssmjax.hmm_filter), argnums=(0, 1, 2))(pi, A, ll)
+    for name, g, w in zip(("initial_probs", "transition_matrix", "log_likelihoods"), got, want):
+        assert np.all(np.isfinite(np.asarray(g))), name
+        assert_allclose(g, w, dtype=dtype, err_msg=name)
+    # a function of the smoothed probabilities: finite, and equal to finite differences
+    weights = jnp.arange(ll.size, dtype=dtype).reshape(ll.shape) / ll.size
+
+    def objective(l):
+        return jnp.sum(ssmjax.hmm_smoother(pi, A, l).smoothed_probs * weights)
+
+    g = jax.grad(objective)(ll)
+    assert np.all(np.isfinite(np.asarray(g)))
+    if dtype == np.float64:
+        assert_allclose(g, central_difference_grad(lambda l: float(objective(l)), ll), **FD_TOLERANCE)
 
 
 def numpy_forward_backward(pi, A, ll, length):

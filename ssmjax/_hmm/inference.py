@@ -76,6 +76,7 @@ from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from .. import _checks
+from .._fallback import fallback as _fallback
 
 __all__ = [
     "HMMFilterResult",
@@ -228,10 +229,18 @@ def _augmented_transitions(transition_matrix: Float[Array, "*S K K"]):
     return jnp.concatenate(columns, axis=1)
 
 
-def _normalise_step(w: Float[Array, " K"], transition: Float[Array, "K K"], augmented):
+def _floored(c: Array, floor) -> Array:
+    """``c`` where ``c >= floor``, else ``floor`` (also for NaN); ``c`` itself when ``floor`` is None."""
+    return c if floor is None else jnp.where(c >= floor, c, floor)
+
+
+def _normalise_step(w: Float[Array, " K"], transition: Float[Array, "K K"], augmented, floor=None):
     r"""``(filtered, c, next_pred)`` of one forward step from the unnormalised ``w``.
 
-    ``c = sum(w)``, ``filtered = w / c``, ``next_pred = filtered @ A``. With ``augmented``
+    ``c = sum(w)``, ``filtered = w / c``, ``next_pred = filtered @ A``. With ``floor``, the
+    divisions use ``max(c, floor)`` (``c`` itself is returned): a pass whose ``c`` falls
+    below the floor is discarded, and the floor keeps the cotangents of the discarded pass
+    (zero) from meeting ``1 / 0`` under autodiff. With ``augmented``
     (``[A | 1]``, stationary ``A``) one product gives :math:`(w A, \sum_k w_k)`, a kernel
     less per loop step (the sum is two kernels at larger ``K``). This matters beyond the
     saved kernel: XLA's CPU runtime runs a loop body of more than 8 kernels concurrently
@@ -240,12 +249,13 @@ def _normalise_step(w: Float[Array, " K"], transition: Float[Array, "K K"], augm
     """
     if augmented is None:
         c = jnp.sum(w)
-        filtered = w / c
+        filtered = w / _floored(c, floor)
         return filtered, c, _vecmat(filtered, transition)
     num_states = w.shape[0]
     moved = _vecmat(w, augmented)
     c = moved[num_states]
-    return w / c, c, moved[:num_states] / c
+    divisor = _floored(c, floor)
+    return w / divisor, c, moved[:num_states] / divisor
 
 
 def _transition_xs(transition_matrix, num_timesteps):
@@ -296,9 +306,11 @@ def _condition(pred: Float[Array, " K"], ll: Float[Array, " K"]):
     shift = lax.stop_gradient(jnp.max(jnp.where(pred > 0, score, -jnp.inf)))
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
     arg = score - shift
-    # arg <= 0 wherever pred > 0; the clamp only guards 0 * inf for states with pred = 0.
+    # arg <= 0 wherever pred > 0; the clamp only guards 0 * inf for states with pred = 0,
+    # whose exponential is set to 0 outright: its derivative (the exponential itself) would
+    # otherwise be ~1e308 and turn a zero cotangent into NaN under autodiff.
     clip = jnp.asarray(math.log(jnp.finfo(ll.dtype).max) - 1.0, ll.dtype)
-    w = (pred * scale) * jnp.exp(jnp.where(arg > clip, clip, arg))
+    w = (pred * scale) * jnp.exp(jnp.where(pred > 0, jnp.where(arg > clip, clip, arg), -jnp.inf))
     c = jnp.sum(w)
     filtered = w / jnp.where(c > 0, c, 1.0)
     return filtered, jnp.log(c) + shift, peak
@@ -339,51 +351,6 @@ def _robust_forward_scan(initial_probs, transition_matrix, masked_ll, valid):
 def _underflow_threshold(dtype) -> float:
     """``log sqrt(tiny)``: a normaliser ``c_t < sqrt(tiny)`` sends a pass to :func:`_robust_forward_scan`."""
     return 0.5 * math.log(float(jnp.finfo(dtype).tiny))
-
-
-@jax.custom_batching.custom_vmap
-def _any_in_batch(flag: Bool[Array, ""]) -> Bool[Array, ""]:
-    """``flag``; under ``jax.vmap``, whether it holds for any member of the batch (unbatched)."""
-    return flag
-
-
-@_any_in_batch.def_vmap
-def _any_in_batch_rule(axis_size, in_batched, flag):
-    (batched,) = in_batched
-    return (jnp.any(flag) if batched else flag), False
-
-
-@jax.custom_batching.custom_vmap
-def _rows_to_redo(flag: Bool[Array, ""]) -> Bool[Array, ""]:
-    """Inside :func:`_fallback`'s robust branch, which sequences take the robust result: unbatched
-    the branch runs only if ``flag`` holds, so a constant True (the compiler then drops the select and
-    keeps no copy of the fast results); under ``jax.vmap``, ``flag`` of each member."""
-    return jnp.ones_like(flag)
-
-
-@_rows_to_redo.def_vmap
-def _rows_to_redo_rule(axis_size, in_batched, flag):
-    (batched,) = in_batched
-    return flag, batched
-
-
-def _fallback(underflow, fast, robust, robust_args):
-    """``robust(*robust_args)`` where ``underflow``, else ``fast`` -- computing the robust pass only if needed.
-
-    A ``lax.cond`` on ``underflow`` itself would do, unbatched; but under ``jax.vmap`` a cond on a
-    batched predicate becomes a ``select`` that runs both branches for every sequence, so the
-    rarely needed robust pass would cost every batch as much as the fast one. The predicate here is
-    "some sequence of the batch underflowed" (:func:`_any_in_batch`, unbatched), and within that
-    branch each sequence selects its own result, so every sequence gets what it gets unbatched.
-    Derivatives are those of the same ``cond`` (the predicate is boolean).
-    """
-
-    def redo():
-        again = robust(*robust_args)
-        take = _rows_to_redo(underflow)
-        return jax.tree.map(lambda r, f: jnp.where(take, r, f), again, fast)
-
-    return lax.cond(_any_in_batch(underflow), redo, lambda: fast)
 
 
 def _forward_scan(
@@ -694,18 +661,22 @@ def _smoother_forward(initial_probs, transition_matrix, masked_ll, valid):
     emissions = jnp.exp(masked_ll - peaks[:, None])  # in [0, 1]
 
     augmented = _augmented_transitions(transition_matrix)
+    threshold = math.exp(_underflow_threshold(masked_ll.dtype))
 
     def _step(pred, x):
         e, a_t = x
-        # c = 0 or NaN sends the pass to the robust one (see _forward_scan)
-        filtered, c, pred_next = _normalise_step(pred * e, _pick(transition_matrix, a_t), augmented)
+        # c < threshold (0, NaN) sends the pass to the robust one (see _forward_scan). This
+        # pass is differentiated even then (both branches of the fallback are), so it
+        # divides by c floored at the threshold: finite cotangents, and unchanged values
+        # and derivatives wherever the pass is accepted.
+        filtered, c, pred_next = _normalise_step(pred * e, _pick(transition_matrix, a_t), augmented, threshold)
         return pred_next, (filtered, c)
 
     _, (raw, cs) = lax.scan(_step, initial_probs, (emissions, a_xs))
-    threshold = math.exp(_underflow_threshold(masked_ll.dtype))
     underflow = jnp.logical_not(jnp.all(cs >= threshold))  # padded steps have c_t = 1
 
-    # c_t >= sqrt(tiny) and e <= 1: the weights are finite.
+    # c_t >= sqrt(tiny) on an accepted pass and e <= 1: the weights are finite.
+    cs = _floored(cs, threshold)
     fast = (raw, peaks, jnp.log(cs), emissions / cs[:, None])
     return _fallback(underflow, fast, _robust_smoother_forward, (initial_probs, transition_matrix, masked_ll, valid))
 
