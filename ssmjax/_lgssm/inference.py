@@ -33,6 +33,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from .._checks import as_float_array, check_length, check_shape, check_values, cholesky_fails, host_arrays, linalg_arrays
 from .model import LGSSM, model_dims, validate_shapes
 from .small import GeneralOps, choose_ops, matmul_precision, psd_cholesky, symmetrize
+from . import steady
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -605,6 +606,28 @@ def _run_filter(model, emissions, inputs, length, method, ops):
     return p, tv, valid_next, (loglik, fm, fc, pm, pc, factors)
 
 
+def _filter_full(model, emissions, inputs, length, ops, method="standard"):
+    """The full filter recursion: ``(loglik, fm, fc, pm, pc)``."""
+    _, _, _, out = _run_filter(model, emissions, inputs, length, method, ops)
+    if method == "sqrt":
+        loglik, fm, chol_fc, pm, chol_pc, _ = out
+        return loglik, fm, _outer(chol_fc), pm, _outer(chol_pc)
+    loglik, fm, fc, pm, pc, _ = out
+    return loglik, fm, fc, pm, pc
+
+
+def _smoother_full(model, emissions, inputs, length, ops, method="standard"):
+    """The full filter and smoother recursions: ``(loglik, fm, fc, pm, pc, sm, sc, cross)``."""
+    p, tv, valid_next, out = _run_filter(model, emissions, inputs, length, method, ops)
+    if method == "sqrt":
+        loglik, fm, chol_fc, pm, chol_pc, chol_q = out
+        sm, chol_sc, cross = _smooth_sqrt(p, tv, fm, chol_fc, pm, chol_pc, chol_q, valid_next)
+        return loglik, fm, _outer(chol_fc), pm, _outer(chol_pc), sm, _outer(chol_sc), cross
+    loglik, fm, fc, pm, pc, factors = out
+    sm, sc, cross = _smooth_standard(p, tv, fm, fc, pc, factors, valid_next, ops)
+    return loglik, fm, fc, pm, pc, sm, sc, cross
+
+
 def _filter_impl(
     model: LGSSM,
     emissions: Float[Array, "T Dy"],
@@ -612,14 +635,13 @@ def _filter_impl(
     length: Optional[Int[Array, ""]],
     method: str,
     ops: type,
+    transient_steps: int = steady.TRANSIENT_STEPS,
 ) -> KalmanFilterResult:
-    _, _, _, out = _run_filter(model, emissions, inputs, length, method, ops)
-    if method == "sqrt":
-        loglik, fm, chol_fc, pm, chol_pc, _ = out
-        fc, pc = _outer(chol_fc), _outer(chol_pc)
+    if steady.applies(model, emissions.shape[0], method, transient_steps):
+        out = steady.run(model, emissions, inputs, length, False, ops, transient_steps, _filter_full)
     else:
-        loglik, fm, fc, pm, pc, _ = out
-    return KalmanFilterResult(loglik, fm, fc, pm, pc)
+        out = _filter_full(model, emissions, inputs, length, ops, method)
+    return KalmanFilterResult(*out)
 
 
 def _smoother_impl(
@@ -629,20 +651,17 @@ def _smoother_impl(
     length: Optional[Int[Array, ""]],
     method: str,
     ops: type,
+    transient_steps: int = steady.TRANSIENT_STEPS,
 ) -> RTSSmootherResult:
-    p, tv, valid_next, out = _run_filter(model, emissions, inputs, length, method, ops)
-    if method == "sqrt":
-        loglik, fm, chol_fc, pm, chol_pc, chol_q = out
-        sm, chol_sc, cross = _smooth_sqrt(p, tv, fm, chol_fc, pm, chol_pc, chol_q, valid_next)
-        fc, pc, sc = _outer(chol_fc), _outer(chol_pc), _outer(chol_sc)
+    if steady.applies(model, emissions.shape[0], method, transient_steps):
+        out = steady.run(model, emissions, inputs, length, True, ops, transient_steps, _smoother_full)
     else:
-        loglik, fm, fc, pm, pc, factors = out
-        sm, sc, cross = _smooth_standard(p, tv, fm, fc, pc, factors, valid_next, ops)
-    return RTSSmootherResult(loglik, fm, fc, pm, pc, sm, sc, cross)
+        out = _smoother_full(model, emissions, inputs, length, ops, method)
+    return RTSSmootherResult(*out)
 
 
-_filter_jit = jax.jit(_filter_impl, static_argnames=("method", "ops"))
-_smoother_jit = jax.jit(_smoother_impl, static_argnames=("method", "ops"))
+_filter_jit = jax.jit(_filter_impl, static_argnames=("method", "ops", "transient_steps"))
+_smoother_jit = jax.jit(_smoother_impl, static_argnames=("method", "ops", "transient_steps"))
 
 
 def _sample_posterior_impl(

@@ -1,0 +1,297 @@
+r"""Steady-state fast path of the Kalman filter and the RTS smoother (time-invariant models).
+
+For a model whose ``A, Q, C, R`` do not depend on time, the covariance recursion of the
+filter (:math:`P_{t|t-1} \mapsto P_{t+1|t}`, the Riccati map) does not depend on the data:
+on fully observed steps it converges geometrically to a fixed point, after which every
+covariance, gain and Cholesky factor of the filter repeats. The same holds, backwards from
+the end, for the adjoint :math:`\Lambda_t` of the smoother's Bryson-Frazier recursion.
+This path runs the covariance recursions only while they change (``lax.while_loop``,
+storing at most ``transient_steps`` entries at each end), and over the whole sequence
+only the recursions of the means (matrix-vector products); the ``(T, Dx, Dx)`` outputs are
+gathered from the stored entries.
+
+**Settled.** A step of a recursion is settled when every entry of the new matrix
+:math:`M'` lies within ``TOLERANCE_ULPS`` units of round-off of the old one, relative to
+its diagonal: :math:`|M'_{ij} - M_{ij}| \le 4\,\varepsilon \sqrt{M'_{ii} M'_{jj}}`, the size
+of the round-off the full recursion itself makes at every step (in float32 it never reaches
+an exact fixed point: its last bits keep moving). The first settled step of a geometric
+transient is still about tolerance / (1 - rate) from the limit, so the recursion goes on
+for as many steps again (:func:`_settle`), which squares that relative distance; its last
+entry then stands for all later steps. The results agree with the full recursion to
+round-off (``tests/test_lgssm_steady.py``).
+
+**Where it applies.** ``method="standard"``, ``parallel=False``, ``A, Q, C, R`` without a
+time axis (inputs and time-varying offsets are fine: they enter the means only), and
+sequences longer than ``transient_steps``. Missing data and ``length`` are handled: the
+forward recursion only settles from a step after which every real step is fully
+observed. If a recursion has not settled within ``transient_steps`` (a slowly mixing
+model, or missing entries late in the sequence), the full recursion runs instead
+(:func:`ssmjax._fallback.fallback`: under ``jax.vmap`` only when some sequence of the
+batch needs it). Derivatives are always those of the full recursion (a custom JVP), so
+``jax.grad`` and ``jax.jvp`` see exactly what they saw before.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .._fallback import fallback
+from .small import GeneralOps, symmetrize
+
+# Entries stored per transient (the start of the filter, the end of the smoother's adjoint).
+TRANSIENT_STEPS = 512
+# A recursion has settled when a step moves no entry by more than this many units of
+# round-off, relative to the diagonal (see the module docstring).
+TOLERANCE_ULPS = 4.0
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def applies(model, num_timesteps: int, method: str, transient_steps: int = TRANSIENT_STEPS) -> bool:
+    """Whether the steady-state path may run (static: shapes and options only)."""
+    static = (
+        model.transition_matrix.ndim == 2
+        and model.transition_cov.ndim == 2
+        and model.emission_matrix.ndim == 2
+        and model.emission_cov.ndim == 2
+    )
+    return method == "standard" and static and num_timesteps > transient_steps
+
+
+def _settled(new, old):
+    """Every entry of ``new`` within ``TOLERANCE_ULPS`` round-off units of ``old`` (relative to the diagonal)."""
+    tol = TOLERANCE_ULPS * jnp.finfo(new.dtype).eps
+    d = jnp.abs(jnp.diagonal(new))
+    return jnp.all(jnp.abs(new - old) <= tol * jnp.sqrt(d[:, None] * d[None, :]))
+
+
+def _settle(first, settled, count):
+    """``(first, done)`` after ``count`` steps of a recursion: ``first`` is the count at which it
+    first settled (-1 before), and it is done once settled again after twice that many steps.
+
+    A geometric transient :math:`c \rho^t` first moves less than the tolerance while still
+    about tolerance / (1 - rho) from its limit; as many steps again square that relative
+    distance (to far below round-off), so the repeated entries are the limit to round-off.
+    """
+    first = jnp.where((first < 0) & settled, count, first)
+    return first, settled & (first >= 0) & (count >= 2 * first)
+
+
+def _index(table, j):
+    return lax.dynamic_index_in_dim(table, j, keepdims=False)
+
+
+def forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_steps):
+    """Steady-state Kalman filter.
+
+    Returns ``(outputs, parts, need_full)``: ``outputs = (loglik, fm, fc, pm, pc)`` as the full
+    filter's; ``parts`` what the smoother needs (per-slot tables and the slot of each step);
+    ``need_full`` whether the covariance recursion did not settle in time.
+    """
+    num_timesteps, dy = ys.shape
+    dx = p["m0"].shape[-1]
+    dtype = ys.dtype
+    A, Q, C, R = p["A"], p["Q"], p["C"], p["R"]
+    eye_x = jnp.eye(dx, dtype=dtype)
+    eye_y = jnp.eye(dy, dtype=dtype)
+    n = min(num_timesteps, transient_steps)
+
+    def cov_step(pred_cov, m, vn):
+        # the full filter's update (masked C and R), with L^{-1} itself among the solved columns
+        Cm = jnp.where(m[:, None], C, 0.0)
+        Rm = jnp.where(m[:, None] & m[None, :], R, eye_y)
+        CP = ops.mm(Cm, pred_cov)
+        S = symmetrize(ops.mm(CP, Cm.T) + Rm)
+        log_diag, sol = ops.cholesky_solve_lower(S, jnp.concatenate([CP, Cm, eye_y], axis=1))
+        W = sol[:, :dx]
+        f_cov = symmetrize(pred_cov - ops.mm(W.T, W))
+        Ae = jnp.where(vn, A, eye_x)
+        next_cov = symmetrize(ops.mm(ops.mm(Ae, f_cov), Ae.T) + jnp.where(vn, Q, 0.0))
+        return f_cov, next_cov, sol, jnp.sum(log_diag)
+
+    # from step t on, every real step is fully observed
+    observed = jnp.all(mask, axis=1) | ~valid
+    observed_from = jnp.flip(jnp.cumprod(jnp.flip(observed).astype(jnp.int32))) > 0
+
+    def cond(carry):
+        t, _, done = carry[:3]
+        return (t < n) & ~done
+
+    def body(carry):
+        t, pred_cov, _, first, pcb, fcb, sb, ldb = carry
+        f_cov, next_cov, sol, ld = cov_step(pred_cov, mask[t], valid_next[t])
+        pcb, fcb = pcb.at[t].set(pred_cov), fcb.at[t].set(f_cov)
+        sb, ldb = sb.at[t].set(sol), ldb.at[t].set(ld)
+        settled = _settled(next_cov, pred_cov) & observed_from[t] & valid_next[t]
+        first, done = _settle(first, settled, t + 1)
+        return t + 1, next_cov, done | (t + 1 >= end), first, pcb, fcb, sb, ldb
+
+    zeros = lambda *shape: jnp.zeros((n,) + shape, dtype)  # noqa: E731
+    init = (jnp.int32(0), p["P0"], jnp.bool_(False), jnp.int32(-1))
+    init = init + (zeros(dx, dx), zeros(dx, dx), zeros(dy, 2 * dx + dy), zeros())
+    tc, steady_cov, done, _, pcb, fcb, sb, ldb = lax.while_loop(cond, body, init)
+    # slot n: the steady state (steps t >= tc), one more step of the same update
+    f_cov, _, sol, ld = cov_step(steady_cov, jnp.ones((dy,), bool), jnp.bool_(True))
+    pcb = jnp.concatenate([pcb, steady_cov[None]])
+    fcb = jnp.concatenate([fcb, f_cov[None]])
+    sb = jnp.concatenate([sb, sol[None]])
+    ldb = jnp.concatenate([ldb, ld[None]])
+    steps = jnp.arange(num_timesteps)
+    slot = jnp.where(steps < tc, steps, n)
+
+    xs = dict(y=ys, mask=mask, slot=slot, vn=valid_next)
+    for key in ("e", "f"):
+        if key in p and p[key].ndim == 2:
+            xs[key] = p[key]
+
+    def mean_step(mean, x):
+        s = _index(sb, x["slot"])
+        pred_y = ops.mv(C, mean)
+        if "e" in p:
+            pred_y = pred_y + (x["e"] if "e" in x else p["e"])
+        z = ops.mv(s[:, 2 * dx :], jnp.where(x["mask"], x["y"] - pred_y, 0.0))
+        f_mean = mean + ops.mv(s[:, :dx].T, z)
+        Ae = jnp.where(x["vn"], A, eye_x) if has_length else A
+        next_mean = ops.mv(Ae, f_mean)
+        if "f" in p:
+            fx = x["f"] if "f" in x else p["f"]
+            next_mean = next_mean + (jnp.where(x["vn"], fx, 0.0) if has_length else fx)
+        return next_mean, (mean, f_mean, z)
+
+    _, (pm, fm, zs) = lax.scan(mean_step, p["m0"], xs)
+    nobs = jnp.sum(mask).astype(dtype)
+    loglik = -0.5 * jnp.sum(zs * zs) - jnp.sum(jnp.where(valid, ldb[slot], 0.0)) - 0.5 * nobs * _LOG_2PI
+    if has_length:
+        # padded steps repeat the filtered covariance of step end - 1 (as the full filter)
+        last = _index(slot, end - 1)
+        fc = fcb[jnp.where(valid, slot, last)]
+        pc = jnp.concatenate([pcb, fcb])[jnp.where(valid, slot, n + 1 + last)]
+    else:
+        fc, pc = fcb[slot], pcb[slot]
+    parts = dict(pcb=pcb, fcb=fcb, sb=sb, slot=slot, tc=tc, zs=zs)
+    return (loglik, fm, fc, pm, pc), parts, ~done
+
+
+def backward(p, fm, parts, valid_next, end, ops, transient_steps):
+    """Steady-state Bryson-Frazier smoother (as ``_smooth_standard``): ``((sm, sc, cross), need_full)``."""
+    num_timesteps, dx = fm.shape
+    dtype = fm.dtype
+    A = p["A"]
+    pcb, fcb, sb, slot, tc, zs = (parts[k] for k in ("pcb", "fcb", "sb", "slot", "tc", "zs"))
+    n = fcb.shape[0] - 1
+    mm = GeneralOps.mm  # batched products over the table slots
+    Ws, Vs = sb[:, :, :dx], sb[:, :, dx : 2 * dx]
+    Wt = jnp.swapaxes(Ws, -1, -2)
+    VtV = mm(jnp.swapaxes(Vs, -1, -2), Vs)
+    # B = A (I - W^T V). The full recursion uses A = I at the last real step t = end - 1, but
+    # there (and at padded steps) Lambda_{t+1} = lambda_{t+1} = 0, so A itself does as well.
+    BA = A - mm(mm(A, Wt), Vs)
+
+    def lam_step(lam_next, t):
+        j = _index(slot, t)
+        B = _index(BA, j)
+        return symmetrize(_index(VtV, j) + ops.mm(ops.mm(B.T, lam_next), B))
+
+    # phase E: backwards from the end while the forward pass is steady, until Lambda settles
+    def cond_end(carry):
+        t, k, _, stop = carry[:4]
+        return ~stop & (k < n) & (t >= tc)
+
+    def body_end(carry):
+        t, k, lam_next, _, first, buf = carry
+        buf = buf.at[k].set(lam_next)  # Lambda_{t+1} of step t = end - 1 - k
+        lam = lam_step(lam_next, t)
+        first, done = _settle(first, _settled(lam, lam_next) & valid_next[t], k + 1)
+        return t - 1, k + 1, lam, done, first, buf
+
+    zeros = jnp.zeros((dx, dx), dtype)
+    init = (end - 1, jnp.int32(0), zeros, jnp.bool_(False), jnp.int32(-1), jnp.zeros((n, dx, dx), dtype))
+    t_end, _, lam_mid, settled, _, buf_end = lax.while_loop(cond_end, body_end, init)
+    stop = t_end + 1  # steps stop .. end - 1 are in buf_end; tc .. stop - 1 see Lambda = lam_mid
+    need_full = ~settled & (t_end >= tc)
+
+    # phase S: the forward transient, backwards from min(tc, stop) - 1 to 0
+    first = jnp.minimum(tc, stop) - 1
+
+    def body_start(carry):
+        t, lam_next, buf = carry
+        buf = buf.at[t].set(lam_next)
+        return t - 1, lam_step(lam_next, t), buf
+
+    _, _, buf_start = lax.while_loop(
+        lambda c: c[0] >= 0, body_start, (first, lam_mid, jnp.zeros((n, dx, dx), dtype))
+    )
+
+    # every distinct (step slot, Lambda_{t+1}, valid_next, P_{t+1|t}) as a table entry:
+    # [0, n) the start entries (t = j), [n, 2n) the end entries (t = end - 1 - k), 2n the middle
+    last = num_timesteps - 1
+    t_start = jnp.arange(n)
+    t_endk = jnp.clip(end - 1 - jnp.arange(n), 0, last)
+    t_all = jnp.concatenate([t_start, t_endk, jnp.full((1,), tc, t_start.dtype)])
+    t_all = jnp.minimum(t_all, last)
+    lam_all = jnp.concatenate([buf_start, buf_end, lam_mid[None]])
+    j_all = slot[t_all]
+    vn_all = valid_next[t_all].at[-1].set(True)
+    pf = fcb[j_all]
+    X = mm(pf, A.T)
+    Y = mm(X, lam_all)
+    sc_tab = symmetrize(pf - mm(Y, jnp.swapaxes(X, -1, -2)))
+    pc_next = pcb[slot[jnp.minimum(t_all + 1, last)]].at[-1].set(pcb[n])
+    cross_tab = jnp.where(vn_all[:, None, None], X - mm(Y, pc_next), 0.0)
+
+    steps = jnp.minimum(jnp.arange(num_timesteps), end - 1)  # padded steps repeat step end - 1
+    idx = jnp.where(steps <= first, steps, jnp.where(steps < stop, 2 * n, n + end - 1 - steps))
+    sc = sc_tab[idx]
+    cross = cross_tab[idx[:-1]]
+
+    def mean_step(lam_next, x):
+        j = x["slot"]
+        u = ops.mv(A.T, lam_next)  # A_t^T lambda_{t+1}
+        s = _index(sb, j)
+        s_mean = x["fm"] + ops.mv(_index(fcb, j), u)
+        lam = ops.mv(s[:, dx : 2 * dx].T, x["z"] - ops.mv(s[:, :dx], u)) + u
+        return lam, s_mean
+
+    xs = dict(slot=slot, fm=fm, z=zs)
+    _, sm = lax.scan(mean_step, jnp.zeros((dx,), dtype), xs, reverse=True)
+    return (sm, sc, cross), need_full
+
+
+def steady_outputs(model, emissions, inputs, length, smoother, ops, transient_steps):
+    """``(outputs, need_full, settled_at)`` of the steady-state path, without the fallback.
+
+    ``settled_at`` is the first step whose forward moments are the steady ones (the length
+    when the recursion ran to the end of the real steps within ``transient_steps``).
+    """
+    from .inference import _canonical  # noqa: PLC0415 (inference imports this module)
+
+    p, _, ys, mask, valid_next = _canonical(model, emissions, inputs, length)
+    num_timesteps = ys.shape[0]
+    has_length = length is not None
+    end = jnp.asarray(num_timesteps if length is None else length, jnp.int32)
+    valid = jnp.arange(num_timesteps) < end
+    out, parts, need_full = forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_steps)
+    if smoother:
+        (sm, sc, cross), need_back = backward(p, out[1], parts, valid_next, end, ops, transient_steps)
+        out = out + (sm, sc, cross)
+        need_full = need_full | need_back
+    return out, need_full, parts["tc"]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
+def run(model, emissions, inputs, length, smoother, ops, transient_steps, full):
+    """The steady-state filter (``smoother=False``) or smoother, falling back to ``full``.
+
+    ``full(model, emissions, inputs, length, ops)`` is the full recursion; derivatives are its own.
+    """
+    out, need_full, _ = steady_outputs(model, emissions, inputs, length, smoother, ops, transient_steps)
+    return fallback(need_full, out, lambda *a: full(*a, ops), (model, emissions, inputs, length))
+
+
+@run.defjvp
+def _run_jvp(smoother, ops, transient_steps, full, primals, tangents):
+    return jax.jvp(lambda *a: full(*a, ops), primals, tangents)
