@@ -18,6 +18,11 @@ so they change neither the posterior nor the quadratic form or log-determinant o
 log-likelihood, and the :math:`\log 2\pi` constant is counted for observed entries
 only. Every substitution is a ``where`` applied *before* arithmetic, so NaN/inf in
 missing or padded entries never reach values or gradients.
+
+Time-invariant models (``A, Q, C, R`` without a time axis) on sequences longer than
+512 steps take the steady-state path of :mod:`ssmjax._lgssm.steady`: the covariance
+recursions run only until they settle, the means over every step; same results to
+round-off, same derivatives (those of the full recursion), several times faster.
 """
 
 from __future__ import annotations
@@ -733,7 +738,9 @@ def kalman_filter(model, emissions, *, inputs=None, length=None, method="standar
         inputs: (T, Du), required exactly when the model has input matrices.
         length: number of real steps (see :mod:`ssmjax._types`); steps ``>= length`` are padding.
         method: ``"standard"`` (covariance form; small dimensions take an unrolled,
-            elementwise fast path automatically) or ``"sqrt"`` (Cholesky factors propagated
+            elementwise fast path automatically, and time-invariant models on long
+            sequences compute the covariances only until they settle, see
+            :mod:`ssmjax._lgssm.steady`) or ``"sqrt"`` (Cholesky factors propagated
             by QR; slower, stays accurate in float32 when the covariance form loses
             positive-definiteness, e.g. near-singular emission noise).
 

@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._fallback import fallback
-from .small import GeneralOps, symmetrize
+from .._fallback import _any_in_batch, fallback
+from .small import symmetrize
 
 # Entries stored per transient (the start of the filter, the end of the smoother's adjoint).
 TRANSIENT_STEPS = 512
@@ -81,6 +81,47 @@ def _settle(first, settled, count):
     return first, settled & (first >= 0) & (count >= 2 * first)
 
 
+def _spread(table, tc, num_timesteps):
+    """``(T, ...)`` from ``n + 1`` stored entries: ``table[t]`` for ``t < tc``, the steady entry
+    ``table[n]`` after. Static slices, a broadcast and a select (no gather: under ``jax.vmap``,
+    where ``tc`` differs between sequences, a gather per step would be slow)."""
+    n = table.shape[0] - 1
+    early = (jnp.arange(n) < tc).reshape((n,) + (1,) * (table.ndim - 1))
+    head = jnp.where(early, table[:n], table[n])
+    tail = jnp.broadcast_to(table[n], (num_timesteps - n,) + table.shape[1:])
+    return jnp.concatenate([head, tail])
+
+
+def _assemble(table, first, stop, num_timesteps):
+    """The smoother's ``(T, ...)`` output from its ``2n + 1`` table entries when the sequence ends
+    at ``T``: entry ``t`` for ``t <= first``, end entry ``T - 1 - t`` for ``t >= stop``, the middle
+    entry between (static slices and selects, as :func:`_spread`)."""
+    n = (table.shape[0] - 1) // 2
+    mid = jnp.broadcast_to(table[2 * n], (num_timesteps - n,) + table.shape[1:])
+    start = jnp.concatenate([table[:n], mid])
+    finish = jnp.concatenate([mid, jnp.flip(table[n : 2 * n], axis=0)])
+    steps = jnp.arange(num_timesteps).reshape((-1,) + (1,) * (table.ndim - 1))
+    return jnp.where(steps <= first, start, jnp.where(steps >= stop, finish, table[2 * n]))
+
+
+def _while_any(running):
+    """A ``lax.while_loop`` predicate that stays unbatched under ``jax.vmap``: whether any
+    sequence of the batch is still running. With a batched predicate JAX would select between
+    the old and new carry of every sequence at every step, stored buffers included (measured
+    3-5x slower at B = 256); instead each body leaves a finished sequence's carry unchanged
+    (:func:`_keep`) and writes its buffers only while running (:func:`_put`)."""
+    return lambda carry: _any_in_batch(running(carry))
+
+
+def _keep(go, new, old):
+    return tuple(jnp.where(go, a, b) for a, b in zip(new, old))
+
+
+def _put(buf, i, row, go):
+    """``buf`` with row ``i`` set to ``row`` where ``go`` (one row read and written either way)."""
+    return buf.at[i].set(jnp.where(go, row, buf[i]))
+
+
 def _index(table, j):
     return lax.dynamic_index_in_dim(table, j, keepdims=False)
 
@@ -117,39 +158,40 @@ def forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_step
     observed = jnp.all(mask, axis=1) | ~valid
     observed_from = jnp.flip(jnp.cumprod(jnp.flip(observed).astype(jnp.int32))) > 0
 
-    def cond(carry):
+    def running(carry):
         t, _, done = carry[:3]
         return (t < n) & ~done
 
     def body(carry):
-        t, pred_cov, _, first, pcb, fcb, sb, ldb = carry
-        f_cov, next_cov, sol, ld = cov_step(pred_cov, mask[t], valid_next[t])
-        pcb, fcb = pcb.at[t].set(pred_cov), fcb.at[t].set(f_cov)
-        sb, ldb = sb.at[t].set(sol), ldb.at[t].set(ld)
-        settled = _settled(next_cov, pred_cov) & observed_from[t] & valid_next[t]
-        first, done = _settle(first, settled, t + 1)
-        return t + 1, next_cov, done | (t + 1 >= end), first, pcb, fcb, sb, ldb
+        t, pred_cov, done, first, pcb, fcb, sb, ldb = carry
+        go = running(carry)
+        i = jnp.minimum(t, n - 1)
+        f_cov, next_cov, sol, ld = cov_step(pred_cov, mask[i], valid_next[i])
+        pcb, fcb = _put(pcb, i, pred_cov, go), _put(fcb, i, f_cov, go)
+        sb, ldb = _put(sb, i, sol, go), _put(ldb, i, ld, go)
+        settled = _settled(next_cov, pred_cov) & observed_from[i] & valid_next[i]
+        new_first, new_done = _settle(first, settled, t + 1)
+        step = (t + 1, next_cov, new_done | (t + 1 >= end), new_first)
+        return _keep(go, step, (t, pred_cov, done, first)) + (pcb, fcb, sb, ldb)
 
     zeros = lambda *shape: jnp.zeros((n,) + shape, dtype)  # noqa: E731
     init = (jnp.int32(0), p["P0"], jnp.bool_(False), jnp.int32(-1))
     init = init + (zeros(dx, dx), zeros(dx, dx), zeros(dy, 2 * dx + dy), zeros())
-    tc, steady_cov, done, _, pcb, fcb, sb, ldb = lax.while_loop(cond, body, init)
+    tc, steady_cov, done, _, pcb, fcb, sb, ldb = lax.while_loop(_while_any(running), body, init)
     # slot n: the steady state (steps t >= tc), one more step of the same update
     f_cov, _, sol, ld = cov_step(steady_cov, jnp.ones((dy,), bool), jnp.bool_(True))
     pcb = jnp.concatenate([pcb, steady_cov[None]])
     fcb = jnp.concatenate([fcb, f_cov[None]])
     sb = jnp.concatenate([sb, sol[None]])
     ldb = jnp.concatenate([ldb, ld[None]])
-    steps = jnp.arange(num_timesteps)
-    slot = jnp.where(steps < tc, steps, n)
-
-    xs = dict(y=ys, mask=mask, slot=slot, vn=valid_next)
+    factors = _spread(sb, tc, num_timesteps)
+    xs = dict(y=ys, mask=mask, factors=factors, vn=valid_next)
     for key in ("e", "f"):
         if key in p and p[key].ndim == 2:
             xs[key] = p[key]
 
     def mean_step(mean, x):
-        s = _index(sb, x["slot"])
+        s = x["factors"]
         pred_y = ops.mv(C, mean)
         if "e" in p:
             pred_y = pred_y + (x["e"] if "e" in x else p["e"])
@@ -164,99 +206,114 @@ def forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_step
 
     _, (pm, fm, zs) = lax.scan(mean_step, p["m0"], xs)
     nobs = jnp.sum(mask).astype(dtype)
-    loglik = -0.5 * jnp.sum(zs * zs) - jnp.sum(jnp.where(valid, ldb[slot], 0.0)) - 0.5 * nobs * _LOG_2PI
+    loglik = -0.5 * jnp.sum(zs * zs) - jnp.sum(jnp.where(valid, _spread(ldb, tc, num_timesteps), 0.0))
+    loglik = loglik - 0.5 * nobs * _LOG_2PI
+    fc, pc = _spread(fcb, tc, num_timesteps), _spread(pcb, tc, num_timesteps)
     if has_length:
         # padded steps repeat the filtered covariance of step end - 1 (as the full filter)
-        last = _index(slot, end - 1)
-        fc = fcb[jnp.where(valid, slot, last)]
-        pc = jnp.concatenate([pcb, fcb])[jnp.where(valid, slot, n + 1 + last)]
-    else:
-        fc, pc = fcb[slot], pcb[slot]
-    parts = dict(pcb=pcb, fcb=fcb, sb=sb, slot=slot, tc=tc, zs=zs)
+        last = _index(fc, end - 1)
+        fc = jnp.where(valid[:, None, None], fc, last)
+        pc = jnp.where(valid[:, None, None], pc, last)
+    parts = dict(pcb=pcb, fcb=fcb, sb=sb, tc=tc, zs=zs, factors=factors, fc=fc)
     return (loglik, fm, fc, pm, pc), parts, ~done
 
 
-def backward(p, fm, parts, valid_next, end, ops, transient_steps):
+def backward(p, fm, parts, valid_next, end, has_length, ops, transient_steps):
     """Steady-state Bryson-Frazier smoother (as ``_smooth_standard``): ``((sm, sc, cross), need_full)``."""
     num_timesteps, dx = fm.shape
     dtype = fm.dtype
     A = p["A"]
-    pcb, fcb, sb, slot, tc, zs = (parts[k] for k in ("pcb", "fcb", "sb", "slot", "tc", "zs"))
+    pcb, fcb, sb, tc, zs = (parts[k] for k in ("pcb", "fcb", "sb", "tc", "zs"))
     n = fcb.shape[0] - 1
-    mm = GeneralOps.mm  # batched products over the table slots
-    Ws, Vs = sb[:, :, :dx], sb[:, :, dx : 2 * dx]
-    Wt = jnp.swapaxes(Ws, -1, -2)
-    VtV = mm(jnp.swapaxes(Vs, -1, -2), Vs)
-    # B = A (I - W^T V). The full recursion uses A = I at the last real step t = end - 1, but
-    # there (and at padded steps) Lambda_{t+1} = lambda_{t+1} = 0, so A itself does as well.
-    BA = A - mm(mm(A, Wt), Vs)
 
-    def lam_step(lam_next, t):
-        j = _index(slot, t)
-        B = _index(BA, j)
-        return symmetrize(_index(VtV, j) + ops.mm(ops.mm(B.T, lam_next), B))
+    def slot(t):  # the stored entry of step t
+        return jnp.where(t < tc, t, n)
 
-    # phase E: backwards from the end while the forward pass is steady, until Lambda settles
-    def cond_end(carry):
+    mm = ops.mm
+    last = num_timesteps - 1
+
+    def moments(lam_next, t):
+        """``(Lambda_t, P_{t|T}, Cov(x_t, x_{t+1} | y))`` of step ``t`` from ``Lambda_{t+1}``.
+
+        As ``_smooth_standard``: B = A (I - W^T V). The full recursion uses A = I at the last
+        real step t = end - 1, but there (and at padded steps) Lambda_{t+1} = 0, so A does."""
+        j = slot(t)
+        s = _index(sb, j)
+        W, V = s[:, :dx], s[:, dx : 2 * dx]
+        pf = _index(fcb, j)
+        B = A - mm(mm(A, W.T), V)
+        lam = symmetrize(mm(V.T, V) + mm(mm(B.T, lam_next), B))
+        X = mm(pf, A.T)
+        Y = mm(X, lam_next)
+        s_cov = symmetrize(pf - mm(Y, X.T))
+        pc_next = _index(pcb, slot(jnp.minimum(t + 1, last)))
+        cross = jnp.where(valid_next[t], X - mm(Y, pc_next), 0.0)
+        return lam, s_cov, cross
+
+    # phase E: backwards from the end while the forward pass is steady, until Lambda settles;
+    # entry k of the buffers is step t = end - 1 - k
+    def running_end(carry):
         t, k, _, stop = carry[:4]
         return ~stop & (k < n) & (t >= tc)
 
     def body_end(carry):
-        t, k, lam_next, _, first, buf = carry
-        buf = buf.at[k].set(lam_next)  # Lambda_{t+1} of step t = end - 1 - k
-        lam = lam_step(lam_next, t)
-        first, done = _settle(first, _settled(lam, lam_next) & valid_next[t], k + 1)
-        return t - 1, k + 1, lam, done, first, buf
+        t, k, lam_next, stop, first, buf_sc, buf_cross = carry
+        go = running_end(carry)
+        ts = jnp.clip(t, 0, last)
+        lam, s_cov, cross = moments(lam_next, ts)
+        i = jnp.minimum(k, n - 1)
+        buf_sc, buf_cross = _put(buf_sc, i, s_cov, go), _put(buf_cross, i, cross, go)
+        new_first, done = _settle(first, _settled(lam, lam_next) & valid_next[ts], k + 1)
+        return _keep(go, (t - 1, k + 1, lam, done, new_first), (t, k, lam_next, stop, first)) + (buf_sc, buf_cross)
 
     zeros = jnp.zeros((dx, dx), dtype)
-    init = (end - 1, jnp.int32(0), zeros, jnp.bool_(False), jnp.int32(-1), jnp.zeros((n, dx, dx), dtype))
-    t_end, _, lam_mid, settled, _, buf_end = lax.while_loop(cond_end, body_end, init)
-    stop = t_end + 1  # steps stop .. end - 1 are in buf_end; tc .. stop - 1 see Lambda = lam_mid
+    buffers = (jnp.zeros((n, dx, dx), dtype), jnp.zeros((n, dx, dx), dtype))
+    init = (end - 1, jnp.int32(0), zeros, jnp.bool_(False), jnp.int32(-1)) + buffers
+    t_end, _, lam_mid, settled, _, end_sc, end_cross = lax.while_loop(_while_any(running_end), body_end, init)
+    stop = t_end + 1  # steps stop .. end - 1 are in the end buffers; tc .. stop - 1 see Lambda = lam_mid
     need_full = ~settled & (t_end >= tc)
 
-    # phase S: the forward transient, backwards from min(tc, stop) - 1 to 0
+    # phase S: the forward transient, backwards from min(tc, stop) - 1 to 0 (entry t is step t)
     first = jnp.minimum(tc, stop) - 1
 
+    def running_start(carry):
+        return carry[0] >= 0
+
     def body_start(carry):
-        t, lam_next, buf = carry
-        buf = buf.at[t].set(lam_next)
-        return t - 1, lam_step(lam_next, t), buf
+        t, lam_next, buf_sc, buf_cross = carry
+        go = running_start(carry)
+        ts = jnp.maximum(t, 0)
+        lam, s_cov, cross = moments(lam_next, ts)
+        buf_sc, buf_cross = _put(buf_sc, ts, s_cov, go), _put(buf_cross, ts, cross, go)
+        return _keep(go, (t - 1, lam), (t, lam_next)) + (buf_sc, buf_cross)
 
-    _, _, buf_start = lax.while_loop(
-        lambda c: c[0] >= 0, body_start, (first, lam_mid, jnp.zeros((n, dx, dx), dtype))
-    )
+    init = (first, lam_mid) + buffers
+    _, _, start_sc, start_cross = lax.while_loop(_while_any(running_start), body_start, init)
 
-    # every distinct (step slot, Lambda_{t+1}, valid_next, P_{t+1|t}) as a table entry:
-    # [0, n) the start entries (t = j), [n, 2n) the end entries (t = end - 1 - k), 2n the middle
-    last = num_timesteps - 1
-    t_start = jnp.arange(n)
-    t_endk = jnp.clip(end - 1 - jnp.arange(n), 0, last)
-    t_all = jnp.concatenate([t_start, t_endk, jnp.full((1,), tc, t_start.dtype)])
-    t_all = jnp.minimum(t_all, last)
-    lam_all = jnp.concatenate([buf_start, buf_end, lam_mid[None]])
-    j_all = slot[t_all]
-    vn_all = valid_next[t_all].at[-1].set(True)
-    pf = fcb[j_all]
-    X = mm(pf, A.T)
-    Y = mm(X, lam_all)
-    sc_tab = symmetrize(pf - mm(Y, jnp.swapaxes(X, -1, -2)))
-    pc_next = pcb[slot[jnp.minimum(t_all + 1, last)]].at[-1].set(pcb[n])
-    cross_tab = jnp.where(vn_all[:, None, None], X - mm(Y, pc_next), 0.0)
+    # the steps between: steady forward moments, Lambda_{t+1} = lam_mid
+    _, mid_sc, mid_cross = moments(lam_mid, jnp.minimum(tc, last))
+    sc_tab = jnp.concatenate([start_sc, end_sc, mid_sc[None]])
+    cross_tab = jnp.concatenate([start_cross, end_cross, mid_cross[None]])
 
-    steps = jnp.minimum(jnp.arange(num_timesteps), end - 1)  # padded steps repeat step end - 1
-    idx = jnp.where(steps <= first, steps, jnp.where(steps < stop, 2 * n, n + end - 1 - steps))
-    sc = sc_tab[idx]
-    cross = cross_tab[idx[:-1]]
+    if has_length:
+        # the end entries sit at steps end - 1 - k; padded steps repeat step end - 1
+        steps = jnp.minimum(jnp.arange(num_timesteps), end - 1)
+        idx = jnp.where(steps <= first, steps, jnp.where(steps < stop, 2 * n, n + end - 1 - steps))
+        sc = sc_tab[idx]
+        cross = cross_tab[idx[:-1]]
+    else:
+        sc = _assemble(sc_tab, first, stop, num_timesteps)
+        cross = _assemble(cross_tab, first, stop, num_timesteps)[:-1]
 
     def mean_step(lam_next, x):
-        j = x["slot"]
         u = ops.mv(A.T, lam_next)  # A_t^T lambda_{t+1}
-        s = _index(sb, j)
-        s_mean = x["fm"] + ops.mv(_index(fcb, j), u)
+        s = x["factors"]
+        s_mean = x["fm"] + ops.mv(x["fc"], u)
         lam = ops.mv(s[:, dx : 2 * dx].T, x["z"] - ops.mv(s[:, :dx], u)) + u
         return lam, s_mean
 
-    xs = dict(slot=slot, fm=fm, z=zs)
+    # parts["fc"] holds P_{t|t} (padded steps repeat step end - 1, where lambda = 0 anyway)
+    xs = dict(factors=parts["factors"], fc=parts["fc"], fm=fm, z=zs)
     _, sm = lax.scan(mean_step, jnp.zeros((dx,), dtype), xs, reverse=True)
     return (sm, sc, cross), need_full
 
@@ -276,7 +333,7 @@ def steady_outputs(model, emissions, inputs, length, smoother, ops, transient_st
     valid = jnp.arange(num_timesteps) < end
     out, parts, need_full = forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_steps)
     if smoother:
-        (sm, sc, cross), need_back = backward(p, out[1], parts, valid_next, end, ops, transient_steps)
+        (sm, sc, cross), need_back = backward(p, out[1], parts, valid_next, end, has_length, ops, transient_steps)
         out = out + (sm, sc, cross)
         need_full = need_full | need_back
     return out, need_full, parts["tc"]
