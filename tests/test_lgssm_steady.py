@@ -66,12 +66,12 @@ def _steady_only(model, y, u, length, transient_steps, smoother=True):
 # --------------------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("dims", [(2, 2, 1), (3, 1, None)])
+@pytest.mark.parametrize("dims", [(3, 2, 1), (3, 1, None)])
 def test_matches_dense_oracle_through_all_three_regions(dims):
-    """T = 100 with 70 stored steps: the forward pass settles part-way, the smoother's adjoint
+    """T = 120 with 70 stored steps: the forward pass settles part-way, the smoother's adjoint
     settles part-way back from the end, and the steps between use the steady entries."""
     dx, dy, du = dims
-    T, transient = 100, 70
+    T, transient = 120, 70
     params, y, u = _case(0, dx, dy, T, du)
     model = to_model(params)
     got, need_full, settled_at = _steady_only(model, jnp.asarray(y), u, None, transient)
@@ -95,7 +95,7 @@ def test_padding_matches_the_unpadded_oracle(T):
     the smoother's, zero cross-covariances), whatever the padding holds. ``length`` 90 ends in
     the steady part, 12 inside the forward transient."""
     T_pad, transient = 110, 70
-    params, y, u = _case(1, 2, 2, T, 1)
+    params, y, u = _case(1, 3, 2, T, 1)
     ref = oracle(params, y, u)
     y_p = np.full((T_pad, 2), 1e6)
     y_p[:T] = y
@@ -136,7 +136,7 @@ def test_long_sequence_float64_equals_full_recursion(dims):
 
 
 @pytest.mark.parametrize("slow", [False, True], ids=["fast-mixing", "slow-mixing"])
-@pytest.mark.parametrize("dims", [(2, 1, None), (8, 4, None), (20, 6, 2)])
+@pytest.mark.parametrize("dims", [(2, 1, None), (3, 1, None), (8, 4, None), (20, 6, 2)])
 def test_float32_as_accurate_as_the_full_recursion(dims, slow):
     """float32, T = 5000: the steady path's error against float64 is at most that of the full
     float32 recursion, up to a small factor (both are round-off)."""
@@ -163,11 +163,11 @@ def test_float32_as_accurate_as_the_full_recursion(dims, slow):
 
 
 def _slow_model(dtype=jnp.float64):
-    """A random walk observed through heavy noise: the Riccati recursion needs ~10^3 steps."""
+    """Three random walks observed through heavy noise: the Riccati recursion needs ~10^3 steps."""
     return ssmjax.LGSSM(
-        initial_mean=jnp.zeros(1, dtype), initial_cov=jnp.eye(1, dtype=dtype),
-        transition_matrix=jnp.eye(1, dtype=dtype), transition_cov=1e-6 * jnp.eye(1, dtype=dtype),
-        emission_matrix=jnp.eye(1, dtype=dtype), emission_cov=jnp.eye(1, dtype=dtype),
+        initial_mean=jnp.zeros(3, dtype), initial_cov=jnp.eye(3, dtype=dtype),
+        transition_matrix=jnp.eye(3, dtype=dtype), transition_cov=1e-6 * jnp.eye(3, dtype=dtype),
+        emission_matrix=jnp.eye(3, dtype=dtype), emission_cov=jnp.eye(3, dtype=dtype),
     )
 
 
@@ -176,7 +176,7 @@ def test_fallback_when_nothing_settles():
     needs the full recursion, and the public functions give the full recursion's results."""
     T = 1200
     params, y, u = _case(4, 3, 2, T, 1, missing_at=(T - 10, T - 5))
-    slow_y = np.random.default_rng(5).normal(size=(T, 1))
+    slow_y = np.random.default_rng(5).normal(size=(T, 3))
     for model, ys, us in ((to_model(params), y, u), (_slow_model(), slow_y, None)):
         _, need_full, _ = _steady_only(model, jnp.asarray(ys), us, None, steady.TRANSIENT_STEPS)
         assert need_full
@@ -194,7 +194,7 @@ def test_vmap_ragged_batch_with_and_without_fallback():
     near its end) and a short one: each member equals its own unbatched result, and the
     fallback stays a conditional under ``vmap`` (not a select that runs it for everyone)."""
     T = 1100
-    params, y, u = _case(6, 2, 2, T, 1, missing_at=(3, 7))
+    params, y, u = _case(6, 3, 2, T, 1, missing_at=(3, 7))
     late = y.copy()
     late[1000, 1] = np.nan
     lengths = np.array([T, 1050, 300])
@@ -218,9 +218,10 @@ def test_vmap_ragged_batch_with_and_without_fallback():
 
 def test_the_public_functions_take_the_steady_path():
     """A long time-invariant sequence compiles to the steady path (its while loops and the
-    fallback conditional); a time-varying model or ``method="sqrt"`` to the full scan only."""
+    fallback conditional); a time-varying model, ``method="sqrt"`` or two states (where the full
+    recursion is faster) to the full scan only."""
     T = 2 * steady.TRANSIENT_STEPS
-    params, y, _ = _case(7, 2, 1, T)
+    params, y, _ = _case(7, 3, 1, T)
     model = to_model(params)
 
     def ops_in(fn, m):
@@ -230,8 +231,10 @@ def test_the_public_functions_take_the_steady_path():
         text = ops_in(fn, model)
         assert "while" in text and "cond" in text, fn.__name__
         assert "while" not in ops_in(lambda m, yy: fn(m, yy, method="sqrt"), model)
-    tv = dict(params, transition_matrix=np.broadcast_to(params["transition_matrix"], (T - 1, 2, 2)))
+    tv = dict(params, transition_matrix=np.broadcast_to(params["transition_matrix"], (T - 1, 3, 3)))
     assert "while" not in ops_in(ssmjax.rts_smoother, to_model(tv))
+    two, y2, _ = _case(7, 2, 1, T)
+    assert "while" not in jax.make_jaxpr(ssmjax.rts_smoother)(to_model(two), jnp.asarray(y2)).pretty_print()
 
 
 # --------------------------------------------------------------------------- derivatives
@@ -241,7 +244,7 @@ def test_derivatives_are_those_of_the_full_recursion():
     """``jax.grad`` (under ``jit`` and ``vmap``) and ``jax.jvp`` through the steady path equal
     those of the full recursion (itself checked against finite differences)."""
     T, transient = 300, 100
-    params, y, u = _case(8, 2, 2, T, 1)
+    params, y, u = _case(8, 3, 2, T, 1)
     model = to_model(params)
 
     def loglik(transient_steps):
