@@ -94,10 +94,15 @@ def _spread(table, tc, num_timesteps):
     ``table[n]`` after. Static slices, a broadcast and a select (no gather: under ``jax.vmap``,
     where ``tc`` differs between sequences, a gather per step would be slow)."""
     n = table.shape[0] - 1
-    early = (jnp.arange(n) < tc).reshape((n,) + (1,) * (table.ndim - 1))
-    head = jnp.where(early, table[:n], table[n])
     tail = jnp.broadcast_to(table[n], (num_timesteps - n,) + table.shape[1:])
-    return jnp.concatenate([head, tail])
+    return jnp.concatenate([_head(table, tc), tail])
+
+
+def _head(table, tc):
+    """The first ``n`` steps' entries: ``table[t]`` for ``t < tc``, else the steady ``table[n]``."""
+    n = table.shape[0] - 1
+    early = (jnp.arange(n) < tc).reshape((n,) + (1,) * (table.ndim - 1))
+    return jnp.where(early, table[:n], table[n])
 
 
 def _assemble(table, first, stop, num_timesteps):
@@ -138,12 +143,7 @@ def _two_segment_scan(step, init, xs, table, tc, reverse=False):
     sequences) and no ``(T, ...)`` copy of the entries."""
     n = jax.tree.leaves(table)[0].shape[0] - 1
     num_timesteps = jax.tree.leaves(xs)[0].shape[0]
-    early = jnp.arange(n) < tc
-
-    def pick(a):
-        return jnp.where(early.reshape((n,) + (1,) * (a.ndim - 1)), a[:n], a[n])
-
-    head_xs = (jax.tree.map(lambda a: a[:n], xs), jax.tree.map(pick, table))
+    head_xs = (jax.tree.map(lambda a: a[:n], xs), jax.tree.map(lambda a: _head(a, tc), table))
     steady_entry = jax.tree.map(lambda a: a[n], table)
 
     def head(carry, x):
@@ -172,7 +172,7 @@ def forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_step
     """Steady-state Kalman filter.
 
     Returns ``(outputs, parts, need_full)``: ``outputs = (loglik, fm, fc, pm, pc)`` as the full
-    filter's; ``parts`` what the smoother needs (per-slot tables and the slot of each step);
+    filter's; ``parts`` what the smoother needs (the ``n + 1`` stored entries, ``tc`` and ``z``);
     ``need_full`` whether the covariance recursion did not settle in time.
     """
     num_timesteps, dy = ys.shape
@@ -258,7 +258,7 @@ def forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_step
     return (loglik, fm, fc, pm, pc), parts, ~done
 
 
-def backward(p, fm, parts, valid_next, end, has_length, ops, transient_steps):
+def backward(p, fm, parts, valid_next, end, has_length, ops):
     """Steady-state Bryson-Frazier smoother (as ``_smooth_standard``): ``((sm, sc, cross), need_full)``."""
     num_timesteps, dx = fm.shape
     dtype = fm.dtype
@@ -374,7 +374,7 @@ def steady_outputs(model, emissions, inputs, length, smoother, ops, transient_st
     valid = jnp.arange(num_timesteps) < end
     out, parts, need_full = forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_steps)
     if smoother:
-        (sm, sc, cross), need_back = backward(p, out[1], parts, valid_next, end, has_length, ops, transient_steps)
+        (sm, sc, cross), need_back = backward(p, out[1], parts, valid_next, end, has_length, ops)
         out = out + (sm, sc, cross)
         need_full = need_full | need_back
     return out, need_full, parts["tc"]
