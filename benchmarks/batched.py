@@ -35,13 +35,13 @@ import sys
 def _parse():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--batch", default="4096", help="comma-separated batch sizes")
     ap.add_argument("--num-timesteps", type=int, default=1000)
-    ap.add_argument("--state-dim", type=int, default=4)
-    ap.add_argument("--emission-dim", type=int, default=2)
+    ap.add_argument("--dims", default="4x2", help="comma-separated LGSSM sizes DxxDy, e.g. 4x2,8x4")
     ap.add_argument("--num-states", default="16,64", help="comma-separated HMM state counts ('' for none)")
     ap.add_argument("--models", default="lgssm,hmm", help="comma-separated subset of lgssm,hmm")
     ap.add_argument("--hmm-sequential-only", action="store_true", help="skip the parallel HMM rows")
+    ap.add_argument("--sequential-only", action="store_true", help="skip every parallel-in-time row (and the ragged LGSSM rows)")
     ap.add_argument("--check", type=int, default=4, help="sequences checked against the float64 reference")
     ap.add_argument("--quick", action="store_true", help="5 repeats instead of 11")
     ap.add_argument("--no-peers", action="store_true")
@@ -158,11 +158,12 @@ def _lgssm_rows(B, T, dx, dy, check):
     rows = []
     cases = []
     for smoother in (False, True):
-        for parallel in (False, True):
+        for parallel in (False,) if ARGS.sequential_only else (False, True):
             cases.append(("ssmjax", smoother, parallel, False))
             if not ARGS.no_peers:
                 cases.append(("dynamax", smoother, parallel, False))
-        cases.append(("ssmjax", smoother, False, True))
+        if not ARGS.sequential_only:
+            cases.append(("ssmjax", smoother, False, True))
     for lib, smoother, parallel, ragged in cases:
         try:
             fn, fields = (
@@ -238,7 +239,8 @@ def _hmm_rows(B, T, K, check):
     rows = []
     for smoother in (False, True):
         # the parallel versions hold B T K^2 numbers (67 GB at K = 64): K <= 16 only
-        for parallel in (False, True) if K <= 16 and not ARGS.hmm_sequential_only else (False,):
+        sequential_only = ARGS.hmm_sequential_only or ARGS.sequential_only
+        for parallel in (False, True) if K <= 16 and not sequential_only else (False,):
             for lib in ("ssmjax",) + (() if ARGS.no_peers else ("dynamax",)):
                 if lib == "ssmjax":
                     f = ssmjax.hmm_smoother if smoother else ssmjax.hmm_filter
@@ -291,13 +293,18 @@ def _print(row):
 def main():
     ssmjax.set_value_checks(False)
     device = jax.devices()[0]
-    B, T = ARGS.batch, ARGS.num_timesteps
-    check = min(ARGS.check, B)
-    print(f"device {device} ({getattr(device, 'device_kind', '')}), B = {B}, T = {T}, float32, repeats {REPEATS}")
+    T = ARGS.num_timesteps
     models = ARGS.models.split(",")
-    rows = _lgssm_rows(B, T, ARGS.state_dim, ARGS.emission_dim, check) if "lgssm" in models else []
-    for K in [int(k) for k in ARGS.num_states.split(",") if k] if "hmm" in models else []:
-        rows += _hmm_rows(B, T, K, check)
+    rows = []
+    for B in [int(b) for b in ARGS.batch.split(",")]:
+        check = min(ARGS.check, B)
+        print(f"device {device} ({getattr(device, 'device_kind', '')}), B = {B}, T = {T}, float32, repeats {REPEATS}")
+        if "lgssm" in models:
+            for dims in ARGS.dims.split(","):
+                dx, dy = (int(d) for d in dims.split("x"))
+                rows += _lgssm_rows(B, T, dx, dy, check)
+        for K in [int(k) for k in ARGS.num_states.split(",") if k] if "hmm" in models else []:
+            rows += _hmm_rows(B, T, K, check)
     record = dict(
         benchmark="batched",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -306,7 +313,7 @@ def main():
             device_kind=getattr(device, "device_kind", None),
         ),
         versions=installed_versions(("jax", "jaxlib", "equinox", "numpy", "dynamax")),
-        settings=dict(repeats=REPEATS, dtype="float32", value_checks=False, checked_sequences=check),
+        settings=dict(repeats=REPEATS, dtype="float32", value_checks=False, checked_sequences=ARGS.check),
         results=rows,
     )
     write_record(ARGS.out, record)

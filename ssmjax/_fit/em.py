@@ -21,7 +21,7 @@ import numpy as np
 from .._checks import to_device, value_checks
 from . import progress as _progress
 from .compiler import fast_compile_jit
-from .protocol import AbstractFittableModel, check_frozen, tracing_fast_e_step, tracing_observed_batch
+from .protocol import AbstractFittableModel, check_frozen, tracing_batch_pattern, tracing_fast_e_step
 
 # Status codes of an EM run (see EMInfo.status).
 _RUNNING, _CONVERGED, _MAX_ITERS, _DECREASED, _NOT_FINITE = 0, 1, 2, 3, 4
@@ -178,18 +178,18 @@ def _resume(final: _Carry) -> _Carry:
     )
 
 
-def _em_single(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, observed, fast, start):
+def _em_single(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, pattern, fast, start):
     # Inputs were validated eagerly; iterates come from our own M-steps. Value checks
     # inside the loop would turn a degenerate iterate (e.g. a covariance collapsing on
     # tiny data) into an exception instead of the guard's "last good model".
-    with value_checks(False), tracing_observed_batch(observed), tracing_fast_e_step(fast):
+    with value_checks(False), tracing_batch_pattern(pattern), tracing_fast_e_step(fast):
         return _em_loop(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, fast, start)
 
 
 _em_compiled = fast_compile_jit(_em_single)
 
 
-def _em_restarts(models, emissions, lengths, inputs, tol, max_iters, frozen, progress, observed):
+def _em_restarts(models, emissions, lengths, inputs, tol, max_iters, frozen, progress, pattern):
     params, static = eqx.partition(models, eqx.is_array)
 
     def one(p):
@@ -200,7 +200,7 @@ def _em_restarts(models, emissions, lengths, inputs, tol, max_iters, frozen, pro
         _, final_ll = _batch_e_step(fitted, _prepare_batch(fitted, emissions, lengths, inputs))
         return fitted_params, final.lls, final.it, final.status, final_ll
 
-    with value_checks(False), tracing_observed_batch(observed):  # see _em_single
+    with value_checks(False), tracing_batch_pattern(pattern):  # see _em_single
         return jax.vmap(one)(params)
 
 
@@ -219,14 +219,20 @@ def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen):
     frozen = check_frozen(model, frozen)
     model._check_em(frozen)
     emissions, lengths, inputs = model._check_batch(emissions, lengths, inputs)
-    return emissions, lengths, inputs, int(max_iters), frozen, _is_observed(emissions, lengths)
+    return emissions, lengths, inputs, int(max_iters), frozen, _batch_pattern(emissions, lengths)
+
+
+def _batch_pattern(emissions, lengths) -> tuple[bool, bool]:
+    """``(observed, unpadded)``: static facts for the E-step (see protocol.py)."""
+    if not (isinstance(emissions, jax.Array) and emissions.is_fully_addressable):
+        return False, False  # sharded over several hosts: keep the general path
+    unpadded = bool(np.all(np.asarray(lengths) == emissions.shape[1]))
+    return _is_observed(emissions, lengths), unpadded
 
 
 def _is_observed(emissions, lengths) -> bool:
-    """No NaN in ``emissions`` at real steps (a static fact for the E-step, see protocol.py)."""
-    if not (isinstance(emissions, jax.Array) and jnp.issubdtype(emissions.dtype, jnp.floating)):
-        return False
-    if not emissions.is_fully_addressable:  # sharded over several hosts: keep the general path
+    """No NaN in ``emissions`` at real steps."""
+    if not jnp.issubdtype(emissions.dtype, jnp.floating):
         return False
     nan = np.isnan(np.asarray(emissions))
     if not nan.any():
@@ -293,16 +299,16 @@ def fit_em(
         >>> bool(lls[-1] >= lls[0])
         True
     """
-    emissions, lengths, inputs, max_iters, frozen, observed = _prepare(
+    emissions, lengths, inputs, max_iters, frozen, pattern = _prepare(
         model, emissions, lengths, inputs, max_iters, tol, frozen
     )
     tol_arr = np.asarray(tol, dtype=np.float64 if jax.config.jax_enable_x64 else np.float32)
     fast = bool(getattr(model, "_has_fast_e_step", False))
     with _progress.progress_bar(progress, max_iters, "EM", "loglik"):
-        final = _em_compiled(model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, observed, fast, None)
+        final = _em_compiled(model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, fast, None)
         if fast and int(final.status) == _RETRY:  # compiled only for data that need it
             final = _em_compiled(
-                model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, observed, False, _resume(final)
+                model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, False, _resume(final)
             )
     last, before_prev, lls, it, status = final.params, final.before_prev, final.lls, final.it, final.status
     num_iters = int(it)
@@ -368,13 +374,13 @@ def fit_em_restarts(
         raise ValueError("`models` must be a stacked model with a leading restart axis on every array leaf.")
     num_restarts = leaves[0].shape[0]
     first = jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, models)
-    emissions, lengths, inputs, max_iters, frozen, observed = _prepare(
+    emissions, lengths, inputs, max_iters, frozen, pattern = _prepare(
         first, emissions, lengths, inputs, max_iters, tol, frozen
     )
     tol_arr = np.asarray(tol, dtype=np.float64 if jax.config.jax_enable_x64 else np.float32)
     with _progress.progress_bar(progress, max_iters, f"EM x{num_restarts}", "best loglik"):
         params, lls, _, _, final_lls = _em_restarts_compiled(
-            models, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, observed
+            models, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern
         )
     scores = jnp.where(jnp.isfinite(final_lls), final_lls, -jnp.inf)
     best = int(jnp.argmax(scores))

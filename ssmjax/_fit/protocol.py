@@ -21,7 +21,9 @@ While :func:`ssmjax.fit_em` traces its loop, :func:`observed_batch` tells an
 E-step whether every entry of the batch's emissions at real (unpadded) steps is
 a number (no NaN). It is a static fact, part of the compiled loop's cache key,
 so an E-step may skip missing-data work (the LGSSM skips the per-step
-conditioning of missing entries). Outside ``fit_em`` it is ``False``.
+conditioning of missing entries). Likewise :func:`unpadded_batch`: every
+sequence has length ``T`` (the LGSSM then computes its covariances once for the
+whole batch). Outside ``fit_em`` both are ``False``.
 
 While :func:`ssmjax.fit_em` traces its first program, :func:`fast_e_step` is
 ``True`` for models whose ``_has_fast_e_step`` is true. Their E-step may then
@@ -51,7 +53,7 @@ import jax
 PyTree = Any
 
 # Static facts about the loop being traced (see the module doc), set by fit_em while it traces.
-_TRACING = {"observed_batch": False, "fast_e_step": False}
+_TRACING = {"observed_batch": False, "unpadded_batch": False, "fast_e_step": False}
 
 
 @contextlib.contextmanager
@@ -69,9 +71,17 @@ def observed_batch() -> bool:
     return _TRACING["observed_batch"]
 
 
-def tracing_observed_batch(observed: bool):
-    """Set :func:`observed_batch` while a fitting loop is traced."""
-    return _tracing("observed_batch", observed)
+def unpadded_batch() -> bool:
+    """Whether every sequence of the batch being traced by ``fit_em`` has length ``T`` (see the module doc)."""
+    return _TRACING["unpadded_batch"]
+
+
+@contextlib.contextmanager
+def tracing_batch_pattern(pattern: tuple[bool, bool]) -> Iterator[None]:
+    """Set :func:`observed_batch` and :func:`unpadded_batch` (``pattern``) while a fitting loop is traced."""
+    observed, unpadded = pattern
+    with _tracing("observed_batch", observed), _tracing("unpadded_batch", unpadded):
+        yield
 
 
 def fast_e_step() -> bool:

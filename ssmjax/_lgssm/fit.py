@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _checks
-from .._fit.protocol import observed_batch
+from .._fit.protocol import observed_batch, unpadded_batch
 from . import em as _em
-from .inference import rts_smoother
+from .inference import _ops_for, _smoother_impl
 from .model import FIELDS
+from .validate import _value_check_model
 
 _COVS = ("initial_cov", "transition_cov", "emission_cov")
 _BASE_NDIM = {
@@ -106,15 +107,16 @@ def _check_model_values(model, num_timesteps):
     """
     if not _checks.value_checks_enabled() or _clearly_valid_covs(model):
         return
-    from .inference import _value_check_model
-
     _value_check_model(model, num_timesteps, None)
 
 
 def e_step(model, emissions, length, inputs):
-    post = rts_smoother(model, emissions, inputs=inputs, length=length)
-    # fit_em knows statically whether the batch has missing entries (NaN)
-    stats = _em.expected_stats(model, emissions, inputs, length, post, observed=observed_batch())
+    # fit_em validated the batch and knows statically whether it has missing entries (NaN) or
+    # padding: without either, the covariances are computed once for the whole batch
+    observed = observed_batch()
+    masking = "observed" if observed and unpadded_batch() else "masked"
+    post = _smoother_impl(model, emissions, inputs, length, "standard", _ops_for(model), masking)
+    stats = _em.expected_stats(model, emissions, inputs, length, post, observed=observed)
     return stats, post.marginal_loglik
 
 

@@ -27,20 +27,20 @@ round-off, same derivatives (those of the full recursion), several times faster.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from .._checks import as_float_array, check_length, check_shape, check_values, cholesky_fails, host_arrays, linalg_arrays
+from . import steady, step, strategy
+from .canonical import LOG_2PI as _LOG_2PI
+from .canonical import _at, _canonical, _dtype, _scan_inputs
 from .model import LGSSM, model_dims, validate_shapes
+from .parallel import _filter_parallel, _smoother_parallel
+from .results import KalmanFilterResult, LGSSMForecastResult, RTSSmootherResult
 from .small import GeneralOps, choose_ops, matmul_precision, psd_cholesky, symmetrize
-from . import steady
-
-_LOG_2PI = math.log(2.0 * math.pi)
+from .validate import _check_method, _check_time_sizes, _validate, _validate_inputs, _value_check_model
 
 __all__ = [
     "KalmanFilterResult",
@@ -52,288 +52,6 @@ __all__ = [
     "lgssm_sample",
     "lgssm_forecast",
 ]
-
-
-# --------------------------------------------------------------------------- results
-
-
-class KalmanFilterResult(eqx.Module):
-    r"""Output of :func:`ssmjax.kalman_filter`.
-
-    Attributes:
-        marginal_loglik: :math:`\log p(y_{1:T})` (observed entries, real steps only).
-        filtered_means: :math:`E[x_t \mid y_{1:t}]`, shape (T, Dx).
-        filtered_covs: :math:`\mathrm{Cov}[x_t \mid y_{1:t}]`, shape (T, Dx, Dx).
-        predicted_means: :math:`E[x_t \mid y_{1:t-1}]` (``predicted_means[0]`` is the
-            initial mean), shape (T, Dx).
-        predicted_covs: :math:`\mathrm{Cov}[x_t \mid y_{1:t-1}]`, shape (T, Dx, Dx).
-
-    At padded steps (``t >= length``) every field repeats the filtered moments of
-    step ``length - 1``.
-    """
-
-    marginal_loglik: Float[Array, ""]
-    filtered_means: Float[Array, "T Dx"]
-    filtered_covs: Float[Array, "T Dx Dx"]
-    predicted_means: Float[Array, "T Dx"]
-    predicted_covs: Float[Array, "T Dx Dx"]
-
-
-class RTSSmootherResult(eqx.Module):
-    r"""Output of :func:`ssmjax.rts_smoother`: the filter's fields plus smoothed ones.
-
-    Attributes:
-        marginal_loglik: :math:`\log p(y_{1:T})`.
-        filtered_means, filtered_covs, predicted_means, predicted_covs: as in
-            :class:`KalmanFilterResult`.
-        smoothed_means: :math:`E[x_t \mid y_{1:T}]`, shape (T, Dx).
-        smoothed_covs: :math:`\mathrm{Cov}[x_t \mid y_{1:T}]`, shape (T, Dx, Dx).
-        smoothed_cross_covs: :math:`\mathrm{Cov}[x_t, x_{t+1} \mid y_{1:T}]`, shape
-            (T-1, Dx, Dx); entry ``t`` pairs step ``t`` (rows) with ``t+1`` (columns).
-
-    At padded steps smoothed moments repeat those of step ``length - 1`` and
-    cross-covariances of pairs with ``t + 1 >= length`` are zero.
-    """
-
-    marginal_loglik: Float[Array, ""]
-    filtered_means: Float[Array, "T Dx"]
-    filtered_covs: Float[Array, "T Dx Dx"]
-    predicted_means: Float[Array, "T Dx"]
-    predicted_covs: Float[Array, "T Dx Dx"]
-    smoothed_means: Float[Array, "T Dx"]
-    smoothed_covs: Float[Array, "T Dx Dx"]
-    smoothed_cross_covs: Float[Array, "T-1 Dx Dx"]
-
-
-class LGSSMForecastResult(eqx.Module):
-    r"""Output of :func:`ssmjax.lgssm_forecast`: predictive moments ``H = num_steps`` ahead.
-
-    With ``L = length`` (or ``T``), entry ``h`` describes step ``L + h`` given the
-    observed :math:`y_{1:L}` (0-based: ``emissions[:L]``).
-
-    Attributes:
-        state_means: :math:`E[x_{L+h} \mid y]`, shape (H, Dx).
-        state_covs: :math:`\mathrm{Cov}[x_{L+h} \mid y]`, shape (H, Dx, Dx).
-        emission_means: :math:`E[y_{L+h} \mid y]`, shape (H, Dy).
-        emission_covs: :math:`\mathrm{Cov}[y_{L+h} \mid y]`, shape (H, Dy, Dy).
-    """
-
-    state_means: Float[Array, "H Dx"]
-    state_covs: Float[Array, "H Dx Dx"]
-    emission_means: Float[Array, "H Dy"]
-    emission_covs: Float[Array, "H Dy Dy"]
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_cov(name: str, cov, valid, semidefinite: bool):
-    """Symmetric and positive (semi-)definite at real steps; returns the guarded ``cov``."""
-    from .._checks import value_checks_enabled
-
-    if not value_checks_enabled():
-        return cov
-    # NumPy when everything is concrete and on the host: no XLA compilation per eager check
-    xp, values, valid = linalg_arrays(cov, valid)
-    eye = xp.eye(cov.shape[-1], dtype=values.dtype)
-    test = values
-    if valid is not None and cov.ndim == 3:
-        test = xp.where(valid[:, None, None], values, 0.0 if semidefinite else eye)
-    rtol = 1e-5 if cov.dtype == jnp.float32 else 1e-10
-    asym = xp.abs(test - xp.swapaxes(test, -1, -2))
-    scale = xp.maximum(xp.max(xp.abs(test), axis=(-1, -2), keepdims=True), jnp.finfo(cov.dtype).tiny)
-    not_symmetric = xp.any(asym > rtol * scale) | xp.any(~xp.isfinite(test))
-    sym = xp.where(xp.isfinite(test), test, 0.0)
-    sym = 0.5 * (sym + xp.swapaxes(sym, -1, -2))
-    if semidefinite:
-        eig = xp.linalg.eigvalsh(sym)
-        bad_def = xp.any(eig < -(cov.shape[-1] * 10 * jnp.finfo(cov.dtype).eps) * scale[..., 0])
-        what = "positive semi-definite (it has a negative eigenvalue)"
-    else:
-        bad_def = cholesky_fails(xp, sym)
-        what = "positive definite (its Cholesky factorisation failed)"
-    cov = check_values(cov, not_symmetric, f"`{name}` must be finite and symmetric (relative tolerance {rtol:g}).")
-    return check_values(cov, bad_def, f"`{name}` must be {what}.")
-
-
-def _validate(model, emissions, inputs, length, *, need_inputs_name="inputs"):
-    """Shape checks (ValueError) and covariance value checks; returns canonical arguments."""
-    if not isinstance(model, LGSSM):
-        raise ValueError(f"`model` must be an ssmjax.LGSSM; got {type(model).__name__}.")
-    time_sizes = validate_shapes(model)
-    dx, dy, du = model_dims(model)
-    y = as_float_array("emissions", emissions)
-    meaning = f"T time steps; Dy = {dy} from emission_matrix"
-    if y.ndim != 2:
-        check_shape("emissions", y, ("T", dy), meaning + "; use jax.vmap for a batch")
-    check_shape("emissions", y, ("T", dy), meaning)
-    num_timesteps = y.shape[0]
-    if num_timesteps < 1:
-        raise ValueError("`emissions` must have at least one time step; got shape (0, ...).")
-    _check_time_sizes(time_sizes, num_timesteps)
-    u = _validate_inputs(model, inputs, num_timesteps, du, "inputs")
-    length_arr = check_length(length, num_timesteps)
-    model = _value_check_model(model, num_timesteps, length_arr)
-    return model, y, u, length_arr
-
-
-def _check_time_sizes(time_sizes, num_timesteps):
-    for name, size in time_sizes.items():
-        if size is None:
-            continue
-        expected = num_timesteps - 1 if name.startswith("transition") else num_timesteps
-        axis = "T-1" if name.startswith("transition") else "T"
-        if size != expected:
-            raise ValueError(
-                f"`{name}` is time-varying with {size} entries; expected {axis} = {expected} "
-                f"entries for emissions of T = {num_timesteps} steps."
-            )
-
-
-def _validate_inputs(model, inputs, num_timesteps, du, name):
-    has_input_matrix = model.transition_input_matrix is not None or model.emission_input_matrix is not None
-    if has_input_matrix and inputs is None:
-        which = [
-            n for n in ("transition_input_matrix", "emission_input_matrix") if getattr(model, n) is not None
-        ]
-        raise ValueError(
-            f"the model has {', '.join('`' + w + '`' for w in which)}, so `{name}` of shape "
-            f"({num_timesteps}, {du}) (T, Du) is required; got None."
-        )
-    if not has_input_matrix and inputs is not None:
-        raise ValueError(
-            f"`{name}` were given but the model has no `transition_input_matrix` or "
-            "`emission_input_matrix`; pass inputs=None or add an input matrix."
-        )
-    if inputs is None:
-        return None
-    u = as_float_array(name, inputs)
-    check_shape(name, u, (num_timesteps, du), "T, Du (Du from the input matrices)")
-    return u
-
-
-def _value_check_model(model, num_timesteps, length_arr):
-    valid = None
-    valid_next = None
-    if length_arr is not None:
-        xp, length_arr = host_arrays(length_arr)
-        steps = xp.arange(num_timesteps)
-        valid = steps < length_arr
-        valid_next = (steps[: num_timesteps - 1] + 1) < length_arr
-    initial_cov = _check_cov("initial_cov", model.initial_cov, None, semidefinite=False)
-    transition_cov = _check_cov("transition_cov", model.transition_cov, valid_next, semidefinite=True)
-    emission_cov = _check_cov("emission_cov", model.emission_cov, valid, semidefinite=False)
-    return eqx.tree_at(
-        lambda m: (m.initial_cov, m.transition_cov, m.emission_cov),
-        model,
-        (initial_cov, transition_cov, emission_cov),
-    )
-
-
-def _check_method(method):
-    if method not in ("standard", "sqrt"):
-        raise ValueError(f"`method` must be 'standard' or 'sqrt'; got {method!r}.")
-
-
-# --------------------------------------------------------------------------- canonical form
-
-
-def _dtype(model: LGSSM, *arrays):
-    leaves = [leaf for leaf in jax.tree_util.tree_leaves(model)] + [a for a in arrays if a is not None]
-    return jnp.result_type(*leaves)
-
-
-def _canonical(model: LGSSM, emissions, inputs, length):
-    """Per-step parameters with inputs folded into offsets, padding and missing data sanitised.
-
-    Returns ``(p, tv, ys, mask, valid_next)``: ``p`` maps short names to arrays (time-varying
-    ones, named in the static set ``tv``, have a leading T axis; transitions are extended
-    with a harmless identity entry so every array has T entries), ``ys`` the emissions with
-    missing and padded entries set to 0, ``mask`` (T, Dy) the observed entries,
-    ``valid_next`` (T,) whether transition ``t`` is real (``t + 1 < length``).
-    """
-    dtype = _dtype(model, emissions, inputs)
-    num_timesteps = emissions.shape[0]
-    dx, dy, du = model_dims(model)
-    cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
-    steps = jnp.arange(num_timesteps)
-    end = num_timesteps if length is None else length
-    valid = steps < end
-    valid_next = steps + 1 < end
-    eye_x = jnp.eye(dx, dtype=dtype)
-    eye_y = jnp.eye(dy, dtype=dtype)
-
-    def tvar(a, static_ndim):
-        return a is not None and a.ndim == static_ndim + 1
-
-    def sanitize(a, static_ndim, ok, safe):
-        if a is None or not tvar(a, static_ndim) or length is None:
-            return a
-        ok = ok.reshape((-1,) + (1,) * static_ndim)
-        return jnp.where(ok, a, safe)
-
-    y = cast(emissions)
-    u = cast(inputs)
-    if u is not None and length is not None:
-        u = jnp.where(valid[:, None], u, 0.0)
-    mask = ~jnp.isnan(y) & valid[:, None]
-    ys = jnp.where(mask, y, 0.0)
-
-    # emissions
-    C = sanitize(cast(model.emission_matrix), 2, valid, 0.0)
-    R = sanitize(cast(model.emission_cov), 2, valid, eye_y)
-    D = sanitize(cast(model.emission_input_matrix), 2, valid, 0.0)
-    d = sanitize(cast(model.emission_offset), 1, valid, 0.0)
-    e = d
-    if D is not None:
-        Du_t = jnp.einsum("tij,tj->ti" if D.ndim == 3 else "ij,tj->ti", D, u, precision=matmul_precision())
-        e = Du_t if e is None else Du_t + e
-    # transitions (T-1 entries when time-varying)
-    vn = valid_next[: num_timesteps - 1]
-    A = sanitize(cast(model.transition_matrix), 2, vn, eye_x)
-    Q = sanitize(cast(model.transition_cov), 2, vn, 0.0)
-    B = sanitize(cast(model.transition_input_matrix), 2, vn, 0.0)
-    b = sanitize(cast(model.transition_offset), 1, vn, 0.0)
-    f = b
-    if B is not None:
-        Bu = jnp.einsum(
-            "tij,tj->ti" if B.ndim == 3 else "ij,tj->ti", B, u[1:], precision=matmul_precision()
-        )
-        f = Bu if f is None else Bu + f
-
-    def extend(a, safe):
-        # append a harmless entry so time-varying transitions have T entries
-        return jnp.concatenate([a, safe[None]], axis=0)
-
-    p = dict(m0=cast(model.initial_mean), P0=cast(model.initial_cov), C=C, R=R, A=A, Q=Q)
-    tv = set()
-    for key, static_ndim in (("C", 2), ("R", 2)):
-        if tvar(p[key], static_ndim):
-            tv.add(key)
-    if e is not None:
-        p["e"] = e
-        if e.ndim == 2:
-            tv.add("e")
-    for key, safe in (("A", eye_x), ("Q", jnp.zeros_like(eye_x))):
-        if tvar(p[key], 2):
-            p[key] = extend(p[key], safe)
-            tv.add(key)
-    if f is not None:
-        if f.ndim == 2:
-            f = extend(f, jnp.zeros((dx,), dtype))
-            tv.add("f")
-        p["f"] = f
-    return p, frozenset(tv), ys, mask, valid_next
-
-
-def _at(p, tv, x, key):
-    return x[key] if key in tv else p[key]
-
-
-def _scan_inputs(p, tv, **extra):
-    xs = {k: p[k] for k in tv}
-    xs.update(extra)
-    return xs
 
 
 # --------------------------------------------------------------------------- standard filter
@@ -368,34 +86,26 @@ def _filter_standard(
         pred_y = ops.mv(C, mean)
         if "e" in p:
             pred_y = pred_y + _at(p, tv, x, "e")
-        resid = jnp.where(m, x["y"] - pred_y, 0.0)
-        CP = ops.mm(C, cov)
-        S = symmetrize(ops.mm(CP, C.T) + R)
-        # one factorisation S = L L^T and triangular solve for L^{-1} [C P, C, r]:
-        # K = W^T L^{-1}, C^T S^{-1} C = V^T V
-        log_diag, sol = ops.cholesky_solve_lower(S, jnp.concatenate([CP, C, resid[:, None]], axis=1))
-        W, V, z = sol[:, :dx], sol[:, dx : 2 * dx], sol[:, 2 * dx]
-        f_mean = mean + ops.mv(W.T, z)
-        f_cov = symmetrize(cov - ops.mm(W.T, W))
+        f_cov, half_logdet, factors = step.update_cov(cov, C, R, ops)
+        f_mean, z = step.update_mean(mean, factors, jnp.where(m, x["y"] - pred_y, 0.0), ops)
         nobs = jnp.sum(m).astype(dtype)
-        ll = -0.5 * jnp.sum(z * z) - jnp.sum(log_diag) - 0.5 * nobs * _LOG_2PI
+        ll = -0.5 * jnp.sum(z * z) - half_logdet - 0.5 * nobs * _LOG_2PI
         # predict x_{t+1}
         A, Q = _at(p, tv, x, "A"), _at(p, tv, x, "Q")
+        offset = _at(p, tv, x, "f") if "f" in p else None
         if has_length:
             A = jnp.where(x["valid_next"], A, eye_x)
             Q = jnp.where(x["valid_next"], Q, 0.0)
-        p_mean = ops.mv(A, f_mean)
-        if "f" in p:
-            fx = _at(p, tv, x, "f")
-            p_mean = p_mean + (jnp.where(x["valid_next"], fx, 0.0) if has_length else fx)
-        p_cov = symmetrize(ops.mm(ops.mm(A, f_cov), A.T) + Q)
-        # the smoother's factors leave the scan as one array [W, V, z] (one write per step)
-        return (p_mean, p_cov, loglik + ll), (mean, cov, f_mean, f_cov, sol)
+            offset = None if offset is None else jnp.where(x["valid_next"], offset, 0.0)
+        p_mean = step.predict_mean(f_mean, A, offset, ops)
+        p_cov = step.predict_cov(f_cov, A, Q, ops)
+        # factors and z leave the scan apart: under jax.vmap with a shared model the factors stay unbatched
+        return (p_mean, p_cov, loglik + ll), (mean, cov, f_mean, f_cov, factors, z)
 
     xs = _scan_inputs(p, tv, y=ys, mask=mask, valid_next=valid_next)
     init = (p["m0"], p["P0"], jnp.zeros((), dtype))
-    (_, _, loglik), (pm, pc, fm, fc, factors) = jax.lax.scan(_step, init, xs)
-    return loglik, fm, fc, pm, pc, factors
+    (_, _, loglik), (pm, pc, fm, fc, factors, z) = jax.lax.scan(_step, init, xs)
+    return loglik, fm, fc, pm, pc, (factors, z)
 
 
 # --------------------------------------------------------------------------- square-root filter
@@ -490,14 +200,14 @@ def _smooth_standard(
     fm: Float[Array, "T Dx"],
     fc: Float[Array, "T Dx Dx"],
     pc: Float[Array, "T Dx Dx"],
-    factors: Float[Array, "T Dy _"],
+    factors: tuple[Float[Array, "T Dy _"], Float[Array, "T Dy"]],
     valid_next: Bool[Array, " T"],
     ops: type,
 ):
     r"""Smoothed moments by the modified Bryson-Frazier recursion (no Dx x Dx solves).
 
     Mathematically identical to the RTS recursion. With the filter's per-step factors
-    ``factors[t] = [W_t, V_t, z_t]``, :math:`W_t = L_t^{-1} C_t P_{t|t-1}`,
+    ``factors = ([W_t, V_t, L_t^{-1}], z_t)`` (:mod:`ssmjax._lgssm.step`), :math:`W_t = L_t^{-1} C_t P_{t|t-1}`,
     :math:`V_t = L_t^{-1} C_t`, :math:`z_t = L_t^{-1} r_t`
     (:math:`L_t L_t^\top = S_t`, missing rows of :math:`C_t` zeroed), the adjoint
     :math:`\lambda_t, \Lambda_t` (:math:`\lambda_T = 0, \Lambda_T = 0` past the end) obeys
@@ -531,8 +241,8 @@ def _smooth_standard(
             (lam, Lam), pc_next = carry, x["pc_next"]
         A = _at(p, tv, x, "A")
         A = jnp.where(x["valid_next"], A, eye_x)
-        Pf, sol = x["fc"], x["factors"]
-        Wt, Vt, zt = sol[:, :dx], sol[:, dx : 2 * dx], sol[:, 2 * dx]
+        Pf, sol, zt = x["fc"], x["factors"], x["z"]
+        Wt, Vt = sol[:, :dx], sol[:, dx : 2 * dx]
         X = ops.mm(Pf, A.T)  # P_{t|t} A_t^T
         # B_t = A_t F_t = A_t - (A_t W_t^T) V_t, so lambda_t = V^T z + B^T lambda_{t+1}
         Bt = A - ops.mm(ops.mm(A, Wt.T), Vt)
@@ -548,7 +258,7 @@ def _smooth_standard(
         cross_buf = jax.lax.dynamic_update_slice_in_dim(cross_buf, cross[None], idx, axis=0)
         return (lam_new, Lam_new, x["pc"], cross_buf), (s_mean, s_cov)
 
-    xs = _scan_inputs(p, tv, fm=fm, fc=fc, factors=factors, valid_next=valid_next)
+    xs = _scan_inputs(p, tv, fm=fm, fc=fc, factors=factors[0], z=factors[1], valid_next=valid_next)
     zeros = jnp.zeros((dx, dx), dtype)
     if not in_place:
         xs["pc_next"] = jnp.concatenate([pc[1:], zeros[None]], axis=0)
@@ -601,8 +311,8 @@ def _smooth_sqrt(
 # --------------------------------------------------------------------------- jitted cores
 
 
-def _run_filter(model, emissions, inputs, length, method, ops):
-    p, tv, ys, mask, valid_next = _canonical(model, emissions, inputs, length)
+def _run_filter(model, emissions, inputs, length, method, ops, observed=False):
+    p, tv, ys, mask, valid_next = _canonical(model, emissions, inputs, length, observed)
     has_length = length is not None
     if method == "sqrt":
         loglik, fm, chol_fc, pm, chol_pc, chol_q = _filter_sqrt(p, tv, ys, mask, valid_next, has_length)
@@ -611,9 +321,9 @@ def _run_filter(model, emissions, inputs, length, method, ops):
     return p, tv, valid_next, (loglik, fm, fc, pm, pc, factors)
 
 
-def _filter_full(model, emissions, inputs, length, ops, method="standard"):
+def _filter_full(model, emissions, inputs, length, ops, method="standard", observed=False):
     """The full filter recursion: ``(loglik, fm, fc, pm, pc)``."""
-    _, _, _, out = _run_filter(model, emissions, inputs, length, method, ops)
+    _, _, _, out = _run_filter(model, emissions, inputs, length, method, ops, observed)
     if method == "sqrt":
         loglik, fm, chol_fc, pm, chol_pc, _ = out
         return loglik, fm, _outer(chol_fc), pm, _outer(chol_pc)
@@ -621,9 +331,9 @@ def _filter_full(model, emissions, inputs, length, ops, method="standard"):
     return loglik, fm, fc, pm, pc
 
 
-def _smoother_full(model, emissions, inputs, length, ops, method="standard"):
+def _smoother_full(model, emissions, inputs, length, ops, method="standard", observed=False):
     """The full filter and smoother recursions: ``(loglik, fm, fc, pm, pc, sm, sc, cross)``."""
-    p, tv, valid_next, out = _run_filter(model, emissions, inputs, length, method, ops)
+    p, tv, valid_next, out = _run_filter(model, emissions, inputs, length, method, ops, observed)
     if method == "sqrt":
         loglik, fm, chol_fc, pm, chol_pc, chol_q = out
         sm, chol_sc, cross = _smooth_sqrt(p, tv, fm, chol_fc, pm, chol_pc, chol_q, valid_next)
@@ -633,6 +343,18 @@ def _smoother_full(model, emissions, inputs, length, ops, method="standard"):
     return loglik, fm, fc, pm, pc, sm, sc, cross
 
 
+def _run(smoother, model, emissions, inputs, length, method, ops, masking, transient_steps):
+    """The filter or smoother outputs along the path that :mod:`ssmjax._lgssm.strategy` picks."""
+    full = _smoother_full if smoother else _filter_full
+
+    def run(model, emissions, inputs, length, observed):
+        if steady.applies(model, emissions.shape[0], method, transient_steps):
+            return steady.run(model, emissions, inputs, length, smoother, ops, transient_steps, observed, full)
+        return full(model, emissions, inputs, length, ops, method, observed)
+
+    return strategy.run_masked_or_observed(masking, run, model, emissions, inputs, length)
+
+
 def _filter_impl(
     model: LGSSM,
     emissions: Float[Array, "T Dy"],
@@ -640,13 +362,10 @@ def _filter_impl(
     length: Optional[Int[Array, ""]],
     method: str,
     ops: type,
+    masking: str = "auto",
     transient_steps: int = steady.TRANSIENT_STEPS,
 ) -> KalmanFilterResult:
-    if steady.applies(model, emissions.shape[0], method, transient_steps):
-        out = steady.run(model, emissions, inputs, length, False, ops, transient_steps, _filter_full)
-    else:
-        out = _filter_full(model, emissions, inputs, length, ops, method)
-    return KalmanFilterResult(*out)
+    return KalmanFilterResult(*_run(False, model, emissions, inputs, length, method, ops, masking, transient_steps))
 
 
 def _smoother_impl(
@@ -656,17 +375,14 @@ def _smoother_impl(
     length: Optional[Int[Array, ""]],
     method: str,
     ops: type,
+    masking: str = "auto",
     transient_steps: int = steady.TRANSIENT_STEPS,
 ) -> RTSSmootherResult:
-    if steady.applies(model, emissions.shape[0], method, transient_steps):
-        out = steady.run(model, emissions, inputs, length, True, ops, transient_steps, _smoother_full)
-    else:
-        out = _smoother_full(model, emissions, inputs, length, ops, method)
-    return RTSSmootherResult(*out)
+    return RTSSmootherResult(*_run(True, model, emissions, inputs, length, method, ops, masking, transient_steps))
 
 
-_filter_jit = jax.jit(_filter_impl, static_argnames=("method", "ops", "transient_steps"))
-_smoother_jit = jax.jit(_smoother_impl, static_argnames=("method", "ops", "transient_steps"))
+_filter_jit = jax.jit(_filter_impl, static_argnames=("method", "ops", "masking", "transient_steps"))
+_smoother_jit = jax.jit(_smoother_impl, static_argnames=("method", "ops", "masking", "transient_steps"))
 
 
 def _sample_posterior_impl(
@@ -771,10 +487,9 @@ def kalman_filter(model, emissions, *, inputs=None, length=None, method="standar
         raise ValueError(f"`parallel=True` supports method='standard' only; got method={method!r}.")
     model, y, u, length_arr = _validate(model, emissions, inputs, length)
     if parallel:
-        from .parallel import _filter_parallel
-
         return _filter_parallel(model, y, u, length_arr, ops=_ops_for(model))
-    return _filter_jit(model, y, u, length_arr, method=method, ops=_ops_for(model))
+    masking = strategy.choose_masking(y, length_arr)
+    return _filter_jit(model, y, u, length_arr, method=method, ops=_ops_for(model), masking=masking)
 
 
 def rts_smoother(model, emissions, *, inputs=None, length=None, method="standard", parallel=False) -> RTSSmootherResult:
@@ -823,10 +538,9 @@ def rts_smoother(model, emissions, *, inputs=None, length=None, method="standard
         raise ValueError(f"`parallel=True` supports method='standard' only; got method={method!r}.")
     model, y, u, length_arr = _validate(model, emissions, inputs, length)
     if parallel:
-        from .parallel import _smoother_parallel
-
         return _smoother_parallel(model, y, u, length_arr, ops=_ops_for(model))
-    return _smoother_jit(model, y, u, length_arr, method=method, ops=_ops_for(model))
+    masking = strategy.choose_masking(y, length_arr)
+    return _smoother_jit(model, y, u, length_arr, method=method, ops=_ops_for(model), masking=masking)
 
 
 def lgssm_sample_posterior(key, model, emissions, *, inputs=None, length=None) -> Array:

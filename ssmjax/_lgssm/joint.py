@@ -17,7 +17,6 @@ an unbiased single-sample estimate whose expectation is the Kalman filter's
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import equinox as eqx
@@ -26,11 +25,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from .._checks import as_float_array, check_length, check_shape
-from .inference import RTSSmootherResult, _canonical, _check_cov, _validate
+from .canonical import LOG_2PI as _LOG_2PI
+from .canonical import _canonical
+from .results import RTSSmootherResult
+from .validate import _check_cov, _validate
 from .model import LGSSM, model_dims
 from .small import matmul_precision
 
-_LOG_2PI = math.log(2.0 * math.pi)
 
 __all__ = ["lgssm_log_joint", "lgssm_posterior_entropy"]
 

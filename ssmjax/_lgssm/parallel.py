@@ -86,7 +86,6 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import jax
@@ -95,11 +94,13 @@ import jax.scipy.linalg as jsl
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from .inference import KalmanFilterResult, RTSSmootherResult, _canonical, _validate
+from .canonical import LOG_2PI as _LOG_2PI
+from .canonical import _canonical
+from .results import KalmanFilterResult, RTSSmootherResult
+from .validate import _validate
 from .model import LGSSM
 from .small import GeneralOps, symmetrize
 
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._fallback import _any_in_batch, fallback
+from .canonical import _canonical
+from . import step
 from .small import symmetrize
 
 # Entries stored per transient (the start of the filter, the end of the smoother's adjoint).
@@ -184,17 +186,12 @@ def forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_step
     n = min(num_timesteps, transient_steps)
 
     def cov_step(pred_cov, m, vn):
-        # the full filter's update (masked C and R), with L^{-1} itself among the solved columns
+        # the full filter's step (masked C and R), see ssmjax._lgssm.step
         Cm = jnp.where(m[:, None], C, 0.0)
         Rm = jnp.where(m[:, None] & m[None, :], R, eye_y)
-        CP = ops.mm(Cm, pred_cov)
-        S = symmetrize(ops.mm(CP, Cm.T) + Rm)
-        log_diag, sol = ops.cholesky_solve_lower(S, jnp.concatenate([CP, Cm, eye_y], axis=1))
-        W = sol[:, :dx]
-        f_cov = symmetrize(pred_cov - ops.mm(W.T, W))
-        Ae = jnp.where(vn, A, eye_x)
-        next_cov = symmetrize(ops.mm(ops.mm(Ae, f_cov), Ae.T) + jnp.where(vn, Q, 0.0))
-        return f_cov, next_cov, sol, jnp.sum(log_diag)
+        f_cov, half_logdet, sol = step.update_cov(pred_cov, Cm, Rm, ops)
+        next_cov = step.predict_cov(f_cov, jnp.where(vn, A, eye_x), jnp.where(vn, Q, 0.0), ops)
+        return f_cov, next_cov, sol, half_logdet
 
     # from step t on, every real step is fully observed
     observed = jnp.all(mask, axis=1) | ~valid
@@ -235,14 +232,13 @@ def forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_step
         pred_y = ops.mv(C, mean)
         if "e" in p:
             pred_y = pred_y + (x["e"] if "e" in x else p["e"])
-        z = ops.mv(s[:, 2 * dx :], jnp.where(x["mask"], x["y"] - pred_y, 0.0))
-        f_mean = mean + ops.mv(s[:, :dx].T, z)
+        f_mean, z = step.update_mean(mean, s, jnp.where(x["mask"], x["y"] - pred_y, 0.0), ops)
         Ae = jnp.where(x["vn"], A, eye_x) if has_length else A
-        next_mean = ops.mv(Ae, f_mean)
+        offset = None
         if "f" in p:
             fx = x["f"] if "f" in x else p["f"]
-            next_mean = next_mean + (jnp.where(x["vn"], fx, 0.0) if has_length else fx)
-        return next_mean, (mean, f_mean, z)
+            offset = jnp.where(x["vn"], fx, 0.0) if has_length else fx
+        return step.predict_mean(f_mean, Ae, offset, ops), (mean, f_mean, z)
 
     pm, fm, zs = _two_segment_scan(mean_step, p["m0"], xs, sb, tc)
     nobs = jnp.sum(mask).astype(dtype)
@@ -359,15 +355,13 @@ def backward(p, fm, parts, valid_next, end, has_length, ops):
     return (sm, sc, cross), need_full
 
 
-def steady_outputs(model, emissions, inputs, length, smoother, ops, transient_steps):
+def steady_outputs(model, emissions, inputs, length, smoother, ops, transient_steps, observed=False):
     """``(outputs, need_full, settled_at)`` of the steady-state path, without the fallback.
 
     ``settled_at`` is the first step whose forward moments are the steady ones (the length
     when the recursion ran to the end of the real steps within ``transient_steps``).
     """
-    from .inference import _canonical  # noqa: PLC0415 (inference imports this module)
-
-    p, _, ys, mask, valid_next = _canonical(model, emissions, inputs, length)
+    p, _, ys, mask, valid_next = _canonical(model, emissions, inputs, length, observed)
     num_timesteps = ys.shape[0]
     has_length = length is not None
     end = jnp.asarray(num_timesteps if length is None else length, jnp.int32)
@@ -380,16 +374,17 @@ def steady_outputs(model, emissions, inputs, length, smoother, ops, transient_st
     return out, need_full, parts["tc"]
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
-def run(model, emissions, inputs, length, smoother, ops, transient_steps, full):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7, 8))
+def run(model, emissions, inputs, length, smoother, ops, transient_steps, observed, full):
     """The steady-state filter (``smoother=False``) or smoother, falling back to ``full``.
 
-    ``full(model, emissions, inputs, length, ops)`` is the full recursion; derivatives are its own.
+    ``full(model, emissions, inputs, length, ops, "standard", observed)`` is the full
+    recursion; derivatives are its own. ``observed``: as in :func:`ssmjax._lgssm.canonical._canonical`.
     """
-    out, need_full, _ = steady_outputs(model, emissions, inputs, length, smoother, ops, transient_steps)
-    return fallback(need_full, out, lambda *a: full(*a, ops), (model, emissions, inputs, length))
+    out, need_full, _ = steady_outputs(model, emissions, inputs, length, smoother, ops, transient_steps, observed)
+    return fallback(need_full, out, lambda *a: full(*a, ops, "standard", observed), (model, emissions, inputs, length))
 
 
 @run.defjvp
-def _run_jvp(smoother, ops, transient_steps, full, primals, tangents):
-    return jax.jvp(lambda *a: full(*a, ops), primals, tangents)
+def _run_jvp(smoother, ops, transient_steps, observed, full, primals, tangents):
+    return jax.jvp(lambda *a: full(*a, ops, "standard", observed), primals, tangents)

@@ -1,0 +1,118 @@
+"""Argument checks shared by every LGSSM inference function: shapes (``ValueError`` at trace time)
+and covariances (value checks, also under ``jax.jit``)."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+
+from .._checks import (
+    as_float_array, check_length, check_shape, check_values, cholesky_fails, host_arrays, linalg_arrays,
+    value_checks_enabled,
+)
+from .model import LGSSM, model_dims, validate_shapes
+
+def _check_cov(name: str, cov, valid, semidefinite: bool):
+    """Symmetric and positive (semi-)definite at real steps; returns the guarded ``cov``."""
+    if not value_checks_enabled():
+        return cov
+    # NumPy when everything is concrete and on the host: no XLA compilation per eager check
+    xp, values, valid = linalg_arrays(cov, valid)
+    eye = xp.eye(cov.shape[-1], dtype=values.dtype)
+    test = values
+    if valid is not None and cov.ndim == 3:
+        test = xp.where(valid[:, None, None], values, 0.0 if semidefinite else eye)
+    rtol = 1e-5 if cov.dtype == jnp.float32 else 1e-10
+    asym = xp.abs(test - xp.swapaxes(test, -1, -2))
+    scale = xp.maximum(xp.max(xp.abs(test), axis=(-1, -2), keepdims=True), jnp.finfo(cov.dtype).tiny)
+    not_symmetric = xp.any(asym > rtol * scale) | xp.any(~xp.isfinite(test))
+    sym = xp.where(xp.isfinite(test), test, 0.0)
+    sym = 0.5 * (sym + xp.swapaxes(sym, -1, -2))
+    if semidefinite:
+        eig = xp.linalg.eigvalsh(sym)
+        bad_def = xp.any(eig < -(cov.shape[-1] * 10 * jnp.finfo(cov.dtype).eps) * scale[..., 0])
+        what = "positive semi-definite (it has a negative eigenvalue)"
+    else:
+        bad_def = cholesky_fails(xp, sym)
+        what = "positive definite (its Cholesky factorisation failed)"
+    cov = check_values(cov, not_symmetric, f"`{name}` must be finite and symmetric (relative tolerance {rtol:g}).")
+    return check_values(cov, bad_def, f"`{name}` must be {what}.")
+
+
+def _validate(model, emissions, inputs, length, *, need_inputs_name="inputs"):
+    """Shape checks (ValueError) and covariance value checks; returns canonical arguments."""
+    if not isinstance(model, LGSSM):
+        raise ValueError(f"`model` must be an ssmjax.LGSSM; got {type(model).__name__}.")
+    time_sizes = validate_shapes(model)
+    dx, dy, du = model_dims(model)
+    y = as_float_array("emissions", emissions)
+    meaning = f"T time steps; Dy = {dy} from emission_matrix"
+    if y.ndim != 2:
+        check_shape("emissions", y, ("T", dy), meaning + "; use jax.vmap for a batch")
+    check_shape("emissions", y, ("T", dy), meaning)
+    num_timesteps = y.shape[0]
+    if num_timesteps < 1:
+        raise ValueError("`emissions` must have at least one time step; got shape (0, ...).")
+    _check_time_sizes(time_sizes, num_timesteps)
+    u = _validate_inputs(model, inputs, num_timesteps, du, "inputs")
+    length_arr = check_length(length, num_timesteps)
+    model = _value_check_model(model, num_timesteps, length_arr)
+    return model, y, u, length_arr
+
+
+def _check_time_sizes(time_sizes, num_timesteps):
+    for name, size in time_sizes.items():
+        if size is None:
+            continue
+        expected = num_timesteps - 1 if name.startswith("transition") else num_timesteps
+        axis = "T-1" if name.startswith("transition") else "T"
+        if size != expected:
+            raise ValueError(
+                f"`{name}` is time-varying with {size} entries; expected {axis} = {expected} "
+                f"entries for emissions of T = {num_timesteps} steps."
+            )
+
+
+def _validate_inputs(model, inputs, num_timesteps, du, name):
+    has_input_matrix = model.transition_input_matrix is not None or model.emission_input_matrix is not None
+    if has_input_matrix and inputs is None:
+        which = [
+            n for n in ("transition_input_matrix", "emission_input_matrix") if getattr(model, n) is not None
+        ]
+        raise ValueError(
+            f"the model has {', '.join('`' + w + '`' for w in which)}, so `{name}` of shape "
+            f"({num_timesteps}, {du}) (T, Du) is required; got None."
+        )
+    if not has_input_matrix and inputs is not None:
+        raise ValueError(
+            f"`{name}` were given but the model has no `transition_input_matrix` or "
+            "`emission_input_matrix`; pass inputs=None or add an input matrix."
+        )
+    if inputs is None:
+        return None
+    u = as_float_array(name, inputs)
+    check_shape(name, u, (num_timesteps, du), "T, Du (Du from the input matrices)")
+    return u
+
+
+def _value_check_model(model, num_timesteps, length_arr):
+    valid = None
+    valid_next = None
+    if length_arr is not None:
+        xp, length_arr = host_arrays(length_arr)
+        steps = xp.arange(num_timesteps)
+        valid = steps < length_arr
+        valid_next = (steps[: num_timesteps - 1] + 1) < length_arr
+    initial_cov = _check_cov("initial_cov", model.initial_cov, None, semidefinite=False)
+    transition_cov = _check_cov("transition_cov", model.transition_cov, valid_next, semidefinite=True)
+    emission_cov = _check_cov("emission_cov", model.emission_cov, valid, semidefinite=False)
+    return eqx.tree_at(
+        lambda m: (m.initial_cov, m.transition_cov, m.emission_cov),
+        model,
+        (initial_cov, transition_cov, emission_cov),
+    )
+
+
+def _check_method(method):
+    if method not in ("standard", "sqrt"):
+        raise ValueError(f"`method` must be 'standard' or 'sqrt'; got {method!r}.")
