@@ -294,7 +294,7 @@ def fit_em(
     Example:
         >>> import jax, jax.numpy as jnp, ssmjax
         >>> counts = jnp.asarray(ssmjax.datasets.load_earthquakes().values)[None, :, None]
-        >>> hmm = ssmjax.HMM.from_data(jax.random.key(0), counts, num_states=2, emissions="poisson")
+        >>> hmm = ssmjax.HMM.from_data(jax.random.key(0), counts, num_states=2, emissions_type="poisson")
         >>> fitted, lls = ssmjax.fit_em(hmm, counts, max_iters=50)
         >>> bool(lls[-1] >= lls[0])
         True
@@ -364,7 +364,8 @@ def fit_em_restarts(
         >>> import jax, jax.numpy as jnp, equinox as eqx, ssmjax
         >>> counts = jnp.asarray(ssmjax.datasets.load_earthquakes().values)[None, :, None]
         >>> keys = jax.random.split(jax.random.key(0), 4)
-        >>> inits = eqx.filter_vmap(lambda k: ssmjax.HMM.random(k, num_states=2, emissions=ssmjax.PoissonEmissions.random(k, 2, 1, scale=20.0)))(keys)
+        >>> init = lambda k: ssmjax.HMM.random(k, 2, ssmjax.PoissonEmissions.random(k, 2, 1, mean_rate=20.0))
+        >>> inits = eqx.filter_vmap(init)(keys)
         >>> best, scores, histories = ssmjax.fit_em_restarts(inits, counts, max_iters=30)
         >>> scores.shape
         (4,)

@@ -104,7 +104,7 @@ def fit_sgd(
 
         >>> import jax, jax.numpy as jnp, optax, ssmjax
         >>> counts = jnp.asarray(ssmjax.datasets.load_earthquakes().values)[None, :, None]
-        >>> hmm = ssmjax.HMM.from_data(jax.random.key(0), counts, num_states=2, emissions="poisson")
+        >>> hmm = ssmjax.HMM.from_data(jax.random.key(0), counts, num_states=2, emissions_type="poisson")
         >>> fitted, losses = ssmjax.fit_sgd(hmm, counts, optax.adam(0.05), num_steps=200)
         >>> bool(losses[-1] < losses[0])
         True

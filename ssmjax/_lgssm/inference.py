@@ -346,10 +346,10 @@ def _smoother_full(model, emissions, inputs, length, ops, method="standard", obs
 def _run(smoother, model, emissions, inputs, length, method, ops, masking, transient_steps):
     """The filter or smoother outputs along the path that :mod:`ssmjax._lgssm.strategy` picks."""
     full = _smoother_full if smoother else _filter_full
+    if steady.applies(model, emissions.shape[0], method, transient_steps):
+        return steady.run(model, emissions, inputs, length, smoother, ops, transient_steps, masking, full)
 
     def run(model, emissions, inputs, length, observed):
-        if steady.applies(model, emissions.shape[0], method, transient_steps):
-            return steady.run(model, emissions, inputs, length, smoother, ops, transient_steps, observed, full)
         return full(model, emissions, inputs, length, ops, method, observed)
 
     return strategy.run_masked_or_observed(masking, run, model, emissions, inputs, length)

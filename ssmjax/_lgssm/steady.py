@@ -42,7 +42,7 @@ from jax import lax
 
 from .._fallback import _any_in_batch, fallback
 from .canonical import _canonical
-from . import step
+from . import step, strategy
 from .small import symmetrize
 
 # Entries stored per transient (the start of the filter, the end of the smoother's adjoint).
@@ -375,16 +375,26 @@ def steady_outputs(model, emissions, inputs, length, smoother, ops, transient_st
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7, 8))
-def run(model, emissions, inputs, length, smoother, ops, transient_steps, observed, full):
+def run(model, emissions, inputs, length, smoother, ops, transient_steps, masking, full):
     """The steady-state filter (``smoother=False``) or smoother, falling back to ``full``.
 
     ``full(model, emissions, inputs, length, ops, "standard", observed)`` is the full
-    recursion; derivatives are its own. ``observed``: as in :func:`ssmjax._lgssm.canonical._canonical`.
+    recursion; derivatives are its own. ``masking`` is that of :mod:`ssmjax._lgssm.strategy`.
+    With ``"auto"`` the steady-state pass runs with the ``"observed"`` masking, and the full
+    recursion with the ``"masked"`` one is the one fallback for both reasons, a recursion
+    that did not settle and a batch with missing entries or padding: one copy of the full
+    recursion in the program instead of two.
     """
-    out, need_full, _ = steady_outputs(model, emissions, inputs, length, smoother, ops, transient_steps, observed)
+    observed = masking != "masked"
+    out, need_full, _ = steady_outputs(
+        model, emissions, inputs, None if observed else length, smoother, ops, transient_steps, observed
+    )
+    if masking == "auto":
+        need_full = need_full | strategy.needs_mask(jnp, emissions, length)
+        observed = False
     return fallback(need_full, out, lambda *a: full(*a, ops, "standard", observed), (model, emissions, inputs, length))
 
 
 @run.defjvp
-def _run_jvp(smoother, ops, transient_steps, observed, full, primals, tangents):
-    return jax.jvp(lambda *a: full(*a, ops, "standard", observed), primals, tangents)
+def _run_jvp(smoother, ops, transient_steps, masking, full, primals, tangents):
+    return jax.jvp(lambda *a: full(*a, ops, "standard", masking == "observed"), primals, tangents)

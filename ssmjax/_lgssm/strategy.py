@@ -13,10 +13,12 @@ data. Two maskings compute the same results:
 
 :func:`choose_masking` picks one where the data are concrete (an eager call: checked on
 the host). Where they are traced (inside ``jax.jit``, ``jax.vmap`` or ``jax.grad``) it
-returns ``"auto"`` and :func:`run_masked_or_observed` decides at run time: ``"observed"``
-unless some sequence of the batch has a missing entry at a real step or padding
-(:func:`ssmjax._fallback._any_in_batch` keeps that predicate unbatched, so the
-conditional stays a conditional under ``jax.vmap``).
+returns ``"auto"``, decided at run time: ``"observed"`` unless some sequence of the batch
+has a missing entry at a real step or padding (:func:`ssmjax._fallback._any_in_batch`
+keeps that predicate unbatched, so the conditional stays a conditional under
+``jax.vmap``). The full recursion does so in :func:`run_masked_or_observed`; the
+steady-state path (:func:`ssmjax._lgssm.steady.run`) folds the choice into its own
+fallback, so that a program holds two copies of the recursion, not four.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ def choose_masking(emissions, length) -> str:
     """``"observed"`` or ``"masked"`` for concrete arguments, ``"auto"`` for traced ones."""
     if not (_concrete(emissions) and _concrete(length)):
         return "auto"
-    return "masked" if bool(_needs_mask(np, np.asarray(emissions), None if length is None else np.asarray(length))) else "observed"
+    return "masked" if bool(needs_mask(np, np.asarray(emissions), None if length is None else np.asarray(length))) else "observed"
 
 
-def _needs_mask(xp, emissions, length):
+def needs_mask(xp, emissions, length):
     """Whether a missing entry sits at a real step, or the sequence is padded."""
     num_timesteps = emissions.shape[0]
     missing = xp.isnan(emissions)
@@ -63,7 +65,7 @@ def run_masked_or_observed(masking: str, run, model, emissions, inputs, length):
         return run(model, emissions, inputs, length, False)
     if masking != "auto":
         raise ValueError(f"`masking` must be one of {MASKINGS}; got {masking!r}.")
-    needed = _any_in_batch(_needs_mask(jnp, emissions, length))
+    needed = _any_in_batch(needs_mask(jnp, emissions, length))
     return lax.cond(
         needed,
         lambda m, y, u, n: run(m, y, u, n, False),

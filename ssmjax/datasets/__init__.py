@@ -53,7 +53,7 @@ def load_earthquakes() -> Dataset:
     Example:
         >>> from ssmjax.datasets import load_earthquakes
         >>> data = load_earthquakes()
-        >>> int(data.values.sum()), data.years[0], data.years[-1]
+        >>> int(data.values.sum()), int(data.years[0]), int(data.years[-1])
         (2072, 1900, 2006)
     """
     years, values = _read("earthquakes.csv", np.int64)
@@ -74,7 +74,7 @@ def load_nile() -> Dataset:
     Example:
         >>> from ssmjax.datasets import load_nile
         >>> data = load_nile()
-        >>> len(data.values), data.years[0], data.years[-1]
+        >>> len(data.values), int(data.years[0]), int(data.years[-1])
         (100, 1871, 1970)
     """
     years, values = _read("nile.csv", np.float64)

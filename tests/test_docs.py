@@ -1,0 +1,122 @@
+"""Docs that run: every ``>>>`` example in the package's docstrings, and the README's Python blocks.
+
+Doctests: one test per module of ``ssmjax/`` whose source holds a ``>>>`` prompt, run with the
+standard library's ``doctest`` (``ELLIPSIS | NORMALIZE_WHITESPACE``) under this run's settings
+(float64, from conftest.py). Each docstring starts from an empty namespace, so an example has to
+import what it uses, as a reader copying it would. Modules are found from the files, not with
+``pkgutil.walk_packages``: that skips directories without an ``__init__.py`` (``ssmjax/_lgssm`` is
+such a namespace package). Every ``>>>`` prompt in a file must belong to an example that doctest
+found and ran, so a docstring that doctest cannot see (a wrapper with another ``__module__``, an
+example outside a docstring) fails here instead of being skipped in silence.
+
+README: the ```` ```python ```` blocks of README.md, in order, run as one script in a fresh
+interpreter (``JAX_PLATFORMS=cpu``, JAX's default float32), so each block may use only what the
+blocks before it and itself define. Tracebacks point at README.md's own line numbers. ``bash``
+blocks are not run.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import inspect
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "ssmjax"
+README = ROOT / "README.md"
+OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+README_TIMEOUT_S = 600
+
+
+def _prompts(path: Path) -> int:
+    return sum(line.lstrip().startswith(">>>") for line in path.read_text(encoding="utf-8").splitlines())
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULE_FILES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if _prompts(p)}
+
+
+class _Finder(doctest.DocTestFinder):
+    """Line numbers of decorated functions (the jaxtyping hook wraps them) from the function itself."""
+
+    def _find_lineno(self, obj, source_lines):
+        return super()._find_lineno(inspect.unwrap(obj) if inspect.isfunction(obj) else obj, source_lines)
+
+
+@pytest.mark.parametrize("name", sorted(MODULE_FILES))
+def test_doctests(name: str) -> None:
+    module = importlib.import_module(name)
+    tests = _Finder().find(module, name, globs={})
+    found = sum(len(t.examples) for t in tests)
+    prompts = _prompts(MODULE_FILES[name])
+    assert found == prompts, (
+        f"{MODULE_FILES[name]} has {prompts} '>>>' prompts but doctest finds {found} examples in "
+        f"{name}'s docstrings: an example doctest cannot find (outside a docstring, or on an object it "
+        "does not attribute to this module) would never run"
+    )
+    runner = doctest.DocTestRunner(optionflags=OPTIONFLAGS)
+    report = io.StringIO()
+    for test in tests:
+        runner.run(test, out=report.write)
+    if runner.failures:
+        pytest.fail(
+            f"{runner.failures} of {runner.tries} doctest examples failed in {name}:\n{report.getvalue()}",
+            pytrace=False,
+        )
+
+
+def test_doctest_modules_found() -> None:
+    # the examples live in (at least) these modules; an empty parametrization would pass vacuously
+    expected = {"ssmjax._hmm.inference", "ssmjax._hmm.model", "ssmjax._lgssm.inference", "ssmjax._fit.em"}
+    assert expected <= set(MODULE_FILES), f"doctest modules found: {sorted(MODULE_FILES)}"
+
+
+def readme_python_blocks() -> list[tuple[int, str]]:
+    """``(first_line, source)`` of each ```` ```python ```` block of README.md, in order (1-based lines)."""
+    text = README.read_text(encoding="utf-8")
+    blocks = []
+    for match in re.finditer(r"^```python[ \t]*\n(.*?)^```[ \t]*$", text, flags=re.S | re.M):
+        blocks.append((text.count("\n", 0, match.start(1)) + 1, match.group(1)))
+    return blocks
+
+
+# Runs the blocks in one namespace; each is compiled against README.md with its own line numbers.
+_README_DRIVER = """\
+import json, sys
+path, blocks = json.load(open(sys.argv[1], encoding="utf-8"))
+namespace = {"__name__": "__main__"}
+for first_line, source in blocks:
+    exec(compile("\\n" * (first_line - 1) + source, path, "exec"), namespace)
+"""
+
+
+def test_readme_python_blocks_run(tmp_path: Path) -> None:
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 3, f"expected the README's Python examples, found {len(blocks)} ```python blocks"
+    spec = tmp_path / "readme_blocks.json"
+    spec.write_text(json.dumps([str(README), blocks]), encoding="utf-8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _README_DRIVER, str(spec)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=README_TIMEOUT_S,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"README.md's python blocks failed (exit {proc.returncode}):\n{proc.stderr[-8000:]}", pytrace=False)
