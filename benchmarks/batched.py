@@ -39,7 +39,7 @@ def _parse():
     ap.add_argument("--num-timesteps", type=int, default=1000)
     ap.add_argument("--dims", default="4x2", help="comma-separated LGSSM sizes DxxDy, e.g. 4x2,8x4")
     ap.add_argument("--num-states", default="16,64", help="comma-separated HMM state counts ('' for none)")
-    ap.add_argument("--models", default="lgssm,hmm", help="comma-separated subset of lgssm,hmm")
+    ap.add_argument("--models", default="lgssm,hmm", help="comma-separated subset of lgssm,hmm,training (time-varying LGSSM and value_and_grad rows at their own B, T)")
     ap.add_argument("--hmm-sequential-only", action="store_true", help="skip the parallel HMM rows")
     ap.add_argument("--sequential-only", action="store_true", help="skip every parallel-in-time row (and the ragged LGSSM rows)")
     ap.add_argument("--check", type=int, default=4, help="sequences checked against the float64 reference")
@@ -52,7 +52,9 @@ def _parse():
 ARGS = _parse()
 os.environ.setdefault("JAX_PLATFORMS", "cuda" if ARGS.device == "gpu" else "cpu")
 
+import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -276,6 +278,80 @@ def _hmm_rows(B, T, K, check):
     return rows
 
 
+# ----------------------------------------------------------------------------- per-sequence models, training steps
+
+
+def _timing_row(model, lib, algorithm, variant, size, B, T, fn, *args):
+    try:
+        compile_s, run_s, _ = _timed(fn, *args)
+    except Exception as err:  # a peer that fails on this JAX/device: report and go on
+        print(f"  {lib} {algorithm} {variant}: failed: {err!r:.300}", flush=True)
+        return []
+    row = dict(model=model, library=lib, algorithm=algorithm, variant=variant, B=B, T=T, **size,
+               compile_s=compile_s, median_s=run_s, steps_per_s=B * T / run_s, max_rel_error={})
+    _print(row)
+    return [row]
+
+
+def _per_sequence_lgssm(p, B, T, seed=1):
+    """Per-sequence time-varying transition matrices (B, T-1, Dx, Dx), as a Kalman VAE's network makes them."""
+    rng = np.random.default_rng(seed)
+    dx = p["A"].shape[0]
+    A = p["A"][None, None] + 0.02 * rng.normal(size=(B, T - 1, dx, dx))
+    return A.astype(np.float32)
+
+
+def _training_rows(dx, dy):
+    """Time-varying LGSSM smoother (B = 64, T = 1000) and the training steps of the issue's targets:
+    ``value_and_grad`` of the summed log-likelihood of a vmapped batch (LGSSM: B = 64, T = 200,
+    per-sequence transition matrices; HMM: K = 16, B = 256, T = 1000, w.r.t. the log-likelihoods)."""
+    from dynamax.linear_gaussian_ssm import inference as dlin
+    import dynamax.hidden_markov_model as dhmm
+
+    rows = []
+    size = dict(Dx=dx, Dy=dy)
+    for B, T, algorithm in ((64, 1000, "smoother"), (64, 200, "value_and_grad")):
+        p, ys_np, _ = _lgssm_problem(B, T, dx, dy)
+        A_np = _per_sequence_lgssm(p, B, T)
+        ys, A = jax.device_put(ys_np), jax.device_put(A_np)
+        A_dyn = jax.device_put(np.concatenate([A_np, A_np[:, -1:]], axis=1))  # dynamax reads T entries
+        base = ssmjax.LGSSM(
+            initial_mean=p["m0"], initial_cov=p["P0"], transition_matrix=A_np[0], transition_cov=p["Q"],
+            emission_matrix=p["C"], emission_cov=p["R"],
+        )
+        params = dynamax_lgssm_params(p)
+
+        def ours(a, y):
+            return ssmjax.rts_smoother(eqx.tree_at(lambda m: m.transition_matrix, base, a), y)
+
+        def theirs(a, y):
+            return dlin.lgssm_smoother(params._replace(dynamics=params.dynamics._replace(weights=a)), y)
+
+        if algorithm == "smoother":
+            fns = {"ssmjax": jax.vmap(lambda a, y: ours(a, y).smoothed_means),
+                   "dynamax": jax.vmap(lambda a, y: theirs(a, y).smoothed_means)}
+            args = {"ssmjax": (A, ys), "dynamax": (A_dyn, ys)}
+        else:
+            def loss(one):
+                return lambda a, y: -jnp.sum(jax.vmap(one)(a, y))
+            fns = {
+                "ssmjax": jax.value_and_grad(loss(lambda a, y: ssmjax.kalman_filter(eqx.tree_at(lambda m: m.transition_matrix, base, a), y).marginal_loglik)),
+                "dynamax": jax.value_and_grad(loss(lambda a, y: dlin.lgssm_filter(params._replace(dynamics=params.dynamics._replace(weights=a)), y).marginal_loglik)),
+            }
+            args = {"ssmjax": (A, ys), "dynamax": (A_dyn, ys)}
+        for lib in ("ssmjax",) + (() if ARGS.no_peers else ("dynamax",)):
+            rows += _timing_row("lgssm", lib, algorithm, "per-sequence A_t", size, B, T, fns[lib], *args[lib])
+    B, T, K = 256, 1000, 16
+    pi, A, ll = (jax.device_put(v) for v in _hmm_problem(B, T, K))
+    fns = {
+        "ssmjax": lambda l: jnp.sum(jax.vmap(lambda x: ssmjax.hmm_filter(pi, A, x).marginal_loglik)(l)),
+        "dynamax": lambda l: jnp.sum(jax.vmap(lambda x: dhmm.hmm_filter(pi, A, x).marginal_loglik)(l)),
+    }
+    for lib in ("ssmjax",) + (() if ARGS.no_peers else ("dynamax",)):
+        rows += _timing_row("hmm", lib, "value_and_grad", "sequential", dict(K=K), B, T, jax.value_and_grad(fns[lib]), ll)
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -305,6 +381,9 @@ def main():
                 rows += _lgssm_rows(B, T, dx, dy, check)
         for K in [int(k) for k in ARGS.num_states.split(",") if k] if "hmm" in models else []:
             rows += _hmm_rows(B, T, K, check)
+    if "training" in models:
+        dx, dy = (int(d) for d in ARGS.dims.split(",")[0].split("x"))
+        rows += _training_rows(dx, dy)
     record = dict(
         benchmark="batched",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

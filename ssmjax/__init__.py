@@ -38,6 +38,8 @@ from ._lgssm.inference import rts_smoother as rts_smoother
 from ._lgssm.inference import lgssm_sample_posterior as lgssm_sample_posterior
 from ._lgssm.inference import lgssm_sample as lgssm_sample
 from ._lgssm.inference import lgssm_forecast as lgssm_forecast
+from ._lgssm.inference import lgssm_strategy as lgssm_strategy
+from ._lgssm.strategy import KalmanStrategy as KalmanStrategy
 from ._lgssm.joint import lgssm_log_joint as lgssm_log_joint
 from ._lgssm.joint import lgssm_posterior_entropy as lgssm_posterior_entropy
 

@@ -141,3 +141,67 @@ def test_vmap_gradients_equal_the_sum_of_per_sequence_gradients():
     want = [jax.grad(lambda m, y=y: ssmjax.kalman_filter(m, jnp.asarray(y)).marginal_loglik)(model) for y in ys]
     for leaf_got, *leaves in zip(jax.tree.leaves(got), *[jax.tree.leaves(w) for w in want]):
         assert_allclose(leaf_got, sum(np.asarray(leaf) for leaf in leaves), dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- strategy selection
+
+
+def _steady_model(dx=4):
+    rng = np.random.default_rng(5)
+    return to_model(make_params(rng, dx, 2, 600, time_varying=False, offsets=True)), rng.normal(size=(600, 2))
+
+
+def test_lgssm_strategy_names_each_choice_and_its_reason():
+    model, y = _steady_model()
+    chosen = ssmjax.lgssm_strategy(model, y)
+    assert (chosen.schedule, chosen.form, chosen.ops, chosen.masking) == ("steady-state", "covariance", "small", "observed")
+    assert len(chosen.reasons) == 4 and "T = 600 > 512" in chosen.reasons[2]
+    y_missing = y.copy()
+    y_missing[3, 1] = np.nan
+    assert ssmjax.lgssm_strategy(model, y_missing).masking == "masked"
+    assert ssmjax.lgssm_strategy(model, y[:100]).schedule == "sequential"
+    assert ssmjax.lgssm_strategy(model, y, method="sqrt").schedule == "sequential"
+    assert ssmjax.lgssm_strategy(model, y, parallel=True).schedule == "parallel"
+    small_dx, y2 = _steady_model(dx=2)
+    assert "Dx = 2 < 3" in ssmjax.lgssm_strategy(small_dx, y2).reasons[2]
+    seen = []
+    jax.jit(lambda yy: seen.append(ssmjax.lgssm_strategy(model, yy).masking) or yy)(jnp.asarray(y))
+    assert seen == ["auto"]
+
+
+@pytest.mark.parametrize(
+    "schedule,form,ops,masking",
+    [
+        ("sequential", "covariance", "small", "masked"),
+        ("sequential", "covariance", "general", "observed"),
+        ("sequential", "sqrt", "general", "auto"),
+        ("steady-state", "covariance", "general", "masked"),
+        ("parallel", "covariance", "small", "masked"),
+    ],
+)
+def test_forced_strategies_give_the_chosen_results(schedule, form, ops, masking):
+    model, y = _steady_model()
+    y = jnp.asarray(y)
+    want = ssmjax.rts_smoother(model, y)
+    forced = ssmjax.KalmanStrategy(schedule=schedule, form=form, ops=ops, masking=masking)
+    got = ssmjax.rts_smoother(model, y, strategy=forced)
+    for name in FIELDS:
+        assert_allclose(getattr(got, name), getattr(want, name), dtype=np.float64, err_msg=name)
+
+
+def test_forcing_a_strategy_that_cannot_run_raises():
+    model, y = _steady_model()
+    with pytest.raises(ValueError, match="`schedule` must be one of"):
+        ssmjax.KalmanStrategy(schedule="fast", form="covariance", ops="small", masking="auto")
+    with pytest.raises(ValueError, match="supports form='covariance' only"):
+        ssmjax.KalmanStrategy(schedule="parallel", form="sqrt", ops="small", masking="auto")
+    steady = ssmjax.KalmanStrategy(schedule="steady-state", form="covariance", ops="small", masking="auto")
+    with pytest.raises(ValueError, match="needs T > 512"):
+        ssmjax.kalman_filter(model, y[:100], strategy=steady)
+    observed = ssmjax.KalmanStrategy(schedule="sequential", form="covariance", ops="small", masking="observed")
+    y_missing = y.copy()
+    y_missing[3, 1] = np.nan
+    with pytest.raises(ValueError, match="masking 'observed' needs"):
+        ssmjax.kalman_filter(model, y_missing, strategy=observed)
+    with pytest.raises(ValueError, match="`strategy` must be an ssmjax.KalmanStrategy"):
+        ssmjax.kalman_filter(model, y, strategy="steady-state")

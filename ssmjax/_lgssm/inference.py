@@ -5,10 +5,12 @@ ancestral sampling and forecasting for :class:`ssmjax.LGSSM`. The model, the tim
 convention, missing data (NaN) and padding (``length``) are described once in
 :mod:`ssmjax._lgssm.model`.
 
-Layout: public functions take loosely typed arguments, validate them with
-:mod:`ssmjax._checks` (shapes: ``ValueError`` at trace time; covariances: value
-checks), then call jitted private functions with full shape annotations. Each
-recursion is a ``lax.scan`` over a named ``_step``.
+Layout: public functions take loosely typed arguments, validate them
+(:mod:`ssmjax._lgssm.validate`: shapes raise ``ValueError`` at trace time; covariances go
+through value checks), choose a path in one place (:mod:`ssmjax._lgssm.strategy`,
+inspectable with :func:`lgssm_strategy`, forced with ``strategy=``), then call jitted
+private functions with full shape annotations. Each recursion is a ``lax.scan`` over a
+named ``_step`` built from the Kalman step of :mod:`ssmjax._lgssm.step`.
 
 Missing entries are handled exactly: at step ``t`` with observed mask ``m`` the rows
 of :math:`C_t` and of the offset are zeroed where ``m`` is false, the missing rows and
@@ -23,6 +25,10 @@ Time-invariant models (``A, Q, C, R`` without a time axis) on sequences longer t
 512 steps take the steady-state path of :mod:`ssmjax._lgssm.steady`: the covariance
 recursions run only until they settle, the means over every step; same results to
 round-off, same derivatives (those of the full recursion), several times faster.
+
+Under ``jax.vmap`` with a shared model, a batch with no missing entry and no padding
+computes the covariances, gains and Cholesky factors once for the whole batch and only
+the means per sequence (the ``"observed"`` masking of :mod:`ssmjax._lgssm.strategy`).
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from .canonical import _at, _canonical, _dtype, _scan_inputs
 from .model import LGSSM, model_dims, validate_shapes
 from .parallel import _filter_parallel, _smoother_parallel
 from .results import KalmanFilterResult, LGSSMForecastResult, RTSSmootherResult
-from .small import GeneralOps, choose_ops, matmul_precision, psd_cholesky, symmetrize
+from .small import GeneralOps, SmallOps, choose_ops, matmul_precision, psd_cholesky, symmetrize
+from .strategy import KalmanStrategy
 from .validate import _check_method, _check_time_sizes, _validate, _validate_inputs, _value_check_model
 
 __all__ = [
@@ -51,6 +58,8 @@ __all__ = [
     "lgssm_sample_posterior",
     "lgssm_sample",
     "lgssm_forecast",
+    "lgssm_strategy",
+    "KalmanStrategy",
 ]
 
 
@@ -343,10 +352,13 @@ def _smoother_full(model, emissions, inputs, length, ops, method="standard", obs
     return loglik, fm, fc, pm, pc, sm, sc, cross
 
 
-def _run(smoother, model, emissions, inputs, length, method, ops, masking, transient_steps):
-    """The filter or smoother outputs along the path that :mod:`ssmjax._lgssm.strategy` picks."""
+def _run(smoother, model, emissions, inputs, length, method, ops, masking, transient_steps, schedule):
+    """The filter or smoother outputs along the path chosen by :mod:`ssmjax._lgssm.strategy`
+    (``schedule=None``: by its rule, with ``transient_steps`` for the steady-state path)."""
     full = _smoother_full if smoother else _filter_full
-    if steady.applies(model, emissions.shape[0], method, transient_steps):
+    if schedule is None:
+        schedule = "steady-state" if strategy.steady_state_applies(model, emissions.shape[0], method, transient_steps) else "sequential"
+    if schedule == "steady-state":
         return steady.run(model, emissions, inputs, length, smoother, ops, transient_steps, masking, full)
 
     def run(model, emissions, inputs, length, observed):
@@ -363,9 +375,10 @@ def _filter_impl(
     method: str,
     ops: type,
     masking: str = "auto",
-    transient_steps: int = steady.TRANSIENT_STEPS,
+    transient_steps: int = strategy.TRANSIENT_STEPS,
+    schedule: Optional[str] = None,
 ) -> KalmanFilterResult:
-    return KalmanFilterResult(*_run(False, model, emissions, inputs, length, method, ops, masking, transient_steps))
+    return KalmanFilterResult(*_run(False, model, emissions, inputs, length, method, ops, masking, transient_steps, schedule))
 
 
 def _smoother_impl(
@@ -376,13 +389,15 @@ def _smoother_impl(
     method: str,
     ops: type,
     masking: str = "auto",
-    transient_steps: int = steady.TRANSIENT_STEPS,
+    transient_steps: int = strategy.TRANSIENT_STEPS,
+    schedule: Optional[str] = None,
 ) -> RTSSmootherResult:
-    return RTSSmootherResult(*_run(True, model, emissions, inputs, length, method, ops, masking, transient_steps))
+    return RTSSmootherResult(*_run(True, model, emissions, inputs, length, method, ops, masking, transient_steps, schedule))
 
 
-_filter_jit = jax.jit(_filter_impl, static_argnames=("method", "ops", "masking", "transient_steps"))
-_smoother_jit = jax.jit(_smoother_impl, static_argnames=("method", "ops", "masking", "transient_steps"))
+_STATIC = ("method", "ops", "masking", "transient_steps", "schedule")
+_filter_jit = jax.jit(_filter_impl, static_argnames=_STATIC)
+_smoother_jit = jax.jit(_smoother_impl, static_argnames=_STATIC)
 
 
 def _sample_posterior_impl(
@@ -426,12 +441,63 @@ _sample_posterior_jit = jax.jit(_sample_posterior_impl, static_argnames=("ops",)
 # --------------------------------------------------------------------------- public API
 
 
+def _validate_and_choose(model, emissions, inputs, length, method, parallel, forced):
+    _check_method(method)
+    if parallel and method != "standard":
+        raise ValueError(f"`parallel=True` supports method='standard' only; got method={method!r}.")
+    model, y, u, length_arr = _validate(model, emissions, inputs, length)
+    if forced is not None:
+        return model, y, u, length_arr, strategy.check_forced(forced, model, y, length_arr)
+    return model, y, u, length_arr, strategy.select_strategy(model, y, length_arr, method, parallel)
+
+
+def _dispatch(smoother, chosen, model, y, u, length):
+    """Run the filter (or smoother) along ``chosen``, a :class:`ssmjax.KalmanStrategy`."""
+    ops = SmallOps if chosen.ops == "small" else GeneralOps
+    if chosen.schedule == "parallel":
+        return (_smoother_parallel if smoother else _filter_parallel)(model, y, u, length, ops=ops)
+    method = "sqrt" if chosen.form == "sqrt" else "standard"
+    run = _smoother_jit if smoother else _filter_jit
+    return run(model, y, u, length, method=method, ops=ops, masking=chosen.masking, schedule=chosen.schedule)
+
+
+def lgssm_strategy(model, emissions, *, inputs=None, length=None, method="standard", parallel=False) -> KalmanStrategy:
+    r"""The path that :func:`kalman_filter` and :func:`rts_smoother` take for these arguments, and why.
+
+    The choice is made in one place (:mod:`ssmjax._lgssm.strategy`) from shapes, options and,
+    for concrete emissions, whether any entry is missing or any step padded. Pass the result,
+    or one built by hand, as ``strategy=`` to force a path; the results are the same to
+    round-off whatever the path.
+
+    Args:
+        model, emissions, inputs, length, method, parallel: as in :func:`kalman_filter`.
+
+    Returns:
+        A :class:`KalmanStrategy` with the reasons for each choice.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import ssmjax
+        >>> model = ssmjax.LGSSM(initial_mean=jnp.zeros(4), initial_cov=jnp.eye(4),
+        ...     transition_matrix=0.9 * jnp.eye(4), transition_cov=0.1 * jnp.eye(4),
+        ...     emission_matrix=jnp.ones((2, 4)), emission_cov=jnp.eye(2))
+        >>> chosen = ssmjax.lgssm_strategy(model, jnp.zeros((1000, 2)))
+        >>> chosen.schedule, chosen.form, chosen.ops, chosen.masking
+        ('steady-state', 'covariance', 'small', 'observed')
+        >>> forced = ssmjax.KalmanStrategy(schedule="sequential", form="covariance", ops="general", masking="masked")
+        >>> post = ssmjax.rts_smoother(model, jnp.zeros((1000, 2)), strategy=forced)
+    """
+    return _validate_and_choose(model, emissions, inputs, length, method, parallel, None)[-1]
+
+
 def _ops_for(model):
     dx, dy, _ = model_dims(model)
     return choose_ops(dx, dy)
 
 
-def kalman_filter(model, emissions, *, inputs=None, length=None, method="standard", parallel=False) -> KalmanFilterResult:
+def kalman_filter(
+    model, emissions, *, inputs=None, length=None, method="standard", parallel=False, strategy=None
+) -> KalmanFilterResult:
     r"""Kalman filter: filtered and one-step predicted moments and :math:`\log p(y_{1:T})`.
 
     For the model, time convention, missing data and padding see
@@ -482,17 +548,13 @@ def kalman_filter(model, emissions, *, inputs=None, length=None, method="standar
         >>> result.filtered_means.shape
         (3, 1)
     """
-    _check_method(method)
-    if parallel and method != "standard":
-        raise ValueError(f"`parallel=True` supports method='standard' only; got method={method!r}.")
-    model, y, u, length_arr = _validate(model, emissions, inputs, length)
-    if parallel:
-        return _filter_parallel(model, y, u, length_arr, ops=_ops_for(model))
-    masking = strategy.choose_masking(y, length_arr)
-    return _filter_jit(model, y, u, length_arr, method=method, ops=_ops_for(model), masking=masking)
+    model, y, u, length_arr, chosen = _validate_and_choose(model, emissions, inputs, length, method, parallel, strategy)
+    return _dispatch(False, chosen, model, y, u, length_arr)
 
 
-def rts_smoother(model, emissions, *, inputs=None, length=None, method="standard", parallel=False) -> RTSSmootherResult:
+def rts_smoother(
+    model, emissions, *, inputs=None, length=None, method="standard", parallel=False, strategy=None
+) -> RTSSmootherResult:
     r"""Rauch-Tung-Striebel smoother: posterior marginals and lag-one cross-covariances.
 
     Runs :func:`kalman_filter`, then, backwards from :math:`t = T-1`,
@@ -533,14 +595,8 @@ def rts_smoother(model, emissions, *, inputs=None, length=None, method="standard
         >>> post.smoothed_cross_covs.shape
         (2, 1, 1)
     """
-    _check_method(method)
-    if parallel and method != "standard":
-        raise ValueError(f"`parallel=True` supports method='standard' only; got method={method!r}.")
-    model, y, u, length_arr = _validate(model, emissions, inputs, length)
-    if parallel:
-        return _smoother_parallel(model, y, u, length_arr, ops=_ops_for(model))
-    masking = strategy.choose_masking(y, length_arr)
-    return _smoother_jit(model, y, u, length_arr, method=method, ops=_ops_for(model), masking=masking)
+    model, y, u, length_arr, chosen = _validate_and_choose(model, emissions, inputs, length, method, parallel, strategy)
+    return _dispatch(True, chosen, model, y, u, length_arr)
 
 
 def lgssm_sample_posterior(key, model, emissions, *, inputs=None, length=None) -> Array:

@@ -22,7 +22,8 @@ round-off (``tests/test_lgssm_steady.py``).
 
 **Where it applies.** ``method="standard"``, ``parallel=False``, ``A, Q, C, R`` without a
 time axis (inputs and time-varying offsets are fine: they enter the means only), at least
-``MIN_STATE_DIM`` states, and sequences longer than ``transient_steps``. Missing data and ``length`` are handled: the
+``MIN_STATE_DIM`` states, and sequences longer than ``transient_steps`` (the rule is
+:func:`ssmjax._lgssm.strategy.steady_state_applies`). Missing data and ``length`` are handled: the
 forward recursion only settles from a step after which every real step is fully
 observed. If a recursion has not settled within ``transient_steps`` (a slowly mixing
 model, or missing entries late in the sequence), the full recursion runs instead
@@ -45,31 +46,11 @@ from .canonical import _canonical
 from . import step, strategy
 from .small import symmetrize
 
-# Entries stored per transient (the start of the filter, the end of the smoother's adjoint).
-TRANSIENT_STEPS = 512
 # A recursion has settled when a step moves no entry by more than this many units of
 # round-off, relative to the diagonal (see the module docstring).
 TOLERANCE_ULPS = 4.0
 _LOG_2PI = math.log(2.0 * math.pi)
-
-
-# Below this state dimension the full recursion is a few fused kernels per step and beats the
-# steady-state path's two mean scans (measured with T = 10^3 and 10^4, float32, 2-core CPU:
-# (2, 1) full 0.20 / 0.88 ms against 0.49 / 1.07 ms; (3, 1) full 1.44 / 13.98 ms against
-# 0.46 / 1.33 ms).
-MIN_STATE_DIM = 3
-
-
-def applies(model, num_timesteps: int, method: str, transient_steps: int = TRANSIENT_STEPS) -> bool:
-    """Whether the steady-state path runs (static: shapes and options only)."""
-    static = (
-        model.transition_matrix.shape[-1] >= MIN_STATE_DIM
-        and model.transition_matrix.ndim == 2
-        and model.transition_cov.ndim == 2
-        and model.emission_matrix.ndim == 2
-        and model.emission_cov.ndim == 2
-    )
-    return method == "standard" and static and num_timesteps > transient_steps
+TRANSIENT_STEPS = strategy.TRANSIENT_STEPS
 
 
 def _settled(new, old):
