@@ -112,10 +112,14 @@ def _check_model_values(model, num_timesteps):
 
 def e_step(model, emissions, length, inputs):
     # fit_em validated the batch and knows statically whether it has missing entries (NaN) or
-    # padding: without either, the covariances are computed once for the whole batch
+    # padding. Without either, the covariances are computed once for the whole batch, so the
+    # steady-state schedule would save one covariance recursion per iteration and cost compile
+    # time (measured: B = 50, T = 1000, (4, 2), 20 iterations: first call 2.2 s against 1.0-1.3 s
+    # with the sequential schedule, same run time); with them it saves one per sequence.
     observed = observed_batch()
     masking = "observed" if observed and unpadded_batch() else "masked"
-    post = _smoother_impl(model, emissions, inputs, length, "standard", _ops_for(model), masking)
+    schedule = "sequential" if masking == "observed" else None
+    post = _smoother_impl(model, emissions, inputs, length, "standard", _ops_for(model), masking, schedule=schedule)
     stats = _em.expected_stats(model, emissions, inputs, length, post, observed=observed)
     return stats, post.marginal_loglik
 
