@@ -30,7 +30,7 @@ from helpers import assert_allclose, tol
 from test_lgssm_inference import CONFIGS, FIELDS, _pad, make_case, make_params, to_model
 from test_lgssm_oracle import oracle
 
-from ssmjax._lgssm.model import FIELDS as FIELD_NAMES
+from ssmjax._lgssm.params import FIELDS as FIELD_NAMES
 
 import ssmjax
 

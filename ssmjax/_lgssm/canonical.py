@@ -12,17 +12,17 @@ import math
 import jax
 import jax.numpy as jnp
 
-from .model import LGSSM, model_dims
+from .params import AbstractLGSSM, model_dims
 from .small import matmul_precision
 
 LOG_2PI = math.log(2.0 * math.pi)
 
-def _dtype(model: LGSSM, *arrays):
+def _dtype(model: AbstractLGSSM, *arrays):
     leaves = [leaf for leaf in jax.tree_util.tree_leaves(model)] + [a for a in arrays if a is not None]
     return jnp.result_type(*leaves)
 
 
-def _canonical(model: LGSSM, emissions, inputs, length, observed: bool = False):
+def _canonical(model: AbstractLGSSM, emissions, inputs, length, observed: bool = False):
     """Per-step parameters with inputs folded into offsets, padding and missing data sanitised.
 
     Returns ``(p, tv, ys, mask, valid_next)``: ``p`` maps short names to arrays (time-varying

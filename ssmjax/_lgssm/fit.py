@@ -21,7 +21,7 @@ from .. import _checks
 from .._fit.protocol import observed_batch, unpadded_batch
 from . import em as _em
 from .inference import _ops_for, _smoother_impl
-from .model import FIELDS
+from .params import FIELDS
 from .validate import _value_check_model
 
 _COVS = ("initial_cov", "transition_cov", "emission_cov")

@@ -42,7 +42,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from . import steady, step, strategy
 from .canonical import LOG_2PI as _LOG_2PI
 from .canonical import _at, _canonical, _dtype, _scan_inputs
-from .model import LGSSM, model_dims, validate_shapes
+from .params import AbstractLGSSM, model_dims, validate_shapes
 from .parallel import _filter_parallel, _smoother_parallel
 from .results import KalmanFilterResult, LGSSMForecastResult, RTSSmootherResult
 from .small import GeneralOps, SmallOps, choose_ops, matmul_precision, psd_cholesky, symmetrize
@@ -368,7 +368,7 @@ def _run(smoother, model, emissions, inputs, length, method, ops, masking, trans
 
 
 def _filter_impl(
-    model: LGSSM,
+    model: AbstractLGSSM,
     emissions: Float[Array, "T Dy"],
     inputs: Optional[Float[Array, "T Du"]],
     length: Optional[Int[Array, ""]],
@@ -382,7 +382,7 @@ def _filter_impl(
 
 
 def _smoother_impl(
-    model: LGSSM,
+    model: AbstractLGSSM,
     emissions: Float[Array, "T Dy"],
     inputs: Optional[Float[Array, "T Du"]],
     length: Optional[Int[Array, ""]],
@@ -402,7 +402,7 @@ _smoother_jit = jax.jit(_smoother_impl, static_argnames=_STATIC)
 
 def _sample_posterior_impl(
     key: PRNGKeyArray,
-    model: LGSSM,
+    model: AbstractLGSSM,
     emissions: Float[Array, "T Dy"],
     inputs: Optional[Float[Array, "T Du"]],
     length: Optional[Int[Array, ""]],
@@ -636,7 +636,7 @@ def lgssm_sample_posterior(key, model, emissions, *, inputs=None, length=None) -
 
 
 def _sample_impl(
-    key: PRNGKeyArray, model: LGSSM, inputs: Optional[Float[Array, "T Du"]], num_timesteps: int
+    key: PRNGKeyArray, model: AbstractLGSSM, inputs: Optional[Float[Array, "T Du"]], num_timesteps: int
 ) -> tuple[Float[Array, "T Dx"], Float[Array, "T Dy"]]:
     dx, dy, _ = model_dims(model)
     dummy = jnp.zeros((num_timesteps, dy), _dtype(model, inputs))
@@ -702,7 +702,7 @@ def lgssm_sample(key, model, num_timesteps, *, inputs=None) -> tuple[Array, Arra
         >>> states.shape, emissions.shape
         ((5, 2), (5, 1))
     """
-    if not isinstance(model, LGSSM):
+    if not isinstance(model, AbstractLGSSM):
         raise ValueError(f"`model` must be an ssmjax.LGSSM; got {type(model).__name__}.")
     if not isinstance(num_timesteps, int) or num_timesteps < 1:
         raise ValueError(f"`num_timesteps` must be a positive Python int; got {num_timesteps!r}.")
@@ -715,7 +715,7 @@ def lgssm_sample(key, model, num_timesteps, *, inputs=None) -> tuple[Array, Arra
 
 
 def _forecast_impl(
-    model: LGSSM,
+    model: AbstractLGSSM,
     emissions: Float[Array, "T Dy"],
     inputs: Optional[Float[Array, "T Du"]],
     length: Optional[Int[Array, ""]],

@@ -29,7 +29,7 @@ from .canonical import LOG_2PI as _LOG_2PI
 from .canonical import _canonical
 from .results import RTSSmootherResult
 from .validate import _check_cov, _validate
-from .model import LGSSM, model_dims
+from .params import AbstractLGSSM, model_dims
 from .small import matmul_precision
 
 
@@ -52,7 +52,7 @@ def _per_step(a, static_ndim: int, num: int):
 
 
 def _log_joint_impl(
-    model: LGSSM,
+    model: AbstractLGSSM,
     states: Float[Array, "T Dx"],
     emissions: Float[Array, "T Dy"],
     inputs: Optional[Float[Array, "T Du"]],

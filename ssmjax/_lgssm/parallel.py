@@ -98,7 +98,7 @@ from .canonical import LOG_2PI as _LOG_2PI
 from .canonical import _canonical
 from .results import KalmanFilterResult, RTSSmootherResult
 from .validate import _validate
-from .model import LGSSM
+from .params import AbstractLGSSM
 from .small import GeneralOps, symmetrize
 
 
@@ -334,7 +334,7 @@ def _smooth(s, fm, fc, pm, gain_t, FP, length, ops):
 # batched library calls on tiny matrices are what made the vmapped parallel filter slow on a GPU.
 @functools.partial(jax.jit, static_argnames=("ops",))
 def _filter_parallel(
-    model: LGSSM,
+    model: AbstractLGSSM,
     emissions: Float[Array, "T Dy"],
     inputs: Optional[Float[Array, "T Du"]],
     length: Optional[Int[Array, ""]],
@@ -346,7 +346,7 @@ def _filter_parallel(
 
 @functools.partial(jax.jit, static_argnames=("ops",))
 def _smoother_parallel(
-    model: LGSSM,
+    model: AbstractLGSSM,
     emissions: Float[Array, "T Dy"],
     inputs: Optional[Float[Array, "T Du"]],
     length: Optional[Int[Array, ""]],

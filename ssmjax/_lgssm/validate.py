@@ -10,7 +10,7 @@ from .._checks import (
     as_float_array, check_length, check_shape, check_values, cholesky_fails, host_arrays, linalg_arrays,
     value_checks_enabled,
 )
-from .model import LGSSM, model_dims, validate_shapes
+from .params import AbstractLGSSM, model_dims, validate_shapes
 
 def _check_cov(name: str, cov, valid, semidefinite: bool):
     """Symmetric and positive (semi-)definite at real steps; returns the guarded ``cov``."""
@@ -41,7 +41,7 @@ def _check_cov(name: str, cov, valid, semidefinite: bool):
 
 def _validate(model, emissions, inputs, length, *, need_inputs_name="inputs"):
     """Shape checks (ValueError) and covariance value checks; returns canonical arguments."""
-    if not isinstance(model, LGSSM):
+    if not isinstance(model, AbstractLGSSM):
         raise ValueError(f"`model` must be an ssmjax.LGSSM; got {type(model).__name__}.")
     time_sizes = validate_shapes(model)
     dx, dy, du = model_dims(model)
