@@ -191,22 +191,6 @@ def test_ci_runs_the_readme_test_command():
     assert "README.md" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_python_snippets_run():
-    import re
-
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    assert len(blocks) >= 4
-    namespace = {
-        "padded_log_likelihoods": jnp.log(jnp.full((3, 5, 2), 0.5)),
-        "lengths": jnp.array([5, 3, 1]),
-    }
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
-    assert namespace["posts"].smoothed_probs.shape == (3, 5, 2)
-    assert namespace["fitted"].transition_matrix.shape in ((2, 2),)
-
-
 def test_hmm_methods_validate_eagerly_and_compile_one_program():
     hmm = ssmjax.HMM(
         jnp.array([0.6, 0.4]), jnp.array([[0.9, 0.1], [0.2, 0.8]]),

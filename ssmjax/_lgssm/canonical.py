@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array
 
 from .params import AbstractLGSSM, model_dims
 from .small import matmul_precision
@@ -22,14 +27,50 @@ def _dtype(model: AbstractLGSSM, *arrays):
     return jnp.result_type(*leaves)
 
 
+_STATIC_NDIM = dict(
+    initial_mean=1, initial_cov=2, transition_matrix=2, transition_cov=2, transition_offset=1,
+    emission_matrix=2, emission_cov=2, emission_offset=1,
+)
+
+
+class KalmanParams(eqx.Module):
+    r"""The parameters one Kalman step reads, by name.
+
+    Inputs are folded into the offsets (:math:`B_t u_{t+1} + b_t` and :math:`D_t u_t + d_t`),
+    and a time-varying field has a leading axis of ``T`` entries (transitions get a harmless
+    last entry), so that step ``t`` reads entry ``t`` of every time-varying field:
+    :meth:`at`. Absent offsets are ``None``.
+    """
+
+    initial_mean: Array
+    initial_cov: Array
+    transition_matrix: Array
+    transition_cov: Array
+    emission_matrix: Array
+    emission_cov: Array
+    transition_offset: Optional[Array] = None
+    emission_offset: Optional[Array] = None
+
+    def is_time_varying(self, name: str) -> bool:
+        value = getattr(self, name)
+        return value is not None and value.ndim == _STATIC_NDIM[name] + 1
+
+    def at(self, t) -> "KalmanParams":
+        """The parameters of step ``t`` (a Python or traced integer): entry ``t`` of every time-varying field."""
+        picked = {
+            name: lax.dynamic_index_in_dim(getattr(self, name), t, keepdims=False)
+            for name in _STATIC_NDIM
+            if self.is_time_varying(name)
+        }
+        return eqx.tree_at(lambda p: [getattr(p, n) for n in picked], self, list(picked.values())) if picked else self
+
+
 def _canonical(model: AbstractLGSSM, emissions, inputs, length, observed: bool = False):
     """Per-step parameters with inputs folded into offsets, padding and missing data sanitised.
 
-    Returns ``(p, tv, ys, mask, valid_next)``: ``p`` maps short names to arrays (time-varying
-    ones, named in the static set ``tv``, have a leading T axis; transitions are extended
-    with a harmless identity entry so every array has T entries), ``ys`` the emissions with
-    missing and padded entries set to 0, ``mask`` (T, Dy) the observed entries,
-    ``valid_next`` (T,) whether transition ``t`` is real (``t + 1 < length``).
+    Returns ``(params, ys, mask, valid_next)``: ``params`` a :class:`KalmanParams`, ``ys``
+    the emissions with missing and padded entries set to 0, ``mask`` (T, Dy) the observed
+    entries, ``valid_next`` (T,) whether transition ``t`` is real (``t + 1 < length``).
 
     ``observed=True`` is the caller's promise that every entry is observed and every step
     real (``length`` is then ``None``): ``mask`` is a constant, so nothing that the
@@ -92,34 +133,12 @@ def _canonical(model: AbstractLGSSM, emissions, inputs, length, observed: bool =
 
     def extend(a, safe):
         # append a harmless entry so time-varying transitions have T entries
-        return jnp.concatenate([a, safe[None]], axis=0)
+        return a if a is None or a.ndim == safe.ndim else jnp.concatenate([a, safe[None]], axis=0)
 
-    p = dict(m0=cast(model.initial_mean), P0=cast(model.initial_cov), C=C, R=R, A=A, Q=Q)
-    tv = set()
-    for key, static_ndim in (("C", 2), ("R", 2)):
-        if tvar(p[key], static_ndim):
-            tv.add(key)
-    if e is not None:
-        p["e"] = e
-        if e.ndim == 2:
-            tv.add("e")
-    for key, safe in (("A", eye_x), ("Q", jnp.zeros_like(eye_x))):
-        if tvar(p[key], 2):
-            p[key] = extend(p[key], safe)
-            tv.add(key)
-    if f is not None:
-        if f.ndim == 2:
-            f = extend(f, jnp.zeros((dx,), dtype))
-            tv.add("f")
-        p["f"] = f
-    return p, frozenset(tv), ys, mask, valid_next
-
-
-def _at(p, tv, x, key):
-    return x[key] if key in tv else p[key]
-
-
-def _scan_inputs(p, tv, **extra):
-    xs = {k: p[k] for k in tv}
-    xs.update(extra)
-    return xs
+    params = KalmanParams(
+        initial_mean=cast(model.initial_mean), initial_cov=cast(model.initial_cov),
+        transition_matrix=extend(A, eye_x), transition_cov=extend(Q, jnp.zeros_like(eye_x)),
+        transition_offset=extend(f, jnp.zeros((dx,), dtype)),
+        emission_matrix=C, emission_cov=R, emission_offset=e,
+    )
+    return params, ys, mask, valid_next

@@ -35,13 +35,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from . import steady, step, strategy
 from .canonical import LOG_2PI as _LOG_2PI
-from .canonical import _at, _canonical, _dtype, _scan_inputs
+from .canonical import KalmanParams, _canonical, _dtype
 from .params import AbstractLGSSM, model_dims, validate_shapes
 from .parallel import _filter_parallel, _smoother_parallel
 from .results import KalmanFilterResult, LGSSMForecastResult, RTSSmootherResult
@@ -66,53 +67,35 @@ __all__ = [
 # --------------------------------------------------------------------------- standard filter
 
 
-def _update_inputs(p, tv, x, mean, eye_y):
-    """Masked C, R and innovation for one step."""
-    m = x["mask"]
-    C = jnp.where(m[:, None], _at(p, tv, x, "C"), 0.0)
-    R = jnp.where(m[:, None] & m[None, :], _at(p, tv, x, "R"), eye_y)
-    return m, C, R
-
-
 def _filter_standard(
-    p: dict,
-    tv: frozenset,
+    params: KalmanParams,
     ys: Float[Array, "T Dy"],
     mask: Bool[Array, "T Dy"],
     valid_next: Bool[Array, " T"],
     has_length: bool,
     ops: type,
 ):
-    dx = p["m0"].shape[-1]
     dy = ys.shape[-1]
     dtype = ys.dtype
-    eye_x = jnp.eye(dx, dtype=dtype)
     eye_y = jnp.eye(dy, dtype=dtype)
 
     def _step(carry, x):
         mean, cov, loglik = carry
-        m, C, R = _update_inputs(p, tv, x, mean, eye_y)
-        pred_y = ops.mv(C, mean)
-        if "e" in p:
-            pred_y = pred_y + _at(p, tv, x, "e")
+        q, m = params.at(x["t"]), x["mask"]
+        C, R = step.masked_emission(q, m, eye_y)
         f_cov, half_logdet, factors = step.update_cov(cov, C, R, ops)
-        f_mean, z = step.update_mean(mean, factors, jnp.where(m, x["y"] - pred_y, 0.0), ops)
+        f_mean, z = step.update_mean(mean, factors, jnp.where(m, x["y"] - step.predicted_emission(q, C, mean, ops), 0.0), ops)
         nobs = jnp.sum(m).astype(dtype)
         ll = -0.5 * jnp.sum(z * z) - half_logdet - 0.5 * nobs * _LOG_2PI
         # predict x_{t+1}
-        A, Q = _at(p, tv, x, "A"), _at(p, tv, x, "Q")
-        offset = _at(p, tv, x, "f") if "f" in p else None
-        if has_length:
-            A = jnp.where(x["valid_next"], A, eye_x)
-            Q = jnp.where(x["valid_next"], Q, 0.0)
-            offset = None if offset is None else jnp.where(x["valid_next"], offset, 0.0)
+        A, Q, offset = step.transition(q, x["valid_next"], has_length)
         p_mean = step.predict_mean(f_mean, A, offset, ops)
         p_cov = step.predict_cov(f_cov, A, Q, ops)
         # factors and z leave the scan apart: under jax.vmap with a shared model the factors stay unbatched
         return (p_mean, p_cov, loglik + ll), (mean, cov, f_mean, f_cov, factors, z)
 
-    xs = _scan_inputs(p, tv, y=ys, mask=mask, valid_next=valid_next)
-    init = (p["m0"], p["P0"], jnp.zeros((), dtype))
+    xs = dict(t=jnp.arange(ys.shape[0]), y=ys, mask=mask, valid_next=valid_next)
+    init = (params.initial_mean, params.initial_cov, jnp.zeros((), dtype))
     (_, _, loglik), (pm, pc, fm, fc, factors, z) = jax.lax.scan(_step, init, xs)
     return loglik, fm, fc, pm, pc, (factors, z)
 
@@ -127,29 +110,27 @@ def _tria(pre):
 
 
 def _filter_sqrt(
-    p: dict,
-    tv: frozenset,
+    params: KalmanParams,
     ys: Float[Array, "T Dy"],
     mask: Bool[Array, "T Dy"],
     valid_next: Bool[Array, " T"],
     has_length: bool,
 ):
     ops = GeneralOps
-    dx = p["m0"].shape[-1]
+    dx = params.initial_mean.shape[-1]
     dy = ys.shape[-1]
     dtype = ys.dtype
-    eye_x = jnp.eye(dx, dtype=dtype)
     eye_y = jnp.eye(dy, dtype=dtype)
-    chol_q = psd_cholesky(p["Q"])  # batched when time-varying
+    chol_q = psd_cholesky(params.transition_cov)  # batched when time-varying
+    # the square-root form reads Q through its Cholesky factor
+    factored = eqx.tree_at(lambda p: p.transition_cov, params, chol_q)
     zeros_yx = jnp.zeros((dx, dy), dtype)
 
     def _step(carry, x):
         mean, chol_p, loglik = carry
-        m, C, R = _update_inputs(p, tv, x, mean, eye_y)
-        pred_y = ops.mv(C, mean)
-        if "e" in p:
-            pred_y = pred_y + _at(p, tv, x, "e")
-        resid = jnp.where(m, x["y"] - pred_y, 0.0)
+        q, m = factored.at(x["t"]), x["mask"]
+        C, R = step.masked_emission(q, m, eye_y)
+        resid = jnp.where(m, x["y"] - step.predicted_emission(q, C, mean, ops), 0.0)
         chol_r = jnp.linalg.cholesky(R)
         pre = jnp.block([[chol_r, ops.mm(C, chol_p)], [zeros_yx, chol_p]])
         post = _tria(pre)
@@ -160,23 +141,13 @@ def _filter_sqrt(
         f_mean = mean + ops.mv(gain_s, z)
         nobs = jnp.sum(m).astype(dtype)
         ll = -0.5 * jnp.sum(z * z) - jnp.sum(jnp.log(jnp.abs(jnp.diagonal(chol_s)))) - 0.5 * nobs * _LOG_2PI
-        A = _at(p, tv, x, "A")
-        cq = x["chol_q"] if "Q" in tv else chol_q
-        if has_length:
-            A = jnp.where(x["valid_next"], A, eye_x)
-            cq = jnp.where(x["valid_next"], cq, 0.0)
-        p_mean = ops.mv(A, f_mean)
-        if "f" in p:
-            fx = _at(p, tv, x, "f")
-            p_mean = p_mean + (jnp.where(x["valid_next"], fx, 0.0) if has_length else fx)
+        A, cq, offset = step.transition(q, x["valid_next"], has_length)
+        p_mean = step.predict_mean(f_mean, A, offset, ops)
         chol_pp = _tria(jnp.concatenate([ops.mm(A, chol_f), cq], axis=1))
         return (p_mean, chol_pp, loglik + ll), (mean, chol_p, f_mean, chol_f)
 
-    extra = dict(y=ys, mask=mask, valid_next=valid_next)
-    if "Q" in tv:
-        extra["chol_q"] = chol_q
-    xs = _scan_inputs(p, tv, **extra)
-    init = (p["m0"], jnp.linalg.cholesky(p["P0"]), jnp.zeros((), dtype))
+    xs = dict(t=jnp.arange(ys.shape[0]), y=ys, mask=mask, valid_next=valid_next)
+    init = (params.initial_mean, jnp.linalg.cholesky(params.initial_cov), jnp.zeros((), dtype))
     (_, _, loglik), (pm, chol_pc, fm, chol_fc) = jax.lax.scan(_step, init, xs)
     return loglik, fm, chol_fc, pm, chol_pc, chol_q
 
@@ -188,10 +159,10 @@ def _outer(chol):
 # --------------------------------------------------------------------------- smoothers
 
 
-def _transitions(p, tv, num_timesteps):
+def _transitions(params: KalmanParams, num_timesteps):
     """Transition matrices t = 0..T-2, batched: (T-1, Dx, Dx)."""
-    A = p["A"]
-    if "A" in tv:
+    A = params.transition_matrix
+    if params.is_time_varying("transition_matrix"):
         return A[: num_timesteps - 1]
     return jnp.broadcast_to(A, (num_timesteps - 1,) + A.shape)
 
@@ -204,8 +175,7 @@ def _smoother_gains(A, filtered_covs, chol_pred_next, valid_next, ops):
 
 
 def _smooth_standard(
-    p: dict,
-    tv: frozenset,
+    params: KalmanParams,
     fm: Float[Array, "T Dx"],
     fc: Float[Array, "T Dx Dx"],
     pc: Float[Array, "T Dx Dx"],
@@ -248,8 +218,7 @@ def _smooth_standard(
             lam, Lam, pc_next, cross_buf = carry  # lambda_{t+1}, Lambda_{t+1}, P_{t+1|t}, output
         else:
             (lam, Lam), pc_next = carry, x["pc_next"]
-        A = _at(p, tv, x, "A")
-        A = jnp.where(x["valid_next"], A, eye_x)
+        A = jnp.where(x["valid_next"], params.at(x["t"]).transition_matrix, eye_x)
         Pf, sol, zt = x["fc"], x["factors"], x["z"]
         Wt, Vt = sol[:, :dx], sol[:, dx : 2 * dx]
         X = ops.mm(Pf, A.T)  # P_{t|t} A_t^T
@@ -267,21 +236,20 @@ def _smooth_standard(
         cross_buf = jax.lax.dynamic_update_slice_in_dim(cross_buf, cross[None], idx, axis=0)
         return (lam_new, Lam_new, x["pc"], cross_buf), (s_mean, s_cov)
 
-    xs = _scan_inputs(p, tv, fm=fm, fc=fc, factors=factors[0], z=factors[1], valid_next=valid_next)
+    xs = dict(t=jnp.arange(num_timesteps), fm=fm, fc=fc, factors=factors[0], z=factors[1], valid_next=valid_next)
     zeros = jnp.zeros((dx, dx), dtype)
     if not in_place:
         xs["pc_next"] = jnp.concatenate([pc[1:], zeros[None]], axis=0)
         _, (sm, sc, cross) = jax.lax.scan(_step, (jnp.zeros((dx,), dtype), zeros), xs, reverse=True)
         return sm, sc, cross[:-1]
-    xs.update(t=jnp.arange(num_timesteps), pc=pc)
+    xs.update(pc=pc)
     init = (jnp.zeros((dx,), dtype), zeros, zeros, jnp.zeros((num_timesteps - 1, dx, dx), dtype))
     (_, _, _, cross), (sm, sc) = jax.lax.scan(_step, init, xs, reverse=True)
     return sm, sc, cross
 
 
 def _smooth_sqrt(
-    p: dict,
-    tv: frozenset,
+    params: KalmanParams,
     fm: Float[Array, "T Dx"],
     chol_fc: Float[Array, "T Dx Dx"],
     pm: Float[Array, "T Dx"],
@@ -293,7 +261,7 @@ def _smooth_sqrt(
     num_timesteps, dx = fm.shape
     eye_x = jnp.eye(dx, dtype=fm.dtype)
     vn = valid_next[:-1]
-    A = _transitions(p, tv, num_timesteps)
+    A = _transitions(params, num_timesteps)
     chol_pred_next = jnp.where(vn[:, None, None], chol_pc[1:], eye_x)
     G = _smoother_gains(A, _outer(chol_fc[:-1]), chol_pred_next, vn, ops)
     cq = chol_q[: num_timesteps - 1] if chol_q.ndim == 3 else chol_q
@@ -321,18 +289,18 @@ def _smooth_sqrt(
 
 
 def _run_filter(model, emissions, inputs, length, method, ops, observed=False):
-    p, tv, ys, mask, valid_next = _canonical(model, emissions, inputs, length, observed)
+    params, ys, mask, valid_next = _canonical(model, emissions, inputs, length, observed)
     has_length = length is not None
     if method == "sqrt":
-        loglik, fm, chol_fc, pm, chol_pc, chol_q = _filter_sqrt(p, tv, ys, mask, valid_next, has_length)
-        return p, tv, valid_next, (loglik, fm, chol_fc, pm, chol_pc, chol_q)
-    loglik, fm, fc, pm, pc, factors = _filter_standard(p, tv, ys, mask, valid_next, has_length, ops)
-    return p, tv, valid_next, (loglik, fm, fc, pm, pc, factors)
+        loglik, fm, chol_fc, pm, chol_pc, chol_q = _filter_sqrt(params, ys, mask, valid_next, has_length)
+        return params, valid_next, (loglik, fm, chol_fc, pm, chol_pc, chol_q)
+    loglik, fm, fc, pm, pc, factors = _filter_standard(params, ys, mask, valid_next, has_length, ops)
+    return params, valid_next, (loglik, fm, fc, pm, pc, factors)
 
 
 def _filter_full(model, emissions, inputs, length, ops, method="standard", observed=False):
     """The full filter recursion: ``(loglik, fm, fc, pm, pc)``."""
-    _, _, _, out = _run_filter(model, emissions, inputs, length, method, ops, observed)
+    _, _, out = _run_filter(model, emissions, inputs, length, method, ops, observed)
     if method == "sqrt":
         loglik, fm, chol_fc, pm, chol_pc, _ = out
         return loglik, fm, _outer(chol_fc), pm, _outer(chol_pc)
@@ -342,13 +310,13 @@ def _filter_full(model, emissions, inputs, length, ops, method="standard", obser
 
 def _smoother_full(model, emissions, inputs, length, ops, method="standard", observed=False):
     """The full filter and smoother recursions: ``(loglik, fm, fc, pm, pc, sm, sc, cross)``."""
-    p, tv, valid_next, out = _run_filter(model, emissions, inputs, length, method, ops, observed)
+    params, valid_next, out = _run_filter(model, emissions, inputs, length, method, ops, observed)
     if method == "sqrt":
         loglik, fm, chol_fc, pm, chol_pc, chol_q = out
-        sm, chol_sc, cross = _smooth_sqrt(p, tv, fm, chol_fc, pm, chol_pc, chol_q, valid_next)
+        sm, chol_sc, cross = _smooth_sqrt(params, fm, chol_fc, pm, chol_pc, chol_q, valid_next)
         return loglik, fm, _outer(chol_fc), pm, _outer(chol_pc), sm, _outer(chol_sc), cross
     loglik, fm, fc, pm, pc, factors = out
-    sm, sc, cross = _smooth_standard(p, tv, fm, fc, pc, factors, valid_next, ops)
+    sm, sc, cross = _smooth_standard(params, fm, fc, pc, factors, valid_next, ops)
     return loglik, fm, fc, pm, pc, sm, sc, cross
 
 
@@ -408,12 +376,12 @@ def _sample_posterior_impl(
     length: Optional[Int[Array, ""]],
     ops: type,
 ) -> Float[Array, "T Dx"]:
-    p, tv, valid_next, out = _run_filter(model, emissions, inputs, length, "standard", ops)
+    params, valid_next, out = _run_filter(model, emissions, inputs, length, "standard", ops)
     _, fm, fc, pm, pc, _ = out
     num_timesteps, dx = fm.shape
     eye_x = jnp.eye(dx, dtype=fm.dtype)
     vn = valid_next[:-1]
-    A = _transitions(p, tv, num_timesteps)
+    A = _transitions(params, num_timesteps)
     pred_next = jnp.where(vn[:, None, None], pc[1:], eye_x)
     G = _smoother_gains(A, fc[:-1], ops.cholesky(pred_next), vn, ops)
     # x_t | x_{t+1}, y_{1:t} ~ N(m_t + G_t (x_{t+1} - m_{t+1|t}), P_t - G_t P_{t+1|t} G_t^T)
@@ -640,32 +608,26 @@ def _sample_impl(
 ) -> tuple[Float[Array, "T Dx"], Float[Array, "T Dy"]]:
     dx, dy, _ = model_dims(model)
     dummy = jnp.zeros((num_timesteps, dy), _dtype(model, inputs))
-    p, tv, _, _, _ = _canonical(model, dummy, inputs, None)
+    params, _, _, _ = _canonical(model, dummy, inputs, None)
     dtype = dummy.dtype
     k0, k1, k2 = jax.random.split(key, 3)
     ops = GeneralOps
-    x0 = p["m0"] + ops.mv(jnp.linalg.cholesky(p["P0"]), jax.random.normal(k0, (dx,), dtype))
-    chol_q = psd_cholesky(p["Q"])
+    x0 = params.initial_mean + ops.mv(jnp.linalg.cholesky(params.initial_cov), jax.random.normal(k0, (dx,), dtype))
+    # sampling reads Q through its Cholesky factor
+    factored = eqx.tree_at(lambda p: p.transition_cov, params, psd_cholesky(params.transition_cov))
     noise = jax.random.normal(k1, (num_timesteps, dx), dtype)
 
     def _step(state, x):
-        A = _at(p, tv, x, "A")
-        cq = x["chol_q"] if "Q" in tv else chol_q
-        nxt = ops.mv(A, state) + ops.mv(cq, x["noise"])
-        if "f" in p:
-            nxt = nxt + _at(p, tv, x, "f")
-        return nxt, state
+        q = factored.at(x["t"])
+        return step.predict_mean(state, q.transition_matrix, q.transition_offset, ops) + ops.mv(q.transition_cov, x["noise"]), state
 
-    extra = dict(noise=noise)
-    if "Q" in tv:
-        extra["chol_q"] = chol_q
-    _, states = jax.lax.scan(_step, x0, _scan_inputs(p, tv, **extra))
-    C = p["C"]
-    chol_r = jnp.linalg.cholesky(p["R"])
+    _, states = jax.lax.scan(_step, x0, dict(t=jnp.arange(num_timesteps), noise=noise))
+    C = params.emission_matrix
+    chol_r = jnp.linalg.cholesky(params.emission_cov)
     eps = jax.random.normal(k2, (num_timesteps, dy), dtype)
     means = jnp.einsum("tij,tj->ti" if C.ndim == 3 else "ij,tj->ti", C, states, precision=matmul_precision())
-    if "e" in p:
-        means = means + p["e"]
+    if params.emission_offset is not None:
+        means = means + params.emission_offset
     noise_y = jnp.einsum(
         "tij,tj->ti" if chol_r.ndim == 3 else "ij,tj->ti", chol_r, eps, precision=matmul_precision()
     )
@@ -723,7 +685,7 @@ def _forecast_impl(
     num_steps: int,
     ops: type,
 ) -> LGSSMForecastResult:
-    _, _, _, out = _run_filter(model, emissions, inputs, length, "standard", ops)
+    _, _, out = _run_filter(model, emissions, inputs, length, "standard", ops)
     _, fm, fc, _, _, _ = out
     num_timesteps = emissions.shape[0]
     dtype = fm.dtype

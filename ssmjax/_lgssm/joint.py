@@ -58,7 +58,7 @@ def _log_joint_impl(
     inputs: Optional[Float[Array, "T Du"]],
     length: Optional[Int[Array, ""]],
 ) -> Float[Array, ""]:
-    p, _, ys, mask, valid_next = _canonical(model, emissions, inputs, length)
+    params, ys, mask, valid_next = _canonical(model, emissions, inputs, length)
     num_timesteps, dx = states.shape
     dtype = ys.dtype
     steps = jnp.arange(num_timesteps)
@@ -68,28 +68,28 @@ def _log_joint_impl(
     mm = lambda a, v: jnp.matmul(a, v[..., None], precision=matmul_precision())[..., 0]  # noqa: E731
 
     # x_1 ~ N(m0, P0)
-    total = _mvn_logpdf(x[0] - p["m0"], p["P0"])
+    total = _mvn_logpdf(x[0] - params.initial_mean, params.initial_cov)
 
     # x_{t+1} | x_t ~ N(A_t x_t + f_t, Q_t) for real transitions
     if num_timesteps > 1:
         vn: Bool[Array, " T-1"] = valid_next[: num_timesteps - 1]
-        A = _per_step(p["A"], 2, num_timesteps - 1)
-        Q = _per_step(p["Q"], 2, num_timesteps - 1)
+        A = _per_step(params.transition_matrix, 2, num_timesteps - 1)
+        Q = _per_step(params.transition_cov, 2, num_timesteps - 1)
         eye_x = jnp.eye(dx, dtype=dtype)
         Q = jnp.where(vn[:, None, None], Q, eye_x)
         mean = mm(A, x[:-1])
-        if "f" in p:
-            mean = mean + _per_step(p["f"], 1, num_timesteps - 1)
+        if params.transition_offset is not None:
+            mean = mean + _per_step(params.transition_offset, 1, num_timesteps - 1)
         resid = jnp.where(vn[:, None], x[1:] - mean, 0.0)
         total = total + jnp.sum(jnp.where(vn, _mvn_logpdf(resid, Q), 0.0))
 
     # y_t | x_t ~ N(C_t x_t + e_t, R_t) on the observed entries of real steps
     dy = ys.shape[-1]
-    C = _per_step(p["C"], 2, num_timesteps)
-    R = _per_step(p["R"], 2, num_timesteps)
+    C = _per_step(params.emission_matrix, 2, num_timesteps)
+    R = _per_step(params.emission_cov, 2, num_timesteps)
     mean_y = mm(C, x)
-    if "e" in p:
-        mean_y = mean_y + _per_step(p["e"], 1, num_timesteps)
+    if params.emission_offset is not None:
+        mean_y = mean_y + _per_step(params.emission_offset, 1, num_timesteps)
     resid_y = jnp.where(mask, ys - mean_y, 0.0)
     R = jnp.where(mask[:, :, None] & mask[:, None, :], R, jnp.eye(dy, dtype=dtype))
     # each unobserved entry is a unit-variance dummy with zero residual: remove its -log(2 pi)/2

@@ -118,33 +118,33 @@ def _steps(model, emissions, inputs, length):
     at missing/padded entries) and ``(F, c, Q)[t]`` is transition ``t`` (``x_t -> x_{t+1}``;
     the identity with zero noise and offset where ``t + 1 >= length`` and at ``t = T-1``).
     """
-    p, tv, ys, mask, valid_next = _canonical(model, emissions, inputs, length)
+    params, ys, mask, valid_next = _canonical(model, emissions, inputs, length)
     num_timesteps, dy = ys.shape
-    dx = p["m0"].shape[-1]
+    dx = params.initial_mean.shape[-1]
     dtype = ys.dtype
     eye_x = jnp.eye(dx, dtype=dtype)
     eye_y = jnp.eye(dy, dtype=dtype)
 
-    def full(key, static_shape):
-        a = p[key]
-        return a if key in tv else jnp.broadcast_to(a, (num_timesteps,) + static_shape)
+    def full(name, static_shape):
+        a = getattr(params, name)
+        return a if params.is_time_varying(name) else jnp.broadcast_to(a, (num_timesteps,) + static_shape)
 
     # covariances enter symmetrised, so gradients w.r.t. them are symmetric (as the sequential ones)
-    H = jnp.where(mask[:, :, None], full("C", (dy, dx)), 0.0)
-    R = jnp.where(mask[:, :, None] & mask[:, None, :], symmetrize(full("R", (dy, dy))), eye_y)
+    H = jnp.where(mask[:, :, None], full("emission_matrix", (dy, dx)), 0.0)
+    R = jnp.where(mask[:, :, None] & mask[:, None, :], symmetrize(full("emission_cov", (dy, dy))), eye_y)
     r = ys
-    if "e" in p:
-        r = r - full("e", (dy,))
+    if params.emission_offset is not None:
+        r = r - full("emission_offset", (dy,))
     r = jnp.where(mask, r, 0.0)
     # transitions: the extra entry T-1 (and padding) is the identity
     vn = valid_next  # already False at t = T-1
-    F = jnp.where(vn[:, None, None], full("A", (dx, dx)), eye_x)
-    Q = jnp.where(vn[:, None, None], symmetrize(full("Q", (dx, dx))), 0.0)
+    F = jnp.where(vn[:, None, None], full("transition_matrix", (dx, dx)), eye_x)
+    Q = jnp.where(vn[:, None, None], symmetrize(full("transition_cov", (dx, dx))), 0.0)
     c = jnp.zeros((num_timesteps, dx), dtype)
-    if "f" in p:
-        c = jnp.where(vn[:, None], full("f", (dx,)), 0.0)
+    if params.transition_offset is not None:
+        c = jnp.where(vn[:, None], full("transition_offset", (dx,)), 0.0)
     valid = jnp.arange(num_timesteps) < (num_timesteps if length is None else length)
-    return dict(H=H, R=R, r=r, mask=mask, F=F, c=c, Q=Q, m0=p["m0"], P0=symmetrize(p["P0"]), valid=valid,
+    return dict(H=H, R=R, r=r, mask=mask, F=F, c=c, Q=Q, m0=params.initial_mean, P0=symmetrize(params.initial_cov), valid=valid,
                 valid_next=vn)
 
 

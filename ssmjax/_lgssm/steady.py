@@ -151,7 +151,7 @@ def _index(table, j):
     return lax.dynamic_index_in_dim(table, j, keepdims=False)
 
 
-def forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_steps):
+def forward(params, ys, mask, valid, valid_next, end, has_length, ops, transient_steps):
     """Steady-state Kalman filter.
 
     Returns ``(outputs, parts, need_full)``: ``outputs = (loglik, fm, fc, pm, pc)`` as the full
@@ -159,9 +159,9 @@ def forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_step
     ``need_full`` whether the covariance recursion did not settle in time.
     """
     num_timesteps, dy = ys.shape
-    dx = p["m0"].shape[-1]
+    dx = params.initial_mean.shape[-1]
     dtype = ys.dtype
-    A, Q, C, R = p["A"], p["Q"], p["C"], p["R"]
+    A, Q, C, R = params.transition_matrix, params.transition_cov, params.emission_matrix, params.emission_cov
     eye_x = jnp.eye(dx, dtype=dtype)
     eye_y = jnp.eye(dy, dtype=dtype)
     n = min(num_timesteps, transient_steps)
@@ -195,7 +195,7 @@ def forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_step
         return _keep(go, step, (t, pred_cov, done, first)) + (pcb, fcb, sb, ldb)
 
     zeros = lambda *shape: jnp.zeros((n,) + shape, dtype)  # noqa: E731
-    init = (jnp.int32(0), p["P0"], jnp.bool_(False), jnp.int32(-1))
+    init = (jnp.int32(0), params.initial_cov, jnp.bool_(False), jnp.int32(-1))
     init = init + (zeros(dx, dx), zeros(dx, dx), zeros(dy, 2 * dx + dy), zeros())
     tc, steady_cov, done, _, pcb, fcb, sb, ldb = lax.while_loop(_while_any(running), body, init)
     # slot n: the steady state (steps t >= tc), one more step of the same update
@@ -204,24 +204,17 @@ def forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_step
     fcb = jnp.concatenate([fcb, f_cov[None]])
     sb = jnp.concatenate([sb, sol[None]])
     ldb = jnp.concatenate([ldb, ld[None]])
-    xs = dict(y=ys, mask=mask, vn=valid_next)
-    for key in ("e", "f"):
-        if key in p and p[key].ndim == 2:
-            xs[key] = p[key]
+    xs = dict(t=jnp.arange(num_timesteps), y=ys, mask=mask, vn=valid_next)
 
     def mean_step(mean, x, s):
-        pred_y = ops.mv(C, mean)
-        if "e" in p:
-            pred_y = pred_y + (x["e"] if "e" in x else p["e"])
+        # A, C are time-invariant on this path; the offsets may vary in time
+        q = params.at(x["t"])
+        pred_y = step.predicted_emission(q, C, mean, ops)
         f_mean, z = step.update_mean(mean, s, jnp.where(x["mask"], x["y"] - pred_y, 0.0), ops)
-        Ae = jnp.where(x["vn"], A, eye_x) if has_length else A
-        offset = None
-        if "f" in p:
-            fx = x["f"] if "f" in x else p["f"]
-            offset = jnp.where(x["vn"], fx, 0.0) if has_length else fx
+        Ae, _, offset = step.transition(q, x["vn"], has_length)
         return step.predict_mean(f_mean, Ae, offset, ops), (mean, f_mean, z)
 
-    pm, fm, zs = _two_segment_scan(mean_step, p["m0"], xs, sb, tc)
+    pm, fm, zs = _two_segment_scan(mean_step, params.initial_mean, xs, sb, tc)
     nobs = jnp.sum(mask).astype(dtype)
     loglik = -0.5 * jnp.sum(zs * zs) - jnp.sum(jnp.where(valid, _spread(ldb, tc, num_timesteps), 0.0))
     loglik = loglik - 0.5 * nobs * _LOG_2PI
@@ -235,11 +228,11 @@ def forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_step
     return (loglik, fm, fc, pm, pc), parts, ~done
 
 
-def backward(p, fm, parts, valid_next, end, has_length, ops):
+def backward(params, fm, parts, valid_next, end, has_length, ops):
     """Steady-state Bryson-Frazier smoother (as ``_smooth_standard``): ``((sm, sc, cross), need_full)``."""
     num_timesteps, dx = fm.shape
     dtype = fm.dtype
-    A = p["A"]
+    A = params.transition_matrix
     pcb, fcb, sb, tc, zs = (parts[k] for k in ("pcb", "fcb", "sb", "tc", "zs"))
     n = fcb.shape[0] - 1
 
@@ -342,14 +335,14 @@ def steady_outputs(model, emissions, inputs, length, smoother, ops, transient_st
     ``settled_at`` is the first step whose forward moments are the steady ones (the length
     when the recursion ran to the end of the real steps within ``transient_steps``).
     """
-    p, _, ys, mask, valid_next = _canonical(model, emissions, inputs, length, observed)
+    params, ys, mask, valid_next = _canonical(model, emissions, inputs, length, observed)
     num_timesteps = ys.shape[0]
     has_length = length is not None
     end = jnp.asarray(num_timesteps if length is None else length, jnp.int32)
     valid = jnp.arange(num_timesteps) < end
-    out, parts, need_full = forward(p, ys, mask, valid, valid_next, end, has_length, ops, transient_steps)
+    out, parts, need_full = forward(params, ys, mask, valid, valid_next, end, has_length, ops, transient_steps)
     if smoother:
-        (sm, sc, cross), need_back = backward(p, out[1], parts, valid_next, end, has_length, ops)
+        (sm, sc, cross), need_back = backward(params, out[1], parts, valid_next, end, has_length, ops)
         out = out + (sm, sc, cross)
         need_full = need_full | need_back
     return out, need_full, parts["tc"]

@@ -5,6 +5,11 @@ pattern (:func:`update_cov`: innovation covariance, its Cholesky factor, the fil
 covariance) and a half that reads the data (:func:`update_mean`: innovation, filtered mean).
 The prediction splits the same way (:func:`predict_cov`, :func:`predict_mean`).
 
+The parameters of one step are read by name from a
+:class:`ssmjax._lgssm.canonical.KalmanParams` at that step (``params.at(t)``):
+:func:`masked_emission`, :func:`predicted_emission` and :func:`transition` give what the
+halves need, with missing entries and padding applied.
+
 The split is what makes batching cheap. The full recursion (:mod:`ssmjax._lgssm.inference`)
 runs both halves in one ``lax.scan``; the steady-state path (:mod:`ssmjax._lgssm.steady`)
 runs the covariance half only until it settles and the mean half over every step. Under
@@ -17,6 +22,13 @@ With :math:`S = C P C^\top + R = L L^\top` the covariance half solves
 :math:`K = W^\top L^{-1}`, :math:`P_{t|t} = P - W^\top W`, and the mean half needs only
 products: :math:`z = L^{-1} r`, :math:`m_{t|t} = m + W^\top z`. The smoother reads
 :math:`W, V` and :math:`z` (see ``_smooth_standard``).
+
+**For the families that come next.** A filter that linearises (an extended Kalman filter:
+:math:`C_t` the Jacobian of the emission function at the predicted mean, the residual
+``y - h(m)`` in place of ``y - C m``; the same for the transition) reuses these four
+functions as they are; a switching model runs them once per regime inside its own scan.
+Each reads only arrays and named fields, so such a model supplies its per-step
+:class:`~ssmjax._lgssm.canonical.KalmanParams` and needs no copy of the recursion.
 """
 
 from __future__ import annotations
@@ -24,6 +36,29 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from .small import symmetrize
+
+
+def masked_emission(q, m, eye_y):
+    """``(C, R)`` of one step with the rows (and the block of ``R``) of missing entries neutralised."""
+    C = jnp.where(m[:, None], q.emission_matrix, 0.0)
+    R = jnp.where(m[:, None] & m[None, :], q.emission_cov, eye_y)
+    return C, R
+
+
+def predicted_emission(q, C, mean, ops):
+    """``C m + offset`` of one step (``C`` as from :func:`masked_emission`)."""
+    pred_y = ops.mv(C, mean)
+    return pred_y if q.emission_offset is None else pred_y + q.emission_offset
+
+
+def transition(q, valid_next, has_length):
+    """``(A, Q, offset)`` of one step; the identity, zero noise and no offset past the last real step."""
+    A, Q, offset = q.transition_matrix, q.transition_cov, q.transition_offset
+    if has_length:
+        A = jnp.where(valid_next, A, jnp.eye(A.shape[-1], dtype=A.dtype))
+        Q = jnp.where(valid_next, Q, 0.0)
+        offset = None if offset is None else jnp.where(valid_next, offset, 0.0)
+    return A, Q, offset
 
 
 def update_cov(pred_cov, C, R, ops):
