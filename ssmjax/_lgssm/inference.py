@@ -498,6 +498,9 @@ def kalman_filter(
             O(log T) depth; :mod:`ssmjax._lgssm.parallel`) with ``method="standard"``; same
             results to round-off. Worth it on accelerators for long sequences; on CPU the
             sequential scan is faster (see ``benchmarks/README.md``).
+        strategy: a :class:`KalmanStrategy` forcing the path (schedule, form, ops, masking);
+            ``None`` chooses one as :func:`lgssm_strategy` reports. ``method`` and
+            ``parallel`` are then ignored.
     Returns:
         A :class:`KalmanFilterResult`.
 
@@ -547,6 +550,9 @@ def rts_smoother(
             O(log T) depth; :mod:`ssmjax._lgssm.parallel`) with ``method="standard"``; same
             results to round-off. Worth it on accelerators for long sequences; on CPU the
             sequential scan is faster (see ``benchmarks/README.md``).
+        strategy: a :class:`KalmanStrategy` forcing the path (schedule, form, ops, masking);
+            ``None`` chooses one as :func:`lgssm_strategy` reports. ``method`` and
+            ``parallel`` are then ignored.
     Returns:
         An :class:`RTSSmootherResult`.
 
