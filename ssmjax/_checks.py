@@ -293,16 +293,34 @@ def check_probability_vector(name: str, probs: jax.Array, axis: int = -1, atol: 
     )
 
 
-def check_psd(name: str, cov: jax.Array, rtol: float | None = None):
-    """Symmetric positive-definite matrices in the last two axes (value check)."""
+def check_psd(name: str, cov: jax.Array, rtol: float | None = None, *, valid=None, semidefinite: bool = False):
+    """Finite, symmetric, positive (semi-)definite matrices in the last two axes (value check).
+
+    The one covariance check of the package. ``valid`` (T,) limits a time-varying ``cov``
+    (T, D, D) to its real steps (padding may hold anything). Symmetry is relative to the
+    largest entry (``rtol``: 1e-5 in float32, 1e-10 in float64); definiteness is a Cholesky
+    factorisation, semi-definiteness the eigenvalues down to ``-10 D eps`` times that entry.
+    """
     if not _VALUE_CHECKS:
         return cov
     if rtol is None:
         rtol = 1e-5 if cov.dtype == jnp.float32 else 1e-10
-    xp, values = linalg_arrays(cov)
-    asym = xp.abs(values - xp.swapaxes(values, -1, -2))
-    scale = xp.maximum(xp.max(xp.abs(values), axis=(-1, -2), keepdims=True), jnp.finfo(cov.dtype).tiny)
-    not_symmetric = xp.any(asym > rtol * scale)
-    not_pd = cholesky_fails(xp, 0.5 * (values + xp.swapaxes(values, -1, -2)))
-    cov = check_values(cov, not_symmetric, f"`{name}` must be symmetric (relative tolerance {rtol:g}).")
-    return check_values(cov, not_pd, f"`{name}` must be positive definite (its Cholesky factorisation failed).")
+    # NumPy when everything is concrete and on the host: no XLA compilation per eager check
+    xp, values, valid = linalg_arrays(cov, valid)
+    test = values
+    if valid is not None and cov.ndim == 3:
+        test = xp.where(valid[:, None, None], values, 0.0 if semidefinite else xp.eye(cov.shape[-1], dtype=values.dtype))
+    asym = xp.abs(test - xp.swapaxes(test, -1, -2))
+    scale = xp.maximum(xp.max(xp.abs(test), axis=(-1, -2), keepdims=True), jnp.finfo(cov.dtype).tiny)
+    not_symmetric = xp.any(asym > rtol * scale) | xp.any(~xp.isfinite(test))
+    sym = xp.where(xp.isfinite(test), test, 0.0)
+    sym = 0.5 * (sym + xp.swapaxes(sym, -1, -2))
+    if semidefinite:
+        eig = xp.linalg.eigvalsh(sym)
+        bad_def = xp.any(eig < -(cov.shape[-1] * 10 * jnp.finfo(cov.dtype).eps) * scale[..., 0])
+        what = "positive semi-definite (it has a negative eigenvalue)"
+    else:
+        bad_def = cholesky_fails(xp, sym)
+        what = "positive definite (its Cholesky factorisation failed)"
+    cov = check_values(cov, not_symmetric, f"`{name}` must be finite and symmetric (relative tolerance {rtol:g}).")
+    return check_values(cov, bad_def, f"`{name}` must be {what}.")

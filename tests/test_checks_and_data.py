@@ -53,7 +53,7 @@ def test_value_check_fires_under_jit_and_switch_disables_it():
 
 
 def test_check_psd_rejects_asymmetric_and_indefinite():
-    with pytest.raises(ValueError, match="`Q` must be symmetric"):
+    with pytest.raises(ValueError, match="`Q` must be finite and symmetric"):
         _checks.check_psd("Q", jnp.array([[1.0, 0.5], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="`Q` must be positive definite"):
         _checks.check_psd("Q", jnp.array([[1.0, 2.0], [2.0, 1.0]]))
@@ -102,7 +102,7 @@ def test_eager_value_checks_compile_nothing():
         _checks.check_probability_vector("probs", probs)
         with pytest.raises(ValueError, match="`cov` must be positive definite"):
             _checks.check_psd("cov", indefinite)
-        with pytest.raises(ValueError, match="`cov` must be symmetric"):
+        with pytest.raises(ValueError, match="`cov` must be finite and symmetric"):
             _checks.check_psd("cov", asymmetric)
         with pytest.raises(ValueError, match="`probs` must hold finite non-negative probabilities"):
             _checks.check_probability_vector("probs", unnormalised)

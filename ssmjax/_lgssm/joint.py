@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .._checks import as_float_array, check_length, check_shape
+from .._checks import as_float_array, check_length, check_psd, check_shape
 from .canonical import LOG_2PI as _LOG_2PI
 from .canonical import _canonical
 from .results import RTSSmootherResult
-from .validate import _check_cov, _validate
+from .validate import _validate
 from .params import AbstractLGSSM, model_dims
 from .small import matmul_precision
 
@@ -147,7 +147,7 @@ def lgssm_log_joint(model, states, emissions, *, inputs=None, length=None) -> Ar
     valid_next = None
     if length_arr is not None:
         valid_next = jnp.arange(y.shape[0] - 1) + 1 < length_arr
-    transition_cov = _check_cov("transition_cov", model.transition_cov, valid_next, semidefinite=False)
+    transition_cov = check_psd("transition_cov", model.transition_cov, valid=valid_next, semidefinite=False)
     model = eqx.tree_at(lambda m: m.transition_cov, model, transition_cov)
     return _log_joint_jit(model, x, y, u, length_arr)
 

@@ -6,38 +6,8 @@ from __future__ import annotations
 import equinox as eqx
 import jax.numpy as jnp
 
-from .._checks import (
-    as_float_array, check_length, check_shape, check_values, cholesky_fails, host_arrays, linalg_arrays,
-    value_checks_enabled,
-)
+from .._checks import as_float_array, check_length, check_psd, check_shape, host_arrays
 from .params import AbstractLGSSM, model_dims, validate_shapes
-
-def _check_cov(name: str, cov, valid, semidefinite: bool):
-    """Symmetric and positive (semi-)definite at real steps; returns the guarded ``cov``."""
-    if not value_checks_enabled():
-        return cov
-    # NumPy when everything is concrete and on the host: no XLA compilation per eager check
-    xp, values, valid = linalg_arrays(cov, valid)
-    eye = xp.eye(cov.shape[-1], dtype=values.dtype)
-    test = values
-    if valid is not None and cov.ndim == 3:
-        test = xp.where(valid[:, None, None], values, 0.0 if semidefinite else eye)
-    rtol = 1e-5 if cov.dtype == jnp.float32 else 1e-10
-    asym = xp.abs(test - xp.swapaxes(test, -1, -2))
-    scale = xp.maximum(xp.max(xp.abs(test), axis=(-1, -2), keepdims=True), jnp.finfo(cov.dtype).tiny)
-    not_symmetric = xp.any(asym > rtol * scale) | xp.any(~xp.isfinite(test))
-    sym = xp.where(xp.isfinite(test), test, 0.0)
-    sym = 0.5 * (sym + xp.swapaxes(sym, -1, -2))
-    if semidefinite:
-        eig = xp.linalg.eigvalsh(sym)
-        bad_def = xp.any(eig < -(cov.shape[-1] * 10 * jnp.finfo(cov.dtype).eps) * scale[..., 0])
-        what = "positive semi-definite (it has a negative eigenvalue)"
-    else:
-        bad_def = cholesky_fails(xp, sym)
-        what = "positive definite (its Cholesky factorisation failed)"
-    cov = check_values(cov, not_symmetric, f"`{name}` must be finite and symmetric (relative tolerance {rtol:g}).")
-    return check_values(cov, bad_def, f"`{name}` must be {what}.")
-
 
 def _validate(model, emissions, inputs, length, *, need_inputs_name="inputs"):
     """Shape checks (ValueError) and covariance value checks; returns canonical arguments."""
@@ -103,9 +73,9 @@ def _value_check_model(model, num_timesteps, length_arr):
         steps = xp.arange(num_timesteps)
         valid = steps < length_arr
         valid_next = (steps[: num_timesteps - 1] + 1) < length_arr
-    initial_cov = _check_cov("initial_cov", model.initial_cov, None, semidefinite=False)
-    transition_cov = _check_cov("transition_cov", model.transition_cov, valid_next, semidefinite=True)
-    emission_cov = _check_cov("emission_cov", model.emission_cov, valid, semidefinite=False)
+    initial_cov = check_psd("initial_cov", model.initial_cov, valid=None, semidefinite=False)
+    transition_cov = check_psd("transition_cov", model.transition_cov, valid=valid_next, semidefinite=True)
+    emission_cov = check_psd("emission_cov", model.emission_cov, valid=valid, semidefinite=False)
     return eqx.tree_at(
         lambda m: (m.initial_cov, m.transition_cov, m.emission_cov),
         model,
