@@ -346,7 +346,10 @@ def _filter_impl(
     transient_steps: int = strategy.TRANSIENT_STEPS,
     schedule: Optional[str] = None,
 ) -> KalmanFilterResult:
-    return KalmanFilterResult(*_run(False, model, emissions, inputs, length, method, ops, masking, transient_steps, schedule))
+    loglik, fm, fc, pm, pc = _run(False, model, emissions, inputs, length, method, ops, masking, transient_steps, schedule)
+    return KalmanFilterResult(
+        marginal_loglik=loglik, filtered_means=fm, filtered_covs=fc, predicted_means=pm, predicted_covs=pc
+    )
 
 
 def _smoother_impl(
@@ -360,7 +363,13 @@ def _smoother_impl(
     transient_steps: int = strategy.TRANSIENT_STEPS,
     schedule: Optional[str] = None,
 ) -> RTSSmootherResult:
-    return RTSSmootherResult(*_run(True, model, emissions, inputs, length, method, ops, masking, transient_steps, schedule))
+    loglik, fm, fc, pm, pc, sm, sc, cross = _run(
+        True, model, emissions, inputs, length, method, ops, masking, transient_steps, schedule
+    )
+    return RTSSmootherResult(
+        marginal_loglik=loglik, filtered_means=fm, filtered_covs=fc, predicted_means=pm, predicted_covs=pc,
+        smoothed_means=sm, smoothed_covs=sc, smoothed_cross_covs=cross,
+    )
 
 
 _STATIC = ("method", "ops", "masking", "transient_steps", "schedule")
@@ -736,7 +745,7 @@ def _forecast_impl(
     if fu is not None:
         xs["u"] = fu
     _, (sm, sc, ym, yc) = jax.lax.scan(_step, (fm[-1], fc[-1]), xs)
-    return LGSSMForecastResult(sm, sc, ym, yc)
+    return LGSSMForecastResult(state_means=sm, state_covs=sc, emission_means=ym, emission_covs=yc)
 
 
 _forecast_jit = jax.jit(_forecast_impl, static_argnames=("num_steps", "ops"))

@@ -341,7 +341,10 @@ def _filter_parallel(
     ops: type = GeneralOps,
 ) -> KalmanFilterResult:
     s = _steps(model, emissions, inputs, length)
-    return KalmanFilterResult(*_filter(s, length, ops))
+    loglik, fm, fc, pm, pc = _filter(s, length, ops)
+    return KalmanFilterResult(
+        marginal_loglik=loglik, filtered_means=fm, filtered_covs=fc, predicted_means=pm, predicted_covs=pc
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("ops",))
@@ -360,15 +363,19 @@ def _smoother_parallel(
         # Cholesky as an untyped custom call that fails at run time ("No registered implementation
         # for untyped custom call to lapack_dpotrf_ffi"); see test_single_step_on_one_cpu.
         loglik, fm, fc, pm, pc = _filter(s, length, ops)
-        return RTSSmootherResult(loglik, fm, fc, pm, pc, fm, fc, jnp.zeros((0, dx, dx), fm.dtype))
-    fm, fc, pm, pc = _filter_moments(s, length, ops)
-    pred, FP = _gain_system(s, fc, pc, ops)
-    if ops is GeneralOps:  # the log-likelihood's and the gains' solves as one LAPACK chain
-        log_diag, z, gain_t = _joint_cholesky_solves(*_innovations(s, pm, pc, ops), pred, FP)
-        loglik = _loglik_from(s, log_diag, z)
+        sm, sc, cross = fm, fc, jnp.zeros((0, dx, dx), fm.dtype)
     else:
-        loglik = _loglik(s, pm, pc, ops)
-        chol = ops.cholesky(pred)
-        gain_t = ops.solve_lower_t(chol, ops.solve_lower(chol, FP))
-    sm, sc, cross = _smooth(s, fm, fc, pm, gain_t, FP, length, ops)
-    return RTSSmootherResult(loglik, fm, fc, pm, pc, sm, sc, cross)
+        fm, fc, pm, pc = _filter_moments(s, length, ops)
+        pred, FP = _gain_system(s, fc, pc, ops)
+        if ops is GeneralOps:  # the log-likelihood's and the gains' solves as one LAPACK chain
+            log_diag, z, gain_t = _joint_cholesky_solves(*_innovations(s, pm, pc, ops), pred, FP)
+            loglik = _loglik_from(s, log_diag, z)
+        else:
+            loglik = _loglik(s, pm, pc, ops)
+            chol = ops.cholesky(pred)
+            gain_t = ops.solve_lower_t(chol, ops.solve_lower(chol, FP))
+        sm, sc, cross = _smooth(s, fm, fc, pm, gain_t, FP, length, ops)
+    return RTSSmootherResult(
+        marginal_loglik=loglik, filtered_means=fm, filtered_covs=fc, predicted_means=pm, predicted_covs=pc,
+        smoothed_means=sm, smoothed_covs=sc, smoothed_cross_covs=cross,
+    )
