@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 
 from .._fallback import _any_in_batch
-from .small import SMALL_MAX_DX, SMALL_MAX_DY
+from .small import SMALL_MAX_DX, SMALL_MAX_DY, choose_ops
 
 SCHEDULES = ("sequential", "steady-state", "parallel")
 FORMS = ("covariance", "sqrt")
@@ -113,11 +113,10 @@ def select_strategy(model, emissions, length, method: str, parallel: bool) -> Ka
     num_timesteps = emissions.shape[0]
     form = "sqrt" if method == "sqrt" else "covariance"
     reasons = [f"form {form!r}: method={method!r}"]
-    small = dx <= SMALL_MAX_DX and dy <= SMALL_MAX_DY
-    ops = "small" if small else "general"
+    ops = choose_ops(dx, dy).name
     reasons.append(
         f"ops {ops!r}: (Dx, Dy) = ({dx}, {dy}) "
-        + (f"within ({SMALL_MAX_DX}, {SMALL_MAX_DY})" if small else f"beyond ({SMALL_MAX_DX}, {SMALL_MAX_DY})")
+        + ("within" if ops == "small" else "beyond") + f" ({SMALL_MAX_DX}, {SMALL_MAX_DY})"
     )
     if parallel:
         schedule = "parallel"
