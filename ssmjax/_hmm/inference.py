@@ -140,13 +140,14 @@ class HMMPosterior(eqx.Module):
 # --------------------------------------------------------------------------- helpers
 
 
-def _pairwise_sum(x: Float[Array, " N"]) -> Float[Array, ""]:
-    """Sum of a vector by pairwise (tree) reduction: error O(log N · eps), not O(N · eps)."""
+def _pairwise_sum(x: Float[Array, " N ..."], axis: int = 0) -> Float[Array, "..."]:
+    """Sum along ``axis`` by pairwise (tree) reduction: error O(log N · eps), not O(N · eps)."""
+    x = jnp.moveaxis(x, axis, 0)
     n = x.shape[0]
     if n == 0:
-        return jnp.zeros((), x.dtype)
+        return jnp.zeros(x.shape[1:], x.dtype)
     size = 1 << max(n - 1, 0).bit_length()
-    x = jnp.pad(x, (0, size - n))
+    x = jnp.pad(x, [(0, size - n)] + [(0, 0)] * (x.ndim - 1))
     while x.shape[0] > 1:
         half = x.shape[0] // 2
         x = x[:half] + x[half:]
@@ -183,9 +184,11 @@ def _masks(num_timesteps: int, length: Int[Array, ""]):
 _FUSED_MATVEC_MAX_STATES = 16
 
 
-def _vecmat(x: Float[Array, " K"], matrix: Float[Array, "K M"]) -> Float[Array, " M"]:
-    """``x @ matrix``; for a few states as a fused multiply-sum (no call into a matmul kernel)."""
-    if x.shape[0] <= _FUSED_MATVEC_MAX_STATES:
+def _vecmat(x: Float[Array, "*B K"], matrix: Float[Array, "K M"]) -> Float[Array, "*B M"]:
+    """``x @ matrix``; for one vector of a few states a fused multiply-sum (no call into a matmul
+    kernel); for a batch of rows ``(B, K)`` always one matrix product (a multiply-sum would be a
+    (B, K, M) elementwise product)."""
+    if x.ndim == 1 and x.shape[0] <= _FUSED_MATVEC_MAX_STATES:
         return jnp.sum(x[:, None] * matrix, axis=0)
     return x @ matrix
 
@@ -206,8 +209,10 @@ def _prev_transitions(transition_matrix: Float[Array, "*S K K"], num_timesteps: 
     return jnp.concatenate([eye[None], transition_matrix])
 
 
-def _matvec(matrix: Float[Array, "K K"], x: Float[Array, " K"]) -> Float[Array, " K"]:
-    """``matrix @ x`` (see :func:`_vecmat`)."""
+def _matvec(matrix: Float[Array, "K K"], x: Float[Array, "*B K"]) -> Float[Array, "*B K"]:
+    """``matrix @ x`` for a vector, ``x @ matrix.T`` for a batch of rows ``(B, K)`` (see :func:`_vecmat`)."""
+    if x.ndim > 1:
+        return x @ matrix.T
     if x.shape[0] <= _FUSED_MATVEC_MAX_STATES:
         return jnp.sum(matrix * x[None, :], axis=1)
     return matrix @ x  # measured 1.25-1.9x faster than x @ matrix.T in a scan step at K = 32-64
@@ -234,8 +239,12 @@ def _floored(c: Array, floor) -> Array:
     return c if floor is None else jnp.where(c >= floor, c, floor)
 
 
-def _normalise_step(w: Float[Array, " K"], transition: Float[Array, "K K"], augmented, floor=None):
+def _normalise_step(w: Float[Array, "*B K"], transition: Float[Array, "K K"], augmented, floor=None):
     r"""``(filtered, c, next_pred)`` of one forward step from the unnormalised ``w``.
+
+    The forward step of every recursion here: one sequence (``w`` of shape (K,)) or a batch
+    advanced together (``w`` of shape (B, K), one matrix product per step; see
+    :func:`_batched_forward`).
 
     ``c = sum(w)``, ``filtered = w / c``, ``next_pred = filtered @ A``. With ``floor``, the
     divisions use ``max(c, floor)`` (``c`` itself is returned): a pass whose ``c`` falls
@@ -248,14 +257,14 @@ def _normalise_step(w: Float[Array, " K"], transition: Float[Array, "K K"], augm
     K = 64), and this keeps the forward bodies at 7 or fewer.
     """
     if augmented is None:
-        c = jnp.sum(w)
-        filtered = w / _floored(c, floor)
+        c = jnp.sum(w, axis=-1)
+        filtered = w / _floored(c, floor)[..., None]
         return filtered, c, _vecmat(filtered, transition)
-    num_states = w.shape[0]
+    num_states = w.shape[-1]
     moved = _vecmat(w, augmented)
-    c = moved[num_states]
-    divisor = _floored(c, floor)
-    return w / divisor, c, moved[:num_states] / divisor
+    c = moved[..., num_states]
+    divisor = _floored(c, floor)[..., None]
+    return w / divisor, c, moved[..., :num_states] / divisor
 
 
 def _transition_xs(transition_matrix, num_timesteps):
@@ -435,12 +444,78 @@ def _emission_weights(ll, peak, log_c):
 # --------------------------------------------------------------------------- filter with custom VJP
 
 
-@jax.custom_vjp
-def _filter_core(initial_probs, transition_matrix, log_likelihoods, length):
+# Under ``jax.vmap`` the filter's values, its forward pass with residuals and its gradient run
+# on the batched recursion (custom_vmap rules, see "batched recursion" below) whenever the model
+# is shared by the batch (``initial_probs`` and a stationary ``transition_matrix`` unbatched);
+# otherwise (a batch of models, a time-varying matrix) each sequence runs its own recursion, as
+# plain ``jax.vmap`` would do. The custom_vjp is outside the custom_vmap functions (JAX's
+# requirement), so ``jax.grad(jax.vmap(...))`` and ``jax.vmap(jax.grad(...))`` both take them.
+
+
+def _shared_model(in_batched, transition_matrix) -> bool:
+    """Whether a custom_vmap rule can run the batched recursion: the model unbatched (and
+    ``transition_matrix`` stationary), the log-likelihoods batched."""
+    pi_batched, trans_batched, ll_batched = in_batched[:3]
+    return ll_batched and not pi_batched and not trans_batched and transition_matrix.ndim == 2
+
+
+def _per_sequence(fun, in_batched, *args):
+    """The rule's fallback: ``jax.vmap`` of the unbatched function (all outputs batched)."""
+    out = jax.vmap(fun, in_axes=tuple(0 if b else None for b in in_batched))(*args)
+    return out, jax.tree.map(lambda _: True, out)
+
+
+def _batch_lengths(length, batched, axis_size):
+    return length if batched else jnp.broadcast_to(length, (axis_size,))
+
+
+@jax.custom_batching.custom_vmap
+def _filter_values(initial_probs, transition_matrix, log_likelihoods, length):
     loglik, filtered, predicted, _, _ = _forward_impl(
         initial_probs, transition_matrix, log_likelihoods, length
     )
     return loglik, filtered, predicted
+
+
+@jax.custom_batching.custom_vmap
+def _filter_forward(initial_probs, transition_matrix, log_likelihoods, length):
+    """``((loglik, filtered, predicted), (raw, peaks, log_cs))``: values and residuals of the VJP."""
+    valid = _masks(log_likelihoods.shape[0], length)
+    # ``ll`` is masked inside the scan (``valid``): no (T, K) masked copy is kept.
+    raw, peaks, log_cs = _forward_scan(initial_probs, transition_matrix, log_likelihoods, valid)
+    loglik, filtered, predicted, _, peaks, log_cs = _filter_outputs(
+        initial_probs, transition_matrix, raw, peaks, log_cs, valid, length
+    )
+    # Residuals: the raw filtered rows (padded rows are never read) and two scalars a step.
+    return (loglik, filtered, predicted), (raw, peaks, log_cs)
+
+
+def _batched_filter(axis_size, in_batched, pi, trans, ll, length):
+    lengths = _batch_lengths(length, in_batched[3], axis_size)
+    filtered, predicted, peaks, log_cs, _ = _batched_forward(pi, trans, ll, lengths, time_axis=1)
+    loglik = _pairwise_sum(peaks, axis=1) + _pairwise_sum(log_cs, axis=1)
+    return (loglik, filtered, predicted), (filtered, peaks, log_cs)
+
+
+@_filter_values.def_vmap
+def _filter_values_vmap(axis_size, in_batched, pi, trans, ll, length):
+    if not _shared_model(in_batched, trans):
+        return _per_sequence(_filter_values.fun, in_batched, pi, trans, ll, length)
+    values, _ = _batched_filter(axis_size, in_batched, pi, trans, ll, length)
+    return values, (True, True, True)
+
+
+@_filter_forward.def_vmap
+def _filter_forward_vmap(axis_size, in_batched, pi, trans, ll, length):
+    if not _shared_model(in_batched, trans):
+        return _per_sequence(_filter_forward.fun, in_batched, pi, trans, ll, length)
+    out = _batched_filter(axis_size, in_batched, pi, trans, ll, length)
+    return out, ((True, True, True), (True, True, True))
+
+
+@jax.custom_vjp
+def _filter_core(initial_probs, transition_matrix, log_likelihoods, length):
+    return _filter_values(initial_probs, transition_matrix, log_likelihoods, length)
 
 
 def _filter_outputs(pi, trans, raw, peaks, log_cs, valid, length):
@@ -462,14 +537,8 @@ def _filter_outputs(pi, trans, raw, peaks, log_cs, valid, length):
 
 def _filter_core_fwd(initial_probs, transition_matrix, log_likelihoods, length):
     pi, trans, ll, n = (p.value for p in (initial_probs, transition_matrix, log_likelihoods, length))
-    num_timesteps = ll.shape[0]
-    valid = _masks(num_timesteps, n)
-    # ``ll`` is masked inside the scan (``valid``): no (T, K) masked copy is kept.
-    raw, peaks, log_cs = _forward_scan(pi, trans, ll, valid)
-    loglik, filtered, predicted, _, peaks, log_cs = _filter_outputs(pi, trans, raw, peaks, log_cs, valid, n)
-    # Residuals: the raw filtered rows (padded rows are never read) and two scalars a step.
-    residuals = (pi, trans, ll, n, raw, peaks, log_cs)
-    return (loglik, filtered, predicted), residuals
+    values, (raw, peaks, log_cs) = _filter_forward(pi, trans, ll, n)
+    return values, (pi, trans, ll, n, raw, peaks, log_cs)
 
 
 def _filter_core_bwd(residuals, cotangents):
@@ -489,14 +558,21 @@ def _filter_core_bwd(residuals, cotangents):
         return (*vjp(cts), length_ct)
     if isinstance(ct_loglik, SymbolicZero):
         return (None, None, None, length_ct)
+    grad_pi, grad_trans, grad_ll = _loglik_grads(pi, trans, ll, length, raw, peaks, log_cs)
+    return (grad_pi * ct_loglik, grad_trans * ct_loglik, grad_ll * ct_loglik, length_ct)
+
+
+@jax.custom_batching.custom_vmap
+def _loglik_grads(pi, trans, ll, length, raw, peaks, log_cs):
+    r"""Gradients of :math:`\log p` with respect to ``(pi, trans, ll)`` (unit cotangent) from the
+    forward pass's residuals: one backward scan (see the module docstring)."""
     valid = _masks(ll.shape[0], length)
     # Per-step shift log c_t = peak_t + log_cs_t (applied as (ll - peak) - log_cs, exact
     # for large |ll|), peak = +inf at padded steps: the emission weight is then 0 there
     # whatever ll holds (NaN/inf -> 0 by _finite_or_zero), so the scan needs no masking.
     shift = (jnp.where(valid, peaks, jnp.inf), log_cs)
     if trans.ndim == 2:
-        grad_pi, grad_trans, grad_ll = _fused_backward_scan(trans, ll, shift, valid, raw)
-        return (grad_pi * ct_loglik, grad_trans * ct_loglik, grad_ll * ct_loglik, length_ct)
+        return _fused_backward_scan(trans, ll, shift, valid, raw)
     betas = _lean_backward_scan(trans, ll, shift, valid)
     grad_pi = _weights(ll[0], shift[0][0], shift[1][0]) * betas[0]
     # d log p / d A_{t} = outer(filtered[t], v[t+1]) on real pairs, v = weights * betas.
@@ -505,8 +581,21 @@ def _filter_core_bwd(residuals, cotangents):
         grad_trans = raw[:-1, :, None] * v_next[:, None, :]
     else:
         grad_trans = _blocked_transition_grad(raw, ll, shift, betas)
-    grad_ll = jnp.where(valid[:, None], raw * betas, 0.0) * ct_loglik
-    return (grad_pi * ct_loglik, grad_trans * ct_loglik, grad_ll, length_ct)
+    grad_ll = jnp.where(valid[:, None], raw * betas, 0.0)
+    return grad_pi, grad_trans, grad_ll
+
+
+@_loglik_grads.def_vmap
+def _loglik_grads_vmap(axis_size, in_batched, pi, trans, ll, length, raw, peaks, log_cs):
+    if not (_shared_model(in_batched, trans) and all(in_batched[4:])):
+        return _per_sequence(_loglik_grads.fun, in_batched, pi, trans, ll, length, raw, peaks, log_cs)
+    lengths = _batch_lengths(length, in_batched[3], axis_size)
+    grad_ll, vs, grad_pi = _batched_backward(
+        trans, ll, lengths, raw, peaks, log_cs, time_axis=1, padded_rows_zero=True
+    )
+    # per sequence (the batch of cotangents is summed by JAX where the model is shared)
+    grad_trans = _batched_pair_sums(raw, vs, time_axis=1)
+    return (grad_pi, grad_trans, grad_ll), (True, True, True)
 
 
 def _weights(ll, peak, log_c):
@@ -727,13 +816,7 @@ def _smoother_parts(initial_probs, transition_matrix, log_likelihoods, length):
     return loglik, filtered, predicted, smoothed, v[1:]
 
 
-@jax.jit
-def _smoother(
-    initial_probs: Float[Array, " K"],
-    transition_matrix: Float[Array, "*S K K"],
-    log_likelihoods: Float[Array, "T K"],
-    length: Int[Array, ""],
-) -> HMMPosterior:
+def _smoother_impl(initial_probs, transition_matrix, log_likelihoods, length) -> HMMPosterior:
     loglik, filtered, predicted, smoothed, v_next = _smoother_parts(
         initial_probs, transition_matrix, log_likelihoods, length
     )
@@ -742,6 +825,49 @@ def _smoother(
     else:
         expected = transition_matrix * (filtered[:-1].T @ v_next)
     return HMMPosterior(loglik, filtered, predicted, smoothed, expected)
+
+
+# Values under ``jax.vmap`` from the batched recursion when the model is shared (see
+# _filter_values); derivatives (forward and reverse mode) are those of the per-sequence
+# recursion, by automatic differentiation (custom_vmap functions have no reverse mode).
+@jax.custom_jvp
+@jax.custom_batching.custom_vmap
+def _smoother_values(initial_probs, transition_matrix, log_likelihoods, length) -> HMMPosterior:
+    return _smoother_impl(initial_probs, transition_matrix, log_likelihoods, length)
+
+
+@_smoother_values.def_vmap
+def _smoother_values_vmap(axis_size, in_batched, pi, trans, ll, length):
+    if not _shared_model(in_batched, trans):
+        return _per_sequence(_smoother_impl, in_batched, pi, trans, ll, length)
+    lengths = _batch_lengths(length, in_batched[3], axis_size)
+    filtered, predicted, peaks, log_cs, _ = _batched_forward(pi, trans, ll, lengths, time_axis=1)
+    smoothed, vs, _ = _batched_backward(trans, ll, lengths, filtered, peaks, log_cs, time_axis=1)
+    loglik = _pairwise_sum(peaks, axis=1) + _pairwise_sum(log_cs, axis=1)
+    expected = trans * _batched_pair_sums(filtered, vs, time_axis=1)
+    # unflattened, not constructed: the fields carry a batch axis (no (T, K) annotation check)
+    out = jax.tree.unflatten(_posterior_treedef(), (loglik, filtered, predicted, smoothed, expected))
+    return out, jax.tree.map(lambda _: True, out)
+
+
+def _posterior_treedef():
+    one, row = jnp.zeros(()), jnp.zeros((1, 1))
+    return jax.tree.structure(HMMPosterior(one, row, row, row, row))
+
+
+@_smoother_values.defjvp
+def _smoother_values_jvp(primals, tangents):
+    return jax.jvp(_smoother_impl, primals, tangents)
+
+
+@jax.jit
+def _smoother(
+    initial_probs: Float[Array, " K"],
+    transition_matrix: Float[Array, "*S K K"],
+    log_likelihoods: Float[Array, "T K"],
+    length: Int[Array, ""],
+) -> HMMPosterior:
+    return _smoother_values(initial_probs, transition_matrix, log_likelihoods, length)
 
 
 @jax.jit
@@ -755,15 +881,191 @@ def _two_slice(
     return filtered[:-1, :, None] * v_next[:, None, :] * transition_matrix
 
 
-def _state_major_product(matrix, x):
-    r"""``matrix.T @ x`` for state-major ``x`` (K, B): ``out[j, b] = sum_i matrix[i, j] x[i, b]``.
+# --------------------------------------------------------------------------- batched recursion
+#
+# Many sequences under one stationary model, advanced together: the loop runs over time once for
+# the whole batch and each step is one (B, K) @ (K, K) matrix product (:func:`_normalise_step`,
+# :func:`_backward_message`: the same step functions as the per-sequence scans). Used by
+# ``jax.vmap`` of hmm_filter / hmm_smoother / the log-likelihood gradient (custom_vmap rules
+# below) and by fit_em's E-step (:func:`_batch_smoother_stats`). The arrays keep the caller's
+# layout: ``time_axis = 1`` for batch-major (B, T, K) (what ``jax.vmap`` hands over: no
+# transposed copy in or out), 0 for time-major (T, B, K) (the E-step's); each step reads and
+# writes one (B, K) slice.
 
-    For a few states a fused multiply-sum over the leading axis (the batch stays the
-    vectorised minor axis, no call into a matmul kernel), else a matrix product.
+
+def _backward_message(transition: Float[Array, "K K"], v: Float[Array, "*B K"]) -> Float[Array, "*B K"]:
+    r"""One backward step :math:`\hat\beta_{t-1} = A v_t` (``v`` of shape (K,) or a batch (B, K))."""
+    return _matvec(transition, v)
+
+
+def _time_index(x, t, time_axis):
+    return lax.dynamic_index_in_dim(x, t, time_axis, keepdims=False)
+
+
+def _time_update(buffer, row, t, time_axis):
+    return lax.dynamic_update_index_in_dim(buffer, row, t, time_axis)
+
+
+def _split_loops(body, num_timesteps, lengths, state, reverse):
+    """``body(masked, t, state)`` for every step ``t`` (descending with ``reverse``), in two loops.
+
+    Steps ``t < min(lengths)`` are real in every sequence and run the body without any masking
+    (``masked=False``: no per-step selects, which cost as much as a third of a step at K = 16);
+    the rest run it with ``masked=True``. A batch without padding runs the first loop only.
     """
-    if x.shape[0] <= _FUSED_MATVEC_MAX_STATES:
-        return jnp.sum(matrix[:, :, None] * x[:, None, :], axis=0)
-    return matrix.T @ x
+    split = jnp.clip(jnp.min(lengths), 0, num_timesteps).astype(jnp.int32)
+    plain = functools.partial(body, False)
+    masked = functools.partial(body, True)
+    if reverse:
+        state = lax.fori_loop(0, num_timesteps - split, lambda i, s: masked(num_timesteps - 1 - i, s), state)
+        return lax.fori_loop(0, split, lambda i, s: plain(split - 1 - i, s), state)
+    state = lax.fori_loop(0, split, plain, state)
+    return lax.fori_loop(split, num_timesteps, masked, state)
+
+
+def _batched_forward_fast(initial_probs, transition_matrix, log_likelihoods, lengths, time_axis):
+    """The scaled forward pass of a batch (see the section comment), padding frozen in the loop
+    (:func:`_split_loops`).
+
+    Returns ``(filtered, predicted, peaks, cs)``: filtered and predicted probabilities in the layout
+    of ``log_likelihoods`` (rows at padded steps repeat the last real filtered row), per-step
+    shifts ``max_k ll_t(k)`` and normalisers ``c_t`` in the layout ``(B, T)`` (``time_axis = 1``)
+    or ``(T, B)`` (0 and 1 at padded steps). ``c_t`` is not guarded: the caller checks it.
+    """
+    num_timesteps = log_likelihoods.shape[time_axis]
+    num_seq, num_states = log_likelihoods.shape[1 - time_axis], log_likelihoods.shape[2]
+    dtype = log_likelihoods.dtype
+    augmented = _augmented_transitions(transition_matrix)
+    start = jnp.broadcast_to(initial_probs, (num_seq, num_states))
+    step_shape = (num_seq, num_timesteps) if time_axis == 1 else (num_timesteps, num_seq)
+
+    def _body(masked, t, state):
+        pred, last, filtered, predicted, peaks, cs = state
+        ll = _time_index(log_likelihoods, t, time_axis)
+        if masked:
+            is_valid = (t < lengths)[:, None]
+            ll = jnp.where(is_valid, ll, 0.0)
+        peak = jnp.max(ll, axis=-1, keepdims=True)
+        peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+        new, c, pred_next = _normalise_step(pred * jnp.exp(ll - peak), transition_matrix, augmented)
+        if masked:
+            new = jnp.where(is_valid, new, last)
+            pred = jnp.where(is_valid, pred, last)
+            c = jnp.where(is_valid[:, 0], c, 1.0)
+        filtered = _time_update(filtered, new, t, time_axis)
+        predicted = _time_update(predicted, pred, t, time_axis)
+        peaks = _time_update(peaks, peak[:, 0], t, time_axis)
+        cs = _time_update(cs, c, t, time_axis)
+        return pred_next, new, filtered, predicted, peaks, cs
+
+    state = (
+        start,
+        start,
+        jnp.zeros(log_likelihoods.shape, dtype),
+        jnp.zeros(log_likelihoods.shape, dtype),
+        jnp.zeros(step_shape, dtype),
+        jnp.ones(step_shape, dtype),
+    )
+    return _split_loops(_body, num_timesteps, lengths, state, reverse=False)[2:]
+
+
+def _robust_batch_rows(needed, fast, initial_probs, transition_matrix, log_likelihoods, lengths, time_axis):
+    """The underflow-proof forward pass for the sequences flagged in ``needed``, ``fast`` for the others."""
+    num_timesteps = log_likelihoods.shape[time_axis]
+    per_sequence = log_likelihoods if time_axis == 1 else jnp.swapaxes(log_likelihoods, 0, 1)
+
+    def _one(ll, length):
+        valid = _masks(num_timesteps, length)
+        masked = jnp.where(valid[:, None], ll, 0.0)
+        raw, peaks, log_cs = _robust_forward_scan(initial_probs, transition_matrix, masked, valid)
+        _, filtered, predicted, _, peaks, log_cs = _filter_outputs(
+            initial_probs, transition_matrix, raw, peaks, log_cs, valid, length
+        )
+        return filtered, predicted, peaks, log_cs
+
+    robust = jax.vmap(_one)(per_sequence, lengths)
+    if time_axis == 0:
+        robust = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), robust)
+    take = needed if time_axis == 1 else needed[None, :]  # over the (B, T) or (T, B) leading axes
+    return jax.tree.map(lambda r, f: jnp.where(take.reshape(take.shape + (1,) * (r.ndim - take.ndim)), r, f), robust, fast)
+
+
+def _batched_forward(initial_probs, transition_matrix, log_likelihoods, lengths, time_axis, fallback=True):
+    """Forward pass of a batch: ``(filtered, predicted, peaks, log_cs, underflow)``.
+
+    The fast pass (:func:`_batched_forward_fast`); if some normaliser of some sequence underflows,
+    those sequences are redone with the underflow-proof shift (:func:`_robust_forward_scan`,
+    through :func:`ssmjax._fallback.fallback`: the rescue is a conditional, also under a further
+    ``jax.vmap``). With ``fallback=False`` no rescue is compiled (``underflow`` tells the caller).
+    ``log_cs`` is 0 at padded steps, so ``log p = sum_t (peaks + log_cs)`` per sequence.
+    """
+    filtered, predicted, peaks, cs = _batched_forward_fast(
+        initial_probs, transition_matrix, log_likelihoods, lengths, time_axis
+    )
+    threshold = math.exp(_underflow_threshold(log_likelihoods.dtype))
+    # ``not >=`` also catches NaN; padded steps have c = 1
+    needed = jnp.logical_not(jnp.all(cs >= threshold, axis=time_axis))
+    fast = (filtered, predicted, peaks, jnp.log(_floored(cs, threshold)))
+    underflow = jnp.any(needed)
+    if not fallback:
+        return (*fast, underflow)
+    rescue = functools.partial(_robust_batch_rows, time_axis=time_axis)
+    out = _fallback(
+        underflow, fast, rescue, (needed, fast, initial_probs, transition_matrix, log_likelihoods, lengths)
+    )
+    return (*out, underflow)
+
+
+def _batched_backward(
+    transition_matrix, log_likelihoods, lengths, filtered, peaks, log_cs, time_axis, padded_rows_zero=False
+):
+    r"""Backward pass of a batch: ``(smoothed, v, v_first)``, in the layouts of :func:`_batched_forward`.
+
+    :math:`v_t = w_t \odot \hat\beta_t` with the emission weights :math:`w_t = e^{\ell_t - \log c_t}`
+    (recomputed from the log-likelihoods, 0 at padded steps), :math:`\hat\beta_{t-1} = A v_t`
+    (:func:`_backward_message`), :math:`\hat\beta = 1` from step ``length - 1`` on. ``smoothed =
+    filtered * beta`` (rows at padded steps repeat ``filtered``'s, or are 0 with ``padded_rows_zero``:
+    then ``smoothed`` is the gradient of :math:`\log p` with respect to the log-likelihoods), ``v`` is 0 at padded steps and
+    ``v_first`` is :math:`v_0` (the gradient of :math:`\log p` with respect to :math:`\pi`).
+    """
+    num_timesteps = log_likelihoods.shape[time_axis]
+    num_seq, num_states = log_likelihoods.shape[1 - time_axis], log_likelihoods.shape[2]
+    dtype = log_likelihoods.dtype
+
+    def _body(masked, t, state):
+        beta, _, smoothed, vs = state
+        ll = _time_index(log_likelihoods, t, time_axis)
+        if masked:
+            is_valid = (t < lengths)[:, None]
+            ll = jnp.where(is_valid, ll, 0.0)
+        peak = _time_index(peaks, t, time_axis)[:, None]
+        log_c = _time_index(log_cs, t, time_axis)[:, None]
+        w = _emission_weights(ll, peak, log_c)
+        if masked:
+            w = jnp.where(is_valid, w, 0.0)
+        v = w * beta
+        row = _time_index(filtered, t, time_axis) * beta
+        if masked and padded_rows_zero:
+            row = jnp.where(is_valid, row, 0.0)
+        smoothed = _time_update(smoothed, row, t, time_axis)
+        vs = _time_update(vs, v, t, time_axis)
+        beta_prev = _backward_message(transition_matrix, v)
+        if masked:
+            beta_prev = jnp.where(is_valid, beta_prev, 1.0)
+        return beta_prev, v, smoothed, vs
+
+    ones = jnp.ones((num_seq, num_states), dtype)
+    zeros = jnp.zeros(log_likelihoods.shape, dtype)
+    state = (ones, ones, zeros, zeros)
+    _, v_first, smoothed, vs = _split_loops(_body, num_timesteps, lengths, state, reverse=True)
+    return smoothed, vs, v_first
+
+
+def _batched_pair_sums(filtered, vs, time_axis):
+    r""":math:`\sum_t` ``outer(filtered[t], v[t + 1])`` per sequence: (B, K, K) (one batched matrix product)."""
+    if time_axis == 0:
+        return jnp.einsum("tbi,tbj->bij", filtered[:-1], vs[1:])
+    return jnp.einsum("bti,btj->bij", filtered[:, :-1], vs[:, 1:])
 
 
 def _batch_smoother_stats(
@@ -775,89 +1077,36 @@ def _batch_smoother_stats(
 ):
     r"""Forward-backward for a padded batch of sequences at once (the E-step of EM).
 
-    ``log_likelihoods`` are state-major, ``[t, k, b]``; ``valid[t, b]`` marks real steps.
-    With ``fallback=False`` the log-space pass is left out of the program (it is a
-    third of its compile time) and an underflow returns a NaN log-likelihood instead
-    (see ``fast_e_step`` in ``ssmjax/_fit/protocol.py``).
+    ``log_likelihoods`` are state-major, ``[t, k, b]``; ``valid[t, b]`` marks real steps (a prefix
+    of each sequence). With ``fallback=False`` the underflow-proof pass is left out of the program
+    and an underflow returns a NaN log-likelihood instead (see ``fast_e_step`` in
+    ``ssmjax/_fit/protocol.py``).
 
     Returns ``(smoothed, expected_transitions, loglik)``: smoothed probabilities
     ``(T, B, K)`` (time-major, zero at padded steps), the two-slice marginals summed
     over pairs and sequences ``(K, K)``, and :math:`\sum_b \log p(y^{(b)})`. Equal to
     summing :func:`hmm_smoother` over the batch (``tests/test_hmm_fit.py`` checks it).
 
-    The recursions advance all ``B`` sequences per loop step in state-major ``(K, B)``
-    blocks, so the batch is the vectorised axis of every kernel: on CPU at K = 5,
-    B = 100 the forward scan is about 7x faster than a per-sequence ``lax.map`` (the
-    loop's per-step overhead is paid once per step, not once per sequence and step).
-    The fast pass is that of :func:`hmm_smoother` (each step shifted by its largest
-    log-likelihood); if any normaliser of any sequence underflows, the forward pass of
-    the whole batch is redone in log space (exact whatever the magnitudes). Not
-    differentiated (EM needs no gradient); stationary ``transition_matrix`` only.
+    The same batched recursion as ``jax.vmap(hmm_smoother)`` (:func:`_batched_forward`,
+    :func:`_batched_backward`), time-major. Not differentiated (EM needs no gradient);
+    stationary ``transition_matrix`` only.
     """
-    num_timesteps, num_states, num_seq = log_likelihoods.shape
-    dtype = log_likelihoods.dtype
-    masked = jnp.where(valid[:, None, :], log_likelihoods, 0.0)
-    peaks = _state_max(masked, axis=1)
-    peaks = jnp.where(jnp.isfinite(peaks), peaks, 0.0)  # (T, B)
-    emissions = jnp.exp(masked - peaks[:, None, :])  # in [0, 1]; 1 at padded steps
-    augmented = jnp.concatenate([transition_matrix, jnp.ones((num_states, 1), dtype)], axis=1)
-    start = jnp.broadcast_to(initial_probs[:, None], (num_states, num_seq))
-
-    def _step(pred, e):
-        w = pred * e
-        moved = _state_major_product(augmented, w)  # (K + 1, B): w A and sum(w)
-        c = moved[num_states:]
-        return moved[:num_states] / c, (w / c, c[0])
-
-    _, (raw, cs) = lax.scan(_step, start, emissions)
-    # padded steps have c = sum(pred) = 1; c = 0 or NaN also fails the test
-    underflow = jnp.logical_not(jnp.all(cs >= math.exp(_underflow_threshold(dtype))))
-
-    def _fast():
-        return raw, peaks, jnp.log(cs), emissions / cs[:, None, :]
-
-    def _robust():
-        # The forward pass in log space: exact whatever the magnitudes (an underflow needs
-        # log-likelihoods hundreds of nats apart) and a short loop body, so it adds
-        # little to the compiled program although it is rarely run.
-        def _log_step(log_pred, rel_t):
-            a = log_pred + rel_t  # (K, B)
-            top = _state_max(a, axis=0)
-            top = jnp.where(top > -jnp.inf, top, 0.0)
-            w = jnp.exp(a - top)
-            c = jnp.sum(w, axis=0)  # 0 only for an impossible step (log-likelihood -inf)
-            filtered = w / jnp.where(c > 0, c, 1.0)
-            pred = _state_major_product(transition_matrix, filtered)
-            return jnp.log(pred), (filtered, top + jnp.log(c))
-
-        # relative to the step's peak, as in the fast pass: (ll - peak) - log_c keeps the
-        # weights exact when |ll| is large (float32 spacing is 0.06 at 1e6)
-        _, (filtered, log_cs) = lax.scan(_log_step, jnp.log(start), masked - peaks[:, None, :])
-        return filtered, peaks, log_cs, _emission_weights(masked, peaks[:, None, :], log_cs[:, None, :])
-
-    if fallback:
-        raw, peaks, log_cs, weights = lax.cond(underflow, _robust, _fast)
-    else:
-        raw, peaks, log_cs, weights = _fast()
-
-    def _back(beta, x):
-        w, is_valid, f = x
-        v = w * beta
-        # beta = 1 from step length - 1 on; padded rows contribute nothing
-        beta_prev = jnp.where(is_valid, _state_major_product(transition_matrix.T, v), 1.0)
-        return beta_prev, (jnp.where(is_valid, f * beta, 0.0), jnp.where(is_valid, v, 0.0))
-
-    ones = jnp.ones((num_states, num_seq), dtype)
-    _, (smoothed, v) = lax.scan(_back, ones, (weights, valid[:, None, :], raw), reverse=True)
+    num_states = log_likelihoods.shape[1]
+    ll = jnp.swapaxes(log_likelihoods, 1, 2)  # (T, B, K)
+    lengths = jnp.sum(valid, axis=0, dtype=jnp.int32)
+    filtered, _, peaks, log_cs, underflow = _batched_forward(
+        initial_probs, transition_matrix, ll, lengths, time_axis=0, fallback=fallback
+    )
+    smoothed, vs, _ = _batched_backward(
+        transition_matrix, ll, lengths, filtered, peaks, log_cs, time_axis=0, padded_rows_zero=True
+    )
     # sum_{t, b} outer(filtered[t, b], v[t + 1, b]) as one product over the (T - 1) * B pairs
-    filtered_rows = jnp.swapaxes(raw[:-1], 1, 2).reshape(-1, num_states)
-    v_rows = jnp.swapaxes(v[1:], 1, 2).reshape(-1, num_states)
-    expected = transition_matrix * (filtered_rows.T @ v_rows)
-    # per step over the batch, then pairwise over time (one vectorised pass over T * B)
-    loglik = _pairwise_sum(jnp.sum(jnp.where(valid, peaks + log_cs, 0.0), axis=1))
+    expected = transition_matrix * (filtered[:-1].reshape(-1, num_states).T @ vs[1:].reshape(-1, num_states))
+    # per step over the batch, then pairwise over time (both are 0 at padded steps)
+    loglik = _pairwise_sum(jnp.sum(peaks + log_cs, axis=1))
     if not fallback:
         loglik = jnp.where(underflow, jnp.nan, loglik)
-    return jnp.swapaxes(smoothed, 1, 2), expected, loglik
+    return smoothed, expected, loglik
 
 
 @jax.jit
