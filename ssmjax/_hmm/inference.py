@@ -239,12 +239,12 @@ def _floored(c: Array, floor) -> Array:
     return c if floor is None else jnp.where(c >= floor, c, floor)
 
 
-def _normalise_step(w: Float[Array, "*B K"], transition: Float[Array, "K K"], augmented, floor=None):
+def _normalise_step(w: Array, transition: Float[Array, "K K"], augmented, floor=None, states_axis: int = -1):
     r"""``(filtered, c, next_pred)`` of one forward step from the unnormalised ``w``.
 
     The forward step of every recursion here: one sequence (``w`` of shape (K,)) or a batch
-    advanced together (``w`` of shape (B, K), one matrix product per step; see
-    :func:`_batched_forward`).
+    advanced together (``w`` of shape (B, K), one matrix product per step, or state-major (K, B)
+    with ``states_axis = 0``; see :func:`_batched_forward`).
 
     ``c = sum(w)``, ``filtered = w / c``, ``next_pred = filtered @ A``. With ``floor``, the
     divisions use ``max(c, floor)`` (``c`` itself is returned): a pass whose ``c`` falls
@@ -257,14 +257,14 @@ def _normalise_step(w: Float[Array, "*B K"], transition: Float[Array, "K K"], au
     K = 64), and this keeps the forward bodies at 7 or fewer.
     """
     if augmented is None:
-        c = jnp.sum(w, axis=-1)
-        filtered = w / _floored(c, floor)[..., None]
-        return filtered, c, _vecmat(filtered, transition)
-    num_states = w.shape[-1]
-    moved = _vecmat(w, augmented)
-    c = moved[..., num_states]
-    divisor = _floored(c, floor)[..., None]
-    return w / divisor, c, moved[..., :num_states] / divisor
+        c = jnp.sum(w, axis=states_axis)
+        filtered = w / jnp.expand_dims(_floored(c, floor), states_axis)
+        return filtered, c, _states_product(filtered, transition, states_axis)
+    num_states = w.shape[states_axis]
+    moved = _states_product(w, augmented, states_axis)
+    c = lax.index_in_dim(moved, num_states, states_axis, keepdims=False)
+    divisor = jnp.expand_dims(_floored(c, floor), states_axis)
+    return w / divisor, c, lax.slice_in_dim(moved, 0, num_states, axis=states_axis) / divisor
 
 
 def _transition_xs(transition_matrix, num_timesteps):
@@ -492,7 +492,7 @@ def _filter_forward(initial_probs, transition_matrix, log_likelihoods, length):
 
 def _batched_filter(axis_size, in_batched, pi, trans, ll, length):
     lengths = _batch_lengths(length, in_batched[3], axis_size)
-    filtered, predicted, peaks, log_cs, _ = _batched_forward(pi, trans, ll, lengths, time_axis=1)
+    filtered, predicted, peaks, log_cs, _ = _batched_forward(pi, trans, ll, lengths, "BTK")
     loglik = _pairwise_sum(peaks, axis=1) + _pairwise_sum(log_cs, axis=1)
     return (loglik, filtered, predicted), (filtered, peaks, log_cs)
 
@@ -590,11 +590,9 @@ def _loglik_grads_vmap(axis_size, in_batched, pi, trans, ll, length, raw, peaks,
     if not (_shared_model(in_batched, trans) and all(in_batched[4:])):
         return _per_sequence(_loglik_grads.fun, in_batched, pi, trans, ll, length, raw, peaks, log_cs)
     lengths = _batch_lengths(length, in_batched[3], axis_size)
-    grad_ll, vs, grad_pi = _batched_backward(
-        trans, ll, lengths, raw, peaks, log_cs, time_axis=1, padded_rows_zero=True
-    )
+    grad_ll, vs, grad_pi = _batched_backward(trans, ll, lengths, raw, peaks, log_cs, "BTK", padded_rows_zero=True)
     # per sequence (the batch of cotangents is summed by JAX where the model is shared)
-    grad_trans = _batched_pair_sums(raw, vs, time_axis=1)
+    grad_trans = _batched_pair_sums(raw, vs, "BTK")
     return (grad_pi, grad_trans, grad_ll), (True, True, True)
 
 
@@ -841,10 +839,10 @@ def _smoother_values_vmap(axis_size, in_batched, pi, trans, ll, length):
     if not _shared_model(in_batched, trans):
         return _per_sequence(_smoother_impl, in_batched, pi, trans, ll, length)
     lengths = _batch_lengths(length, in_batched[3], axis_size)
-    filtered, predicted, peaks, log_cs, _ = _batched_forward(pi, trans, ll, lengths, time_axis=1)
-    smoothed, vs, _ = _batched_backward(trans, ll, lengths, filtered, peaks, log_cs, time_axis=1)
+    filtered, predicted, peaks, log_cs, _ = _batched_forward(pi, trans, ll, lengths, "BTK")
+    smoothed, vs, _ = _batched_backward(trans, ll, lengths, filtered, peaks, log_cs, "BTK")
     loglik = _pairwise_sum(peaks, axis=1) + _pairwise_sum(log_cs, axis=1)
-    expected = trans * _batched_pair_sums(filtered, vs, time_axis=1)
+    expected = trans * _batched_pair_sums(filtered, vs, "BTK")
     # unflattened, not constructed: the fields carry a batch axis (no (T, K) annotation check)
     out = jax.tree.unflatten(_posterior_treedef(), (loglik, filtered, predicted, smoothed, expected))
     return out, jax.tree.map(lambda _: True, out)
@@ -883,18 +881,65 @@ def _two_slice(
 
 # --------------------------------------------------------------------------- batched recursion
 #
-# Many sequences under one stationary model, advanced together: the loop runs over time once for
-# the whole batch and each step is one (B, K) @ (K, K) matrix product (:func:`_normalise_step`,
-# :func:`_backward_message`: the same step functions as the per-sequence scans). Used by
-# ``jax.vmap`` of hmm_filter / hmm_smoother / the log-likelihood gradient (custom_vmap rules
-# below) and by fit_em's E-step (:func:`_batch_smoother_stats`). The arrays keep the caller's
-# layout: ``time_axis = 1`` for batch-major (B, T, K) (what ``jax.vmap`` hands over: no
-# transposed copy in or out), 0 for time-major (T, B, K) (the E-step's); each step reads and
-# writes one (B, K) slice.
+# Many sequences under one stationary model, advanced together: one loop over time for the whole
+# batch, each step one product of the (B, K) or (K, B) block of messages with the (K, K) matrix
+# (:func:`_normalise_step` forward, :func:`_backward_message` backward: the same step functions as
+# the per-sequence scans). Used by ``jax.vmap`` of hmm_filter / hmm_smoother / the log-likelihood
+# gradient (custom_vmap rules above) and by fit_em's E-step (:func:`_batch_smoother_stats`).
+#
+# The arrays keep the caller's layout, named by its axes (B batch, T time, K states): "BTK" is
+# what ``jax.vmap`` hands over (no transposed copy in or out), "TKB" and "TBK" the E-step's. Each
+# loop step reads and writes one (B, K) block ("BTK", "TBK") or (K, B) block ("TKB": the states
+# lead and the batch is the vectorised minor axis, faster for a few states); per-step scalars
+# (shifts, normalisers) are (B, T) or (T, B) arrays.
 
 
-def _backward_message(transition: Float[Array, "K K"], v: Float[Array, "*B K"]) -> Float[Array, "*B K"]:
-    r"""One backward step :math:`\hat\beta_{t-1} = A v_t` (``v`` of shape (K,) or a batch (B, K))."""
+def _states_axis(layout: str) -> int:
+    """Axis of the states in a loop step's block: 0 for (K, B), -1 for (B, K)."""
+    return 0 if layout == "TKB" else -1
+
+
+def _step_layout(layout: str) -> str:
+    return layout.replace("K", "")
+
+
+def _to_sequences(x, layout: str):
+    """An array in ``layout`` (or its per-step (B, T) / (T, B) form) as (B, T, K) / (B, T)."""
+    axes = layout if x.ndim == 3 else _step_layout(layout)
+    want = "BTK" if x.ndim == 3 else "BT"
+    return jnp.transpose(x, [axes.index(a) for a in want])
+
+
+def _from_sequences(x, layout: str):
+    """Inverse of :func:`_to_sequences`."""
+    axes = layout if x.ndim == 3 else _step_layout(layout)
+    have = "BTK" if x.ndim == 3 else "BT"
+    return jnp.transpose(x, [have.index(a) for a in axes])
+
+
+def _states_product(x, matrix, states_axis):
+    """``x @ matrix`` along the states: (B, K) -> (B, M), or state-major (K, B) -> (M, B)."""
+    if states_axis == 0:
+        return _state_major_product(matrix, x)
+    return _vecmat(x, matrix)
+
+
+def _state_major_product(matrix, x):
+    r"""``matrix.T @ x`` for state-major ``x`` (K, B): ``out[j, b] = sum_i matrix[i, j] x[i, b]``.
+
+    For a few states a fused multiply-sum over the leading axis (the batch stays the
+    vectorised minor axis, no call into a matmul kernel), else a matrix product.
+    """
+    if x.shape[0] <= _FUSED_MATVEC_MAX_STATES:
+        return jnp.sum(matrix[:, :, None] * x[:, None, :], axis=0)
+    return matrix.T @ x
+
+
+def _backward_message(transition: Float[Array, "K K"], v: Array, states_axis: int = -1) -> Array:
+    r"""One backward step :math:`\hat\beta_{t-1} = A v_t`: ``v`` of shape (K,), a batch of rows
+    (B, K), or state-major (K, B) (``states_axis = 0``)."""
+    if states_axis == 0:
+        return _state_major_product(transition.T, v)
     return _matvec(transition, v)
 
 
@@ -910,8 +955,8 @@ def _split_loops(body, num_timesteps, lengths, state, reverse):
     """``body(masked, t, state)`` for every step ``t`` (descending with ``reverse``), in two loops.
 
     Steps ``t < min(lengths)`` are real in every sequence and run the body without any masking
-    (``masked=False``: no per-step selects, which cost as much as a third of a step at K = 16);
-    the rest run it with ``masked=True``. A batch without padding runs the first loop only.
+    (``masked=False``: no per-step selects); the rest run it with ``masked=True``. A batch
+    without padding runs the first loop only.
     """
     split = jnp.clip(jnp.min(lengths), 0, num_timesteps).astype(jnp.int32)
     plain = functools.partial(body, False)
@@ -923,38 +968,94 @@ def _split_loops(body, num_timesteps, lengths, state, reverse):
     return lax.fori_loop(split, num_timesteps, masked, state)
 
 
-def _batched_forward_fast(initial_probs, transition_matrix, log_likelihoods, lengths, time_axis):
+# Up to this many entries in a loop step's block (B * K), the batched passes exponentiate the
+# log-likelihoods of all steps at once before the loop (one vectorised pass; the loop body is then
+# a few kernels, and small blocks are bound by the per-kernel cost); from more on, inside the loop
+# (no (T, B, K) array of emissions to allocate and write: large blocks are bound by memory).
+_PRECOMPUTED_EMISSIONS_MAX_BLOCK = 2048
+
+
+def _precomputed_emissions(log_likelihoods, layout, precompute=None) -> bool:
+    if precompute is not None:
+        return precompute
+    num_seq, num_states = log_likelihoods.shape[layout.index("B")], log_likelihoods.shape[layout.index("K")]
+    return num_seq * num_states <= _PRECOMPUTED_EMISSIONS_MAX_BLOCK
+
+
+def _valid_all(x, lengths, layout):
+    """``t < lengths[b]`` for every step and sequence, shaped to broadcast against ``x`` (in ``layout``)."""
+    num_timesteps = x.shape[layout.index("T")]
+    steps = jnp.expand_dims(jnp.arange(num_timesteps), [i for i, a in enumerate(layout) if a != "T"])
+    return steps < jnp.expand_dims(lengths, [i for i, a in enumerate(layout) if a != "B"])
+
+
+def _state_peaks(x, layout):
+    """``max_k x[..., k, ...]`` over the states axis of ``layout`` (0 where not finite)."""
+    axis = layout.index("K")
+    peaks = _state_max(x, axis=axis) if x.shape[axis] <= 8 else jnp.max(x, axis=axis)
+    return jnp.where(jnp.isfinite(peaks), peaks, 0.0)
+
+
+def _valid_block(t, lengths, states_axis):
+    """``t < lengths`` shaped to broadcast against a step's block."""
+    is_valid = t < lengths
+    return is_valid[None, :] if states_axis == 0 else is_valid[:, None]
+
+
+def _batched_forward_fast(
+    initial_probs, transition_matrix, log_likelihoods, lengths, layout, freeze_padded=True, precompute=None
+):
     """The scaled forward pass of a batch (see the section comment), padding frozen in the loop
     (:func:`_split_loops`).
 
-    Returns ``(filtered, predicted, peaks, cs)``: filtered and predicted probabilities in the layout
-    of ``log_likelihoods`` (rows at padded steps repeat the last real filtered row), per-step
-    shifts ``max_k ll_t(k)`` and normalisers ``c_t`` in the layout ``(B, T)`` (``time_axis = 1``)
-    or ``(T, B)`` (0 and 1 at padded steps). ``c_t`` is not guarded: the caller checks it.
+    Returns ``(filtered, predicted, peaks, cs)``: filtered and predicted probabilities in
+    ``layout`` (rows at padded steps repeat the last real filtered row), per-step shifts
+    ``max_k ll_t(k)`` and normalisers ``c_t`` in its per-step layout (0 and 1 at padded steps).
+    ``c_t`` is not guarded: the caller checks it. With ``freeze_padded=False`` the rows at padded
+    steps are left finite but meaningless (fewer selects in the loop; the E-step reads none of them).
     """
+    time_axis = layout.index("T")
+    states_axis = _states_axis(layout)
     num_timesteps = log_likelihoods.shape[time_axis]
-    num_seq, num_states = log_likelihoods.shape[1 - time_axis], log_likelihoods.shape[2]
+    num_seq, num_states = log_likelihoods.shape[layout.index("B")], log_likelihoods.shape[layout.index("K")]
     dtype = log_likelihoods.dtype
     augmented = _augmented_transitions(transition_matrix)
-    start = jnp.broadcast_to(initial_probs, (num_seq, num_states))
-    step_shape = (num_seq, num_timesteps) if time_axis == 1 else (num_timesteps, num_seq)
+    if states_axis == 0:
+        start = jnp.broadcast_to(initial_probs[:, None], (num_states, num_seq))
+    else:
+        start = jnp.broadcast_to(initial_probs, (num_seq, num_states))
+    step_shape = tuple(log_likelihoods.shape[layout.index(a)] for a in _step_layout(layout))
+    precomputed = _precomputed_emissions(log_likelihoods, layout, precompute)
+    if precomputed:
+        masked_ll = jnp.where(_valid_all(log_likelihoods, lengths, layout), log_likelihoods, 0.0)
+        all_peaks = _state_peaks(masked_ll, layout)
+        emissions = jnp.exp(masked_ll - jnp.expand_dims(all_peaks, layout.index("K")))  # 1 at padded steps
 
     def _body(masked, t, state):
         pred, last, filtered, predicted, peaks, cs = state
-        ll = _time_index(log_likelihoods, t, time_axis)
+        # padded steps: the log-likelihoods are masked (the emissions then are 1) and the rows frozen
+        masked = masked and (freeze_padded or not precomputed)
         if masked:
-            is_valid = (t < lengths)[:, None]
-            ll = jnp.where(is_valid, ll, 0.0)
-        peak = jnp.max(ll, axis=-1, keepdims=True)
-        peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-        new, c, pred_next = _normalise_step(pred * jnp.exp(ll - peak), transition_matrix, augmented)
-        if masked:
+            is_valid = _valid_block(t, lengths, states_axis)
+        if precomputed:
+            e = _time_index(emissions, t, time_axis)
+        else:
+            ll = _time_index(log_likelihoods, t, time_axis)
+            if masked:
+                ll = jnp.where(is_valid, ll, 0.0)
+            if states_axis == 0:
+                peak = _state_max(ll, axis=0)
+            else:
+                peak = jnp.max(ll, axis=-1)
+            peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+            peaks = _time_update(peaks, peak, t, time_axis)
+            e = jnp.exp(ll - jnp.expand_dims(peak, states_axis))
+        new, c, pred_next = _normalise_step(pred * e, transition_matrix, augmented, states_axis=states_axis)
+        if masked and freeze_padded:
             new = jnp.where(is_valid, new, last)
             pred = jnp.where(is_valid, pred, last)
-            c = jnp.where(is_valid[:, 0], c, 1.0)
         filtered = _time_update(filtered, new, t, time_axis)
         predicted = _time_update(predicted, pred, t, time_axis)
-        peaks = _time_update(peaks, peak[:, 0], t, time_axis)
         cs = _time_update(cs, c, t, time_axis)
         return pred_next, new, filtered, predicted, peaks, cs
 
@@ -963,16 +1064,18 @@ def _batched_forward_fast(initial_probs, transition_matrix, log_likelihoods, len
         start,
         jnp.zeros(log_likelihoods.shape, dtype),
         jnp.zeros(log_likelihoods.shape, dtype),
-        jnp.zeros(step_shape, dtype),
+        all_peaks if precomputed else jnp.zeros(step_shape, dtype),
         jnp.ones(step_shape, dtype),
     )
-    return _split_loops(_body, num_timesteps, lengths, state, reverse=False)[2:]
+    filtered, predicted, peaks, cs = _split_loops(_body, num_timesteps, lengths, state, reverse=False)[2:]
+    steps = _valid_all(cs, lengths, _step_layout(layout))
+    return filtered, predicted, jnp.where(steps, peaks, 0.0), jnp.where(steps, cs, 1.0)
 
 
-def _robust_batch_rows(needed, fast, initial_probs, transition_matrix, log_likelihoods, lengths, time_axis):
+def _robust_batch_rows(needed, fast, initial_probs, transition_matrix, log_likelihoods, lengths, layout):
     """The underflow-proof forward pass for the sequences flagged in ``needed``, ``fast`` for the others."""
-    num_timesteps = log_likelihoods.shape[time_axis]
-    per_sequence = log_likelihoods if time_axis == 1 else jnp.swapaxes(log_likelihoods, 0, 1)
+    sequences = _to_sequences(log_likelihoods, layout)
+    num_timesteps = sequences.shape[1]
 
     def _one(ll, length):
         valid = _masks(num_timesteps, length)
@@ -983,14 +1086,20 @@ def _robust_batch_rows(needed, fast, initial_probs, transition_matrix, log_likel
         )
         return filtered, predicted, peaks, log_cs
 
-    robust = jax.vmap(_one)(per_sequence, lengths)
-    if time_axis == 0:
-        robust = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), robust)
-    take = needed if time_axis == 1 else needed[None, :]  # over the (B, T) or (T, B) leading axes
-    return jax.tree.map(lambda r, f: jnp.where(take.reshape(take.shape + (1,) * (r.ndim - take.ndim)), r, f), robust, fast)
+    robust = jax.vmap(_one)(sequences, lengths)
+
+    def _select(r, f):
+        r = _from_sequences(r, layout)
+        axes = layout if r.ndim == 3 else _step_layout(layout)
+        take = jnp.expand_dims(needed, [i for i, a in enumerate(axes) if a != "B"])
+        return jnp.where(take, r, f)
+
+    return tuple(_select(r, f) for r, f in zip(robust, fast))
 
 
-def _batched_forward(initial_probs, transition_matrix, log_likelihoods, lengths, time_axis, fallback=True):
+def _batched_forward(
+    initial_probs, transition_matrix, log_likelihoods, lengths, layout, fallback=True, freeze_padded=True, precompute=None
+):
     """Forward pass of a batch: ``(filtered, predicted, peaks, log_cs, underflow)``.
 
     The fast pass (:func:`_batched_forward_fast`); if some normaliser of some sequence underflows,
@@ -1000,16 +1109,16 @@ def _batched_forward(initial_probs, transition_matrix, log_likelihoods, lengths,
     ``log_cs`` is 0 at padded steps, so ``log p = sum_t (peaks + log_cs)`` per sequence.
     """
     filtered, predicted, peaks, cs = _batched_forward_fast(
-        initial_probs, transition_matrix, log_likelihoods, lengths, time_axis
+        initial_probs, transition_matrix, log_likelihoods, lengths, layout, freeze_padded, precompute
     )
     threshold = math.exp(_underflow_threshold(log_likelihoods.dtype))
     # ``not >=`` also catches NaN; padded steps have c = 1
-    needed = jnp.logical_not(jnp.all(cs >= threshold, axis=time_axis))
+    needed = jnp.logical_not(jnp.all(cs >= threshold, axis=_step_layout(layout).index("T")))
     fast = (filtered, predicted, peaks, jnp.log(_floored(cs, threshold)))
     underflow = jnp.any(needed)
     if not fallback:
         return (*fast, underflow)
-    rescue = functools.partial(_robust_batch_rows, time_axis=time_axis)
+    rescue = functools.partial(_robust_batch_rows, layout=layout)
     out = _fallback(
         underflow, fast, rescue, (needed, fast, initial_probs, transition_matrix, log_likelihoods, lengths)
     )
@@ -1017,55 +1126,90 @@ def _batched_forward(initial_probs, transition_matrix, log_likelihoods, lengths,
 
 
 def _batched_backward(
-    transition_matrix, log_likelihoods, lengths, filtered, peaks, log_cs, time_axis, padded_rows_zero=False
+    transition_matrix,
+    log_likelihoods,
+    lengths,
+    filtered,
+    peaks,
+    log_cs,
+    layout,
+    padded_rows_zero=False,
+    precompute=None,
 ):
     r"""Backward pass of a batch: ``(smoothed, v, v_first)``, in the layouts of :func:`_batched_forward`.
 
     :math:`v_t = w_t \odot \hat\beta_t` with the emission weights :math:`w_t = e^{\ell_t - \log c_t}`
     (recomputed from the log-likelihoods, 0 at padded steps), :math:`\hat\beta_{t-1} = A v_t`
     (:func:`_backward_message`), :math:`\hat\beta = 1` from step ``length - 1`` on. ``smoothed =
-    filtered * beta`` (rows at padded steps repeat ``filtered``'s, or are 0 with ``padded_rows_zero``:
-    then ``smoothed`` is the gradient of :math:`\log p` with respect to the log-likelihoods), ``v`` is 0 at padded steps and
-    ``v_first`` is :math:`v_0` (the gradient of :math:`\log p` with respect to :math:`\pi`).
+    filtered * beta`` (rows at padded steps repeat ``filtered``'s, or are 0 with
+    ``padded_rows_zero``: then ``smoothed`` is the gradient of :math:`\log p` with respect to the
+    log-likelihoods), ``v`` is 0 at padded steps and ``v_first`` is :math:`v_0` (the gradient of
+    :math:`\log p` with respect to :math:`\pi`).
     """
+    time_axis = layout.index("T")
+    states_axis = _states_axis(layout)
     num_timesteps = log_likelihoods.shape[time_axis]
-    num_seq, num_states = log_likelihoods.shape[1 - time_axis], log_likelihoods.shape[2]
     dtype = log_likelihoods.dtype
+
+    precomputed = _precomputed_emissions(log_likelihoods, layout, precompute)
+    if precomputed:
+        valid = _valid_all(log_likelihoods, lengths, layout)
+        states = layout.index("K")
+        weights = _emission_weights(
+            jnp.where(valid, log_likelihoods, 0.0), jnp.expand_dims(peaks, states), jnp.expand_dims(log_cs, states)
+        )
+        weights = jnp.where(valid, weights, 0.0)
 
     def _body(masked, t, state):
         beta, _, smoothed, vs = state
-        ll = _time_index(log_likelihoods, t, time_axis)
         if masked:
-            is_valid = (t < lengths)[:, None]
-            ll = jnp.where(is_valid, ll, 0.0)
-        peak = _time_index(peaks, t, time_axis)[:, None]
-        log_c = _time_index(log_cs, t, time_axis)[:, None]
-        w = _emission_weights(ll, peak, log_c)
-        if masked:
-            w = jnp.where(is_valid, w, 0.0)
+            is_valid = _valid_block(t, lengths, states_axis)
+        if precomputed:
+            w = _time_index(weights, t, time_axis)
+        else:
+            ll = _time_index(log_likelihoods, t, time_axis)
+            if masked:
+                ll = jnp.where(is_valid, ll, 0.0)
+            peak = jnp.expand_dims(_time_index(peaks, t, time_axis), states_axis)
+            log_c = jnp.expand_dims(_time_index(log_cs, t, time_axis), states_axis)
+            w = _emission_weights(ll, peak, log_c)
+            if masked:
+                w = jnp.where(is_valid, w, 0.0)
         v = w * beta
         row = _time_index(filtered, t, time_axis) * beta
         if masked and padded_rows_zero:
             row = jnp.where(is_valid, row, 0.0)
         smoothed = _time_update(smoothed, row, t, time_axis)
         vs = _time_update(vs, v, t, time_axis)
-        beta_prev = _backward_message(transition_matrix, v)
+        beta_prev = _backward_message(transition_matrix, v, states_axis)
         if masked:
             beta_prev = jnp.where(is_valid, beta_prev, 1.0)
         return beta_prev, v, smoothed, vs
 
-    ones = jnp.ones((num_seq, num_states), dtype)
+    block = _time_index(log_likelihoods, 0, time_axis).shape
+    ones = jnp.ones(block, dtype)
     zeros = jnp.zeros(log_likelihoods.shape, dtype)
     state = (ones, ones, zeros, zeros)
     _, v_first, smoothed, vs = _split_loops(_body, num_timesteps, lengths, state, reverse=True)
     return smoothed, vs, v_first
 
 
-def _batched_pair_sums(filtered, vs, time_axis):
-    r""":math:`\sum_t` ``outer(filtered[t], v[t + 1])`` per sequence: (B, K, K) (one batched matrix product)."""
-    if time_axis == 0:
-        return jnp.einsum("tbi,tbj->bij", filtered[:-1], vs[1:])
-    return jnp.einsum("bti,btj->bij", filtered[:, :-1], vs[:, 1:])
+def _batched_pair_sums(filtered, vs, layout, over_batch=False):
+    r""":math:`\sum_t` ``outer(filtered[t], v[t + 1])``: per sequence (B, K, K), or also summed over
+    the batch (K, K) with ``over_batch`` (one matrix product)."""
+    time_axis = layout.index("T")
+    f = lax.slice_in_dim(filtered, 0, filtered.shape[time_axis] - 1, axis=time_axis)
+    v = lax.slice_in_dim(vs, 1, vs.shape[time_axis], axis=time_axis)
+    spec = layout.lower()
+    lhs, rhs = spec.replace("k", "i"), spec.replace("k", "j")
+    return jnp.einsum(f"{lhs},{rhs}->{'' if over_batch else 'b'}ij", f, v)
+
+
+# At most this many states, fit_em's E-step runs the batch state-major ("TKB": the batch is the
+# vectorised axis of every step); from more on batch-major rows ("TBK", one matrix product a
+# step). Measured (CPU, T = 1000): K = 5, B = 100 state-major 2.3x faster; K = 16, B = 256
+# batch-major 1.2x faster.
+_STATE_MAJOR_MAX_STATES = 8
 
 
 def _batch_smoother_stats(
@@ -1088,24 +1232,29 @@ def _batch_smoother_stats(
     summing :func:`hmm_smoother` over the batch (``tests/test_hmm_fit.py`` checks it).
 
     The same batched recursion as ``jax.vmap(hmm_smoother)`` (:func:`_batched_forward`,
-    :func:`_batched_backward`), time-major. Not differentiated (EM needs no gradient);
-    stationary ``transition_matrix`` only.
+    :func:`_batched_backward`), state-major for a few states, else time-major rows
+    (``_STATE_MAJOR_MAX_STATES``). Not differentiated (EM needs no gradient); stationary
+    ``transition_matrix`` only.
     """
     num_states = log_likelihoods.shape[1]
-    ll = jnp.swapaxes(log_likelihoods, 1, 2)  # (T, B, K)
+    if num_states <= _STATE_MAJOR_MAX_STATES:
+        layout, ll = "TKB", log_likelihoods
+    else:
+        layout, ll = "TBK", jnp.swapaxes(log_likelihoods, 1, 2)
     lengths = jnp.sum(valid, axis=0, dtype=jnp.int32)
     filtered, _, peaks, log_cs, underflow = _batched_forward(
-        initial_probs, transition_matrix, ll, lengths, time_axis=0, fallback=fallback
+        initial_probs, transition_matrix, ll, lengths, layout, fallback=fallback, freeze_padded=False, precompute=True
     )
     smoothed, vs, _ = _batched_backward(
-        transition_matrix, ll, lengths, filtered, peaks, log_cs, time_axis=0, padded_rows_zero=True
+        transition_matrix, ll, lengths, filtered, peaks, log_cs, layout, padded_rows_zero=True, precompute=True
     )
-    # sum_{t, b} outer(filtered[t, b], v[t + 1, b]) as one product over the (T - 1) * B pairs
-    expected = transition_matrix * (filtered[:-1].reshape(-1, num_states).T @ vs[1:].reshape(-1, num_states))
+    expected = transition_matrix * _batched_pair_sums(filtered, vs, layout, over_batch=True)
     # per step over the batch, then pairwise over time (both are 0 at padded steps)
     loglik = _pairwise_sum(jnp.sum(peaks + log_cs, axis=1))
     if not fallback:
         loglik = jnp.where(underflow, jnp.nan, loglik)
+    if layout == "TKB":
+        smoothed = jnp.swapaxes(smoothed, 1, 2)
     return smoothed, expected, loglik
 
 
