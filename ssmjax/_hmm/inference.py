@@ -493,8 +493,9 @@ def _filter_forward(initial_probs, transition_matrix, log_likelihoods, length):
 def _batched_filter(axis_size, in_batched, pi, trans, ll, length):
     lengths = _batch_lengths(length, in_batched[3], axis_size)
     filtered, predicted, peaks, log_cs, _ = _batched_forward(pi, trans, ll, lengths, "BTK")
-    loglik = _pairwise_sum(peaks, axis=1) + _pairwise_sum(log_cs, axis=1)
-    return (loglik, filtered, predicted), (filtered, peaks, log_cs)
+    loglik = _pairwise_sum(peaks) + _pairwise_sum(log_cs)
+    # residuals batched along their leading axis, as custom_vmap requires: (B, T)
+    return (loglik, filtered, predicted), (filtered, peaks.T, log_cs.T)
 
 
 @_filter_values.def_vmap
@@ -590,7 +591,9 @@ def _loglik_grads_vmap(axis_size, in_batched, pi, trans, ll, length, raw, peaks,
     if not (_shared_model(in_batched, trans) and all(in_batched[4:])):
         return _per_sequence(_loglik_grads.fun, in_batched, pi, trans, ll, length, raw, peaks, log_cs)
     lengths = _batch_lengths(length, in_batched[3], axis_size)
-    grad_ll, vs, grad_pi = _batched_backward(trans, ll, lengths, raw, peaks, log_cs, "BTK", padded_rows_zero=True)
+    grad_ll, vs, grad_pi = _batched_backward(
+        trans, ll, lengths, raw, peaks.T, log_cs.T, "BTK", padded_rows_zero=True
+    )
     # per sequence (the batch of cotangents is summed by JAX where the model is shared)
     grad_trans = _batched_pair_sums(raw, vs, "BTK")
     return (grad_pi, grad_trans, grad_ll), (True, True, True)
@@ -841,7 +844,7 @@ def _smoother_values_vmap(axis_size, in_batched, pi, trans, ll, length):
     lengths = _batch_lengths(length, in_batched[3], axis_size)
     filtered, predicted, peaks, log_cs, _ = _batched_forward(pi, trans, ll, lengths, "BTK")
     smoothed, vs, _ = _batched_backward(trans, ll, lengths, filtered, peaks, log_cs, "BTK")
-    loglik = _pairwise_sum(peaks, axis=1) + _pairwise_sum(log_cs, axis=1)
+    loglik = _pairwise_sum(peaks) + _pairwise_sum(log_cs)
     expected = trans * _batched_pair_sums(filtered, vs, "BTK")
     # unflattened, not constructed: the fields carry a batch axis (no (T, K) annotation check)
     out = jax.tree.unflatten(_posterior_treedef(), (loglik, filtered, predicted, smoothed, expected))
@@ -891,7 +894,7 @@ def _two_slice(
 # what ``jax.vmap`` hands over (no transposed copy in or out), "TKB" and "TBK" the E-step's. Each
 # loop step reads and writes one (B, K) block ("BTK", "TBK") or (K, B) block ("TKB": the states
 # lead and the batch is the vectorised minor axis, faster for a few states); per-step scalars
-# (shifts, normalisers) are (B, T) or (T, B) arrays.
+# (shifts, normalisers) are time-major (T, B) arrays in every layout.
 
 
 def _states_axis(layout: str) -> int:
@@ -900,7 +903,16 @@ def _states_axis(layout: str) -> int:
 
 
 def _step_layout(layout: str) -> str:
-    return layout.replace("K", "")
+    """Per-step arrays (shifts, normalisers) are time-major (T, B) in every layout: each step
+    reads and writes one contiguous row."""
+    return "TB"
+
+
+def _steps_against(x, layout: str):
+    """A per-step (T, B) array shaped to broadcast against an array in ``layout``."""
+    order = layout.replace("K", "")
+    x = x if order == "TB" else x.T
+    return jnp.expand_dims(x, layout.index("K"))
 
 
 def _to_sequences(x, layout: str):
@@ -1010,7 +1022,7 @@ def _batched_forward_fast(
 
     Returns ``(filtered, predicted, peaks, cs)``: filtered and predicted probabilities in
     ``layout`` (rows at padded steps repeat the last real filtered row), per-step shifts
-    ``max_k ll_t(k)`` and normalisers ``c_t`` in its per-step layout (0 and 1 at padded steps).
+    ``max_k ll_t(k)`` and normalisers ``c_t`` as (T, B) arrays (0 and 1 at padded steps).
     ``c_t`` is not guarded: the caller checks it. With ``freeze_padded=False`` the rows at padded
     steps are left finite but meaningless (fewer selects in the loop; the E-step reads none of them).
     """
@@ -1024,12 +1036,19 @@ def _batched_forward_fast(
         start = jnp.broadcast_to(initial_probs[:, None], (num_states, num_seq))
     else:
         start = jnp.broadcast_to(initial_probs, (num_seq, num_states))
-    step_shape = tuple(log_likelihoods.shape[layout.index(a)] for a in _step_layout(layout))
+    step_shape = (num_timesteps, num_seq)
     precomputed = _precomputed_emissions(log_likelihoods, layout, precompute)
     if precomputed:
         masked_ll = jnp.where(_valid_all(log_likelihoods, lengths, layout), log_likelihoods, 0.0)
         all_peaks = _state_peaks(masked_ll, layout)
         emissions = jnp.exp(masked_ll - jnp.expand_dims(all_peaks, layout.index("K")))  # 1 at padded steps
+    elif num_states > _FUSED_MATVEC_MAX_STATES:
+        # the shifts of all steps in one pass before the loop: a row maximum over many states in
+        # the loop costs about a tenth of a step (measured K = 64)
+        all_peaks = _state_peaks(jnp.where(_valid_all(log_likelihoods, lengths, layout), log_likelihoods, 0.0), layout)
+    peaks_before = precomputed or num_states > _FUSED_MATVEC_MAX_STATES
+    if peaks_before and layout.replace("K", "") == "BT":
+        all_peaks = all_peaks.T
 
     def _body(masked, t, state):
         pred, last, filtered, predicted, peaks, cs = state
@@ -1043,12 +1062,12 @@ def _batched_forward_fast(
             ll = _time_index(log_likelihoods, t, time_axis)
             if masked:
                 ll = jnp.where(is_valid, ll, 0.0)
-            if states_axis == 0:
-                peak = _state_max(ll, axis=0)
+            if peaks_before:
+                peak = _time_index(peaks, t, 0)
             else:
-                peak = jnp.max(ll, axis=-1)
-            peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-            peaks = _time_update(peaks, peak, t, time_axis)
+                peak = _state_max(ll, axis=0) if states_axis == 0 else jnp.max(ll, axis=-1)
+                peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+                peaks = _time_update(peaks, peak, t, 0)
             e = jnp.exp(ll - jnp.expand_dims(peak, states_axis))
         new, c, pred_next = _normalise_step(pred * e, transition_matrix, augmented, states_axis=states_axis)
         if masked and freeze_padded:
@@ -1056,7 +1075,7 @@ def _batched_forward_fast(
             pred = jnp.where(is_valid, pred, last)
         filtered = _time_update(filtered, new, t, time_axis)
         predicted = _time_update(predicted, pred, t, time_axis)
-        cs = _time_update(cs, c, t, time_axis)
+        cs = _time_update(cs, c, t, 0)
         return pred_next, new, filtered, predicted, peaks, cs
 
     state = (
@@ -1064,7 +1083,7 @@ def _batched_forward_fast(
         start,
         jnp.zeros(log_likelihoods.shape, dtype),
         jnp.zeros(log_likelihoods.shape, dtype),
-        all_peaks if precomputed else jnp.zeros(step_shape, dtype),
+        all_peaks if peaks_before else jnp.zeros(step_shape, dtype),
         jnp.ones(step_shape, dtype),
     )
     filtered, predicted, peaks, cs = _split_loops(_body, num_timesteps, lengths, state, reverse=False)[2:]
@@ -1154,9 +1173,8 @@ def _batched_backward(
     precomputed = _precomputed_emissions(log_likelihoods, layout, precompute)
     if precomputed:
         valid = _valid_all(log_likelihoods, lengths, layout)
-        states = layout.index("K")
         weights = _emission_weights(
-            jnp.where(valid, log_likelihoods, 0.0), jnp.expand_dims(peaks, states), jnp.expand_dims(log_cs, states)
+            jnp.where(valid, log_likelihoods, 0.0), _steps_against(peaks, layout), _steps_against(log_cs, layout)
         )
         weights = jnp.where(valid, weights, 0.0)
 
@@ -1170,8 +1188,8 @@ def _batched_backward(
             ll = _time_index(log_likelihoods, t, time_axis)
             if masked:
                 ll = jnp.where(is_valid, ll, 0.0)
-            peak = jnp.expand_dims(_time_index(peaks, t, time_axis), states_axis)
-            log_c = jnp.expand_dims(_time_index(log_cs, t, time_axis), states_axis)
+            peak = jnp.expand_dims(_time_index(peaks, t, 0), states_axis)
+            log_c = jnp.expand_dims(_time_index(log_cs, t, 0), states_axis)
             w = _emission_weights(ll, peak, log_c)
             if masked:
                 w = jnp.where(is_valid, w, 0.0)
