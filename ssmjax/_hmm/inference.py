@@ -858,7 +858,19 @@ def _posterior_treedef():
 
 @_smoother_values.defjvp
 def _smoother_values_jvp(primals, tangents):
-    return jax.jvp(_smoother_impl, primals, tangents)
+    out, out_dot = jax.jvp(_smoother_impl, primals, tangents)
+    return jax.tree.map(_batch_axis_first, out), jax.tree.map(_batch_axis_first, out_dot)
+
+
+def _batch_axis_first(x):
+    """``x``; under ``jax.vmap`` batched along its leading axis, as the custom_vmap rule's outputs.
+
+    JAX assigns a custom_jvp function's batched outputs the batch axes of the function it traced
+    first (here the custom_vmap rule: axis 0), also for the outputs of its JVP rule, traced later
+    (under ``jax.grad(jax.vmap(...))``); the per-sequence recursion vmapped puts the batch axis of
+    scan outputs second. A reshape's batching rule moves the batch axis to the front.
+    """
+    return lax.squeeze(lax.reshape(x, (1, *x.shape)), (0,))
 
 
 @jax.jit
