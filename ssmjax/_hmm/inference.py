@@ -76,6 +76,7 @@ from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from .. import _checks
+from .._fallback import _any_in_batch
 from .._fallback import fallback as _fallback
 
 __all__ = [
@@ -976,20 +977,23 @@ def _time_update(buffer, row, t, time_axis):
 
 
 def _split_loops(body, num_timesteps, lengths, state, reverse):
-    """``body(masked, t, state)`` for every step ``t`` (descending with ``reverse``), in two loops.
+    """``body(masked, t, state)`` for every step ``t`` (descending with ``reverse``).
 
-    Steps ``t < min(lengths)`` are real in every sequence and run the body without any masking
-    (``masked=False``: no per-step selects); the rest run it with ``masked=True``. A batch
-    without padding runs the first loop only.
+    A batch without padding (every ``length = T``) runs the body without any masking
+    (``masked=False``: no per-step selects), others with ``masked=True``: a conditional between two
+    loops of static length (a loop with a run-time trip count evaluates its condition on the host
+    every step, measured 1.6x slower at K = 5, B = 100). The predicate is one for the whole batch,
+    also under a further ``jax.vmap`` (:func:`ssmjax._fallback._any_in_batch`).
     """
-    split = jnp.clip(jnp.min(lengths), 0, num_timesteps).astype(jnp.int32)
-    plain = functools.partial(body, False)
-    masked = functools.partial(body, True)
-    if reverse:
-        state = lax.fori_loop(0, num_timesteps - split, lambda i, s: masked(num_timesteps - 1 - i, s), state)
-        return lax.fori_loop(0, split, lambda i, s: plain(split - 1 - i, s), state)
-    state = lax.fori_loop(0, split, plain, state)
-    return lax.fori_loop(split, num_timesteps, masked, state)
+
+    def _loop(masked):
+        step = functools.partial(body, masked)
+        if reverse:
+            return lambda s: lax.fori_loop(0, num_timesteps, lambda i, c: step(num_timesteps - 1 - i, c), s)
+        return lambda s: lax.fori_loop(0, num_timesteps, step, s)
+
+    padded = _any_in_batch(jnp.any(lengths < num_timesteps))
+    return lax.cond(padded, _loop(True), _loop(False), state)
 
 
 # Up to this many entries in a loop step's block (B * K), the batched passes exponentiate the
