@@ -218,9 +218,11 @@ def _body_eqns(loop):
 
 @pytest.mark.parametrize("what", ["filter", "smoother", "gradient"])
 def test_vmap_runs_one_batched_recursion(what):
-    """Outside the underflow rescue (a cond), every loop of the vmapped program advances the whole
-    batch as a (B, K) block with one matrix product a step: a dot_general of a (B, K) operand, and
-    no (B, K, K) intermediate (what the per-sequence recursion's fused products become under vmap)."""
+    """The vmapped program's recursions advance the whole batch: loops over time that carry the
+    (B, T, K) output buffers and take one matrix product of a (B, K) block a step, with no (B, K, K)
+    intermediate (what the per-sequence recursion's fused products become under plain vmap). Each
+    comes twice (with and without padding masks, one conditional picks); any other loop is the
+    per-sequence underflow rescue, inside its conditional."""
     num_seq, num_timesteps, num_states = 7, 11, 4
     pi, A, ll = _batch(5, num_states=num_states, lengths=np.full(num_seq, num_timesteps))
     ll = jnp.asarray(ll)
@@ -230,19 +232,24 @@ def test_vmap_runs_one_batched_recursion(what):
         f = ssmjax.hmm_filter if what == "filter" else ssmjax.hmm_smoother
         fn = jax.vmap(lambda l: f(pi, A, l))
     jaxpr = jax.make_jaxpr(fn)(ll).jaxpr
-    loops = [eqn for eqn, in_cond in _loops(jaxpr) if not in_cond]
-    expected = {"filter": 1, "smoother": 2, "gradient": 2}[what]  # forward (+ backward)
-    assert len(loops) >= expected
-    block = (num_seq, num_states)
-    for loop in loops:
+    block, buffer = (num_seq, num_states), (num_seq, num_timesteps, num_states)
+
+    def batched(loop):
         eqns = list(_body_eqns(loop))
         products = [e for e in eqns if e.primitive.name == "dot_general"]
-        assert any(tuple(e.invars[0].aval.shape) == block for e in products), what
         shapes = {tuple(v.aval.shape) for e in eqns for v in e.outvars}
-        assert (num_seq, num_states, num_states) not in shapes, what
-    # and the per-sequence program has no (B, K) loop carry: the rule, not plain vmap, ran
-    carries = [tuple(v.aval.shape) for loop in loops for v in loop.outvars]
-    assert block in carries
+        carries = {tuple(v.aval.shape) for v in loop.outvars}
+        return (
+            buffer in carries
+            and any(tuple(e.invars[0].aval.shape) == block for e in products)
+            and (num_seq, num_states, num_states) not in shapes
+        )
+
+    loops = list(_loops(jaxpr))
+    recursions = [loop for loop, _ in loops if batched(loop)]
+    expected = {"filter": 1, "smoother": 2, "gradient": 2}[what]  # forward (+ backward)
+    assert len(recursions) >= 2 * expected, what
+    assert all(in_cond for loop, in_cond in loops if not batched(loop)), what
 
 
 def test_e_step_and_vmap_share_the_recursion():
