@@ -979,8 +979,8 @@ def _time_update(buffer, row, t, time_axis):
     return lax.dynamic_update_slice_in_dim(buffer, row, t, time_axis, allow_negative_indices=False)
 
 
-def _split_loops(body, num_timesteps, lengths, state, reverse):
-    """``body(masked, t, state)`` for every step ``t`` (descending with ``reverse``).
+def _split_loops(body, num_timesteps, lengths, state, reverse, first=0):
+    """``body(masked, t, state)`` for the steps ``t = first .. T-1`` (descending with ``reverse``).
 
     A batch without padding (every ``length = T``) runs the body without any masking
     (``masked=False``: no per-step selects), others with ``masked=True``: a conditional between two
@@ -992,8 +992,8 @@ def _split_loops(body, num_timesteps, lengths, state, reverse):
     def _loop(masked):
         step = functools.partial(body, masked)
         if reverse:
-            return lambda s: lax.fori_loop(0, num_timesteps, lambda i, c: step(num_timesteps - 1 - i, c), s)
-        return lambda s: lax.fori_loop(0, num_timesteps, step, s)
+            return lambda s: lax.fori_loop(0, num_timesteps - first, lambda i, c: step(num_timesteps - 1 - i, c), s)
+        return lambda s: lax.fori_loop(first, num_timesteps, step, s)
 
     padded = _any_in_batch(jnp.any(lengths < num_timesteps))
     return lax.cond(padded, _loop(True), _loop(False), state)
@@ -1174,15 +1174,16 @@ def _batched_backward(
     padded_rows_zero=False,
     precompute=None,
 ):
-    r"""Backward pass of a batch: ``(smoothed, v, v_first)``, in the layouts of :func:`_batched_forward`.
+    r"""Backward pass of a batch: ``(smoothed, v_next, v_first)``, in the layouts of :func:`_batched_forward`.
 
     :math:`v_t = w_t \odot \hat\beta_t` with the emission weights :math:`w_t = e^{\ell_t - \log c_t}`
     (recomputed from the log-likelihoods, 0 at padded steps), :math:`\hat\beta_{t-1} = A v_t`
     (:func:`_backward_message`), :math:`\hat\beta = 1` from step ``length - 1`` on. ``smoothed =
     filtered * beta`` (rows at padded steps repeat ``filtered``'s, or are 0 with
     ``padded_rows_zero``: then ``smoothed`` is the gradient of :math:`\log p` with respect to the
-    log-likelihoods), ``v`` is 0 at padded steps and ``v_first`` is :math:`v_0` (the gradient of
-    :math:`\log p` with respect to :math:`\pi`).
+    log-likelihoods), ``v_next[t]`` is :math:`v_{t+1}` (0 at padded steps and at the last step: the
+    rows pair with ``filtered[t]`` in :func:`_batched_pair_sums`) and ``v_first`` is :math:`v_0`
+    (the gradient of :math:`\log p` with respect to :math:`\pi`).
     """
     time_axis = layout.index("T")
     states_axis = _states_axis(layout)
@@ -1197,8 +1198,8 @@ def _batched_backward(
         )
         weights = jnp.where(valid, weights, 0.0)
 
-    def _body(masked, t, state):
-        beta, _, smoothed, vs = state
+    def _body(masked, t, state, write_v=True):
+        beta, _, smoothed, v_next = state
         if masked:
             is_valid = _valid_block(t, lengths, states_axis)
         if precomputed:
@@ -1217,26 +1218,27 @@ def _batched_backward(
         if masked and padded_rows_zero:
             row = jnp.where(is_valid, row, 0.0)
         smoothed = _time_update(smoothed, row, t, time_axis)
-        vs = _time_update(vs, v, t, time_axis)
+        if write_v:  # v_t is row t - 1 of v_next
+            v_next = _time_update(v_next, v, t - 1, time_axis)
         beta_prev = _backward_message(transition_matrix, v, states_axis)
         if masked:
             beta_prev = jnp.where(is_valid, beta_prev, 1.0)
-        return beta_prev, v, smoothed, vs
+        return beta_prev, v, smoothed, v_next
 
     block = _time_index(log_likelihoods, 0, time_axis).shape
     ones = jnp.ones(block, dtype)
     zeros = jnp.zeros(log_likelihoods.shape, dtype)
     state = (ones, ones, zeros, zeros)
-    _, v_first, smoothed, vs = _split_loops(_body, num_timesteps, lengths, state, reverse=True)
-    return smoothed, vs, v_first
+    state = _split_loops(_body, num_timesteps, lengths, state, reverse=True, first=1)
+    _, v_first, smoothed, v_next = _body(True, 0, state, write_v=False)
+    return smoothed, v_next, v_first
 
 
-def _batched_pair_sums(filtered, vs, layout, over_batch=False):
-    r""":math:`\sum_t` ``outer(filtered[t], v[t + 1])``: per sequence (B, K, K), or also summed over
-    the batch (K, K) with ``over_batch`` (one matrix product)."""
-    time_axis = layout.index("T")
-    f = lax.slice_in_dim(filtered, 0, filtered.shape[time_axis] - 1, axis=time_axis)
-    v = lax.slice_in_dim(vs, 1, vs.shape[time_axis], axis=time_axis)
+def _batched_pair_sums(filtered, v_next, layout, over_batch=False):
+    r""":math:`\sum_t` ``outer(filtered[t], v_next[t])`` (``v_next[t] = v_{t+1}``, 0 at the last
+    step): per sequence (B, K, K), or also summed over the batch (K, K) with ``over_batch``. One
+    matrix product of the whole arrays (aligned by the backward pass: no shifted copies)."""
+    f, v = filtered, v_next
     spec = layout.lower()
     lhs, rhs = spec.replace("k", "i"), spec.replace("k", "j")
     return jnp.einsum(f"{lhs},{rhs}->{'' if over_batch else 'b'}ij", f, v)
