@@ -1003,7 +1003,7 @@ def _split_loops(body, num_timesteps, lengths, state, reverse, first=0):
 # log-likelihoods of all steps at once before the loop (one vectorised pass; the loop body is then
 # a few kernels, and small blocks are bound by the per-kernel cost); from more on, inside the loop
 # (no (T, B, K) array of emissions to allocate and write: large blocks are bound by memory).
-_PRECOMPUTED_EMISSIONS_MAX_BLOCK = 2048
+_PRECOMPUTED_EMISSIONS_MAX_BLOCK = 1024
 
 
 def _precomputed_emissions(log_likelihoods, layout, precompute=None) -> bool:
