@@ -38,6 +38,17 @@ Numerics
     Structural zeros in ``initial_probs`` and ``transition_matrix`` are exact:
     no logarithm of a probability is taken on the differentiable path.
 
+Batches (``jax.vmap``)
+    Under ``jax.vmap`` with a model shared by the batch (``initial_probs`` and a stationary
+    ``transition_matrix`` not batched), :func:`hmm_filter`, :func:`hmm_smoother` and the
+    gradient of the log-likelihood run one recursion for the whole batch (custom_vmap rules):
+    each loop step advances all sequences with one matrix product, in the layout ``jax.vmap``
+    hands over, with the same numerics (per-sequence padding, per-sequence underflow rescue)
+    and, to round-off, the same results as the unbatched calls. fit_em's E-step runs the same
+    recursion. A batch of models or a time-varying matrix runs the per-sequence recursion
+    vectorised, as plain ``jax.vmap`` would. The smoother's derivatives are those of the
+    per-sequence recursion (automatic differentiation).
+
 Gradients
     :math:`\log p(y_{1:T})` has a custom VJP built from the scaled backward
     recursion:
