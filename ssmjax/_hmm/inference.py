@@ -571,14 +571,19 @@ def _filter_core_bwd(residuals, cotangents):
         return (*vjp(cts), length_ct)
     if isinstance(ct_loglik, SymbolicZero):
         return (None, None, None, length_ct)
-    grad_pi, grad_trans, grad_ll = _loglik_grads(pi, trans, ll, length, raw, peaks, log_cs)
-    return (grad_pi * ct_loglik, grad_trans * ct_loglik, grad_ll * ct_loglik, length_ct)
+    grad_pi, grad_trans, grad_ll = _loglik_grads(pi, trans, ll, length, raw, peaks, log_cs, ct_loglik)
+    return (grad_pi, grad_trans, grad_ll, length_ct)
 
 
 @jax.custom_batching.custom_vmap
-def _loglik_grads(pi, trans, ll, length, raw, peaks, log_cs):
-    r"""Gradients of :math:`\log p` with respect to ``(pi, trans, ll)`` (unit cotangent) from the
-    forward pass's residuals: one backward scan (see the module docstring)."""
+def _loglik_grads(pi, trans, ll, length, raw, peaks, log_cs, ct):
+    r"""Gradients of :math:`\log p` with respect to ``(pi, trans, ll)`` times the cotangent ``ct``,
+    from the forward pass's residuals: one backward scan (see the module docstring)."""
+    grads = _unit_loglik_grads(pi, trans, ll, length, raw, peaks, log_cs)
+    return tuple(g * ct for g in grads)
+
+
+def _unit_loglik_grads(pi, trans, ll, length, raw, peaks, log_cs):
     valid = _masks(ll.shape[0], length)
     # Per-step shift log c_t = peak_t + log_cs_t (applied as (ll - peak) - log_cs, exact
     # for large |ll|), peak = +inf at padded steps: the emission weight is then 0 there
@@ -599,16 +604,18 @@ def _loglik_grads(pi, trans, ll, length, raw, peaks, log_cs):
 
 
 @_loglik_grads.def_vmap
-def _loglik_grads_vmap(axis_size, in_batched, pi, trans, ll, length, raw, peaks, log_cs):
-    if not (_shared_model(in_batched, trans) and all(in_batched[4:])):
-        return _per_sequence(_loglik_grads.fun, in_batched, pi, trans, ll, length, raw, peaks, log_cs)
+def _loglik_grads_vmap(axis_size, in_batched, pi, trans, ll, length, raw, peaks, log_cs, ct):
+    if not (_shared_model(in_batched, trans) and all(in_batched[4:7])):
+        return _per_sequence(_loglik_grads.fun, in_batched, pi, trans, ll, length, raw, peaks, log_cs, ct)
     lengths = _batch_lengths(length, in_batched[3], axis_size)
+    scale = _batch_lengths(ct, in_batched[7], axis_size)
+    # the cotangents scale the gradient rows as the loop writes them (no further (B, T, K) pass)
     grad_ll, vs, grad_pi = _batched_backward(
-        trans, ll, lengths, raw, peaks.T, log_cs.T, "BTK", padded_rows_zero=True
+        trans, ll, lengths, raw, peaks.T, log_cs.T, "BTK", padded_rows_zero=True, row_scale=scale
     )
     # per sequence (the batch of cotangents is summed by JAX where the model is shared)
-    grad_trans = _batched_pair_sums(raw, vs, "BTK")
-    return (grad_pi, grad_trans, grad_ll), (True, True, True)
+    grad_trans = _batched_pair_sums(raw, vs, "BTK") * scale[:, None, None]
+    return (grad_pi * scale[:, None], grad_trans, grad_ll), (True, True, True)
 
 
 def _weights(ll, peak, log_c):
@@ -1184,6 +1191,7 @@ def _batched_backward(
     layout,
     padded_rows_zero=False,
     precompute=None,
+    row_scale=None,
 ):
     r"""Backward pass of a batch: ``(smoothed, v_next, v_first)``, in the layouts of :func:`_batched_forward`.
 
@@ -1192,7 +1200,7 @@ def _batched_backward(
     (:func:`_backward_message`), :math:`\hat\beta = 1` from step ``length - 1`` on. ``smoothed =
     filtered * beta`` (rows at padded steps repeat ``filtered``'s, or are 0 with
     ``padded_rows_zero``: then ``smoothed`` is the gradient of :math:`\log p` with respect to the
-    log-likelihoods), ``v_next[t]`` is :math:`v_{t+1}` (0 at padded steps and at the last step: the
+    log-likelihoods; ``row_scale`` (B,) multiplies its rows), ``v_next[t]`` is :math:`v_{t+1}` (0 at padded steps and at the last step: the
     rows pair with ``filtered[t]`` in :func:`_batched_pair_sums`) and ``v_first`` is :math:`v_0`
     (the gradient of :math:`\log p` with respect to :math:`\pi`).
     """
@@ -1226,6 +1234,8 @@ def _batched_backward(
                 w = jnp.where(is_valid, w, 0.0)
         v = w * beta
         row = _time_index(filtered, t, time_axis) * beta
+        if row_scale is not None:
+            row = row * jnp.expand_dims(row_scale, states_axis)
         if masked and padded_rows_zero:
             row = jnp.where(is_valid, row, 0.0)
         smoothed = _time_update(smoothed, row, t, time_axis)
