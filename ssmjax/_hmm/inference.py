@@ -268,14 +268,17 @@ def _normalise_step(w: Array, transition: Float[Array, "K K"], augmented, floor=
     on its thread pool, whose hand-offs cost more than the work (measured 3x slower at
     K = 64), and this keeps the forward bodies at 7 or fewer.
     """
+    def _per_state(x):  # a per-sequence scalar against (K,) (a plain scalar) or a block
+        return x if w.ndim == 1 else jnp.expand_dims(x, states_axis)
+
     if augmented is None:
         c = jnp.sum(w, axis=states_axis)
-        filtered = w / jnp.expand_dims(_floored(c, floor), states_axis)
+        filtered = w / _per_state(_floored(c, floor))
         return filtered, c, _states_product(filtered, transition, states_axis)
     num_states = w.shape[states_axis]
     moved = _states_product(w, augmented, states_axis)
     c = lax.index_in_dim(moved, num_states, states_axis, keepdims=False)
-    divisor = jnp.expand_dims(_floored(c, floor), states_axis)
+    divisor = _per_state(_floored(c, floor))
     return w / divisor, c, lax.slice_in_dim(moved, 0, num_states, axis=states_axis) / divisor
 
 
