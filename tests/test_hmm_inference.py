@@ -285,12 +285,13 @@ def test_vmap_keeps_the_underflow_rescue_conditional():
 
     for f in (ssmjax.hmm_filter, ssmjax.hmm_smoother):
         # every conditional of the single-sequence program survives batching (a batched predicate
-        # would have turned the rescue's into a select of both branches)
+        # would have turned the rescue's into a select of both branches); the batched recursion
+        # adds its own (padded batch or not, see inference._split_loops), hence ">="
         def conditionals(fn, x):
             return jax.jit(fn).lower(x).as_text().count("stablehlo.case")
 
         single = conditionals(lambda l: f(pi, A, l), batch[0])
-        assert single >= 1 and conditionals(jax.vmap(lambda l: f(pi, A, l)), batch) == single, f.__name__
+        assert single >= 1 and conditionals(jax.vmap(lambda l: f(pi, A, l)), batch) >= single, f.__name__
         out = jax.vmap(lambda l: f(pi, A, l))(batch)
         grads = jax.vmap(jax.grad(lambda l: loglik(f, l)))(batch)
         for i, ll in enumerate((rescue, plain)):
