@@ -283,15 +283,18 @@ def test_vmap_keeps_the_underflow_rescue_conditional():
     def loglik(f, l):
         return f(pi, A, l).marginal_loglik
 
+    # the batched recursion chooses between its masked and unmasked loops once per pass
+    # (inference._split_loops): the forward pass, and the smoother's backward pass too
+    loop_choices = {ssmjax.hmm_filter: 1, ssmjax.hmm_smoother: 2}
     for f in (ssmjax.hmm_filter, ssmjax.hmm_smoother):
         # every conditional of the single-sequence program survives batching (a batched predicate
-        # would have turned the rescue's into a select of both branches); the batched recursion
-        # adds its own (padded batch or not, see inference._split_loops), hence ">="
+        # would have turned the rescue's into a select of both branches)
         def conditionals(fn, x):
             return jax.jit(fn).lower(x).as_text().count("stablehlo.case")
 
         single = conditionals(lambda l: f(pi, A, l), batch[0])
-        assert single >= 1 and conditionals(jax.vmap(lambda l: f(pi, A, l)), batch) >= single, f.__name__
+        batched = conditionals(jax.vmap(lambda l: f(pi, A, l)), batch)
+        assert single >= 1 and batched == single + loop_choices[f], (f.__name__, single, batched)
         out = jax.vmap(lambda l: f(pi, A, l))(batch)
         grads = jax.vmap(jax.grad(lambda l: loglik(f, l)))(batch)
         for i, ll in enumerate((rescue, plain)):
