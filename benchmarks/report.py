@@ -238,9 +238,8 @@ def batched_table(d, title):
         "",
         _header(d),
         "",
-        "`jax.jit(jax.vmap(...))` over B sequences, float32; ms = median of repeats, jit warm; `×` = dynamax time / "
-        "ssmjax time; compile s = ssmjax / dynamax. LGSSM `sequential` returns every field (the (B, T, Dx, Dx) "
-        "covariances are written); `loglik + means` keeps what a training loop keeps."
+        "`jax.jit(jax.vmap(...))` over B sequences, float32, median ms; compile s = ssmjax / dynamax. LGSSM "
+        "`sequential` returns every field ((B, T, Dx, Dx) covariances written), `loglik + means` what training keeps."
         + (" Error = largest `||out - ref|| / ||ref||` over the first sequences against a float64 NumPy reference "
            "(log-likelihood; smoothed means and covariances, or smoothed probabilities)." if with_errors else ""),
         "",

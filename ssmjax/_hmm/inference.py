@@ -995,6 +995,12 @@ def _time_index(x, t, time_axis):
     return lax.dynamic_index_in_dim(x, t, time_axis, keepdims=False, allow_negative_indices=False)
 
 
+def _step_log_likelihoods(log_likelihoods, t, time_axis, is_valid):
+    """Step ``t``'s log-likelihoods in a batched loop; 0 at padded entries when ``is_valid`` is given."""
+    ll = _time_index(log_likelihoods, t, time_axis)
+    return ll if is_valid is None else jnp.where(is_valid, ll, 0.0)
+
+
 def _time_update(buffer, row, t, time_axis):
     row = jnp.expand_dims(row, time_axis)
     return lax.dynamic_update_slice_in_dim(buffer, row, t, time_axis, allow_negative_indices=False)
@@ -1099,9 +1105,7 @@ def _batched_forward_fast(
         if precomputed:
             e = _time_index(emissions, t, time_axis)
         else:
-            ll = _time_index(log_likelihoods, t, time_axis)
-            if masked:
-                ll = jnp.where(is_valid, ll, 0.0)
+            ll = _step_log_likelihoods(log_likelihoods, t, time_axis, is_valid if masked else None)
             if peaks_before:
                 peak = _time_index(peaks, t, 0)
             else:
@@ -1227,9 +1231,7 @@ def _batched_backward(
         if precomputed:
             w = _time_index(weights, t, time_axis)
         else:
-            ll = _time_index(log_likelihoods, t, time_axis)
-            if masked:
-                ll = jnp.where(is_valid, ll, 0.0)
+            ll = _step_log_likelihoods(log_likelihoods, t, time_axis, is_valid if masked else None)
             peak = jnp.expand_dims(_time_index(peaks, t, 0), states_axis)
             log_c = jnp.expand_dims(_time_index(log_cs, t, 0), states_axis)
             w = _emission_weights(ll, peak, log_c)
