@@ -42,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ssmjax  # noqa: E402
-from ssmjax._hmm import inference as _inference  # noqa: E402
+from ssmjax._hmm import rules as _rules  # noqa: E402
 
 NUM_TIMESTEPS = 10_000
 STATE_SIZES = (4, 16, 64)
@@ -138,7 +138,7 @@ def _memory_analysis(num_timesteps=1_000_000, num_states=16):
 
     def plain(pi, A, ll):
         n = jnp.asarray(ll.shape[0], jnp.int32)
-        return _inference._forward_impl(pi, A, ll, n)[0]
+        return _rules.forward_values(pi, A, ll, n)[0]
 
     out = {"T": num_timesteps, "K": num_states, "loglik_array_bytes": ll_bytes}
     for name, fn in [

@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 
 import ssmjax  # noqa: E402
 from _common import compile_and_time  # noqa: E402
-from ssmjax._hmm import inference as _sequential  # noqa: E402
+from ssmjax._hmm import decoding as _decoding  # noqa: E402
+from ssmjax._hmm import rules as _rules  # noqa: E402
 from ssmjax._hmm import parallel as _parallel  # noqa: E402
 
 NUM_STATES = 16
@@ -66,9 +67,9 @@ def _model(num_timesteps, num_states=NUM_STATES, seed=0):
 
 # The private jitted algorithms (validation is identical for both and excluded).
 HMM_FUNCTIONS = {
-    "filter": (_sequential._filter, _parallel._filter_parallel),
-    "smoother": (_sequential._smoother, _parallel._smoother_parallel),
-    "viterbi": (_sequential._viterbi, _parallel._viterbi_parallel),
+    "filter": (_rules.filter_program, _parallel._filter_parallel),
+    "smoother": (_rules.smoother_program, _parallel._smoother_parallel),
+    "viterbi": (_decoding.viterbi_program, _parallel._viterbi_parallel),
 }
 
 

@@ -12,6 +12,8 @@ from ._checks import value_checks_enabled as value_checks_enabled
 # --- discrete hidden Markov models: inference (ssmjax/_hmm) ---
 from ._hmm.inference import HMMFilterResult as HMMFilterResult
 from ._hmm.inference import HMMPosterior as HMMPosterior
+from ._hmm.inference import HMMStrategy as HMMStrategy
+from ._hmm.inference import hmm_strategy as hmm_strategy
 from ._hmm.inference import hmm_filter as hmm_filter
 from ._hmm.inference import hmm_smoother as hmm_smoother
 from ._hmm.inference import hmm_two_slice_marginals as hmm_two_slice_marginals

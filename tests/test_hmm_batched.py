@@ -1,6 +1,6 @@
 """``jax.vmap`` of the HMM filter / smoother / log-likelihood gradient: the batched recursion.
 
-With a model shared by the batch, the custom_vmap rules in :mod:`ssmjax._hmm.inference` run one
+With a model shared by the batch, the custom_vmap rules in :mod:`ssmjax._hmm.rules` run one
 loop over time for all sequences (a (B, K) block of messages and one matrix product per step)
 instead of a per-sequence recursion. Checked here per sequence against the brute-force oracle
 (float64, ragged lengths with NaN padding, structural zeros), against the per-sequence functions
@@ -21,7 +21,7 @@ from helpers import FD_TOLERANCE, assert_allclose, central_difference_grad, rand
 from test_hmm_oracle import brute_force, filtered_and_predicted
 
 import ssmjax
-from ssmjax._hmm import inference as hmm_inference
+from ssmjax._hmm import rules as hmm_rules
 
 LENGTHS = np.array([5, 1, 3, 5, 4, 2])  # ragged, a length-1 sequence, two full ones
 
@@ -259,7 +259,7 @@ def test_e_step_and_vmap_share_the_recursion():
         pi, A, ll = _batch(6, num_states=num_states, zeros=False)
         lengths = jnp.asarray(LENGTHS)
         valid = jnp.arange(ll.shape[1])[:, None] < lengths[None, :]
-        smoothed, expected, loglik = jax.jit(hmm_inference._batch_smoother_stats)(
+        smoothed, expected, loglik = jax.jit(hmm_rules.batch_smoother_stats)(
             pi, A, jnp.transpose(jnp.asarray(ll), (1, 2, 0)), valid
         )
         post = _vmapped(ssmjax.hmm_smoother, pi, A)(jnp.asarray(ll), lengths)

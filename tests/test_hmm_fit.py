@@ -358,7 +358,7 @@ def test_categorical_emissions_must_be_integer_symbols():
 def test_batch_smoother_stats_equal_per_sequence_smoothers(num_states):
     """All sequences advanced together (state-major) == hmm_smoother per sequence, ragged, with
     structural zeros and garbage in the padding."""
-    from ssmjax._hmm.inference import _batch_smoother_stats
+    from ssmjax._hmm.rules import batch_smoother_stats as _batch_smoother_stats
 
     rng = np.random.default_rng(11)
     lengths = np.array([9, 1, 14, 5, 14])

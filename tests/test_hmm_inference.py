@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from test_hmm_oracle import brute_force, brute_force_prefix, filtered_and_predicted
 
 import ssmjax
-from ssmjax._hmm import inference as hmm_inference
+from ssmjax._hmm import decoding as hmm_decoding
+from ssmjax._hmm import rules as hmm_rules
 
 CASES = [  # (time_varying, structural zeros)
     (False, False),
@@ -283,9 +284,9 @@ def test_vmap_keeps_the_underflow_rescue_conditional():
     def loglik(f, l):
         return f(pi, A, l).marginal_loglik
 
-    # the batched recursion chooses between its masked and unmasked loops once per pass
-    # (inference._split_loops): the forward pass, and the smoother's backward pass too
-    loop_choices = {ssmjax.hmm_filter: 1, ssmjax.hmm_smoother: 2}
+    # the batched recursion chooses between its masked and unmasked loops once per loop
+    # (recursion._indexed): the forward pass, its rescue, and the smoother's backward pass
+    loop_choices = {ssmjax.hmm_filter: 2, ssmjax.hmm_smoother: 3}
     for f in (ssmjax.hmm_filter, ssmjax.hmm_smoother):
         # every conditional of the single-sequence program survives batching (a batched predicate
         # would have turned the rescue's into a select of both branches)
@@ -438,7 +439,7 @@ def test_long_padded_sequences_match_numpy_forward_backward(num_states, time_var
 
 
 def test_no_recompilation_on_equal_shapes():
-    funcs = [hmm_inference._filter, hmm_inference._smoother, hmm_inference._viterbi]
+    funcs = [hmm_rules.filter_program, hmm_rules.smoother_program, hmm_decoding.viterbi_program]
     pi, A, ll = make_model(50)
     _, _, ll2 = make_model(51)
     ssmjax.hmm_filter(pi, A, ll)

@@ -78,12 +78,8 @@ def test_lgssm_modules_form_layers():
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 
-def test_package_has_one_known_cycle_left():
-    """The rest of the package: the HMM's sequential and parallel modules still import each other
-    (the parallel forms are chosen inside ``_hmm/inference.py``); nothing else may."""
+def test_package_modules_form_layers():
     graph = _graph()
-    assert _cycle(graph) == ["ssmjax._hmm.inference", "ssmjax._hmm.parallel", "ssmjax._hmm.inference"]
-    graph["ssmjax._hmm.inference"].discard("ssmjax._hmm.parallel")
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 

@@ -32,7 +32,8 @@ from .emissions import (
     PoissonEmissions,
     softmax_rows,
 )
-from .inference import _batch_smoother_stats, hmm_filter, hmm_sample_posterior, hmm_smoother, hmm_viterbi
+from .inference import hmm_filter, hmm_sample_posterior, hmm_smoother, hmm_viterbi
+from .rules import batch_smoother_stats
 
 # public parameter name -> stored field, for the built-in emission families
 _EMISSION_FIELDS = {
@@ -362,12 +363,12 @@ class HMM(AbstractFittableModel):
         Equal to summing :meth:`_e_step` over the batch, organised for speed: emission
         log-likelihoods come state-major ``(T, K, B)`` for all steps at once
         (``_time_major_log_likelihoods``), forward-backward advances all sequences together
-        (:func:`~ssmjax._hmm.inference._batch_smoother_stats`, the batch as the vectorised
+        (:func:`~ssmjax._hmm.rules.batch_smoother_stats`, the batch as the vectorised
         axis), and emission statistics are pooled over the ``T * B`` steps.
         """
         time_major, valid = batch
         lls = self.emissions._time_major_log_likelihoods(time_major, valid)
-        smoothed, transitions, loglik = _batch_smoother_stats(
+        smoothed, transitions, loglik = batch_smoother_stats(
             self.initial_probs, self.transition_matrix, lls, valid, fallback=not fast_e_step()
         )  # smoothed: (T, B, K), zero at padded steps
         if isinstance(self.emissions, AbstractExponentialFamilyEmissions):

@@ -2,7 +2,7 @@ r"""Parallel-in-time (associative-scan) inference in discrete hidden Markov mode
 
 Private counterparts of :func:`ssmjax.hmm_filter`, :func:`ssmjax.hmm_smoother`,
 :func:`ssmjax.hmm_viterbi` and :func:`ssmjax.hmm_sample_posterior` with the same
-arguments, validation (the sequential module's ``_validate``, so errors are
+arguments, validation (:func:`ssmjax._hmm.validate.validate`, so errors are
 identical), return types and documented padded outputs, but with
 :math:`O(\log T)` depth: every recursion is a :func:`jax.lax.associative_scan`
 (Hassan, Särkkä & García-Fernández, 2021). They do :math:`O(T K^3)` work instead
@@ -75,7 +75,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .inference import HMMFilterResult, HMMPosterior, _safe_log, _validate
+from .recursion import _safe_log
+from .results import HMMFilterResult, HMMPosterior
 
 __all__ = [
     "hmm_filter_parallel",
