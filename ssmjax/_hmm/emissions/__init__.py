@@ -1,0 +1,43 @@
+r"""Emission models for discrete-state hidden Markov models.
+
+An emission model holds, for each of ``K`` hidden states, a distribution
+:math:`p(y_t \mid z_t = k)` over one time step's emission :math:`y_t`. Its one
+job in inference is to turn a sequence of emissions into the ``(T, K)`` matrix
+``log_likelihoods[t, k] = log p(y_t | z_t = k)`` that :func:`ssmjax.hmm_filter`
+and friends take (time convention: :mod:`ssmjax._types`).
+
+The interface (:class:`AbstractEmissions`) is small so users can add families;
+families with summable sufficient statistics and a closed-form maximiser
+subclass :class:`AbstractExponentialFamilyEmissions`, which gives them
+:meth:`~AbstractEmissions.m_step` for expectation-maximisation (EM).
+
+Storage is unconstrained (STYLE §6): categorical ``logits``, Poisson
+``log_rates``, Gaussian ``means`` with Cholesky factors ``chol_covs`` (full) or
+``log_variances`` (diagonal). Any array value of those fields is a valid model,
+so gradient-based fitting (optax) needs no bijectors. Constructors take the
+constrained values (``probs``, ``rates``, ``covs``) and validate them; the
+constrained views are read back through properties of the same names.
+"""
+
+from .base import AbstractEmissions as AbstractEmissions
+from .base import AbstractExponentialFamilyEmissions as AbstractExponentialFamilyEmissions
+from .base import NoClosedFormMStepError as NoClosedFormMStepError
+from .base import softmax_rows as softmax_rows
+from .categorical import CategoricalEmissions as CategoricalEmissions
+from .categorical import CategoricalStats as CategoricalStats
+from .gaussian import GaussianEmissions as GaussianEmissions
+from .gaussian import GaussianStats as GaussianStats
+from .poisson import PoissonEmissions as PoissonEmissions
+from .poisson import PoissonStats as PoissonStats
+
+__all__ = [
+    "AbstractEmissions",
+    "AbstractExponentialFamilyEmissions",
+    "NoClosedFormMStepError",
+    "CategoricalEmissions",
+    "GaussianEmissions",
+    "PoissonEmissions",
+    "CategoricalStats",
+    "GaussianStats",
+    "PoissonStats",
+]

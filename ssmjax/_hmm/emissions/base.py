@@ -1,0 +1,291 @@
+"""The emission interface and what every family shares.
+
+:class:`AbstractEmissions` (the interface a family implements, with the final
+``log_likelihoods`` and ``m_step``), :class:`AbstractExponentialFamilyEmissions`
+(families with summable statistics and a closed-form M-step),
+:class:`NoClosedFormMStepError`, and the private helpers the families' checks and
+M-steps share (padding masks, weight validation, keeping empty states). It imports
+no family, so every family module can import it.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
+
+from ... import _checks
+
+
+class NoClosedFormMStepError(NotImplementedError):
+    """Raised by :meth:`AbstractEmissions.m_step` for a family without a closed-form M-step.
+
+    Fitting code catches it (or tests :attr:`AbstractEmissions.has_closed_form_m_step`
+    first) and falls back to gradient steps on the expected complete-data
+    log-likelihood ``sum_n sum_k weights[n, k] * log_prob(emissions[n])[k]``.
+    """
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@jax.jit
+def softmax_rows(logits: Float[Array, "*K C"]) -> Float[Array, "*K C"]:
+    """``jax.nn.softmax`` over the last axis, compiled as one program (eagerly it runs ~5 kernels,
+    each compiled on first use); inlined under a trace."""
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _step_mask(num_steps: int, length) -> Optional[jax.Array]:
+    """Boolean (N,) mask of real steps, or None when every step is real."""
+    length = _checks.check_length(length, num_steps)
+    if length is None:
+        return None
+    if _checks.host_namespace(length) is np:  # concrete: no eager kernels
+        return jnp.asarray(np.arange(num_steps) < int(length))
+    return jnp.arange(num_steps) < length
+
+
+def _as_mask(name: str, mask, num_steps: int) -> Optional[jax.Array]:
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    _checks.check_shape(name, mask, (num_steps,), "one flag per pooled step, True for real steps")
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"`{name}` must be a boolean array; got dtype {mask.dtype}.")
+    return mask
+
+
+def _fill_padding(emissions: jax.Array, mask: Optional[jax.Array], fill) -> jax.Array:
+    """Replace emissions at padded steps by ``fill`` (so garbage never reaches the maths)."""
+    if mask is None:
+        return emissions
+    m = mask.reshape(mask.shape + (1,) * (emissions.ndim - 1))
+    return jnp.where(m, emissions, jnp.asarray(fill, emissions.dtype))
+
+
+# --------------------------------------------------------------------------- interface
+
+
+class AbstractEmissions(eqx.Module):
+    r"""Interface of an HMM emission model: one distribution per hidden state.
+
+    To add a family, subclass and implement the five abstract members:
+
+    * ``num_states`` (property): the number of hidden states ``K``.
+    * ``emission_shape`` (property): the shape of ONE time step's emission,
+      ``()`` for a scalar symbol, ``(D,)`` for a vector.
+    * ``log_prob(emission) -> Float[Array, "K"]``: per-state log-densities of ONE
+      step's emission, ``log p(y | z = k)`` for ``k = 0..K-1``. It may assume a
+      valid emission (validation is ``check_emissions``'s job) and must be pure
+      JAX so that it jits, vmaps and differentiates.
+    * ``sample(key, state)``: draw one emission given an integer state.
+    * ``check_emissions(emissions, mask=None)``: value-check a stack of emissions
+      of shape ``(N, *emission_shape)`` and return them guarded (use
+      :func:`ssmjax._checks.check_values`, which raises ``ValueError`` eagerly and
+      inserts a run-time check under ``jit``); steps where ``mask`` is ``False``
+      are padding and must not be checked. Families without value constraints
+      write ``return emissions``.
+
+    Everything else is final (concrete here, never overridden):
+    :meth:`log_likelihoods` maps ``log_prob`` over time, and :meth:`m_step`
+    dispatches to the closed-form M-step of
+    :class:`AbstractExponentialFamilyEmissions` or raises
+    :class:`NoClosedFormMStepError`.
+
+    ``log_likelihoods`` is a final *method* rather than a free function because
+    it is generic in ``log_prob`` alone: every family gets the same batching,
+    shape check and padding rule, and it reads naturally at the call site
+    (``hmm_filter(pi, A, emissions_model.log_likelihoods(ys))``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, ssmjax
+        >>> class Exponential(ssmjax.AbstractEmissions):
+        ...     log_rates: jax.Array
+        ...     @property
+        ...     def num_states(self): return self.log_rates.shape[0]
+        ...     @property
+        ...     def emission_shape(self): return ()
+        ...     def log_prob(self, emission):
+        ...         return self.log_rates - jnp.exp(self.log_rates) * emission
+        ...     def sample(self, key, state):
+        ...         return jax.random.exponential(key) / jnp.exp(self.log_rates[state])
+        ...     def check_emissions(self, emissions, mask=None):
+        ...         return emissions
+        >>> Exponential(jnp.zeros(3)).log_likelihoods(jnp.ones(5)).shape
+        (5, 3)
+    """
+
+    @property
+    @abc.abstractmethod
+    def num_states(self) -> int:
+        """Number of hidden states ``K``."""
+
+    @property
+    @abc.abstractmethod
+    def emission_shape(self) -> tuple[int, ...]:
+        """Shape of one time step's emission (``()`` for scalars)."""
+
+    @abc.abstractmethod
+    def log_prob(self, emission) -> Float[Array, " K"]:
+        """Per-state log-likelihoods ``log p(emission | z = k)`` of ONE step's emission."""
+
+    @abc.abstractmethod
+    def sample(self, key: PRNGKeyArray, state) -> Array:
+        """One emission drawn from state ``state`` (an integer scalar)."""
+
+    @abc.abstractmethod
+    def check_emissions(self, emissions, mask=None) -> Array:
+        """Value-check ``emissions`` of shape ``(N, *emission_shape)``; return them guarded."""
+
+    # -- final -------------------------------------------------------------
+
+    def log_likelihoods(self, emissions, *, length=None) -> Float[Array, "T K"]:
+        r"""Log-likelihood matrix of a sequence: ``out[t, k] = log p(y_t | z_t = k)``.
+
+        This is the ``log_likelihoods`` argument of :func:`ssmjax.hmm_filter`.
+        Final: implemented once for every family from :meth:`log_prob`.
+
+        Args:
+            emissions: one sequence, shape ``(T, *emission_shape)``.
+            length: optional number of real steps (see :mod:`ssmjax._types`).
+                Steps ``t >= length`` are padding: they are neither checked nor
+                evaluated, whatever they contain, and their rows are ``0``.
+
+        Returns:
+            Array of shape ``(T, K)``.
+
+        Raises:
+            ValueError: wrong shape or dtype of ``emissions`` (always), invalid
+                values at real steps (eagerly; a run-time error under ``jit``).
+
+        Example:
+            >>> import jax.numpy as jnp, ssmjax
+            >>> model = ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [5.0]]))
+            >>> model.log_likelihoods(jnp.array([[0], [3], [7]])).shape
+            (3, 2)
+        """
+        emissions = _checks.to_device(emissions)
+        shape = tuple(self.emission_shape)
+        _checks.check_shape("emissions", emissions, ("T",) + shape, "one emission per time step")
+        num_steps = emissions.shape[0]
+        mask = _step_mask(num_steps, length)
+        emissions = self.check_emissions(emissions, mask)
+        if mask is not None:
+            # padded steps get the first (real) step's emission so log_prob and
+            # its gradient only ever see valid inputs
+            m = mask.reshape(mask.shape + (1,) * len(shape))
+            emissions = jnp.where(m, emissions, emissions[:1])
+        with _checks.value_checks(False):  # already checked above, in one reduction
+            lls = jax.vmap(self.log_prob)(emissions)
+        if mask is not None:
+            lls = jnp.where(mask[:, None], lls, 0.0)
+        return lls
+
+    def _time_major_log_likelihoods(
+        self, emissions, valid: Bool[Array, "T B"]
+    ) -> Float[Array, "T K B"]:
+        """State-major log-likelihoods of a time-major padded batch (the EM E-step's layout).
+
+        ``emissions`` is ``(T, B, *emission_shape)``, already checked; ``out[t, k, b] =
+        log p(emissions[t, b] | z = k)`` at real steps and ``0`` at padded ones (whose
+        emissions may hold anything). Families may override it with a faster formula
+        (:class:`GaussianEmissions` does); it must equal this default.
+        """
+        num_steps, num_seq = valid.shape
+        shape = emissions.shape[2:]
+        # padded steps evaluate step 0 of their sequence (always real) instead
+        safe = jnp.where(valid.reshape(valid.shape + (1,) * len(shape)), emissions, emissions[:1])
+        with _checks.value_checks(False):
+            lls = jax.vmap(self.log_prob)(safe.reshape((num_steps * num_seq,) + shape))
+        lls = jnp.swapaxes(lls.reshape(num_steps, num_seq, -1), 1, 2)
+        return jnp.where(valid[:, None, :], lls, 0.0)
+
+    @property
+    def has_closed_form_m_step(self) -> bool:
+        """Whether :meth:`m_step` is available (the family has summable sufficient statistics)."""
+        return isinstance(self, AbstractExponentialFamilyEmissions)
+
+    def m_step(self, emissions, weights, mask=None) -> "AbstractEmissions":
+        r"""Closed-form M-step: the model maximising the weighted log-likelihood.
+
+        Solves :math:`\max_\theta \sum_n \sum_k w_{nk} \log p_\theta(y_n \mid z = k)`
+        over steps ``n`` pooled across all time steps of all sequences, with
+        ``w = weights`` the posterior responsibilities (``smoothed_probs``).
+        Equivalent to ``self.m_step_from_stats(self.suff_stats(emissions, weights, mask))``.
+
+        Contract: a state whose total responsibility is zero keeps its current
+        parameters (no NaN). Families without a closed form raise
+        :class:`NoClosedFormMStepError` (check :attr:`has_closed_form_m_step`).
+
+        Args:
+            emissions: pooled emissions, shape ``(N, *emission_shape)``.
+            weights: responsibilities, shape ``(N, K)``, non-negative.
+            mask: optional boolean ``(N,)``; ``False`` marks padded steps, which
+                are ignored whatever their emissions and weights contain.
+
+        Returns:
+            A new model of the same class.
+
+        Raises:
+            NoClosedFormMStepError: the family has no closed-form M-step.
+        """
+        if not isinstance(self, AbstractExponentialFamilyEmissions):
+            raise NoClosedFormMStepError(
+                f"{type(self).__name__} has no closed-form M-step (it does not subclass "
+                "AbstractExponentialFamilyEmissions); fit its parameters by gradient steps instead."
+            )
+        return self.m_step_from_stats(self.suff_stats(emissions, weights, mask))
+
+
+class AbstractExponentialFamilyEmissions(AbstractEmissions):
+    r"""Emission families with summable sufficient statistics and a closed-form M-step.
+
+    EM over batches or devices computes statistics per chunk, reduces them with
+    ``jax.tree.map(jnp.add, stats_a, stats_b)`` (or ``jax.lax.psum``), then calls
+    :meth:`m_step_from_stats` once. Statistics are a pytree of arrays whose
+    leading axis is ``K``; they are linear in ``weights``, so the statistics of a
+    concatenation equal the sum of the statistics of its parts.
+
+    Statistics are computed by an *instance* and may depend on its current
+    parameters (the Gaussian family centres its moments on the current means for
+    numerical accuracy), so pass them to ``m_step_from_stats`` of the same
+    instance that computed them, as EM does.
+
+    Subclasses implement :meth:`suff_stats` and :meth:`m_step_from_stats`; in
+    ``m_step_from_stats`` a state with zero total weight keeps its parameters.
+    """
+
+    @abc.abstractmethod
+    def suff_stats(self, emissions, weights, mask=None) -> PyTree[Array]:
+        """Weighted sufficient statistics of pooled ``emissions`` ``(N, ...)``, ``weights`` ``(N, K)``."""
+
+    @abc.abstractmethod
+    def m_step_from_stats(self, stats: PyTree[Array], frozen=frozenset()) -> "AbstractExponentialFamilyEmissions":
+        """The maximiser given (summed) statistics; empty states keep their parameters.
+
+        ``frozen`` names parameters (``"rates"``, ``"probs"``, ``"means"``, ``"covs"``)
+        kept at their current values; the others get their exact maximiser given
+        them (e.g. Gaussian covariances about frozen means).
+        """
+
+
+def _check_weights(weights, num_steps: int, num_states: int, mask, dtype) -> jax.Array:
+    weights = _checks.as_float_array("weights", weights, dtype)
+    _checks.check_shape("weights", weights, (num_steps, num_states), "responsibilities, one row per pooled step")
+    if mask is not None:
+        weights = jnp.where(mask[:, None], weights, 0.0)
+    bad = (weights < 0) | ~jnp.isfinite(weights)
+    return _checks.check_values(
+        weights, bad, "`weights` must be finite and non-negative at unpadded steps."
+    )
+
+
+def _keep_where_empty(empty: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    e = empty.reshape(empty.shape + (1,) * (new.ndim - 1))
+    return jnp.where(e, old, new)

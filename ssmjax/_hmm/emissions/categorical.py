@@ -1,0 +1,196 @@
+r"""Categorical emissions: one integer symbol in ``[0, C)`` per step.
+
+:class:`CategoricalEmissions` (stored as ``logits``, read back as ``probs``), its
+sufficient statistics :class:`CategoricalStats` (weighted symbol counts), and the
+private log-density, counting and M-step functions it is built from.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ... import _checks
+from .base import (
+    AbstractExponentialFamilyEmissions,
+    _as_mask,
+    _check_weights,
+    _fill_padding,
+    _keep_where_empty,
+    softmax_rows,
+)
+
+
+class CategoricalStats(NamedTuple):
+    """Sufficient statistics of :class:`CategoricalEmissions`.
+
+    Attributes:
+        counts: ``(K, C)``, ``counts[k, c] = sum_n weights[n, k] * [y_n == c]``.
+    """
+
+    counts: Array
+
+
+def _categorical_log_prob(logits: Float[Array, "K C"], emission: Int[Array, ""]) -> Float[Array, " K"]:
+    return jax.nn.log_softmax(logits, axis=-1)[:, emission]
+
+
+class CategoricalEmissions(AbstractExponentialFamilyEmissions):
+    r"""Categorical emissions: :math:`p(y_t = c \mid z_t = k) = \mathrm{probs}[k, c]`.
+
+    The emission at each step is one integer symbol in ``[0, C)``.
+
+    Storage: ``logits`` (``(K, C)``), with ``probs = softmax(logits, axis=-1)``.
+    Structural zeros in ``probs`` become ``logits = -inf``; ``log_prob`` is then
+    exactly ``-inf`` for those symbols and finite elsewhere, without NaN, and
+    gradients with respect to the finite logits stay finite. (A row of all
+    ``-inf`` is not a distribution; the constructor cannot produce one.)
+
+    Args:
+        probs: ``(K, C)`` row-stochastic matrix (keyword or first positional).
+        logits: alternatively, unconstrained ``(K, C)`` logits (keyword only).
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> model = ssmjax.CategoricalEmissions(probs=jnp.array([[0.9, 0.1], [0.2, 0.8]]))
+        >>> model.log_likelihoods(jnp.array([0, 1, 1])).shape
+        (3, 2)
+    """
+
+    logits: Float[Array, "K C"]
+
+    def __init__(self, probs=None, *, logits=None):
+        if (probs is None) == (logits is None):
+            raise ValueError("Pass exactly one of `probs` and `logits`.")
+        if probs is not None:
+            probs = _checks.as_float_array("probs", probs)
+            _checks.check_shape("probs", probs, ("K", "C"), "one row of symbol probabilities per state")
+            probs = _checks.check_probability_vector("probs", probs)
+            self.logits = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+        else:
+            logits = _checks.as_float_array("logits", logits)
+            _checks.check_shape("logits", logits, ("K", "C"))
+            self.logits = logits
+
+    @property
+    def num_states(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of symbols ``C``."""
+        return self.logits.shape[1]
+
+    @property
+    def emission_shape(self) -> tuple[int, ...]:
+        return ()
+
+    @property
+    def probs(self) -> Float[Array, "K C"]:
+        """Emission probabilities, ``(K, C)``."""
+        return softmax_rows(self.logits)
+
+    def check_emissions(self, emissions, mask=None) -> Array:
+        emissions = _checks.to_device(emissions)
+        if not jnp.issubdtype(emissions.dtype, jnp.integer):
+            raise ValueError(
+                f"`emissions` of a categorical model must hold integer symbols; got dtype {emissions.dtype}."
+            )
+        xp, values, mask = _checks.host_arrays(emissions, mask)
+        bad = (values < 0) | (values >= self.num_classes)
+        if mask is not None:
+            bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
+        return _checks.check_values(
+            emissions, bad, f"`emissions` must be symbols in [0, {self.num_classes}) (num_classes)."
+        )
+
+    def log_prob(self, emission) -> Float[Array, " K"]:
+        emission = _checks.to_device(emission)
+        _checks.check_shape("emission", emission, (), "one integer symbol")
+        emission = self.check_emissions(emission)
+        return _categorical_log_prob(self.logits, emission)
+
+    def sample(self, key: PRNGKeyArray, state) -> Int[Array, ""]:
+        return jax.random.categorical(key, self.logits[state])
+
+    def suff_stats(self, emissions, weights, mask=None) -> CategoricalStats:
+        emissions = _checks.to_device(emissions)
+        _checks.check_shape("emissions", emissions, ("N",), "pooled integer symbols")
+        n = emissions.shape[0]
+        mask = _as_mask("mask", mask, n)
+        emissions = self.check_emissions(emissions, mask)
+        emissions = _fill_padding(emissions, mask, 0)
+        weights = _check_weights(weights, n, self.num_states, mask, self.logits.dtype)
+        return CategoricalStats(counts=_categorical_counts(weights, emissions, self.num_classes))
+
+    def m_step_from_stats(self, stats: CategoricalStats, frozen=frozenset()) -> "CategoricalEmissions":
+        if "probs" in frozen:
+            return self
+        counts = jnp.asarray(stats.counts)
+        _checks.check_shape("stats.counts", counts, (self.num_states, self.num_classes))
+        return CategoricalEmissions(logits=_categorical_m_step(self.logits, counts))
+
+    # -- initialisers ------------------------------------------------------
+
+    @classmethod
+    def random(cls, key: PRNGKeyArray, num_states: int, num_classes: int, dtype=None) -> "CategoricalEmissions":
+        """Rows drawn from a flat Dirichlet(1, ..., 1).
+
+        Example:
+            >>> import jax, ssmjax
+            >>> ssmjax.CategoricalEmissions.random(jax.random.key(0), 3, 4).probs.shape
+            (3, 4)
+        """
+        dtype = dtype or jnp.result_type(float)
+        probs = jax.random.dirichlet(key, jnp.ones(num_classes, dtype), shape=(num_states,))
+        return cls(logits=jnp.log(probs))
+
+    @classmethod
+    def from_data(
+        cls, key: PRNGKeyArray, emissions, num_states: int, num_classes: int, *, noise: float = 0.2
+    ) -> "CategoricalEmissions":
+        r"""Empirical symbol frequencies, perturbed per state by Dirichlet noise.
+
+        ``probs[k] = (1 - noise) * f + noise * g_k`` where ``f`` are the add-one
+        smoothed frequencies of the pooled ``emissions`` and ``g_k ~ Dirichlet(1)``,
+        so states differ (EM cannot separate identical states) and no symbol has
+        probability zero.
+
+        Args:
+            key: PRNG key.
+            emissions: pooled integer symbols, shape ``(N,)``.
+            num_states: ``K``.
+            num_classes: ``C``.
+            noise: mixing weight of the Dirichlet draw, in ``(0, 1]``.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, ssmjax
+            >>> ys = jnp.array([0, 1, 1, 2, 1])
+            >>> ssmjax.CategoricalEmissions.from_data(jax.random.key(0), ys, 2, 3).probs.shape
+            (2, 3)
+        """
+        emissions = _checks.to_device(emissions)
+        _checks.check_shape("emissions", emissions, ("N",), "pooled integer symbols")
+        probe = cls(logits=jnp.zeros((num_states, num_classes)))
+        emissions = probe.check_emissions(emissions)
+        counts = jnp.zeros(num_classes).at[emissions].add(1.0) + 1.0
+        freqs = counts / counts.sum()
+        g = jax.random.dirichlet(key, jnp.ones(num_classes, freqs.dtype), shape=(num_states,))
+        probs = (1.0 - noise) * freqs[None, :] + noise * g
+        return cls(logits=jnp.log(probs))
+
+
+def _categorical_counts(weights: Float[Array, "N K"], emissions: Int[Array, " N"], num_classes: int) -> Float[Array, "K C"]:
+    onehot = jax.nn.one_hot(emissions, num_classes, dtype=weights.dtype)
+    return weights.T @ onehot
+
+
+def _categorical_m_step(old_logits: Float[Array, "K C"], counts: Float[Array, "K C"]) -> Float[Array, "K C"]:
+    totals = counts.sum(-1)
+    empty = totals <= 0
+    probs = counts / jnp.where(empty, 1.0, totals)[:, None]
+    logits = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+    return _keep_where_empty(empty, logits, old_logits)
