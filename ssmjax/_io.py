@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable
 
@@ -28,6 +29,11 @@ _VERSION = 1
 
 
 def _class_name(cls) -> str:
+    """``ssmjax:Name`` for a class of the public API (files stay loadable whichever private module
+    defines it), else ``module:qualname``."""
+    public = sys.modules.get("ssmjax")
+    if public is not None and getattr(public, cls.__qualname__, None) is cls:
+        return f"ssmjax:{cls.__qualname__}"
     return f"{cls.__module__}:{cls.__qualname__}"
 
 

@@ -39,6 +39,15 @@ def test_round_trip_is_exact(model, tmp_path):
     assert eqx.tree_equal(eqx.filter(loaded, eqx.is_array, inverse=True), eqx.filter(model, eqx.is_array, inverse=True))
 
 
+def test_files_name_public_classes_by_their_public_name(tmp_path):
+    # the header names ssmjax.HMM, not the private module that defines it, so files outlive a
+    # reorganisation of the private modules
+    ssmjax.save(tmp_path / "m", next(models()))
+    header = (tmp_path / "m").read_bytes().split(b"\n", 1)[0].decode()
+    assert '"ssmjax:HMM"' in header and '"ssmjax:PoissonEmissions"' in header
+    assert "ssmjax._hmm" not in header
+
+
 def test_loaded_model_computes_the_same(tmp_path):
     model = next(models())
     ssmjax.save(tmp_path / "m", model)

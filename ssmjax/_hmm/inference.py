@@ -60,8 +60,8 @@ Gradients
         \frac{\partial \log p}{\partial \pi_i} = \frac{e^{\ell_0(i)}\beta_0(i)}{p(y_{1:T})},
 
     evaluated with the scaled messages, never dividing by :math:`A_{ij}`, so
-    they are exact and finite with structural zeros. The backward scan only
-    carries :math:`\hat\beta_t` (padding folded into its inputs, no per-step masking);
+    they are exact and finite with structural zeros. The backward loop only
+    carries and writes :math:`\hat\beta_t`;
     the gradient with respect to :math:`A` is then accumulated by matrix products of
     the filtered probabilities with the backward weights over blocks of rows (no
     (T, K, K) array and no (T, K) weight array for a stationary :math:`A`); memory is
@@ -71,6 +71,14 @@ Gradients
     (T, K) log-likelihoods at T = 1e6, K = 16, float32). When the filtered or predicted
     probabilities also receive cotangents, the VJP of the plain forward scan is
     used instead (exact too).
+
+Where it lives
+    This module holds the public functions: they validate (:mod:`ssmjax._hmm.validate`)
+    and call the programs of :mod:`ssmjax._hmm.rules` (filter, smoother, custom gradient,
+    ``jax.vmap`` rules, fit_em's E-step) and :mod:`ssmjax._hmm.decoding`, which run the one
+    forward and one backward recursion of :mod:`ssmjax._hmm.recursion`, or the
+    parallel-in-time forms of :mod:`ssmjax._hmm.parallel`. :mod:`ssmjax._hmm.strategy` makes
+    the choices between them (:func:`hmm_strategy` shows them).
 """
 
 from __future__ import annotations

@@ -421,7 +421,8 @@ class ForwardPass(NamedTuple):
 
 
 def _forward_body(masked, carry, t, x, *, transition_matrix, augmented, lengths, s_axis, mode, floor, freeze):
-    pred, last = carry
+    # the last filtered row is carried only to freeze padded rows in the loop
+    pred, last = carry if freeze else (carry, None)
     source, shift, a_t = x
     transition = transition_matrix if a_t is None else a_t
     is_valid = _valid_block(t, lengths, s_axis) if masked else None
@@ -441,7 +442,7 @@ def _forward_body(masked, carry, t, x, *, transition_matrix, augmented, lengths,
     if freeze and masked:
         new = jnp.where(is_valid, new, last)
         pred = jnp.where(is_valid, pred, last)
-    return (pred_next, new), (new, pred if freeze else None, norm, peak)
+    return ((pred_next, new) if freeze else pred_next), (new, pred if freeze else None, norm, peak)
 
 
 def _forward_loop(initial_probs, transition_matrix, log_likelihoods, lengths, layout, mode, floor, freeze, masked_ll=None):
@@ -475,11 +476,12 @@ def _forward_loop(initial_probs, transition_matrix, log_likelihoods, lengths, la
     )
     a_steps = _transition_steps(transition_matrix, num_timesteps, reverse=False)
     xs = (source, shifts if mode == "shifts-before-loop" else None, a_steps)
+    carry = (start, start) if freeze else start
     if layout == "TK":
-        _, outs = _scan(body, (start, start), xs, jnp.arange(num_timesteps), reverse=False)
+        _, outs = _scan(body, carry, xs, jnp.arange(num_timesteps), reverse=False)
     else:
         _, outs = _indexed(
-            body, (start, start), xs, (time_axis, 0, 0), (time_axis, time_axis, 0, 0), num_timesteps, lengths, False
+            body, carry, xs, (time_axis, 0, 0), (time_axis, time_axis, 0, 0), num_timesteps, lengths, False
         )
     filtered, predicted, norms, peaks = outs
     emissions = source if mode == "before-loop" else None
@@ -578,7 +580,9 @@ def _sequences_against(flags, ndim: int, layout: str, time_axis: int):
 # --------------------------------------------------------------------------- backward
 
 
-def _backward_body(masked, beta, t, x, *, transition_matrix, lengths, s_axis, mode, padded_rows_zero, row_scale):
+def _backward_body(
+    masked, beta, t, x, *, transition_matrix, lengths, s_axis, mode, padded_rows_zero, row_scale, betas_only=False
+):
     source, peak, log_c, filtered, a_t = x
     transition = transition_matrix if a_t is None else a_t
     is_valid = _valid_block(t, lengths, s_axis) if masked else None
@@ -590,6 +594,11 @@ def _backward_body(masked, beta, t, x, *, transition_matrix, lengths, s_axis, mo
         if masked:
             w = jnp.where(is_valid, w, 0.0)
     v, beta_prev = backward_step(beta, w, transition, s_axis)
+    if masked:
+        beta_prev = jnp.where(is_valid, beta_prev, 1.0)
+    if betas_only:
+        # Writing the new carry (not the old one) spares XLA a copy of the carry per step.
+        return beta_prev, beta_prev
     row = None
     if filtered is not None:
         row = filtered * beta
@@ -597,8 +606,6 @@ def _backward_body(masked, beta, t, x, *, transition_matrix, lengths, s_axis, mo
             row = row * _per_state(row_scale, s_axis)
         if masked and padded_rows_zero:
             row = jnp.where(is_valid, row, 0.0)
-    if masked:
-        beta_prev = jnp.where(is_valid, beta_prev, 1.0)
     return beta_prev, (row, v)
 
 
@@ -727,11 +734,15 @@ def loglik_gradients(transition_matrix, log_likelihoods, length, filtered, peaks
     head = num_timesteps - num_blocks * block  # in [block, 2 block): every loop block starts at t >= 1
 
     def _block(start, size, beta):
-        """Steps ``start .. start + size - 1`` backwards from ``beta``: ``(beta before, rows, v)``."""
+        """Steps ``start .. start + size - 1`` backwards from ``beta``: ``(beta before, (rows, v))``.
+
+        The loop carries and writes only the messages; the rows and :math:`v_t` are formed from
+        the block's messages afterwards, vectorised.
+        """
         sl = functools.partial(lax.dynamic_slice_in_dim, start_index=start, slice_size=size)
         ll, pk, lc, f = sl(log_likelihoods), sl(peaks), sl(log_cs), sl(filtered)
-        valid = (start + jnp.arange(size)) < length
-        w = jnp.where(valid[:, None], _emission_weights(ll, pk[:, None], lc[:, None]), 0.0)
+        valid = ((start + jnp.arange(size)) < length)[:, None]
+        w = jnp.where(valid, _emission_weights(ll, pk[:, None], lc[:, None]), 0.0)
         body = functools.partial(
             _backward_body,
             transition_matrix=transition_matrix,
@@ -740,8 +751,11 @@ def loglik_gradients(transition_matrix, log_likelihoods, length, filtered, peaks
             mode="before-loop",
             padded_rows_zero=True,
             row_scale=None,
+            betas_only=True,
         )
-        return _scan(body, beta, (w, None, None, f, None), start + jnp.arange(size), reverse=True)
+        beta_before, shifted = _scan(body, beta, (w, None, None, None, None), start + jnp.arange(size), reverse=True)
+        betas = jnp.concatenate([shifted[1:], beta[None]])  # beta_t = shifted[t + 1]
+        return beta_before, (jnp.where(valid, f * betas, 0.0), w * betas)
 
     def _loop_block(i, state):
         beta, acc, grad_ll = state
