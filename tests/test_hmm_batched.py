@@ -21,6 +21,7 @@ from helpers import FD_TOLERANCE, assert_allclose, central_difference_grad, rand
 from test_hmm_oracle import brute_force, filtered_and_predicted
 
 import ssmjax
+from ssmjax._hmm import recursion
 from ssmjax._hmm import rules as hmm_rules
 
 LENGTHS = np.array([5, 1, 3, 5, 4, 2])  # ragged, a length-1 sequence, two full ones
@@ -216,14 +217,17 @@ def _body_eqns(loop):
                 yield from inner.eqns
 
 
+@pytest.mark.parametrize("num_states", [4, 12])
 @pytest.mark.parametrize("what", ["filter", "smoother", "gradient"])
-def test_vmap_runs_one_batched_recursion(what):
+def test_vmap_runs_one_batched_recursion(what, num_states):
     """The vmapped program's recursions advance the whole batch: loops over time that carry the
-    (B, T, K) output buffers and take one matrix product of a (B, K) block a step, with no (B, K, K)
-    intermediate (what the per-sequence recursion's fused products become under plain vmap). Each
-    comes twice (with and without padding masks, one conditional picks); any other loop is the
-    per-sequence underflow rescue, inside its conditional."""
-    num_seq, num_timesteps, num_states = 7, 11, 4
+    (B, T, K) output buffers (plain vmap of the per-sequence scan stacks its outputs instead) and,
+    above ``recursion._FUSED_BLOCK_MAX_STATES`` states, take one matrix product of a (B, K) block a
+    step, with no (B, K, K) intermediate (what the per-sequence recursion's fused products become
+    under plain vmap). Each comes twice (with and without padding masks, one conditional picks);
+    any other loop is inside a conditional (the underflow rescue)."""
+    num_seq, num_timesteps = 7, 11
+    fused = num_states <= recursion._FUSED_BLOCK_MAX_STATES
     pi, A, ll = _batch(5, num_states=num_states, lengths=np.full(num_seq, num_timesteps))
     ll = jnp.asarray(ll)
     if what == "gradient":
@@ -239,10 +243,12 @@ def test_vmap_runs_one_batched_recursion(what):
         products = [e for e in eqns if e.primitive.name == "dot_general"]
         shapes = {tuple(v.aval.shape) for e in eqns for v in e.outvars}
         carries = {tuple(v.aval.shape) for v in loop.outvars}
-        return (
-            buffer in carries
-            and any(tuple(e.invars[0].aval.shape) == block for e in products)
-            and (num_seq, num_states, num_states) not in shapes
+        return buffer in carries and (
+            fused
+            or (
+                any(tuple(e.invars[0].aval.shape) == block for e in products)
+                and (num_seq, num_states, num_states) not in shapes
+            )
         )
 
     loops = list(_loops(jaxpr))
