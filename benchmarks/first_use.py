@@ -48,14 +48,14 @@ SCENARIOS = {
     "HMM.from_data gaussian (B=100, T=1000, D=3, K=5)": (
         "rng = np.random.default_rng(0)\n"
         "ys = (rng.standard_normal((100, 1000, 3)) + 3 * rng.integers(0, 5, (100, 1000, 1))).astype(np.float32)\n",
-        "out = ssmjax.HMM.from_data(jax.random.key(1), ys, 5, 'gaussian')\n",
+        "out = ssmjax.HMM.from_data(ys, 5, 'gaussian', key=jax.random.key(1))\n",
     ),
-    "Poisson HMM (earthquakes, T=107): from_data, marginal_loglik, most_likely_states, smoother": (
+    "Poisson HMM (earthquakes, T=107): from_data, marginal_loglik, viterbi, smoother": (
         "jax.config.update('jax_enable_x64', True)\n"
         "from ssmjax.datasets import load_earthquakes\n"
         "y = np.asarray(load_earthquakes().values, np.float64)[:, None]\n",
-        "m = ssmjax.HMM.from_data(jax.random.key(0), y[None], 2, 'poisson')\n"
-        "out = (m.marginal_loglik(y), m.most_likely_states(y), m.smoother(y).smoothed_probs,\n"
+        "m = ssmjax.HMM.from_data(y[None], 2, 'poisson', key=jax.random.key(0))\n"
+        "out = (m.marginal_loglik(y), m.viterbi(y), m.smoother(y).smoothed_probs,\n"
         "       m.transition_matrix, m.emissions.rates)\n",
     ),
     "LGSSM local level (Nile, T=100): construct, rts_smoother": (
@@ -67,10 +67,10 @@ SCENARIOS = {
         "    emission_matrix=np.ones((1, 1)), emission_cov=np.full((1, 1), 15000.0))\n"
         "out = ssmjax.rts_smoother(model, y)\n",
     ),
-    "MarkovChain (5 state sequences, T=40): fit, log_prob": (
+    "MarkovChain (5 state sequences, T=40): fit, marginal_loglik": (
         "states = np.random.default_rng(0).integers(0, 3, (5, 40))\n",
         "chain = ssmjax.MarkovChain.fit(states)\n"
-        "out = (chain.transition_matrix, chain.log_prob(states[0]))\n",
+        "out = (chain.transition_matrix, chain.marginal_loglik(states[0]))\n",
     ),
     "ssmjax demo (whole: 3 EM fits, inference, 2 plots)": (
         "import io, tempfile\n"

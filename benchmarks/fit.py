@@ -79,7 +79,7 @@ def bench_hmm(jax, quick: bool):
     B, T, iters = (20, 200, 20) if quick else (100, 1000, 50)
     rng = np.random.default_rng(0)
     ys = simulate_gaussian_hmm(rng, K, D, B, T).astype(np.float32)
-    init = ssmjax.HMM.from_data(jax.random.key(1), ys, K, "gaussian")
+    init = ssmjax.HMM.from_data(ys, K, "gaussian", key=jax.random.key(1))
     pi0 = np.asarray(init.initial_probs, np.float64)
     a0 = np.asarray(init.transition_matrix, np.float64)
     mu0 = np.asarray(init.emissions.means, np.float64)
@@ -94,7 +94,7 @@ def bench_hmm(jax, quick: bool):
     res = {"config": dict(K=K, D=D, B=B, T=T, iters=iters)}
 
     def run_ssmjax():
-        fitted, lls = ssmjax.fit_em(init, ys, max_iters=iters, tol=0.0)
+        fitted, lls, _ = ssmjax.fit_em(init, ys, max_iters=iters, tol=0.0)
         jax.block_until_ready(fitted)
         return fitted
 
@@ -171,7 +171,7 @@ def bench_kalman(jax, quick: bool):
     res = {"config": dict(Dx=Dx, Dy=Dy, T=T, iters=iters, B=B)}
 
     def run(y):
-        fitted, _ = ssmjax.fit_em(model, y, max_iters=iters, tol=0.0)
+        fitted, _, _ = ssmjax.fit_em(model, y, max_iters=iters, tol=0.0)
         jax.block_until_ready(fitted)
         return fitted
 

@@ -116,7 +116,7 @@ def _lgssm_args(num_timesteps, seed=0):
         transition_matrix=f32(0.95 * rotation), transition_cov=f32(0.1 * np.eye(STATE_DIM)),
         emission_matrix=f32(rng.normal(size=(EMISSION_DIM, STATE_DIM))), emission_cov=f32(0.5 * np.eye(EMISSION_DIM)),
     )
-    _, emissions = lgssm_sample(jax.random.key(seed), model, num_timesteps)
+    _, emissions = lgssm_sample(model, num_timesteps, key=jax.random.key(seed))
     return model, emissions, None, jnp.asarray(num_timesteps, jnp.int32)
 
 

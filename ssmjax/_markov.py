@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
-from . import _checks
+from . import _checks, _deprecation
 
 __all__ = ["MarkovChain", "markov_transition_counts"]
 
@@ -182,7 +182,7 @@ class MarkovChain(eqx.Module):
     Example:
         >>> import jax.numpy as jnp, ssmjax
         >>> chain = ssmjax.MarkovChain(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.2, 0.8]]))
-        >>> round(float(jnp.exp(chain.log_prob(jnp.array([0, 0, 1])))), 4)  # 0.5 * 0.9 * 0.1
+        >>> round(float(jnp.exp(chain.marginal_loglik(jnp.array([0, 0, 1])))), 4)  # 0.5 * 0.9 * 0.1
         0.045
     """
 
@@ -253,8 +253,8 @@ class MarkovChain(eqx.Module):
         """
         return _stationary(self.transition_matrix)
 
-    def log_prob(self, states, *, length=None) -> Float[Array, ""]:
-        r"""Log-probability of one state sequence, :math:`\log \pi_{z_0} + \sum_t \log A_{z_t z_{t+1}}`.
+    def marginal_loglik(self, states, *, length=None) -> Float[Array, ""]:
+        r"""Log-likelihood of one fully observed state sequence, :math:`\log \pi_{z_0} + \sum_t \log A_{z_t z_{t+1}}`.
 
         Args:
             states: integer states, shape ``(T,)``.
@@ -272,7 +272,7 @@ class MarkovChain(eqx.Module):
         Example:
             >>> import jax.numpy as jnp, ssmjax
             >>> chain = ssmjax.MarkovChain(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.2, 0.8]]))
-            >>> round(float(chain.log_prob(jnp.array([0, 1, 7]), length=2)), 6)  # log(0.5 * 0.1)
+            >>> round(float(chain.marginal_loglik(jnp.array([0, 1, 7]), length=2)), 6)  # log(0.5 * 0.1)
             -2.995732
         """
         states = jnp.asarray(states)
@@ -290,13 +290,19 @@ class MarkovChain(eqx.Module):
         states = _check_states("states", states, self.num_states, valid)
         return _log_prob(self.initial_probs, self.transition_matrix, states.astype(jnp.int32), length)
 
-    def sample(self, key: PRNGKeyArray, num_timesteps: int) -> Int[Array, " T"]:
+    def log_prob(self, states, *, length=None) -> Float[Array, ""]:
+        """Deprecated spelling of :meth:`marginal_loglik`."""
+        _deprecation.warn("MarkovChain.log_prob", "MarkovChain.marginal_loglik")
+        return self.marginal_loglik(states, length=length)
+
+    @_deprecation.key_last("MarkovChain.sample", skip=1)
+    def sample(self, num_timesteps: int, *, key: PRNGKeyArray) -> Int[Array, " T"]:
         """Draw one state sequence of ``num_timesteps`` steps (``jax.vmap`` over keys for a batch).
 
         Example:
             >>> import jax, jax.numpy as jnp, ssmjax
             >>> chain = ssmjax.MarkovChain(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.2, 0.8]]))
-            >>> chain.sample(jax.random.key(0), 6).shape
+            >>> chain.sample(6, key=jax.random.key(0)).shape
             (6,)
         """
         if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:

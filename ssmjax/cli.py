@@ -53,8 +53,8 @@ def fit_earthquake_hmms(counts: np.ndarray, state_counts=(2, 3)):
     y = jnp.asarray(counts, jnp.float64)[None, :, None]
     results = []
     for k in state_counts:
-        start = ssmjax.HMM.from_data(jax.random.key(0), y, k, "poisson")
-        fitted, lls, info = ssmjax.fit_em(start, y, max_iters=500, tol=1e-10, return_info=True)
+        start = ssmjax.HMM.from_data(y, k, "poisson", key=jax.random.key(0))
+        fitted, lls, info = ssmjax.fit_em(start, y, max_iters=500, tol=1e-10)
         order = np.argsort(np.asarray(fitted.emissions.rates[:, 0]))
         loglik = float(fitted.marginal_loglik(y[0]))
         num_params = (k - 1) + k * (k - 1) + k  # initial, transitions, rates
@@ -68,7 +68,7 @@ def fit_earthquake_hmms(counts: np.ndarray, state_counts=(2, 3)):
             aic=-2 * loglik + 2 * num_params,
             bic=-2 * loglik + np.log(len(counts)) * num_params,
             iterations=info.num_iters,
-            path=np.argsort(order)[np.asarray(fitted.most_likely_states(y[0]))],
+            path=np.argsort(order)[np.asarray(fitted.viterbi(y[0]))],
             smoothed=np.asarray(fitted.smoother(y[0]).smoothed_probs)[:, order],
         ))
     return results
@@ -87,8 +87,7 @@ def fit_nile_local_level(flow: np.ndarray):
         emission_matrix=jnp.ones((1, 1)), emission_cov=jnp.full((1, 1), float(np.var(flow))),
     )
     frozen = ("initial_mean", "initial_cov", "transition_matrix", "emission_matrix")
-    fitted, lls, info = ssmjax.fit_em(start, y[None], max_iters=2000, tol=1e-10, frozen=frozen,
-                                      return_info=True)
+    fitted, lls, info = ssmjax.fit_em(start, y[None], max_iters=2000, tol=1e-10, frozen=frozen)
     post = fitted.smoother(y)
     return dict(
         model=fitted,
@@ -243,9 +242,9 @@ def _initial_hmms(key, y, lengths, num_states, emissions_type, restarts):
     kind = {"gaussian-diag": "gaussian_diag"}.get(emissions_type, emissions_type)
     models = []
     for r, k in enumerate(jax.random.split(key, restarts)):
-        m = ssmjax.HMM.from_data(k, y, num_states, kind, lengths=lengths)
+        m = ssmjax.HMM.from_data(y, num_states, kind, lengths=lengths, key=k)
         if r:  # later restarts: random transitions, and jittered Poisson rates (their start is deterministic)
-            m = ssmjax.HMM.random(k, num_states, m.emissions)
+            m = ssmjax.HMM.random(num_states, m.emissions, key=k)
             if kind == "poisson":
                 jitter = jnp.exp(0.3 * jax.random.normal(jax.random.fold_in(k, 1), m.emissions.log_rates.shape))
                 m = ssmjax.HMM(initial_probs=m.initial_probs, transition_matrix=m.transition_matrix,
@@ -296,7 +295,7 @@ def _fit(models, y, lengths, args):
                                                      tol=args.tol, progress=args.progress)
             return best, float(np.max(np.asarray(scores))), f"EM, best of {len(models)} restarts"
         fitted, lls, info = ssmjax.fit_em(models[0], y, lengths=lengths, max_iters=args.iters, tol=args.tol,
-                                          progress=args.progress, return_info=True)
+                                          progress=args.progress)
         return fitted, None, f"EM, {info.num_iters} iterations ({info.status})"
     best, best_ll = None, -np.inf
     for r, m in enumerate(models):
@@ -329,7 +328,7 @@ def _posteriors(model, y, lengths, data, decode: bool):
         for b, n in enumerate(lengths):
             seq = jnp.asarray(y[b, :n])
             probs = np.asarray(model.smoother(seq).smoothed_probs)
-            path = np.asarray(model.most_likely_states(seq)) if decode else None
+            path = np.asarray(model.viterbi(seq)) if decode else None
             for t in range(int(n)):
                 rows.append([data.ids[b], t] + ([int(path[t])] if decode else []) + [f"{p:.6g}" for p in probs[t]])
         return header, rows

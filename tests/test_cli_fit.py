@@ -50,7 +50,7 @@ def test_fit_hmm_from_csv_writes_model_posteriors_plot(files, tmp_path):
     y = np.loadtxt(files / "counts.csv", delimiter=",", skiprows=1, usecols=1)
     batch = np.full((2, 70, 1), np.nan)
     batch[0, :70, 0], batch[1, :40, 0] = y[:70], y[70:]
-    _, lls = ssmjax.fit_em(model, np.nan_to_num(batch), lengths=[70, 40], max_iters=2, tol=0.0)
+    _, lls, _ = ssmjax.fit_em(model, np.nan_to_num(batch), lengths=[70, 40], max_iters=2, tol=0.0)
     np.testing.assert_allclose(lls[1], lls[0], rtol=1e-6)
     with open(out / "posteriors.csv") as f:
         rows = list(csv.reader(f))
@@ -88,7 +88,7 @@ def test_decode_matches_viterbi(files, tmp_path):
     assert code == 0
     model = ssmjax.load(tmp_path / "f" / "model.eqx")
     y = np.loadtxt(files / "counts.csv", delimiter=",", skiprows=1, usecols=1)
-    path = np.asarray(model.most_likely_states(jnp.asarray(y[:70, None])))
+    path = np.asarray(model.viterbi(jnp.asarray(y[:70, None])))
     states = np.loadtxt(tmp_path / "d" / "posteriors.csv", delimiter=",", skiprows=1, usecols=2, dtype=str)
     np.testing.assert_array_equal(states[:70].astype(int), path)
 

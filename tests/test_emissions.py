@@ -333,7 +333,7 @@ def test_m_step_recovers_parameters_from_samples(name):
     n = 30_000
     states = jnp.asarray(rng.integers(0, 3, size=n))
     keys = jax.random.split(jax.random.key(8), n)
-    ys = jax.vmap(truth.sample)(keys, states)
+    ys = jax.vmap(lambda k, z: truth.sample(z, key=k))(keys, states)
     w = jax.nn.one_hot(states, 3, dtype=jnp.float64)
     start = _models(np.random.default_rng(99))[name]
     if name.startswith("gaussian"):
@@ -364,26 +364,26 @@ def test_m_step_recovers_parameters_from_samples(name):
 def test_initialisers_give_valid_models():
     key = jax.random.key(10)
     rng = np.random.default_rng(10)
-    cat = ssmjax.CategoricalEmissions.random(key, 3, 5)
+    cat = ssmjax.CategoricalEmissions.random(3, 5, key=key)
     assert cat.probs.shape == (3, 5)
     assert_allclose(cat.probs.sum(-1), np.ones(3))
     ys = jnp.asarray(rng.integers(0, 5, size=200))
-    cat = ssmjax.CategoricalEmissions.from_data(key, ys, 3, 5)
+    cat = ssmjax.CategoricalEmissions.from_data(ys, 3, 5, key=key)
     assert np.all(np.asarray(cat.probs) > 0) and not np.allclose(cat.probs[0], cat.probs[1])
 
-    pois = ssmjax.PoissonEmissions.random(key, 4, 2)
+    pois = ssmjax.PoissonEmissions.random(4, 2, key=key)
     assert pois.rates.shape == (4, 2) and np.all(np.asarray(pois.rates) > 0)
     counts = jnp.asarray(np.concatenate([rng.poisson(1.0, (300, 2)), rng.poisson(20.0, (300, 2))]))
     pois = ssmjax.PoissonEmissions.from_data(counts, 3)
     rates = np.asarray(pois.rates)
     assert np.all(rates > 0) and np.all(np.diff(rates, axis=0) > 0)
 
-    gauss = ssmjax.GaussianEmissions.random(key, 3, 2, "diag")
+    gauss = ssmjax.GaussianEmissions.random(3, 2, "diag", key=key)
     assert gauss.covariance_type == "diag" and gauss.covs.shape == (3, 2, 2)
     centres = np.array([[-10.0, 0.0], [0.0, 10.0], [10.0, 0.0]])
     data = np.concatenate([c + rng.normal(size=(100, 2)) for c in centres])
     for cov_type in ("full", "diag"):
-        g = ssmjax.GaussianEmissions.from_data(key, jnp.asarray(data), 3, cov_type)
+        g = ssmjax.GaussianEmissions.from_data(jnp.asarray(data), 3, cov_type, key=key)
         assert g.covariance_type == cov_type
         found = np.asarray(g.means)[np.argsort(np.asarray(g.means)[:, 0])]
         assert np.all(np.abs(found - centres) < 0.5)
@@ -489,7 +489,7 @@ class StudentTEmissions(ssmjax.AbstractEmissions):
     def log_prob(self, emission):
         return jax.scipy.stats.t.logpdf(emission, self.df, self.loc, jnp.exp(self.log_scale))
 
-    def sample(self, key, state):
+    def sample(self, state, *, key):
         return self.loc[state] + jnp.exp(self.log_scale[state]) * jax.random.t(key, self.df)
 
     def check_emissions(self, emissions, mask=None):
@@ -510,7 +510,8 @@ def test_user_defined_family_works_through_the_interface():
         model.m_step(ys, jnp.ones((9, 3)) / 3)
     grad = jax.grad(lambda m: m.log_likelihoods(ys).sum())(model)
     assert np.all(np.isfinite(grad.loc))
-    assert jax.vmap(model.sample)(jax.random.split(jax.random.key(0), 4), jnp.array([0, 1, 2, 0])).shape == (4,)
+    keys = jax.random.split(jax.random.key(0), 4)
+    assert jax.vmap(lambda k, z: model.sample(z, key=k))(keys, jnp.array([0, 1, 2, 0])).shape == (4,)
 
 
 # --------------------------------------------------------------------------- storage and float32

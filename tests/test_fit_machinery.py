@@ -110,7 +110,7 @@ def data():
 def test_em_trajectory_matches_numpy_oracle_on_ragged_batch(data):
     y, lengths, seqs = data
     model = ToyMixture(jnp.asarray(0.0), jnp.asarray([-0.5, 0.5]))
-    fitted, lls, info = ssmjax.fit_em(model, y, lengths=lengths, max_iters=25, tol=0.0, return_info=True)
+    fitted, lls, info = ssmjax.fit_em(model, y, lengths=lengths, max_iters=25, tol=0.0)
     ref_lls, ref_w, ref_means = numpy_em(seqs, 0.0, [-0.5, 0.5], 25)
     np.testing.assert_allclose(lls, ref_lls, rtol=1e-10)
     assert info.status == "max_iters" and info.num_iters == 25
@@ -123,7 +123,7 @@ def test_em_trajectory_matches_numpy_oracle_on_ragged_batch(data):
 def test_em_converges_with_tolerance_and_does_not_recompile(data):
     y, lengths, _ = data
     model = ToyMixture(jnp.asarray(0.0), jnp.asarray([-0.5, 0.5]))
-    _, lls1, info = ssmjax.fit_em(model, y, lengths=lengths, max_iters=500, tol=1e-8, return_info=True)
+    _, lls1, info = ssmjax.fit_em(model, y, lengths=lengths, max_iters=500, tol=1e-8)
     assert info.converged and info.num_iters < 500
     rel = abs(lls1[-1] - lls1[-2]) / abs(lls1[-2])
     assert rel <= 1e-8
@@ -148,7 +148,7 @@ def test_em_guard_returns_last_good_model_on_decrease(data):
     y, lengths, _ = data
     model = ToyMixture(jnp.asarray(0.0), jnp.asarray([-1.0, 2.5]), sabotage=3.0)
     with pytest.warns(RuntimeWarning, match="decreased"):
-        fitted, lls, info = ssmjax.fit_em(model, y, lengths=lengths, max_iters=20, return_info=True)
+        fitted, lls, info = ssmjax.fit_em(model, y, lengths=lengths, max_iters=20)
     assert info.status == "decreased"
     # the returned model is the iterate whose log-likelihood was the last good one
     good = sum(float(fitted.marginal_loglik(jnp.asarray(y[b]), length=int(n))) for b, n in enumerate(lengths))
@@ -160,7 +160,7 @@ def test_em_guard_on_non_finite(data):
     y, lengths, _ = data
     model = ToyMixture(jnp.asarray(0.0), jnp.asarray([jnp.nan, 0.5]))
     with pytest.warns(RuntimeWarning, match="not finite"):
-        fitted, lls, info = ssmjax.fit_em(model, y, lengths=lengths, max_iters=10, return_info=True)
+        fitted, lls, info = ssmjax.fit_em(model, y, lengths=lengths, max_iters=10)
     assert info.status == "not_finite" and info.num_iters == 1
     # nothing better was ever seen: the initial model comes back untouched
     assert np.isnan(np.asarray(fitted.means)[0])
@@ -169,7 +169,7 @@ def test_em_guard_on_non_finite(data):
 def test_frozen_parameters_never_move(data):
     y, lengths, _ = data
     model = ToyMixture(jnp.asarray(0.7), jnp.asarray([-0.5, 0.5]))
-    fitted, _ = ssmjax.fit_em(model, y, lengths=lengths, max_iters=10, frozen=("weight",))
+    fitted, _, _ = ssmjax.fit_em(model, y, lengths=lengths, max_iters=10, frozen=("weight",))
     assert float(fitted.logit) == 0.7
     assert not np.allclose(fitted.means, model.means)
     fitted, _ = ssmjax.fit_sgd(model, y, optax.adam(0.05), lengths=lengths, num_steps=20, frozen=("means",))
@@ -190,7 +190,7 @@ def test_restarts_pick_the_best(data):
         scores[k], rtol=1e-12,
     )
     for r in range(3):  # each restart equals its own single fit
-        single, _ = ssmjax.fit_em(
+        single, _, _ = ssmjax.fit_em(
             ToyMixture(inits.logit[r], inits.means[r]), y, lengths=lengths, max_iters=60, tol=1e-10
         )
         np.testing.assert_allclose(
@@ -202,7 +202,7 @@ def test_restarts_pick_the_best(data):
 def test_sgd_reaches_em_optimum(data):
     y, lengths, _ = data
     model = ToyMixture(jnp.asarray(0.0), jnp.asarray([-0.5, 0.5]))
-    em_fit, lls = ssmjax.fit_em(model, y, lengths=lengths, max_iters=2000, tol=1e-13)
+    em_fit, lls, _ = ssmjax.fit_em(model, y, lengths=lengths, max_iters=2000, tol=1e-13)
     sgd_fit, losses = ssmjax.fit_sgd(model, y, optax.adam(0.05), lengths=lengths, num_steps=1500)
     assert losses.shape == (1500,)
     np.testing.assert_allclose(sgd_fit.means, em_fit.means, atol=1e-4)

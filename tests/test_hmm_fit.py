@@ -71,7 +71,7 @@ def test_poisson_em_equals_hmmlearn(n_iter):
     y = pad([s.astype(float) for s in seqs])
     init_rates = np.array([[3.0, 5.0], [6.0, 2.0], [10.0, 12.0]])
     model = start_model(ssmjax.PoissonEmissions(rates=jnp.asarray(init_rates)))
-    fitted, lls = ssmjax.fit_em(model, y, lengths=LENGTHS, max_iters=n_iter, tol=0.0)
+    fitted, lls, _ = ssmjax.fit_em(model, y, lengths=LENGTHS, max_iters=n_iter, tol=0.0)
 
     ref = hl.PoissonHMM(3, init_params="", params="stl", lambdas_prior=0.0, lambdas_weight=0.0)
     ref.startprob_ = np.asarray(model.initial_probs)
@@ -100,7 +100,7 @@ def test_gaussian_em_equals_hmmlearn(covariance_type):
     emissions = ssmjax.GaussianEmissions(jnp.asarray(init_means), jnp.asarray(init_covs), min_variance=0.0)
     model = start_model(emissions)
     n_iter = 6
-    fitted, lls = ssmjax.fit_em(model, y, lengths=LENGTHS, max_iters=n_iter, tol=0.0)
+    fitted, lls, _ = ssmjax.fit_em(model, y, lengths=LENGTHS, max_iters=n_iter, tol=0.0)
 
     ref = hl.GaussianHMM(3, covariance_type=covariance_type, init_params="", params="stmc",
                          min_covar=0.0, covars_prior=0.0, means_prior=0.0, means_weight=0.0)
@@ -128,7 +128,7 @@ def test_categorical_em_equals_hmmlearn():
     init_probs = np.array([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4], [0.3, 0.2, 0.2, 0.3]])
     model = start_model(ssmjax.CategoricalEmissions(jnp.asarray(init_probs)))
     n_iter = 8
-    fitted, lls = ssmjax.fit_em(model, y, lengths=LENGTHS, max_iters=n_iter, tol=0.0)
+    fitted, lls, _ = ssmjax.fit_em(model, y, lengths=LENGTHS, max_iters=n_iter, tol=0.0)
 
     ref = hl.CategoricalHMM(3, n_features=4, init_params="", params="ste")
     ref.startprob_ = np.asarray(model.initial_probs)
@@ -152,8 +152,8 @@ def poisson_data():
 
 def test_em_recovers_poisson_parameters_and_is_monotone(poisson_data):
     rates, lengths, _, y = poisson_data
-    model = ssmjax.HMM.from_data(jax.random.key(0), y, 3, "poisson", lengths=lengths)
-    fitted, lls, info = ssmjax.fit_em(model, y, lengths=lengths, max_iters=300, tol=1e-10, return_info=True)
+    model = ssmjax.HMM.from_data(y, 3, "poisson", lengths=lengths, key=jax.random.key(0))
+    fitted, lls, info = ssmjax.fit_em(model, y, lengths=lengths, max_iters=300, tol=1e-10)
     assert info.status in ("converged", "max_iters")
     assert np.all(np.diff(np.asarray(lls)) >= -1e-10 * np.abs(np.asarray(lls[1:])))
     order = np.argsort(np.asarray(fitted.emissions.rates[:, 0]))
@@ -168,9 +168,9 @@ def test_em_recovers_poisson_parameters_and_is_monotone(poisson_data):
 def test_ragged_padding_content_is_irrelevant(poisson_data):
     rates, lengths, _, y = poisson_data
     model = start_model(ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [8.0], [20.0]])))
-    fit_nan, lls_nan = ssmjax.fit_em(model, y, lengths=lengths, max_iters=5, tol=0.0)
+    fit_nan, lls_nan, _ = ssmjax.fit_em(model, y, lengths=lengths, max_iters=5, tol=0.0)
     y_junk = np.where(np.isnan(y), 7.0, y)
-    fit_junk, lls_junk = ssmjax.fit_em(model, y_junk, lengths=lengths, max_iters=5, tol=0.0)
+    fit_junk, lls_junk, _ = ssmjax.fit_em(model, y_junk, lengths=lengths, max_iters=5, tol=0.0)
     np.testing.assert_array_equal(lls_nan, lls_junk)
     np.testing.assert_array_equal(fit_nan.emissions.rates, fit_junk.emissions.rates)
     # and equals the sum of per-sequence log-likelihoods of the unpadded sequences
@@ -183,10 +183,10 @@ def test_ragged_padding_content_is_irrelevant(poisson_data):
 def test_frozen_fields_are_untouched(poisson_data):
     _, lengths, _, y = poisson_data
     model = start_model(ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [8.0], [20.0]])))
-    fitted, _ = ssmjax.fit_em(model, y, lengths=lengths, max_iters=10, frozen=("transition_matrix",))
+    fitted, _, _ = ssmjax.fit_em(model, y, lengths=lengths, max_iters=10, frozen=("transition_matrix",))
     np.testing.assert_array_equal(fitted.transition_log_probs, model.transition_log_probs)
     assert not np.allclose(fitted.emissions.rates, model.emissions.rates)
-    fitted, _ = ssmjax.fit_em(model, y, lengths=lengths, max_iters=10, frozen=("emissions.rates", "initial_probs"))
+    fitted, _, _ = ssmjax.fit_em(model, y, lengths=lengths, max_iters=10, frozen=("emissions.rates", "initial_probs"))
     np.testing.assert_array_equal(fitted.emissions.log_rates, model.emissions.log_rates)
     np.testing.assert_array_equal(fitted.initial_log_probs, model.initial_log_probs)
     fitted, _ = ssmjax.fit_sgd(model, y, optax.adam(0.01), lengths=lengths, num_steps=10, frozen=("emissions",))
@@ -199,7 +199,7 @@ def test_structural_zeros_survive_em_and_sgd(poisson_data):
     transition = jnp.array([[0.9, 0.1, 0.0], [0.0, 0.9, 0.1], [0.1, 0.0, 0.9]])
     model = ssmjax.HMM(jnp.array([1.0, 0.0, 0.0]), transition,
                        ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [8.0], [20.0]])))
-    fitted, lls = ssmjax.fit_em(model, y, lengths=lengths, max_iters=20)
+    fitted, lls, _ = ssmjax.fit_em(model, y, lengths=lengths, max_iters=20)
     assert np.all(np.isfinite(lls))
     np.testing.assert_array_equal(np.asarray(fitted.transition_matrix) == 0, np.asarray(transition) == 0)
     fitted, losses = ssmjax.fit_sgd(model, y, optax.adam(0.01), lengths=lengths, num_steps=20)
@@ -217,7 +217,7 @@ def test_sgd_reaches_em_optimum():
     # initial_probs frozen: with two sequences its MLE sits on the simplex boundary, which
     # logits only approach; every other optimum is interior, where SGD must match EM.
     frozen = ("initial_probs",)
-    em_fit, lls = ssmjax.fit_em(model, y, lengths=[200, 150], max_iters=2000, tol=1e-14, frozen=frozen)
+    em_fit, lls, _ = ssmjax.fit_em(model, y, lengths=[200, 150], max_iters=2000, tol=1e-14, frozen=frozen)
     schedule = optax.exponential_decay(0.05, transition_steps=500, decay_rate=0.5)
     sgd_fit, losses = ssmjax.fit_sgd(model, y, optax.adam(schedule), lengths=[200, 150], num_steps=3000,
                                      frozen=frozen)
@@ -231,7 +231,7 @@ def test_restarts_pick_the_best(poisson_data):
     _, lengths, _, y = poisson_data
     keys = jax.random.split(jax.random.key(3), 5)
     inits = eqx.filter_vmap(
-        lambda k: ssmjax.HMM.random(k, 3, ssmjax.PoissonEmissions.random(k, 3, 1, mean_rate=10.0))
+        lambda k: ssmjax.HMM.random(3, ssmjax.PoissonEmissions.random(3, 1, mean_rate=10.0, key=k), key=k)
     )(keys)
     best, scores, histories = ssmjax.fit_em_restarts(inits, y, lengths=lengths, max_iters=40)
     assert scores.shape == (5,) and histories.shape == (5, 40)
@@ -269,10 +269,10 @@ def test_model_methods_agree_with_functional_api(poisson_data):
     post = ssmjax.hmm_smoother(model.initial_probs, model.transition_matrix, ll, length=lengths[2])
     np.testing.assert_allclose(model.smoother(seq, length=lengths[2]).smoothed_probs, post.smoothed_probs)
     path, _ = ssmjax.hmm_viterbi(model.initial_probs, model.transition_matrix, ll, length=lengths[2])
-    np.testing.assert_array_equal(model.most_likely_states(seq, length=lengths[2]), path)
-    states, counts = model.sample(jax.random.key(0), 50)
+    np.testing.assert_array_equal(model.viterbi(seq, length=lengths[2]), path)
+    states, counts = model.sample(50, key=jax.random.key(0))
     assert states.shape == (50,) and counts.shape == (50, 1)
-    z = model.posterior_sample(jax.random.key(1), seq, length=lengths[2])
+    z = model.sample_posterior(seq, length=lengths[2], key=jax.random.key(1))
     assert z.shape == (seq.shape[0],)
 
 
@@ -311,8 +311,8 @@ def test_em_recovers_parameters_for_every_family(family):
         means = np.array([[-2.0, 0.0], [2.0, 1.0]])
         _, seqs = simulate(rng, pi, a, lambda r, k: means[k] + 0.7 * r.standard_normal(2), lengths)
         y = np.stack(seqs)
-    model = ssmjax.HMM.from_data(jax.random.key(1), y, 2, family)
-    fitted, lls = ssmjax.fit_em(model, y, max_iters=200, tol=1e-9)
+    model = ssmjax.HMM.from_data(y, 2, family, key=jax.random.key(1))
+    fitted, lls, _ = ssmjax.fit_em(model, y, max_iters=200, tol=1e-9)
     assert np.all(np.diff(np.asarray(lls)) >= -1e-10 * np.abs(np.asarray(lls[1:])))
     if family == "categorical":
         order = np.argsort(np.asarray(fitted.emissions.probs[:, 0]))[::-1]
@@ -330,7 +330,7 @@ def test_state_without_responsibility_produces_no_nan():
     y = rng.poisson(5.0, size=(3, 100, 1)).astype(float)
     model = ssmjax.HMM(jnp.array([0.5, 0.5 - 1e-300, 1e-300]), jnp.full((3, 3), 1 / 3),
                        ssmjax.PoissonEmissions(rates=jnp.array([[4.0], [6.0], [1e6]])))
-    fitted, lls = ssmjax.fit_em(model, y, max_iters=20)
+    fitted, lls, _ = ssmjax.fit_em(model, y, max_iters=20)
     assert np.all(np.isfinite(lls))
     assert np.all(np.isfinite(np.asarray(fitted.emissions.rates)))
     np.testing.assert_allclose(fitted.emissions.rates[2, 0], 1e6)  # kept, not NaN
@@ -342,7 +342,7 @@ def test_gaussian_covariances_stay_positive_definite_when_a_state_collapses():
     y = np.concatenate([rng.standard_normal((1, 150, 2)), np.full((1, 50, 2), 3.0)], axis=1)  # a point mass
     model = ssmjax.HMM(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.1, 0.9]]),
                        ssmjax.GaussianEmissions(jnp.array([[0.0, 0.0], [3.0, 3.0]]), jnp.stack([jnp.eye(2)] * 2)))
-    fitted, lls = ssmjax.fit_em(model, y, max_iters=30)
+    fitted, lls, _ = ssmjax.fit_em(model, y, max_iters=30)
     assert np.all(np.isfinite(lls))
     eig = np.linalg.eigvalsh(np.asarray(fitted.emissions.covs))
     assert np.all(eig > 0) and eig.min() >= 0.5 * fitted.emissions.min_variance
@@ -451,7 +451,7 @@ def test_fit_em_redoes_an_underflowing_iteration_with_the_exact_program():
     """Real underflow at the first E-step: fit_em (fast program, then the exact one from
     that iteration) equals the always-exact restarts loop started from the same model."""
     model, y, n = _gaussian_batch(np.float64, True)
-    fitted, lls = ssmjax.fit_em(model, y, lengths=n, max_iters=6, tol=0.0)
+    fitted, lls, _ = ssmjax.fit_em(model, y, lengths=n, max_iters=6, tol=0.0)
     stacked = jax.tree.map(lambda x: x[None] if eqx.is_array(x) else x, model)
     best, _, histories = ssmjax.fit_em_restarts(stacked, y, lengths=n, max_iters=6, tol=0.0)
     assert np.all(np.isfinite(np.asarray(lls))) and len(lls) == 6
@@ -482,13 +482,12 @@ def test_fit_em_retry_mid_run_continues_exactly_where_the_fast_program_stopped()
     means = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
     _, seqs = simulate(rng, PI, A, lambda r, k: means[k] + r.standard_normal(2), LENGTHS)
     y = jnp.asarray(pad(seqs))
-    start = ssmjax.HMM.from_data(jax.random.key(0), y, 3, "gaussian", lengths=jnp.asarray(LENGTHS))
+    start = ssmjax.HMM.from_data(y, 3, "gaussian", lengths=jnp.asarray(LENGTHS), key=jax.random.key(0))
     lls0 = np.asarray(ssmjax.fit_em(start, y, lengths=jnp.asarray(LENGTHS), max_iters=8, tol=0.0)[1])
     rel = np.abs(np.diff(lls0)) / np.abs(lls0[:-1])  # rel[i - 1]: relative improvement of iteration i
     assert rel[2] < rel[1] and rel[2] < rel[0]
     tol = float(np.sqrt(rel[1] * rel[2]))  # the run converges at iteration 3, judged against iteration 2
-    plain, plain_lls, plain_info = ssmjax.fit_em(start, y, lengths=jnp.asarray(LENGTHS), max_iters=8, tol=tol,
-                                                  return_info=True)
+    plain, plain_lls, plain_info = ssmjax.fit_em(start, y, lengths=jnp.asarray(LENGTHS), max_iters=8, tol=tol)
     assert (plain_info.num_iters, plain_info.status) == (4, "converged")
     # a retry at iteration 3: the exact program redoes it with the state the fast one left
     threshold = 0.5 * float(plain_lls[2] + plain_lls[3])
@@ -498,7 +497,7 @@ def test_fit_em_retry_mid_run_continues_exactly_where_the_fast_program_stopped()
     fast_run = em_module._em_compiled(flaky, emissions, lengths, inputs, np.asarray(tol), max_iters, frozen, False,
                                       observed, True, None)
     assert int(fast_run.status) == em_module._RETRY and int(fast_run.it) == 4  # stopped after iteration 3
-    fitted, lls, info = ssmjax.fit_em(flaky, y, lengths=jnp.asarray(LENGTHS), max_iters=8, tol=tol, return_info=True)
+    fitted, lls, info = ssmjax.fit_em(flaky, y, lengths=jnp.asarray(LENGTHS), max_iters=8, tol=tol)
     assert (info.num_iters, info.status) == (plain_info.num_iters, plain_info.status)
     assert_allclose(lls, plain_lls, dtype=np.float64)
     for got, want in zip(jax.tree.leaves(eqx.filter(fitted, eqx.is_array)), jax.tree.leaves(eqx.filter(plain, eqx.is_array))):

@@ -155,7 +155,7 @@ def test_posterior_samples_are_exact():
     oracle = brute_force(pi, A, ll)
     n = 20_000
     keys = jax.random.split(jax.random.key(0), n)
-    draws = np.asarray(jax.jit(jax.vmap(lambda k: ssmjax.hmm_sample_posterior(k, pi, A, ll)))(keys))
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: ssmjax.hmm_sample_posterior(pi, A, ll, key=k)))(keys))
     codes = draws @ (2 ** np.arange(3, -1, -1))
     oracle_codes = oracle["paths"] @ (2 ** np.arange(3, -1, -1))
     freq = np.bincount(codes, minlength=16) / n
@@ -217,7 +217,7 @@ def test_ragged_samples_fixed_lag_and_predict():
     pi, A, ll = make_model(30, num_timesteps=4)
     padded = np.concatenate([ll, np.full((3, 3), np.nan)])
     key = jax.random.key(3)
-    s_pad = ssmjax.hmm_sample_posterior(key, pi, A, padded, length=4)
+    s_pad = ssmjax.hmm_sample_posterior(pi, A, padded, length=4, key=key)
     assert np.all(np.asarray(s_pad[4:]) == int(s_pad[3]))
     lag_pad = ssmjax.hmm_fixed_lag_smoother(pi, A, padded, 2, length=4)
     assert_allclose(lag_pad[:4], ssmjax.hmm_fixed_lag_smoother(pi, A, ll, 2))

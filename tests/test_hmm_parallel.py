@@ -231,8 +231,8 @@ def test_posterior_samples(time_varying, length):
     if length is not None:
         ll = _pad_nan(ll, length)
     keys = jax.random.split(jax.random.key(0), 3000)
-    draw_par = jax.vmap(lambda k: hmm_sample_posterior_parallel(k, pi, A, ll, length=length))(keys)
-    draw_seq = jax.vmap(lambda k: ssmjax.hmm_sample_posterior(k, pi, A, ll, length=length))(keys)
+    draw_par = jax.vmap(lambda k: hmm_sample_posterior_parallel(pi, A, ll, length=length, key=k))(keys)
+    draw_seq = jax.vmap(lambda k: ssmjax.hmm_sample_posterior(pi, A, ll, length=length, key=k))(keys)
     np.testing.assert_array_equal(draw_par, draw_seq)
     n = ll.shape[0] if length is None else length
     draws = np.asarray(draw_par)
@@ -271,4 +271,4 @@ def test_single_step():
     _close(hmm_smoother_parallel(pi, A, ll), ssmjax.hmm_smoother(pi, A, ll))
     _close(hmm_viterbi_parallel(pi, A, ll), ssmjax.hmm_viterbi(pi, A, ll))
     key = jax.random.key(0)
-    _close(hmm_sample_posterior_parallel(key, pi, A, ll), ssmjax.hmm_sample_posterior(key, pi, A, ll))
+    _close(hmm_sample_posterior_parallel(pi, A, ll, key=key), ssmjax.hmm_sample_posterior(pi, A, ll, key=key))

@@ -17,7 +17,7 @@ def models():
     yield ssmjax.HMM(pi, a, ssmjax.PoissonEmissions(rates=jnp.array([[3.0, 1.0], [12.0, 4.0]])))
     yield ssmjax.HMM(pi, a, ssmjax.GaussianEmissions(jnp.ones((2, 3)), jnp.stack([jnp.eye(3)] * 2), min_variance=1e-3))
     yield ssmjax.HMM(pi, a, ssmjax.GaussianEmissions(jnp.ones((2, 3)), jnp.ones((2, 3))))
-    yield ssmjax.HMM(pi, a, ssmjax.CategoricalEmissions.random(k, 2, 5))
+    yield ssmjax.HMM(pi, a, ssmjax.CategoricalEmissions.random(2, 5, key=k))
     yield ssmjax.MarkovChain(pi, a)
     yield ssmjax.LGSSM(initial_mean=jnp.zeros(2), initial_cov=jnp.eye(2), transition_matrix=jnp.eye(2),
                        transition_cov=jnp.eye(2), emission_matrix=jnp.ones((4, 1, 2)), emission_cov=jnp.eye(1),

@@ -182,7 +182,7 @@ def test_em_equals_pykalman_trajectory():
     start = dict(initial_mean=np.zeros(2), initial_cov=np.eye(2), transition_matrix=np.eye(2) * 0.5,
                  transition_cov=np.eye(2), emission_matrix=np.ones((3, 2)) * 0.3 + np.eye(3, 2),
                  emission_cov=np.eye(3))
-    fitted, lls = ssmjax.fit_em(make_model(start), y[None], max_iters=5, tol=0.0)
+    fitted, lls, _ = ssmjax.fit_em(make_model(start), y[None], max_iters=5, tol=0.0)
     kf = pykalman.KalmanFilter(
         transition_matrices=start["transition_matrix"], observation_matrices=start["emission_matrix"],
         transition_covariance=start["transition_cov"], observation_covariance=start["emission_cov"],
@@ -218,7 +218,7 @@ def test_nile_local_level_em_reaches_published_mle():
     nile = ssmjax.datasets.load_nile().values
     model = local_level(10000.0, 1000.0)
     fitted, lls, info = ssmjax.fit_em(model, nile[None, :, None], max_iters=3000, tol=1e-12,
-                                      frozen=NILE_FROZEN, return_info=True)
+                                      frozen=NILE_FROZEN)
     assert np.all(np.diff(np.asarray(lls)) >= -1e-10 * np.abs(np.asarray(lls[1:])))
     np.testing.assert_allclose(float(fitted.emission_cov[0, 0]), 15099.0, rtol=2e-3)
     np.testing.assert_allclose(float(fitted.transition_cov[0, 0]), 1469.1, rtol=2e-3)
@@ -229,7 +229,7 @@ def test_nile_local_level_em_reaches_published_mle():
 def test_sgd_agrees_with_em_on_nile():
     nile = ssmjax.datasets.load_nile().values / 100.0  # rescaled so one learning rate suits both variances
     model = local_level(1.0, 0.1)
-    em_fit, lls = ssmjax.fit_em(model, nile[None, :, None], max_iters=5000, tol=1e-14, frozen=NILE_FROZEN)
+    em_fit, lls, _ = ssmjax.fit_em(model, nile[None, :, None], max_iters=5000, tol=1e-14, frozen=NILE_FROZEN)
     sgd_fit, losses = ssmjax.fit_sgd(model, nile[None, :, None], optax.adam(0.05), num_steps=1500,
                                      frozen=NILE_FROZEN)
     np.testing.assert_allclose(sgd_fit.emission_cov, em_fit.emission_cov, rtol=1e-3)
@@ -247,7 +247,7 @@ def test_batched_em_reaches_the_mle_and_padding_is_irrelevant():
     frozen = ("emission_matrix", "initial_mean", "initial_cov")
     start = dict(p, transition_matrix=np.eye(2) * 0.5, transition_cov=np.eye(2), emission_cov=np.eye(3))
     fitted, lls, info = ssmjax.fit_em(make_model(start), ys, lengths=lengths, max_iters=1000, tol=1e-11,
-                                      frozen=frozen, return_info=True)
+                                      frozen=frozen)
     assert info.converged
     ll_true = sum(float(make_model(p).marginal_loglik(jnp.asarray(ys[b]), length=int(n)))
                   for b, n in enumerate(lengths))
@@ -258,7 +258,7 @@ def test_batched_em_reaches_the_mle_and_padding_is_irrelevant():
     # the well-identified dynamics are recovered (standard error ~0.02 here)
     np.testing.assert_allclose(fitted.transition_matrix, p["transition_matrix"], atol=0.1)
     junk = np.where(np.isnan(ys), 1e30, ys)
-    _, lls_junk = ssmjax.fit_em(make_model(start), junk, lengths=lengths, max_iters=3, tol=0.0, frozen=frozen)
+    _, lls_junk, _ = ssmjax.fit_em(make_model(start), junk, lengths=lengths, max_iters=3, tol=0.0, frozen=frozen)
     np.testing.assert_allclose(lls_junk, lls[:3], rtol=1e-12)
 
 
@@ -290,7 +290,7 @@ def test_degenerate_em_returns_last_good_model_and_bad_start_is_rejected():
     tiny = np.array([[[1.0], [np.nan], [1.0]]])  # R collapses towards 0 on three points
     with pytest.warns(RuntimeWarning, match="last good model"):
         fitted, lls, info = ssmjax.fit_em(model, tiny, max_iters=500, tol=0.0,
-                                          frozen=("initial_mean", "initial_cov"), return_info=True)
+                                          frozen=("initial_mean", "initial_cov"))
     assert info.status in ("not_finite", "decreased")
     assert np.all(np.isfinite(np.asarray(fitted.emission_cov)))
     assert np.isfinite(float(fitted.marginal_loglik(jnp.asarray(tiny[0]))))

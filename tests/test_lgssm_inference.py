@@ -140,11 +140,11 @@ def test_small_path_equals_general_path(monkeypatch):
     model = to_model(params)
     assert lgssm_inference._ops_for(model) is small.SmallOps
     fast = ssmjax.rts_smoother(model, y, inputs=u)
-    fast_sample = ssmjax.lgssm_sample_posterior(jax.random.key(0), model, y, inputs=u)
+    fast_sample = ssmjax.lgssm_sample_posterior(model, y, inputs=u, key=jax.random.key(0))
     monkeypatch.setattr(small, "SMALL_MAX_DX", 0)
     assert lgssm_inference._ops_for(model) is small.GeneralOps
     general = ssmjax.rts_smoother(model, y, inputs=u)
-    general_sample = ssmjax.lgssm_sample_posterior(jax.random.key(0), model, y, inputs=u)
+    general_sample = ssmjax.lgssm_sample_posterior(model, y, inputs=u, key=jax.random.key(0))
     for field in FIELDS:
         assert_allclose(getattr(fast, field), getattr(general, field), dtype=np.float64, err_msg=field)
     assert_allclose(fast_sample, general_sample, dtype=np.float64)
@@ -207,7 +207,7 @@ def test_padding_changes_nothing_values_and_gradients(garbage):
         else:
             assert_allclose(a, b, dtype=np.float64)
     # posterior samples: finite, padded steps repeat the last real state
-    s = np.asarray(ssmjax.lgssm_sample_posterior(jax.random.key(1), to_model(padded), y_p, inputs=u_p, length=T))
+    s = np.asarray(ssmjax.lgssm_sample_posterior(to_model(padded), y_p, inputs=u_p, length=T, key=jax.random.key(1)))
     assert np.all(np.isfinite(s)) and np.all(s[T:] == s[T - 1])
 
 
@@ -373,7 +373,7 @@ def test_smoother_and_sampler_are_differentiable():
         return jnp.sum(out.smoothed_means**2) + jnp.sum(out.smoothed_covs) + jnp.sum(out.smoothed_cross_covs)
 
     def sample_loss(model):
-        return jnp.sum(ssmjax.lgssm_sample_posterior(jax.random.key(0), model, y, inputs=u) ** 2)
+        return jnp.sum(ssmjax.lgssm_sample_posterior(model, y, inputs=u, key=jax.random.key(0)) ** 2)
 
     with ssmjax.value_checks(False):
         for loss in (smooth_loss, sample_loss):
@@ -402,7 +402,7 @@ def test_posterior_samples_match_dense_posterior():
     n = 4000
     keys = jax.random.split(jax.random.key(0), n)
     model = to_model(params)
-    draw = jax.jit(jax.vmap(lambda k: ssmjax.lgssm_sample_posterior(k, model, y, inputs=u)))
+    draw = jax.jit(jax.vmap(lambda k: ssmjax.lgssm_sample_posterior(model, y, inputs=u, key=k)))
     samples = np.asarray(draw(keys)).reshape(n, T * dx)
     emp_mean = samples.mean(0)
     emp_cov = np.cov(samples, rowvar=False)
@@ -422,7 +422,7 @@ def test_lgssm_sample_matches_prior():
     n = 4000
     model = to_model(params)
     keys = jax.random.split(jax.random.key(1), n)
-    states, ys = jax.jit(jax.vmap(lambda k: ssmjax.lgssm_sample(k, model, T, inputs=u)))(keys)
+    states, ys = jax.jit(jax.vmap(lambda k: ssmjax.lgssm_sample(model, T, inputs=u, key=k)))(keys)
     assert states.shape == (n, T, 2) and ys.shape == (n, T, 1)
     z = np.concatenate([np.asarray(states).reshape(n, -1), np.asarray(ys).reshape(n, -1)], axis=1)
     sd = np.sqrt(np.diag(cov))

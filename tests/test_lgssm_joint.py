@@ -56,7 +56,7 @@ def test_log_joint_plus_entropy_is_unbiased_for_marginal_loglik():
     model = to_model(params)
     post = ssmjax.rts_smoother(model, y, inputs=u)
     keys = jax.random.split(jax.random.key(0), 4000)
-    draws = jax.vmap(lambda k: ssmjax.lgssm_sample_posterior(k, model, y, inputs=u))(keys)
+    draws = jax.vmap(lambda k: ssmjax.lgssm_sample_posterior(model, y, inputs=u, key=k))(keys)
     logj = jax.vmap(lambda x: ssmjax.lgssm_log_joint(model, x, y, inputs=u))(draws)
     estimate = logj + ssmjax.lgssm_posterior_entropy(post)
     stderr = float(jnp.std(estimate)) / np.sqrt(len(keys))
@@ -124,8 +124,8 @@ def test_float32_log_joint_and_entropy_close_to_float64():
     rng = np.random.default_rng(4)
     params = make_params(rng, 4, 2, 200, time_varying=True)
     model64 = to_model(params)
-    y = np.asarray(ssmjax.lgssm_sample(jax.random.key(1), model64, 200)[1])
-    states = np.asarray(ssmjax.lgssm_sample_posterior(jax.random.key(2), model64, y))
+    y = np.asarray(ssmjax.lgssm_sample(model64, 200, key=jax.random.key(1))[1])
+    states = np.asarray(ssmjax.lgssm_sample_posterior(model64, y, key=jax.random.key(2)))
     model32 = to_model(params, jnp.float32)
     for fn in (
         lambda m, yy, xx: ssmjax.lgssm_log_joint(m, xx, yy),

@@ -312,7 +312,7 @@ def test_float32_long_sequence():
         transition_offset=0.1 * rng.normal(size=dx),
     )
     model = to_model(params)
-    states, y = ssmjax.lgssm_sample(jax.random.key(0), model, T)
+    states, y = ssmjax.lgssm_sample(model, T, key=jax.random.key(0))
     y = np.array(y)
     y[::37, 0] = np.nan
     ref = ssmjax.rts_smoother(model, y)

@@ -37,12 +37,12 @@ def test_weather_example_reproduces_the_notes_product():
     # product .33 x .1 x .2 x .7 x .2 (the other start entries do not enter it).
     chain = ssmjax.MarkovChain(jnp.array([0.33, 0.33, 0.34]), jnp.asarray(WEATHER_TRANSITIONS))
     expected = 0.33 * 0.1 * 0.2 * 0.7 * 0.2
-    assert_allclose(jnp.exp(chain.log_prob(jnp.asarray(WEATHER_SEQUENCE))), expected)
-    assert_allclose(chain.log_prob(jnp.asarray(WEATHER_SEQUENCE)), math.log(expected))
+    assert_allclose(jnp.exp(chain.marginal_loglik(jnp.asarray(WEATHER_SEQUENCE))), expected)
+    assert_allclose(chain.marginal_loglik(jnp.asarray(WEATHER_SEQUENCE)), math.log(expected))
 
     # The notes' statement of intent: s_0 moves uniformly to the three states.
     uniform = ssmjax.MarkovChain(jnp.full(3, 1 / 3), jnp.asarray(WEATHER_TRANSITIONS))
-    assert_allclose(uniform.log_prob(jnp.asarray(WEATHER_SEQUENCE)), math.log(0.1 * 0.2 * 0.7 * 0.2 / 3))
+    assert_allclose(uniform.marginal_loglik(jnp.asarray(WEATHER_SEQUENCE)), math.log(0.1 * 0.2 * 0.7 * 0.2 / 3))
 
 
 def test_weather_augmented_matrix_round_trip_and_printed_start_row_is_rejected():
@@ -56,7 +56,7 @@ def test_weather_augmented_matrix_round_trip_and_printed_start_row_is_rejected()
     # the product over the augmented matrix, prod_t A[z_{t-1}, z_t] with z_0 = s_0
     path = [0] + list(WEATHER_SEQUENCE + 1)
     direct = np.prod([aug[a, b] for a, b in zip(path[:-1], path[1:])])
-    assert_allclose(jnp.exp(chain.log_prob(jnp.asarray(WEATHER_SEQUENCE))), direct)
+    assert_allclose(jnp.exp(chain.marginal_loglik(jnp.asarray(WEATHER_SEQUENCE))), direct)
 
     aug_printed = aug.copy()
     aug_printed[0, 1:] = [0.33, 0.33, 0.33]
@@ -81,20 +81,20 @@ def test_log_prob_matches_loop_and_length_ignores_padding():
     A = random_stochastic_matrix(rng, (4, 4))
     chain = ssmjax.MarkovChain(jnp.asarray(pi), jnp.asarray(A))
     z = rng.integers(0, 4, size=12)
-    assert_allclose(chain.log_prob(jnp.asarray(z)), _numpy_log_prob(pi, A, z))
+    assert_allclose(chain.marginal_loglik(jnp.asarray(z)), _numpy_log_prob(pi, A, z))
     # padded steps hold garbage (out of range); only the first 7 count
     zp = z.copy()
     zp[7:] = 99
-    assert_allclose(chain.log_prob(jnp.asarray(zp), length=7), _numpy_log_prob(pi, A, z[:7]))
-    f = jax.jit(lambda s, n: chain.log_prob(s, length=n))
+    assert_allclose(chain.marginal_loglik(jnp.asarray(zp), length=7), _numpy_log_prob(pi, A, z[:7]))
+    f = jax.jit(lambda s, n: chain.marginal_loglik(s, length=n))
     assert_allclose(f(jnp.asarray(zp), 7), _numpy_log_prob(pi, A, z[:7]))
     assert_allclose(f(jnp.asarray(z), 1), np.log(pi[z[0]]))
 
 
 def test_structural_zero_gives_exact_minus_inf_and_finite_gradient():
     chain = ssmjax.MarkovChain(jnp.array([1.0, 0.0]), jnp.array([[0.5, 0.5], [0.0, 1.0]]))
-    assert float(chain.log_prob(jnp.array([1, 1]))) == -np.inf
-    assert float(chain.log_prob(jnp.array([0, 1, 0]))) == -np.inf
+    assert float(chain.marginal_loglik(jnp.array([1, 1]))) == -np.inf
+    assert float(chain.marginal_loglik(jnp.array([0, 1, 0]))) == -np.inf
     grads = jax.grad(lambda c: c.log_prob(jnp.array([0, 0, 1, 1])))(chain)
     assert np.all(np.isfinite(grads.transition_matrix)) and np.all(np.isfinite(grads.initial_probs))
 
@@ -181,7 +181,7 @@ def test_mle_converges_to_truth_as_T_grows():
     errors = []
     for T in (100, 1_000, 10_000):
         keys = jax.random.split(jax.random.key(T), 4)
-        states = jax.vmap(lambda key: truth.sample(key, T))(keys)
+        states = jax.vmap(lambda key: truth.sample(T, key=key))(keys)
         fitted = ssmjax.MarkovChain.fit(states, num_states=k)
         errors.append(float(jnp.max(jnp.abs(fitted.transition_matrix - truth.transition_matrix))))
     # standard error of a row estimate ~ sqrt(p(1-p) / n_i) with n_i ~ 4 T pi_i:
@@ -197,7 +197,7 @@ def test_sample_statistics_match_the_chain():
     A = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
     chain = ssmjax.MarkovChain(jnp.asarray(pi), jnp.asarray(A))
     B, T = 2000, 30
-    states = np.asarray(jax.vmap(lambda key: chain.sample(key, T))(jax.random.split(jax.random.key(3), B)))
+    states = np.asarray(jax.vmap(lambda key: chain.sample(T, key=key))(jax.random.split(jax.random.key(3), B)))
     assert states.shape == (B, T) and states.min() >= 0 and states.max() < 3
     init, trans = _numpy_counts(states, np.full(B, T), 3)
     # first states: binomial proportions, 5 standard errors
@@ -230,13 +230,13 @@ def test_errors_name_the_argument():
         ssmjax.MarkovChain(jnp.array([1.2, -0.2]), A)
     chain = ssmjax.MarkovChain(pi, A)
     with pytest.raises(ValueError, match=r"`states` must hold states in \[0, 2\)"):
-        chain.log_prob(jnp.array([0, 2, 1]))
+        chain.marginal_loglik(jnp.array([0, 2, 1]))
     with pytest.raises(ValueError, match="`states` must hold integer states"):
-        chain.log_prob(jnp.array([0.0, 1.0]))
+        chain.marginal_loglik(jnp.array([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"`states` must have shape \(T,\)"):
-        chain.log_prob(jnp.zeros((2, 3), int))
+        chain.marginal_loglik(jnp.zeros((2, 3), int))
     with pytest.raises(ValueError, match=r"`length` must lie in \[1, 3\]"):
-        chain.log_prob(jnp.array([0, 1, 1]), length=4)
+        chain.marginal_loglik(jnp.array([0, 1, 1]), length=4)
     with pytest.raises(ValueError, match=r"`lengths` must lie in \[1, 3\]"):
         ssmjax.MarkovChain.fit(jnp.zeros((2, 3), int), jnp.array([0, 3]), num_states=2)
     with pytest.raises(ValueError, match=r"`lengths` must lie in \[1, 3\]"):
@@ -255,7 +255,7 @@ def test_value_errors_fire_under_jit():
     A = jnp.array([[0.9, 0.1], [0.2, 0.8]])
     pi = jnp.array([0.5, 0.5])
     chain = ssmjax.MarkovChain(pi, A)
-    f = eqx.filter_jit(lambda s: chain.log_prob(s))
+    f = eqx.filter_jit(lambda s: chain.marginal_loglik(s))
     with pytest.raises(eqx.EquinoxRuntimeError, match=r"`states` must hold states in \[0, 2\)"):
         f(jnp.array([0, 3, 1]))
     g = eqx.filter_jit(lambda a: ssmjax.MarkovChain(pi, a))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _deprecation
 from .._checks import to_device, value_checks
 from . import progress as _progress
 from .compiler import fast_compile_jit
@@ -37,7 +38,7 @@ STATUS_NAMES = {
 
 
 class EMInfo(NamedTuple):
-    """Diagnostics of an EM run (returned with ``return_info=True``).
+    """Diagnostics of an EM run (the third value :func:`fit_em` returns).
 
     Attributes:
         num_iters: number of E-steps evaluated (= ``len(log_likelihoods)``).
@@ -252,7 +253,7 @@ def fit_em(
     tol=1e-6,
     frozen=(),
     progress=False,
-    return_info=False,
+    return_info=None,
 ):
     r"""Fit a model by expectation-maximisation over a (ragged) batch of sequences.
 
@@ -278,14 +279,14 @@ def fit_em(
         frozen: names of parameters kept fixed (see ``model.parameter_names()``).
         progress: show a tqdm progress bar (iteration, log-likelihood) fed from inside
             the compiled loop.
-        return_info: also return an :class:`EMInfo`.
+        return_info: deprecated (the info is always returned); ``return_info=False``
+            still returns the old ``(fitted_model, log_likelihoods)`` for one release.
 
     Returns:
-        ``(fitted_model, log_likelihoods)``: ``log_likelihoods[i]`` is the summed
+        ``(fitted_model, log_likelihoods, info)``: ``log_likelihoods[i]`` is the summed
         log-likelihood of the ``i``-th iterate, evaluated before its M-step (so the
         returned model, the result of the last M-step, scores at least
-        ``log_likelihoods[-1]``). With ``return_info=True``, ``(fitted_model,
-        log_likelihoods, info)``.
+        ``log_likelihoods[-1]``); ``info`` is an :class:`EMInfo`.
 
     Raises:
         ValueError: on malformed emissions/lengths/inputs for the model, unknown
@@ -294,10 +295,10 @@ def fit_em(
     Example:
         >>> import jax, jax.numpy as jnp, ssmjax
         >>> counts = jnp.asarray(ssmjax.datasets.load_earthquakes().values)[None, :, None]
-        >>> hmm = ssmjax.HMM.from_data(jax.random.key(0), counts, num_states=2, emissions_type="poisson")
-        >>> fitted, lls = ssmjax.fit_em(hmm, counts, max_iters=50)
-        >>> bool(lls[-1] >= lls[0])
-        True
+        >>> hmm = ssmjax.HMM.from_data(counts, num_states=2, emissions_type="poisson", key=jax.random.key(0))
+        >>> fitted, lls, info = ssmjax.fit_em(hmm, counts, max_iters=50)
+        >>> bool(lls[-1] >= lls[0]), info.converged
+        (True, True)
     """
     emissions, lengths, inputs, max_iters, frozen, pattern = _prepare(
         model, emissions, lengths, inputs, max_iters, tol, frozen
@@ -326,9 +327,12 @@ def fit_em(
             stacklevel=2,
         )
     lls = to_device(np.asarray(lls)[:num_iters])  # sliced on the host: no eager kernel to compile
-    if return_info:
-        return fitted, lls, EMInfo(num_iters, status_name, status_name == "converged")
-    return fitted, lls
+    info = EMInfo(num_iters, status_name, status_name == "converged")
+    if return_info is not None:
+        _deprecation.warn("fit_em(..., return_info=...)", "fit_em(...), which always returns (model, log_likelihoods, info)")
+        if not return_info:
+            return fitted, lls
+    return fitted, lls, info
 
 
 def fit_em_restarts(
@@ -346,7 +350,7 @@ def fit_em_restarts(
 
     ``models`` is a *stacked* model: every array leaf has a leading restart axis
     ``R``, as produced by ``jax.vmap`` / ``equinox.filter_vmap`` over an initialiser,
-    e.g. ``eqx.filter_vmap(lambda k: ssmjax.HMM.from_data(k, y, 3, "poisson"))(keys)``.
+    e.g. ``eqx.filter_vmap(lambda k: ssmjax.HMM.from_data(y, 3, "poisson", key=k))(keys)``.
     All restarts run in one compiled, vectorised EM loop (the loop continues until
     every restart has stopped; finished ones are held fixed).
 
@@ -364,7 +368,7 @@ def fit_em_restarts(
         >>> import jax, jax.numpy as jnp, equinox as eqx, ssmjax
         >>> counts = jnp.asarray(ssmjax.datasets.load_earthquakes().values)[None, :, None]
         >>> keys = jax.random.split(jax.random.key(0), 4)
-        >>> init = lambda k: ssmjax.HMM.random(k, 2, ssmjax.PoissonEmissions.random(k, 2, 1, mean_rate=20.0))
+        >>> init = lambda k: ssmjax.HMM.random(2, ssmjax.PoissonEmissions.random(2, 1, mean_rate=20.0, key=k), key=k)
         >>> inits = eqx.filter_vmap(init)(keys)
         >>> best, scores, histories = ssmjax.fit_em_restarts(inits, counts, max_iters=30)
         >>> scores.shape

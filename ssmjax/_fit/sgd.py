@@ -68,9 +68,9 @@ def fit_sgd(
     inputs=None,
     num_steps=1000,
     batch_size=None,
-    key=None,
     frozen=(),
     progress=False,
+    key=None,
 ):
     r"""Maximise the marginal log-likelihood with an optax optimizer.
 
@@ -104,7 +104,7 @@ def fit_sgd(
 
         >>> import jax, jax.numpy as jnp, optax, ssmjax
         >>> counts = jnp.asarray(ssmjax.datasets.load_earthquakes().values)[None, :, None]
-        >>> hmm = ssmjax.HMM.from_data(jax.random.key(0), counts, num_states=2, emissions_type="poisson")
+        >>> hmm = ssmjax.HMM.from_data(counts, num_states=2, emissions_type="poisson", key=jax.random.key(0))
         >>> fitted, losses = ssmjax.fit_sgd(hmm, counts, optax.adam(0.05), num_steps=200)
         >>> bool(losses[-1] < losses[0])
         True

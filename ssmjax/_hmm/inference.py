@@ -88,7 +88,7 @@ from typing import Optional
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
-from .. import _checks
+from .. import _checks, _deprecation
 from .decoding import fixed_lag_program, predict_program, sample_posterior_program, viterbi_program
 from .parallel import _filter_parallel, _sample_posterior_parallel, _smoother_parallel, _viterbi_parallel
 from .results import HMMFilterResult, HMMPosterior
@@ -303,14 +303,15 @@ def hmm_viterbi(
     return viterbi_program(pi, trans, ll, n)
 
 
+@_deprecation.key_last("hmm_sample_posterior")
 def hmm_sample_posterior(
-    key: PRNGKeyArray,
     initial_probs: ArrayLike,
     transition_matrix: ArrayLike,
     log_likelihoods: ArrayLike,
     *,
     length=None,
     parallel: bool = False,
+    key: PRNGKeyArray,
 ) -> Array:
     r"""An exact draw of :math:`z_{0:L-1} \sim p(z \mid y_{0:L-1})` (forward filter, backward sample).
 
@@ -320,12 +321,12 @@ def hmm_sample_posterior(
 
     For several draws, ``jax.vmap`` over keys.
 
-    Args:
-        key: a JAX PRNG key.{args}
+    Args:{args}
         parallel: ``True`` runs the parallel-in-time (``lax.associative_scan``,
             O(log T) depth) version from :mod:`ssmjax._hmm.parallel`; same results to
             round-off. Worth it on accelerators for long sequences; on CPU the
             sequential scan is faster (see ``benchmarks/README.md``).
+        key: a JAX PRNG key (keyword-only, as everywhere in ssmjax).
 
     Returns:
         int32 array of shape (T,); padded entries repeat the state at ``L - 1``.
@@ -339,7 +340,7 @@ def hmm_sample_posterior(
         >>> A = jnp.array([[0.9, 0.1], [0.2, 0.8]])
         >>> ll = jnp.log(jnp.array([[0.7, 0.1], [0.6, 0.2], [0.1, 0.9]]))
         >>> keys = jax.random.split(jax.random.key(0), 100)
-        >>> draws = jax.vmap(lambda k: ssmjax.hmm_sample_posterior(k, pi, A, ll))(keys)
+        >>> draws = jax.vmap(lambda k: ssmjax.hmm_sample_posterior(pi, A, ll, key=k))(keys)
         >>> draws.shape
         (100, 3)
     """

@@ -17,12 +17,16 @@ bijectors; ``initial_probs`` and ``transition_matrix`` are read back as properti
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Int, PRNGKeyArray
 
-from .. import _checks
+from .. import _checks, _deprecation
 from .._fit.protocol import AbstractFittableModel, fast_e_step
 from .emissions import (
     AbstractEmissions,
@@ -81,7 +85,7 @@ def _viterbi_fn(model, emissions, length):
 
 def _posterior_sample_fn(model, emissions, length, key):
     ll = model.log_likelihoods(emissions, length=length)
-    return hmm_sample_posterior(key, model.initial_probs, model.transition_matrix, ll, length=length)
+    return hmm_sample_posterior(model.initial_probs, model.transition_matrix, ll, length=length, key=key)
 
 
 @eqx.filter_jit
@@ -107,7 +111,7 @@ class HMM(AbstractFittableModel):
         ...     emissions=ssmjax.PoissonEmissions(rates=jnp.array([[3.0], [12.0]])),
         ... )
         >>> counts = jnp.array([[2], [4], [11], [14], [3]])
-        >>> hmm.most_likely_states(counts).tolist()
+        >>> hmm.viterbi(counts).tolist()
         [0, 0, 1, 1, 0]
     """
 
@@ -196,13 +200,24 @@ class HMM(AbstractFittableModel):
         """Forward-backward smoothing of one sequence; see :func:`ssmjax.hmm_smoother`."""
         return self._run(_smoother_fn, emissions, length)
 
-    def most_likely_states(self, emissions, *, length=None) -> jax.Array:
-        """Viterbi path ``(T,)`` of one sequence; see :func:`ssmjax.hmm_viterbi`."""
+    def viterbi(self, emissions, *, length=None) -> Int[Array, " T"]:
+        """Most likely state path ``(T,)`` of one sequence; see :func:`ssmjax.hmm_viterbi`."""
         return self._run(_viterbi_fn, emissions, length)
 
-    def posterior_sample(self, key, emissions, *, length=None) -> jax.Array:
+    @_deprecation.key_last("HMM.sample_posterior", skip=1)
+    def sample_posterior(self, emissions, *, length=None, key: PRNGKeyArray) -> Int[Array, " T"]:
         """An exact draw of ``z_{1:T}`` from ``p(z | y)``; see :func:`ssmjax.hmm_sample_posterior`."""
         return self._run(_posterior_sample_fn, emissions, length, key)
+
+    def most_likely_states(self, emissions, *, length=None) -> Int[Array, " T"]:
+        """Deprecated spelling of :meth:`viterbi`."""
+        _deprecation.warn("HMM.most_likely_states", "HMM.viterbi")
+        return self.viterbi(emissions, length=length)
+
+    def posterior_sample(self, key, emissions, *, length=None) -> Int[Array, " T"]:
+        """Deprecated spelling of :meth:`sample_posterior`."""
+        _deprecation.warn("HMM.posterior_sample(key, ...)", "HMM.sample_posterior(..., key=key)")
+        return self.sample_posterior(emissions, length=length, key=key)
 
     def _run(self, fn, emissions, length, *extra):
         """``fn(self, emissions, length, *extra)``; called eagerly, as one compiled program.
@@ -225,14 +240,15 @@ class HMM(AbstractFittableModel):
         with _checks.value_checks(False):  # checked above
             return _run_jit(fn, self, emissions, length, extra)
 
-    def sample(self, key, num_timesteps: int):
+    @_deprecation.key_last("HMM.sample", skip=1)
+    def sample(self, num_timesteps: int, *, key: PRNGKeyArray):
         """Draw ``(states (T,), emissions (T, *emission_shape))`` from the model.
 
         Example:
             >>> import jax, jax.numpy as jnp, ssmjax
             >>> hmm = ssmjax.HMM(jnp.array([1.0, 0.0]), jnp.array([[0.9, 0.1], [0.1, 0.9]]),
             ...                  ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [9.0]])))
-            >>> states, counts = hmm.sample(jax.random.key(0), 20)
+            >>> states, counts = hmm.sample(20, key=jax.random.key(0))
             >>> states.shape, counts.shape
             ((20,), (20, 1))
         """
@@ -244,8 +260,10 @@ class HMM(AbstractFittableModel):
 
     # --------------------------------------------------------- initialisers
     @classmethod
-    def from_data(cls, key, emissions, num_states: int, emissions_type: str = "poisson", *,
-                  lengths=None, stay_prob: float = 0.9, num_classes: int | None = None):
+    @_deprecation.key_last("HMM.from_data", skip=1)
+    def from_data(cls, emissions, num_states: int, emissions_type: str = "poisson", *,
+                  lengths=None, stay_prob: float = 0.9, num_classes: int | None = None,
+                  key: PRNGKeyArray):
         """A data-driven starting model for EM.
 
         Emission parameters come from the pooled real steps: quantiles for Poisson,
@@ -255,13 +273,13 @@ class HMM(AbstractFittableModel):
         diagonal.
 
         Args:
-            key: PRNG key.
             emissions: ``(B, T, D)`` batch (``(B, T)`` ints for categorical).
             num_states: ``K``.
             emissions_type: ``"poisson"``, ``"gaussian"``, ``"gaussian_diag"`` or ``"categorical"``.
             lengths: ``(B,)`` lengths or ``None``.
             stay_prob: diagonal of the initial transition matrix.
             num_classes: number of symbols (categorical only; default ``max + 1``).
+            key: PRNG key (keyword-only; the Poisson initialisation does not use it).
         """
         emissions = np.asarray(emissions)
         if emissions.ndim < 2:
@@ -273,13 +291,13 @@ class HMM(AbstractFittableModel):
         mask = np.arange(num_timesteps)[None, :] < lengths_np[:, None]
         pooled = emissions[mask]
         if emissions_type == "poisson":
-            emission_model = PoissonEmissions.from_data(pooled, num_states)
+            emission_model = PoissonEmissions.from_data(pooled, num_states, key=key)
         elif emissions_type in ("gaussian", "gaussian_diag"):
             cov_type = "full" if emissions_type == "gaussian" else "diag"
-            emission_model = GaussianEmissions.from_data(key, pooled, num_states, cov_type)
+            emission_model = GaussianEmissions.from_data(pooled, num_states, cov_type, key=key)
         elif emissions_type == "categorical":
             num_classes = int(pooled.max()) + 1 if num_classes is None else num_classes
-            emission_model = CategoricalEmissions.from_data(key, pooled, num_states, num_classes)
+            emission_model = CategoricalEmissions.from_data(pooled, num_states, num_classes, key=key)
         else:
             raise ValueError(
                 "`emissions_type` must be 'poisson', 'gaussian', 'gaussian_diag' or 'categorical'; "
@@ -296,7 +314,9 @@ class HMM(AbstractFittableModel):
         )
 
     @classmethod
-    def random(cls, key, num_states: int, emissions: AbstractEmissions, *, concentration: float = 1.0):
+    @_deprecation.key_last("HMM.random", skip=1)
+    def random(cls, num_states: int, emissions: AbstractEmissions, *, concentration: float = 1.0,
+               key: PRNGKeyArray):
         """Random initial distribution and transition rows (Dirichlet) around ``emissions``."""
         k1, k2 = jax.random.split(key)
         dtype = jnp.result_type(float)
@@ -450,8 +470,22 @@ def _sample(model: HMM, key, num_timesteps: int):
 
     _, rest = jax.lax.scan(_step, z0, jax.random.split(key_trans, num_timesteps - 1))
     states = jnp.concatenate([z0[None], rest])
-    emissions = jax.vmap(model.emissions.sample)(jax.random.split(key_emit, num_timesteps), states)
+    emissions = jax.vmap(functools.partial(_emission_sample, model.emissions))(
+        states, jax.random.split(key_emit, num_timesteps)
+    )
     return states, emissions
+
+
+def _emission_sample(emissions: AbstractEmissions, state, key):
+    """``emissions.sample(state, key=key)``; an emission model written against the old protocol,
+    ``sample(self, key, state)``, is called that way, with a warning."""
+    first = next(iter(inspect.signature(emissions.sample).parameters))
+    if first == "key":
+        _deprecation.warn(
+            f"{type(emissions).__name__}.sample(self, key, state)", "sample(self, state, *, key)"
+        )
+        return emissions.sample(key, state)
+    return emissions.sample(state, key=key)
 
 
 _sample_jit = eqx.filter_jit(_sample)

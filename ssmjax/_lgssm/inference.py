@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from .. import _deprecation
 from . import steady, step, strategy
 from .canonical import LOG_2PI as _LOG_2PI
 from .canonical import KalmanParams, _canonical, _dtype
@@ -582,7 +583,8 @@ def rts_smoother(
     return _dispatch(True, chosen, model, y, u, length_arr)
 
 
-def lgssm_sample_posterior(key, model, emissions, *, inputs=None, length=None) -> Array:
+@_deprecation.key_last("lgssm_sample_posterior")
+def lgssm_sample_posterior(model, emissions, *, inputs=None, length=None, key: PRNGKeyArray) -> Array:
     r"""One exact joint sample of :math:`x_{1:T} \mid y_{1:T}` (forward filter, backward sample).
 
     After the Kalman filter, :math:`x_T \sim \mathcal N(m_{T|T}, P_{T|T})` and, backwards,
@@ -599,8 +601,8 @@ def lgssm_sample_posterior(key, model, emissions, *, inputs=None, length=None) -
     :mod:`ssmjax._lgssm.model`); padded steps repeat ``x[length - 1]``.
 
     Args:
-        key: a JAX PRNG key.
         model, emissions, inputs, length: as in :func:`kalman_filter`.
+        key: a JAX PRNG key (keyword-only, as everywhere in ssmjax).
 
     Returns:
         States of shape (T, Dx).
@@ -611,7 +613,7 @@ def lgssm_sample_posterior(key, model, emissions, *, inputs=None, length=None) -
         >>> model = ssmjax.LGSSM(initial_mean=jnp.zeros(1), initial_cov=jnp.eye(1),
         ...     transition_matrix=jnp.eye(1), transition_cov=0.1 * jnp.eye(1),
         ...     emission_matrix=jnp.eye(1), emission_cov=jnp.eye(1))
-        >>> ssmjax.lgssm_sample_posterior(jax.random.key(0), model, jnp.ones((4, 1))).shape
+        >>> ssmjax.lgssm_sample_posterior(model, jnp.ones((4, 1)), key=jax.random.key(0)).shape
         (4, 1)
     """
     model, y, u, length_arr = _validate(model, emissions, inputs, length)
@@ -652,7 +654,8 @@ def _sample_impl(
 _sample_jit = jax.jit(_sample_impl, static_argnames=("num_timesteps",))
 
 
-def lgssm_sample(key, model, num_timesteps, *, inputs=None) -> tuple[Array, Array]:
+@_deprecation.key_last("lgssm_sample")
+def lgssm_sample(model, num_timesteps, *, inputs=None, key: PRNGKeyArray) -> tuple[Array, Array]:
     r"""Draw states and emissions from the model (ancestral sampling).
 
     :math:`x_1 \sim \mathcal N(\mu_0, \Sigma_0)`, then the transition and emission
@@ -661,10 +664,10 @@ def lgssm_sample(key, model, num_timesteps, *, inputs=None) -> tuple[Array, Arra
     (emissions) entries.
 
     Args:
-        key: a JAX PRNG key.
         model: an :class:`ssmjax.LGSSM`.
         num_timesteps: T, a Python int.
         inputs: (T, Du), required exactly when the model has input matrices.
+        key: a JAX PRNG key (keyword-only).
 
     Returns:
         ``(states, emissions)`` of shapes (T, Dx) and (T, Dy).
@@ -675,7 +678,7 @@ def lgssm_sample(key, model, num_timesteps, *, inputs=None) -> tuple[Array, Arra
         >>> model = ssmjax.LGSSM(initial_mean=jnp.zeros(2), initial_cov=jnp.eye(2),
         ...     transition_matrix=0.9 * jnp.eye(2), transition_cov=0.1 * jnp.eye(2),
         ...     emission_matrix=jnp.ones((1, 2)), emission_cov=jnp.eye(1))
-        >>> states, emissions = ssmjax.lgssm_sample(jax.random.key(0), model, 5)
+        >>> states, emissions = ssmjax.lgssm_sample(model, 5, key=jax.random.key(0))
         >>> states.shape, emissions.shape
         ((5, 2), (5, 1))
     """

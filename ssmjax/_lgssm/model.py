@@ -48,7 +48,9 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
+from jaxtyping import PRNGKeyArray
 
+from .. import _deprecation
 from . import fit
 from .inference import kalman_filter, lgssm_forecast, lgssm_sample, lgssm_sample_posterior, rts_smoother
 from .joint import lgssm_log_joint
@@ -171,17 +173,24 @@ class LGSSM(AbstractLGSSM):
         """RTS smoother of one sequence; see :func:`ssmjax.rts_smoother`."""
         return rts_smoother(self, emissions, inputs=inputs, length=length, method=method)
 
-    def posterior_sample(self, key, emissions, *, inputs=None, length=None):
+    @_deprecation.key_last("LGSSM.sample_posterior", skip=1)
+    def sample_posterior(self, emissions, *, inputs=None, length=None, key: PRNGKeyArray):
         """Exact joint draw of ``x_{1:T} | y``; see :func:`ssmjax.lgssm_sample_posterior`."""
-        return lgssm_sample_posterior(key, self, emissions, inputs=inputs, length=length)
+        return lgssm_sample_posterior(self, emissions, inputs=inputs, length=length, key=key)
+
+    def posterior_sample(self, key, emissions, *, inputs=None, length=None):
+        """Deprecated spelling of :meth:`sample_posterior`."""
+        _deprecation.warn("LGSSM.posterior_sample(key, ...)", "LGSSM.sample_posterior(..., key=key)")
+        return self.sample_posterior(emissions, inputs=inputs, length=length, key=key)
 
     def log_joint(self, states, emissions, *, inputs=None, length=None):
         """``log p(y_{1:T}, x_{1:T})`` of a state path; see :func:`ssmjax.lgssm_log_joint`."""
         return lgssm_log_joint(self, states, emissions, inputs=inputs, length=length)
 
-    def sample(self, key, num_timesteps, *, inputs=None):
+    @_deprecation.key_last("LGSSM.sample", skip=1)
+    def sample(self, num_timesteps, *, inputs=None, key: PRNGKeyArray):
         """Draw ``(states, emissions)``; see :func:`ssmjax.lgssm_sample`."""
-        return lgssm_sample(key, self, num_timesteps, inputs=inputs)
+        return lgssm_sample(self, num_timesteps, inputs=inputs, key=key)
 
     def forecast(self, emissions, num_steps, *, inputs=None, length=None, future_inputs=None):
         """Predictive moments of future states and emissions; see :func:`ssmjax.lgssm_forecast`."""

@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
         transition_matrix=jnp.array([[0.8, 0.2], [0.2, 0.8]]),
         emissions=ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [20.0]])),
     )
-    fitted, lls = ssmjax.fit_em(model, emissions, max_iters=100, tol=1e-7)
+    fitted, lls, _ = ssmjax.fit_em(model, emissions, max_iters=100, tol=1e-7)
     result = {
         "devices": jax.device_count(),
         "processes": jax.process_count(),

@@ -289,7 +289,7 @@ class KalmanVAE(eqx.Module):
         if estimator == "exact":
             return ssmjax.kalman_filter(model, a, length=length).marginal_loglik
         post = ssmjax.rts_smoother(model, a, length=length)
-        z = ssmjax.lgssm_sample_posterior(key, model, a, length=length)
+        z = ssmjax.lgssm_sample_posterior(model, a, length=length, key=key)
         return ssmjax.lgssm_log_joint(model, z, a, length=length) + ssmjax.lgssm_posterior_entropy(
             post, length=length
         )

@@ -84,7 +84,7 @@ class AbstractEmissions(eqx.Module):
       step's emission, ``log p(y | z = k)`` for ``k = 0..K-1``. It may assume a
       valid emission (validation is ``check_emissions``'s job) and must be pure
       JAX so that it jits, vmaps and differentiates.
-    * ``sample(key, state)``: draw one emission given an integer state.
+    * ``sample(state, *, key)``: draw one emission given an integer state.
     * ``check_emissions(emissions, mask=None)``: value-check a stack of emissions
       of shape ``(N, *emission_shape)`` and return them guarded (use
       :func:`ssmjax._checks.check_values`, which raises ``ValueError`` eagerly and
@@ -113,7 +113,7 @@ class AbstractEmissions(eqx.Module):
         ...     def emission_shape(self): return ()
         ...     def log_prob(self, emission):
         ...         return self.log_rates - jnp.exp(self.log_rates) * emission
-        ...     def sample(self, key, state):
+        ...     def sample(self, state, *, key):
         ...         return jax.random.exponential(key) / jnp.exp(self.log_rates[state])
         ...     def check_emissions(self, emissions, mask=None):
         ...         return emissions
@@ -136,7 +136,7 @@ class AbstractEmissions(eqx.Module):
         """Per-state log-likelihoods ``log p(emission | z = k)`` of ONE step's emission."""
 
     @abc.abstractmethod
-    def sample(self, key: PRNGKeyArray, state) -> Array:
+    def sample(self, state, *, key: PRNGKeyArray) -> Array:
         """One emission drawn from state ``state`` (an integer scalar)."""
 
     @abc.abstractmethod

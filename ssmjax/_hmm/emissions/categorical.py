@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ... import _checks
+from ... import _checks, _deprecation
 from .base import (
     AbstractExponentialFamilyEmissions,
     _as_mask,
@@ -113,7 +113,7 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         emission = self.check_emissions(emission)
         return _categorical_log_prob(self.logits, emission)
 
-    def sample(self, key: PRNGKeyArray, state) -> Int[Array, ""]:
+    def sample(self, state, *, key: PRNGKeyArray) -> Int[Array, ""]:
         return jax.random.categorical(key, self.logits[state])
 
     def suff_stats(self, emissions, weights, mask=None) -> CategoricalStats:
@@ -136,12 +136,13 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
     # -- initialisers ------------------------------------------------------
 
     @classmethod
-    def random(cls, key: PRNGKeyArray, num_states: int, num_classes: int, dtype=None) -> "CategoricalEmissions":
+    @_deprecation.key_last("CategoricalEmissions.random", skip=1)
+    def random(cls, num_states: int, num_classes: int, dtype=None, *, key: PRNGKeyArray) -> "CategoricalEmissions":
         """Rows drawn from a flat Dirichlet(1, ..., 1).
 
         Example:
             >>> import jax, ssmjax
-            >>> ssmjax.CategoricalEmissions.random(jax.random.key(0), 3, 4).probs.shape
+            >>> ssmjax.CategoricalEmissions.random(3, 4, key=jax.random.key(0)).probs.shape
             (3, 4)
         """
         dtype = dtype or jnp.result_type(float)
@@ -149,8 +150,9 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         return cls(logits=jnp.log(probs))
 
     @classmethod
+    @_deprecation.key_last("CategoricalEmissions.from_data", skip=1)
     def from_data(
-        cls, key: PRNGKeyArray, emissions, num_states: int, num_classes: int, *, noise: float = 0.2
+        cls, emissions, num_states: int, num_classes: int, *, noise: float = 0.2, key: PRNGKeyArray
     ) -> "CategoricalEmissions":
         r"""Empirical symbol frequencies, perturbed per state by Dirichlet noise.
 
@@ -160,16 +162,16 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         probability zero.
 
         Args:
-            key: PRNG key.
             emissions: pooled integer symbols, shape ``(N,)``.
             num_states: ``K``.
             num_classes: ``C``.
             noise: mixing weight of the Dirichlet draw, in ``(0, 1]``.
+            key: PRNG key (keyword-only).
 
         Example:
             >>> import jax, jax.numpy as jnp, ssmjax
             >>> ys = jnp.array([0, 1, 1, 2, 1])
-            >>> ssmjax.CategoricalEmissions.from_data(jax.random.key(0), ys, 2, 3).probs.shape
+            >>> ssmjax.CategoricalEmissions.from_data(ys, 2, 3, key=jax.random.key(0)).probs.shape
             (2, 3)
         """
         emissions = _checks.to_device(emissions)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Shaped
 
-from ... import _checks
+from ... import _checks, _deprecation
 from .base import AbstractExponentialFamilyEmissions, _as_mask, _check_weights, _fill_padding, _keep_where_empty
 
 
@@ -227,7 +227,7 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
         out = -0.5 * quad - log_det[None, :, None] - 0.5 * dim * math.log(2 * math.pi)
         return jnp.where(valid[:, None, :], out, 0.0)
 
-    def sample(self, key: PRNGKeyArray, state) -> Float[Array, " D"]:
+    def sample(self, state, *, key: PRNGKeyArray) -> Float[Array, " D"]:
         eps = jax.random.normal(key, (self.emission_dim,), self.means.dtype)
         if self.chol_covs is not None:
             return self.means[state] + jnp.tril(self.chol_covs[state]) @ eps
@@ -261,15 +261,16 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
     # -- initialisers ------------------------------------------------------
 
     @classmethod
+    @_deprecation.key_last("GaussianEmissions.random", skip=1)
     def random(
-        cls, key: PRNGKeyArray, num_states: int, emission_dim: int, covariance_type: str = "full",
-        *, min_variance: float = 1e-6, dtype=None,
+        cls, num_states: int, emission_dim: int, covariance_type: str = "full",
+        *, min_variance: float = 1e-6, dtype=None, key: PRNGKeyArray,
     ) -> "GaussianEmissions":
         """Means drawn from N(0, I); identity covariances.
 
         Example:
             >>> import jax, ssmjax
-            >>> ssmjax.GaussianEmissions.random(jax.random.key(0), 3, 2).covs.shape
+            >>> ssmjax.GaussianEmissions.random(3, 2, key=jax.random.key(0)).covs.shape
             (3, 2, 2)
         """
         dtype = dtype or jnp.result_type(float)
@@ -278,9 +279,10 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
         return cls(means, covs, min_variance=min_variance)
 
     @classmethod
+    @_deprecation.key_last("GaussianEmissions.from_data", skip=1)
     def from_data(
-        cls, key: PRNGKeyArray, emissions, num_states: int, covariance_type: str = "full",
-        *, num_iters: int = 10, min_variance: float = 1e-6,
+        cls, emissions, num_states: int, covariance_type: str = "full",
+        *, num_iters: int = 10, min_variance: float = 1e-6, key: PRNGKeyArray,
     ) -> "GaussianEmissions":
         r"""k-means initialisation: k-means++ seeding, ``num_iters`` Lloyd iterations, cluster covariances.
 
@@ -294,17 +296,17 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
         pseudo-points, so small clusters still get well-conditioned covariances.
 
         Args:
-            key: PRNG key.
             emissions: pooled emissions, shape ``(N, D)`` with ``N >= num_states``.
             num_states: ``K``.
             covariance_type: ``"full"`` or ``"diag"``.
             num_iters: number of Lloyd iterations.
             min_variance: passed to the model.
+            key: PRNG key (keyword-only).
 
         Example:
             >>> import jax, ssmjax
             >>> ys = jax.random.normal(jax.random.key(1), (50, 2))
-            >>> ssmjax.GaussianEmissions.from_data(jax.random.key(0), ys, 3).means.shape
+            >>> ssmjax.GaussianEmissions.from_data(ys, 3, key=jax.random.key(0)).means.shape
             (3, 2)
         """
         emissions = _checks.as_float_array("emissions", emissions)

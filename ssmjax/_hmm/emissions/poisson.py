@@ -8,14 +8,14 @@ the private log-density, quantile initialiser and M-step functions it is built f
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ... import _checks
+from ... import _checks, _deprecation
 from .base import AbstractExponentialFamilyEmissions, _as_mask, _check_weights, _fill_padding, _keep_where_empty
 
 
@@ -122,7 +122,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         emission = self.check_emissions(emission[None])[0]
         return _poisson_log_prob(self.log_rates, self._float(emission))
 
-    def sample(self, key: PRNGKeyArray, state) -> Array:
+    def sample(self, state, *, key: PRNGKeyArray) -> Array:
         return jax.random.poisson(key, self.rates[state]).astype(jnp.int32)
 
     def suff_stats(self, emissions, weights, mask=None) -> PoissonStats:
@@ -143,14 +143,15 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
     # -- initialisers ------------------------------------------------------
 
     @classmethod
+    @_deprecation.key_last("PoissonEmissions.random", skip=1)
     def random(
-        cls, key: PRNGKeyArray, num_states: int, emission_dim: int, *, mean_rate: float = 5.0, dtype=None
+        cls, num_states: int, emission_dim: int, *, mean_rate: float = 5.0, dtype=None, key: PRNGKeyArray
     ) -> "PoissonEmissions":
         """Rates drawn from a Gamma(2, scale=mean_rate / 2) (mean ``mean_rate``).
 
         Example:
             >>> import jax, ssmjax
-            >>> ssmjax.PoissonEmissions.random(jax.random.key(0), 3, 2).rates.shape
+            >>> ssmjax.PoissonEmissions.random(3, 2, key=jax.random.key(0)).rates.shape
             (3, 2)
         """
         dtype = dtype or jnp.result_type(float)
@@ -158,7 +159,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         return cls(log_rates=jnp.log(rates))
 
     @classmethod
-    def from_data(cls, emissions, num_states: int) -> "PoissonEmissions":
+    def from_data(cls, emissions, num_states: int, *, key: Optional[PRNGKeyArray] = None) -> "PoissonEmissions":
         r"""Rates at the ``(k + 1/2) / K`` quantiles of each count dimension.
 
         State ``k`` gets, in every dimension ``d``, the ``(k + 0.5) / K`` quantile
@@ -171,6 +172,8 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         Args:
             emissions: pooled counts, shape ``(N, D)``.
             num_states: ``K``.
+            key: unused (the quantiles are deterministic); accepted so that every family's
+                ``from_data`` takes the same arguments.
 
         Example:
             >>> import jax.numpy as jnp, ssmjax
