@@ -95,7 +95,7 @@ def test_structural_zero_gives_exact_minus_inf_and_finite_gradient():
     chain = ssmjax.MarkovChain(jnp.array([1.0, 0.0]), jnp.array([[0.5, 0.5], [0.0, 1.0]]))
     assert float(chain.marginal_loglik(jnp.array([1, 1]))) == -np.inf
     assert float(chain.marginal_loglik(jnp.array([0, 1, 0]))) == -np.inf
-    grads = jax.grad(lambda c: c.log_prob(jnp.array([0, 0, 1, 1])))(chain)
+    grads = jax.grad(lambda c: c.marginal_loglik(jnp.array([0, 0, 1, 1])))(chain)
     assert np.all(np.isfinite(grads.transition_matrix)) and np.all(np.isfinite(grads.initial_probs))
 
 
