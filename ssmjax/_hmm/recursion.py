@@ -202,7 +202,7 @@ def _state_major_product(matrix, x):
     For a few states a fused multiply-sum over the leading axis (the batch stays the
     vectorised minor axis, no call into a matmul kernel), else a matrix product.
     """
-    if x.shape[0] <= _FUSED_MATVEC_MAX_STATES:
+    if x.shape[0] <= _FUSED_BLOCK_MAX_STATES:
         return jnp.sum(matrix[:, :, None] * x[:, None, :], axis=0)
     return matrix.T @ x
 
