@@ -236,6 +236,13 @@ LAYOUTS = ("TK", "BTK", "TBK", "TKB")
 EMISSIONS = ("before-loop", "shifts-before-loop", "in-loop")
 
 
+def _check_options(layout: str, emissions: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}; got {layout!r}.")
+    if emissions not in EMISSIONS:
+        raise ValueError(f"`emissions` must be one of {EMISSIONS}; got {emissions!r}.")
+
+
 def states_axis(layout: str) -> int:
     """Axis of the states in a loop step's block: 0 for state-major (K, B), -1 otherwise."""
     return 0 if layout == "TKB" else -1
@@ -279,7 +286,7 @@ def _block_peak(ll, s_axis: int):
     return jnp.where(jnp.isfinite(peak), peak, 0.0)
 
 
-def _transition_steps(transition_matrix, num_timesteps: int, reverse: bool):
+def _transition_steps(transition_matrix, reverse: bool):
     """Per-step transition matrices as loop inputs (None when stationary): ``A_t`` (from ``z_t``
     to ``z_{t+1}``) forward, ``A_{t-1}`` backward; the unused end entry is the identity."""
     if transition_matrix.ndim == 2:
@@ -482,7 +489,7 @@ def _forward_loop(initial_probs, transition_matrix, log_likelihoods, lengths, la
         floor=floor,
         freeze=freeze,
     )
-    a_steps = _transition_steps(transition_matrix, num_timesteps, reverse=False)
+    a_steps = _transition_steps(transition_matrix, reverse=False)
     xs = (source, shifts if mode == "shifts-before-loop" else None, a_steps)
     carry = (start, start) if freeze else start
     if layout == "TK":
@@ -519,7 +526,7 @@ def forward(
     is differentiated, see :func:`forward_step`). A time-varying ``transition_matrix``
     (T-1, K, K) is for one sequence only.
     """
-    time_axis = layout.index("T")
+    _check_options(layout, emissions)
     step_axes = _step_axes(layout)
     valid = _valid_all(log_likelihoods, lengths, layout)
     masked_ll = jnp.where(valid, log_likelihoods, 0.0) if emissions != "in-loop" or weights else None
@@ -558,7 +565,7 @@ def forward(
         if layout == "TK":  # the fallback itself selects per sequence
             return robust
         return tuple(
-            None if r is None else jnp.where(_sequences_against(needed, r.ndim, layout, time_axis), r, f)
+            None if r is None else jnp.where(_sequences_against(needed, r.ndim, layout), r, f)
             for r, f in zip(robust, fast)
         )
 
@@ -579,7 +586,7 @@ def _steps_against(x, layout: str):
     return jnp.expand_dims(x, layout.index("K"))
 
 
-def _sequences_against(flags, ndim: int, layout: str, time_axis: int):
+def _sequences_against(flags, ndim: int, layout: str):
     """Per-sequence flags (B,) shaped against an array in ``layout`` (ndim 3) or a per-step (T, B) one."""
     axes = layout if ndim == 3 else "TB"
     return jnp.expand_dims(flags, [i for i, a in enumerate(axes) if a != "B"])
@@ -652,6 +659,7 @@ def backward(
     are 0 there (``padded_rows_zero``: the gradient of :math:`\log p` with respect to the
     log-likelihoods); ``row_scale`` (B,) multiplies them.
     """
+    _check_options(layout, emissions)
     time_axis, s_axis = layout.index("T"), states_axis(layout)
     num_timesteps = log_likelihoods.shape[time_axis]
     mode = "before-loop"
@@ -679,7 +687,7 @@ def backward(
         peaks if in_loop else None,
         log_cs if in_loop else None,
         filtered,
-        _transition_steps(transition_matrix, num_timesteps, reverse=True),
+        _transition_steps(transition_matrix, reverse=True),
     )
     ones = jnp.ones(_time_index(log_likelihoods, 0, time_axis).shape, log_likelihoods.dtype)
     if layout == "TK":
