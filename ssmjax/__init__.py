@@ -49,6 +49,8 @@ from ._lgssm.joint import lgssm_posterior_entropy as lgssm_posterior_entropy
 from ._hmm.emissions import AbstractEmissions as AbstractEmissions
 from ._hmm.emissions import AbstractExponentialFamilyEmissions as AbstractExponentialFamilyEmissions
 from ._hmm.emissions import CategoricalEmissions as CategoricalEmissions
+from ._hmm.emissions import AbstractGaussianEmissions as AbstractGaussianEmissions
+from ._hmm.emissions import DiagonalGaussianEmissions as DiagonalGaussianEmissions
 from ._hmm.emissions import GaussianEmissions as GaussianEmissions
 from ._hmm.emissions import NoClosedFormMStepError as NoClosedFormMStepError
 from ._hmm.emissions import PoissonEmissions as PoissonEmissions

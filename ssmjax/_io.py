@@ -85,8 +85,15 @@ def _build(desc, allowed):
     if "static" in desc:
         return desc["static"]
     cls = _resolve(desc["module"], allowed)
+    fields = desc["fields"]
+    if cls.__name__ == "GaussianEmissions" and "log_variances" in fields:
+        # written when one class held both storages: its diagonal models are DiagonalGaussianEmissions
+        # now (the leaves, means then the stored covariance parameter, are in the same order)
+        if fields["log_variances"] is not None:
+            cls = _resolve("ssmjax:DiagonalGaussianEmissions", allowed)
+        fields = {k: v for k, v in fields.items() if k != ("chol_covs" if fields["log_variances"] else "log_variances")}
     obj = object.__new__(cls)
-    for name, sub in desc["fields"].items():
+    for name, sub in fields.items():
         object.__setattr__(obj, name, _build(sub, allowed))
     return obj
 

@@ -103,6 +103,31 @@ def test_old_spellings_warn_and_agree():
         _deprecated(new_name, old_call, new_call)
 
 
+def test_gaussian_storages_are_separate_classes_and_the_old_spellings_still_build_them():
+    means, variances = jnp.array([[0.0, 1.0], [2.0, -1.0]]), jnp.array([[1.0, 0.5], [2.0, 1.5]])
+    new = ssmjax.DiagonalGaussianEmissions(means, variances)
+    assert type(new) is not ssmjax.GaussianEmissions and isinstance(new, ssmjax.AbstractGaussianEmissions)
+    old_calls = [
+        lambda: ssmjax.GaussianEmissions(means, variances),
+        lambda: ssmjax.GaussianEmissions(means, log_variances=jnp.log(variances)),
+        lambda: ssmjax.GaussianEmissions(means=means, covs=variances),
+    ]
+    for call in old_calls:
+        with pytest.warns(DeprecationWarning, match="DiagonalGaussianEmissions"):
+            old = call()
+        assert type(old) is ssmjax.DiagonalGaussianEmissions
+        _same(old, new)
+    key = jax.random.key(0)
+    ys = jax.random.normal(jax.random.key(1), (40, 2))
+    for method, args in (("random", (3, 2)), ("from_data", (ys, 3))):
+        with pytest.warns(DeprecationWarning, match=f"DiagonalGaussianEmissions.{method}"):
+            old = getattr(ssmjax.GaussianEmissions, method)(*args, "diag", key=key)
+        _same(old, getattr(ssmjax.DiagonalGaussianEmissions, method)(*args, key=key))
+    # the full class keeps its spelling and its storage
+    full = ssmjax.GaussianEmissions(means, jnp.stack([jnp.eye(2)] * 2))
+    assert full.covariance_type == "full" and full.chol_covs.shape == (2, 2, 2)
+
+
 def test_fit_em_returns_three_values_and_the_old_flag_still_works():
     hmm = _hmm()
     counts = hmm.sample(40, key=jax.random.key(0))[1][None]

@@ -30,8 +30,8 @@ def _models(rng):
         "gaussian_full": ssmjax.GaussianEmissions(
             means=jnp.asarray(rng.normal(size=(k, 2))), covs=jnp.asarray(_spd(rng, k, 2))
         ),
-        "gaussian_diag": ssmjax.GaussianEmissions(
-            means=jnp.asarray(rng.normal(size=(k, 2))), covs=jnp.asarray(rng.uniform(0.5, 2.0, size=(k, 2)))
+        "gaussian_diag": ssmjax.DiagonalGaussianEmissions(
+            means=jnp.asarray(rng.normal(size=(k, 2))), variances=jnp.asarray(rng.uniform(0.5, 2.0, size=(k, 2)))
         ),
     }
 
@@ -282,7 +282,8 @@ def test_m_step_equals_hmmlearn_one_iteration(name):
     model = _models(rng)[name]
     if name.startswith("gaussian"):  # hmmlearn applies no ridge when its priors are neutral
         kind = "full" if name == "gaussian_full" else "diag"
-        model = ssmjax.GaussianEmissions(model.means, model.covs if kind == "full" else model.variances, min_variance=0.0)
+        family = (ssmjax.GaussianEmissions if kind == "full" else ssmjax.DiagonalGaussianEmissions)
+        model = family(model.means, model.covs if kind == "full" else model.variances, min_variance=0.0)
     pi = rng.dirichlet(np.ones(k))
     A = random_stochastic_matrix(rng, (k, k))
     lengths = [5, 6, 4]
@@ -337,7 +338,7 @@ def test_m_step_recovers_parameters_from_samples(name):
     w = jax.nn.one_hot(states, 3, dtype=jnp.float64)
     start = _models(np.random.default_rng(99))[name]
     if name.startswith("gaussian"):
-        start = ssmjax.GaussianEmissions(
+        start = (ssmjax.GaussianEmissions if name == "gaussian_full" else ssmjax.DiagonalGaussianEmissions)(
             start.means, start.covs if name == "gaussian_full" else start.variances, min_variance=0.0
         )
     fitted = start.m_step(ys, w)
@@ -378,12 +379,13 @@ def test_initialisers_give_valid_models():
     rates = np.asarray(pois.rates)
     assert np.all(rates > 0) and np.all(np.diff(rates, axis=0) > 0)
 
-    gauss = ssmjax.GaussianEmissions.random(3, 2, "diag", key=key)
+    gauss = ssmjax.DiagonalGaussianEmissions.random(3, 2, key=key)
     assert gauss.covariance_type == "diag" and gauss.covs.shape == (3, 2, 2)
     centres = np.array([[-10.0, 0.0], [0.0, 10.0], [10.0, 0.0]])
     data = np.concatenate([c + rng.normal(size=(100, 2)) for c in centres])
     for cov_type in ("full", "diag"):
-        g = ssmjax.GaussianEmissions.from_data(jnp.asarray(data), 3, cov_type, key=key)
+        family = (ssmjax.GaussianEmissions if cov_type == "full" else ssmjax.DiagonalGaussianEmissions)
+        g = family.from_data(jnp.asarray(data), 3, key=key)
         assert g.covariance_type == cov_type
         found = np.asarray(g.means)[np.argsort(np.asarray(g.means)[:, 0])]
         assert np.all(np.abs(found - centres) < 0.5)
@@ -434,8 +436,10 @@ def test_shape_and_dtype_errors_name_the_argument():
         models["poisson"].m_step(jnp.zeros((5, 2), int), jnp.ones((5, 3)), jnp.ones(4, bool))
     with pytest.raises(ValueError, match=r"`probs` must have shape \(K, C\)"):
         ssmjax.CategoricalEmissions(probs=jnp.ones(3) / 3)
-    with pytest.raises(ValueError, match=r"`covs` must have shape \(2, 3, 3\) or \(2, 3\)"):
-        ssmjax.GaussianEmissions(jnp.zeros((2, 3)), jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"`covs` must have shape \(2, 3, 3\)"):
+        ssmjax.GaussianEmissions(jnp.zeros((2, 3)), jnp.ones((2, 2, 3)))
+    with pytest.raises(ValueError, match=r"`variances` must have shape \(2, 3\)"):
+        ssmjax.DiagonalGaussianEmissions(jnp.zeros((2, 3)), jnp.ones((2, 2)))
     with pytest.raises(ValueError, match="exactly one of `rates` and `log_rates`"):
         ssmjax.PoissonEmissions()
 
@@ -530,7 +534,7 @@ def test_constrained_views_round_trip_the_constructor_values():
     assert_allclose(full.means, means)
     assert_allclose(full.covs, covs)
     assert_allclose(full.variances, np.diagonal(covs, axis1=1, axis2=2))
-    diag = ssmjax.GaussianEmissions(jnp.asarray(means), jnp.asarray(variances))
+    diag = ssmjax.DiagonalGaussianEmissions(jnp.asarray(means), jnp.asarray(variances))
     assert_allclose(diag.covs, np.stack([np.diag(v) for v in variances]))
     # any unconstrained value is a valid model: only the lower triangle of chol_covs is read
     raw = jnp.asarray(rng.normal(size=(3, 2, 2)))
@@ -570,7 +574,7 @@ def test_float32_gaussian_stats_for_widely_separated_states(covariance, hard):
     w = np.eye(num_states)[z] if hard else rng.dirichlet(np.full(num_states, 0.3), size=n)
     means = true_means + 0.1  # the model's current means (the centres of the statistics)
     covs = np.broadcast_to(np.eye(dim), (num_states, dim, dim))
-    model = ssmjax.GaussianEmissions(
+    model = (ssmjax.GaussianEmissions if covariance == "full" else ssmjax.DiagonalGaussianEmissions)(
         jnp.asarray(means, jnp.float32),
         jnp.asarray(covs if covariance == "full" else np.ones((num_states, dim)), jnp.float32),
     )

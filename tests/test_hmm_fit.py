@@ -97,7 +97,8 @@ def test_gaussian_em_equals_hmmlearn(covariance_type):
         init_covs = np.stack([np.eye(2) * 1.5, np.array([[1.0, 0.3], [0.3, 2.0]]), np.eye(2)])
     else:
         init_covs = np.array([[1.5, 1.5], [1.0, 2.0], [1.0, 1.0]])
-    emissions = ssmjax.GaussianEmissions(jnp.asarray(init_means), jnp.asarray(init_covs), min_variance=0.0)
+    family = (ssmjax.GaussianEmissions if covariance_type == "full" else ssmjax.DiagonalGaussianEmissions)
+    emissions = family(jnp.asarray(init_means), jnp.asarray(init_covs), min_variance=0.0)
     model = start_model(emissions)
     n_iter = 6
     fitted, lls, _ = ssmjax.fit_em(model, y, lengths=LENGTHS, max_iters=n_iter, tol=0.0)
@@ -283,7 +284,7 @@ def test_gaussian_m_step_with_frozen_means_is_exact(covariance_type):
     w = rng.dirichlet(np.ones(3), size=60)
     means = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, -1.0]])
     covs = np.stack([np.eye(2)] * 3) if covariance_type == "full" else np.ones((3, 2))
-    em = ssmjax.GaussianEmissions(jnp.asarray(means), jnp.asarray(covs), min_variance=0.0)
+    em = (ssmjax.GaussianEmissions if covariance_type == "full" else ssmjax.DiagonalGaussianEmissions)(jnp.asarray(means), jnp.asarray(covs), min_variance=0.0)
     stats = em.suff_stats(jnp.asarray(y), jnp.asarray(w))
     new = em.m_step_from_stats(stats, frozen={"means"})
     np.testing.assert_array_equal(new.means, means)

@@ -16,7 +16,7 @@ def models():
     pi, a = jnp.array([0.2, 0.8]), jnp.array([[0.9, 0.1], [0.0, 1.0]])  # a structural zero
     yield ssmjax.HMM(pi, a, ssmjax.PoissonEmissions(rates=jnp.array([[3.0, 1.0], [12.0, 4.0]])))
     yield ssmjax.HMM(pi, a, ssmjax.GaussianEmissions(jnp.ones((2, 3)), jnp.stack([jnp.eye(3)] * 2), min_variance=1e-3))
-    yield ssmjax.HMM(pi, a, ssmjax.GaussianEmissions(jnp.ones((2, 3)), jnp.ones((2, 3))))
+    yield ssmjax.HMM(pi, a, ssmjax.DiagonalGaussianEmissions(jnp.ones((2, 3)), jnp.ones((2, 3))))
     yield ssmjax.HMM(pi, a, ssmjax.CategoricalEmissions.random(2, 5, key=k))
     yield ssmjax.MarkovChain(pi, a)
     yield ssmjax.LGSSM(initial_mean=jnp.zeros(2), initial_cov=jnp.eye(2), transition_matrix=jnp.eye(2),
@@ -46,6 +46,24 @@ def test_files_name_public_classes_by_their_public_name(tmp_path):
     header = (tmp_path / "m").read_bytes().split(b"\n", 1)[0].decode()
     assert '"ssmjax:HMM"' in header and '"ssmjax:PoissonEmissions"' in header
     assert "ssmjax._hmm" not in header
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize(
+    "name, family, loglik",
+    [  # log-likelihoods computed, in float32, by the version that wrote the files
+        ("hmm_gaussian_diag_before_split.eqx", "DiagonalGaussianEmissions", -31.964494705200195),
+        ("hmm_gaussian_full_before_split.eqx", "GaussianEmissions", -30.215560913085938),
+    ],
+)
+def test_files_from_before_the_gaussian_split_load(name, family, loglik):
+    # written when GaussianEmissions held both storages (chol_covs or log_variances, the other None)
+    model = ssmjax.load(DATA / name)
+    assert type(model.emissions) is getattr(ssmjax, family)
+    y = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)
+    np.testing.assert_allclose(float(model.marginal_loglik(y)), loglik, rtol=1e-6)
 
 
 def test_loaded_model_computes_the_same(tmp_path):

@@ -32,6 +32,7 @@ from .emissions import (
     AbstractEmissions,
     AbstractExponentialFamilyEmissions,
     CategoricalEmissions,
+    DiagonalGaussianEmissions,
     GaussianEmissions,
     PoissonEmissions,
     softmax_rows,
@@ -43,7 +44,8 @@ from .rules import batch_smoother_stats
 _EMISSION_FIELDS = {
     PoissonEmissions: {"rates": ("log_rates",)},
     CategoricalEmissions: {"probs": ("logits",)},
-    GaussianEmissions: {"means": ("means",), "covs": ("chol_covs", "log_variances")},
+    GaussianEmissions: {"means": ("means",), "covs": ("chol_covs",)},
+    DiagonalGaussianEmissions: {"means": ("means",), "covs": ("log_variances",)},
 }
 
 
@@ -293,8 +295,8 @@ class HMM(AbstractFittableModel):
         if emissions_type == "poisson":
             emission_model = PoissonEmissions.from_data(pooled, num_states, key=key)
         elif emissions_type in ("gaussian", "gaussian_diag"):
-            cov_type = "full" if emissions_type == "gaussian" else "diag"
-            emission_model = GaussianEmissions.from_data(pooled, num_states, cov_type, key=key)
+            family = GaussianEmissions if emissions_type == "gaussian" else DiagonalGaussianEmissions
+            emission_model = family.from_data(pooled, num_states, key=key)
         elif emissions_type == "categorical":
             num_classes = int(pooled.max()) + 1 if num_classes is None else num_classes
             emission_model = CategoricalEmissions.from_data(pooled, num_states, num_classes, key=key)

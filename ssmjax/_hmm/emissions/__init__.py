@@ -12,8 +12,8 @@ subclass :class:`AbstractExponentialFamilyEmissions`, which gives them
 :meth:`~AbstractEmissions.m_step` for expectation-maximisation (EM).
 
 Storage is unconstrained (STYLE §6): categorical ``logits``, Poisson
-``log_rates``, Gaussian ``means`` with Cholesky factors ``chol_covs`` (full) or
-``log_variances`` (diagonal). Any array value of those fields is a valid model,
+``log_rates``, Gaussian ``means`` with Cholesky factors ``chol_covs`` (:class:`GaussianEmissions`) or
+``log_variances`` (:class:`DiagonalGaussianEmissions`). Any array value of those fields is a valid model,
 so gradient-based fitting (optax) needs no bijectors. Constructors take the
 constrained values (``probs``, ``rates``, ``covs``) and validate them; the
 constrained views are read back through properties of the same names.
@@ -25,6 +25,8 @@ from .base import NoClosedFormMStepError as NoClosedFormMStepError
 from .base import softmax_rows as softmax_rows
 from .categorical import CategoricalEmissions as CategoricalEmissions
 from .categorical import CategoricalStats as CategoricalStats
+from .gaussian import AbstractGaussianEmissions as AbstractGaussianEmissions
+from .gaussian import DiagonalGaussianEmissions as DiagonalGaussianEmissions
 from .gaussian import GaussianEmissions as GaussianEmissions
 from .gaussian import GaussianStats as GaussianStats
 from .poisson import PoissonEmissions as PoissonEmissions
@@ -35,7 +37,9 @@ __all__ = [
     "AbstractExponentialFamilyEmissions",
     "NoClosedFormMStepError",
     "CategoricalEmissions",
+    "AbstractGaussianEmissions",
     "GaussianEmissions",
+    "DiagonalGaussianEmissions",
     "PoissonEmissions",
     "CategoricalStats",
     "GaussianStats",

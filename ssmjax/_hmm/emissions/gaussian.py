@@ -1,17 +1,19 @@
-r"""Multivariate Gaussian emissions with full or diagonal covariances.
+r"""Multivariate Gaussian emissions, with full or diagonal covariances.
 
-:class:`GaussianEmissions` (stored as ``means`` with ``chol_covs`` or
-``log_variances``), its sufficient statistics :class:`GaussianStats` (moments
-centred on the current means), and the private functions it is built from: the
-log-densities (per step, and unrolled over a time-major batch), the k-means
-initialiser of :meth:`GaussianEmissions.from_data`, the statistics and the M-step.
+:class:`GaussianEmissions` (``means`` and Cholesky factors ``chol_covs``) and
+:class:`DiagonalGaussianEmissions` (``means`` and ``log_variances``), what they share
+(:class:`AbstractGaussianEmissions`: the statistics, the M-step, the initialisers), the
+sufficient statistics :class:`GaussianStats` (moments centred on the current means), and the
+private functions they are built from: the log-densities (per step, and unrolled over a
+time-major batch), the k-means initialiser, the statistics and the M-step.
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
-from typing import NamedTuple, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import equinox as eqx
 import jax
@@ -73,15 +75,10 @@ def _gaussian_diag_log_prob(means, log_variances, emissions, axis: int = -1):
     return -0.5 * jnp.sum(diff**2 * jnp.exp(-log_variances) + log_variances + math.log(2 * math.pi), axis=axis)
 
 
-class GaussianEmissions(AbstractExponentialFamilyEmissions):
-    r"""Multivariate Gaussian emissions: :math:`p(y_t \mid z_t = k) = \mathcal N(y_t; \mu_k, \Sigma_k)`.
-
-    ``covariance_type`` is read from the rank of ``covs``: ``(K, D, D)`` is
-    ``"full"``, ``(K, D)`` is ``"diag"`` (the variances).
-
-    Storage: ``means`` (``(K, D)``) and either ``chol_covs`` (``(K, D, D)``,
-    only the lower triangle is read, ``covs = L L^T``; the sign of the diagonal
-    is irrelevant) or ``log_variances`` (``(K, D)``). The other is ``None``.
+class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
+    r"""Multivariate Gaussian emissions, :math:`p(y_t \mid z_t = k) = \mathcal N(y_t; \mu_k, \Sigma_k)`:
+    what the full (:class:`GaussianEmissions`) and diagonal (:class:`DiagonalGaussianEmissions`)
+    families share. Each stores its covariances its own way (Cholesky factors or log-variances).
 
     M-step: weighted means and weighted covariances plus a ridge,
     :math:`\Sigma_k = \frac{\sum_n w_{nk}(y_n-\mu_k)(y_n-\mu_k)^\top}{\sum_n w_{nk}} + \epsilon I`
@@ -91,60 +88,25 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
     definite even for a state owning fewer than ``D + 1`` points. A state with
     zero total weight, or whose new covariance fails to factorise, keeps its
     previous parameters.
-
-    Args:
-        means: ``(K, D)``.
-        covs: ``(K, D, D)`` symmetric positive-definite, or ``(K, D)`` positive variances.
-        min_variance: ridge added by the M-step (a static, non-negative float).
-
-    Example:
-        >>> import jax.numpy as jnp, ssmjax
-        >>> model = ssmjax.GaussianEmissions(means=jnp.zeros((2, 3)), covs=jnp.ones((2, 3)))
-        >>> model.covariance_type, model.log_likelihoods(jnp.zeros((4, 3))).shape
-        ('diag', (4, 2))
     """
 
-    means: Float[Array, "K D"]
-    chol_covs: Optional[Float[Array, "K D D"]]
-    log_variances: Optional[Float[Array, "K D"]]
-    min_variance: float = eqx.field(static=True)
+    means: eqx.AbstractVar[Float[Array, "K D"]]
+    min_variance: eqx.AbstractVar[float]
+    covariance_type: eqx.AbstractClassVar[str]
 
-    def __init__(self, means, covs=None, *, chol_covs=None, log_variances=None, min_variance: float = 1e-6):
-        if sum(x is not None for x in (covs, chol_covs, log_variances)) != 1:
-            raise ValueError("Pass exactly one of `covs`, `chol_covs` and `log_variances`.")
-        if not (isinstance(min_variance, (int, float)) and min_variance >= 0):
-            raise ValueError(f"`min_variance` must be a non-negative Python float; got {min_variance!r}.")
-        means = _checks.as_float_array("means", means)
-        _checks.check_shape("means", means, ("K", "D"), "one mean vector per state")
-        k, d = means.shape
-        xp, values = _checks.host_arrays(means)
-        bad = ~xp.isfinite(values)
-        means = _checks.check_values(means, bad, "`means` must be finite.")
-        self.means = means
-        self.min_variance = float(min_variance)
-        self.chol_covs = None
-        self.log_variances = None
-        if covs is not None:
-            covs = _checks.as_float_array("covs", covs, means.dtype)
-            which = _checks.check_shape_options(
-                "covs", covs, [(k, d, d), (k, d)], "full covariances or diagonal variances"
-            )
-            if which == 0:
-                covs = _checks.check_psd("covs", covs)
-                self.chol_covs = _sym_cholesky(covs)
-            else:
-                xp, values = _checks.host_arrays(covs)
-                bad = (values <= 0) | ~xp.isfinite(values)
-                covs = _checks.check_values(covs, bad, "`covs` (diagonal variances) must be finite and positive.")
-                self.log_variances = jnp.log(covs)
-        elif chol_covs is not None:
-            chol_covs = _checks.as_float_array("chol_covs", chol_covs, means.dtype)
-            _checks.check_shape("chol_covs", chol_covs, (k, d, d))
-            self.chol_covs = chol_covs
-        else:
-            log_variances = _checks.as_float_array("log_variances", log_variances, means.dtype)
-            _checks.check_shape("log_variances", log_variances, (k, d))
-            self.log_variances = log_variances
+    @property
+    @abc.abstractmethod
+    def covs(self) -> Float[Array, "K D D"]:
+        """Covariance matrices ``(K, D, D)`` (dense, whatever the storage)."""
+
+    @property
+    @abc.abstractmethod
+    def variances(self) -> Float[Array, "K D"]:
+        """Marginal variances ``(K, D)`` (the diagonals of :attr:`covs`)."""
+
+    @abc.abstractmethod
+    def _cov_param(self) -> Array:
+        """The stored covariance parameter (what the M-step updates)."""
 
     @property
     def num_states(self) -> int:
@@ -159,26 +121,6 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
     def emission_shape(self) -> tuple[int, ...]:
         return (self.emission_dim,)
 
-    @property
-    def covariance_type(self) -> str:
-        """``"full"`` or ``"diag"``."""
-        return "full" if self.chol_covs is not None else "diag"
-
-    @property
-    def covs(self) -> Float[Array, "K D D"]:
-        """Covariance matrices ``(K, D, D)`` (dense, whatever ``covariance_type``)."""
-        if self.chol_covs is not None:
-            chol = jnp.tril(self.chol_covs)
-            return chol @ jnp.swapaxes(chol, -1, -2)
-        return jax.vmap(jnp.diag)(jnp.exp(self.log_variances))
-
-    @property
-    def variances(self) -> Float[Array, "K D"]:
-        """Marginal variances ``(K, D)`` (the diagonals of :attr:`covs`)."""
-        if self.chol_covs is not None:
-            return jnp.sum(jnp.tril(self.chol_covs) ** 2, axis=-1)
-        return jnp.exp(self.log_variances)
-
     def check_emissions(self, emissions, mask=None) -> Array:
         emissions = _checks.to_device(emissions)
         if not (jnp.issubdtype(emissions.dtype, jnp.floating) or jnp.issubdtype(emissions.dtype, jnp.integer)):
@@ -189,13 +131,203 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
             bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
         return _checks.check_values(emissions, bad, "`emissions` contains NaN at unpadded steps.")
 
+    def suff_stats(self, emissions, weights, mask=None) -> GaussianStats:
+        emissions = _checks.to_device(emissions)
+        _checks.check_shape("emissions", emissions, ("N", self.emission_dim), "pooled emission vectors")
+        n = emissions.shape[0]
+        mask = _as_mask("mask", mask, n)
+        emissions = self.check_emissions(emissions, mask)
+        emissions = _fill_padding(emissions, mask, 0).astype(self.means.dtype)
+        weights = _check_weights(weights, n, self.num_states, mask, self.means.dtype)
+        return _gaussian_stats(self.means, emissions, weights, self.covariance_type == "full")
+
+    def m_step_from_stats(self, stats: GaussianStats, frozen=frozenset()) -> "AbstractGaussianEmissions":
+        old_cov_param = self._cov_param()
+        means, cov_param = _gaussian_m_step(
+            self.means, old_cov_param, stats.sum_weights, stats.weighted_sums, stats.weighted_outer,
+            self.min_variance, self.covariance_type == "full", "means" in frozen,
+        )
+        if "means" in frozen:
+            means = self.means
+        if "covs" in frozen:
+            cov_param = old_cov_param
+        return _from_stored(type(self), means, cov_param, self.min_variance)
+
+    # -- initialisers ------------------------------------------------------
+
+    @classmethod
+    @_deprecation.key_last("GaussianEmissions.random", skip=1)
+    def random(
+        cls, num_states: int, emission_dim: int, covariance_type: Optional[str] = None,
+        *, min_variance: float = 1e-6, dtype=None, key: PRNGKeyArray,
+    ) -> "AbstractGaussianEmissions":
+        """Means drawn from N(0, I); identity covariances.
+
+        ``covariance_type`` is deprecated: each class has its own (``"full"`` for
+        :class:`GaussianEmissions`, ``"diag"`` for :class:`DiagonalGaussianEmissions`).
+
+        Example:
+            >>> import jax, ssmjax
+            >>> ssmjax.GaussianEmissions.random(3, 2, key=jax.random.key(0)).covs.shape
+            (3, 2, 2)
+        """
+        cls = _family(cls, covariance_type, "random")
+        dtype = dtype or jnp.result_type(float)
+        means = jax.random.normal(key, (num_states, emission_dim), dtype)
+        covs = _identity_covs(num_states, emission_dim, cls.covariance_type, dtype)
+        return cls(means, covs, min_variance=min_variance)
+
+    @classmethod
+    @_deprecation.key_last("GaussianEmissions.from_data", skip=1)
+    def from_data(
+        cls, emissions, num_states: int, covariance_type: Optional[str] = None,
+        *, num_iters: int = 10, min_variance: float = 1e-6, key: PRNGKeyArray,
+    ) -> "AbstractGaussianEmissions":
+        r"""k-means initialisation: k-means++ seeding, ``num_iters`` Lloyd iterations, cluster covariances.
+
+        Seeds are drawn greedy k-means++ style (``2 + floor(log K)`` candidates
+        for each next seed, drawn with probability proportional to their squared
+        distance to the nearest seed; the one lowering the k-means potential most
+        is kept), refined by
+        Lloyd iterations compiled in one ``lax.fori_loop`` (an empty cluster
+        keeps its centre). Each state's covariance is its cluster's covariance
+        shrunk toward the pooled covariance with the weight of ``D + 1``
+        pseudo-points, so small clusters still get well-conditioned covariances.
+
+        Args:
+            emissions: pooled emissions, shape ``(N, D)`` with ``N >= num_states``.
+            num_states: ``K``.
+            covariance_type: deprecated (each class has its own).
+            num_iters: number of Lloyd iterations.
+            min_variance: passed to the model.
+            key: PRNG key (keyword-only).
+
+        Example:
+            >>> import jax, ssmjax
+            >>> ys = jax.random.normal(jax.random.key(1), (50, 2))
+            >>> ssmjax.GaussianEmissions.from_data(ys, 3, key=jax.random.key(0)).means.shape
+            (3, 2)
+        """
+        cls = _family(cls, covariance_type, "from_data")
+        emissions = _checks.as_float_array("emissions", emissions)
+        _checks.check_shape("emissions", emissions, ("N", "D"), "pooled emission vectors")
+        n, d = emissions.shape
+        if n < num_states:
+            raise ValueError(f"`emissions` must hold at least num_states={num_states} rows; got {n}.")
+        xp, values = _checks.host_arrays(emissions)
+        emissions = _checks.check_values(emissions, ~xp.isfinite(values), "`emissions` must be finite.")
+        full = cls.covariance_type == "full"
+        centers, covs = _gaussian_init(key, emissions, min_variance, num_states, num_iters, full)
+        return cls(centers, covs, min_variance=min_variance)
+
+
+def _family(cls, covariance_type: Optional[str], method: str):
+    """The class an initialiser builds: ``cls``, or for the deprecated ``covariance_type``
+    argument the class of that covariance type (with a warning)."""
+    if covariance_type is None:
+        return cls
+    families = {"full": GaussianEmissions, "diag": DiagonalGaussianEmissions}
+    if covariance_type not in families:
+        raise ValueError(f"`covariance_type` must be 'full' or 'diag'; got {covariance_type!r}.")
+    target = families[covariance_type]
+    _deprecation.warn(
+        f"{cls.__name__}.{method}(..., covariance_type={covariance_type!r})", f"{target.__name__}.{method}(...)"
+    )
+    return target
+
+
+def _from_stored(cls, means, cov_param, min_variance):
+    if cls is GaussianEmissions:
+        return GaussianEmissions(means, chol_covs=cov_param, min_variance=min_variance)
+    return DiagonalGaussianEmissions(means, log_variances=cov_param, min_variance=min_variance)
+
+
+def _check_min_variance(min_variance) -> float:
+    if not (isinstance(min_variance, (int, float)) and min_variance >= 0):
+        raise ValueError(f"`min_variance` must be a non-negative Python float; got {min_variance!r}.")
+    return float(min_variance)
+
+
+def _checked_means(means):
+    means = _checks.as_float_array("means", means)
+    _checks.check_shape("means", means, ("K", "D"), "one mean vector per state")
+    xp, values = _checks.host_arrays(means)
+    return _checks.check_values(means, ~xp.isfinite(values), "`means` must be finite.")
+
+
+class _FullOrDiagonal(type(eqx.Module)):
+    """``GaussianEmissions(means, variances)`` with (K, D) variances (or ``log_variances=``) builds a
+    :class:`DiagonalGaussianEmissions`, with a warning: the spelling of the one class that held both
+    storages, kept for one release."""
+
+    def __call__(cls, means, covs=None, *args, **kwargs):
+        diagonal = kwargs.get("log_variances") is not None or (covs is not None and jnp.ndim(covs) == 2)
+        if cls is GaussianEmissions and diagonal:
+            _deprecation.warn(
+                "GaussianEmissions with diagonal variances", "DiagonalGaussianEmissions(means, variances)"
+            )
+            return DiagonalGaussianEmissions(means, covs, *args, **kwargs)
+        if cls is GaussianEmissions:
+            kwargs.pop("log_variances", None)  # an explicit None from the old signature
+        return super().__call__(means, covs, *args, **kwargs)
+
+
+class GaussianEmissions(AbstractGaussianEmissions, metaclass=_FullOrDiagonal):
+    r"""Gaussian emissions with full covariances, :math:`\mathcal N(y_t; \mu_k, \Sigma_k)`.
+
+    Storage: ``means`` ``(K, D)`` and ``chol_covs`` ``(K, D, D)``: only the lower triangle is
+    read, ``covs = L L^T`` (the sign of the diagonal is irrelevant), so any array value is a
+    valid model. M-step and ``min_variance``: :class:`AbstractGaussianEmissions`.
+
+    Args:
+        means: ``(K, D)``.
+        covs: ``(K, D, D)`` symmetric positive-definite; or pass ``chol_covs`` instead.
+        min_variance: ridge added by the M-step (a static, non-negative float).
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> model = ssmjax.GaussianEmissions(means=jnp.zeros((2, 3)), covs=jnp.stack([jnp.eye(3)] * 2))
+        >>> model.covariance_type, model.log_likelihoods(jnp.zeros((4, 3))).shape
+        ('full', (4, 2))
+    """
+
+    means: Float[Array, "K D"]
+    chol_covs: Float[Array, "K D D"]
+    min_variance: float = eqx.field(static=True)
+    covariance_type: ClassVar[str] = "full"
+
+    def __init__(self, means, covs=None, *, chol_covs=None, min_variance: float = 1e-6):
+        if (covs is None) == (chol_covs is None):
+            raise ValueError("Pass exactly one of `covs` and `chol_covs`.")
+        self.min_variance = _check_min_variance(min_variance)
+        self.means = means = _checked_means(means)
+        k, d = means.shape
+        if covs is not None:
+            covs = _checks.as_float_array("covs", covs, means.dtype)
+            _checks.check_shape("covs", covs, (k, d, d), "full covariance matrices")
+            self.chol_covs = _sym_cholesky(_checks.check_psd("covs", covs))
+        else:
+            chol_covs = _checks.as_float_array("chol_covs", chol_covs, means.dtype)
+            _checks.check_shape("chol_covs", chol_covs, (k, d, d))
+            self.chol_covs = chol_covs
+
+    @property
+    def covs(self) -> Float[Array, "K D D"]:
+        chol = jnp.tril(self.chol_covs)
+        return chol @ jnp.swapaxes(chol, -1, -2)
+
+    @property
+    def variances(self) -> Float[Array, "K D"]:
+        return jnp.sum(jnp.tril(self.chol_covs) ** 2, axis=-1)
+
+    def _cov_param(self) -> Array:
+        return self.chol_covs
+
     def log_prob(self, emission) -> Float[Array, " K"]:
         emission = _checks.to_device(emission)
         _checks.check_shape("emission", emission, (self.emission_dim,), "one emission vector")
         emission = self.check_emissions(emission[None])[0].astype(self.means.dtype)
-        if self.chol_covs is not None:
-            return _gaussian_full_log_prob(self.means, self.chol_covs, emission)
-        return _gaussian_diag_log_prob(self.means, self.log_variances, emission[None, :])
+        return _gaussian_full_log_prob(self.means, self.chol_covs, emission)
 
     def _time_major_log_likelihoods(self, emissions, valid):
         # Elementwise arithmetic over the (T, K, B) output, one fused kernel with the batch
@@ -203,14 +335,11 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
         # (K, D, T * B) residual and a transpose (0.6 against 2.2 ms at K = 5, D = 3,
         # B = 100, T = 1000).
         dim = self.emission_dim
-        if self.chol_covs is not None and dim > _UNROLLED_SOLVE_MAX_DIM:
+        if dim > _UNROLLED_SOLVE_MAX_DIM:
             return super()._time_major_log_likelihoods(emissions, valid)
         y = jnp.moveaxis(emissions, 2, 1).astype(self.means.dtype)  # (T, D, B)
         y = jnp.where(valid[:, None, :], y, 0.0)
         means = self.means[None, :, :, None]  # (1, K, D, 1)
-        if self.chol_covs is None:  # over a (T, K, D, B) virtual array, fused, never stored
-            out = _gaussian_diag_log_prob(means, self.log_variances[None, :, :, None], y[:, None], axis=2)
-            return jnp.where(valid[:, None, :], out, 0.0)
         # z = L_k^{-1} (y - mu_k) by forward substitution, unrolled over the small D:
         # no factor inverse, no library call, only multiply-adds on (T, K, B) values
         chol = jnp.tril(self.chol_covs)
@@ -229,97 +358,78 @@ class GaussianEmissions(AbstractExponentialFamilyEmissions):
 
     def sample(self, state, *, key: PRNGKeyArray) -> Float[Array, " D"]:
         eps = jax.random.normal(key, (self.emission_dim,), self.means.dtype)
-        if self.chol_covs is not None:
-            return self.means[state] + jnp.tril(self.chol_covs[state]) @ eps
+        return self.means[state] + jnp.tril(self.chol_covs[state]) @ eps
+
+
+class DiagonalGaussianEmissions(AbstractGaussianEmissions):
+    r"""Gaussian emissions with diagonal covariances, :math:`\mathcal N(y_t; \mu_k, \mathrm{diag}(\sigma^2_k))`.
+
+    Storage: ``means`` ``(K, D)`` and ``log_variances`` ``(K, D)``, so any array value is a valid
+    model. M-step and ``min_variance``: :class:`AbstractGaussianEmissions`.
+
+    Args:
+        means: ``(K, D)``.
+        variances: ``(K, D)`` positive variances; or pass ``log_variances`` instead.
+        min_variance: ridge added by the M-step (a static, non-negative float).
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> model = ssmjax.DiagonalGaussianEmissions(means=jnp.zeros((2, 3)), variances=jnp.ones((2, 3)))
+        >>> model.covariance_type, model.log_likelihoods(jnp.zeros((4, 3))).shape
+        ('diag', (4, 2))
+    """
+
+    means: Float[Array, "K D"]
+    log_variances: Float[Array, "K D"]
+    min_variance: float = eqx.field(static=True)
+    covariance_type: ClassVar[str] = "diag"
+
+    def __init__(self, means, variances=None, *, log_variances=None, min_variance: float = 1e-6):
+        if (variances is None) == (log_variances is None):
+            raise ValueError("Pass exactly one of `variances` and `log_variances`.")
+        self.min_variance = _check_min_variance(min_variance)
+        self.means = means = _checked_means(means)
+        k, d = means.shape
+        if variances is not None:
+            variances = _checks.as_float_array("variances", variances, means.dtype)
+            _checks.check_shape("variances", variances, (k, d), "one variance per state and dimension")
+            xp, values = _checks.host_arrays(variances)
+            bad = (values <= 0) | ~xp.isfinite(values)
+            variances = _checks.check_values(variances, bad, "`variances` must be finite and positive.")
+            self.log_variances = jnp.log(variances)
+        else:
+            log_variances = _checks.as_float_array("log_variances", log_variances, means.dtype)
+            _checks.check_shape("log_variances", log_variances, (k, d))
+            self.log_variances = log_variances
+
+    @property
+    def covs(self) -> Float[Array, "K D D"]:
+        return jax.vmap(jnp.diag)(jnp.exp(self.log_variances))
+
+    @property
+    def variances(self) -> Float[Array, "K D"]:
+        return jnp.exp(self.log_variances)
+
+    def _cov_param(self) -> Array:
+        return self.log_variances
+
+    def log_prob(self, emission) -> Float[Array, " K"]:
+        emission = _checks.to_device(emission)
+        _checks.check_shape("emission", emission, (self.emission_dim,), "one emission vector")
+        emission = self.check_emissions(emission[None])[0].astype(self.means.dtype)
+        return _gaussian_diag_log_prob(self.means, self.log_variances, emission[None, :])
+
+    def _time_major_log_likelihoods(self, emissions, valid):
+        # over a (T, K, D, B) virtual array, fused, never stored (see GaussianEmissions)
+        y = jnp.moveaxis(emissions, 2, 1).astype(self.means.dtype)  # (T, D, B)
+        y = jnp.where(valid[:, None, :], y, 0.0)
+        means = self.means[None, :, :, None]  # (1, K, D, 1)
+        out = _gaussian_diag_log_prob(means, self.log_variances[None, :, :, None], y[:, None], axis=2)
+        return jnp.where(valid[:, None, :], out, 0.0)
+
+    def sample(self, state, *, key: PRNGKeyArray) -> Float[Array, " D"]:
+        eps = jax.random.normal(key, (self.emission_dim,), self.means.dtype)
         return self.means[state] + jnp.exp(0.5 * self.log_variances[state]) * eps
-
-    def suff_stats(self, emissions, weights, mask=None) -> GaussianStats:
-        emissions = _checks.to_device(emissions)
-        _checks.check_shape("emissions", emissions, ("N", self.emission_dim), "pooled emission vectors")
-        n = emissions.shape[0]
-        mask = _as_mask("mask", mask, n)
-        emissions = self.check_emissions(emissions, mask)
-        emissions = _fill_padding(emissions, mask, 0).astype(self.means.dtype)
-        weights = _check_weights(weights, n, self.num_states, mask, self.means.dtype)
-        return _gaussian_stats(self.means, emissions, weights, self.covariance_type == "full")
-
-    def m_step_from_stats(self, stats: GaussianStats, frozen=frozenset()) -> "GaussianEmissions":
-        full = self.covariance_type == "full"
-        old_cov_param = self.chol_covs if full else self.log_variances
-        means, cov_param = _gaussian_m_step(
-            self.means, old_cov_param, stats.sum_weights, stats.weighted_sums, stats.weighted_outer,
-            self.min_variance, full, "means" in frozen,
-        )
-        if "means" in frozen:
-            means = self.means
-        if "covs" in frozen:
-            cov_param = old_cov_param
-        if full:
-            return GaussianEmissions(means, chol_covs=cov_param, min_variance=self.min_variance)
-        return GaussianEmissions(means, log_variances=cov_param, min_variance=self.min_variance)
-
-    # -- initialisers ------------------------------------------------------
-
-    @classmethod
-    @_deprecation.key_last("GaussianEmissions.random", skip=1)
-    def random(
-        cls, num_states: int, emission_dim: int, covariance_type: str = "full",
-        *, min_variance: float = 1e-6, dtype=None, key: PRNGKeyArray,
-    ) -> "GaussianEmissions":
-        """Means drawn from N(0, I); identity covariances.
-
-        Example:
-            >>> import jax, ssmjax
-            >>> ssmjax.GaussianEmissions.random(3, 2, key=jax.random.key(0)).covs.shape
-            (3, 2, 2)
-        """
-        dtype = dtype or jnp.result_type(float)
-        means = jax.random.normal(key, (num_states, emission_dim), dtype)
-        covs = _identity_covs(num_states, emission_dim, covariance_type, dtype)
-        return cls(means, covs, min_variance=min_variance)
-
-    @classmethod
-    @_deprecation.key_last("GaussianEmissions.from_data", skip=1)
-    def from_data(
-        cls, emissions, num_states: int, covariance_type: str = "full",
-        *, num_iters: int = 10, min_variance: float = 1e-6, key: PRNGKeyArray,
-    ) -> "GaussianEmissions":
-        r"""k-means initialisation: k-means++ seeding, ``num_iters`` Lloyd iterations, cluster covariances.
-
-        Seeds are drawn greedy k-means++ style (``2 + floor(log K)`` candidates
-        for each next seed, drawn with probability proportional to their squared
-        distance to the nearest seed; the one lowering the k-means potential most
-        is kept), refined by
-        Lloyd iterations compiled in one ``lax.fori_loop`` (an empty cluster
-        keeps its centre). Each state's covariance is its cluster's covariance
-        shrunk toward the pooled covariance with the weight of ``D + 1``
-        pseudo-points, so small clusters still get well-conditioned covariances.
-
-        Args:
-            emissions: pooled emissions, shape ``(N, D)`` with ``N >= num_states``.
-            num_states: ``K``.
-            covariance_type: ``"full"`` or ``"diag"``.
-            num_iters: number of Lloyd iterations.
-            min_variance: passed to the model.
-            key: PRNG key (keyword-only).
-
-        Example:
-            >>> import jax, ssmjax
-            >>> ys = jax.random.normal(jax.random.key(1), (50, 2))
-            >>> ssmjax.GaussianEmissions.from_data(ys, 3, key=jax.random.key(0)).means.shape
-            (3, 2)
-        """
-        emissions = _checks.as_float_array("emissions", emissions)
-        _checks.check_shape("emissions", emissions, ("N", "D"), "pooled emission vectors")
-        n, d = emissions.shape
-        if n < num_states:
-            raise ValueError(f"`emissions` must hold at least num_states={num_states} rows; got {n}.")
-        if covariance_type not in ("full", "diag"):
-            raise ValueError(f"`covariance_type` must be 'full' or 'diag'; got {covariance_type!r}.")
-        xp, values = _checks.host_arrays(emissions)
-        emissions = _checks.check_values(emissions, ~xp.isfinite(values), "`emissions` must be finite.")
-        centers, covs = _gaussian_init(key, emissions, min_variance, num_states, num_iters, covariance_type == "full")
-        return cls(centers, covs, min_variance=min_variance)
 
 
 @functools.partial(jax.jit, static_argnames=("num_states", "num_iters", "full"))
