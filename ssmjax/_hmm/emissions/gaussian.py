@@ -131,6 +131,12 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
             bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
         return _checks.check_values(emissions, bad, "`emissions` contains NaN at unpadded steps.")
 
+    def _one_emission(self, emission) -> Float[Array, " D"]:
+        """One step's emission, shape- and value-checked, in the model's dtype."""
+        emission = _checks.to_device(emission)
+        _checks.check_shape("emission", emission, (self.emission_dim,), "one emission vector")
+        return self.check_emissions(emission[None])[0].astype(self.means.dtype)
+
     def suff_stats(self, emissions, weights, mask=None) -> GaussianStats:
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", self.emission_dim), "pooled emission vectors")
@@ -324,10 +330,7 @@ class GaussianEmissions(AbstractGaussianEmissions, metaclass=_FullOrDiagonal):
         return self.chol_covs
 
     def log_prob(self, emission) -> Float[Array, " K"]:
-        emission = _checks.to_device(emission)
-        _checks.check_shape("emission", emission, (self.emission_dim,), "one emission vector")
-        emission = self.check_emissions(emission[None])[0].astype(self.means.dtype)
-        return _gaussian_full_log_prob(self.means, self.chol_covs, emission)
+        return _gaussian_full_log_prob(self.means, self.chol_covs, self._one_emission(emission))
 
     def _time_major_log_likelihoods(self, emissions, valid):
         # Elementwise arithmetic over the (T, K, B) output, one fused kernel with the batch
@@ -414,10 +417,7 @@ class DiagonalGaussianEmissions(AbstractGaussianEmissions):
         return self.log_variances
 
     def log_prob(self, emission) -> Float[Array, " K"]:
-        emission = _checks.to_device(emission)
-        _checks.check_shape("emission", emission, (self.emission_dim,), "one emission vector")
-        emission = self.check_emissions(emission[None])[0].astype(self.means.dtype)
-        return _gaussian_diag_log_prob(self.means, self.log_variances, emission[None, :])
+        return _gaussian_diag_log_prob(self.means, self.log_variances, self._one_emission(emission)[None, :])
 
     def _time_major_log_likelihoods(self, emissions, valid):
         # over a (T, K, D, B) virtual array, fused, never stored (see GaussianEmissions)
