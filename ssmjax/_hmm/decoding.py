@@ -75,7 +75,7 @@ def sample_posterior_program(
 ) -> Int[Array, " T"]:
     num_timesteps = log_likelihoods.shape[0]
     valid = _masks(num_timesteps, length)
-    _, filtered, _, _, _ = forward_values(initial_probs, transition_matrix, log_likelihoods, length)
+    _, filtered, _, _ = forward_values(initial_probs, transition_matrix, log_likelihoods, length)
     keys = jax.random.split(key, num_timesteps)
     last = jax.random.categorical(keys[-1], _safe_log(filtered[-1])).astype(jnp.int32)
     a_xs = _transition_xs(transition_matrix)
@@ -102,7 +102,8 @@ def fixed_lag_program(
     num_timesteps, num_states = log_likelihoods.shape
     valid = _masks(num_timesteps, length)
     masked_ll = jnp.where(valid[:, None], log_likelihoods, 0.0)
-    _, filtered, _, peaks, log_cs = forward_values(initial_probs, transition_matrix, log_likelihoods, length)
+    _, filtered, _, fwd = forward_values(initial_probs, transition_matrix, log_likelihoods, length)
+    peaks, log_cs = fwd.peaks, fwd.log_cs
     weights = jnp.where(valid[:, None], _emission_weights(masked_ll, peaks[:, None], log_cs[:, None]), 1.0)
     steps = jnp.arange(num_timesteps)
     start = jnp.maximum(steps - lag, 0)  # window start s0(t)
@@ -137,7 +138,7 @@ def predict_program(
     length: Int[Array, ""],
     future_transitions: Float[Array, "H K K"],
 ) -> Float[Array, "H K"]:
-    _, filtered, _, _, _ = forward_values(initial_probs, transition_matrix, log_likelihoods, length)
+    _, filtered, _, _ = forward_values(initial_probs, transition_matrix, log_likelihoods, length)
 
     def _step(probs, trans):
         probs = probs @ trans

@@ -51,10 +51,11 @@ def _loglik(peaks, log_cs):
 
 
 def forward_values(initial_probs, transition_matrix, log_likelihoods, length):
-    """Plain (autodiff-able) forward pass of one sequence: ``(loglik, filtered, predicted, peaks, log_cs)``."""
+    """Plain (autodiff-able) forward pass of one sequence: ``(loglik, filtered, predicted, fwd)``, with
+    the :class:`ssmjax._hmm.recursion.ForwardPass` itself (its rows are the loop's, padding unfrozen)."""
     fwd = forward(initial_probs, transition_matrix, log_likelihoods, length, emissions=_FILTER)
     filtered, predicted = _frozen_outputs(initial_probs, transition_matrix, fwd.filtered, length)
-    return _loglik(fwd.peaks, fwd.log_cs), filtered, predicted, fwd.peaks, fwd.log_cs
+    return _loglik(fwd.peaks, fwd.log_cs), filtered, predicted, fwd
 
 
 def _per_sequence(fun, in_batched, *args):
@@ -84,11 +85,10 @@ def _filter_values(initial_probs, transition_matrix, log_likelihoods, length):
 @jax.custom_batching.custom_vmap
 def _filter_forward(initial_probs, transition_matrix, log_likelihoods, length):
     """``((loglik, filtered, predicted), (raw, peaks, log_cs))``: values and residuals of the VJP."""
-    fwd = forward(initial_probs, transition_matrix, log_likelihoods, length, emissions=_FILTER)
-    filtered, predicted = _frozen_outputs(initial_probs, transition_matrix, fwd.filtered, length)
+    *values, fwd = forward_values(initial_probs, transition_matrix, log_likelihoods, length)
     # Residuals: the loop's rows (padded rows are finite and never read: their weights are 0),
     # not a frozen copy of them, and two scalars a step.
-    return (_loglik(fwd.peaks, fwd.log_cs), filtered, predicted), (fwd.filtered, fwd.peaks, fwd.log_cs)
+    return tuple(values), (fwd.filtered, fwd.peaks, fwd.log_cs)
 
 
 def _batched_filter(axis_size, in_batched, pi, trans, ll, length):

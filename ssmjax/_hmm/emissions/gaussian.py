@@ -108,6 +108,10 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
     def _cov_param(self) -> Array:
         """The stored covariance parameter (what the M-step updates)."""
 
+    @abc.abstractmethod
+    def _with_params(self, means, cov_param) -> "AbstractGaussianEmissions":
+        """The same family with new means and stored covariance parameter."""
+
     @property
     def num_states(self) -> int:
         return self.means.shape[0]
@@ -157,7 +161,7 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
             means = self.means
         if "covs" in frozen:
             cov_param = old_cov_param
-        return _from_stored(type(self), means, cov_param, self.min_variance)
+        return self._with_params(means, cov_param)
 
     # -- initialisers ------------------------------------------------------
 
@@ -242,12 +246,6 @@ def _family(cls, covariance_type: Optional[str], method: str):
     return target
 
 
-def _from_stored(cls, means, cov_param, min_variance):
-    if cls is GaussianEmissions:
-        return GaussianEmissions(means, chol_covs=cov_param, min_variance=min_variance)
-    return DiagonalGaussianEmissions(means, log_variances=cov_param, min_variance=min_variance)
-
-
 def _check_min_variance(min_variance) -> float:
     if not (isinstance(min_variance, (int, float)) and min_variance >= 0):
         raise ValueError(f"`min_variance` must be a non-negative Python float; got {min_variance!r}.")
@@ -328,6 +326,9 @@ class GaussianEmissions(AbstractGaussianEmissions, metaclass=_FullOrDiagonal):
 
     def _cov_param(self) -> Array:
         return self.chol_covs
+
+    def _with_params(self, means, cov_param) -> "GaussianEmissions":
+        return GaussianEmissions(means, chol_covs=cov_param, min_variance=self.min_variance)
 
     def log_prob(self, emission) -> Float[Array, " K"]:
         return _gaussian_full_log_prob(self.means, self.chol_covs, self._one_emission(emission))
@@ -415,6 +416,9 @@ class DiagonalGaussianEmissions(AbstractGaussianEmissions):
 
     def _cov_param(self) -> Array:
         return self.log_variances
+
+    def _with_params(self, means, cov_param) -> "DiagonalGaussianEmissions":
+        return DiagonalGaussianEmissions(means, log_variances=cov_param, min_variance=self.min_variance)
 
     def log_prob(self, emission) -> Float[Array, " K"]:
         return _gaussian_diag_log_prob(self.means, self.log_variances, self._one_emission(emission)[None, :])
