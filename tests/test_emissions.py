@@ -425,7 +425,9 @@ def test_shape_and_dtype_errors_name_the_argument():
     rng = np.random.default_rng(12)
     models = _models(rng)
     with pytest.raises(ValueError, match="`emissions` of a categorical model must hold integer symbols"):
-        models["categorical"].log_likelihoods(jnp.array([0.0, 1.0]))
+        models["categorical"].log_likelihoods(jnp.array([True, False]))
+    with pytest.raises(ValueError, match=r"`emissions` must be symbols in \[0, 4\)"):
+        models["categorical"].log_likelihoods(jnp.array([0.0, 1.5]))  # floats: integral values or NaN
     with pytest.raises(ValueError, match=r"`emissions` must have shape \(T, 2\).*got shape \(4, 3\)"):
         models["gaussian_full"].log_likelihoods(jnp.zeros((4, 3)))
     with pytest.raises(ValueError, match=r"`emissions` must have shape \(T, 2\).*got shape \(4,\)"):

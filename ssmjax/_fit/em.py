@@ -234,7 +234,7 @@ def _batch_pattern(emissions, lengths) -> tuple[bool, bool]:
 def _is_observed(emissions, lengths) -> bool:
     """No NaN in ``emissions`` at real steps."""
     if not jnp.issubdtype(emissions.dtype, jnp.floating):
-        return False
+        return True  # no NaN in an integer array
     nan = np.isnan(np.asarray(emissions))
     if not nan.any():
         return True

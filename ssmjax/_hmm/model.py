@@ -270,7 +270,8 @@ class HMM(AbstractFittableModel):
 
         Emission parameters come from the pooled real steps: quantiles for Poisson,
         k-means(++) clusters for Gaussian (``"gaussian"`` full or ``"gaussian_diag"``),
-        smoothed frequencies plus Dirichlet noise for categorical. The initial
+        smoothed frequencies plus Dirichlet noise for categorical. Missing (NaN) entries
+        are left out (each family's ``from_data`` says how). The initial
         distribution is uniform and the transition matrix puts ``stay_prob`` on the
         diagonal.
 
@@ -298,7 +299,7 @@ class HMM(AbstractFittableModel):
             family = GaussianEmissions if emissions_type == "gaussian" else DiagonalGaussianEmissions
             emission_model = family.from_data(pooled, num_states, key=key)
         elif emissions_type == "categorical":
-            num_classes = int(pooled.max()) + 1 if num_classes is None else num_classes
+            num_classes = int(np.nanmax(pooled)) + 1 if num_classes is None else num_classes
             emission_model = CategoricalEmissions.from_data(pooled, num_states, num_classes, key=key)
         else:
             raise ValueError(

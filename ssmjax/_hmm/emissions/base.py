@@ -4,8 +4,19 @@
 ``log_likelihoods`` and ``m_step``), :class:`AbstractExponentialFamilyEmissions`
 (families with summable statistics and a closed-form M-step),
 :class:`NoClosedFormMStepError`, and the private helpers the families' checks and
-M-steps share (padding masks, weight validation, keeping empty states). It imports
-no family, so every family module can import it.
+M-steps share (padding masks, weight validation, keeping empty states, missing
+entries). It imports no family, so every family module can import it.
+
+**Missing entries.** A NaN entry of a float emission is missing, with the semantics of
+the LGSSM: a step contributes the log-density of its observed entries only (the
+marginal of the observed block), a fully missing step contributes nothing (a row of
+zeros), and the M-step's statistics leave out exactly what is missing. Families whose
+dimensions are independent given the state (diagonal Gaussian, Poisson, categorical)
+drop the missing dimensions; the full-covariance Gaussian uses the marginal of the
+observed block, and its statistics the conditional moments of the missing entries
+(exact EM for the observed-data likelihood). Whether a batch has missing entries is
+decided where it is known (:func:`_missing`): an integer dtype or data without NaN take
+the formulas for observed data, traced data choose at run time (:func:`_branch`).
 """
 
 from __future__ import annotations
@@ -19,7 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
+from jax import lax
+
 from ... import _checks
+from ..._fallback import _any_in_batch
+from ..._fit.protocol import observed_batch
 
 
 class NoClosedFormMStepError(NotImplementedError):
@@ -69,6 +84,82 @@ def _fill_padding(emissions: jax.Array, mask: Optional[jax.Array], fill) -> jax.
     return jnp.where(m, emissions, jnp.asarray(fill, emissions.dtype))
 
 
+def _missing(emissions, mask=None):
+    """What is known before running about missing (NaN) entries at real steps.
+
+    ``False`` where none can be: an integer dtype, a batch that :func:`ssmjax.fit_em` found
+    fully observed (:func:`ssmjax._fit.protocol.observed_batch`), or concrete data without NaN.
+    ``True`` for concrete data with NaN, and for traced data a traced boolean scalar.
+    ``mask`` (real steps, over the leading axis) excludes padding.
+    """
+    if not jnp.issubdtype(emissions.dtype, jnp.floating) or observed_batch():
+        return False
+    xp, values, mask = _checks.host_arrays(emissions, mask)
+    nan = xp.isnan(values)
+    if mask is not None:
+        nan = nan & mask.reshape(mask.shape + (1,) * (nan.ndim - mask.ndim))
+    found = xp.any(nan)
+    return bool(found) if xp is np else found
+
+
+def _branch(missing, general, observed, *operands):
+    """``observed(*operands)`` where no entry is missing, else ``general(*operands)``.
+
+    ``missing`` is :func:`_missing`'s answer. Only when it is traced are both compiled,
+    behind one ``lax.cond`` whose predicate stays unbatched under ``jax.vmap`` (whether any
+    sequence of the batch has a missing entry).
+    """
+    if missing is False:
+        return observed(*operands)
+    if missing is True:
+        return general(*operands)
+    return lax.cond(_any_in_batch(missing), general, observed, *operands)
+
+
+def _patch_missing(missing, observed, general, emissions, rows):
+    """Per-step values: ``observed(emissions)`` where no entry is missing, ``general(emissions)`` where some are.
+
+    ``missing`` is :func:`_missing`'s answer. When it is traced, ``observed`` runs on every
+    step (missing entries set to 0, so its values and gradients stay finite) and, behind one
+    ``lax.cond`` taken only if some entry is missing, ``general`` replaces the outputs that
+    ``rows(isnan(emissions))`` marks. A batch without missing entries thus runs the formula
+    for observed data at the top level of the program, where XLA fuses it with what follows,
+    and the conditional adds one reduction and, when not taken, one zero array.
+    """
+    if missing is False:
+        return observed(emissions)
+    if missing is True:
+        return general(emissions)
+    nan = jnp.isnan(emissions)
+    values = observed(jnp.where(nan, jnp.zeros((), emissions.dtype), emissions))
+    marked = rows(nan)
+    correction = lax.cond(
+        _any_in_batch(jnp.any(nan)),
+        lambda v, e: jnp.where(marked, general(e) - v, 0.0),
+        lambda v, e: jnp.zeros_like(v),
+        values, emissions,
+    )
+    return values + correction
+
+
+def _observed_entries(emissions, fill=0.0):
+    """``(observed, filled)``: where entries are numbers, and the emissions with missing ones
+    set to ``fill``, so that no NaN reaches values or gradients."""
+    if not jnp.issubdtype(emissions.dtype, jnp.floating):
+        return jnp.ones(emissions.shape, bool), emissions
+    observed = ~jnp.isnan(emissions)
+    return observed, jnp.where(observed, emissions, jnp.asarray(fill, emissions.dtype))
+
+
+def _check_some_observed(emissions) -> None:
+    """An initialiser's check: every emission dimension of ``(N, ...)`` pooled data has an observed entry."""
+    if not jnp.issubdtype(emissions.dtype, jnp.floating):
+        return
+    xp, values = _checks.host_arrays(emissions)
+    empty = xp.all(xp.isnan(values), axis=0)
+    _checks.check_values(emissions, empty, "`emissions` must have an observed (non-NaN) entry in every dimension.")
+
+
 # --------------------------------------------------------------------------- interface
 
 
@@ -83,7 +174,10 @@ class AbstractEmissions(eqx.Module):
     * ``log_prob(emission) -> Float[Array, "K"]``: per-state log-densities of ONE
       step's emission, ``log p(y | z = k)`` for ``k = 0..K-1``. It may assume a
       valid emission (validation is ``check_emissions``'s job) and must be pure
-      JAX so that it jits, vmaps and differentiates.
+      JAX so that it jits, vmaps and differentiates. A family that supports missing
+      entries returns the log-density of the observed entries of a step with NaN
+      entries (zeros for a fully missing step); one that does not should reject NaN
+      in ``check_emissions``.
     * ``sample(state, *, key)``: draw one emission given an integer state.
     * ``check_emissions(emissions, mask=None)``: value-check a stack of emissions
       of shape ``(N, *emission_shape)`` and return them guarded (use
@@ -91,6 +185,10 @@ class AbstractEmissions(eqx.Module):
       inserts a run-time check under ``jit``); steps where ``mask`` is ``False``
       are padding and must not be checked. Families without value constraints
       write ``return emissions``.
+
+    A family may also override ``_log_prob_observed(emission)``, a faster ``log_prob``
+    for emissions without missing entries; :meth:`log_likelihoods` uses it where the data
+    are known to have none.
 
     Everything else is final (concrete here, never overridden):
     :meth:`log_likelihoods` maps ``log_prob`` over time, and :meth:`m_step`
@@ -152,7 +250,9 @@ class AbstractEmissions(eqx.Module):
         Final: implemented once for every family from :meth:`log_prob`.
 
         Args:
-            emissions: one sequence, shape ``(T, *emission_shape)``.
+            emissions: one sequence, shape ``(T, *emission_shape)``. NaN entries are
+                missing (see :mod:`ssmjax._hmm.emissions.base`): a row holds the
+                log-density of the step's observed entries, ``0`` for a fully missing step.
             length: optional number of real steps (see :mod:`ssmjax._types`).
                 Steps ``t >= length`` are padding: they are neither checked nor
                 evaluated, whatever they contain, and their rows are ``0``.
@@ -182,10 +282,22 @@ class AbstractEmissions(eqx.Module):
             m = mask.reshape(mask.shape + (1,) * len(shape))
             emissions = jnp.where(m, emissions, emissions[:1])
         with _checks.value_checks(False):  # already checked above, in one reduction
-            lls = jax.vmap(self.log_prob)(emissions)
+            lls = self._stacked_log_probs(emissions, _missing(emissions, mask))
         if mask is not None:
             lls = jnp.where(mask[:, None], lls, 0.0)
         return lls
+
+    def _log_prob_observed(self, emission) -> Float[Array, " K"]:
+        """:meth:`log_prob` of an emission without missing entries (families may override it with a faster formula)."""
+        return self.log_prob(emission)
+
+    def _stacked_log_probs(self, emissions, missing) -> Float[Array, "N K"]:
+        """``log_prob`` of each of ``(N, *emission_shape)`` valid emissions; ``missing`` as :func:`_missing`."""
+        general = jax.vmap(self.log_prob)
+        if type(self)._log_prob_observed is AbstractEmissions._log_prob_observed:
+            return general(emissions)
+        steps = lambda nan: jnp.any(nan.reshape(nan.shape[0], -1), axis=1)[:, None]  # noqa: E731
+        return _patch_missing(missing, jax.vmap(self._log_prob_observed), general, emissions, steps)
 
     def _time_major_log_likelihoods(
         self, emissions, valid: Bool[Array, "T B"]
@@ -202,7 +314,7 @@ class AbstractEmissions(eqx.Module):
         # padded steps evaluate step 0 of their sequence (always real) instead
         safe = jnp.where(valid.reshape(valid.shape + (1,) * len(shape)), emissions, emissions[:1])
         with _checks.value_checks(False):
-            lls = jax.vmap(self.log_prob)(safe.reshape((num_steps * num_seq,) + shape))
+            lls = self._stacked_log_probs(safe.reshape((num_steps * num_seq,) + shape), _missing(emissions, valid))
         lls = jnp.swapaxes(lls.reshape(num_steps, num_seq, -1), 1, 2)
         return jnp.where(valid[:, None, :], lls, 0.0)
 

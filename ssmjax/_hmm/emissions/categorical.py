@@ -20,6 +20,7 @@ from .base import (
     _check_weights,
     _fill_padding,
     _keep_where_empty,
+    _observed_entries,
     softmax_rows,
 )
 
@@ -34,14 +35,17 @@ class CategoricalStats(NamedTuple):
     counts: Array
 
 
-def _categorical_log_prob(logits: Float[Array, "K C"], emission: Int[Array, ""]) -> Float[Array, " K"]:
-    return jax.nn.log_softmax(logits, axis=-1)[:, emission]
+def _categorical_log_prob(logits: Float[Array, "K C"], emission) -> Float[Array, " K"]:
+    observed, symbol = _observed_entries(emission)  # a missing symbol (NaN) contributes nothing
+    return jnp.where(observed, jax.nn.log_softmax(logits, axis=-1)[:, symbol.astype(jnp.int32)], 0.0)
 
 
 class CategoricalEmissions(AbstractExponentialFamilyEmissions):
     r"""Categorical emissions: :math:`p(y_t = c \mid z_t = k) = \mathrm{probs}[k, c]`.
 
-    The emission at each step is one integer symbol in ``[0, C)``.
+    The emission at each step is one integer symbol in ``[0, C)``: an integer array, or a
+    float array of integral values in which NaN marks a missing symbol (the step then
+    contributes no emission term, and no count to the M-step).
 
     Storage: ``logits`` (``(K, C)``), with ``probs = softmax(logits, axis=-1)``.
     Structural zeros in ``probs`` become ``logits = -inf``; ``log_prob`` is then
@@ -95,16 +99,18 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
 
     def check_emissions(self, emissions, mask=None) -> Array:
         emissions = _checks.to_device(emissions)
-        if not jnp.issubdtype(emissions.dtype, jnp.integer):
+        if not (jnp.issubdtype(emissions.dtype, jnp.integer) or jnp.issubdtype(emissions.dtype, jnp.floating)):
             raise ValueError(
                 f"`emissions` of a categorical model must hold integer symbols; got dtype {emissions.dtype}."
             )
         xp, values, mask = _checks.host_arrays(emissions, mask)
         bad = (values < 0) | (values >= self.num_classes)
+        if jnp.issubdtype(emissions.dtype, jnp.floating):  # NaN is a missing symbol
+            bad = (bad | (values != xp.floor(values))) & ~xp.isnan(values)
         if mask is not None:
             bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
         return _checks.check_values(
-            emissions, bad, f"`emissions` must be symbols in [0, {self.num_classes}) (num_classes)."
+            emissions, bad, f"`emissions` must be symbols in [0, {self.num_classes}) (num_classes), or NaN for missing."
         )
 
     def log_prob(self, emission) -> Float[Array, " K"]:
@@ -122,9 +128,10 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         n = emissions.shape[0]
         mask = _as_mask("mask", mask, n)
         emissions = self.check_emissions(emissions, mask)
-        emissions = _fill_padding(emissions, mask, 0)
+        observed, emissions = _observed_entries(_fill_padding(emissions, mask, 0))
         weights = _check_weights(weights, n, self.num_states, mask, self.logits.dtype)
-        return CategoricalStats(counts=_categorical_counts(weights, emissions, self.num_classes))
+        weights = jnp.where(observed[:, None], weights, 0.0)
+        return CategoricalStats(counts=_categorical_counts(weights, emissions.astype(jnp.int32), self.num_classes))
 
     def m_step_from_stats(self, stats: CategoricalStats, frozen=frozenset()) -> "CategoricalEmissions":
         if "probs" in frozen:
@@ -162,7 +169,7 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         probability zero.
 
         Args:
-            emissions: pooled integer symbols, shape ``(N,)``.
+            emissions: pooled integer symbols, shape ``(N,)`` (NaN for missing, left out).
             num_states: ``K``.
             num_classes: ``C``.
             noise: mixing weight of the Dirichlet draw, in ``(0, 1]``.
@@ -177,8 +184,8 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N",), "pooled integer symbols")
         probe = cls(logits=jnp.zeros((num_states, num_classes)))
-        emissions = probe.check_emissions(emissions)
-        counts = jnp.zeros(num_classes).at[emissions].add(1.0) + 1.0
+        observed, emissions = _observed_entries(probe.check_emissions(emissions))
+        counts = jnp.zeros(num_classes).at[emissions.astype(jnp.int32)].add(observed.astype(float)) + 1.0
         freqs = counts / counts.sum()
         g = jax.random.dirichlet(key, jnp.ones(num_classes, freqs.dtype), shape=(num_states,))
         probs = (1.0 - noise) * freqs[None, :] + noise * g

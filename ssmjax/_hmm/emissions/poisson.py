@@ -16,7 +16,15 @@ from jax.scipy.special import gammaln
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks, _deprecation
-from .base import AbstractExponentialFamilyEmissions, _as_mask, _check_weights, _fill_padding, _keep_where_empty
+from .base import (
+    AbstractExponentialFamilyEmissions,
+    _as_mask,
+    _check_weights,
+    _fill_padding,
+    _check_some_observed,
+    _missing,
+    _observed_entries,
+)
 
 
 class PoissonStats(NamedTuple):
@@ -24,30 +32,40 @@ class PoissonStats(NamedTuple):
 
     Attributes:
         sum_weights: ``(K,)``, ``sum_n weights[n, k]``.
-        weighted_sums: ``(K, D)``, ``sum_n weights[n, k] * y_n``.
+        weighted_sums: ``(K, D)``, ``sum_n weights[n, k] * y_nd`` over the steps where count ``d``
+            is observed.
+        observed_weights: ``(K, D)``, ``sum_n weights[n, k]`` over the steps where count ``d`` is
+            observed (``sum_weights`` in every column when nothing is missing).
     """
 
     sum_weights: Array
     weighted_sums: Array
+    observed_weights: Array
 
 
 def _poisson_log_prob(log_rates: Float[Array, "K D"], emission: Float[Array, " D"]) -> Float[Array, " K"]:
+    # missing counts (NaN) drop out: the dimensions are independent given the state
+    observed, emission = _observed_entries(emission)
     # y log(rate) with the convention 0 * log(0) = 0 (zero rates: log_rates = -inf)
     y_log_rate = jnp.where(emission > 0, emission * log_rates, 0.0)
-    return jnp.sum(y_log_rate - jnp.exp(log_rates) - gammaln(emission + 1.0), axis=-1)
+    terms = y_log_rate - jnp.exp(log_rates) - gammaln(emission + 1.0)
+    return jnp.sum(jnp.where(observed, terms, 0.0), axis=-1)
 
 
 class PoissonEmissions(AbstractExponentialFamilyEmissions):
     r"""Independent Poisson counts: :math:`p(y_t \mid z_t = k) = \prod_d \mathrm{Poi}(y_{td}; \lambda_{kd})`.
 
     Emissions are vectors of ``D`` non-negative integer counts per step (integer
-    dtype, or float dtype holding integral values).
+    dtype, or float dtype holding integral values). In a float array a NaN count is
+    missing: the step's log-density is that of its observed counts, and the M-step
+    averages each count over the steps where it is observed.
 
     Storage: ``log_rates`` (``(K, D)``), ``rates = exp(log_rates)``. A zero rate
     is ``log_rates = -inf``: count 0 then has probability 1 and any positive
     count probability 0 (``log_prob = -inf``, no NaN).
 
-    M-step: the weighted mean, :math:`\lambda_k = \sum_n w_{nk} y_n / \sum_n w_{nk}`.
+    M-step: the weighted mean, :math:`\lambda_{kd} = \sum_n w_{nk} y_{nd} / \sum_n w_{nk}` over the
+    steps where count ``d`` is observed.
 
     Args:
         rates: ``(K, D)`` non-negative finite rates.
@@ -105,12 +123,12 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         xp, values, mask = _checks.host_arrays(emissions, mask)
         if jnp.issubdtype(emissions.dtype, jnp.integer):
             bad = values < 0
-        else:
-            bad = (values < 0) | (values != xp.floor(values)) | ~xp.isfinite(values)
+        else:  # NaN is a missing count
+            bad = (((values < 0) | (values != xp.floor(values))) & ~xp.isnan(values)) | xp.isinf(values)
         if mask is not None:
             bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
         return _checks.check_values(
-            emissions, bad, "`emissions` of a Poisson model must be non-negative integer counts."
+            emissions, bad, "`emissions` of a Poisson model must be non-negative integer counts (NaN for missing)."
         )
 
     def _float(self, emissions: jax.Array) -> jax.Array:
@@ -131,14 +149,20 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         n = emissions.shape[0]
         mask = _as_mask("mask", mask, n)
         emissions = self.check_emissions(emissions, mask)
-        emissions = self._float(_fill_padding(emissions, mask, 0))
+        missing = _missing(emissions, mask)
+        observed, emissions = _observed_entries(self._float(_fill_padding(emissions, mask, 0)))
         weights = _check_weights(weights, n, self.num_states, mask, self.log_rates.dtype)
-        return PoissonStats(sum_weights=weights.sum(0), weighted_sums=weights.T @ emissions)
+        sum_weights = weights.sum(0)
+        if missing is False:
+            observed_weights = jnp.broadcast_to(sum_weights[:, None], (self.num_states, self.emission_dim))
+        else:
+            observed_weights = weights.T @ observed.astype(weights.dtype)
+        return PoissonStats(sum_weights, weights.T @ emissions, observed_weights)
 
     def m_step_from_stats(self, stats: PoissonStats, frozen=frozenset()) -> "PoissonEmissions":
         if "rates" in frozen:
             return self
-        return PoissonEmissions(log_rates=_poisson_m_step(self.log_rates, stats.sum_weights, stats.weighted_sums))
+        return PoissonEmissions(log_rates=_poisson_m_step(self.log_rates, stats.observed_weights, stats.weighted_sums))
 
     # -- initialisers ------------------------------------------------------
 
@@ -167,7 +191,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         ``0.1 * mean_d + 1e-3`` so no rate is zero (a zero rate could never
         explain a positive count, and EM could not move it). Ties, common for
         small counts, are broken by a deterministic spread ``x exp(0.1 (k/(K-1) - 1/2))``
-        because EM cannot separate identical states.
+        because EM cannot separate identical states. Missing (NaN) counts are left out.
 
         Args:
             emissions: pooled counts, shape ``(N, D)``.
@@ -185,6 +209,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         _checks.check_shape("emissions", emissions, ("N", "D"), "pooled count vectors")
         probe = cls(log_rates=jnp.zeros((num_states, emissions.shape[1])))
         emissions = probe._float(probe.check_emissions(emissions))
+        _check_some_observed(emissions)
         return cls(log_rates=_poisson_init(emissions, num_states))
 
 
@@ -192,17 +217,18 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
 def _poisson_init(emissions, num_states: int):
     """Log-rates of :meth:`PoissonEmissions.from_data`, one compiled program (op by op: ~15 kernels)."""
     levels = (jnp.arange(num_states, dtype=emissions.dtype) + 0.5) / num_states
-    q = jnp.quantile(emissions, levels, axis=0)  # (K, D)
-    floor = 0.1 * emissions.mean(0) + 1e-3
+    q = jnp.nanquantile(emissions, levels, axis=0)  # (K, D), over the observed counts
+    floor = 0.1 * jnp.nanmean(emissions, axis=0) + 1e-3
     spread = jnp.exp(0.1 * (jnp.arange(num_states) / max(num_states - 1, 1) - 0.5))
     rates = jnp.maximum(q, floor[None, :]) * spread[:, None].astype(emissions.dtype)
     return jnp.log(rates)
 
 
 def _poisson_m_step(
-    old_log_rates: Float[Array, "K D"], sum_weights: Float[Array, " K"], weighted_sums: Float[Array, "K D"]
+    old_log_rates: Float[Array, "K D"], observed_weights: Float[Array, "K D"], weighted_sums: Float[Array, "K D"]
 ) -> Float[Array, "K D"]:
-    empty = sum_weights <= 0
-    rates = weighted_sums / jnp.where(empty, 1.0, sum_weights)[:, None]
+    # a rate with no observed count to learn from (zero weight) keeps its value
+    empty = observed_weights <= 0
+    rates = weighted_sums / jnp.where(empty, 1.0, observed_weights)
     log_rates = jnp.where(rates > 0, jnp.log(jnp.where(rates > 0, rates, 1.0)), -jnp.inf)
-    return _keep_where_empty(empty, log_rates, old_log_rates)
+    return jnp.where(empty, old_log_rates, log_rates)
