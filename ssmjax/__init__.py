@@ -48,11 +48,13 @@ from ._lgssm.joint import lgssm_posterior_entropy as lgssm_posterior_entropy
 # --- emission models and Markov chains ---
 from ._hmm.emissions import AbstractEmissions as AbstractEmissions
 from ._hmm.emissions import AbstractExponentialFamilyEmissions as AbstractExponentialFamilyEmissions
+from ._hmm.emissions import BernoulliEmissions as BernoulliEmissions
 from ._hmm.emissions import CategoricalEmissions as CategoricalEmissions
 from ._hmm.emissions import AbstractGaussianEmissions as AbstractGaussianEmissions
 from ._hmm.emissions import DiagonalGaussianEmissions as DiagonalGaussianEmissions
 from ._hmm.emissions import GaussianEmissions as GaussianEmissions
 from ._hmm.emissions import NoClosedFormMStepError as NoClosedFormMStepError
+from ._hmm.emissions import MultinomialEmissions as MultinomialEmissions
 from ._hmm.emissions import PoissonEmissions as PoissonEmissions
 from ._markov import MarkovChain as MarkovChain
 from ._markov import markov_transition_counts as markov_transition_counts

@@ -31,29 +31,31 @@ from .._fit.protocol import AbstractFittableModel, fast_e_step
 from .emissions import (
     AbstractEmissions,
     AbstractExponentialFamilyEmissions,
+    BernoulliEmissions,
     CategoricalEmissions,
     DiagonalGaussianEmissions,
     GaussianEmissions,
+    MultinomialEmissions,
     PoissonEmissions,
     softmax_rows,
 )
 from .inference import hmm_filter, hmm_sample_posterior, hmm_smoother, hmm_viterbi
 from .rules import batch_smoother_stats
 
-# public parameter name -> stored field, for the built-in emission families
-_EMISSION_FIELDS = {
-    PoissonEmissions: {"rates": ("log_rates",)},
-    CategoricalEmissions: {"probs": ("logits",)},
-    GaussianEmissions: {"means": ("means",), "covs": ("chol_covs",)},
-    DiagonalGaussianEmissions: {"means": ("means",), "covs": ("log_variances",)},
+# the names HMM.from_data takes for the built-in families
+_FAMILIES = {
+    "poisson": PoissonEmissions,
+    "gaussian": GaussianEmissions,
+    "gaussian_diag": DiagonalGaussianEmissions,
+    "categorical": CategoricalEmissions,
+    "bernoulli": BernoulliEmissions,
+    "multinomial": MultinomialEmissions,
 }
 
 
 def _emission_fields(emissions: AbstractEmissions) -> dict[str, tuple[str, ...]]:
-    for cls, fields in _EMISSION_FIELDS.items():
-        if type(emissions) is cls:
-            return fields
-    return {}
+    """Public parameter name -> stored fields of an emission family (its ``parameter_fields``)."""
+    return dict(getattr(type(emissions), "parameter_fields", {}))
 
 
 def _on_cpu(x) -> bool:
@@ -278,7 +280,9 @@ class HMM(AbstractFittableModel):
         Args:
             emissions: ``(B, T, D)`` batch (``(B, T)`` ints for categorical).
             num_states: ``K``.
-            emissions_type: ``"poisson"``, ``"gaussian"``, ``"gaussian_diag"`` or ``"categorical"``.
+            emissions_type: ``"poisson"``, ``"gaussian"``, ``"gaussian_diag"``, ``"categorical"``,
+                ``"bernoulli"``, ``"multinomial"``, or an emission class (its ``from_data(pooled, num_states, key=key)``
+                builds the emission model).
             lengths: ``(B,)`` lengths or ``None``.
             stay_prob: diagonal of the initial transition matrix.
             num_classes: number of symbols (categorical only; default ``max + 1``).
@@ -293,19 +297,17 @@ class HMM(AbstractFittableModel):
         lengths_np = np.full(num_seq, num_timesteps) if lengths is None else np.asarray(lengths)
         mask = np.arange(num_timesteps)[None, :] < lengths_np[:, None]
         pooled = emissions[mask]
-        if emissions_type == "poisson":
-            emission_model = PoissonEmissions.from_data(pooled, num_states, key=key)
-        elif emissions_type in ("gaussian", "gaussian_diag"):
-            family = GaussianEmissions if emissions_type == "gaussian" else DiagonalGaussianEmissions
-            emission_model = family.from_data(pooled, num_states, key=key)
-        elif emissions_type == "categorical":
-            num_classes = int(np.nanmax(pooled)) + 1 if num_classes is None else num_classes
-            emission_model = CategoricalEmissions.from_data(pooled, num_states, num_classes, key=key)
-        else:
+        family = _FAMILIES.get(emissions_type) if isinstance(emissions_type, str) else emissions_type
+        if not (isinstance(family, type) and issubclass(family, AbstractEmissions) and hasattr(family, "from_data")):
             raise ValueError(
-                "`emissions_type` must be 'poisson', 'gaussian', 'gaussian_diag' or 'categorical'; "
+                f"`emissions_type` must be one of {sorted(_FAMILIES)} or an emission class with a `from_data`; "
                 f"got {emissions_type!r}."
             )
+        if family is CategoricalEmissions:
+            num_classes = int(np.nanmax(pooled)) + 1 if num_classes is None else num_classes
+            emission_model = family.from_data(pooled, num_states, num_classes, key=key)
+        else:
+            emission_model = family.from_data(pooled, num_states, key=key)
         dtype = jnp.result_type(float)
         off = (1.0 - stay_prob) / max(num_states - 1, 1)
         transition = np.full((num_states, num_states), off)

@@ -23,12 +23,16 @@ from .base import AbstractEmissions as AbstractEmissions
 from .base import AbstractExponentialFamilyEmissions as AbstractExponentialFamilyEmissions
 from .base import NoClosedFormMStepError as NoClosedFormMStepError
 from .base import softmax_rows as softmax_rows
+from .bernoulli import BernoulliEmissions as BernoulliEmissions
+from .bernoulli import BernoulliStats as BernoulliStats
 from .categorical import CategoricalEmissions as CategoricalEmissions
 from .categorical import CategoricalStats as CategoricalStats
 from .gaussian import AbstractGaussianEmissions as AbstractGaussianEmissions
 from .gaussian import DiagonalGaussianEmissions as DiagonalGaussianEmissions
 from .gaussian import GaussianEmissions as GaussianEmissions
 from .gaussian import GaussianStats as GaussianStats
+from .multinomial import MultinomialEmissions as MultinomialEmissions
+from .multinomial import MultinomialStats as MultinomialStats
 from .poisson import PoissonEmissions as PoissonEmissions
 from .poisson import PoissonStats as PoissonStats
 
@@ -36,12 +40,16 @@ __all__ = [
     "AbstractEmissions",
     "AbstractExponentialFamilyEmissions",
     "NoClosedFormMStepError",
+    "BernoulliEmissions",
     "CategoricalEmissions",
     "AbstractGaussianEmissions",
     "GaussianEmissions",
     "DiagonalGaussianEmissions",
+    "MultinomialEmissions",
     "PoissonEmissions",
+    "BernoulliStats",
     "CategoricalStats",
     "GaussianStats",
+    "MultinomialStats",
     "PoissonStats",
 ]

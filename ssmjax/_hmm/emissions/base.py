@@ -22,7 +22,7 @@ the formulas for observed data, traced data choose at run time (:func:`_branch`)
 from __future__ import annotations
 
 import abc
-from typing import Optional
+from typing import ClassVar, Optional
 
 import equinox as eqx
 import jax
@@ -218,6 +218,11 @@ class AbstractEmissions(eqx.Module):
         >>> Exponential(jnp.zeros(3)).log_likelihoods(jnp.ones(5)).shape
         (5, 3)
     """
+
+    # Public parameter name -> the stored fields that hold it (``{"rates": ("log_rates",)}``):
+    # the names ``frozen`` takes as ``"emissions.<name>"`` in fit_em and fit_sgd. Empty: the
+    # family is fitted or frozen as a whole.
+    parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @property
     @abc.abstractmethod

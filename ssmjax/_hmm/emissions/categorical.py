@@ -7,7 +7,7 @@ private log-density, counting and M-step functions it is built from.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,7 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
     """
 
     logits: Float[Array, "K C"]
+    parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"probs": ("logits",)}
 
     def __init__(self, probs=None, *, logits=None):
         if (probs is None) == (logits is None):

@@ -407,6 +407,7 @@ class GaussianEmissions(AbstractGaussianEmissions, metaclass=_FullOrDiagonal):
     chol_covs: Float[Array, "K D D"]
     min_variance: float = eqx.field(static=True)
     covariance_type: ClassVar[str] = "full"
+    parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"means": ("means",), "covs": ("chol_covs",)}
 
     def __init__(self, means, covs=None, *, chol_covs=None, min_variance: float = 1e-6):
         if (covs is None) == (chol_covs is None):
@@ -508,6 +509,7 @@ class DiagonalGaussianEmissions(AbstractGaussianEmissions):
     log_variances: Float[Array, "K D"]
     min_variance: float = eqx.field(static=True)
     covariance_type: ClassVar[str] = "diag"
+    parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"means": ("means",), "covs": ("log_variances",)}
 
     def __init__(self, means, variances=None, *, log_variances=None, min_variance: float = 1e-6):
         if (variances is None) == (log_variances is None):

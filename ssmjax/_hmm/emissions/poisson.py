@@ -8,7 +8,7 @@ the private log-density, quantile initialiser and M-step functions it is built f
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +79,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
     """
 
     log_rates: Float[Array, "K D"]
+    parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"rates": ("log_rates",)}
 
     def __init__(self, rates=None, *, log_rates=None):
         if (rates is None) == (log_rates is None):

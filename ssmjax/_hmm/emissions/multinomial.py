@@ -1,0 +1,247 @@
+r"""Multinomial emissions: a vector of ``C`` counts of ``n`` trials per step.
+
+:class:`MultinomialEmissions` (stored as ``logits``, read back as ``probs``; the number of
+trials ``num_trials`` is static), its sufficient statistics :class:`MultinomialStats`, and the
+private log-density and statistics functions it is built from.
+
+**Missing counts.** The counts of one step are not independent (they sum to ``n``), so a
+missing count does not simply drop out. Given the state, the counts of the observed categories
+and the number of the remaining trials, ``n`` minus their sum, are multinomial over the observed
+categories and "the rest", whose probability is the sum of the missing categories'. That is the
+exact log-density of the observed counts, and the M-step splits the remaining trials over the
+missing categories in proportion to their probabilities under each state (their conditional
+expectation): exact EM for the observed-data likelihood.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import gammaln, logsumexp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ... import _checks
+from .base import (
+    AbstractExponentialFamilyEmissions,
+    _as_mask,
+    _check_some_observed,
+    _check_weights,
+    _fill_padding,
+    _observed_entries,
+    softmax_rows,
+)
+
+
+class MultinomialStats(NamedTuple):
+    """Sufficient statistics of :class:`MultinomialEmissions`.
+
+    Attributes:
+        counts: ``(K, C)``, ``sum_n weights[n, k] * E[y_nc]``: the observed count, or for a
+            missing count its expectation given the step's observed counts and state ``k``.
+    """
+
+    counts: Array
+
+
+def _multinomial_log_prob(logits: Float[Array, "K C"], num_trials: int, emission: Float[Array, " C"]) -> Float[Array, " K"]:
+    observed, y = _observed_entries(emission)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    # y log p with 0 log 0 = 0 (structural zeros: log p = -inf)
+    y_log_p = jnp.where(observed & (y > 0), y * log_probs, 0.0)
+    rest = num_trials - jnp.sum(jnp.where(observed, y, 0.0))  # trials falling in the missing categories
+    # log of the missing categories' total probability; where they have none (no missing category,
+    # or only structural zeros) a finite dummy enters the logsumexp, so that no gradient is NaN
+    missing_log_p = jnp.where(observed, -jnp.inf, log_probs)
+    has_mass = jnp.any(jnp.isfinite(missing_log_p), axis=-1, keepdims=True)
+    log_p_rest = logsumexp(jnp.where(has_mass, missing_log_p, 0.0), axis=-1)
+    rest_term = jnp.where(rest > 0, rest * jnp.where(has_mass[:, 0], log_p_rest, -jnp.inf), 0.0)
+    log_norm = gammaln(num_trials + 1.0) - jnp.sum(jnp.where(observed, gammaln(y + 1.0), 0.0)) - gammaln(rest + 1.0)
+    return log_norm + jnp.sum(y_log_p, axis=-1) + rest_term
+
+
+class MultinomialEmissions(AbstractExponentialFamilyEmissions):
+    r"""Counts of ``n`` trials over ``C`` categories: :math:`p(y_t \mid z_t = k) = \mathrm{Mult}(y_t; n, p_k)`.
+
+    Emissions are vectors of ``C`` non-negative integer counts summing to ``num_trials`` per
+    step (integer dtype, or float holding integral values). In a float array a NaN count is
+    missing (see :mod:`ssmjax._hmm.emissions.multinomial`): the counts observed at that step
+    must then sum to at most ``num_trials``. ``num_trials = 1`` is a one-hot categorical.
+
+    Storage: ``logits`` (``(K, C)``), ``probs = softmax(logits)``; ``num_trials`` is static.
+
+    M-step: :math:`p_{kc} \propto \sum_n w_{nk} \mathbb E[y_{nc}]`; a state with no weight keeps
+    its probabilities.
+
+    Args:
+        probs: ``(K, C)`` row-stochastic matrix.
+        num_trials: the number of trials ``n`` of every step (a positive int).
+        logits: alternatively, unconstrained ``(K, C)`` logits (keyword only).
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> model = ssmjax.MultinomialEmissions(jnp.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]), num_trials=5)
+        >>> model.log_likelihoods(jnp.array([[4, 1, 0], [0, 2, 3]])).shape
+        (2, 2)
+    """
+
+    logits: Float[Array, "K C"]
+    num_trials: int = eqx.field(static=True)
+    parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"probs": ("logits",)}
+
+    def __init__(self, probs=None, num_trials: int = 1, *, logits=None):
+        if (probs is None) == (logits is None):
+            raise ValueError("Pass exactly one of `probs` and `logits`.")
+        if not isinstance(num_trials, int) or isinstance(num_trials, bool) or num_trials < 1:
+            raise ValueError(f"`num_trials` must be a positive int; got {num_trials!r}.")
+        self.num_trials = num_trials
+        if probs is not None:
+            probs = _checks.as_float_array("probs", probs)
+            _checks.check_shape("probs", probs, ("K", "C"), "one row of category probabilities per state")
+            probs = _checks.check_probability_vector("probs", probs)
+            self.logits = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+        else:
+            logits = _checks.as_float_array("logits", logits)
+            _checks.check_shape("logits", logits, ("K", "C"))
+            self.logits = logits
+
+    @property
+    def num_states(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of categories ``C``."""
+        return self.logits.shape[1]
+
+    @property
+    def emission_shape(self) -> tuple[int, ...]:
+        return (self.num_classes,)
+
+    @property
+    def probs(self) -> Float[Array, "K C"]:
+        """Category probabilities, ``(K, C)``."""
+        return softmax_rows(self.logits)
+
+    def check_emissions(self, emissions, mask=None) -> Array:
+        emissions = _checks.to_device(emissions)
+        if not (jnp.issubdtype(emissions.dtype, jnp.integer) or jnp.issubdtype(emissions.dtype, jnp.floating)):
+            raise ValueError(f"`emissions` of a multinomial model must hold counts; got dtype {emissions.dtype}.")
+        xp, values, mask = _checks.host_arrays(emissions, mask)
+        if jnp.issubdtype(emissions.dtype, jnp.floating):
+            nan = xp.isnan(values)
+            bad_entry = (((values < 0) | (values != xp.floor(values))) & ~nan) | xp.isinf(values)
+            total = xp.sum(xp.where(nan, 0, values), axis=-1)
+            bad_total = xp.where(xp.any(nan, axis=-1), total > self.num_trials, total != self.num_trials)
+        else:
+            bad_entry = values < 0
+            bad_total = xp.sum(values, axis=-1) != self.num_trials
+        bad = xp.any(bad_entry, axis=-1) | bad_total
+        if mask is not None:
+            bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
+        return _checks.check_values(
+            emissions, bad,
+            f"`emissions` of a multinomial model must be non-negative integer counts summing to num_trials="
+            f"{self.num_trials} (observed counts at most that where some are NaN, missing).",
+        )
+
+    def _float(self, emissions: jax.Array) -> jax.Array:
+        return emissions.astype(self.logits.dtype)
+
+    def log_prob(self, emission) -> Float[Array, " K"]:
+        emission = _checks.to_device(emission)
+        _checks.check_shape("emission", emission, (self.num_classes,), "one vector of counts")
+        emission = self.check_emissions(emission[None])[0]
+        return _multinomial_log_prob(self.logits, self.num_trials, self._float(emission))
+
+    def sample(self, state, *, key: PRNGKeyArray) -> Array:
+        draws = jax.random.categorical(key, self.logits[state], shape=(self.num_trials,))
+        return jnp.zeros(self.num_classes, jnp.int32).at[draws].add(1)
+
+    def suff_stats(self, emissions, weights, mask=None) -> MultinomialStats:
+        emissions = _checks.to_device(emissions)
+        _checks.check_shape("emissions", emissions, ("N", self.num_classes), "pooled count vectors")
+        n = emissions.shape[0]
+        mask = _as_mask("mask", mask, n)
+        emissions = self.check_emissions(emissions, mask)
+        observed, y = _observed_entries(self._float(_fill_padding(emissions, mask, 0)))
+        weights = _check_weights(weights, n, self.num_states, mask, self.logits.dtype)
+        counts = weights.T @ y
+        # the remaining trials of each step, split over its missing categories under each state
+        rest = self.num_trials - jnp.sum(y, axis=-1)  # (N,), 0 where nothing is missing
+        log_probs = jax.nn.log_softmax(self.logits, axis=-1)
+        missing_log_p = jnp.where(observed[:, None, :], -jnp.inf, log_probs[None])  # (N, K, C)
+        share = jnp.exp(missing_log_p - logsumexp(missing_log_p, axis=-1, keepdims=True))
+        share = jnp.where(jnp.isfinite(missing_log_p), share, 0.0)  # no missing category: no share
+        counts = counts + jnp.einsum("nk,n,nkc->kc", weights, rest, share)
+        return MultinomialStats(counts=counts)
+
+    def m_step_from_stats(self, stats: MultinomialStats, frozen=frozenset()) -> "MultinomialEmissions":
+        if "probs" in frozen:
+            return self
+        totals = stats.counts.sum(-1, keepdims=True)
+        empty = totals <= 0
+        probs = stats.counts / jnp.where(empty, 1.0, totals)
+        logits = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+        return MultinomialEmissions(logits=jnp.where(empty, self.logits, logits), num_trials=self.num_trials)
+
+    # -- initialisers ------------------------------------------------------
+
+    @classmethod
+    def random(
+        cls, num_states: int, num_classes: int, num_trials: int, *, dtype=None, key: PRNGKeyArray
+    ) -> "MultinomialEmissions":
+        """Rows drawn from a flat Dirichlet(1, ..., 1).
+
+        Example:
+            >>> import jax, ssmjax
+            >>> ssmjax.MultinomialEmissions.random(3, 4, 10, key=jax.random.key(0)).probs.shape
+            (3, 4)
+        """
+        dtype = dtype or jnp.result_type(float)
+        probs = jax.random.dirichlet(key, jnp.ones(num_classes, dtype), shape=(num_states,))
+        return cls(logits=jnp.log(probs), num_trials=num_trials)
+
+    @classmethod
+    def from_data(
+        cls, emissions, num_states: int, *, num_trials: Optional[int] = None, noise: float = 0.2,
+        key: Optional[PRNGKeyArray] = None,
+    ) -> "MultinomialEmissions":
+        r"""Pooled category frequencies, perturbed per state by Dirichlet noise.
+
+        ``probs[k] = (1 - noise) * f + noise * g_k`` with ``f`` the add-one smoothed pooled
+        frequencies (missing counts left out) and ``g_k ~ Dirichlet(1)``.
+
+        Args:
+            emissions: pooled count vectors, shape ``(N, C)``.
+            num_states: ``K``.
+            num_trials: ``n``; by default the total of the first step without a missing count.
+            noise: mixing weight of the Dirichlet draw, in ``(0, 1]``.
+            key: PRNG key (keyword-only; default ``jax.random.key(0)``).
+
+        Example:
+            >>> import jax.numpy as jnp, ssmjax
+            >>> ys = jnp.array([[3, 1, 0], [0, 2, 2], [1, 1, 2]])
+            >>> ssmjax.MultinomialEmissions.from_data(ys, 2).num_trials
+            4
+        """
+        emissions = _checks.to_device(emissions)
+        _checks.check_shape("emissions", emissions, ("N", "C"), "pooled count vectors")
+        if num_trials is None:
+            values = np.asarray(jax.device_get(emissions), float)
+            complete = ~np.isnan(values).any(axis=1)
+            if not complete.any():
+                raise ValueError("`emissions` has no step without a missing count; pass `num_trials`.")
+            num_trials = int(values[complete][0].sum())
+        probe = cls(logits=jnp.zeros((num_states, emissions.shape[1])), num_trials=num_trials)
+        emissions = probe._float(probe.check_emissions(emissions))
+        _check_some_observed(emissions)
+        observed, y = _observed_entries(emissions)
+        counts = y.sum(0) + 1.0
+        freqs = counts / counts.sum()
+        key = jax.random.key(0) if key is None else key
+        g = jax.random.dirichlet(key, jnp.ones(emissions.shape[1], freqs.dtype), shape=(num_states,))
+        return cls(logits=jnp.log((1.0 - noise) * freqs[None, :] + noise * g), num_trials=num_trials)
