@@ -56,6 +56,8 @@ from ._hmm.emissions import GaussianEmissions as GaussianEmissions
 from ._hmm.emissions import NoClosedFormMStepError as NoClosedFormMStepError
 from ._hmm.emissions import MultinomialEmissions as MultinomialEmissions
 from ._hmm.emissions import PoissonEmissions as PoissonEmissions
+from ._hmm.emissions import SphericalGaussianEmissions as SphericalGaussianEmissions
+from ._hmm.emissions import TiedGaussianEmissions as TiedGaussianEmissions
 from ._markov import MarkovChain as MarkovChain
 from ._markov import markov_transition_counts as markov_transition_counts
 

@@ -43,6 +43,8 @@ def _describe(obj):
     if isinstance(obj, eqx.Module):
         fields = {}
         for f in dataclasses.fields(obj):
+            if isinstance(getattr(type(obj), f.name, None), property):
+                continue  # an abstract field a subclass computes (equinox AbstractVar): not stored
             value = getattr(obj, f.name)
             if f.metadata.get("static", False):
                 fields[f.name] = {"static": _static(value, f.name)}

@@ -37,6 +37,8 @@ from .emissions import (
     GaussianEmissions,
     MultinomialEmissions,
     PoissonEmissions,
+    SphericalGaussianEmissions,
+    TiedGaussianEmissions,
     softmax_rows,
 )
 from .inference import hmm_filter, hmm_sample_posterior, hmm_smoother, hmm_viterbi
@@ -47,6 +49,8 @@ _FAMILIES = {
     "poisson": PoissonEmissions,
     "gaussian": GaussianEmissions,
     "gaussian_diag": DiagonalGaussianEmissions,
+    "gaussian_spherical": SphericalGaussianEmissions,
+    "gaussian_tied": TiedGaussianEmissions,
     "categorical": CategoricalEmissions,
     "bernoulli": BernoulliEmissions,
     "multinomial": MultinomialEmissions,
@@ -280,7 +284,8 @@ class HMM(AbstractFittableModel):
         Args:
             emissions: ``(B, T, D)`` batch (``(B, T)`` ints for categorical).
             num_states: ``K``.
-            emissions_type: ``"poisson"``, ``"gaussian"``, ``"gaussian_diag"``, ``"categorical"``,
+            emissions_type: ``"poisson"``, ``"gaussian"``, ``"gaussian_diag"``, ``"gaussian_spherical"``,
+                ``"gaussian_tied"``, ``"categorical"``,
                 ``"bernoulli"``, ``"multinomial"``, or an emission class (its ``from_data(pooled, num_states, key=key)``
                 builds the emission model).
             lengths: ``(B,)`` lengths or ``None``.

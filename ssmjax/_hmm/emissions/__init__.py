@@ -31,6 +31,8 @@ from .gaussian import AbstractGaussianEmissions as AbstractGaussianEmissions
 from .gaussian import DiagonalGaussianEmissions as DiagonalGaussianEmissions
 from .gaussian import GaussianEmissions as GaussianEmissions
 from .gaussian import GaussianStats as GaussianStats
+from .gaussian import SphericalGaussianEmissions as SphericalGaussianEmissions
+from .gaussian import TiedGaussianEmissions as TiedGaussianEmissions
 from .multinomial import MultinomialEmissions as MultinomialEmissions
 from .multinomial import MultinomialStats as MultinomialStats
 from .poisson import PoissonEmissions as PoissonEmissions
@@ -45,6 +47,8 @@ __all__ = [
     "AbstractGaussianEmissions",
     "GaussianEmissions",
     "DiagonalGaussianEmissions",
+    "SphericalGaussianEmissions",
+    "TiedGaussianEmissions",
     "MultinomialEmissions",
     "PoissonEmissions",
     "BernoulliStats",
