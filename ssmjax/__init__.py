@@ -51,6 +51,7 @@ from ._hmm.emissions import AbstractExponentialFamilyEmissions as AbstractExpone
 from ._hmm.emissions import BernoulliEmissions as BernoulliEmissions
 from ._hmm.emissions import CategoricalEmissions as CategoricalEmissions
 from ._hmm.emissions import AbstractGaussianEmissions as AbstractGaussianEmissions
+from ._hmm.emissions import GammaEmissions as GammaEmissions
 from ._hmm.emissions import DiagonalGaussianEmissions as DiagonalGaussianEmissions
 from ._hmm.emissions import GaussianEmissions as GaussianEmissions
 from ._hmm.emissions import NoClosedFormMStepError as NoClosedFormMStepError

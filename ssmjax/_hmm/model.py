@@ -34,6 +34,7 @@ from .emissions import (
     BernoulliEmissions,
     CategoricalEmissions,
     DiagonalGaussianEmissions,
+    GammaEmissions,
     GaussianEmissions,
     MultinomialEmissions,
     PoissonEmissions,
@@ -54,6 +55,7 @@ _FAMILIES = {
     "categorical": CategoricalEmissions,
     "bernoulli": BernoulliEmissions,
     "multinomial": MultinomialEmissions,
+    "gamma": GammaEmissions,
 }
 
 
@@ -286,7 +288,7 @@ class HMM(AbstractFittableModel):
             num_states: ``K``.
             emissions_type: ``"poisson"``, ``"gaussian"``, ``"gaussian_diag"``, ``"gaussian_spherical"``,
                 ``"gaussian_tied"``, ``"categorical"``,
-                ``"bernoulli"``, ``"multinomial"``, or an emission class (its ``from_data(pooled, num_states, key=key)``
+                ``"bernoulli"``, ``"multinomial"``, ``"gamma"``, or an emission class (its ``from_data(pooled, num_states, key=key)``
                 builds the emission model).
             lengths: ``(B,)`` lengths or ``None``.
             stay_prob: diagonal of the initial transition matrix.

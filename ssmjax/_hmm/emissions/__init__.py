@@ -27,6 +27,8 @@ from .bernoulli import BernoulliEmissions as BernoulliEmissions
 from .bernoulli import BernoulliStats as BernoulliStats
 from .categorical import CategoricalEmissions as CategoricalEmissions
 from .categorical import CategoricalStats as CategoricalStats
+from .gamma import GammaEmissions as GammaEmissions
+from .gamma import GammaStats as GammaStats
 from .gaussian import AbstractGaussianEmissions as AbstractGaussianEmissions
 from .gaussian import DiagonalGaussianEmissions as DiagonalGaussianEmissions
 from .gaussian import GaussianEmissions as GaussianEmissions
@@ -44,6 +46,7 @@ __all__ = [
     "NoClosedFormMStepError",
     "BernoulliEmissions",
     "CategoricalEmissions",
+    "GammaEmissions",
     "AbstractGaussianEmissions",
     "GaussianEmissions",
     "DiagonalGaussianEmissions",
@@ -53,6 +56,7 @@ __all__ = [
     "PoissonEmissions",
     "BernoulliStats",
     "CategoricalStats",
+    "GammaStats",
     "GaussianStats",
     "MultinomialStats",
     "PoissonStats",
