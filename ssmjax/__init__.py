@@ -55,6 +55,7 @@ from ._hmm.emissions import GammaEmissions as GammaEmissions
 from ._hmm.emissions import DiagonalGaussianEmissions as DiagonalGaussianEmissions
 from ._hmm.emissions import GaussianEmissions as GaussianEmissions
 from ._hmm.emissions import NoClosedFormMStepError as NoClosedFormMStepError
+from ._hmm.emissions import GaussianMixtureEmissions as GaussianMixtureEmissions
 from ._hmm.emissions import MultinomialEmissions as MultinomialEmissions
 from ._hmm.emissions import PoissonEmissions as PoissonEmissions
 from ._hmm.emissions import SphericalGaussianEmissions as SphericalGaussianEmissions

@@ -36,6 +36,7 @@ from .emissions import (
     DiagonalGaussianEmissions,
     GammaEmissions,
     GaussianEmissions,
+    GaussianMixtureEmissions,
     MultinomialEmissions,
     PoissonEmissions,
     SphericalGaussianEmissions,
@@ -56,6 +57,7 @@ _FAMILIES = {
     "bernoulli": BernoulliEmissions,
     "multinomial": MultinomialEmissions,
     "gamma": GammaEmissions,
+    "gmm": GaussianMixtureEmissions,
 }
 
 
@@ -288,7 +290,8 @@ class HMM(AbstractFittableModel):
             num_states: ``K``.
             emissions_type: ``"poisson"``, ``"gaussian"``, ``"gaussian_diag"``, ``"gaussian_spherical"``,
                 ``"gaussian_tied"``, ``"categorical"``,
-                ``"bernoulli"``, ``"multinomial"``, ``"gamma"``, or an emission class (its ``from_data(pooled, num_states, key=key)``
+                ``"bernoulli"``, ``"multinomial"``, ``"gamma"``, ``"gmm"`` (two diagonal
+                components per state), or an emission class (its ``from_data(pooled, num_states, key=key)``
                 builds the emission model).
             lengths: ``(B,)`` lengths or ``None``.
             stay_prob: diagonal of the initial transition matrix.

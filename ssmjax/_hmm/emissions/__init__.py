@@ -35,6 +35,8 @@ from .gaussian import GaussianEmissions as GaussianEmissions
 from .gaussian import GaussianStats as GaussianStats
 from .gaussian import SphericalGaussianEmissions as SphericalGaussianEmissions
 from .gaussian import TiedGaussianEmissions as TiedGaussianEmissions
+from .mixture import GaussianMixtureEmissions as GaussianMixtureEmissions
+from .mixture import GaussianMixtureStats as GaussianMixtureStats
 from .multinomial import MultinomialEmissions as MultinomialEmissions
 from .multinomial import MultinomialStats as MultinomialStats
 from .poisson import PoissonEmissions as PoissonEmissions
@@ -52,12 +54,14 @@ __all__ = [
     "DiagonalGaussianEmissions",
     "SphericalGaussianEmissions",
     "TiedGaussianEmissions",
+    "GaussianMixtureEmissions",
     "MultinomialEmissions",
     "PoissonEmissions",
     "BernoulliStats",
     "CategoricalStats",
     "GammaStats",
     "GaussianStats",
+    "GaussianMixtureStats",
     "MultinomialStats",
     "PoissonStats",
 ]

@@ -1,0 +1,219 @@
+r"""Gaussian-mixture emissions (GMM-HMM): a mixture of ``M`` Gaussians per state.
+
+:class:`GaussianMixtureEmissions` holds the mixture weights (``mixture_logits``, ``(K, M)``)
+and the ``K * M`` components as one Gaussian emission model of any covariance type
+(component ``m`` of state ``k`` is its state ``k * M + m``), so that the components' log-densities,
+missing entries, statistics and M-step are the Gaussian families' own.
+
+EM: given the state responsibilities ``w_nk``, the statistics split each step over the state's
+components by their posterior :math:`r_{nkm} \propto \pi_{km} \mathcal N(y_n; \mu_{km}, \Sigma_{km})`;
+the components then take the Gaussian M-step with weights :math:`w_{nk} r_{nkm}`, and the mixture
+weights are the normalised :math:`\sum_n w_{nk} r_{nkm}`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+
+from ... import _checks
+from .base import (
+    AbstractExponentialFamilyEmissions,
+    _as_mask,
+    _check_weights,
+    _fill_padding,
+    _missing,
+    softmax_rows,
+)
+from .gaussian import AbstractGaussianEmissions, DiagonalGaussianEmissions
+
+
+class GaussianMixtureStats(NamedTuple):
+    """Sufficient statistics of :class:`GaussianMixtureEmissions`.
+
+    Attributes:
+        mixture_counts: ``(K, M)``, ``sum_n w_nk r_nkm``.
+        components: the components' statistics with weights ``w_nk r_nkm`` (their ``suff_stats``).
+    """
+
+    mixture_counts: Array
+    components: PyTree[Array]
+
+
+class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
+    r"""A mixture of ``M`` Gaussians per state: :math:`p(y_t \mid z_t = k) = \sum_m \pi_{km} \mathcal N(y_t; \mu_{km}, \Sigma_{km})`.
+
+    Args:
+        weights: ``(K, M)`` mixture weights, rows summing to one.
+        components: a Gaussian emission model with ``K * M`` states (any of the four covariance
+            types; :class:`~ssmjax.TiedGaussianEmissions` ties one covariance across every
+            component of every state); component ``m`` of state ``k`` is its state ``k * M + m``.
+        mixture_logits: alternatively, unconstrained ``(K, M)`` logits (keyword only).
+
+    Missing (NaN) entries are the components' business: each component's density is that of
+    the observed entries, and so is the mixture's.
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> components = ssmjax.DiagonalGaussianEmissions(jnp.arange(8.0).reshape(4, 2), jnp.ones((4, 2)))
+        >>> model = ssmjax.GaussianMixtureEmissions(jnp.array([[0.5, 0.5], [0.9, 0.1]]), components)
+        >>> model.num_states, model.num_mix, model.log_likelihoods(jnp.zeros((3, 2))).shape
+        (2, 2, (3, 2))
+    """
+
+    mixture_logits: Float[Array, "K M"]
+    components: AbstractGaussianEmissions
+    parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {
+        "weights": ("mixture_logits",),
+        "components": ("components",),
+    }
+
+    def __init__(self, weights=None, components: Optional[AbstractGaussianEmissions] = None, *, mixture_logits=None):
+        if (weights is None) == (mixture_logits is None):
+            raise ValueError("Pass exactly one of `weights` and `mixture_logits`.")
+        if not isinstance(components, AbstractGaussianEmissions):
+            raise ValueError(
+                f"`components` must be a Gaussian emission model (K * M states); got {type(components).__name__}."
+            )
+        if weights is not None:
+            weights = _checks.as_float_array("weights", weights)
+            _checks.check_shape("weights", weights, ("K", "M"), "one row of mixture weights per state")
+            weights = _checks.check_probability_vector("weights", weights)
+            mixture_logits = jnp.where(weights > 0, jnp.log(jnp.where(weights > 0, weights, 1.0)), -jnp.inf)
+        else:
+            mixture_logits = _checks.as_float_array("mixture_logits", mixture_logits)
+            _checks.check_shape("mixture_logits", mixture_logits, ("K", "M"))
+        k, m = mixture_logits.shape
+        if components.num_states != k * m:
+            raise ValueError(
+                f"`components` must have K * M = {k * m} states (component m of state k is state k * M + m); "
+                f"got {components.num_states}."
+            )
+        self.mixture_logits, self.components = mixture_logits, components
+
+    @property
+    def num_states(self) -> int:
+        return self.mixture_logits.shape[0]
+
+    @property
+    def num_mix(self) -> int:
+        """Number of mixture components per state ``M``."""
+        return self.mixture_logits.shape[1]
+
+    @property
+    def emission_shape(self) -> tuple[int, ...]:
+        return self.components.emission_shape
+
+    @property
+    def weights(self) -> Float[Array, "K M"]:
+        """Mixture weights ``(K, M)``."""
+        return softmax_rows(self.mixture_logits)
+
+    @property
+    def means(self) -> Float[Array, "K M D"]:
+        """Component means ``(K, M, D)``."""
+        return self.components.means.reshape(self.num_states, self.num_mix, -1)
+
+    @property
+    def covs(self) -> Float[Array, "K M D D"]:
+        """Component covariances ``(K, M, D, D)``."""
+        d = self.components.emission_dim
+        return self.components.covs.reshape(self.num_states, self.num_mix, d, d)
+
+    def check_emissions(self, emissions, mask=None) -> Array:
+        return self.components.check_emissions(emissions, mask)
+
+    def _mix(self, component_lls):
+        """Per-state log-densities from the components' ``(..., K * M)`` (the last axis)."""
+        shape = component_lls.shape[:-1] + (self.num_states, self.num_mix)
+        return logsumexp(component_lls.reshape(shape) + jax.nn.log_softmax(self.mixture_logits, axis=-1), axis=-1)
+
+    def log_prob(self, emission) -> Float[Array, " K"]:
+        return self._mix(self.components.log_prob(emission))
+
+    def _log_prob_observed(self, emission) -> Float[Array, " K"]:
+        return self._mix(self.components._log_prob_observed(emission))
+
+    def _time_major_log_likelihoods(self, emissions, valid):
+        lls = jnp.moveaxis(self.components._time_major_log_likelihoods(emissions, valid), 1, -1)  # (T, B, K*M)
+        return jnp.where(valid[:, None, :], jnp.moveaxis(self._mix(lls), -1, 1), 0.0)
+
+    def sample(self, state, *, key: PRNGKeyArray) -> Array:
+        key_mix, key_component = jax.random.split(key)
+        m = jax.random.categorical(key_mix, self.mixture_logits[state])
+        return self.components.sample(state * self.num_mix + m, key=key_component)
+
+    def suff_stats(self, emissions, weights, mask=None) -> GaussianMixtureStats:
+        emissions = _checks.to_device(emissions)
+        _checks.check_shape("emissions", emissions, ("N",) + tuple(self.emission_shape), "pooled emission vectors")
+        n = emissions.shape[0]
+        mask = _as_mask("mask", mask, n)
+        emissions = self.check_emissions(emissions, mask)
+        dtype = self.mixture_logits.dtype
+        weights = _check_weights(weights, n, self.num_states, mask, dtype)
+        filled = _fill_padding(emissions, mask, 0).astype(dtype)
+        with _checks.value_checks(False):  # checked above
+            component_lls = self.components._stacked_log_probs(filled, _missing(filled, mask))  # (N, K*M)
+        joint = component_lls.reshape(n, self.num_states, self.num_mix) + jax.nn.log_softmax(self.mixture_logits, axis=-1)
+        within = jnp.exp(joint - logsumexp(joint, axis=-1, keepdims=True))  # r_nkm
+        within = jnp.where(jnp.isfinite(joint), within, 0.0)
+        split = (weights[:, :, None] * within).reshape(n, -1)  # w_nk r_nkm
+        return GaussianMixtureStats(
+            mixture_counts=split.sum(0).reshape(self.num_states, self.num_mix),
+            components=self.components.suff_stats(emissions, split, mask),
+        )
+
+    def m_step_from_stats(self, stats: GaussianMixtureStats, frozen=frozenset()) -> "GaussianMixtureEmissions":
+        logits = self.mixture_logits
+        if "weights" not in frozen:
+            totals = stats.mixture_counts.sum(-1, keepdims=True)
+            empty = totals <= 0
+            probs = stats.mixture_counts / jnp.where(empty, 1.0, totals)
+            new = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+            logits = jnp.where(empty, logits, new)
+        components = self.components
+        if "components" not in frozen:
+            components = components.m_step_from_stats(stats.components, frozen={"means", "covs"} & set(frozen))
+        return GaussianMixtureEmissions(mixture_logits=logits, components=components)
+
+    # -- initialisers ------------------------------------------------------
+
+    @classmethod
+    def from_data(
+        cls, emissions, num_states: int, *, num_mix: int = 2, family: type = DiagonalGaussianEmissions,
+        spread: float = 0.5, key: PRNGKeyArray,
+    ) -> "GaussianMixtureEmissions":
+        r"""States by the family's k-means initialiser; each state's ``M`` components at its mean
+        plus ``spread`` times its standard deviations times a standard normal draw, with the
+        state's covariance; equal mixture weights.
+
+        Args:
+            emissions: pooled emissions, shape ``(N, D)``.
+            num_states: ``K``.
+            num_mix: ``M``.
+            family: the components' Gaussian class (default diagonal, as hmmlearn's GMMHMM).
+            spread: how far the components start from their state's mean, in standard deviations.
+            key: PRNG key (keyword-only).
+
+        Example:
+            >>> import jax, ssmjax
+            >>> ys = jax.random.normal(jax.random.key(1), (60, 2))
+            >>> ssmjax.GaussianMixtureEmissions.from_data(ys, 2, num_mix=3, key=jax.random.key(0)).means.shape
+            (2, 3, 2)
+        """
+        key_states, key_spread = jax.random.split(key)
+        states = family.from_data(emissions, num_states, key=key_states)
+        d = states.emission_dim
+        eps = jax.random.normal(key_spread, (num_states, num_mix, d), states.means.dtype)
+        means = states.means[:, None, :] + spread * jnp.sqrt(states.variances)[:, None, :] * eps
+        covs = jnp.repeat(states.covs, num_mix, axis=0)  # (K*M, D, D), state-major
+        components = family(
+            means.reshape(num_states * num_mix, d), family._cov_from_full(covs, jnp.ones(num_states * num_mix, covs.dtype)),
+            min_variance=states.min_variance,
+        )
+        weights = jnp.full((num_states, num_mix), 1.0 / num_mix, states.means.dtype)
+        return cls(weights, components)
