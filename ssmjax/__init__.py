@@ -58,6 +58,7 @@ from ._hmm.emissions import NoClosedFormMStepError as NoClosedFormMStepError
 from ._hmm.emissions import GaussianMixtureEmissions as GaussianMixtureEmissions
 from ._hmm.emissions import MultinomialEmissions as MultinomialEmissions
 from ._hmm.emissions import PoissonEmissions as PoissonEmissions
+from ._hmm.emissions import ProductEmissions as ProductEmissions
 from ._hmm.emissions import SphericalGaussianEmissions as SphericalGaussianEmissions
 from ._hmm.emissions import TiedGaussianEmissions as TiedGaussianEmissions
 from ._markov import MarkovChain as MarkovChain

@@ -55,6 +55,8 @@ def _describe(obj):
         return {"array": list(obj.shape), "dtype": str(obj.dtype)}
     if isinstance(obj, (bool, int, float, str)):
         return {"static": obj}
+    if isinstance(obj, tuple):  # e.g. the parts of a ProductEmissions
+        return {"tuple": [_describe(item) for item in obj]}
     raise ValueError(f"cannot save a model containing {type(obj).__name__}")
 
 
@@ -86,6 +88,8 @@ def _build(desc, allowed):
         return jnp.zeros(tuple(desc["array"]), dtype=desc["dtype"])
     if "static" in desc:
         return desc["static"]
+    if "tuple" in desc:
+        return tuple(_build(item, allowed) for item in desc["tuple"])
     cls = _resolve(desc["module"], allowed)
     fields = desc["fields"]
     if cls.__name__ == "GaussianEmissions" and "log_variances" in fields:

@@ -40,6 +40,8 @@ from .mixture import GaussianMixtureStats as GaussianMixtureStats
 from .multinomial import MultinomialEmissions as MultinomialEmissions
 from .multinomial import MultinomialStats as MultinomialStats
 from .poisson import PoissonEmissions as PoissonEmissions
+from .product import ProductEmissions as ProductEmissions
+from .product import ProductStats as ProductStats
 from .poisson import PoissonStats as PoissonStats
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "GaussianMixtureEmissions",
     "MultinomialEmissions",
     "PoissonEmissions",
+    "ProductEmissions",
     "BernoulliStats",
     "CategoricalStats",
     "GammaStats",
@@ -64,4 +67,5 @@ __all__ = [
     "GaussianMixtureStats",
     "MultinomialStats",
     "PoissonStats",
+    "ProductStats",
 ]
