@@ -57,7 +57,6 @@ def fit_earthquake_hmms(counts: np.ndarray, state_counts=(2, 3)):
         fitted, lls, info = ssmjax.fit_em(start, y, max_iters=500, tol=1e-10)
         order = np.argsort(np.asarray(fitted.emissions.rates[:, 0]))
         loglik = float(fitted.marginal_loglik(y[0]))
-        num_params = (k - 1) + k * (k - 1) + k  # initial, transitions, rates
         results.append(dict(
             num_states=k,
             model=fitted,
@@ -65,8 +64,8 @@ def fit_earthquake_hmms(counts: np.ndarray, state_counts=(2, 3)):
             rates=np.asarray(fitted.emissions.rates[:, 0])[order],
             transition_matrix=np.asarray(fitted.transition_matrix)[np.ix_(order, order)],
             loglik=loglik,
-            aic=-2 * loglik + 2 * num_params,
-            bic=-2 * loglik + np.log(len(counts)) * num_params,
+            aic=fitted.aic(y),
+            bic=fitted.bic(y),
             iterations=info.num_iters,
             path=np.argsort(order)[np.asarray(fitted.viterbi(y[0]))],
             smoothed=np.asarray(fitted.smoother(y[0]).smoothed_probs)[:, order],

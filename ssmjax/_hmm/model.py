@@ -27,7 +27,7 @@ import numpy as np
 from jaxtyping import Array, Int, PRNGKeyArray
 
 from .. import _checks, _deprecation
-from .._fit.protocol import AbstractFittableModel, fast_e_step
+from .._fit.protocol import AbstractFittableModel, check_frozen, fast_e_step
 from .emissions import (
     AbstractEmissions,
     AbstractExponentialFamilyEmissions,
@@ -204,6 +204,55 @@ class HMM(AbstractFittableModel):
         self._no_inputs(inputs)
         return self.filter(emissions, length=length).marginal_loglik
 
+    def log_likelihood(self, emissions, *, lengths=None) -> jax.Array:
+        """Summed ``log p(y)`` of a padded batch ``(B, T, *emission_shape)`` (``lengths`` ``(B,)`` or None).
+
+        Example:
+            >>> import jax.numpy as jnp, ssmjax
+            >>> hmm = ssmjax.HMM(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.2, 0.8]]),
+            ...                  ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [6.0]])))
+            >>> ys = jnp.array([[[0], [1], [7]], [[5], [6], [0]]])
+            >>> bool(jnp.isclose(hmm.log_likelihood(ys), hmm.marginal_loglik(ys[0]) + hmm.marginal_loglik(ys[1])))
+            True
+        """
+        emissions, lengths, _ = self._check_batch(emissions, lengths, None)
+        with _checks.value_checks(False):  # checked above
+            return _batch_loglik(self, emissions, lengths)
+
+    def num_parameters(self, frozen=()) -> int:
+        """Free parameters, as AIC and BIC count them: ``K - 1`` initial probabilities and ``K - 1`` per
+        transition row, less the structural zeros (fixed at zero), plus the emissions' free
+        parameters (:meth:`~ssmjax.AbstractEmissions.parameter_counts`); names in ``frozen`` (as
+        :func:`ssmjax.fit_em` takes them) count nothing.
+
+        Example:
+            >>> import jax.numpy as jnp, ssmjax
+            >>> hmm = ssmjax.HMM(jnp.array([1.0, 0.0]), jnp.array([[0.9, 0.1], [0.0, 1.0]]),
+            ...                  ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [6.0]])))
+            >>> hmm.num_parameters(), hmm.num_parameters(frozen=("emissions",))
+            (3, 1)
+        """
+        frozen = set(check_frozen(self, frozen))
+        initial = np.isfinite(np.asarray(self.initial_log_probs)).sum() - 1
+        rows = np.isfinite(np.asarray(self.transition_log_probs)).sum(axis=-1)
+        counts = {"initial_probs": int(initial), "transition_matrix": int(np.maximum(rows - 1, 0).sum())}
+        total = sum(c for name, c in counts.items() if name not in frozen)
+        if "emissions" not in frozen:
+            total += sum(c for name, c in self.emissions.parameter_counts().items() if f"emissions.{name}" not in frozen)
+        return int(total)
+
+    def aic(self, emissions, *, lengths=None, frozen=()) -> float:
+        """Akaike's criterion of a padded batch, ``-2 log p(y) + 2 p`` (:meth:`num_parameters`); lower is better."""
+        return float(-2.0 * self.log_likelihood(emissions, lengths=lengths) + 2.0 * self.num_parameters(frozen))
+
+    def bic(self, emissions, *, lengths=None, frozen=()) -> float:
+        """Schwarz's criterion of a padded batch, ``-2 log p(y) + p log N`` with ``N`` the number of real
+        steps (hmmlearn's convention); lower is better."""
+        emissions_checked, lengths_checked, _ = self._check_batch(emissions, lengths, None)
+        num_steps = int(np.sum(np.asarray(lengths_checked)))
+        loglik = self.log_likelihood(emissions_checked, lengths=lengths_checked)
+        return float(-2.0 * loglik + np.log(num_steps) * self.num_parameters(frozen))
+
     def filter(self, emissions, *, length=None):
         """Forward filtering of one sequence; see :func:`ssmjax.hmm_filter`."""
         return self._run(_filter_fn, emissions, length)
@@ -273,7 +322,7 @@ class HMM(AbstractFittableModel):
     # --------------------------------------------------------- initialisers
     @classmethod
     @_deprecation.key_last("HMM.from_data", skip=1)
-    def from_data(cls, emissions, num_states: int, emissions_type: str = "poisson", *,
+    def from_data(cls, emissions, num_states: int, emissions_type: "str | type" = "poisson", *,
                   lengths=None, stay_prob: float = 0.9, num_classes: int | None = None,
                   key: PRNGKeyArray):
         """A data-driven starting model for EM.
@@ -504,3 +553,8 @@ def _emission_sample(emissions: AbstractEmissions, state, key):
 
 
 _sample_jit = eqx.filter_jit(_sample)
+
+
+@eqx.filter_jit
+def _batch_loglik(model: HMM, emissions, lengths):
+    return jnp.sum(jax.vmap(lambda y, n: _filter_fn(model, y, n).marginal_loglik)(emissions, lengths))

@@ -151,6 +151,12 @@ def _observed_entries(emissions, fill=0.0):
     return observed, jnp.where(observed, emissions, jnp.asarray(fill, emissions.dtype))
 
 
+def _free_simplex_entries(logits) -> int:
+    """Free parameters of rows of probabilities: the non-zero entries of each row, minus one per row."""
+    finite = np.isfinite(np.asarray(logits)).sum(axis=-1)
+    return int(np.maximum(finite - 1, 0).sum())
+
+
 def _check_some_observed(emissions) -> None:
     """An initialiser's check: every emission dimension of ``(N, ...)`` pooled data has an observed entry."""
     if not jnp.issubdtype(emissions.dtype, jnp.floating):
@@ -322,6 +328,18 @@ class AbstractEmissions(eqx.Module):
             lls = self._stacked_log_probs(safe.reshape((num_steps * num_seq,) + shape), _missing(emissions, valid))
         lls = jnp.swapaxes(lls.reshape(num_steps, num_seq, -1), 1, 2)
         return jnp.where(valid[:, None, :], lls, 0.0)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Free parameters per public parameter name (``parameter_fields``; one ``"emissions"``
+        entry for a family without them): what AIC and BIC count.
+
+        The default counts every stored entry; the built-in families subtract what their
+        constraints fix (probabilities summing to one, structural zeros, symmetry).
+        """
+        fields = type(self).parameter_fields
+        if not fields:
+            return {"emissions": sum(int(np.size(leaf)) for leaf in jax.tree.leaves(self))}
+        return {name: sum(int(np.size(getattr(self, a))) for a in attrs) for name, attrs in fields.items()}
 
     @property
     def has_closed_form_m_step(self) -> bool:

@@ -11,6 +11,7 @@ from typing import ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks
@@ -159,6 +160,9 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
         else:
             observed_weights = weights.T @ observed.astype(weights.dtype)
         return BernoulliStats(sum_weights, weights.T @ emissions, observed_weights)
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"probs": int(np.isfinite(np.asarray(self.logits)).sum())}  # probabilities 0 and 1 are fixed
 
     def m_step_from_stats(self, stats: BernoulliStats, frozen=frozenset()) -> "BernoulliEmissions":
         if "probs" in frozen:

@@ -19,6 +19,7 @@ from .base import (
     _as_mask,
     _check_weights,
     _fill_padding,
+    _free_simplex_entries,
     _keep_where_empty,
     _observed_entries,
     softmax_rows,
@@ -133,6 +134,9 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         weights = _check_weights(weights, n, self.num_states, mask, self.logits.dtype)
         weights = jnp.where(observed[:, None], weights, 0.0)
         return CategoricalStats(counts=_categorical_counts(weights, emissions.astype(jnp.int32), self.num_classes))
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"probs": _free_simplex_entries(self.logits)}  # structural zeros are fixed
 
     def m_step_from_stats(self, stats: CategoricalStats, frozen=frozenset()) -> "CategoricalEmissions":
         if "probs" in frozen:

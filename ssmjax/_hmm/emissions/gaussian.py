@@ -145,6 +145,11 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         observed = lambda y, w: _gaussian_stats(self.means, y, None, w, full)  # noqa: E731
         return _branch(missing, general, observed, emissions, weights)
 
+    def parameter_counts(self) -> dict[str, int]:
+        k, d = self.means.shape
+        per_type = {"full": k * d * (d + 1) // 2, "tied": d * (d + 1) // 2, "diag": k * d, "spherical": k}
+        return {"means": k * d, "covs": per_type[self.covariance_type]}
+
     def m_step_from_stats(self, stats: GaussianStats, frozen=frozenset()) -> "AbstractGaussianEmissions":
         old_cov_param = self._cov_param()
         means, cov_param = _gaussian_m_step(

@@ -26,6 +26,7 @@ from .base import (
     _as_mask,
     _check_weights,
     _fill_padding,
+    _free_simplex_entries,
     _missing,
     softmax_rows,
 )
@@ -166,6 +167,12 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
             mixture_counts=split.sum(0).reshape(self.num_states, self.num_mix),
             components=self.components.suff_stats(emissions, split, mask),
         )
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {
+            "weights": _free_simplex_entries(self.mixture_logits),
+            "components": sum(self.components.parameter_counts().values()),
+        }
 
     def m_step_from_stats(self, stats: GaussianMixtureStats, frozen=frozenset()) -> "GaussianMixtureEmissions":
         logits = self.mixture_logits

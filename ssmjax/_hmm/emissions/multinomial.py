@@ -31,6 +31,7 @@ from .base import (
     _check_some_observed,
     _check_weights,
     _fill_padding,
+    _free_simplex_entries,
     _observed_entries,
     softmax_rows,
 )
@@ -178,6 +179,9 @@ class MultinomialEmissions(AbstractExponentialFamilyEmissions):
         share = jnp.where(jnp.isfinite(missing_log_p), share, 0.0)  # no missing category: no share
         counts = counts + jnp.einsum("nk,n,nkc->kc", weights, rest, share)
         return MultinomialStats(counts=counts)
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"probs": _free_simplex_entries(self.logits)}  # structural zeros are fixed
 
     def m_step_from_stats(self, stats: MultinomialStats, frozen=frozenset()) -> "MultinomialEmissions":
         if "probs" in frozen:

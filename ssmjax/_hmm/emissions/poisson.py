@@ -12,6 +12,7 @@ from typing import ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import gammaln
 from jaxtyping import Array, Float, PRNGKeyArray
 
@@ -159,6 +160,9 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         else:
             observed_weights = weights.T @ observed.astype(weights.dtype)
         return PoissonStats(sum_weights, weights.T @ emissions, observed_weights)
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"rates": int(np.isfinite(np.asarray(self.log_rates)).sum())}  # zero rates are fixed
 
     def m_step_from_stats(self, stats: PoissonStats, frozen=frozenset()) -> "PoissonEmissions":
         if "rates" in frozen:

@@ -114,6 +114,9 @@ class ProductEmissions(AbstractExponentialFamilyEmissions):
             tuple(part.suff_stats(block, weights, mask) for part, block in zip(self.parts, self._blocks(emissions)))
         )
 
+    def parameter_counts(self) -> dict[str, int]:
+        return {"parts": sum(sum(part.parameter_counts().values()) for part in self.parts)}
+
     def m_step_from_stats(self, stats: ProductStats, frozen=frozenset()) -> "ProductEmissions":
         if "parts" in frozen:
             return self
