@@ -7,6 +7,7 @@ functions it is built from.
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar, NamedTuple, Optional
 
 import jax
@@ -52,6 +53,15 @@ def _bernoulli_log_prob(logits: Float[Array, "K D"], emission: Float[Array, " D"
     # log sigmoid(+-logit) picks the term of the outcome only: no 0 * (-inf) at structural zeros/ones
     terms = jnp.where(y > 0, jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits))
     return jnp.sum(jnp.where(observed, terms, 0.0), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("num_states",))
+def _bernoulli_init(emissions, key, noise, num_states: int):
+    """Logits of :meth:`BernoulliEmissions.from_data`, one compiled program (op by op: a dozen kernels)."""
+    observed, ones = _observed_entries(emissions)
+    freqs = (ones.sum(0) + 1.0) / (observed.sum(0) + 2.0)
+    u = jax.random.uniform(key, (num_states, emissions.shape[1]), freqs.dtype)
+    return _log_odds((1.0 - noise) * freqs[None, :] + noise * u)
 
 
 class BernoulliEmissions(AbstractExponentialFamilyEmissions):
@@ -213,8 +223,5 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
         probe = cls(logits=jnp.zeros((num_states, emissions.shape[1])))
         emissions = probe._float(probe.check_emissions(emissions))
         _check_some_observed(emissions)
-        observed, ones = _observed_entries(emissions)
-        freqs = (ones.sum(0) + 1.0) / (observed.sum(0) + 2.0)
         key = jax.random.key(0) if key is None else key
-        u = jax.random.uniform(key, (num_states, emissions.shape[1]), freqs.dtype)
-        return cls(logits=_log_odds((1.0 - noise) * freqs[None, :] + noise * u))
+        return cls(logits=_bernoulli_init(emissions, key, noise, num_states))

@@ -8,6 +8,7 @@ An exponential emission is a Gamma with shape 1: build it with ``shapes=1`` and 
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar, NamedTuple, Optional
 
 import jax
@@ -240,11 +241,18 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
         probe = cls(log_shapes=jnp.zeros((num_states, emissions.shape[1])), log_rates=jnp.zeros((num_states, emissions.shape[1])))
         emissions = probe._float(probe.check_emissions(emissions))
         _check_some_observed(emissions)
-        levels = (jnp.arange(num_states, dtype=emissions.dtype) + 0.5) / num_states
-        means = jnp.nanquantile(emissions, levels, axis=0)  # (K, D)
-        shape = jnp.nanmean(emissions, axis=0) ** 2 / jnp.maximum(jnp.nanvar(emissions, axis=0), 1e-12)
-        shapes = jnp.broadcast_to(jnp.clip(shape, 0.1, 1e3), means.shape)
-        return cls(log_shapes=jnp.log(shapes), log_rates=jnp.log(shapes / means))
+        log_shapes, log_rates = _gamma_init(emissions, num_states)
+        return cls(log_shapes=log_shapes, log_rates=log_rates)
+
+
+@functools.partial(jax.jit, static_argnames=("num_states",))
+def _gamma_init(emissions, num_states: int):
+    """``(log_shapes, log_rates)`` of :meth:`GammaEmissions.from_data`, one compiled program."""
+    levels = (jnp.arange(num_states, dtype=emissions.dtype) + 0.5) / num_states
+    means = jnp.nanquantile(emissions, levels, axis=0)  # (K, D)
+    shape = jnp.nanmean(emissions, axis=0) ** 2 / jnp.maximum(jnp.nanvar(emissions, axis=0), 1e-12)
+    shapes = jnp.broadcast_to(jnp.clip(shape, 0.1, 1e3), means.shape)
+    return jnp.log(shapes), jnp.log(shapes / means)
 
 
 def _positive(name, values):

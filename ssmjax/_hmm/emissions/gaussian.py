@@ -19,6 +19,7 @@ observed ones and the state, so that EM maximises the likelihood of the observed
 from __future__ import annotations
 
 import abc
+import functools
 from typing import ClassVar, Optional
 
 import equinox as eqx
@@ -226,10 +227,18 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         xp, values = _checks.host_arrays(emissions)
         emissions = _checks.check_values(emissions, xp.isinf(values), "`emissions` must be finite or NaN (missing).")
         _check_some_observed(emissions)
-        # missing entries take their dimension's mean: a starting point, not an estimate
-        emissions = jnp.where(jnp.isnan(emissions), jnp.nanmean(emissions, axis=0), emissions)
+        missing = xp.isnan(values)
+        if xp.any(missing):  # missing entries take their dimension's mean: a starting point, not an estimate
+            emissions = _checks.to_device(xp.where(missing, xp.nanmean(values, axis=0), values)) if xp is np else (
+                jnp.where(missing, jnp.nanmean(emissions, axis=0), emissions))
         centers, covs, counts = _gaussian_init(key, emissions, min_variance, num_states, num_iters)
-        return cls(centers, cls._cov_from_full(covs, counts), min_variance=min_variance)
+        return cls(centers, _reduced_covs(cls, covs, counts), min_variance=min_variance)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reduced_covs(cls, covs, counts):
+    """``cls._cov_from_full(covs, counts)`` as one compiled program (initialisers run eagerly)."""
+    return cls._cov_from_full(covs, counts)
 
 
 def _family(cls, covariance_type: Optional[str], method: str):

@@ -13,6 +13,7 @@ weights are the normalised :math:`\sum_n w_{nk} r_{nkm}`.
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar, NamedTuple, Optional
 
 import jax
@@ -43,6 +44,18 @@ class GaussianMixtureStats(NamedTuple):
 
     mixture_counts: Array
     components: PyTree[Array]
+
+
+@functools.partial(jax.jit, static_argnames=("num_mix",))
+def _mixture_init(states: AbstractGaussianEmissions, key, spread, num_mix: int):
+    """Component means ``(K * M, D)`` and covariance argument of :meth:`GaussianMixtureEmissions.from_data`,
+    one compiled program."""
+    num_states, d = states.means.shape
+    eps = jax.random.normal(key, (num_states, num_mix, d), states.means.dtype)
+    means = states.means[:, None, :] + spread * jnp.sqrt(states.variances)[:, None, :] * eps
+    covs = jnp.repeat(states.covs, num_mix, axis=0)  # (K*M, D, D), state-major
+    cov = type(states)._cov_from_full(covs, jnp.ones(num_states * num_mix, covs.dtype))
+    return means.reshape(num_states * num_mix, d), cov
 
 
 class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
@@ -214,13 +227,6 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
         """
         key_states, key_spread = jax.random.split(key)
         states = family.from_data(emissions, num_states, key=key_states)
-        d = states.emission_dim
-        eps = jax.random.normal(key_spread, (num_states, num_mix, d), states.means.dtype)
-        means = states.means[:, None, :] + spread * jnp.sqrt(states.variances)[:, None, :] * eps
-        covs = jnp.repeat(states.covs, num_mix, axis=0)  # (K*M, D, D), state-major
-        components = family(
-            means.reshape(num_states * num_mix, d), family._cov_from_full(covs, jnp.ones(num_states * num_mix, covs.dtype)),
-            min_variance=states.min_variance,
-        )
-        weights = jnp.full((num_states, num_mix), 1.0 / num_mix, states.means.dtype)
-        return cls(weights, components)
+        means, cov = _mixture_init(states, key_spread, spread, num_mix)
+        components = family(means, cov, min_variance=states.min_variance)
+        return cls(mixture_logits=jnp.full((num_states, num_mix), -jnp.log(num_mix), means.dtype), components=components)

@@ -15,6 +15,7 @@ expectation): exact EM for the observed-data likelihood.
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar, NamedTuple, Optional
 
 import equinox as eqx
@@ -32,6 +33,7 @@ from .base import (
     _check_weights,
     _fill_padding,
     _free_simplex_entries,
+    _missing,
     _observed_entries,
     softmax_rows,
 )
@@ -62,6 +64,19 @@ def _multinomial_log_prob(logits: Float[Array, "K C"], num_trials: int, emission
     rest_term = jnp.where(rest > 0, rest * jnp.where(has_mass[:, 0], log_p_rest, -jnp.inf), 0.0)
     log_norm = gammaln(num_trials + 1.0) - jnp.sum(jnp.where(observed, gammaln(y + 1.0), 0.0)) - gammaln(rest + 1.0)
     return log_norm + jnp.sum(y_log_p, axis=-1) + rest_term
+
+
+@functools.partial(jax.jit, static_argnames=("num_states",))
+def _multinomial_init(emissions, key, noise, num_states: int):
+    """Logits of :meth:`MultinomialEmissions.from_data`, one compiled program."""
+    _, y = _observed_entries(emissions)
+    counts = y.sum(0) + 1.0
+    freqs = counts / counts.sum()
+    # Dirichlet(1, ..., 1) draws as normalised exponentials: jax.random.dirichlet's gamma
+    # sampler would cost about a second of compilation on first use
+    e = jax.random.exponential(key, (num_states, emissions.shape[1]), freqs.dtype)
+    g = e / e.sum(-1, keepdims=True)
+    return jnp.log((1.0 - noise) * freqs[None, :] + noise * g)
 
 
 class MultinomialEmissions(AbstractExponentialFamilyEmissions):
@@ -171,6 +186,8 @@ class MultinomialEmissions(AbstractExponentialFamilyEmissions):
         observed, y = _observed_entries(self._float(_fill_padding(emissions, mask, 0)))
         weights = _check_weights(weights, n, self.num_states, mask, self.logits.dtype)
         counts = weights.T @ y
+        if _missing(emissions, mask) is False:
+            return MultinomialStats(counts=counts)
         # the remaining trials of each step, split over its missing categories under each state
         rest = self.num_trials - jnp.sum(y, axis=-1)  # (N,), 0 where nothing is missing
         log_probs = jax.nn.log_softmax(self.logits, axis=-1)
@@ -243,9 +260,5 @@ class MultinomialEmissions(AbstractExponentialFamilyEmissions):
         probe = cls(logits=jnp.zeros((num_states, emissions.shape[1])), num_trials=num_trials)
         emissions = probe._float(probe.check_emissions(emissions))
         _check_some_observed(emissions)
-        observed, y = _observed_entries(emissions)
-        counts = y.sum(0) + 1.0
-        freqs = counts / counts.sum()
         key = jax.random.key(0) if key is None else key
-        g = jax.random.dirichlet(key, jnp.ones(emissions.shape[1], freqs.dtype), shape=(num_states,))
-        return cls(logits=jnp.log((1.0 - noise) * freqs[None, :] + noise * g), num_trials=num_trials)
+        return cls(logits=_multinomial_init(emissions, key, noise, num_states), num_trials=num_trials)

@@ -1,0 +1,158 @@
+"""EM for the emission families beyond the Gaussian: ssmjax vs dynamax and hmmlearn, in one process.
+
+Each family is fitted by each library to the same padded batch (K = 5 states, B = 100
+sequences of T = 1000 steps, 50 EM iterations, no early stop), each from its own default
+initialisation. "first" includes compilation (ssmjax's and dynamax's first call in this
+process), "compiled" is a second call with equal shapes; hmmlearn compiles nothing.
+
+    python benchmarks/families.py            # full sizes
+    python benchmarks/families.py --quick    # B = 10, T = 200, 10 iterations
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+jax.config.update("jax_enable_x64", False)
+
+K, D, M, TRIALS = 5, 3, 2, 10
+
+
+def simulate(family, rng, num_seq, num_timesteps):
+    """Data of a K-state sticky chain whose states differ in their emission law."""
+    transition = np.full((K, K), 0.05 / (K - 1))
+    np.fill_diagonal(transition, 0.95)
+    z = np.zeros((num_seq, num_timesteps), int)
+    z[:, 0] = rng.integers(0, K, num_seq)
+    for t in range(1, num_timesteps):
+        u = rng.random(num_seq)[:, None]
+        z[:, t] = (u > np.cumsum(transition[z[:, t - 1]], axis=1)).sum(1)
+    level = z[..., None] / (K - 1)  # (B, T, 1) in [0, 1]
+    if family == "bernoulli":
+        return (rng.random((num_seq, num_timesteps, D)) < 0.15 + 0.7 * level).astype(np.float32)
+    if family == "multinomial":
+        p = np.concatenate([0.1 + 0.6 * level, 0.7 - 0.6 * level, np.full_like(level, 0.1), np.full_like(level, 0.1)], -1)
+        counts = np.stack([rng.multinomial(TRIALS, row) for row in p.reshape(-1, 4)])
+        return counts.reshape(num_seq, num_timesteps, 4).astype(np.float32)
+    if family == "gamma":
+        return rng.gamma(2.0 + 4.0 * level, 1.0).astype(np.float32)
+    centres = 4.0 * (z[..., None] - (K - 1) / 2) + rng.normal(size=(num_seq, num_timesteps, D))
+    if family == "gmm":
+        centres = centres + rng.choice([-1.0, 1.0], size=(num_seq, num_timesteps, 1))
+    return centres.astype(np.float32)
+
+
+SSMJAX_TYPES = {"bernoulli": "bernoulli", "multinomial": "multinomial", "spherical": "gaussian_spherical",
+                "tied": "gaussian_tied", "gamma": "gamma", "gmm": "gmm"}
+
+
+def run_ssmjax(family, ys, num_iters):
+    import ssmjax
+
+    model = ssmjax.HMM.from_data(ys, K, SSMJAX_TYPES[family], key=jax.random.key(0))
+    fitted, lls, _ = ssmjax.fit_em(model, ys, max_iters=num_iters, tol=0.0)
+    jax.block_until_ready(lls)
+    return float(lls[-1])
+
+
+def run_dynamax(family, ys, num_iters):
+    import dynamax.hidden_markov_model as h
+
+    key = jax.random.key(0)
+    y = jnp.asarray(ys)
+    if family == "bernoulli":
+        hmm = h.BernoulliHMM(K, D)
+        params, props = hmm.initialize(key)
+    elif family == "multinomial":
+        hmm = h.MultinomialHMM(K, 1, 4, TRIALS)
+        params, props = hmm.initialize(key)
+        y = y[:, :, None, :]
+    elif family == "spherical":
+        hmm = h.SphericalGaussianHMM(K, D)
+        params, props = hmm.initialize(key, method="kmeans", emissions=y.reshape(-1, D))
+    elif family == "tied":
+        hmm = h.SharedCovarianceGaussianHMM(K, D)
+        params, props = hmm.initialize(key, method="kmeans", emissions=y.reshape(-1, D))
+    elif family == "gamma":
+        hmm = h.GammaHMM(K)
+        params, props = hmm.initialize(key)
+        y = y[..., 0]
+    else:
+        hmm = h.DiagonalGaussianMixtureHMM(K, M, D)
+        params, props = hmm.initialize(key, method="kmeans", emissions=y.reshape(-1, D))
+    params, lps = hmm.fit_em(params, props, y, num_iters=num_iters, verbose=False)
+    jax.block_until_ready(lps)
+    return float(lps[-1])
+
+
+def run_hmmlearn(family, ys, num_iters):
+    from hmmlearn import hmm
+
+    common = dict(n_components=K, n_iter=num_iters, tol=-np.inf, random_state=0)
+    if family == "multinomial":
+        model = hmm.MultinomialHMM(n_trials=TRIALS, **common)
+        X = ys.reshape(-1, 4).astype(int)
+    elif family in ("spherical", "tied"):
+        model = hmm.GaussianHMM(covariance_type=family, **common)
+        X = ys.reshape(-1, D)
+    elif family == "gmm":
+        model = hmm.GMMHMM(n_mix=M, covariance_type="diag", **common)
+        X = ys.reshape(-1, D)
+    else:
+        return None  # hmmlearn has no Bernoulli or Gamma HMM
+    model.fit(X, [ys.shape[1]] * ys.shape[0])
+    return float(model.score(X, [ys.shape[1]] * ys.shape[0]))
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--families", default="bernoulli,multinomial,spherical,tied,gamma,gmm")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "families.json"))
+    args = parser.parse_args()
+    num_seq, num_timesteps, num_iters = (10, 200, 10) if args.quick else (100, 1000, 50)
+    rows = []
+    for family in args.families.split(","):
+        ys = simulate(family, np.random.default_rng(0), num_seq, num_timesteps)
+        row = {"family": family}
+        for name, fn in (("ssmjax", run_ssmjax), ("dynamax", run_dynamax)):
+            _, first = timed(fn, family, ys, num_iters)
+            _, second = timed(fn, family, ys, num_iters)
+            row[name] = {"first_s": round(first, 3), "compiled_s": round(second, 3)}
+        result, t = timed(run_hmmlearn, family, ys, num_iters)
+        row["hmmlearn"] = None if result is None else {"first_s": round(t, 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| family | ssmjax first / compiled (s) | dynamax first / compiled (s) | × dynamax (first) | hmmlearn (s) | × hmmlearn |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        s, d, h = r["ssmjax"], r["dynamax"], r["hmmlearn"]
+        peer = "–" if h is None else f"{h['first_s']:.2f}"
+        ratio = "–" if h is None else f"{h['first_s'] / s['first_s']:.1f}×"
+        print(f"| {r['family']} | {s['first_s']:.2f} / {s['compiled_s']:.2f} | {d['first_s']:.2f} / {d['compiled_s']:.2f} "
+              f"| {d['first_s'] / s['first_s']:.1f}× | {peer} | {ratio} |")
+    if not args.quick:
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        meta = {"date": time.strftime("%Y-%m-%d"), "sizes": dict(K=K, B=num_seq, T=num_timesteps, iters=num_iters)}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
