@@ -27,6 +27,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks, _deprecation
@@ -382,23 +383,6 @@ class _AbstractDiagonalGaussian(AbstractGaussianEmissions):
     def sample(self, state, *, key: PRNGKeyArray) -> Float[Array, " D"]:
         eps = jax.random.normal(key, (self.emission_dim,), self.means.dtype)
         return self.means[state] + jnp.exp(0.5 * self.log_variances[state]) * eps
-
-
-class _FullOrDiagonal(type(eqx.Module)):
-    """``GaussianEmissions(means, variances)`` with (K, D) variances (or ``log_variances=``) builds a
-    :class:`DiagonalGaussianEmissions`, with a warning: the spelling of the one class that held both
-    storages, kept for one release."""
-
-    def __call__(cls, means, covs=None, *args, **kwargs):
-        diagonal = kwargs.get("log_variances") is not None or (covs is not None and jnp.ndim(covs) == 2)
-        if cls is GaussianEmissions and diagonal:
-            _deprecation.warn(
-                "GaussianEmissions with diagonal variances", "DiagonalGaussianEmissions(means, variances)"
-            )
-            return DiagonalGaussianEmissions(means, covs, *args, **kwargs)
-        if cls is GaussianEmissions:
-            kwargs.pop("log_variances", None)  # an explicit None from the old signature
-        return super().__call__(means, covs, *args, **kwargs)
 
 
 class GaussianEmissions(_AbstractFullGaussian, metaclass=_FullOrDiagonal):
