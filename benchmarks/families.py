@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import sys
 import time
 
 import numpy as np
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -139,20 +142,16 @@ def main():
         row["hmmlearn"] = None if result is None else {"first_s": round(t, 3)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| family | ssmjax first / compiled (s) | dynamax first / compiled (s) | × dynamax (first) | hmmlearn (s) | × hmmlearn |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        s, d, h = r["ssmjax"], r["dynamax"], r["hmmlearn"]
-        peer = "–" if h is None else f"{h['first_s']:.2f}"
-        ratio = "–" if h is None else f"{h['first_s'] / s['first_s']:.1f}×"
-        print(f"| {r['family']} | {s['first_s']:.2f} / {s['compiled_s']:.2f} | {d['first_s']:.2f} / {d['compiled_s']:.2f} "
-              f"| {d['first_s'] / s['first_s']:.1f}× | {peer} | {ratio} |")
     if not args.quick:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        meta = {"date": time.strftime("%Y-%m-%d"), "sizes": dict(K=K, B=num_seq, T=num_timesteps, iters=num_iters)}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        from _common import installed_versions, write_record
 
+        write_record(args.out, dict(
+            date=time.strftime("%Y-%m-%dT%H:%M"),
+            machine=dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count()),
+            versions=installed_versions(("jax", "jaxlib", "equinox", "numpy", "dynamax", "hmmlearn")),
+            settings=dict(K=K, B=num_seq, T=num_timesteps, iters=num_iters),
+            rows=rows,
+        ))
 
 if __name__ == "__main__":
     main()

@@ -294,10 +294,34 @@ def lgssm_em_table(d):
     return "\n".join(lines)
 
 
+def families_table(d):
+    st = d["settings"]
+    lines = [
+        "### EM per emission family, first call included (`benchmarks/families.py`), CPU",
+        "",
+        _header(d),
+        "",
+        f"K = {st['K']}, B = {st['B']}, T = {st['T']}, {st['iters']} iterations, float32; each library from its own "
+        "initialisation, one process; first call = initialisation + fit, compilation included (s).",
+        "",
+        "| family | ssmjax first / compiled | dynamax first / compiled | × dynamax | hmmlearn | × hmmlearn |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        s, dm, h = r["ssmjax"], r["dynamax"], r["hmmlearn"]
+        peer = None if h is None else h["first_s"]
+        lines.append(
+            f"| {r['family']} | {s['first_s']:.2f} / {s['compiled_s']:.2f} | {dm['first_s']:.2f} / {dm['compiled_s']:.2f} "
+            f"| {_ratio(dm['first_s'], s['first_s'])} | {'–' if peer is None else format(peer, '.2f')} "
+            f"| {_ratio(peer, s['first_s'])} |"
+        )
+    return "\n".join(lines)
+
+
 def render() -> str:
     parts = []
     for name, fn in (("hmm_inference.json", hmm_table), ("lgssm_inference.json", lgssm_table),
-                     ("fit.json", fit_table),
+                     ("fit.json", fit_table), ("families.json", families_table),
                      ("first_use.json", first_use_table), ("lgssm_em.json", lgssm_em_table),
                      ("batched_gpu.json", lambda d: batched_table(d, "GPU")),
                      ("batched_cpu.json", lambda d: batched_table(d, "CPU"))):

@@ -58,6 +58,7 @@ from ._hmm.emissions import DiagonalGaussianEmissions as DiagonalGaussianEmissio
 from ._hmm.emissions import GaussianEmissions as GaussianEmissions
 from ._hmm.emissions import NoClosedFormMStepError as NoClosedFormMStepError
 from ._hmm.emissions import GaussianMixtureEmissions as GaussianMixtureEmissions
+from ._hmm.emissions import KnownStateEmissions as KnownStateEmissions
 from ._hmm.emissions import MultinomialEmissions as MultinomialEmissions
 from ._hmm.emissions import PoissonEmissions as PoissonEmissions
 from ._hmm.emissions import ProductEmissions as ProductEmissions

@@ -338,3 +338,40 @@ def test_infinite_entries_are_errors_that_name_the_argument():
         ssmjax.PoissonEmissions.from_data(np.array([[1.0, np.nan], [2.0, np.nan]]), 2)
     with pytest.raises(ValueError, match="observed .* in every dimension"):
         ssmjax.GaussianEmissions.from_data(np.array([[1.0, np.nan], [2.0, np.nan]]), 2, key=jax.random.key(0))
+
+
+# --------------------------------------------------------------------------- partial labels
+
+
+def test_known_states_condition_inference_and_em_exactly():
+    """Labels at some steps (-1 or NaN elsewhere), joined by ProductEmissions: the posterior,
+    log-likelihood and EM statistics are those of the enumeration restricted to the paths
+    through the labels, with missing entries in the data as well."""
+    rng = np.random.default_rng(11)
+    pi = rng.dirichlet(np.ones(K))
+    A = random_stochastic_matrix(rng, (K, K))
+    data_model = _model(rng, "gaussian_diag")
+    emissions = ssmjax.ProductEmissions(ssmjax.KnownStateEmissions(K), data_model)
+    hmm = ssmjax.HMM(jnp.asarray(pi), jnp.asarray(A), emissions)
+    ys = _draw(rng, "gaussian_diag", 6)
+    labels = np.array([-1.0, 2.0, np.nan, -1.0, 0.0, -1.0])
+    batch = np.column_stack([labels, ys])
+    lls = np.stack([_oracle_log_prob("gaussian_diag", data_model, y) for y in ys])
+    allowed = np.where((labels[:, None] < 0) | np.isnan(labels[:, None]) | (np.arange(K)[None] == labels[:, None]), 0.0, -np.inf)
+    loglik, smoothed = _enumerate(pi, A, lls + allowed)
+    assert_allclose(hmm.marginal_loglik(batch), loglik)
+    post = hmm.smoother(batch).smoothed_probs
+    assert_allclose(post, smoothed)
+    np.testing.assert_array_equal(np.asarray(post)[[1, 4]].argmax(1), [2, 0])
+    path = np.asarray(hmm.viterbi(batch))
+    assert path[1] == 2 and path[4] == 0
+    # EM: the batched E-step's statistics are the restricted posterior's
+    emissions_b, lens, _ = hmm._check_batch(jnp.asarray(batch[None]), None, None)
+    stats, ll = hmm._batched_e_step(hmm._prepare_batch(emissions_b, lens, None))
+    assert_allclose(ll, loglik)
+    assert_allclose(stats["initial"], smoothed[0])
+    fitted, lls_em, info = ssmjax.fit_em(hmm, batch[None], max_iters=5, tol=0.0)
+    assert np.all(np.diff(np.asarray(lls_em)) >= -1e-9 * np.abs(np.asarray(lls_em)[1:]))
+    assert hmm.num_parameters() == (K - 1) + K * (K - 1) + 2 * K * 3  # the labels add no parameter
+    with pytest.raises(ValueError, match="known states must be states in"):
+        hmm.marginal_loglik(np.column_stack([np.full(6, 3.0), ys]))

@@ -35,6 +35,7 @@ from .gaussian import GaussianEmissions as GaussianEmissions
 from .gaussian import GaussianStats as GaussianStats
 from .gaussian import SphericalGaussianEmissions as SphericalGaussianEmissions
 from .gaussian import TiedGaussianEmissions as TiedGaussianEmissions
+from .labels import KnownStateEmissions as KnownStateEmissions
 from .mixture import GaussianMixtureEmissions as GaussianMixtureEmissions
 from .mixture import GaussianMixtureStats as GaussianMixtureStats
 from .multinomial import MultinomialEmissions as MultinomialEmissions
@@ -57,6 +58,7 @@ __all__ = [
     "SphericalGaussianEmissions",
     "TiedGaussianEmissions",
     "GaussianMixtureEmissions",
+    "KnownStateEmissions",
     "MultinomialEmissions",
     "PoissonEmissions",
     "ProductEmissions",

@@ -1,0 +1,93 @@
+r"""Known states (partial labels) as an emission: the state itself, observed at some steps.
+
+:class:`KnownStateEmissions` reads one column holding the state at labelled steps and ``-1``
+(or NaN) elsewhere: :math:`\log p(\ell_t \mid z_t = k)` is ``0`` where ``k`` is the label or the
+step is unlabelled, and ``-inf`` where it is not. Joined to the data's own emission model by
+:class:`~ssmjax.ProductEmissions`, every inference function, :func:`ssmjax.fit_em` and
+:func:`ssmjax.fit_sgd` then condition exactly on the labels: the posterior is
+:math:`p(z \mid y, z_L = \ell_L)` and the log-likelihood :math:`\log p(y, z_L = \ell_L)`
+(semi-supervised EM).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ... import _checks
+from .base import AbstractExponentialFamilyEmissions
+
+
+class KnownStateStats(NamedTuple):
+    """No statistics: :class:`KnownStateEmissions` has nothing to learn."""
+
+
+class KnownStateEmissions(AbstractExponentialFamilyEmissions):
+    r"""The state, observed at labelled steps: one column, the state in ``[0, K)`` or ``-1`` / NaN for unknown.
+
+    Args:
+        num_states: ``K``.
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> labels = ssmjax.KnownStateEmissions(2)
+        >>> counts = ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [8.0]]))
+        >>> model = ssmjax.ProductEmissions(labels, counts)     # column 0: label, column 1: count
+        >>> model.log_likelihoods(jnp.array([[-1.0, 3.0], [1.0, 7.0]]))[1, 0]
+        Array(-inf, dtype=float32)
+    """
+
+    states: int = eqx.field(static=True)
+
+    def __init__(self, num_states: int):
+        if not isinstance(num_states, int) or isinstance(num_states, bool) or num_states < 1:
+            raise ValueError(f"`num_states` must be a positive int; got {num_states!r}.")
+        self.states = num_states
+
+    @property
+    def num_states(self) -> int:
+        return self.states
+
+    @property
+    def emission_shape(self) -> tuple[int, ...]:
+        return ()
+
+    def check_emissions(self, emissions, mask=None) -> Array:
+        emissions = _checks.to_device(emissions)
+        if not (jnp.issubdtype(emissions.dtype, jnp.integer) or jnp.issubdtype(emissions.dtype, jnp.floating)):
+            raise ValueError(f"`emissions` of known states must be state indices; got dtype {emissions.dtype}.")
+        xp, values, mask = _checks.host_arrays(emissions, mask)
+        unknown = values == -1
+        if jnp.issubdtype(emissions.dtype, jnp.floating):
+            unknown = unknown | xp.isnan(values)
+            bad = ~unknown & ((values < 0) | (values >= self.states) | (values != xp.floor(values)))
+        else:
+            bad = ~unknown & ((values < 0) | (values >= self.states))
+        if mask is not None:
+            bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
+        return _checks.check_values(
+            emissions, bad, f"`emissions` of known states must be states in [0, {self.states}), or -1 / NaN for unknown."
+        )
+
+    def log_prob(self, emission) -> Float[Array, " K"]:
+        emission = _checks.to_device(emission)
+        _checks.check_shape("emission", emission, (), "one state label")
+        emission = self.check_emissions(emission)
+        label = jnp.where(jnp.isnan(emission), -1, emission).astype(jnp.int32)
+        match = (label < 0) | (jnp.arange(self.states) == label)
+        return jnp.where(match, 0.0, -jnp.inf).astype(jnp.result_type(float))
+
+    def sample(self, state, *, key: PRNGKeyArray) -> Array:
+        return jnp.asarray(state, jnp.int32)
+
+    def suff_stats(self, emissions, weights, mask=None) -> KnownStateStats:
+        return KnownStateStats()
+
+    def m_step_from_stats(self, stats: KnownStateStats, frozen=frozenset()) -> "KnownStateEmissions":
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {}
