@@ -151,6 +151,26 @@ def _observed_entries(emissions, fill=0.0):
     return observed, jnp.where(observed, emissions, jnp.asarray(fill, emissions.dtype))
 
 
+def _log_or_minus_inf(x):
+    """``log(x)`` with ``-inf`` at zeros and no NaN in its gradient (structural zeros)."""
+    return jnp.where(x > 0, jnp.log(jnp.where(x > 0, x, 1.0)), -jnp.inf)
+
+
+def _simplex_logits(name: str, probs, what: str):
+    """Logits of checked ``(K, C)`` rows of probabilities (``-inf`` at structural zeros)."""
+    probs = _checks.as_float_array(name, probs)
+    _checks.check_shape(name, probs, ("K", "C"), what)
+    return _log_or_minus_inf(_checks.check_probability_vector(name, probs))
+
+
+def _normalised_logits(counts, old_logits):
+    """Logits of the rows of ``counts`` normalised (the M-step of rows of probabilities); a row with
+    no count keeps ``old_logits``."""
+    totals = counts.sum(-1, keepdims=True)
+    empty = totals <= 0
+    return jnp.where(empty, old_logits, _log_or_minus_inf(counts / jnp.where(empty, 1.0, totals)))
+
+
 def _free_simplex_entries(logits) -> int:
     """Free parameters of rows of probabilities: the non-zero entries of each row, minus one per row."""
     finite = np.isfinite(np.asarray(logits)).sum(axis=-1)

@@ -20,7 +20,8 @@ from .base import (
     _check_weights,
     _fill_padding,
     _free_simplex_entries,
-    _keep_where_empty,
+    _normalised_logits,
+    _simplex_logits,
     _observed_entries,
     softmax_rows,
 )
@@ -72,10 +73,7 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         if (probs is None) == (logits is None):
             raise ValueError("Pass exactly one of `probs` and `logits`.")
         if probs is not None:
-            probs = _checks.as_float_array("probs", probs)
-            _checks.check_shape("probs", probs, ("K", "C"), "one row of symbol probabilities per state")
-            probs = _checks.check_probability_vector("probs", probs)
-            self.logits = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+            self.logits = _simplex_logits("probs", probs, "one row of symbol probabilities per state")
         else:
             logits = _checks.as_float_array("logits", logits)
             _checks.check_shape("logits", logits, ("K", "C"))
@@ -143,7 +141,7 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
             return self
         counts = jnp.asarray(stats.counts)
         _checks.check_shape("stats.counts", counts, (self.num_states, self.num_classes))
-        return CategoricalEmissions(logits=_categorical_m_step(self.logits, counts))
+        return CategoricalEmissions(logits=_normalised_logits(counts, self.logits))
 
     # -- initialisers ------------------------------------------------------
 
@@ -201,10 +199,3 @@ def _categorical_counts(weights: Float[Array, "N K"], emissions: Int[Array, " N"
     onehot = jax.nn.one_hot(emissions, num_classes, dtype=weights.dtype)
     return weights.T @ onehot
 
-
-def _categorical_m_step(old_logits: Float[Array, "K C"], counts: Float[Array, "K C"]) -> Float[Array, "K C"]:
-    totals = counts.sum(-1)
-    empty = totals <= 0
-    probs = counts / jnp.where(empty, 1.0, totals)[:, None]
-    logits = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
-    return _keep_where_empty(empty, logits, old_logits)

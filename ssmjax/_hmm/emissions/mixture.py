@@ -29,6 +29,8 @@ from .base import (
     _fill_padding,
     _free_simplex_entries,
     _missing,
+    _normalised_logits,
+    _simplex_logits,
     softmax_rows,
 )
 from .gaussian import AbstractGaussianEmissions, DiagonalGaussianEmissions
@@ -94,10 +96,7 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
                 f"`components` must be a Gaussian emission model (K * M states); got {type(components).__name__}."
             )
         if weights is not None:
-            weights = _checks.as_float_array("weights", weights)
-            _checks.check_shape("weights", weights, ("K", "M"), "one row of mixture weights per state")
-            weights = _checks.check_probability_vector("weights", weights)
-            mixture_logits = jnp.where(weights > 0, jnp.log(jnp.where(weights > 0, weights, 1.0)), -jnp.inf)
+            mixture_logits = _simplex_logits("weights", weights, "one row of mixture weights per state")
         else:
             mixture_logits = _checks.as_float_array("mixture_logits", mixture_logits)
             _checks.check_shape("mixture_logits", mixture_logits, ("K", "M"))
@@ -190,11 +189,7 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
     def m_step_from_stats(self, stats: GaussianMixtureStats, frozen=frozenset()) -> "GaussianMixtureEmissions":
         logits = self.mixture_logits
         if "weights" not in frozen:
-            totals = stats.mixture_counts.sum(-1, keepdims=True)
-            empty = totals <= 0
-            probs = stats.mixture_counts / jnp.where(empty, 1.0, totals)
-            new = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
-            logits = jnp.where(empty, logits, new)
+            logits = _normalised_logits(stats.mixture_counts, logits)
         components = self.components
         if "components" not in frozen:
             components = components.m_step_from_stats(stats.components, frozen={"means", "covs"} & set(frozen))

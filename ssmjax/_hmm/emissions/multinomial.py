@@ -34,6 +34,8 @@ from .base import (
     _fill_padding,
     _free_simplex_entries,
     _missing,
+    _normalised_logits,
+    _simplex_logits,
     _observed_entries,
     softmax_rows,
 )
@@ -115,10 +117,7 @@ class MultinomialEmissions(AbstractExponentialFamilyEmissions):
             raise ValueError(f"`num_trials` must be a positive int; got {num_trials!r}.")
         self.num_trials = num_trials
         if probs is not None:
-            probs = _checks.as_float_array("probs", probs)
-            _checks.check_shape("probs", probs, ("K", "C"), "one row of category probabilities per state")
-            probs = _checks.check_probability_vector("probs", probs)
-            self.logits = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+            self.logits = _simplex_logits("probs", probs, "one row of category probabilities per state")
         else:
             logits = _checks.as_float_array("logits", logits)
             _checks.check_shape("logits", logits, ("K", "C"))
@@ -203,11 +202,7 @@ class MultinomialEmissions(AbstractExponentialFamilyEmissions):
     def m_step_from_stats(self, stats: MultinomialStats, frozen=frozenset()) -> "MultinomialEmissions":
         if "probs" in frozen:
             return self
-        totals = stats.counts.sum(-1, keepdims=True)
-        empty = totals <= 0
-        probs = stats.counts / jnp.where(empty, 1.0, totals)
-        logits = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
-        return MultinomialEmissions(logits=jnp.where(empty, self.logits, logits), num_trials=self.num_trials)
+        return MultinomialEmissions(logits=_normalised_logits(stats.counts, self.logits), num_trials=self.num_trials)
 
     # -- initialisers ------------------------------------------------------
 

@@ -22,6 +22,7 @@ from .base import (
     _as_mask,
     _check_weights,
     _fill_padding,
+    _log_or_minus_inf,
     _check_some_observed,
     _missing,
     _observed_entries,
@@ -91,7 +92,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
             xp, values = _checks.host_arrays(rates)
             bad = (values < 0) | ~xp.isfinite(values)
             rates = _checks.check_values(rates, bad, "`rates` must be finite and non-negative.")
-            self.log_rates = jnp.where(rates > 0, jnp.log(jnp.where(rates > 0, rates, 1.0)), -jnp.inf)
+            self.log_rates = _log_or_minus_inf(rates)
         else:
             log_rates = _checks.as_float_array("log_rates", log_rates)
             _checks.check_shape("log_rates", log_rates, ("K", "D"))
@@ -235,5 +236,5 @@ def _poisson_m_step(
     # a rate with no observed count to learn from (zero weight) keeps its value
     empty = observed_weights <= 0
     rates = weighted_sums / jnp.where(empty, 1.0, observed_weights)
-    log_rates = jnp.where(rates > 0, jnp.log(jnp.where(rates > 0, rates, 1.0)), -jnp.inf)
+    log_rates = _log_or_minus_inf(rates)
     return jnp.where(empty, old_log_rates, log_rates)
