@@ -323,7 +323,6 @@ def render() -> str:
     for name, fn in (("hmm_inference.json", hmm_table), ("lgssm_inference.json", lgssm_table),
                      ("fit.json", fit_table), ("families.json", families_table),
                      ("first_use.json", first_use_table), ("lgssm_em.json", lgssm_em_table),
-                     ("batched_gpu.json", lambda d: batched_table(d, "GPU")),
                      ("batched_cpu.json", lambda d: batched_table(d, "CPU"))):
         d = _load(name)
         if d is not None:
