@@ -110,3 +110,23 @@ def test_select_num_states_finds_the_true_number_by_bic_and_held_out_likelihood(
     assert "BIC" in chosen.table()
     with pytest.raises(ValueError, match="num_folds"):
         ssmjax.select_num_states(ys, [2], "gaussian_diag", num_folds=7, key=jax.random.key(0))
+
+
+def test_left_right_structure_is_declared_kept_by_em_and_counted():
+    true = ssmjax.HMM(
+        jnp.asarray([1.0, 0.0, 0.0]), jnp.asarray([[0.95, 0.05, 0.0], [0.0, 0.95, 0.05], [0.0, 0.0, 1.0]]),
+        ssmjax.DiagonalGaussianEmissions(jnp.asarray([[-3.0], [0.0], [3.0]]), jnp.ones((3, 1))),
+    )
+    ys = np.stack([np.asarray(true.sample(80, key=k)[1]) for k in jax.random.split(jax.random.key(2), 5)])
+    start = ssmjax.HMM.from_data(ys, 3, "gaussian_diag", structure="left-right", key=jax.random.key(0))
+    band = np.asarray([[1, 1, 0], [0, 1, 1], [0, 0, 1]], bool)
+    np.testing.assert_array_equal(np.asarray(start.transition_matrix) > 0, band)
+    np.testing.assert_array_equal(np.asarray(start.initial_probs), [1.0, 0.0, 0.0])
+    fitted, _, _ = ssmjax.fit_em(start, ys, max_iters=30)
+    np.testing.assert_array_equal(np.asarray(fitted.transition_matrix)[~band], 0.0)
+    # initial 0, transitions 1 + 1 + 0, means and variances 3 + 3
+    assert start.num_parameters() == 8
+    wide = ssmjax.HMM.from_data(ys, 3, "gaussian_diag", structure="left-right", max_jump=2, key=jax.random.key(0))
+    assert np.all(np.asarray(wide.transition_matrix)[0] > 0)
+    with pytest.raises(ValueError, match="structure"):
+        ssmjax.HMM.from_data(ys, 3, "gaussian_diag", structure="banded", key=jax.random.key(0))

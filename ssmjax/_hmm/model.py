@@ -324,7 +324,7 @@ class HMM(AbstractFittableModel):
     @_deprecation.key_last("HMM.from_data", skip=1)
     def from_data(cls, emissions, num_states: int, emissions_type: "str | type" = "poisson", *,
                   lengths=None, stay_prob: float = 0.9, num_classes: int | None = None,
-                  key: PRNGKeyArray):
+                  structure: str = "ergodic", max_jump: int = 1, key: PRNGKeyArray):
         """A data-driven starting model for EM.
 
         Emission parameters come from the pooled real steps: quantiles for Poisson,
@@ -333,6 +333,11 @@ class HMM(AbstractFittableModel):
         are left out (each family's ``from_data`` says how). The initial
         distribution is uniform and the transition matrix puts ``stay_prob`` on the
         diagonal.
+
+        ``structure="left-right"`` declares a left-right (Bakis) chain instead: it starts in
+        state 0, and from state ``i`` moves only to states ``i .. i + max_jump`` (the last state
+        is absorbing). The other entries are structural zeros, which EM and gradient fitting
+        keep, and which :meth:`num_parameters` does not count.
 
         Args:
             emissions: ``(B, T, D)`` batch (``(B, T)`` ints for categorical).
@@ -345,6 +350,8 @@ class HMM(AbstractFittableModel):
             lengths: ``(B,)`` lengths or ``None``.
             stay_prob: diagonal of the initial transition matrix.
             num_classes: number of symbols (categorical only; default ``max + 1``).
+            structure: ``"ergodic"`` (every transition allowed) or ``"left-right"``.
+            max_jump: the band of a left-right chain (``1``: stay or move to the next state).
             key: PRNG key (keyword-only; the Poisson initialisation does not use it).
         """
         emissions = np.asarray(emissions)
@@ -368,11 +375,23 @@ class HMM(AbstractFittableModel):
         else:
             emission_model = family.from_data(pooled, num_states, key=key)
         dtype = jnp.result_type(float)
-        off = (1.0 - stay_prob) / max(num_states - 1, 1)
-        transition = np.full((num_states, num_states), off)
-        np.fill_diagonal(transition, stay_prob if num_states > 1 else 1.0)
+        if structure == "ergodic":
+            allowed = np.ones((num_states, num_states), bool)
+            initial = np.full(num_states, 1.0 / num_states)
+        elif structure == "left-right":
+            if not isinstance(max_jump, int) or max_jump < 1:
+                raise ValueError(f"`max_jump` must be a positive int; got {max_jump!r}.")
+            steps = np.arange(num_states)[None, :] - np.arange(num_states)[:, None]
+            allowed = (steps >= 0) & (steps <= max_jump)
+            initial = np.eye(num_states)[0]
+        else:
+            raise ValueError(f"`structure` must be 'ergodic' or 'left-right'; got {structure!r}.")
+        # stay_prob on the diagonal, the rest spread evenly over the allowed moves
+        moves = allowed.sum(1, keepdims=True) - 1
+        transition = np.where(allowed, (1.0 - stay_prob) / np.maximum(moves, 1), 0.0)
+        np.fill_diagonal(transition, np.where(moves[:, 0] > 0, stay_prob, 1.0))
         return cls(
-            initial_probs=jnp.full((num_states,), 1.0 / num_states, dtype),
+            initial_probs=jnp.asarray(initial, dtype),
             transition_matrix=jnp.asarray(transition, dtype),
             emissions=emission_model,
         )
