@@ -97,7 +97,7 @@ def _last_good(params, before_prev, status):
 
 def _em_loop(
     model, emissions, lengths, inputs, tol, max_iters: int, frozen: frozenset, progress: bool,
-    fast: bool = False, start: "_Carry | None" = None,
+    fast: bool = False, start: "_Carry | None" = None, prior=None,
 ) -> "_Carry":
     """The EM while-loop from ``model`` (or from the carry ``start``); returns the final carry.
 
@@ -116,6 +116,8 @@ def _em_loop(
     def body(c: _Carry):
         current = eqx.combine(c.params, static)
         stats, ll = _batch_e_step(current, batch)
+        if prior is not None:  # the log posterior: EM's M-steps are then conditional modes
+            ll = ll + current._log_prior(prior)
         ll = ll.astype(ll_dtype)
         _progress.report(progress, c.it, ll)
         first = c.it == 0
@@ -123,7 +125,8 @@ def _em_loop(
         decreased = (~first) & (ll < c.prev_ll - rtol_down * jnp.abs(c.prev_ll))
         improvement = jnp.abs(ll - c.prev_ll)
         converged = (~first) & (improvement <= tol * jnp.abs(c.prev_ll))
-        new_params, _ = eqx.partition(current._m_step(stats, frozen), eqx.is_array)
+        new = current._m_step(stats, frozen) if prior is None else current._m_step(stats, frozen, prior)
+        new_params, _ = eqx.partition(new, eqx.is_array)
         status = jnp.where(
             not_finite,
             _RETRY if fast else _NOT_FINITE,
@@ -179,26 +182,28 @@ def _resume(final: _Carry) -> _Carry:
     )
 
 
-def _em_single(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, pattern, fast, start):
+def _em_single(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, pattern, fast, start, prior):
     # Inputs were validated eagerly; iterates come from our own M-steps. Value checks
     # inside the loop would turn a degenerate iterate (e.g. a covariance collapsing on
     # tiny data) into an exception instead of the guard's "last good model".
     with value_checks(False), tracing_batch_pattern(pattern), tracing_fast_e_step(fast):
-        return _em_loop(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, fast, start)
+        return _em_loop(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, fast, start, prior)
 
 
 _em_compiled = fast_compile_jit(_em_single)
 
 
-def _em_restarts(models, emissions, lengths, inputs, tol, max_iters, frozen, progress, pattern):
+def _em_restarts(models, emissions, lengths, inputs, tol, max_iters, frozen, progress, pattern, prior):
     params, static = eqx.partition(models, eqx.is_array)
 
     def one(p):
         m = eqx.combine(p, static)
-        final = _em_loop(m, emissions, lengths, inputs, tol, max_iters, frozen, progress)
+        final = _em_loop(m, emissions, lengths, inputs, tol, max_iters, frozen, progress, prior=prior)
         fitted_params = _last_good(final.params, final.before_prev, final.status)
         fitted = eqx.combine(fitted_params, static)
         _, final_ll = _batch_e_step(fitted, _prepare_batch(fitted, emissions, lengths, inputs))
+        if prior is not None:
+            final_ll = final_ll + fitted._log_prior(prior)
         return fitted_params, final.lls, final.it, final.status, final_ll
 
     with value_checks(False), tracing_batch_pattern(pattern):  # see _em_single
@@ -208,7 +213,7 @@ def _em_restarts(models, emissions, lengths, inputs, tol, max_iters, frozen, pro
 _em_restarts_compiled = fast_compile_jit(_em_restarts)
 
 
-def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen):
+def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen, prior=None):
     if not isinstance(model, AbstractFittableModel):
         raise ValueError(
             f"`model` must be an ssmjax model (HMM, LGSSM, ...); got {type(model).__name__}."
@@ -219,6 +224,7 @@ def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen):
         raise ValueError(f"`tol` must be a non-negative number; got {tol!r}.")
     frozen = check_frozen(model, frozen)
     model._check_em(frozen)
+    model._check_prior(prior)
     emissions, lengths, inputs = model._check_batch(emissions, lengths, inputs)
     return emissions, lengths, inputs, int(max_iters), frozen, _batch_pattern(emissions, lengths)
 
@@ -254,6 +260,7 @@ def fit_em(
     frozen=(),
     progress=False,
     return_info=None,
+    prior=None,
 ):
     r"""Fit a model by expectation-maximisation over a (ragged) batch of sequences.
 
@@ -281,6 +288,9 @@ def fit_em(
             the compiled loop.
         return_info: deprecated (the info is always returned); ``return_info=False``
             still returns the old ``(fitted_model, log_likelihoods)`` for one release.
+        prior: a prior on the parameters (:class:`ssmjax.HMMPrior` for an HMM), or None. EM then
+            maximises the log posterior, and ``log_likelihoods`` holds the log posterior
+            (log-likelihood plus log prior) of each iterate.
 
     Returns:
         ``(fitted_model, log_likelihoods, info)``: ``log_likelihoods[i]`` is the summed
@@ -301,15 +311,18 @@ def fit_em(
         (True, True)
     """
     emissions, lengths, inputs, max_iters, frozen, pattern = _prepare(
-        model, emissions, lengths, inputs, max_iters, tol, frozen
+        model, emissions, lengths, inputs, max_iters, tol, frozen, prior
     )
     tol_arr = np.asarray(tol, dtype=np.float64 if jax.config.jax_enable_x64 else np.float32)
     fast = bool(getattr(model, "_has_fast_e_step", False))
     with _progress.progress_bar(progress, max_iters, "EM", "loglik"):
-        final = _em_compiled(model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, fast, None)
+        final = _em_compiled(
+            model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, fast, None, prior
+        )
         if fast and int(final.status) == _RETRY:  # compiled only for data that need it
             final = _em_compiled(
-                model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, False, _resume(final)
+                model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, False, _resume(final),
+                prior,
             )
     last, before_prev, lls, it, status = final.params, final.before_prev, final.lls, final.it, final.status
     num_iters = int(it)
@@ -345,6 +358,7 @@ def fit_em_restarts(
     tol=1e-6,
     frozen=(),
     progress=False,
+    prior=None,
 ):
     """Run EM from many initial models in parallel and keep the best.
 
@@ -356,7 +370,8 @@ def fit_em_restarts(
 
     Args:
         models: stacked initial models (leading axis ``R`` on every array leaf).
-        emissions, lengths, inputs, max_iters, tol, frozen, progress: as in :func:`fit_em`.
+        emissions, lengths, inputs, max_iters, tol, frozen, progress, prior: as in :func:`fit_em` (with a
+            prior, the scores are log posteriors).
 
     Returns:
         ``(best_model, final_log_likelihoods, log_likelihood_histories)``:
@@ -380,12 +395,12 @@ def fit_em_restarts(
     num_restarts = leaves[0].shape[0]
     first = jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, models)
     emissions, lengths, inputs, max_iters, frozen, pattern = _prepare(
-        first, emissions, lengths, inputs, max_iters, tol, frozen
+        first, emissions, lengths, inputs, max_iters, tol, frozen, prior
     )
     tol_arr = np.asarray(tol, dtype=np.float64 if jax.config.jax_enable_x64 else np.float32)
     with _progress.progress_bar(progress, max_iters, f"EM x{num_restarts}", "best loglik"):
         params, lls, _, _, final_lls = _em_restarts_compiled(
-            models, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern
+            models, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, prior
         )
     scores = jnp.where(jnp.isfinite(final_lls), final_lls, -jnp.inf)
     best = int(jnp.argmax(scores))

@@ -109,6 +109,15 @@ class AbstractFittableModel(eqx.Module):
     def _check_batch(self, emissions, lengths, inputs) -> tuple[jax.Array, jax.Array, Any]:
         """Validate a batch eagerly; return canonical ``(emissions (B, T, ...), lengths (B,), inputs)``."""
 
+    def _check_prior(self, prior) -> None:
+        """Validate ``prior`` for this model (eager ``ValueError``); models without priors accept only None."""
+        if prior is not None:
+            raise ValueError(f"{type(self).__name__} takes no prior; got {type(prior).__name__}.")
+
+    def _log_prior(self, prior):
+        """``log p(parameters)`` under ``prior`` (0 for None): what ``fit_em`` adds to the log-likelihood."""
+        return 0.0
+
     @abc.abstractmethod
     def _check_em(self, frozen: frozenset[str]) -> None:
         """Raise ValueError (before any compute) if EM cannot fit this model with ``frozen``."""

@@ -15,14 +15,19 @@ from . import progress as _progress
 from .protocol import AbstractFittableModel, check_frozen
 
 
-def _minibatch_loss(model, trainable, fixed, emissions, lengths, inputs):
+def _minibatch_loss(model, trainable, fixed, emissions, lengths, inputs, prior, prior_weight):
     fitted = model._from_unconstrained({**trainable, **fixed})
     lls = jax.vmap(lambda y, n, u: fitted.marginal_loglik(y, length=n, inputs=u))(emissions, lengths, inputs)
-    return -jnp.sum(lls) / jnp.sum(lengths)
+    objective = jnp.sum(lls)
+    if prior is not None:  # the mini-batch's share of the log prior
+        objective = objective + prior_weight * fitted._log_prior(prior)
+    return -objective / jnp.sum(lengths)
 
 
 @eqx.filter_jit
-def _sgd_compiled(model, trainable, fixed, emissions, lengths, inputs, key, optimizer, num_steps, batch_size, progress):
+def _sgd_compiled(
+    model, trainable, fixed, emissions, lengths, inputs, key, optimizer, num_steps, batch_size, progress, prior
+):
     num_sequences = emissions.shape[0]
     opt_state = optimizer.init(trainable)
 
@@ -37,7 +42,9 @@ def _sgd_compiled(model, trainable, fixed, emissions, lengths, inputs, key, opti
         else:
             idx = jnp.arange(num_sequences)
         y, n, u = take(idx)
-        loss, grads = jax.value_and_grad(_minibatch_loss, argnums=1)(model, trainable, fixed, y, n, u)
+        loss, grads = jax.value_and_grad(_minibatch_loss, argnums=1)(
+            model, trainable, fixed, y, n, u, prior, batch_size / num_sequences
+        )
         updates, new_state = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         finite = jnp.isfinite(loss) & jnp.all(
@@ -71,6 +78,7 @@ def fit_sgd(
     frozen=(),
     progress=False,
     key=None,
+    prior=None,
 ):
     r"""Maximise the marginal log-likelihood with an optax optimizer.
 
@@ -94,6 +102,8 @@ def fit_sgd(
             ``None`` uses the full batch.
         key: PRNG key for the mini-batch draws (required when ``batch_size < B``).
         frozen: parameter names kept fixed (same names as in :func:`ssmjax.fit_em`).
+        prior: a prior on the parameters (:class:`ssmjax.HMMPrior` for an HMM), or None; the loss
+            then subtracts the mini-batch's share (its fraction of the sequences) of the log prior.
         progress: show a tqdm progress bar fed from inside the compiled loop.
 
     Returns:
@@ -126,6 +136,7 @@ def fit_sgd(
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"`num_steps` must be a positive int; got {num_steps!r}.")
     frozen = check_frozen(model, frozen)
+    model._check_prior(prior)
     emissions, lengths, inputs = model._check_batch(emissions, lengths, inputs)
     num_sequences = emissions.shape[0]
     if batch_size is None:
@@ -146,7 +157,7 @@ def fit_sgd(
     with _progress.progress_bar(progress, int(num_steps), "SGD", "loss"):
         trainable, losses, skipped = _sgd_compiled(
             model, trainable, fixed, emissions, lengths, inputs, key, optimizer,
-            int(num_steps), int(batch_size), progress,
+            int(num_steps), int(batch_size), progress, prior,
         )
     if int(skipped):
         warnings.warn(

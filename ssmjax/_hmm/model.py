@@ -43,6 +43,7 @@ from .emissions import (
     TiedGaussianEmissions,
     softmax_rows,
 )
+from .priors import HMMPrior
 from .inference import hmm_filter, hmm_sample_posterior, hmm_smoother, hmm_viterbi
 from .rules import batch_smoother_stats
 
@@ -491,20 +492,60 @@ class HMM(AbstractFittableModel):
         }
         return stats, loglik
 
-    def _m_step(self, stats, frozen):
+    def _check_prior(self, prior) -> None:
+        if prior is None:
+            return
+        if not isinstance(prior, HMMPrior):
+            raise ValueError(f"`prior` must be an ssmjax.HMMPrior or None; got {type(prior).__name__}.")
+        k = self.num_states
+        for name, concentration, shape in (("initial", prior.initial.concentration, (k,)),
+                                           ("transition", prior.transition.concentration, (k, k))):
+            try:
+                fits = np.broadcast_shapes(np.shape(concentration), shape) == shape
+            except ValueError:
+                fits = False
+            if not fits:
+                raise ValueError(
+                    f"`prior.{name}` concentration must broadcast to {shape}; got shape {jnp.shape(concentration)}."
+                )
+        self.emissions.log_prior(prior.emissions)  # raises if the family takes no such prior
+
+    def _log_prior(self, prior):
+        if prior is None:
+            return jnp.zeros(())
+        return (
+            prior.initial.log_prob(self.initial_log_probs)
+            + prior.transition_prior(self.num_states).log_prob(self.transition_log_probs)
+            + self.emissions.log_prior(prior.emissions)
+        )
+
+    def log_posterior(self, emissions, prior, *, lengths=None) -> jax.Array:
+        """``log p(y) + log p(parameters)`` of a padded batch under an :class:`~ssmjax.HMMPrior` (what
+        ``fit_em(..., prior=prior)`` maximises)."""
+        self._check_prior(prior)
+        return self.log_likelihood(emissions, lengths=lengths) + self._log_prior(prior)
+
+    def _m_step(self, stats, frozen, prior=None):
         initial = self.initial_log_probs
         if "initial_probs" not in frozen:
-            initial = _log_normalize(stats["initial"], self.initial_log_probs)
+            if prior is None:
+                initial = _log_normalize(stats["initial"], self.initial_log_probs)
+            else:
+                initial = prior.initial.mode_logits(stats["initial"], self.initial_log_probs)
         transition = self.transition_log_probs
         if "transition_matrix" not in frozen:
-            transition = _log_normalize(stats["transitions"], self.transition_log_probs)
+            if prior is None:
+                transition = _log_normalize(stats["transitions"], self.transition_log_probs)
+            else:
+                transition = prior.transition_prior(self.num_states).mode_logits(stats["transitions"], transition)
         emissions = self.emissions
         emission_frozen = {n.split(".", 1)[1] for n in frozen if n.startswith("emissions.")}
         if "emissions" not in frozen and stats["emissions"] is not None:
+            extra = {} if prior is None or prior.emissions is None else {"prior": prior.emissions}
             if emission_frozen:
-                emissions = self.emissions.m_step_from_stats(stats["emissions"], frozen=emission_frozen)
+                emissions = self.emissions.m_step_from_stats(stats["emissions"], frozen=emission_frozen, **extra)
             else:
-                emissions = self.emissions.m_step_from_stats(stats["emissions"])
+                emissions = self.emissions.m_step_from_stats(stats["emissions"], **extra)
         # tree_at, not HMM(...): a subclass (and any field it adds) survives the M-step
         return eqx.tree_at(
             lambda m: (m.initial_log_probs, m.transition_log_probs, m.emissions),

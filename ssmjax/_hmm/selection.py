@@ -82,8 +82,8 @@ def select_num_states(
     num_folds: int = 0,
     max_iters: int = 200,
     tol: float = 1e-6,
+    from_data_kwargs: Optional[dict] = None,
     key: PRNGKeyArray,
-    **from_data_kwargs,
 ) -> NumStatesSelection:
     """Fit an HMM for each number of states and score it.
 
@@ -97,7 +97,8 @@ def select_num_states(
         num_folds: sequence-level cross-validation folds (``0`` or ``1``: none); at most ``B``.
         max_iters, tol: as in :func:`ssmjax.fit_em`.
         key: PRNG key (keyword-only).
-        from_data_kwargs: passed to :meth:`~ssmjax.HMM.from_data` (``num_classes``, ``stay_prob``).
+        from_data_kwargs: a dict passed to :meth:`~ssmjax.HMM.from_data` (``num_classes``, ``stay_prob``,
+            ``structure``).
 
     Returns:
         A :class:`NumStatesSelection`.
@@ -109,6 +110,7 @@ def select_num_states(
         >>> chosen.best_by_bic
         2
     """
+    from_data_kwargs = dict(from_data_kwargs or {})
     emissions = np.asarray(emissions)
     candidates = np.asarray([int(k) for k in num_states])
     if candidates.size == 0 or np.any(candidates < 1):

@@ -349,6 +349,15 @@ class AbstractEmissions(eqx.Module):
         lls = jnp.swapaxes(lls.reshape(num_steps, num_seq, -1), 1, 2)
         return jnp.where(valid[:, None, :], lls, 0.0)
 
+    def log_prior(self, prior) -> Array:
+        """``log p(parameters)`` under ``prior`` (:mod:`ssmjax._hmm.priors`); ``0`` for None.
+
+        Families with a conjugate prior override it (and take ``prior=`` in ``m_step_from_stats``).
+        """
+        if prior is None:
+            return jnp.zeros(())
+        raise ValueError(f"{type(self).__name__} takes no emission prior; got {type(prior).__name__}.")
+
     def parameter_counts(self) -> dict[str, int]:
         """Free parameters per public parameter name (``parameter_fields``; one ``"emissions"``
         entry for a family without them): what AIC and BIC count.

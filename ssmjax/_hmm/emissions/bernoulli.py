@@ -16,6 +16,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks
+from ..priors import BetaPrior
 from .base import (
     AbstractExponentialFamilyEmissions,
     _as_mask,
@@ -174,9 +175,18 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
     def parameter_counts(self) -> dict[str, int]:
         return {"probs": int(np.isfinite(np.asarray(self.logits)).sum())}  # probabilities 0 and 1 are fixed
 
-    def m_step_from_stats(self, stats: BernoulliStats, frozen=frozenset()) -> "BernoulliEmissions":
+    def log_prior(self, prior) -> Array:
+        if isinstance(prior, BetaPrior):
+            return prior.log_prob(self.logits)
+        return super().log_prior(prior)
+
+    def m_step_from_stats(self, stats: BernoulliStats, frozen=frozenset(), prior=None) -> "BernoulliEmissions":
         if "probs" in frozen:
             return self
+        if isinstance(prior, BetaPrior):  # the posterior mode; nothing to learn from keeps its value
+            probs = prior.mode(stats.weighted_ones, stats.observed_weights)
+            nothing = (stats.observed_weights + prior.concentration1 + prior.concentration0 - 2.0) <= 0
+            return BernoulliEmissions(logits=jnp.where(nothing, self.logits, _log_odds(probs)))
         empty = stats.observed_weights <= 0
         probs = stats.weighted_ones / jnp.where(empty, 1.0, stats.observed_weights)
         return BernoulliEmissions(logits=jnp.where(empty, self.logits, _log_odds(probs)))

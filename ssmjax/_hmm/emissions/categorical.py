@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ... import _checks, _deprecation
+from ..priors import DirichletPrior
 from .base import (
     AbstractExponentialFamilyEmissions,
     _as_mask,
@@ -136,11 +137,18 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
     def parameter_counts(self) -> dict[str, int]:
         return {"probs": _free_simplex_entries(self.logits)}  # structural zeros are fixed
 
-    def m_step_from_stats(self, stats: CategoricalStats, frozen=frozenset()) -> "CategoricalEmissions":
+    def log_prior(self, prior) -> Array:
+        if isinstance(prior, DirichletPrior):
+            return prior.log_prob(jax.nn.log_softmax(self.logits, axis=-1))
+        return super().log_prior(prior)
+
+    def m_step_from_stats(self, stats: CategoricalStats, frozen=frozenset(), prior=None) -> "CategoricalEmissions":
         if "probs" in frozen:
             return self
         counts = jnp.asarray(stats.counts)
         _checks.check_shape("stats.counts", counts, (self.num_states, self.num_classes))
+        if isinstance(prior, DirichletPrior):
+            return CategoricalEmissions(logits=prior.mode_logits(counts, self.logits))
         return CategoricalEmissions(logits=_normalised_logits(counts, self.logits))
 
     # -- initialisers ------------------------------------------------------

@@ -22,6 +22,7 @@ from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ... import _checks
+from ..priors import DirichletPrior
 from .base import (
     AbstractExponentialFamilyEmissions,
     _as_mask,
@@ -186,10 +187,18 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
             "components": sum(self.components.parameter_counts().values()),
         }
 
-    def m_step_from_stats(self, stats: GaussianMixtureStats, frozen=frozenset()) -> "GaussianMixtureEmissions":
+    def log_prior(self, prior) -> Array:
+        if isinstance(prior, DirichletPrior):  # on the mixture weights
+            return prior.log_prob(jax.nn.log_softmax(self.mixture_logits, axis=-1))
+        return super().log_prior(prior)
+
+    def m_step_from_stats(self, stats: GaussianMixtureStats, frozen=frozenset(), prior=None) -> "GaussianMixtureEmissions":
         logits = self.mixture_logits
         if "weights" not in frozen:
-            logits = _normalised_logits(stats.mixture_counts, logits)
+            if isinstance(prior, DirichletPrior):
+                logits = prior.mode_logits(stats.mixture_counts, logits)
+            else:
+                logits = _normalised_logits(stats.mixture_counts, logits)
         components = self.components
         if "components" not in frozen:
             components = components.m_step_from_stats(stats.components, frozen={"means", "covs"} & set(frozen))

@@ -26,6 +26,7 @@ from jax.scipy.special import gammaln, logsumexp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks
+from ..priors import DirichletPrior
 from .base import (
     AbstractExponentialFamilyEmissions,
     _as_mask,
@@ -199,9 +200,16 @@ class MultinomialEmissions(AbstractExponentialFamilyEmissions):
     def parameter_counts(self) -> dict[str, int]:
         return {"probs": _free_simplex_entries(self.logits)}  # structural zeros are fixed
 
-    def m_step_from_stats(self, stats: MultinomialStats, frozen=frozenset()) -> "MultinomialEmissions":
+    def log_prior(self, prior) -> Array:
+        if isinstance(prior, DirichletPrior):
+            return prior.log_prob(jax.nn.log_softmax(self.logits, axis=-1))
+        return super().log_prior(prior)
+
+    def m_step_from_stats(self, stats: MultinomialStats, frozen=frozenset(), prior=None) -> "MultinomialEmissions":
         if "probs" in frozen:
             return self
+        if isinstance(prior, DirichletPrior):
+            return MultinomialEmissions(logits=prior.mode_logits(stats.counts, self.logits), num_trials=self.num_trials)
         return MultinomialEmissions(logits=_normalised_logits(stats.counts, self.logits), num_trials=self.num_trials)
 
     # -- initialisers ------------------------------------------------------

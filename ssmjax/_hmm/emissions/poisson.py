@@ -17,6 +17,7 @@ from jax.scipy.special import gammaln
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks, _deprecation
+from ..priors import GammaPrior
 from .base import (
     AbstractExponentialFamilyEmissions,
     _as_mask,
@@ -165,9 +166,18 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
     def parameter_counts(self) -> dict[str, int]:
         return {"rates": int(np.isfinite(np.asarray(self.log_rates)).sum())}  # zero rates are fixed
 
-    def m_step_from_stats(self, stats: PoissonStats, frozen=frozenset()) -> "PoissonEmissions":
+    def log_prior(self, prior) -> Array:
+        if isinstance(prior, GammaPrior):
+            return prior.log_prob(self.log_rates)
+        return super().log_prior(prior)
+
+    def m_step_from_stats(self, stats: PoissonStats, frozen=frozenset(), prior=None) -> "PoissonEmissions":
         if "rates" in frozen:
             return self
+        if isinstance(prior, GammaPrior):  # the posterior mode; nothing to learn from keeps its value
+            nothing = stats.observed_weights + prior.rate <= 0
+            rates = prior.mode(stats.weighted_sums, stats.observed_weights)
+            return PoissonEmissions(log_rates=jnp.where(nothing, self.log_rates, _log_or_minus_inf(rates)))
         return PoissonEmissions(log_rates=_poisson_m_step(self.log_rates, stats.observed_weights, stats.weighted_sums))
 
     # -- initialisers ------------------------------------------------------

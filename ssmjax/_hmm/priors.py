@@ -1,0 +1,174 @@
+r"""Conjugate priors for HMM parameters, and the MAP updates EM takes with them.
+
+:class:`HMMPrior` puts Dirichlet priors on the initial distribution and on each transition
+row (with a "sticky" extra concentration on the diagonal) and, through ``emissions``, a
+conjugate prior on the emission parameters: :class:`DirichletPrior` (categorical and
+multinomial probabilities, mixture weights), :class:`GammaPrior` (Poisson rates) or
+:class:`BetaPrior` (Bernoulli probabilities). With a prior, :func:`ssmjax.fit_em` maximises
+the log posterior :math:`\log p(y \mid \theta) + \log p(\theta)` (each M-step is the exact
+conditional mode, so EM never decreases it) and reports it; :func:`ssmjax.fit_sgd` adds the
+same log prior to its objective.
+
+The modes follow hmmlearn's conventions: a probability row is
+:math:`\propto \max(n + \alpha - 1, 0)` (so a concentration below one can set an entry to zero),
+and structural zeros stay zero whatever the prior.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import equinox as eqx
+import jax.numpy as jnp
+from jax.scipy.special import gammaln
+from jaxtyping import Array, ArrayLike
+
+from .. import _checks
+
+
+def _positive(name: str, value) -> Array:
+    value = _checks.as_float_array(name, value)
+    xp, host = _checks.host_arrays(value)
+    return _checks.check_values(value, (host <= 0) | ~xp.isfinite(host), f"`{name}` must be finite and positive.")
+
+
+def _non_negative(name: str, value) -> Array:
+    value = _checks.as_float_array(name, value)
+    xp, host = _checks.host_arrays(value)
+    return _checks.check_values(value, (host < 0) | ~xp.isfinite(host), f"`{name}` must be finite and non-negative.")
+
+
+def _times_log(weight, log_value):
+    """``weight * log_value`` with ``0 * log 0 = 0`` (a flat prior at a structural zero adds nothing)."""
+    return jnp.where(weight == 0, 0.0, weight * log_value)
+
+
+class DirichletPrior(eqx.Module):
+    r"""A Dirichlet prior on each row of probabilities: ``concentration`` broadcasts against the rows (``1``: flat).
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> prior = ssmjax.DirichletPrior(2.0)
+        >>> prior.mode_logits(jnp.array([[3.0, 1.0]]), jnp.zeros((1, 2))).shape
+        (1, 2)
+    """
+
+    concentration: Array
+
+    def __init__(self, concentration: Union[float, ArrayLike] = 1.0):
+        self.concentration = _positive("concentration", concentration)
+
+    def log_prob(self, log_probs) -> Array:
+        """Summed log-density of the rows ``exp(log_probs)`` (over their last axis)."""
+        alpha = jnp.broadcast_to(self.concentration, log_probs.shape).astype(log_probs.dtype)
+        norm = gammaln(jnp.sum(alpha, axis=-1)) - jnp.sum(gammaln(alpha), axis=-1)
+        return jnp.sum(norm + jnp.sum(_times_log(alpha - 1.0, log_probs), axis=-1))
+
+    def mode_logits(self, counts, old_logits) -> Array:
+        """Logits of the rows' posterior mode given expected ``counts``: ``max(counts + alpha - 1, 0)``
+        normalised; structural zeros (``old_logits = -inf``) stay, and a row with nothing keeps ``old_logits``."""
+        alpha = jnp.broadcast_to(self.concentration, counts.shape).astype(counts.dtype)
+        pseudo = jnp.where(jnp.isneginf(old_logits), 0.0, jnp.maximum(counts + alpha - 1.0, 0.0))
+        totals = pseudo.sum(-1, keepdims=True)
+        empty = totals <= 0
+        probs = pseudo / jnp.where(empty, 1.0, totals)
+        return jnp.where(empty, old_logits, jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf))
+
+
+class GammaPrior(eqx.Module):
+    r"""A Gamma(shape ``a``, rate ``b``) prior on positive rates (Poisson): mode :math:`(\sum w y + a - 1) / (\sum w + b)`.
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> float(ssmjax.GammaPrior(2.0, 1.0).mode(jnp.array(6.0), jnp.array(3.0)))
+        1.75
+    """
+
+    shape: Array
+    rate: Array
+
+    def __init__(self, shape: Union[float, ArrayLike] = 1.0, rate: Union[float, ArrayLike] = 0.0):
+        self.shape = _positive("shape", shape)
+        self.rate = _non_negative("rate", rate)
+
+    def log_prob(self, log_rates) -> Array:
+        """Summed log-density of ``exp(log_rates)`` (up to its constant when ``rate = 0``, an improper prior)."""
+        a, b = self.shape.astype(log_rates.dtype), self.rate.astype(log_rates.dtype)
+        norm = jnp.where(b > 0, a * jnp.log(jnp.where(b > 0, b, 1.0)) - gammaln(a), 0.0)
+        density = norm + _times_log(a - 1.0, log_rates) - b * jnp.exp(log_rates)
+        return jnp.sum(jnp.broadcast_to(density, log_rates.shape))
+
+    def mode(self, weighted_sums, weights) -> Array:
+        """The posterior mode of a rate given ``sum w y`` and ``sum w`` (0 where the shape allows it)."""
+        num = jnp.maximum(weighted_sums + self.shape - 1.0, 0.0)
+        den = weights + self.rate
+        return num / jnp.where(den > 0, den, 1.0)
+
+
+class BetaPrior(eqx.Module):
+    r"""A Beta(``concentration1``, ``concentration0``) prior on probabilities of a 1 (Bernoulli).
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> float(ssmjax.BetaPrior(2.0, 2.0).mode(jnp.array(3.0), jnp.array(4.0)))
+        0.6666666666666666
+    """
+
+    concentration1: Array
+    concentration0: Array
+
+    def __init__(self, concentration1: Union[float, ArrayLike] = 1.0, concentration0: Union[float, ArrayLike] = 1.0):
+        self.concentration1 = _positive("concentration1", concentration1)
+        self.concentration0 = _positive("concentration0", concentration0)
+
+    def log_prob(self, logits) -> Array:
+        """Summed log-density of ``sigmoid(logits)``."""
+        a, b = self.concentration1.astype(logits.dtype), self.concentration0.astype(logits.dtype)
+        log_p, log_q = -jnp.logaddexp(0.0, -logits), -jnp.logaddexp(0.0, logits)
+        density = gammaln(a + b) - gammaln(a) - gammaln(b) + _times_log(a - 1.0, log_p) + _times_log(b - 1.0, log_q)
+        return jnp.sum(jnp.broadcast_to(density, logits.shape))
+
+    def mode(self, weighted_ones, weights) -> Array:
+        """The posterior mode given ``sum w y`` and ``sum w`` (clipped to ``[0, 1]`` for concentrations below one)."""
+        ones = jnp.maximum(weighted_ones + self.concentration1 - 1.0, 0.0)
+        zeros = jnp.maximum(weights - weighted_ones + self.concentration0 - 1.0, 0.0)
+        total = ones + zeros
+        return ones / jnp.where(total > 0, total, 1.0)
+
+
+class HMMPrior(eqx.Module):
+    r"""Priors on an HMM's parameters (``fit_em(..., prior=...)``, ``fit_sgd(..., prior=...)``).
+
+    Attributes:
+        initial: Dirichlet concentration of the initial distribution (``1``: flat).
+        transition: Dirichlet concentration of each transition row.
+        stickiness: extra concentration on the diagonal of the transition rows (a "sticky" HMM).
+        emissions: the emission family's conjugate prior (:class:`DirichletPrior`,
+            :class:`GammaPrior` or :class:`BetaPrior`), or None.
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> prior = ssmjax.HMMPrior(transition=1.0, stickiness=10.0, emissions=ssmjax.GammaPrior(2.0, 0.5))
+        >>> prior.transition_prior(3).concentration.shape
+        (3, 3)
+    """
+
+    initial: DirichletPrior
+    transition: DirichletPrior
+    stickiness: Array
+    emissions: Optional[eqx.Module]
+
+    def __init__(self, initial=1.0, transition=1.0, stickiness=0.0, emissions=None):
+        self.initial = DirichletPrior(initial)
+        self.transition = DirichletPrior(transition)
+        self.stickiness = _non_negative("stickiness", stickiness)
+        if emissions is not None and not isinstance(emissions, (DirichletPrior, GammaPrior, BetaPrior)):
+            raise ValueError(
+                f"`emissions` must be a DirichletPrior, GammaPrior or BetaPrior (or None); got {type(emissions).__name__}."
+            )
+        self.emissions = emissions
+
+    def transition_prior(self, num_states: int) -> DirichletPrior:
+        """The transition rows' Dirichlet prior, stickiness included: ``(K, K)`` concentrations."""
+        concentration = jnp.broadcast_to(self.transition.concentration, (num_states, num_states))
+        return DirichletPrior(concentration + self.stickiness * jnp.eye(num_states, dtype=concentration.dtype))
