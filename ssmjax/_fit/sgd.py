@@ -77,8 +77,8 @@ def fit_sgd(
     batch_size=None,
     frozen=(),
     progress=False,
-    key=None,
     prior=None,
+    key=None,
 ):
     r"""Maximise the marginal log-likelihood with an optax optimizer.
 
