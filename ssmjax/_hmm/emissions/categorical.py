@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
@@ -43,7 +44,55 @@ def _categorical_log_prob(logits: Float[Array, "K C"], emission) -> Float[Array,
     return jnp.where(observed, jax.nn.log_softmax(logits, axis=-1)[:, symbol.astype(jnp.int32)], 0.0)
 
 
-class CategoricalEmissions(AbstractExponentialFamilyEmissions):
+def _rows_logits(probs, logits, what: str):
+    """The ``logits`` a constructor stores: from ``probs`` (checked rows, ``-inf`` at structural zeros) or as given."""
+    if (probs is None) == (logits is None):
+        raise ValueError("Pass exactly one of `probs` and `logits`.")
+    if probs is not None:
+        return _simplex_logits("probs", probs, what)
+    logits = _checks.as_float_array("logits", logits)
+    _checks.check_shape("logits", logits, ("K", "C"))
+    return logits
+
+
+class _AbstractProbabilityRows(AbstractExponentialFamilyEmissions):
+    """What the families with one row of category probabilities per state share (categorical,
+    multinomial): the storage, its views, the free-parameter count, the Dirichlet prior and the
+    M-step of the rows from their expected counts."""
+
+    logits: eqx.AbstractVar[Float[Array, "K C"]]
+    parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"probs": ("logits",)}
+
+    @property
+    def num_states(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of categories ``C``."""
+        return self.logits.shape[1]
+
+    @property
+    def probs(self) -> Float[Array, "K C"]:
+        """Category probabilities, ``(K, C)``."""
+        return softmax_rows(self.logits)
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"probs": _free_simplex_entries(self.logits)}  # structural zeros are fixed
+
+    def log_prior(self, prior) -> Array:
+        if isinstance(prior, DirichletPrior):
+            return prior.log_prob(jax.nn.log_softmax(self.logits, axis=-1))
+        return super().log_prior(prior)
+
+    def _rows_m_step(self, counts, prior):
+        """New logits from expected ``counts`` ``(K, C)``: the normalised rows, or their posterior mode."""
+        if isinstance(prior, DirichletPrior):
+            return prior.mode_logits(counts, self.logits)
+        return _normalised_logits(counts, self.logits)
+
+
+class CategoricalEmissions(_AbstractProbabilityRows):
     r"""Categorical emissions: :math:`p(y_t = c \mid z_t = k) = \mathrm{probs}[k, c]`.
 
     The emission at each step is one integer symbol in ``[0, C)``: an integer array, or a
@@ -68,35 +117,13 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
     """
 
     logits: Float[Array, "K C"]
-    parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"probs": ("logits",)}
 
     def __init__(self, probs=None, *, logits=None):
-        if (probs is None) == (logits is None):
-            raise ValueError("Pass exactly one of `probs` and `logits`.")
-        if probs is not None:
-            self.logits = _simplex_logits("probs", probs, "one row of symbol probabilities per state")
-        else:
-            logits = _checks.as_float_array("logits", logits)
-            _checks.check_shape("logits", logits, ("K", "C"))
-            self.logits = logits
-
-    @property
-    def num_states(self) -> int:
-        return self.logits.shape[0]
-
-    @property
-    def num_classes(self) -> int:
-        """Number of symbols ``C``."""
-        return self.logits.shape[1]
+        self.logits = _rows_logits(probs, logits, "one row of symbol probabilities per state")
 
     @property
     def emission_shape(self) -> tuple[int, ...]:
         return ()
-
-    @property
-    def probs(self) -> Float[Array, "K C"]:
-        """Emission probabilities, ``(K, C)``."""
-        return softmax_rows(self.logits)
 
     def check_emissions(self, emissions, mask=None) -> Array:
         emissions = _checks.to_device(emissions)
@@ -134,22 +161,12 @@ class CategoricalEmissions(AbstractExponentialFamilyEmissions):
         weights = jnp.where(observed[:, None], weights, 0.0)
         return CategoricalStats(counts=_categorical_counts(weights, emissions.astype(jnp.int32), self.num_classes))
 
-    def parameter_counts(self) -> dict[str, int]:
-        return {"probs": _free_simplex_entries(self.logits)}  # structural zeros are fixed
-
-    def log_prior(self, prior) -> Array:
-        if isinstance(prior, DirichletPrior):
-            return prior.log_prob(jax.nn.log_softmax(self.logits, axis=-1))
-        return super().log_prior(prior)
-
     def m_step_from_stats(self, stats: CategoricalStats, frozen=frozenset(), prior=None) -> "CategoricalEmissions":
         if "probs" in frozen:
             return self
         counts = jnp.asarray(stats.counts)
         _checks.check_shape("stats.counts", counts, (self.num_states, self.num_classes))
-        if isinstance(prior, DirichletPrior):
-            return CategoricalEmissions(logits=prior.mode_logits(counts, self.logits))
-        return CategoricalEmissions(logits=_normalised_logits(counts, self.logits))
+        return CategoricalEmissions(logits=self._rows_m_step(counts, prior))
 
     # -- initialisers ------------------------------------------------------
 

@@ -16,7 +16,7 @@ expectation): exact EM for the observed-data likelihood.
 from __future__ import annotations
 
 import functools
-from typing import ClassVar, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import equinox as eqx
 import jax
@@ -26,20 +26,15 @@ from jax.scipy.special import gammaln, logsumexp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks
-from ..priors import DirichletPrior
 from .base import (
-    AbstractExponentialFamilyEmissions,
     _as_mask,
     _check_some_observed,
     _check_weights,
     _fill_padding,
-    _free_simplex_entries,
     _missing,
-    _normalised_logits,
-    _simplex_logits,
     _observed_entries,
-    softmax_rows,
 )
+from .categorical import _AbstractProbabilityRows, _rows_logits
 
 
 class MultinomialStats(NamedTuple):
@@ -82,7 +77,7 @@ def _multinomial_init(emissions, key, noise, num_states: int):
     return jnp.log((1.0 - noise) * freqs[None, :] + noise * g)
 
 
-class MultinomialEmissions(AbstractExponentialFamilyEmissions):
+class MultinomialEmissions(_AbstractProbabilityRows):
     r"""Counts of ``n`` trials over ``C`` categories: :math:`p(y_t \mid z_t = k) = \mathrm{Mult}(y_t; n, p_k)`.
 
     Emissions are vectors of ``C`` non-negative integer counts summing to ``num_trials`` per
@@ -109,38 +104,16 @@ class MultinomialEmissions(AbstractExponentialFamilyEmissions):
 
     logits: Float[Array, "K C"]
     num_trials: int = eqx.field(static=True)
-    parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"probs": ("logits",)}
 
     def __init__(self, probs=None, num_trials: int = 1, *, logits=None):
-        if (probs is None) == (logits is None):
-            raise ValueError("Pass exactly one of `probs` and `logits`.")
         if not isinstance(num_trials, int) or isinstance(num_trials, bool) or num_trials < 1:
             raise ValueError(f"`num_trials` must be a positive int; got {num_trials!r}.")
         self.num_trials = num_trials
-        if probs is not None:
-            self.logits = _simplex_logits("probs", probs, "one row of category probabilities per state")
-        else:
-            logits = _checks.as_float_array("logits", logits)
-            _checks.check_shape("logits", logits, ("K", "C"))
-            self.logits = logits
-
-    @property
-    def num_states(self) -> int:
-        return self.logits.shape[0]
-
-    @property
-    def num_classes(self) -> int:
-        """Number of categories ``C``."""
-        return self.logits.shape[1]
+        self.logits = _rows_logits(probs, logits, "one row of category probabilities per state")
 
     @property
     def emission_shape(self) -> tuple[int, ...]:
         return (self.num_classes,)
-
-    @property
-    def probs(self) -> Float[Array, "K C"]:
-        """Category probabilities, ``(K, C)``."""
-        return softmax_rows(self.logits)
 
     def check_emissions(self, emissions, mask=None) -> Array:
         emissions = _checks.to_device(emissions)
@@ -197,20 +170,10 @@ class MultinomialEmissions(AbstractExponentialFamilyEmissions):
         counts = counts + jnp.einsum("nk,n,nkc->kc", weights, rest, share)
         return MultinomialStats(counts=counts)
 
-    def parameter_counts(self) -> dict[str, int]:
-        return {"probs": _free_simplex_entries(self.logits)}  # structural zeros are fixed
-
-    def log_prior(self, prior) -> Array:
-        if isinstance(prior, DirichletPrior):
-            return prior.log_prob(jax.nn.log_softmax(self.logits, axis=-1))
-        return super().log_prior(prior)
-
     def m_step_from_stats(self, stats: MultinomialStats, frozen=frozenset(), prior=None) -> "MultinomialEmissions":
         if "probs" in frozen:
             return self
-        if isinstance(prior, DirichletPrior):
-            return MultinomialEmissions(logits=prior.mode_logits(stats.counts, self.logits), num_trials=self.num_trials)
-        return MultinomialEmissions(logits=_normalised_logits(stats.counts, self.logits), num_trials=self.num_trials)
+        return MultinomialEmissions(logits=self._rows_m_step(stats.counts, prior), num_trials=self.num_trials)
 
     # -- initialisers ------------------------------------------------------
 
