@@ -25,6 +25,7 @@ from ._hmm.model import HMM as HMM
 from ._hmm.priors import BetaPrior as BetaPrior
 from ._hmm.priors import DirichletPrior as DirichletPrior
 from ._hmm.priors import GammaPrior as GammaPrior
+from ._hmm.priors import GaussianPrior as GaussianPrior
 from ._hmm.priors import HMMPrior as HMMPrior
 from ._hmm.selection import NumStatesSelection as NumStatesSelection
 from ._hmm.selection import select_num_states as select_num_states

@@ -496,7 +496,7 @@ def test_fit_em_retry_mid_run_continues_exactly_where_the_fast_program_stopped()
     args = em_module._prepare(flaky, y, jnp.asarray(LENGTHS), None, 8, tol, ())
     emissions, lengths, inputs, max_iters, frozen, observed = args
     fast_run = em_module._em_compiled(flaky, emissions, lengths, inputs, np.asarray(tol), max_iters, frozen, False,
-                                      observed, True, None)
+                                      observed, True, None, None)
     assert int(fast_run.status) == em_module._RETRY and int(fast_run.it) == 4  # stopped after iteration 3
     fitted, lls, info = ssmjax.fit_em(flaky, y, lengths=jnp.asarray(LENGTHS), max_iters=8, tol=tol)
     assert (info.num_iters, info.status) == (plain_info.num_iters, plain_info.status)

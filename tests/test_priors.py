@@ -159,3 +159,65 @@ def test_bad_priors_are_errors_that_name_the_argument():
     )
     with pytest.raises(ValueError, match="LGSSM takes no prior"):
         ssmjax.fit_em(lgssm, ys, prior=ssmjax.HMMPrior())
+
+
+@pytest.mark.parametrize("kind", ["full", "diag", "spherical", "tied"])
+def test_gaussian_prior_map_iteration_equals_hmmlearns(kind):
+    """hmmlearn's GaussianHMM with means_prior, means_weight, covars_prior and covars_weight: one EM
+    iteration of every parameter from the same start (hmmlearn applies no ridge)."""
+    hmm_module = pytest.importorskip("hmmlearn.hmm")
+    rng = np.random.default_rng(5)
+    d = 2
+    pi, A = rng.dirichlet(np.ones(K)), random_stochastic_matrix(rng, (K, K))
+    means = rng.normal(size=(K, d)) * 3.0
+    a = rng.normal(size=(K, d, d))
+    covs = a @ np.swapaxes(a, 1, 2) + d * np.eye(d)
+    lengths = [40, 30]
+    ys = rng.normal(size=(sum(lengths), d)) * 3.0
+    means_prior, means_weight = rng.normal(size=(K, d)), 1.3  # hmmlearn broadcasts a scalar weight only
+    if kind in ("diag", "spherical"):
+        covars_prior, covars_weight = rng.uniform(0.2, 1.0, size=(K, d)), 3.0
+    elif kind == "full":
+        b = rng.normal(size=(K, d, d))
+        covars_prior, covars_weight = b @ np.swapaxes(b, 1, 2) * 0.2, 5.0
+    else:
+        covars_prior, covars_weight = np.eye(d) * 0.5, 4.0
+    if kind == "spherical":
+        covars_prior = 0.5  # hmmlearn broadcasts it against (K, D) per-dimension sums
+    family = {"full": ssmjax.GaussianEmissions, "diag": ssmjax.DiagonalGaussianEmissions,
+              "spherical": ssmjax.SphericalGaussianEmissions, "tied": ssmjax.TiedGaussianEmissions}[kind]
+    cov_arg = {"full": covs, "diag": np.diagonal(covs, axis1=1, axis2=2), "spherical": covs[:, 0, 0],
+               "tied": covs[0]}[kind]
+    emissions = family(jnp.asarray(means), jnp.asarray(cov_arg), min_variance=0.0)
+    peer = hmm_module.GaussianHMM(
+        K, covariance_type=kind, n_iter=1, init_params="", tol=-np.inf, params="stmc", min_covar=0.0,
+        means_prior=means_prior, means_weight=means_weight,
+        covars_prior=covars_prior, covars_weight=covars_weight,
+    )
+    peer.startprob_, peer.transmat_, peer.means_ = pi, A, means
+    peer.covars_ = np.asarray(cov_arg)
+    peer.fit(ys, lengths)
+    prior = ssmjax.HMMPrior(emissions=ssmjax.GaussianPrior(means_prior, means_weight, covars_prior, covars_weight))
+    hmm = ssmjax.HMM(jnp.asarray(pi), jnp.asarray(A), emissions)
+    fitted, _, _ = ssmjax.fit_em(hmm, _pad(ys, lengths), lengths=lengths, max_iters=1, prior=prior)
+    assert_allclose(fitted.emissions.means, peer.means_, rtol=1e-6, atol=1e-9)
+    if kind == "spherical":  # hmmlearn's covars_ view of its tiled (K, D) array is malformed: read the array
+        assert_allclose(fitted.emissions.variances, np.broadcast_to(np.asarray(peer._covars_).reshape(K, -1), (K, d)),
+                        rtol=1e-6, atol=1e-9)
+    else:
+        assert_allclose(fitted.emissions.covs, peer.covars_, rtol=1e-6, atol=1e-9)
+    if kind != "full":
+        return
+    # the log posterior EM reports never decreases, and its maximiser is a stationary point
+    fitted, lls, info = ssmjax.fit_em(hmm, _pad(ys, lengths), lengths=lengths, max_iters=300, tol=1e-13, prior=prior)
+    lls = np.asarray(lls)[: info.num_iters]
+    assert np.all(np.diff(lls) >= -1e-9 * np.abs(lls[1:]))
+    def total(em, chain):
+        model = ssmjax.HMM(chain.initial_probs, chain.transition_matrix, em)
+        return model.log_posterior(_pad(ys, lengths), prior, lengths=lengths)
+
+    g_end = jax.grad(total)(fitted.emissions, fitted)
+    g_start = jax.grad(total)(hmm.emissions, hmm)
+    top = max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(g_end))
+    top0 = max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(g_start))
+    assert top < 1e-5 * top0

@@ -3,8 +3,9 @@ r"""Conjugate priors for HMM parameters, and the MAP updates EM takes with them.
 :class:`HMMPrior` puts Dirichlet priors on the initial distribution and on each transition
 row (with a "sticky" extra concentration on the diagonal) and, through ``emissions``, a
 conjugate prior on the emission parameters: :class:`DirichletPrior` (categorical and
-multinomial probabilities, mixture weights), :class:`GammaPrior` (Poisson rates) or
-:class:`BetaPrior` (Bernoulli probabilities). With a prior, :func:`ssmjax.fit_em` maximises
+multinomial probabilities, mixture weights), :class:`GammaPrior` (Poisson rates),
+:class:`BetaPrior` (Bernoulli probabilities) or :class:`GaussianPrior` (Gaussian means and
+covariances, hmmlearn's parameterisation). With a prior, :func:`ssmjax.fit_em` maximises
 the log posterior :math:`\log p(y \mid \theta) + \log p(\theta)` (each M-step is the exact
 conditional mode, so EM never decreases it) and reports it; :func:`ssmjax.fit_sgd` adds the
 same log prior to its objective.
@@ -136,6 +137,45 @@ class BetaPrior(eqx.Module):
         return ones / jnp.where(total > 0, total, 1.0)
 
 
+class GaussianPrior(eqx.Module):
+    r"""hmmlearn's prior on Gaussian means and covariances (``means_prior``, ``means_weight``,
+    ``covars_prior``, ``covars_weight``), for every covariance type.
+
+    The M-step is hmmlearn's MAP update: means :math:`(\lambda \mu_0 + \sum w y) / (\lambda + \sum w)`,
+    covariances :math:`(\Psi + S + \lambda (\mu - \mu_0)(\mu - \mu_0)^\top) / (a + \sum w)` with
+    :math:`S` the weighted scatter about the new means and :math:`a = \max(\nu - D, 0)` (full, tied)
+    or :math:`\max(\nu - 1, 0)` per dimension (diagonal, spherical), :math:`\nu` = ``covars_weight``.
+    It is the exact maximiser of the expected log-likelihood plus the (unnormalised) log prior
+    :math:`-\frac a2 \log|\Sigma| - \frac12 \mathrm{tr}(\Sigma^{-1}\Psi) - \frac\lambda2 (\mu - \mu_0)^\top
+    \Sigma^{-1} (\mu - \mu_0)` (a normal-inverse-Wishart density up to its constant), which
+    :meth:`~ssmjax.AbstractGaussianEmissions.log_prior` evaluates. The defaults are flat.
+
+    Args:
+        means_prior: :math:`\mu_0`, broadcast to ``(K, D)``.
+        means_weight: :math:`\lambda \ge 0`, broadcast to ``(K,)``.
+        covars_prior: :math:`\Psi`: ``(K, D)`` (or broadcastable) for diagonal and spherical,
+            ``(K, D, D)`` for full, ``(D, D)`` for tied.
+        covars_weight: :math:`\nu \ge 0`.
+
+    Example:
+        >>> import ssmjax
+        >>> prior = ssmjax.HMMPrior(emissions=ssmjax.GaussianPrior(means_weight=1.0, covars_prior=0.1, covars_weight=3.0))
+        >>> float(prior.emissions.covars_weight)
+        3.0
+    """
+
+    means_prior: Array
+    means_weight: Array
+    covars_prior: Array
+    covars_weight: Array
+
+    def __init__(self, means_prior=0.0, means_weight=0.0, covars_prior=0.0, covars_weight=0.0):
+        self.means_prior = _checks.as_float_array("means_prior", means_prior)
+        self.means_weight = _non_negative("means_weight", means_weight)
+        self.covars_prior = _checks.as_float_array("covars_prior", covars_prior)
+        self.covars_weight = _non_negative("covars_weight", covars_weight)
+
+
 class HMMPrior(eqx.Module):
     r"""Priors on an HMM's parameters (``fit_em(..., prior=...)``, ``fit_sgd(..., prior=...)``).
 
@@ -144,7 +184,7 @@ class HMMPrior(eqx.Module):
         transition: Dirichlet concentration of each transition row.
         stickiness: extra concentration on the diagonal of the transition rows (a "sticky" HMM).
         emissions: the emission family's conjugate prior (:class:`DirichletPrior`,
-            :class:`GammaPrior` or :class:`BetaPrior`), or None.
+            :class:`GammaPrior`, :class:`BetaPrior` or :class:`GaussianPrior`), or None.
 
     Example:
         >>> import jax.numpy as jnp, ssmjax
@@ -162,9 +202,10 @@ class HMMPrior(eqx.Module):
         self.initial = DirichletPrior(initial)
         self.transition = DirichletPrior(transition)
         self.stickiness = _non_negative("stickiness", stickiness)
-        if emissions is not None and not isinstance(emissions, (DirichletPrior, GammaPrior, BetaPrior)):
+        if emissions is not None and not isinstance(emissions, (DirichletPrior, GammaPrior, BetaPrior, GaussianPrior)):
             raise ValueError(
-                f"`emissions` must be a DirichletPrior, GammaPrior or BetaPrior (or None); got {type(emissions).__name__}."
+                "`emissions` must be a DirichletPrior, GammaPrior, BetaPrior or GaussianPrior (or None); "
+                f"got {type(emissions).__name__}."
             )
         self.emissions = emissions
 

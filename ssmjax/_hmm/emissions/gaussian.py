@@ -42,6 +42,7 @@ from .base import (
     _observed_entries,
     _patch_missing,
 )
+from ..priors import GaussianPrior
 from .gaussian_ops import (
     _UNROLLED_SOLVE_MAX_DIM,
     GaussianStats,
@@ -152,10 +153,36 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         per_type = {"full": k * d * (d + 1) // 2, "tied": d * (d + 1) // 2, "diag": k * d, "spherical": k}
         return {"means": k * d, "covs": per_type[self.covariance_type]}
 
-    def m_step_from_stats(self, stats: GaussianStats, frozen=frozenset()) -> "AbstractGaussianEmissions":
+    def log_prior(self, prior) -> Array:
+        if not isinstance(prior, GaussianPrior):
+            return super().log_prior(prior)
+        k, d = self.means.shape
+        dtype = self.means.dtype
+        lam = jnp.broadcast_to(prior.means_weight.astype(dtype), (k,))
+        away = self.means - jnp.broadcast_to(prior.means_prior.astype(dtype), (k, d))
+        if self.covariance_type in ("diag", "spherical"):
+            var = self.variances
+            psi = jnp.broadcast_to(prior.covars_prior.astype(dtype), (k, d))
+            a = jnp.maximum(prior.covars_weight.astype(dtype) - 1.0, 0.0)
+            return jnp.sum(-0.5 * a * jnp.log(var) - (psi + lam[:, None] * away**2) / (2.0 * var))
+        chol = jnp.tril(self.chol_covs)
+        a = jnp.maximum(prior.covars_weight.astype(dtype) - d, 0.0)
+        half_log_det = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(chol, axis1=-2, axis2=-1))), axis=-1)
+        white = jax.scipy.linalg.solve_triangular(chol, away[..., None], lower=True)[..., 0]
+        quad = jnp.sum(white**2, axis=-1)
+        tied = self.covariance_type == "tied"
+        psi = jnp.broadcast_to(prior.covars_prior.astype(dtype), (k, d, d) if not tied else (d, d))
+        inv_chol = jax.scipy.linalg.solve_triangular(chol, jnp.broadcast_to(jnp.eye(d, dtype=dtype), chol.shape), lower=True)
+        trace = jnp.einsum("kij,kjl,kil->k", inv_chol, jnp.broadcast_to(psi, (k, d, d)), inv_chol)  # tr(Sigma^-1 Psi)
+        if tied:  # one covariance: its terms once, the means' terms per state
+            return -a * half_log_det[0] - 0.5 * trace[0] - 0.5 * jnp.sum(lam * quad)
+        return jnp.sum(-a * half_log_det - 0.5 * trace - 0.5 * lam * quad)
+
+    def m_step_from_stats(self, stats: GaussianStats, frozen=frozenset(), prior=None) -> "AbstractGaussianEmissions":
         old_cov_param = self._cov_param()
         means, cov_param = _gaussian_m_step(
-            self.means, old_cov_param, stats, self.min_variance, self.covariance_type, "means" in frozen
+            self.means, old_cov_param, stats, self.min_variance, self.covariance_type, "means" in frozen,
+            prior if isinstance(prior, GaussianPrior) else None,
         )
         if "means" in frozen:
             means = self.means

@@ -324,8 +324,10 @@ def _gaussian_m_step(
     min_variance: float,
     covariance_type: str,
     freeze_means: bool = False,
+    prior=None,
 ) -> tuple[Float[Array, "K D"], Array]:
-    """New means and stored covariance parameter of one covariance type.
+    """New means and stored covariance parameter of one covariance type (the posterior mode under
+    a :class:`~ssmjax.GaussianPrior`, if given).
 
     The stored parameter is that of the family: Cholesky factors ``(K, D, D)`` ("full") or
     ``(D, D)`` ("tied"), log-variances ``(K, D)`` ("diag") or ``(K,)`` ("spherical"). A state
@@ -333,37 +335,69 @@ def _gaussian_m_step(
     factorise; for "diag" each (state, dimension) on its own, for "tied" the shared factor.
     """
     full = covariance_type in ("full", "tied")
+    k, dim = old_means.shape
+    dtype = old_means.dtype
     # the weight behind each mean: (K,) with full covariances (the conditional moments fill in
     # missing entries), (K, D) per dimension otherwise (missing entries are left out)
     weights = stats.sum_weights[:, None] if full else stats.dim_weights
-    empty = weights <= 0
-    safe_w = jnp.where(empty, 1.0, weights)
-    shift = stats.weighted_sums / safe_w  # new mean minus old mean
+    if prior is None:
+        lam = jnp.zeros((), dtype)
+        offset = jnp.zeros((), dtype)  # the prior mean minus the old mean
+    else:
+        lam = jnp.broadcast_to(prior.means_weight.astype(dtype), (k,))[:, None]
+        offset = jnp.broadcast_to(prior.means_prior.astype(dtype), (k, dim)) - old_means
+    denom = weights + lam
+    empty = denom <= 0
+    safe = jnp.where(empty, 1.0, denom)
+    shift = (stats.weighted_sums + lam * offset) / safe  # new mean minus old mean
     if freeze_means:  # covariances about the (frozen) current means
         shift = jnp.zeros_like(shift)
     means = jnp.where(empty, old_means, old_means + shift)
-    dim = old_means.shape[-1]
-    ridge = min_variance * jnp.eye(dim, dtype=old_means.dtype)
+    ridge = min_variance * jnp.eye(dim, dtype=dtype)
+    # sum_n w (y - m_new)(y - m_new)^T = S - s d^T - d s^T + n d d^T (S, s about the old means); with
+    # no prior and free means s = n d, and it is S - n d d^T
     if full:
-        # scatter about the new means, per state: sum_n w (y - m_new)(y - m_new)^T
-        scatter = stats.weighted_outer - stats.sum_weights[:, None, None] * shift[:, :, None] * shift[:, None, :]
+        n = stats.sum_weights[:, None, None]
+        outer = shift[:, :, None] * shift[:, None, :]
+        if prior is None and not freeze_means:
+            scatter = stats.weighted_outer - n * outer
+        else:
+            cross = stats.weighted_sums[:, :, None] * shift[:, None, :]
+            scatter = stats.weighted_outer - cross - jnp.swapaxes(cross, -1, -2) + n * outer
+        extra, pseudo = 0.0, 0.0
+        if prior is not None:  # hmmlearn's MAP: (Psi + scatter + lambda (m - mu0)(m - mu0)^T) / (n + a)
+            away = -(offset - shift)  # m_new - mu0
+            extra = lam[:, :, None] * away[:, :, None] * away[:, None, :]
+            psi = jnp.broadcast_to(prior.covars_prior.astype(dtype), (dim, dim) if covariance_type == "tied" else (k, dim, dim))
+            pseudo = jnp.maximum(prior.covars_weight.astype(dtype) - dim, 0.0)
         if covariance_type == "tied":
-            total = jnp.sum(stats.sum_weights)
-            cov = jnp.sum(scatter, axis=0) / jnp.where(total > 0, total, 1.0)
+            total = jnp.sum(stats.sum_weights) + pseudo
+            psi_tied = 0.0 if prior is None else psi
+            cov = (jnp.sum(scatter + extra, axis=0) + psi_tied) / jnp.where(total > 0, total, 1.0)
             new_chol = jnp.linalg.cholesky(0.5 * (cov + cov.T) + ridge)
             keep = (total <= 0) | ~jnp.all(jnp.isfinite(new_chol))
             return means, jnp.where(keep, old_cov_param, new_chol)
-        covs = scatter / safe_w[:, :, None]
+        numerator = scatter + extra + (0.0 if prior is None else psi)
+        covs = numerator / jnp.where(empty, 1.0, stats.sum_weights[:, None] + pseudo)[:, :, None]
         new_chol = jnp.linalg.cholesky(0.5 * (covs + jnp.swapaxes(covs, -1, -2)) + ridge)
         keep = empty[:, 0] | ~jnp.all(jnp.isfinite(new_chol), axis=(-1, -2))
         return _keep_where_empty(keep, means, old_means), _keep_where_empty(keep, new_chol, old_cov_param)
     # sum_n w (y_d - m_new_d)^2 over the steps where y_d is observed
-    scatter = jnp.maximum(stats.weighted_outer - stats.dim_weights * shift**2, 0.0)
+    if prior is None and not freeze_means:
+        scatter = jnp.maximum(stats.weighted_outer - stats.dim_weights * shift**2, 0.0)
+    else:
+        scatter = jnp.maximum(stats.weighted_outer - 2.0 * stats.weighted_sums * shift + stats.dim_weights * shift**2, 0.0)
+    pseudo = 0.0
+    if prior is not None:
+        away = shift - offset  # m_new - mu0
+        scatter = scatter + lam * away**2 + jnp.broadcast_to(prior.covars_prior.astype(dtype), (k, dim))
+        pseudo = jnp.maximum(prior.covars_weight.astype(dtype) - 1.0, 0.0)
     if covariance_type == "spherical":
-        total = jnp.sum(stats.dim_weights, axis=-1)
+        total = jnp.sum(stats.dim_weights + pseudo, axis=-1)
         variance = jnp.sum(scatter, axis=-1) / jnp.where(total > 0, total, 1.0) + min_variance
         keep = (total <= 0) | ~jnp.isfinite(jnp.log(variance))
         return means, jnp.where(keep, old_cov_param, jnp.log(variance))
-    log_variances = jnp.log(scatter / safe_w + min_variance)
-    keep = empty | ~jnp.isfinite(log_variances)
+    per_dim = stats.dim_weights + pseudo
+    log_variances = jnp.log(scatter / jnp.where(per_dim > 0, per_dim, 1.0) + min_variance)
+    keep = empty | (per_dim <= 0) | ~jnp.isfinite(log_variances)
     return jnp.where(keep, old_means, means), jnp.where(keep, old_cov_param, log_variances)
