@@ -177,6 +177,13 @@ def _free_simplex_entries(logits) -> int:
     return int(np.maximum(finite - 1, 0).sum())
 
 
+def _at_real_steps(bad, mask):
+    """``bad`` value flags kept at real steps only (``mask`` ``(N,)`` over the leading axis; None: every step)."""
+    if mask is None:
+        return bad
+    return bad & mask.reshape(mask.shape + (1,) * (bad.ndim - mask.ndim))
+
+
 def _check_some_observed(emissions) -> None:
     """An initialiser's check: every emission dimension of ``(N, ...)`` pooled data has an observed entry."""
     if not jnp.issubdtype(emissions.dtype, jnp.floating):
@@ -317,6 +324,12 @@ class AbstractEmissions(eqx.Module):
         if mask is not None:
             lls = jnp.where(mask[:, None], lls, 0.0)
         return lls
+
+    def _checked_emission(self, emission, what: str) -> Array:
+        """One step's emission for ``log_prob``: on the device, shape- and value-checked."""
+        emission = _checks.to_device(emission)
+        _checks.check_shape("emission", emission, tuple(self.emission_shape), what)
+        return self.check_emissions(emission[None])[0]
 
     def _log_prob_observed(self, emission) -> Float[Array, " K"]:
         """:meth:`log_prob` of an emission without missing entries (families may override it with a faster formula)."""

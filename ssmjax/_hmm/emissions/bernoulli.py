@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ... import _checks
 from ..priors import BetaPrior
 from .base import (
+    _at_real_steps,
     AbstractExponentialFamilyEmissions,
     _as_mask,
     _check_some_observed,
@@ -140,17 +141,14 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
         bad = (values != 0) & (values != 1)
         if jnp.issubdtype(emissions.dtype, jnp.floating):
             bad = bad & ~xp.isnan(values)  # NaN is a missing outcome
-        if mask is not None:
-            bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
+        bad = _at_real_steps(bad, mask)
         return _checks.check_values(emissions, bad, "`emissions` of a Bernoulli model must be 0 or 1 (NaN for missing).")
 
     def _float(self, emissions: jax.Array) -> jax.Array:
         return emissions.astype(self.logits.dtype)
 
     def log_prob(self, emission) -> Float[Array, " K"]:
-        emission = _checks.to_device(emission)
-        _checks.check_shape("emission", emission, (self.emission_dim,), "one vector of 0/1 outcomes")
-        emission = self.check_emissions(emission[None])[0]
+        emission = self._checked_emission(emission, "one vector of 0/1 outcomes")
         return _bernoulli_log_prob(self.logits, self._float(emission))
 
     def sample(self, state, *, key: PRNGKeyArray) -> Array:

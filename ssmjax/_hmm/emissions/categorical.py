@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ... import _checks, _deprecation
 from ..priors import DirichletPrior
 from .base import (
+    _at_real_steps,
     AbstractExponentialFamilyEmissions,
     _as_mask,
     _check_weights,
@@ -135,16 +136,13 @@ class CategoricalEmissions(_AbstractProbabilityRows):
         bad = (values < 0) | (values >= self.num_classes)
         if jnp.issubdtype(emissions.dtype, jnp.floating):  # NaN is a missing symbol
             bad = (bad | (values != xp.floor(values))) & ~xp.isnan(values)
-        if mask is not None:
-            bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
+        bad = _at_real_steps(bad, mask)
         return _checks.check_values(
             emissions, bad, f"`emissions` must be symbols in [0, {self.num_classes}) (num_classes), or NaN for missing."
         )
 
     def log_prob(self, emission) -> Float[Array, " K"]:
-        emission = _checks.to_device(emission)
-        _checks.check_shape("emission", emission, (), "one integer symbol")
-        emission = self.check_emissions(emission)
+        emission = self._checked_emission(emission, "one integer symbol")
         return _categorical_log_prob(self.logits, emission)
 
     def sample(self, state, *, key: PRNGKeyArray) -> Int[Array, ""]:

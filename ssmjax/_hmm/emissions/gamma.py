@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks
 from .base import (
+    _at_real_steps,
     AbstractExponentialFamilyEmissions,
     _as_mask,
     _check_some_observed,
@@ -161,17 +162,14 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
             raise ValueError(f"`emissions` of a Gamma model must be positive numbers; got dtype {emissions.dtype}.")
         xp, values, mask = _checks.host_arrays(emissions, mask)
         bad = ((values <= 0) | xp.isinf(values)) & ~xp.isnan(values)
-        if mask is not None:
-            bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
+        bad = _at_real_steps(bad, mask)
         return _checks.check_values(emissions, bad, "`emissions` of a Gamma model must be positive and finite (NaN for missing).")
 
     def _float(self, emissions: jax.Array) -> jax.Array:
         return emissions.astype(self.log_rates.dtype)
 
     def log_prob(self, emission) -> Float[Array, " K"]:
-        emission = _checks.to_device(emission)
-        _checks.check_shape("emission", emission, (self.emission_dim,), "one vector of positive values")
-        emission = self.check_emissions(emission[None])[0]
+        emission = self._checked_emission(emission, "one vector of positive values")
         return _gamma_log_prob(self.log_shapes, self.log_rates, self._float(emission))
 
     def sample(self, state, *, key: PRNGKeyArray) -> Float[Array, " D"]:

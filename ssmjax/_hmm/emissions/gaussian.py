@@ -32,6 +32,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks, _deprecation
 from .base import (
+    _at_real_steps,
     AbstractExponentialFamilyEmissions,
     _as_mask,
     _branch,
@@ -119,17 +120,14 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
             raise ValueError(f"`emissions` of a Gaussian model must be real numbers; got dtype {emissions.dtype}.")
         xp, values, mask = _checks.host_arrays(emissions, mask)
         bad = xp.isinf(values)  # NaN is a missing entry
-        if mask is not None:
-            bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
+        bad = _at_real_steps(bad, mask)
         return _checks.check_values(
             emissions, bad, "`emissions` must be finite at unpadded steps (NaN for a missing entry); got inf."
         )
 
     def _one_emission(self, emission) -> Float[Array, " D"]:
         """One step's emission, shape- and value-checked, in the model's dtype."""
-        emission = _checks.to_device(emission)
-        _checks.check_shape("emission", emission, (self.emission_dim,), "one emission vector")
-        return self.check_emissions(emission[None])[0].astype(self.means.dtype)
+        return self._checked_emission(emission, "one emission vector").astype(self.means.dtype)
 
     def suff_stats(self, emissions, weights, mask=None) -> GaussianStats:
         emissions = _checks.to_device(emissions)

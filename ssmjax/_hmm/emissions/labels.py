@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks
-from .base import AbstractExponentialFamilyEmissions
+from .base import AbstractExponentialFamilyEmissions, _at_real_steps
 
 
 class KnownStateStats(NamedTuple):
@@ -66,16 +66,13 @@ class KnownStateEmissions(AbstractExponentialFamilyEmissions):
             bad = ~unknown & ((values < 0) | (values >= self.states) | (values != xp.floor(values)))
         else:
             bad = ~unknown & ((values < 0) | (values >= self.states))
-        if mask is not None:
-            bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
+        bad = _at_real_steps(bad, mask)
         return _checks.check_values(
             emissions, bad, f"`emissions` of known states must be states in [0, {self.states}), or -1 / NaN for unknown."
         )
 
     def log_prob(self, emission) -> Float[Array, " K"]:
-        emission = _checks.to_device(emission)
-        _checks.check_shape("emission", emission, (), "one state label")
-        emission = self.check_emissions(emission)
+        emission = self._checked_emission(emission, "one state label")
         label = jnp.where(jnp.isnan(emission), -1, emission).astype(jnp.int32)
         match = (label < 0) | (jnp.arange(self.states) == label)
         return jnp.where(match, 0.0, -jnp.inf).astype(jnp.result_type(float))

@@ -27,6 +27,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks
 from .base import (
+    _at_real_steps,
     _as_mask,
     _check_some_observed,
     _check_weights,
@@ -129,8 +130,7 @@ class MultinomialEmissions(_AbstractProbabilityRows):
             bad_entry = values < 0
             bad_total = xp.sum(values, axis=-1) != self.num_trials
         bad = xp.any(bad_entry, axis=-1) | bad_total
-        if mask is not None:
-            bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
+        bad = _at_real_steps(bad, mask)
         return _checks.check_values(
             emissions, bad,
             f"`emissions` of a multinomial model must be non-negative integer counts summing to num_trials="
@@ -141,9 +141,7 @@ class MultinomialEmissions(_AbstractProbabilityRows):
         return emissions.astype(self.logits.dtype)
 
     def log_prob(self, emission) -> Float[Array, " K"]:
-        emission = _checks.to_device(emission)
-        _checks.check_shape("emission", emission, (self.num_classes,), "one vector of counts")
-        emission = self.check_emissions(emission[None])[0]
+        emission = self._checked_emission(emission, "one vector of counts")
         return _multinomial_log_prob(self.logits, self.num_trials, self._float(emission))
 
     def sample(self, state, *, key: PRNGKeyArray) -> Array:

@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ... import _checks, _deprecation
 from ..priors import GammaPrior
 from .base import (
+    _at_real_steps,
     AbstractExponentialFamilyEmissions,
     _as_mask,
     _check_weights,
@@ -129,8 +130,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
             bad = values < 0
         else:  # NaN is a missing count
             bad = (((values < 0) | (values != xp.floor(values))) & ~xp.isnan(values)) | xp.isinf(values)
-        if mask is not None:
-            bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - 1))
+        bad = _at_real_steps(bad, mask)
         return _checks.check_values(
             emissions, bad, "`emissions` of a Poisson model must be non-negative integer counts (NaN for missing)."
         )
@@ -139,9 +139,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         return emissions.astype(self.log_rates.dtype)
 
     def log_prob(self, emission) -> Float[Array, " K"]:
-        emission = _checks.to_device(emission)
-        _checks.check_shape("emission", emission, (self.emission_dim,), "one vector of counts")
-        emission = self.check_emissions(emission[None])[0]
+        emission = self._checked_emission(emission, "one vector of counts")
         return _poisson_log_prob(self.log_rates, self._float(emission))
 
     def sample(self, state, *, key: PRNGKeyArray) -> Array:
