@@ -67,3 +67,34 @@ def central_difference_grad(f, x, eps=1e-6):
 # The covariance form fails completely there (errors 1e5 times the scale).
 def sqrt_float32_near_singular_cov_rtol(kappa: float) -> float:
     return float(np.finfo(np.float32).eps) * kappa
+
+
+def pad_batch(ys, lengths, fill=np.nan):
+    """``(B, max(lengths), ...)`` padded batch of the concatenated sequences ``ys`` (padding = ``fill``)."""
+    dtype = np.result_type(ys.dtype, np.asarray(fill).dtype)
+    out = np.full((len(lengths), max(lengths)) + ys.shape[1:], fill, dtype)
+    start = 0
+    for b, n in enumerate(lengths):
+        out[b, :n] = ys[start : start + n]
+        start += n
+    return out
+
+
+def gaussian_conditional_moments(means, covs, y):
+    """Per state ``k``: ``(E[y], Cov[y])`` given the observed (non-NaN) entries of ``y`` under
+    ``N(means[k], covs[k])``, by NumPy block by block (``np.ix_``)."""
+    o, m = ~np.isnan(y), np.isnan(y)
+    dim = len(y)
+    out = []
+    for k in range(len(means)):
+        ey, cov = means[k].copy(), np.zeros((dim, dim))
+        ey[o] = y[o]
+        if m.any():
+            if o.any():
+                gain = covs[k][np.ix_(m, o)] @ np.linalg.inv(covs[k][np.ix_(o, o)])
+                ey[m] = means[k][m] + gain @ (y[o] - means[k][o])
+                cov[np.ix_(m, m)] = covs[k][np.ix_(m, m)] - gain @ covs[k][np.ix_(o, m)]
+            else:
+                cov = covs[k].copy()
+        out.append((ey, cov))
+    return out

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats as st
-from helpers import assert_allclose
+from helpers import assert_allclose, gaussian_conditional_moments, pad_batch
 
 import ssmjax
 
@@ -121,25 +121,6 @@ class Multinomial:
         return np.array([[1.0, 1.0, 1.0, 0.0]]), "summing to num_trials=6"
 
 
-def _conditional_moments(means, covs, y):
-    """Per state: E[y] and Cov[y] given the observed entries of y (NumPy, block by block)."""
-    o, m = ~np.isnan(y), np.isnan(y)
-    dim = len(y)
-    out = []
-    for k in range(len(means)):
-        ey, cov = means[k].copy(), np.zeros((dim, dim))
-        ey[o] = y[o]
-        if m.any():
-            if o.any():
-                gain = covs[k][np.ix_(m, o)] @ np.linalg.inv(covs[k][np.ix_(o, o)])
-                ey[m] = means[k][m] + gain @ (y[o] - means[k][o])
-                cov[np.ix_(m, m)] = covs[k][np.ix_(m, m)] - gain @ covs[k][np.ix_(o, m)]
-            else:
-                cov = covs[k].copy()
-        out.append((ey, cov))
-    return out
-
-
 class Spherical:
     name = "gaussian_spherical"
     emissions_type = "gaussian_spherical"
@@ -210,7 +191,7 @@ class Tied:
     @staticmethod
     def numpy_m_step(model, ys, w):
         means0, covs0 = np.asarray(model.means, np.float64), np.asarray(model.covs, np.float64)
-        moments = [_conditional_moments(means0, covs0, y) for y in ys]
+        moments = [gaussian_conditional_moments(means0, covs0, y) for y in ys]
         total = w.sum(0)
         means = np.stack([sum(w[n, k] * moments[n][k][0] for n in range(len(ys))) for k in range(K)])
         with np.errstate(invalid="ignore"):
@@ -575,7 +556,7 @@ def test_one_em_iteration_equals_hmmlearns(fam):
     lengths = [30, 20, 25]
     ys = fam.draw(rng, sum(lengths))
     hmm = ssmjax.HMM(jnp.asarray(pi), jnp.asarray(A), model)
-    fitted, _, _ = ssmjax.fit_em(hmm, _pad(ys, lengths), lengths=lengths, max_iters=1, frozen=("initial_probs", "transition_matrix"))
+    fitted, _, _ = ssmjax.fit_em(hmm, pad_batch(ys, lengths), lengths=lengths, max_iters=1, frozen=("initial_probs", "transition_matrix"))
     peer.startprob_, peer.transmat_ = pi, A
     peer.fit(ys.astype(int) if fam is Multinomial else ys, lengths)
     want = peer_params(peer)
@@ -583,14 +564,6 @@ def test_one_em_iteration_equals_hmmlearns(fam):
     for name in want:
         assert_allclose(got[name], want[name], rtol=1e-7, atol=1e-9)
 
-
-def _pad(ys, lengths):
-    out = np.full((len(lengths), max(lengths)) + ys.shape[1:], np.nan)
-    start = 0
-    for b, n in enumerate(lengths):
-        out[b, :n] = ys[start : start + n]
-        start += n
-    return out
 
 
 def test_gamma_frozen_rates_or_shapes_get_the_conditional_maximiser():

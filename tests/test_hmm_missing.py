@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 import scipy.stats as st
-from helpers import assert_allclose, random_stochastic_matrix
+from helpers import assert_allclose, gaussian_conditional_moments, random_stochastic_matrix
 
 import ssmjax
 
@@ -195,18 +195,7 @@ def _numpy_full_m_step(model, ys, w):
     s1 = np.zeros((K, dim))
     s2 = np.zeros((K, dim, dim))
     for y, wn in zip(ys, w):
-        o, m = ~np.isnan(y), np.isnan(y)
-        for k in range(K):
-            ey = means[k].copy()
-            cov = np.zeros((dim, dim))
-            ey[o] = y[o]
-            if m.any():
-                if o.any():
-                    gain = covs[k][np.ix_(m, o)] @ np.linalg.inv(covs[k][np.ix_(o, o)])
-                    ey[m] = means[k][m] + gain @ (y[o] - means[k][o])
-                    cov[np.ix_(m, m)] = covs[k][np.ix_(m, m)] - gain @ covs[k][np.ix_(o, m)]
-                else:
-                    cov[np.ix_(m, m)] = covs[k]
+        for k, (ey, cov) in enumerate(gaussian_conditional_moments(means, covs, y)):
             s1[k] += wn[k] * ey
             s2[k] += wn[k] * (np.outer(ey, ey) + cov)
     total = w.sum(0)

@@ -7,20 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_allclose, random_stochastic_matrix
+from helpers import assert_allclose, pad_batch, random_stochastic_matrix
 
 import ssmjax
 
 K = 3
-
-
-def _pad(ys, lengths):
-    out = np.zeros((len(lengths), max(lengths)) + ys.shape[1:], ys.dtype)
-    start = 0
-    for b, n in enumerate(lengths):
-        out[b, :n] = ys[start : start + n]
-        start += n
-    return out
 
 
 @pytest.mark.parametrize("family", ["categorical", "multinomial"])
@@ -54,7 +45,7 @@ def test_one_map_iteration_equals_hmmlearns(family):
     peer.fit(X, lengths)
     prior = ssmjax.HMMPrior(initial=alpha_start, transition=alpha_trans, stickiness=stickiness, emissions=emission_prior)
     hmm = ssmjax.HMM(jnp.asarray(pi), jnp.asarray(A), emissions)
-    fitted, _, _ = ssmjax.fit_em(hmm, _pad(ys, lengths), lengths=lengths, max_iters=1, prior=prior)
+    fitted, _, _ = ssmjax.fit_em(hmm, pad_batch(ys, lengths, fill=0), lengths=lengths, max_iters=1, prior=prior)
     assert_allclose(fitted.initial_probs, peer.startprob_, rtol=1e-6, atol=1e-9)
     assert_allclose(fitted.transition_matrix, peer.transmat_, rtol=1e-6, atol=1e-9)
     assert_allclose(fitted.emissions.probs, peer.emissionprob_, rtol=1e-6, atol=1e-9)
@@ -199,7 +190,7 @@ def test_gaussian_prior_map_iteration_equals_hmmlearns(kind):
     peer.fit(ys, lengths)
     prior = ssmjax.HMMPrior(emissions=ssmjax.GaussianPrior(means_prior, means_weight, covars_prior, covars_weight))
     hmm = ssmjax.HMM(jnp.asarray(pi), jnp.asarray(A), emissions)
-    fitted, _, _ = ssmjax.fit_em(hmm, _pad(ys, lengths), lengths=lengths, max_iters=1, prior=prior)
+    fitted, _, _ = ssmjax.fit_em(hmm, pad_batch(ys, lengths, fill=0), lengths=lengths, max_iters=1, prior=prior)
     assert_allclose(fitted.emissions.means, peer.means_, rtol=1e-6, atol=1e-9)
     if kind == "spherical":  # hmmlearn's covars_ view of its tiled (K, D) array is malformed: read the array
         assert_allclose(fitted.emissions.variances, np.broadcast_to(np.asarray(peer._covars_).reshape(K, -1), (K, d)),
@@ -209,12 +200,12 @@ def test_gaussian_prior_map_iteration_equals_hmmlearns(kind):
     if kind != "full":
         return
     # the log posterior EM reports never decreases, and its maximiser is a stationary point
-    fitted, lls, info = ssmjax.fit_em(hmm, _pad(ys, lengths), lengths=lengths, max_iters=300, tol=1e-13, prior=prior)
+    fitted, lls, info = ssmjax.fit_em(hmm, pad_batch(ys, lengths, fill=0), lengths=lengths, max_iters=300, tol=1e-13, prior=prior)
     lls = np.asarray(lls)[: info.num_iters]
     assert np.all(np.diff(lls) >= -1e-9 * np.abs(lls[1:]))
     def total(em, chain):
         model = ssmjax.HMM(chain.initial_probs, chain.transition_matrix, em)
-        return model.log_posterior(_pad(ys, lengths), prior, lengths=lengths)
+        return model.log_posterior(pad_batch(ys, lengths, fill=0), prior, lengths=lengths)
 
     g_end = jax.grad(total)(fitted.emissions, fitted)
     g_start = jax.grad(total)(hmm.emissions, hmm)

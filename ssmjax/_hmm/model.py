@@ -249,9 +249,10 @@ class HMM(AbstractFittableModel):
     def bic(self, emissions, *, lengths=None, frozen=()) -> float:
         """Schwarz's criterion of a padded batch, ``-2 log p(y) + p log N`` with ``N`` the number of real
         steps (hmmlearn's convention); lower is better."""
-        emissions_checked, lengths_checked, _ = self._check_batch(emissions, lengths, None)
-        num_steps = int(np.sum(np.asarray(lengths_checked)))
-        loglik = self.log_likelihood(emissions_checked, lengths=lengths_checked)
+        emissions, lengths, _ = self._check_batch(emissions, lengths, None)
+        with _checks.value_checks(False):  # checked above
+            loglik = _batch_loglik(self, emissions, lengths)
+        num_steps = int(np.sum(np.asarray(lengths)))
         return float(-2.0 * loglik + np.log(num_steps) * self.num_parameters(frozen))
 
     def filter(self, emissions, *, length=None):

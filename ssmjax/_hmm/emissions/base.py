@@ -184,6 +184,14 @@ def _at_real_steps(bad, mask):
     return bad & mask.reshape(mask.shape + (1,) * (bad.ndim - mask.ndim))
 
 
+def _observed_weights(weights, observed, missing):
+    """``(K, D)`` total weight behind each dimension: ``sum_n weights[n, k]`` over the steps where
+    entry ``d`` is observed (the state's total in every column when nothing can be missing)."""
+    if missing is False:
+        return jnp.broadcast_to(weights.sum(0)[:, None], (weights.shape[1], observed.shape[-1]))
+    return weights.T @ observed.astype(weights.dtype)
+
+
 def _check_some_observed(emissions) -> None:
     """An initialiser's check: every emission dimension of ``(N, ...)`` pooled data has an observed entry."""
     if not jnp.issubdtype(emissions.dtype, jnp.floating):

@@ -26,6 +26,7 @@ from .base import (
     _fill_padding,
     _missing,
     _observed_entries,
+    _observed_weights,
 )
 
 
@@ -164,10 +165,7 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
         observed, emissions = _observed_entries(self._float(_fill_padding(emissions, mask, 0)))
         weights = _check_weights(weights, n, self.num_states, mask, self.logits.dtype)
         sum_weights = weights.sum(0)
-        if missing is False:
-            observed_weights = jnp.broadcast_to(sum_weights[:, None], (self.num_states, self.emission_dim))
-        else:
-            observed_weights = weights.T @ observed.astype(weights.dtype)
+        observed_weights = _observed_weights(weights, observed, missing)
         return BernoulliStats(sum_weights, weights.T @ emissions, observed_weights)
 
     def parameter_counts(self) -> dict[str, int]:

@@ -24,7 +24,9 @@ from .base import (
     _check_some_observed,
     _check_weights,
     _fill_padding,
+    _missing,
     _observed_entries,
+    _observed_weights,
 )
 
 # Newton steps of the shape equation (Minka's update converges quadratically from his
@@ -184,7 +186,8 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
         observed, y = _observed_entries(self._float(_fill_padding(emissions, mask, 1)), fill=1.0)
         weights = _check_weights(weights, n, self.num_states, mask, self.log_rates.dtype)
         obs = observed.astype(weights.dtype)
-        return GammaStats(weights.T @ obs, weights.T @ (obs * y), weights.T @ (obs * jnp.log(y)))
+        counts = _observed_weights(weights, observed, _missing(emissions, mask))
+        return GammaStats(counts, weights.T @ (obs * y), weights.T @ (obs * jnp.log(y)))
 
     def m_step_from_stats(self, stats: GammaStats, frozen=frozenset()) -> "GammaEmissions":
         empty = stats.observed_weights <= 0

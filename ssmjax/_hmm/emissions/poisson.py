@@ -28,6 +28,7 @@ from .base import (
     _check_some_observed,
     _missing,
     _observed_entries,
+    _observed_weights,
 )
 
 
@@ -155,10 +156,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         observed, emissions = _observed_entries(self._float(_fill_padding(emissions, mask, 0)))
         weights = _check_weights(weights, n, self.num_states, mask, self.log_rates.dtype)
         sum_weights = weights.sum(0)
-        if missing is False:
-            observed_weights = jnp.broadcast_to(sum_weights[:, None], (self.num_states, self.emission_dim))
-        else:
-            observed_weights = weights.T @ observed.astype(weights.dtype)
+        observed_weights = _observed_weights(weights, observed, missing)
         return PoissonStats(sum_weights, weights.T @ emissions, observed_weights)
 
     def parameter_counts(self) -> dict[str, int]:
