@@ -66,6 +66,8 @@ from ._hmm.emissions import GaussianMixtureEmissions as GaussianMixtureEmissions
 from ._hmm.emissions import KnownStateEmissions as KnownStateEmissions
 from ._hmm.emissions import MultinomialEmissions as MultinomialEmissions
 from ._hmm.emissions import PoissonEmissions as PoissonEmissions
+from ._hmm.emissions import LinearRegressionEmissions as LinearRegressionEmissions
+from ._hmm.emissions import AutoregressiveEmissions as AutoregressiveEmissions
 from ._hmm.emissions import ProductEmissions as ProductEmissions
 from ._hmm.emissions import SphericalGaussianEmissions as SphericalGaussianEmissions
 from ._hmm.emissions import TiedGaussianEmissions as TiedGaussianEmissions

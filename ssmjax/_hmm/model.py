@@ -17,8 +17,6 @@ bijectors; ``initial_probs`` and ``transition_matrix`` are read back as properti
 
 from __future__ import annotations
 
-import functools
-import inspect
 
 import equinox as eqx
 import jax
@@ -39,6 +37,8 @@ from .emissions import (
     GaussianMixtureEmissions,
     MultinomialEmissions,
     PoissonEmissions,
+    AutoregressiveEmissions,
+    LinearRegressionEmissions,
     SphericalGaussianEmissions,
     TiedGaussianEmissions,
     softmax_rows,
@@ -59,6 +59,8 @@ _FAMILIES = {
     "multinomial": MultinomialEmissions,
     "gamma": GammaEmissions,
     "gmm": GaussianMixtureEmissions,
+    "linear_regression": LinearRegressionEmissions,
+    "autoregressive": AutoregressiveEmissions,
 }
 
 
@@ -80,30 +82,30 @@ def _log_normalize(weights, old_log_probs, axis=-1):
     return jnp.where(empty, old_log_probs, new)
 
 
-def _filter_fn(model, emissions, length):
-    ll = model.log_likelihoods(emissions, length=length)
+def _filter_fn(model, emissions, length, inputs=None):
+    ll = model.log_likelihoods(emissions, length=length, inputs=inputs)
     return hmm_filter(model.initial_probs, model.transition_matrix, ll, length=length)
 
 
-def _smoother_fn(model, emissions, length):
-    ll = model.log_likelihoods(emissions, length=length)
+def _smoother_fn(model, emissions, length, inputs=None):
+    ll = model.log_likelihoods(emissions, length=length, inputs=inputs)
     return hmm_smoother(model.initial_probs, model.transition_matrix, ll, length=length)
 
 
-def _viterbi_fn(model, emissions, length):
-    ll = model.log_likelihoods(emissions, length=length)
+def _viterbi_fn(model, emissions, length, inputs=None):
+    ll = model.log_likelihoods(emissions, length=length, inputs=inputs)
     path, _ = hmm_viterbi(model.initial_probs, model.transition_matrix, ll, length=length)
     return path
 
 
-def _posterior_sample_fn(model, emissions, length, key):
-    ll = model.log_likelihoods(emissions, length=length)
+def _posterior_sample_fn(model, emissions, length, inputs, key):
+    ll = model.log_likelihoods(emissions, length=length, inputs=inputs)
     return hmm_sample_posterior(model.initial_probs, model.transition_matrix, ll, length=length, key=key)
 
 
 @eqx.filter_jit
-def _run_jit(fn, model, emissions, length, extra):
-    return fn(model, emissions, length, *extra)
+def _run_jit(fn, model, emissions, length, inputs, extra):
+    return fn(model, emissions, length, inputs, *extra)
 
 
 class HMM(AbstractFittableModel):
@@ -191,21 +193,16 @@ class HMM(AbstractFittableModel):
         return ("initial_probs", "transition_matrix", "emissions") + sub
 
     # ------------------------------------------------------------ inference
-    def log_likelihoods(self, emissions, *, length=None) -> jax.Array:
+    def log_likelihoods(self, emissions, *, length=None, inputs=None) -> jax.Array:
         """``(T, K)`` emission log-likelihoods of one sequence (see the emission model)."""
-        return self.emissions.log_likelihoods(emissions, length=length)
-
-    @staticmethod
-    def _no_inputs(inputs):
-        if inputs is not None:
-            raise ValueError("`inputs` must be None for an HMM (it has no input matrices).")
+        return self.emissions.log_likelihoods(emissions, length=length, inputs=inputs)
 
     def marginal_loglik(self, emissions, *, length=None, inputs=None) -> jax.Array:
-        """``log p(y_{1:T})`` of one sequence ``(T, *emission_shape)``."""
-        self._no_inputs(inputs)
-        return self.filter(emissions, length=length).marginal_loglik
+        """``log p(y_{1:T})`` of one sequence ``(T, *emission_shape)`` (``inputs`` ``(T, Du)`` for
+        emissions that take them)."""
+        return self.filter(emissions, length=length, inputs=inputs).marginal_loglik
 
-    def log_likelihood(self, emissions, *, lengths=None) -> jax.Array:
+    def log_likelihood(self, emissions, *, lengths=None, inputs=None) -> jax.Array:
         """Summed ``log p(y)`` of a padded batch ``(B, T, *emission_shape)`` (``lengths`` ``(B,)`` or None).
 
         Example:
@@ -216,9 +213,9 @@ class HMM(AbstractFittableModel):
             >>> bool(jnp.isclose(hmm.log_likelihood(ys), hmm.marginal_loglik(ys[0]) + hmm.marginal_loglik(ys[1])))
             True
         """
-        emissions, lengths, _ = self._check_batch(emissions, lengths, None)
+        emissions, lengths, inputs = self._check_batch(emissions, lengths, inputs)
         with _checks.value_checks(False):  # checked above
-            return _batch_loglik(self, emissions, lengths)
+            return _batch_loglik(self, emissions, lengths, inputs)
 
     def num_parameters(self, frozen=()) -> int:
         """Free parameters, as AIC and BIC count them: ``K - 1`` initial probabilities and ``K - 1`` per
@@ -242,35 +239,36 @@ class HMM(AbstractFittableModel):
             total += sum(c for name, c in self.emissions.parameter_counts().items() if f"emissions.{name}" not in frozen)
         return int(total)
 
-    def aic(self, emissions, *, lengths=None, frozen=()) -> float:
+    def aic(self, emissions, *, lengths=None, inputs=None, frozen=()) -> float:
         """Akaike's criterion of a padded batch, ``-2 log p(y) + 2 p`` (:meth:`num_parameters`); lower is better."""
-        return float(-2.0 * self.log_likelihood(emissions, lengths=lengths) + 2.0 * self.num_parameters(frozen))
+        loglik = self.log_likelihood(emissions, lengths=lengths, inputs=inputs)
+        return float(-2.0 * loglik + 2.0 * self.num_parameters(frozen))
 
-    def bic(self, emissions, *, lengths=None, frozen=()) -> float:
+    def bic(self, emissions, *, lengths=None, inputs=None, frozen=()) -> float:
         """Schwarz's criterion of a padded batch, ``-2 log p(y) + p log N`` with ``N`` the number of real
         steps (hmmlearn's convention); lower is better."""
-        emissions, lengths, _ = self._check_batch(emissions, lengths, None)
+        emissions, lengths, inputs = self._check_batch(emissions, lengths, inputs)
         with _checks.value_checks(False):  # checked above
-            loglik = _batch_loglik(self, emissions, lengths)
+            loglik = _batch_loglik(self, emissions, lengths, inputs)
         num_steps = int(np.sum(np.asarray(lengths)))
         return float(-2.0 * loglik + np.log(num_steps) * self.num_parameters(frozen))
 
-    def filter(self, emissions, *, length=None):
+    def filter(self, emissions, *, length=None, inputs=None):
         """Forward filtering of one sequence; see :func:`ssmjax.hmm_filter`."""
-        return self._run(_filter_fn, emissions, length)
+        return self._run(_filter_fn, emissions, length, inputs)
 
-    def smoother(self, emissions, *, length=None):
+    def smoother(self, emissions, *, length=None, inputs=None):
         """Forward-backward smoothing of one sequence; see :func:`ssmjax.hmm_smoother`."""
-        return self._run(_smoother_fn, emissions, length)
+        return self._run(_smoother_fn, emissions, length, inputs)
 
-    def viterbi(self, emissions, *, length=None) -> Int[Array, " T"]:
+    def viterbi(self, emissions, *, length=None, inputs=None) -> Int[Array, " T"]:
         """Most likely state path ``(T,)`` of one sequence; see :func:`ssmjax.hmm_viterbi`."""
-        return self._run(_viterbi_fn, emissions, length)
+        return self._run(_viterbi_fn, emissions, length, inputs)
 
     @_deprecation.key_last("HMM.sample_posterior", skip=1)
-    def sample_posterior(self, emissions, *, length=None, key: PRNGKeyArray) -> Int[Array, " T"]:
+    def sample_posterior(self, emissions, *, length=None, inputs=None, key: PRNGKeyArray) -> Int[Array, " T"]:
         """An exact draw of ``z_{1:T}`` from ``p(z | y)``; see :func:`ssmjax.hmm_sample_posterior`."""
-        return self._run(_posterior_sample_fn, emissions, length, key)
+        return self._run(_posterior_sample_fn, emissions, length, inputs, key)
 
     def most_likely_states(self, emissions, *, length=None) -> Int[Array, " T"]:
         """Deprecated spelling of :meth:`viterbi`."""
@@ -282,8 +280,8 @@ class HMM(AbstractFittableModel):
         _deprecation.warn("HMM.posterior_sample(key, ...)", "HMM.sample_posterior(..., key=key)")
         return self.sample_posterior(emissions, length=length, key=key)
 
-    def _run(self, fn, emissions, length, *extra):
-        """``fn(self, emissions, length, *extra)``; called eagerly, as one compiled program.
+    def _run(self, fn, emissions, length, inputs, *extra):
+        """``fn(self, emissions, length, inputs, *extra)``; called eagerly, as one compiled program.
 
         Eagerly (no tracers), the emissions and ``length`` are validated here -- shapes,
         and values with NumPy -- raising ``ValueError`` as before, and ``fn`` then runs
@@ -291,21 +289,23 @@ class HMM(AbstractFittableModel):
         Run op by op instead, the log-likelihoods and validation compiled dozens of small
         kernels on first use (seconds on CPU). Under a trace ``fn`` is simply inlined.
         """
-        leaves = jax.tree_util.tree_leaves((self, emissions, length, extra))
+        leaves = jax.tree_util.tree_leaves((self, emissions, length, inputs, extra))
         if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
-            return fn(self, emissions, length, *extra)
+            return fn(self, emissions, length, inputs, *extra)
         emissions = _checks.to_device(emissions)
         shape = tuple(self.emissions.emission_shape)
         _checks.check_shape("emissions", emissions, ("T",) + shape, "one emission per time step")
         length = _checks.check_length(length, emissions.shape[0])
         mask = None if length is None else np.arange(emissions.shape[0]) < int(length)
         self.emissions.check_emissions(emissions, mask)
+        inputs = self.emissions.check_inputs(inputs, emissions.shape[0], mask)
         with _checks.value_checks(False):  # checked above
-            return _run_jit(fn, self, emissions, length, extra)
+            return _run_jit(fn, self, emissions, length, inputs, extra)
 
     @_deprecation.key_last("HMM.sample", skip=1)
-    def sample(self, num_timesteps: int, *, key: PRNGKeyArray):
-        """Draw ``(states (T,), emissions (T, *emission_shape))`` from the model.
+    def sample(self, num_timesteps: int, *, inputs=None, key: PRNGKeyArray):
+        """Draw ``(states (T,), emissions (T, *emission_shape))`` from the model (``inputs`` ``(T, Du)``
+        for emissions that take them).
 
         Example:
             >>> import jax, jax.numpy as jnp, ssmjax
@@ -319,14 +319,15 @@ class HMM(AbstractFittableModel):
             raise ValueError(f"`num_timesteps` must be a positive int; got {num_timesteps!r}.")
         # One compiled program (an eager call would compile every primitive of the
         # samplers separately: seconds on first use).
-        return _sample_jit(self, key, int(num_timesteps))
+        inputs = self.emissions.check_inputs(inputs, int(num_timesteps))
+        return _sample_jit(self, key, int(num_timesteps), inputs)
 
     # --------------------------------------------------------- initialisers
     @classmethod
     @_deprecation.key_last("HMM.from_data", skip=1)
     def from_data(cls, emissions, num_states: int, emissions_type: "str | type" = "poisson", *,
-                  lengths=None, stay_prob: float = 0.9, num_classes: int | None = None,
-                  structure: str = "ergodic", max_jump: int = 1, key: PRNGKeyArray):
+                  lengths=None, inputs=None, stay_prob: float = 0.9, num_classes: int | None = None,
+                  num_lags: int = 1, structure: str = "ergodic", max_jump: int = 1, key: PRNGKeyArray):
         """A data-driven starting model for EM.
 
         Emission parameters come from the pooled real steps: quantiles for Poisson,
@@ -347,11 +348,14 @@ class HMM(AbstractFittableModel):
             emissions_type: ``"poisson"``, ``"gaussian"``, ``"gaussian_diag"``, ``"gaussian_spherical"``,
                 ``"gaussian_tied"``, ``"categorical"``,
                 ``"bernoulli"``, ``"multinomial"``, ``"gamma"``, ``"gmm"`` (two diagonal
-                components per state), or an emission class (its ``from_data(pooled, num_states, key=key)``
-                builds the emission model).
+                components per state), ``"linear_regression"`` (on ``inputs``), ``"autoregressive"``
+                (on ``num_lags`` past emissions, and ``inputs`` if given), or an emission class (its
+                ``from_data(pooled, num_states, key=key)`` builds the emission model).
             lengths: ``(B,)`` lengths or ``None``.
+            inputs: ``(B, T, Du)`` covariates, for the regression families.
             stay_prob: diagonal of the initial transition matrix.
             num_classes: number of symbols (categorical only; default ``max + 1``).
+            num_lags: the order ``p`` of an ``"autoregressive"`` model.
             structure: ``"ergodic"`` (every transition allowed) or ``"left-right"``.
             max_jump: the band of a left-right chain (``1``: stay or move to the next state).
             key: PRNG key (keyword-only; the Poisson initialisation does not use it).
@@ -371,7 +375,17 @@ class HMM(AbstractFittableModel):
                 f"`emissions_type` must be one of {sorted(_FAMILIES)} or an emission class with a `from_data`; "
                 f"got {emissions_type!r}."
             )
-        if family is CategoricalEmissions:
+        if family is AutoregressiveEmissions:
+            emission_model = family.from_data(
+                emissions, num_states, num_lags=num_lags, inputs=inputs, lengths=lengths, key=key
+            )
+        elif family is LinearRegressionEmissions:
+            if inputs is None:
+                raise ValueError("`emissions_type='linear_regression'` needs `inputs` (B, T, Du); got None.")
+            emission_model = family.from_data(emissions, inputs, num_states, lengths=lengths, key=key)
+        elif inputs is not None:
+            raise ValueError(f"`inputs` must be None for {family.__name__} (it takes no inputs).")
+        elif family is CategoricalEmissions:
             num_classes = int(np.nanmax(pooled)) + 1 if num_classes is None else num_classes
             emission_model = family.from_data(pooled, num_states, num_classes, key=key)
         else:
@@ -413,7 +427,6 @@ class HMM(AbstractFittableModel):
 
     # ------------------------------------------------------------- fitting
     def _check_batch(self, emissions, lengths, inputs):
-        self._no_inputs(inputs)
         shape = tuple(self.emissions.emission_shape)
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("B", "T") + shape, "a padded batch of sequences")
@@ -428,7 +441,18 @@ class HMM(AbstractFittableModel):
         mask = xp.arange(num_timesteps)[None, :] < xp.asarray(lengths)[:, None]
         flat = host.reshape((num_seq * num_timesteps,) + shape)
         self.emissions.check_emissions(flat, mask.reshape(-1))
-        return emissions, lengths, None
+        return emissions, lengths, self._checked_batch_inputs(inputs, num_seq, num_timesteps, mask)
+
+    def _checked_batch_inputs(self, inputs, num_seq, num_timesteps, mask):
+        """``inputs`` ``(B, T, Du)`` of a batch, checked by the emission family (None for families without)."""
+        if inputs is None:
+            self.emissions.check_inputs(None, num_timesteps)
+            return None
+        inputs = _checks.to_device(inputs)
+        _checks.check_shape("inputs", inputs, (num_seq, num_timesteps, None), "a padded batch of input sequences")
+        flat = inputs.reshape((num_seq * num_timesteps,) + inputs.shape[2:])
+        self.emissions.check_inputs(flat, num_seq * num_timesteps, mask.reshape(-1))
+        return inputs
 
     def _check_em(self, frozen):
         if not isinstance(self.emissions, AbstractExponentialFamilyEmissions) and not (
@@ -440,11 +464,12 @@ class HMM(AbstractFittableModel):
             )
 
     def _e_step(self, emissions, length, inputs):
-        ll = self.emissions.log_likelihoods(emissions, length=length)
+        ll = self.emissions.log_likelihoods(emissions, length=length, inputs=inputs)
         post = hmm_smoother(self.initial_probs, self.transition_matrix, ll, length=length)
         mask = jnp.arange(emissions.shape[0]) < length
         if isinstance(self.emissions, AbstractExponentialFamilyEmissions):
-            emission_stats = self.emissions.suff_stats(emissions, post.smoothed_probs, mask)
+            rows = self.emissions.joined(emissions, inputs)
+            emission_stats = self.emissions.suff_stats(rows, post.smoothed_probs, mask)
         else:
             emission_stats = None
         stats = {
@@ -459,12 +484,16 @@ class HMM(AbstractFittableModel):
     def _prepare_batch(self, emissions, lengths, inputs):
         """The loop-invariant layouts of a padded batch, computed once per fit (see protocol.py)."""
         valid = jnp.arange(emissions.shape[1])[:, None] < lengths[None, :]  # (T, B)
-        return jnp.swapaxes(emissions, 0, 1), valid
+        time_major = jnp.swapaxes(emissions, 0, 1)
+        inputs = None if inputs is None else jnp.swapaxes(inputs, 0, 1)
+        return self.emissions.joined(time_major, inputs), valid
 
     def _batched_e_step(self, batch):
         """Summed statistics and log-likelihood of a padded batch (the hook fit_em uses).
 
-        ``batch`` is :meth:`_prepare_batch`'s ``(time-major emissions (T, B, ...), valid (T, B))``.
+        ``batch`` is :meth:`_prepare_batch`'s ``(time-major rows (T, B, ...), valid (T, B))``: the
+        emissions, joined to their covariates for a family that has them
+        (:meth:`~ssmjax.AbstractEmissions.joined`).
         Equal to summing :meth:`_e_step` over the batch, organised for speed: emission
         log-likelihoods come state-major ``(T, K, B)`` for all steps at once
         (``_time_major_log_likelihoods``), forward-backward advances all sequences together
@@ -585,7 +614,7 @@ class HMM(AbstractFittableModel):
         )
 
 
-def _sample(model: HMM, key, num_timesteps: int):
+def _sample(model: HMM, key, num_timesteps: int, inputs=None):
     key_init, key_trans, key_emit = jax.random.split(key, 3)
     z0 = jax.random.categorical(key_init, model.initial_log_probs)
 
@@ -595,27 +624,12 @@ def _sample(model: HMM, key, num_timesteps: int):
 
     _, rest = jax.lax.scan(_step, z0, jax.random.split(key_trans, num_timesteps - 1))
     states = jnp.concatenate([z0[None], rest])
-    emissions = jax.vmap(functools.partial(_emission_sample, model.emissions))(
-        states, jax.random.split(key_emit, num_timesteps)
-    )
-    return states, emissions
-
-
-def _emission_sample(emissions: AbstractEmissions, state, key):
-    """``emissions.sample(state, key=key)``; an emission model written against the old protocol,
-    ``sample(self, key, state)``, is called that way, with a warning."""
-    first = next(iter(inspect.signature(emissions.sample).parameters))
-    if first == "key":
-        _deprecation.warn(
-            f"{type(emissions).__name__}.sample(self, key, state)", "sample(self, state, *, key)"
-        )
-        return emissions.sample(key, state)
-    return emissions.sample(state, key=key)
+    return states, model.emissions._sample_sequence(states, inputs, key_emit)
 
 
 _sample_jit = eqx.filter_jit(_sample)
 
 
 @eqx.filter_jit
-def _batch_loglik(model: HMM, emissions, lengths):
-    return jnp.sum(jax.vmap(lambda y, n: _filter_fn(model, y, n).marginal_loglik)(emissions, lengths))
+def _batch_loglik(model: HMM, emissions, lengths, inputs=None):
+    return jnp.sum(jax.vmap(lambda y, n, u: _filter_fn(model, y, n, u).marginal_loglik)(emissions, lengths, inputs))

@@ -41,6 +41,9 @@ from .mixture import GaussianMixtureStats as GaussianMixtureStats
 from .multinomial import MultinomialEmissions as MultinomialEmissions
 from .multinomial import MultinomialStats as MultinomialStats
 from .poisson import PoissonEmissions as PoissonEmissions
+from .regression import AutoregressiveEmissions as AutoregressiveEmissions
+from .regression import LinearRegressionEmissions as LinearRegressionEmissions
+from .regression import RegressionStats as RegressionStats
 from .product import ProductEmissions as ProductEmissions
 from .product import ProductStats as ProductStats
 from .poisson import PoissonStats as PoissonStats
@@ -61,6 +64,8 @@ __all__ = [
     "KnownStateEmissions",
     "MultinomialEmissions",
     "PoissonEmissions",
+    "LinearRegressionEmissions",
+    "AutoregressiveEmissions",
     "ProductEmissions",
     "BernoulliStats",
     "CategoricalStats",
@@ -69,5 +74,6 @@ __all__ = [
     "GaussianMixtureStats",
     "MultinomialStats",
     "PoissonStats",
+    "RegressionStats",
     "ProductStats",
 ]

@@ -22,6 +22,7 @@ the formulas for observed data, traced data choose at run time (:func:`_branch`)
 from __future__ import annotations
 
 import abc
+import inspect
 from typing import ClassVar, Optional
 
 import equinox as eqx
@@ -32,7 +33,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
 from jax import lax
 
-from ... import _checks
+from ... import _checks, _deprecation
 from ..._fallback import _any_in_batch
 from ..._fit.protocol import observed_batch
 
@@ -289,7 +290,28 @@ class AbstractEmissions(eqx.Module):
 
     # -- final -------------------------------------------------------------
 
-    def log_likelihoods(self, emissions, *, length=None) -> Float[Array, "T K"]:
+    @property
+    def input_dim(self) -> Optional[int]:
+        """Columns of ``inputs`` ``(T, input_dim)`` the family conditions on; ``None`` for a family
+        that takes no inputs (the default)."""
+        return None
+
+    def check_inputs(self, inputs, num_steps: int, mask=None) -> Optional[Array]:
+        """Validate one sequence's ``inputs`` (``None`` for a family without inputs); return them guarded."""
+        if inputs is not None:
+            raise ValueError(
+                f"`inputs` must be None for {type(self).__name__} (it takes no inputs); "
+                f"got an array of shape {jnp.shape(inputs)}."
+            )
+        return None
+
+    def joined(self, emissions, inputs) -> Array:
+        """The per-step rows the family's statistics read: ``emissions`` themselves, or for a
+        family with covariates (:class:`ssmjax.LinearRegressionEmissions`) each step's emission
+        joined to its covariates. Time is axis 0; further leading axes (a batch) are allowed."""
+        return emissions
+
+    def log_likelihoods(self, emissions, *, length=None, inputs=None) -> Float[Array, "T K"]:
         r"""Log-likelihood matrix of a sequence: ``out[t, k] = log p(y_t | z_t = k)``.
 
         This is the ``log_likelihoods`` argument of :func:`ssmjax.hmm_filter`.
@@ -302,6 +324,8 @@ class AbstractEmissions(eqx.Module):
             length: optional number of real steps (see :mod:`ssmjax._types`).
                 Steps ``t >= length`` are padding: they are neither checked nor
                 evaluated, whatever they contain, and their rows are ``0``.
+            inputs: ``(T, input_dim)`` covariates, for a family that takes them
+                (:attr:`input_dim`); ``None`` otherwise.
 
         Returns:
             Array of shape ``(T, K)``.
@@ -322,16 +346,26 @@ class AbstractEmissions(eqx.Module):
         num_steps = emissions.shape[0]
         mask = _step_mask(num_steps, length)
         emissions = self.check_emissions(emissions, mask)
+        inputs = self.check_inputs(inputs, num_steps, mask)
         if mask is not None:
             # padded steps get the first (real) step's emission so log_prob and
             # its gradient only ever see valid inputs
             m = mask.reshape(mask.shape + (1,) * len(shape))
             emissions = jnp.where(m, emissions, emissions[:1])
+            if inputs is not None:
+                inputs = jnp.where(mask[:, None], inputs, inputs[:1])
+        rows = self.joined(emissions, inputs)
         with _checks.value_checks(False):  # already checked above, in one reduction
-            lls = self._stacked_log_probs(emissions, _missing(emissions, mask))
+            lls = self._stacked_log_probs(rows, _missing(rows, mask))
         if mask is not None:
             lls = jnp.where(mask[:, None], lls, 0.0)
         return lls
+
+    def _sample_sequence(self, states, inputs, key) -> Array:
+        """Emissions ``(T, *emission_shape)`` along a path of ``states`` (one key per step); families
+        whose emissions read covariates or their own past override it."""
+        keys = jax.random.split(key, states.shape[0])
+        return jax.vmap(lambda state, k: _emission_sample(self, state, k))(states, keys)
 
     def _checked_emission(self, emission, what: str) -> Array:
         """One step's emission for ``log_prob``: on the device, shape- and value-checked."""
@@ -458,6 +492,18 @@ class AbstractExponentialFamilyEmissions(AbstractEmissions):
         kept at their current values; the others get their exact maximiser given
         them (e.g. Gaussian covariances about frozen means).
         """
+
+
+def _emission_sample(emissions: AbstractEmissions, state, key):
+    """``emissions.sample(state, key=key)``; an emission model written against the old protocol,
+    ``sample(self, key, state)``, is called that way, with a warning."""
+    first = next(iter(inspect.signature(emissions.sample).parameters))
+    if first == "key":
+        _deprecation.warn(
+            f"{type(emissions).__name__}.sample(self, key, state)", "sample(self, state, *, key)"
+        )
+        return emissions.sample(key, state)
+    return emissions.sample(state, key=key)
 
 
 def _check_weights(weights, num_steps: int, num_states: int, mask, dtype) -> jax.Array:

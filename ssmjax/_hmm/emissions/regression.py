@@ -1,0 +1,459 @@
+r"""Gaussian emissions that regress on covariates: linear regression per state and autoregression.
+
+:class:`LinearRegressionEmissions`: :math:`y_t \mid z_t = k \sim \mathcal N(W_k x_t + b_k, \Sigma_k)`
+with :math:`x_t` the step's ``inputs`` (the same argument, ``(T, Du)`` per sequence or
+``(B, T, Du)`` for a batch, as the LGSSM takes). :class:`AutoregressiveEmissions` (an ARHMM)
+regresses on the ``p`` previous emissions of the same sequence, and on inputs if it has any.
+
+**Rows.** The statistics read each step's emission joined to its covariates,
+``[y_t, x_t]`` (:meth:`~ssmjax.AbstractEmissions.joined`), so that pooling steps across
+sequences, padding and the batched E-step of :func:`ssmjax.fit_em` treat them like any
+other family's emissions.
+
+**The first p steps** of an autoregressive model are conditioned on, as in statsmodels'
+``MarkovAutoregression`` and the conditional likelihood of an AR model: their rows of
+log-likelihoods are zero and they add nothing to the statistics, so the initial
+distribution is that of the state at step 0 and the first modelled emission is step ``p``.
+When sampling, the lags before step 0 are zero.
+
+**Missing entries.** A step whose emission is entirely NaN is missing (a zero row, nothing
+in the statistics); a partly observed step is rejected, and so is any NaN in the emissions
+of an autoregressive model (a missing lag would make the step's density an integral over
+it) or in ``inputs``.
+
+**M-step.** Weighted least squares per state, exact: with :math:`\tilde x = [x, 1]`, the
+statistics are centred on the current fit (residuals :math:`r_{nk} = y_n - W_k x_n - b_k`),
+:math:`G_k = \sum_n w_{nk} \tilde x_n \tilde x_n^\top`, :math:`H_k = \sum_n w_{nk} r_{nk} \tilde x_n^\top`,
+:math:`S_k = \sum_n w_{nk} r_{nk} r_{nk}^\top`, and the maximiser moves the coefficients by
+:math:`\Delta_k = H_k G_k^{-1}` and sets :math:`\Sigma_k = (S_k - \Delta_k H_k^\top) / \sum_n w_{nk}`
+(plus ``min_variance`` on the diagonal). Frozen ``weights`` or ``biases`` solve over the
+free columns only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, NamedTuple, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ... import _checks
+from .base import AbstractExponentialFamilyEmissions, _at_real_steps, _check_weights, _keep_where_empty
+from .gaussian import GaussianEmissions
+from .gaussian_ops import _sym_cholesky
+
+
+class RegressionStats(NamedTuple):
+    r"""Sufficient statistics of the regression families, centred on the current fit.
+
+    Attributes:
+        sum_weights: ``(K,)``, :math:`\sum_n w_{nk}`.
+        gram: ``(K, P + 1, P + 1)``, :math:`\sum_n w_{nk} \tilde x_n \tilde x_n^\top`, :math:`\tilde x = [x, 1]`.
+        cross: ``(K, D, P + 1)``, :math:`\sum_n w_{nk} r_{nk} \tilde x_n^\top`.
+        outer: ``(K, D, D)``, :math:`\sum_n w_{nk} r_{nk} r_{nk}^\top`.
+    """
+
+    sum_weights: Array
+    gram: Array
+    cross: Array
+    outer: Array
+
+
+def _finite(name, value):
+    xp, values = _checks.host_arrays(value)
+    return _checks.check_values(value, ~xp.isfinite(values), f"`{name}` must be finite.")
+
+
+def _lags(emissions, num_lags: int):
+    """``[y_{t-1}, ..., y_{t-p}]`` along the last axis, zeros before the start (time is axis 0)."""
+    steps = emissions.shape[0]
+    pad = lambda j: jnp.zeros((j,) + emissions.shape[1:], emissions.dtype)  # noqa: E731
+    return jnp.concatenate(
+        [jnp.concatenate([pad(min(j, steps)), emissions[: max(steps - j, 0)]], axis=0) for j in range(1, num_lags + 1)],
+        axis=-1,
+    )
+
+
+class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
+    r"""A linear-Gaussian regression per state, :math:`y_t \sim \mathcal N(W_k x_t + b_k, \Sigma_k)` given ``inputs`` :math:`x_t`.
+
+    Storage: ``weights`` ``(K, D, P)``, ``biases`` ``(K, D)`` and the Cholesky factors
+    ``chol_covs`` ``(K, D, D)`` (only the lower triangle is read). Statistics and M-step:
+    :mod:`ssmjax._hmm.emissions.regression`.
+
+    Args:
+        weights: ``(K, D, P)`` regression coefficients.
+        biases: ``(K, D)`` intercepts.
+        covs: ``(K, D, D)`` symmetric positive-definite; or pass ``chol_covs`` instead.
+        min_variance: ridge added to the covariances by the M-step (a static, non-negative float).
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> model = ssmjax.LinearRegressionEmissions(
+        ...     weights=jnp.array([[[1.0]], [[-1.0]]]), biases=jnp.zeros((2, 1)), covs=jnp.ones((2, 1, 1)))
+        >>> model.input_dim, model.log_likelihoods(jnp.ones((4, 1)), inputs=jnp.ones((4, 1))).shape
+        (1, (4, 2))
+    """
+
+    weights: Float[Array, "K D P"]
+    biases: Float[Array, "K D"]
+    chol_covs: Float[Array, "K D D"]
+    min_variance: float = eqx.field(static=True)
+    parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {
+        "weights": ("weights",), "biases": ("biases",), "covs": ("chol_covs",)
+    }
+
+    def __init__(self, weights, biases, covs=None, *, chol_covs=None, min_variance: float = 1e-6):
+        if (covs is None) == (chol_covs is None):
+            raise ValueError("Pass exactly one of `covs` and `chol_covs`.")
+        if isinstance(min_variance, bool) or not isinstance(min_variance, (int, float)) or min_variance < 0:
+            raise ValueError(f"`min_variance` must be a non-negative float; got {min_variance!r}.")
+        self.min_variance = float(min_variance)
+        weights = _checks.as_float_array("weights", weights)
+        _checks.check_shape("weights", weights, ("K", "D", "P"), "one coefficient matrix per state")
+        k, d, _ = weights.shape
+        biases = _checks.as_float_array("biases", biases, weights.dtype)
+        _checks.check_shape("biases", biases, (k, d), "one intercept vector per state")
+        self.weights, self.biases = (_finite(name, value) for name, value in (("weights", weights), ("biases", biases)))
+        if covs is not None:
+            covs = _checks.as_float_array("covs", covs, weights.dtype)
+            _checks.check_shape("covs", covs, (k, d, d), "a full covariance matrix per state")
+            self.chol_covs = _sym_cholesky(_checks.check_psd("covs", covs))
+        else:
+            chol_covs = _checks.as_float_array("chol_covs", chol_covs, weights.dtype)
+            _checks.check_shape("chol_covs", chol_covs, (k, d, d))
+            self.chol_covs = chol_covs
+
+    # -- views -------------------------------------------------------------
+
+    @property
+    def num_states(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def emission_dim(self) -> int:
+        return self.weights.shape[1]
+
+    @property
+    def emission_shape(self) -> tuple[int, ...]:
+        return (self.emission_dim,)
+
+    @property
+    def num_covariates(self) -> int:
+        """``P``: the columns of ``weights`` (inputs, and lags for an autoregressive model)."""
+        return self.weights.shape[2]
+
+    @property
+    def input_dim(self) -> Optional[int]:
+        return self.num_covariates
+
+    @property
+    def covs(self) -> Float[Array, "K D D"]:
+        chol = jnp.tril(self.chol_covs)
+        return chol @ jnp.swapaxes(chol, -1, -2)
+
+    def _with(self, weights, biases, chol_covs):
+        return eqx.tree_at(lambda m: (m.weights, m.biases, m.chol_covs), self, (weights, biases, chol_covs))
+
+    # -- checks ------------------------------------------------------------
+
+    def check_emissions(self, emissions, mask=None) -> Array:
+        emissions = _checks.to_device(emissions)
+        if not jnp.issubdtype(emissions.dtype, jnp.floating):
+            emissions = emissions.astype(self.weights.dtype)
+        xp, values, mask = _checks.host_arrays(emissions, mask)
+        nan = xp.isnan(values)
+        partly = xp.any(nan, axis=-1) & ~xp.all(nan, axis=-1)
+        bad = _at_real_steps(xp.isinf(values) | partly[..., None], mask)
+        return _checks.check_values(
+            emissions, bad,
+            f"`emissions` of {type(self).__name__} must be finite; a missing step is NaN in every entry.",
+        )
+
+    def _input_columns(self) -> int:
+        return self.num_covariates
+
+    def check_inputs(self, inputs, num_steps: int, mask=None) -> Optional[Array]:
+        width = self._input_columns()
+        if inputs is None:
+            if width:
+                raise ValueError(f"{type(self).__name__} needs `inputs` of shape (T, {width}); got None.")
+            return None
+        if not width:
+            raise ValueError(
+                f"`inputs` must be None for this {type(self).__name__} (it has no input columns); "
+                f"got an array of shape {jnp.shape(inputs)}."
+            )
+        inputs = _checks.as_float_array("inputs", inputs, self.weights.dtype)
+        _checks.check_shape("inputs", inputs, (num_steps, width), "one input vector per time step")
+        xp, values, mask = _checks.host_arrays(inputs, mask)
+        return _checks.check_values(inputs, _at_real_steps(~xp.isfinite(values), mask), "`inputs` must be finite.")
+
+    def joined(self, emissions, inputs) -> Array:
+        return jnp.concatenate([emissions.astype(self.weights.dtype), inputs.astype(self.weights.dtype)], axis=-1)
+
+    # -- densities ---------------------------------------------------------
+
+    def _split(self, rows):
+        d = self.emission_dim
+        y, x = rows[..., :d], rows[..., d:]
+        observed = ~jnp.isnan(y[..., 0])
+        return jnp.where(observed[..., None], y, 0.0), x, observed
+
+    def _residuals(self, y, x) -> Float[Array, "N K D"]:
+        means = jnp.einsum("kdp,np->nkd", self.weights, x) + self.biases[None]
+        return y[:, None, :] - means
+
+    def _stacked_log_probs(self, rows, missing) -> Float[Array, "N K"]:
+        y, x, observed = self._split(rows)
+        chol = jnp.tril(self.chol_covs)
+        eye = jnp.broadcast_to(jnp.eye(self.emission_dim, dtype=chol.dtype), chol.shape)
+        inv_chol = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+        z = jnp.einsum("kde,nke->nkd", inv_chol, self._residuals(y, x))
+        log_det = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(chol, axis1=-2, axis2=-1))), axis=-1)
+        lls = -0.5 * jnp.sum(z**2, axis=-1) - log_det - 0.5 * self.emission_dim * math.log(2 * math.pi)
+        return jnp.where(observed[:, None], lls, 0.0)
+
+    def log_prob(self, emission, covariates=None) -> Float[Array, " K"]:
+        r"""``log p(y | x, z = k)`` of one step, ``covariates`` :math:`x` its ``P`` regressors (all NaN: ``0``)."""
+        emission = self._checked_emission(emission, "one emission vector")
+        covariates = _checks.as_float_array("covariates", covariates, self.weights.dtype)
+        _checks.check_shape("covariates", covariates, (self.num_covariates,), "the step's regressors")
+        return self._stacked_log_probs(jnp.concatenate([emission, covariates])[None], None)[0]
+
+    def sample(self, state, covariates=None, *, key: PRNGKeyArray) -> Float[Array, " D"]:
+        """One emission from state ``state`` given the step's ``covariates`` ``(P,)``."""
+        eps = jax.random.normal(key, (self.emission_dim,), self.weights.dtype)
+        mean = self.weights[state] @ covariates + self.biases[state]
+        return mean + jnp.tril(self.chol_covs[state]) @ eps
+
+    def _sample_sequence(self, states, inputs, key):
+        keys = jax.random.split(key, states.shape[0])
+        return jax.vmap(lambda z, u, k: self.sample(z, u, key=k))(states, inputs, keys)
+
+    # -- EM ------------------------------------------------------------------
+
+    def suff_stats(self, emissions, weights, mask=None) -> RegressionStats:
+        """Weighted statistics of pooled rows ``[y, x]`` ``(N, D + P)`` (:meth:`joined`)."""
+        rows = _checks.as_float_array("emissions", emissions, self.weights.dtype)
+        _checks.check_shape("emissions", rows, ("N", self.emission_dim + self.num_covariates), "rows [y, x]")
+        y, x, observed = self._split(rows)
+        w = _check_weights(weights, rows.shape[0], self.num_states, mask, rows.dtype)
+        w = jnp.where(observed[:, None], w, 0.0)
+        x1 = jnp.concatenate([x, jnp.ones(x.shape[:1] + (1,), x.dtype)], axis=-1)
+        r = self._residuals(y, x)
+        return RegressionStats(
+            sum_weights=w.sum(0),
+            gram=jnp.einsum("nk,np,nq->kpq", w, x1, x1),
+            cross=jnp.einsum("nk,nkd,np->kdp", w, r, x1),
+            outer=jnp.einsum("nk,nkd,nke->kde", w, r, r),
+        )
+
+    def m_step_from_stats(self, stats: RegressionStats, frozen=frozenset()) -> "LinearRegressionEmissions":
+        p = self.num_covariates
+        free = [i for i in range(p) if "weights" not in frozen] + ([p] if "biases" not in frozen else [])
+        dtype = stats.gram.dtype
+        delta = jnp.zeros_like(stats.cross)
+        outer = stats.outer
+        if free:
+            idx = np.asarray(free)
+            gram = stats.gram[:, idx][:, :, idx]
+            cross = stats.cross[:, :, idx]
+            # a ridge at round-off scale keeps a singular Gram matrix (a state with fewer steps
+            # than coefficients) solvable without moving a well-posed solution
+            scale = jnp.trace(gram, axis1=-2, axis2=-1)[:, None, None] / len(free)
+            ridge = jnp.finfo(dtype).eps * scale * jnp.eye(len(free), dtype=dtype)
+            step = jnp.swapaxes(jnp.linalg.solve(gram + ridge, jnp.swapaxes(cross, -1, -2)), -1, -2)
+            delta = delta.at[:, :, idx].set(step)
+            outer = outer - step @ jnp.swapaxes(cross, -1, -2)
+        empty = stats.sum_weights <= 0
+        weights = _keep_where_empty(empty, self.weights + delta[:, :, :p], self.weights)
+        biases = _keep_where_empty(empty, self.biases + delta[:, :, p], self.biases)
+        chol = self.chol_covs
+        if "covs" not in frozen:
+            d = self.emission_dim
+            covs = outer / jnp.where(empty, 1.0, stats.sum_weights)[:, None, None]
+            covs = 0.5 * (covs + jnp.swapaxes(covs, -1, -2)) + self.min_variance * jnp.eye(d, dtype=dtype)
+            chol = _keep_where_empty(empty, jnp.linalg.cholesky(jnp.where(empty[:, None, None], jnp.eye(d, dtype=dtype), covs)), chol)
+        return self._with(weights, biases, chol)
+
+    def parameter_counts(self) -> dict[str, int]:
+        k, d, p = self.weights.shape
+        return {"weights": k * d * p, "biases": k * d, "covs": k * d * (d + 1) // 2}
+
+    # -- initialisers ------------------------------------------------------
+
+    @classmethod
+    def _from_rows(cls, rows, num_states: int, num_covariates: int, extra, *, min_variance, key):
+        """k-means on the pooled rows ``[y, x]`` (observed steps only), responsibilities from the
+        clusters' Gaussians, then one weighted least-squares M-step."""
+        rows = np.asarray(rows)
+        rows = rows[~np.isnan(rows).any(axis=1)]
+        if rows.shape[0] < num_states:
+            raise ValueError(f"need at least num_states={num_states} observed steps to initialise; got {rows.shape[0]}.")
+        dim = rows.shape[1] - num_covariates
+        clusters = GaussianEmissions.from_data(rows, num_states, min_variance=max(min_variance, 1e-6), key=key)
+        resp = jax.nn.softmax(clusters.log_likelihoods(rows), axis=-1)
+        dtype = clusters.means.dtype
+        start = cls(
+            weights=jnp.zeros((num_states, dim, num_covariates), dtype), biases=jnp.zeros((num_states, dim), dtype),
+            covs=jnp.broadcast_to(jnp.eye(dim, dtype=dtype), (num_states, dim, dim)), min_variance=min_variance, **extra,
+        )
+        return start.m_step_from_stats(start.suff_stats(rows, resp))
+
+    @classmethod
+    def from_data(cls, emissions, inputs, num_states: int, *, lengths=None, min_variance: float = 1e-6,
+                  key: PRNGKeyArray) -> "LinearRegressionEmissions":
+        """A starting model: k-means on the joined ``[y, x]`` rows, then one weighted least-squares step.
+
+        Args:
+            emissions: ``(T, D)`` or a padded batch ``(B, T, D)``.
+            inputs: ``(T, P)`` or ``(B, T, P)``, matching.
+            num_states: ``K``.
+            lengths: ``(B,)`` real steps of a batch (None: all).
+            min_variance: passed to the model.
+            key: PRNG key (keyword-only).
+
+        Example:
+            >>> import jax, ssmjax
+            >>> u = jax.random.normal(jax.random.key(0), (200, 2))
+            >>> y = u @ jax.numpy.ones((2, 1))
+            >>> ssmjax.LinearRegressionEmissions.from_data(y, u, 2, key=jax.random.key(1)).weights.shape
+            (2, 1, 2)
+        """
+        emissions, inputs = np.asarray(emissions, float), np.asarray(inputs, float)
+        if emissions.ndim == 2:
+            emissions, inputs = emissions[None], inputs[None]
+        if emissions.ndim != 3 or inputs.ndim != 3 or inputs.shape[:2] != emissions.shape[:2]:
+            raise ValueError(
+                "`emissions` (T, D) or (B, T, D) and `inputs` (T, P) or (B, T, P) must match in their leading axes; "
+                f"got shapes {emissions.shape} and {inputs.shape}."
+            )
+        rows = _pooled(np.concatenate([emissions, inputs], axis=-1), lengths)
+        return cls._from_rows(rows, num_states, inputs.shape[-1], {}, min_variance=min_variance, key=key)
+
+
+def _pooled(rows, lengths):
+    """The real steps of a padded batch of rows ``(B, T, C)``, pooled to ``(N, C)``."""
+    num_seq, steps = rows.shape[:2]
+    lengths = np.full(num_seq, steps) if lengths is None else np.asarray(lengths)
+    keep = np.arange(steps)[None, :] < lengths[:, None]
+    return rows[keep]
+
+
+class AutoregressiveEmissions(LinearRegressionEmissions):
+    r"""Autoregressive Gaussian emissions (an ARHMM): :math:`y_t \sim \mathcal N(\sum_{j=1}^p A_{k,j} y_{t-j} + B_k u_t + b_k, \Sigma_k)`.
+
+    ``weights`` ``(K, D, p D + Du)`` hold the lag matrices :math:`[A_{k,1}, \dots, A_{k,p}]`
+    then the input matrix :math:`B_k` (``Du = 0``: no inputs). The first ``p`` steps of each
+    sequence are conditioned on (module docstring), so a sequence needs more than ``p`` steps.
+
+    Args:
+        weights: ``(K, D, p D + Du)``.
+        biases: ``(K, D)``.
+        covs: ``(K, D, D)``; or ``chol_covs``.
+        num_lags: ``p >= 1``.
+        min_variance: as :class:`LinearRegressionEmissions`.
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax
+        >>> ar = ssmjax.AutoregressiveEmissions(
+        ...     weights=jnp.array([[[0.9]], [[-0.5]]]), biases=jnp.zeros((2, 1)), covs=jnp.ones((2, 1, 1)), num_lags=1)
+        >>> lls = ar.log_likelihoods(jnp.array([[1.0], [0.8], [0.9]]))
+        >>> lls.shape, lls[0].tolist()
+        ((3, 2), [0.0, 0.0])
+    """
+
+    num_lags: int = eqx.field(static=True)
+
+    def __init__(self, weights, biases, covs=None, *, num_lags: int, chol_covs=None, min_variance: float = 1e-6):
+        if isinstance(num_lags, bool) or not isinstance(num_lags, (int, np.integer)) or num_lags < 1:
+            raise ValueError(f"`num_lags` must be a positive int; got {num_lags!r}.")
+        super().__init__(weights, biases, covs, chol_covs=chol_covs, min_variance=min_variance)
+        self.num_lags = int(num_lags)
+        if self.num_covariates < self.num_lags * self.emission_dim:
+            raise ValueError(
+                f"`weights` must have at least num_lags * D = {self.num_lags * self.emission_dim} columns "
+                f"(the lag matrices, then any input columns); got shape {tuple(self.weights.shape)}."
+            )
+
+    @property
+    def input_dim(self) -> Optional[int]:
+        width = self._input_columns()
+        return width if width else None
+
+    def _input_columns(self) -> int:
+        return self.num_covariates - self.num_lags * self.emission_dim
+
+    def check_emissions(self, emissions, mask=None) -> Array:
+        emissions = _checks.to_device(emissions)
+        if not jnp.issubdtype(emissions.dtype, jnp.floating):
+            emissions = emissions.astype(self.weights.dtype)
+        xp, values, mask = _checks.host_arrays(emissions, mask)
+        bad = _at_real_steps(~xp.isfinite(values), mask)
+        return _checks.check_values(
+            emissions, bad, "`emissions` of an AutoregressiveEmissions must be finite (no missing entries: they are lags too)."
+        )
+
+    def joined(self, emissions, inputs) -> Array:
+        steps = emissions.shape[0]
+        if steps <= self.num_lags:
+            raise ValueError(
+                f"an AutoregressiveEmissions with num_lags={self.num_lags} needs sequences longer than "
+                f"{self.num_lags} steps; got T = {steps}."
+            )
+        y = emissions.astype(self.weights.dtype)
+        covariates = _lags(y, self.num_lags)
+        if inputs is not None:
+            covariates = jnp.concatenate([covariates, inputs.astype(y.dtype)], axis=-1)
+        # the first p steps are conditioned on: their emission part reads as missing
+        first = (jnp.arange(steps) < self.num_lags).reshape((steps,) + (1,) * (y.ndim - 1))
+        return jnp.concatenate([jnp.where(first, jnp.nan, y), covariates], axis=-1)
+
+    def _sample_sequence(self, states, inputs, key):
+        p, d = self.num_lags, self.emission_dim
+        keys = jax.random.split(key, states.shape[0])
+        xs = (states, keys) if inputs is None else (states, keys, inputs)
+
+        def step(history, x):
+            covariates = history if inputs is None else jnp.concatenate([history, x[2]])
+            y = self.sample(x[0], covariates, key=x[1])
+            return jnp.concatenate([y, history[: (p - 1) * d]]), y
+
+        return jax.lax.scan(step, jnp.zeros((p * d,), self.weights.dtype), xs)[1]
+
+    @classmethod
+    def from_data(cls, emissions, num_states: int, *, num_lags: int = 1, inputs=None, lengths=None,
+                  min_variance: float = 1e-6, key: PRNGKeyArray) -> "AutoregressiveEmissions":
+        """A starting model: k-means on the rows ``[y_t, y_{t-1}, ..., y_{t-p}, u_t]`` of the modelled
+        steps, then one weighted least-squares step.
+
+        Example:
+            >>> import jax, ssmjax
+            >>> y = jax.numpy.cumsum(jax.random.normal(jax.random.key(0), (300, 1)), axis=0)
+            >>> ssmjax.AutoregressiveEmissions.from_data(y, 2, num_lags=2, key=jax.random.key(1)).weights.shape
+            (2, 1, 2)
+        """
+        emissions = np.asarray(emissions, float)
+        if emissions.ndim == 2:
+            emissions = emissions[None]
+            inputs = None if inputs is None else np.asarray(inputs, float)[None]
+        if emissions.ndim != 3:
+            raise ValueError(f"`emissions` must have shape (T, D) or (B, T, D); got shape {emissions.shape}.")
+        if isinstance(num_lags, bool) or not isinstance(num_lags, (int, np.integer)) or num_lags < 1:
+            raise ValueError(f"`num_lags` must be a positive int; got {num_lags!r}.")
+        if emissions.shape[1] <= num_lags:
+            raise ValueError(f"num_lags={num_lags} needs sequences longer than {num_lags} steps; got T = {emissions.shape[1]}.")
+        y = np.swapaxes(emissions, 0, 1)  # time first
+        rows = [np.asarray(_lags(jnp.asarray(y), num_lags))]
+        if inputs is not None:
+            rows.append(np.swapaxes(np.asarray(inputs, float), 0, 1))
+        rows = np.concatenate([y] + rows, axis=-1)
+        rows[:num_lags, :, : y.shape[-1]] = np.nan  # the conditioned steps
+        rows = _pooled(np.swapaxes(rows, 0, 1), lengths)
+        num_covariates = rows.shape[1] - y.shape[-1]
+        return cls._from_rows(rows, num_states, num_covariates, {"num_lags": num_lags}, min_variance=min_variance, key=key)
