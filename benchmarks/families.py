@@ -1,5 +1,8 @@
 """EM for the emission families beyond the Gaussian: ssmjax vs dynamax and hmmlearn, in one process.
 
+``linreg`` (a linear regression per state on 2 inputs) and ``arhmm`` (first-order autoregression)
+are the input-driven families; hmmlearn has neither.
+
 Each family is fitted by each library to the same padded batch (K = 5 states, B = 100
 sequences of T = 1000 steps, 50 EM iterations, no early stop), each from its own default
 initialisation. "first" includes compilation (ssmjax's and dynamax's first call in this
@@ -28,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 
-K, D, M, TRIALS = 5, 3, 2, 10
+K, D, M, TRIALS, INPUTS = 5, 3, 2, 10, 2
 
 
 def simulate(family, rng, num_seq, num_timesteps):
@@ -49,6 +52,17 @@ def simulate(family, rng, num_seq, num_timesteps):
         return counts.reshape(num_seq, num_timesteps, 4).astype(np.float32)
     if family == "gamma":
         return rng.gamma(2.0 + 4.0 * level, 1.0).astype(np.float32)
+    if family == "linreg":  # y = W_z u + b_z + noise, returned as (emissions, inputs)
+        u = rng.normal(size=(num_seq, num_timesteps, INPUTS))
+        w = np.random.default_rng(1).normal(size=(K, D, INPUTS))
+        y = np.einsum("btdp,btp->btd", w[z], u) + 2.0 * level + 0.3 * rng.normal(size=(num_seq, num_timesteps, D))
+        return y.astype(np.float32), u.astype(np.float32)
+    if family == "arhmm":  # y_t = a_z y_{t-1} + b_z + noise
+        y = np.zeros((num_seq, num_timesteps, D))
+        a = np.linspace(-0.8, 0.8, K)
+        for t in range(1, num_timesteps):
+            y[:, t] = a[z[:, t], None] * y[:, t - 1] + level[:, t] + 0.3 * rng.normal(size=(num_seq, D))
+        return y.astype(np.float32)
     centres = 4.0 * (z[..., None] - (K - 1) / 2) + rng.normal(size=(num_seq, num_timesteps, D))
     if family == "gmm":
         centres = centres + rng.choice([-1.0, 1.0], size=(num_seq, num_timesteps, 1))
@@ -56,14 +70,16 @@ def simulate(family, rng, num_seq, num_timesteps):
 
 
 SSMJAX_TYPES = {"bernoulli": "bernoulli", "multinomial": "multinomial", "spherical": "gaussian_spherical",
-                "tied": "gaussian_tied", "gamma": "gamma", "gmm": "gmm"}
+                "tied": "gaussian_tied", "gamma": "gamma", "gmm": "gmm", "linreg": "linear_regression",
+                "arhmm": "autoregressive"}
 
 
 def run_ssmjax(family, ys, num_iters):
     import ssmjax
 
-    model = ssmjax.HMM.from_data(ys, K, SSMJAX_TYPES[family], key=jax.random.key(0))
-    fitted, lls, _ = ssmjax.fit_em(model, ys, max_iters=num_iters, tol=0.0)
+    ys, us = ys if isinstance(ys, tuple) else (ys, None)
+    model = ssmjax.HMM.from_data(ys, K, SSMJAX_TYPES[family], inputs=us, key=jax.random.key(0))
+    fitted, lls, _ = ssmjax.fit_em(model, ys, inputs=us, max_iters=num_iters, tol=0.0)
     jax.block_until_ready(lls)
     return float(lls[-1])
 
@@ -72,7 +88,20 @@ def run_dynamax(family, ys, num_iters):
     import dynamax.hidden_markov_model as h
 
     key = jax.random.key(0)
+    inputs = None
+    if family == "linreg":
+        y, inputs = (jnp.asarray(a) for a in ys)
+        hmm = h.LinearRegressionHMM(K, INPUTS, D)
+        params, props = hmm.initialize(key, method="kmeans", emissions=y.reshape(-1, D))
+        params, lps = hmm.fit_em(params, props, y, inputs=inputs, num_iters=num_iters, verbose=False)
+        return float(jax.block_until_ready(lps)[-1])
     y = jnp.asarray(ys)
+    if family == "arhmm":
+        hmm = h.LinearAutoregressiveHMM(K, D, num_lags=1)
+        params, props = hmm.initialize(key, method="kmeans", emissions=y.reshape(-1, D))
+        inputs = jax.vmap(hmm.compute_inputs)(y)
+        params, lps = hmm.fit_em(params, props, y, inputs=inputs, num_iters=num_iters, verbose=False)
+        return float(jax.block_until_ready(lps)[-1])
     if family == "bernoulli":
         hmm = h.BernoulliHMM(K, D)
         params, props = hmm.initialize(key)
@@ -112,7 +141,7 @@ def run_hmmlearn(family, ys, num_iters):
         model = hmm.GMMHMM(n_mix=M, covariance_type="diag", **common)
         X = ys.reshape(-1, D)
     else:
-        return None  # hmmlearn has no Bernoulli or Gamma HMM
+        return None  # hmmlearn has no Bernoulli, Gamma, regression or autoregressive HMM
     model.fit(X, [ys.shape[1]] * ys.shape[0])
     return float(model.score(X, [ys.shape[1]] * ys.shape[0]))
 
@@ -126,7 +155,7 @@ def timed(fn, *args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--families", default="bernoulli,multinomial,spherical,tied,gamma,gmm")
+    parser.add_argument("--families", default="bernoulli,multinomial,spherical,tied,gamma,gmm,linreg,arhmm")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "families.json"))
     args = parser.parse_args()
     num_seq, num_timesteps, num_iters = (10, 200, 10) if args.quick else (100, 1000, 50)

@@ -43,8 +43,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks
 from .base import AbstractExponentialFamilyEmissions, _at_real_steps, _check_weights, _keep_where_empty
-from .gaussian import GaussianEmissions
-from .gaussian_ops import _sym_cholesky
+from .gaussian_ops import _gaussian_full_log_prob, _gaussian_init, _sym_cholesky
 
 
 class RegressionStats(NamedTuple):
@@ -68,12 +67,12 @@ def _finite(name, value):
     return _checks.check_values(value, ~xp.isfinite(values), f"`{name}` must be finite.")
 
 
-def _lags(emissions, num_lags: int):
+def _lags(emissions, num_lags: int, xp=jnp):
     """``[y_{t-1}, ..., y_{t-p}]`` along the last axis, zeros before the start (time is axis 0)."""
     steps = emissions.shape[0]
-    pad = lambda j: jnp.zeros((j,) + emissions.shape[1:], emissions.dtype)  # noqa: E731
-    return jnp.concatenate(
-        [jnp.concatenate([pad(min(j, steps)), emissions[: max(steps - j, 0)]], axis=0) for j in range(1, num_lags + 1)],
+    pad = lambda j: xp.zeros((j,) + emissions.shape[1:], emissions.dtype)  # noqa: E731
+    return xp.concatenate(
+        [xp.concatenate([pad(min(j, steps)), emissions[: max(steps - j, 0)]], axis=0) for j in range(1, num_lags + 1)],
         axis=-1,
     )
 
@@ -290,20 +289,20 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
     @classmethod
     def _from_rows(cls, rows, num_states: int, num_covariates: int, extra, *, min_variance, key):
         """k-means on the pooled rows ``[y, x]`` (observed steps only), responsibilities from the
-        clusters' Gaussians, then one weighted least-squares M-step."""
+        clusters' Gaussians (as :meth:`ssmjax.GaussianEmissions.from_data`), then one weighted
+        least-squares M-step."""
         rows = np.asarray(rows)
         rows = rows[~np.isnan(rows).any(axis=1)]
         if rows.shape[0] < num_states:
             raise ValueError(f"need at least num_states={num_states} observed steps to initialise; got {rows.shape[0]}.")
         dim = rows.shape[1] - num_covariates
-        clusters = GaussianEmissions.from_data(rows, num_states, min_variance=max(min_variance, 1e-6), key=key)
-        resp = jax.nn.softmax(clusters.log_likelihoods(rows), axis=-1)
-        dtype = clusters.means.dtype
+        dtype = jnp.result_type(float)
         start = cls(
-            weights=jnp.zeros((num_states, dim, num_covariates), dtype), biases=jnp.zeros((num_states, dim), dtype),
-            covs=jnp.broadcast_to(jnp.eye(dim, dtype=dtype), (num_states, dim, dim)), min_variance=min_variance, **extra,
+            weights=np.zeros((num_states, dim, num_covariates), dtype), biases=np.zeros((num_states, dim), dtype),
+            covs=np.broadcast_to(np.eye(dim, dtype=dtype), (num_states, dim, dim)), min_variance=min_variance, **extra,
         )
-        return start.m_step_from_stats(start.suff_stats(rows, resp))
+        with _checks.value_checks(False):  # rows checked by the caller
+            return _initialise(start, _checks.to_device(rows.astype(dtype)), key)
 
     @classmethod
     def from_data(cls, emissions, inputs, num_states: int, *, lengths=None, min_variance: float = 1e-6,
@@ -335,6 +334,15 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
             )
         rows = _pooled(np.concatenate([emissions, inputs], axis=-1), lengths)
         return cls._from_rows(rows, num_states, inputs.shape[-1], {}, min_variance=min_variance, key=key)
+
+
+@eqx.filter_jit
+def _initialise(start, rows, key):
+    """One compiled program (run op by op, the initialiser compiled dozens of kernels: seconds)."""
+    centres, covs, _ = _gaussian_init(key, rows, 1e-6, start.num_states, 10)
+    chol = jnp.linalg.cholesky(covs)
+    resp = jax.nn.softmax(jax.vmap(lambda r: _gaussian_full_log_prob(centres, chol, r))(rows), axis=-1)
+    return start.m_step_from_stats(start.suff_stats(rows, resp))
 
 
 def _pooled(rows, lengths):
@@ -449,7 +457,7 @@ class AutoregressiveEmissions(LinearRegressionEmissions):
         if emissions.shape[1] <= num_lags:
             raise ValueError(f"num_lags={num_lags} needs sequences longer than {num_lags} steps; got T = {emissions.shape[1]}.")
         y = np.swapaxes(emissions, 0, 1)  # time first
-        rows = [np.asarray(_lags(jnp.asarray(y), num_lags))]
+        rows = [_lags(y, num_lags, np)]
         if inputs is not None:
             rows.append(np.swapaxes(np.asarray(inputs, float), 0, 1))
         rows = np.concatenate([y] + rows, axis=-1)
