@@ -22,6 +22,7 @@ from ._hmm.inference import hmm_sample_posterior as hmm_sample_posterior
 from ._hmm.inference import hmm_fixed_lag_smoother as hmm_fixed_lag_smoother
 from ._hmm.inference import hmm_predict as hmm_predict
 from ._hmm.model import HMM as HMM
+from ._hmm.input_driven import InputDrivenHMM as InputDrivenHMM
 from ._hmm.priors import BetaPrior as BetaPrior
 from ._hmm.priors import DirichletPrior as DirichletPrior
 from ._hmm.priors import GammaPrior as GammaPrior

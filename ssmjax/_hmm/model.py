@@ -84,23 +84,23 @@ def _log_normalize(weights, old_log_probs, axis=-1):
 
 def _filter_fn(model, emissions, length, inputs=None):
     ll = model.log_likelihoods(emissions, length=length, inputs=inputs)
-    return hmm_filter(model.initial_probs, model.transition_matrix, ll, length=length)
+    return hmm_filter(model.initial_probs, model._transitions(inputs, length), ll, length=length)
 
 
 def _smoother_fn(model, emissions, length, inputs=None):
     ll = model.log_likelihoods(emissions, length=length, inputs=inputs)
-    return hmm_smoother(model.initial_probs, model.transition_matrix, ll, length=length)
+    return hmm_smoother(model.initial_probs, model._transitions(inputs, length), ll, length=length)
 
 
 def _viterbi_fn(model, emissions, length, inputs=None):
     ll = model.log_likelihoods(emissions, length=length, inputs=inputs)
-    path, _ = hmm_viterbi(model.initial_probs, model.transition_matrix, ll, length=length)
+    path, _ = hmm_viterbi(model.initial_probs, model._transitions(inputs, length), ll, length=length)
     return path
 
 
 def _posterior_sample_fn(model, emissions, length, inputs, key):
     ll = model.log_likelihoods(emissions, length=length, inputs=inputs)
-    return hmm_sample_posterior(model.initial_probs, model.transition_matrix, ll, length=length, key=key)
+    return hmm_sample_posterior(model.initial_probs, model._transitions(inputs, length), ll, length=length, key=key)
 
 
 @eqx.filter_jit
@@ -195,7 +195,23 @@ class HMM(AbstractFittableModel):
     # ------------------------------------------------------------ inference
     def log_likelihoods(self, emissions, *, length=None, inputs=None) -> jax.Array:
         """``(T, K)`` emission log-likelihoods of one sequence (see the emission model)."""
-        return self.emissions.log_likelihoods(emissions, length=length, inputs=inputs)
+        return self.emissions.log_likelihoods(emissions, length=length, inputs=self._emission_inputs(inputs))
+
+    # The inputs' consumers: the emissions here; a model whose transitions read inputs
+    # (ssmjax.InputDrivenHMM) overrides these four.
+    def _emission_inputs(self, inputs):
+        return inputs
+
+    def _check_inputs(self, inputs, num_steps: int, mask=None):
+        """One sequence's (or a pooled batch's) ``inputs`` ``(N, Du)``, checked; ``None`` where none are taken."""
+        return self.emissions.check_inputs(inputs, num_steps, mask)
+
+    def _transitions(self, inputs, length=None):
+        """The transition matrix of one sequence: ``(K, K)``, or ``(T - 1, K, K)`` where it varies."""
+        return self.transition_matrix
+
+    def _transition_log_matrices(self, inputs, length=None):
+        return self.transition_log_probs
 
     def marginal_loglik(self, emissions, *, length=None, inputs=None) -> jax.Array:
         """``log p(y_{1:T})`` of one sequence ``(T, *emission_shape)`` (``inputs`` ``(T, Du)`` for
@@ -298,7 +314,7 @@ class HMM(AbstractFittableModel):
         length = _checks.check_length(length, emissions.shape[0])
         mask = None if length is None else np.arange(emissions.shape[0]) < int(length)
         self.emissions.check_emissions(emissions, mask)
-        inputs = self.emissions.check_inputs(inputs, emissions.shape[0], mask)
+        inputs = self._check_inputs(inputs, emissions.shape[0], mask)
         with _checks.value_checks(False):  # checked above
             return _run_jit(fn, self, emissions, length, inputs, extra)
 
@@ -319,7 +335,7 @@ class HMM(AbstractFittableModel):
             raise ValueError(f"`num_timesteps` must be a positive int; got {num_timesteps!r}.")
         # One compiled program (an eager call would compile every primitive of the
         # samplers separately: seconds on first use).
-        inputs = self.emissions.check_inputs(inputs, int(num_timesteps))
+        inputs = self._check_inputs(inputs, int(num_timesteps))
         return _sample_jit(self, key, int(num_timesteps), inputs)
 
     # --------------------------------------------------------- initialisers
@@ -446,12 +462,12 @@ class HMM(AbstractFittableModel):
     def _checked_batch_inputs(self, inputs, num_seq, num_timesteps, mask):
         """``inputs`` ``(B, T, Du)`` of a batch, checked by the emission family (None for families without)."""
         if inputs is None:
-            self.emissions.check_inputs(None, num_timesteps)
+            self._check_inputs(None, num_timesteps)
             return None
         inputs = _checks.to_device(inputs)
         _checks.check_shape("inputs", inputs, (num_seq, num_timesteps, None), "a padded batch of input sequences")
         flat = inputs.reshape((num_seq * num_timesteps,) + inputs.shape[2:])
-        self.emissions.check_inputs(flat, num_seq * num_timesteps, mask.reshape(-1))
+        self._check_inputs(flat, num_seq * num_timesteps, mask.reshape(-1))
         return inputs
 
     def _check_em(self, frozen):
@@ -464,11 +480,11 @@ class HMM(AbstractFittableModel):
             )
 
     def _e_step(self, emissions, length, inputs):
-        ll = self.emissions.log_likelihoods(emissions, length=length, inputs=inputs)
+        ll = self.log_likelihoods(emissions, length=length, inputs=inputs)
         post = hmm_smoother(self.initial_probs, self.transition_matrix, ll, length=length)
         mask = jnp.arange(emissions.shape[0]) < length
         if isinstance(self.emissions, AbstractExponentialFamilyEmissions):
-            rows = self.emissions.joined(emissions, inputs)
+            rows = self.emissions.joined(emissions, self._emission_inputs(inputs))
             emission_stats = self.emissions.suff_stats(rows, post.smoothed_probs, mask)
         else:
             emission_stats = None
@@ -485,6 +501,7 @@ class HMM(AbstractFittableModel):
         """The loop-invariant layouts of a padded batch, computed once per fit (see protocol.py)."""
         valid = jnp.arange(emissions.shape[1])[:, None] < lengths[None, :]  # (T, B)
         time_major = jnp.swapaxes(emissions, 0, 1)
+        inputs = self._emission_inputs(inputs)
         inputs = None if inputs is None else jnp.swapaxes(inputs, 0, 1)
         return self.emissions.joined(time_major, inputs), valid
 
@@ -617,14 +634,17 @@ class HMM(AbstractFittableModel):
 def _sample(model: HMM, key, num_timesteps: int, inputs=None):
     key_init, key_trans, key_emit = jax.random.split(key, 3)
     z0 = jax.random.categorical(key_init, model.initial_log_probs)
+    log_trans = model._transition_log_matrices(inputs)
+    keys = jax.random.split(key_trans, num_timesteps - 1)
 
-    def _step(z, k):
-        z_next = jax.random.categorical(k, model.transition_log_probs[z])
+    def _step(z, x):
+        k, logits = x if log_trans.ndim == 3 else (x, log_trans)
+        z_next = jax.random.categorical(k, logits[z])
         return z_next, z_next
 
-    _, rest = jax.lax.scan(_step, z0, jax.random.split(key_trans, num_timesteps - 1))
+    _, rest = jax.lax.scan(_step, z0, (keys, log_trans) if log_trans.ndim == 3 else keys)
     states = jnp.concatenate([z0[None], rest])
-    return states, model.emissions._sample_sequence(states, inputs, key_emit)
+    return states, model.emissions._sample_sequence(states, model._emission_inputs(inputs), key_emit)
 
 
 _sample_jit = eqx.filter_jit(_sample)
