@@ -237,9 +237,10 @@ class InputDrivenHMM(HMM):
 
     @classmethod
     def from_data(cls, emissions, num_states: int, emissions_type="poisson", *, inputs, lengths=None,
-                  key: PRNGKeyArray, **kwargs) -> "InputDrivenHMM":
-        """:meth:`ssmjax.HMM.from_data`'s starting model with zero transition weights (transitions that
-        do not yet depend on ``inputs`` ``(B, T, Du)``); ``kwargs`` as there.
+                  stay_prob: float = 0.9, num_classes: int | None = None, num_lags: int = 1,
+                  key: PRNGKeyArray) -> "InputDrivenHMM":
+        """:meth:`ssmjax.HMM.from_data`'s starting model (the other arguments as there) with zero
+        transition weights: transitions that do not yet depend on ``inputs`` ``(B, T, Du)``.
 
         Example:
             >>> import jax, jax.numpy as jnp, ssmjax
@@ -254,7 +255,8 @@ class InputDrivenHMM(HMM):
         family = _FAMILIES.get(emissions_type) if isinstance(emissions_type, str) else emissions_type
         # a linear regression per state reads the same inputs; other families none
         base = HMM.from_data(emissions, num_states, emissions_type, lengths=lengths,
-                             inputs=inputs if family is LinearRegressionEmissions else None, key=key, **kwargs)
+                             inputs=inputs if family is LinearRegressionEmissions else None, stay_prob=stay_prob,
+                             num_classes=num_classes, num_lags=num_lags, key=key)
         return cls(initial_log_probs=base.initial_log_probs, transition_log_probs=base.transition_log_probs,
                    emissions=base.emissions,
                    transition_weights=np.zeros((num_states, num_states, inputs.shape[-1]), np.asarray(base.initial_log_probs).dtype))
