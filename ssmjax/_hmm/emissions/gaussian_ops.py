@@ -71,6 +71,25 @@ def _gaussian_full_log_prob(
     return -0.5 * jnp.sum(z**2, axis=-1) - log_det - 0.5 * dim * math.log(2 * math.pi)
 
 
+def _unrolled_gaussian_log_density(resid, chol_covs: Float[Array, "K D D"]):
+    """``log N(r; 0, L_k L_k^T)`` of residuals given per dimension (``resid[d]``, ``(T, K, B)``, state on
+    axis 1), with ``z = L_k^{-1} r`` by forward substitution unrolled over the small ``D``: no factor
+    inverse, no library call, only multiply-adds on ``(T, K, B)`` values, which XLA fuses."""
+    dim = len(resid)
+    chol = jnp.tril(chol_covs)
+    diag = jnp.sum(chol * jnp.eye(dim, dtype=chol.dtype), axis=-1)  # (K, D), no gather
+    inv_diag = 1.0 / diag
+    log_det = jnp.sum(jnp.log(jnp.abs(diag)), axis=-1)
+    zs, quad = [], 0.0
+    for d in range(dim):
+        r = resid[d]
+        for e in range(d):
+            r = r - chol[None, :, d, e, None] * zs[e]
+        zs.append(r * inv_diag[None, :, d, None])
+        quad = quad + zs[d] * zs[d]
+    return -0.5 * quad - log_det[None, :, None] - 0.5 * dim * math.log(2 * math.pi)
+
+
 def _gaussian_marginal_log_prob(
     means: Float[Array, "K D"], chol_covs: Float[Array, "K D D"], emission: Float[Array, " D"]
 ) -> Float[Array, " K"]:

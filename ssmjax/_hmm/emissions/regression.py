@@ -43,7 +43,13 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks
 from .base import AbstractExponentialFamilyEmissions, _at_real_steps, _check_weights, _keep_where_empty
-from .gaussian_ops import _gaussian_full_log_prob, _gaussian_init, _sym_cholesky
+from .gaussian_ops import (
+    _UNROLLED_SOLVE_MAX_DIM,
+    _gaussian_full_log_prob,
+    _gaussian_init,
+    _sym_cholesky,
+    _unrolled_gaussian_log_density,
+)
 
 
 class RegressionStats(NamedTuple):
@@ -217,6 +223,18 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
         lls = -0.5 * jnp.sum(z**2, axis=-1) - log_det - 0.5 * self.emission_dim * math.log(2 * math.pi)
         return jnp.where(observed[:, None], lls, 0.0)
 
+    def _time_major_log_likelihoods(self, emissions, valid):
+        # as the full Gaussian's: elementwise over (T, K, B), the batch as the vectorised axis
+        if self.emission_dim > _UNROLLED_SOLVE_MAX_DIM:
+            return super()._time_major_log_likelihoods(emissions, valid)
+        d = self.emission_dim
+        observed = ~jnp.isnan(emissions[..., 0]) & valid  # (T, B); conditioned AR steps read as missing
+        y = jnp.where(observed[..., None], emissions[..., :d], 0.0)
+        x = jnp.where(valid[..., None], emissions[..., d:], 0.0)
+        means = jnp.einsum("kdp,tbp->tkdb", self.weights, x) + self.biases[None, :, :, None]  # (T, K, D, B)
+        resid = [y[:, None, :, i] - means[:, :, i] for i in range(d)]
+        return jnp.where(observed[:, None, :], _unrolled_gaussian_log_density(resid, self.chol_covs), 0.0)
+
     def log_prob(self, emission, covariates=None) -> Float[Array, " K"]:
         r"""``log p(y | x, z = k)`` of one step, ``covariates`` :math:`x` its ``P`` regressors (all NaN: ``0``)."""
         emission = self._checked_emission(emission, "one emission vector")
@@ -245,11 +263,17 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
         w = jnp.where(observed[:, None], w, 0.0)
         x1 = jnp.concatenate([x, jnp.ones(x.shape[:1] + (1,), x.dtype)], axis=-1)
         r = self._residuals(y, x)
+        n, k, d = r.shape
+        wr = (w[:, :, None] * r).reshape(n, k * d)
+        # each sum over the steps is one matrix product of two (N, .) operands; the residuals'
+        # outer products come as every pair of states, of which the diagonal blocks are kept
+        # (one large product runs faster on CPU than K batched thin ones)
+        pairs = (wr.T @ r.reshape(n, k * d)).reshape(k, d, k, d)
         return RegressionStats(
             sum_weights=w.sum(0),
-            gram=jnp.einsum("nk,np,nq->kpq", w, x1, x1),
-            cross=jnp.einsum("nk,nkd,np->kdp", w, r, x1),
-            outer=jnp.einsum("nk,nkd,nke->kde", w, r, r),
+            gram=((w[:, :, None] * x1[:, None, :]).reshape(n, -1).T @ x1).reshape(k, x1.shape[1], x1.shape[1]),
+            cross=(wr.T @ x1).reshape(k, d, x1.shape[1]),
+            outer=jnp.einsum("kdke->kde", pairs),
         )
 
     def m_step_from_stats(self, stats: RegressionStats, frozen=frozenset()) -> "LinearRegressionEmissions":
