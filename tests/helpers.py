@@ -98,3 +98,23 @@ def gaussian_conditional_moments(means, covs, y):
                 cov = covs[k].copy()
         out.append((ey, cov))
     return out
+
+
+def enumerate_paths(initial_probs, transitions, log_likelihoods):
+    """``(log p(y), p(z_t = k | y))`` of an HMM by summing over every state path (tiny T only).
+
+    ``transitions`` is ``(K, K)`` or, time-varying, ``(T - 1, K, K)``; ``log_likelihoods`` ``(T, K)``.
+    """
+    import itertools
+
+    lls = np.asarray(log_likelihoods)
+    pi, trans = np.asarray(initial_probs), np.asarray(transitions)
+    steps = len(lls)
+    trans = np.broadcast_to(trans, (max(steps - 1, 0),) + trans.shape[-2:])
+    total, marginals = 0.0, np.zeros_like(lls)
+    for path in itertools.product(range(len(pi)), repeat=steps):
+        p = pi[path[0]] * np.prod([trans[t, a, b] for t, (a, b) in enumerate(zip(path[:-1], path[1:]))])
+        p *= np.exp(sum(lls[t, z] for t, z in enumerate(path)))
+        total += p
+        marginals[np.arange(steps), list(path)] += p
+    return np.log(total), marginals / total

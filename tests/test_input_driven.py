@@ -7,15 +7,13 @@ statsmodels' MarkovRegression with time-varying transition probabilities (``exog
 
 from __future__ import annotations
 
-import itertools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
-from helpers import assert_allclose
+from helpers import assert_allclose, enumerate_paths
 
 import ssmjax
 
@@ -38,16 +36,6 @@ def _matrices(model, u):
     return e / e.sum(-1, keepdims=True)
 
 
-def _enumerate(pi, mats, lls):
-    total, marg = 0.0, np.zeros_like(lls)
-    for path in itertools.product(range(len(pi)), repeat=len(lls)):
-        p = pi[path[0]] * np.prod([mats[t, a, b] for t, (a, b) in enumerate(zip(path[:-1], path[1:]))])
-        p *= np.exp(sum(lls[t, z] for t, z in enumerate(path)))
-        total += p
-        marg[np.arange(len(lls)), list(path)] += p
-    return np.log(total), marg / total
-
-
 def test_inference_equals_enumeration_with_padding():
     rng = np.random.default_rng(0)
     model = _model(rng)
@@ -58,7 +46,7 @@ def test_inference_equals_enumeration_with_padding():
     pi = np.asarray(model.initial_probs)
     for length in (None, 4):
         n = length or T
-        loglik, marg = _enumerate(pi, _matrices(model, u[:n]), lls[:n])
+        loglik, marg = enumerate_paths(pi, _matrices(model, u[:n]), lls[:n])
         u_pad = u.copy()
         if length:
             u_pad[length:] = np.nan  # padding may hold anything

@@ -8,15 +8,13 @@ LinearRegressionHMM log-likelihood.
 
 from __future__ import annotations
 
-import itertools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats as st
-from helpers import assert_allclose
+from helpers import assert_allclose, enumerate_paths
 
 import ssmjax
 
@@ -38,20 +36,6 @@ def _hmm(rng, emissions, k=K):
 def _scipy_lls(model, y, x):
     w, b, covs = (np.asarray(a) for a in (model.weights, model.biases, model.covs))
     return np.stack([st.multivariate_normal(w[k] @ x + b[k], covs[k]).logpdf(y) for k in range(len(b))])
-
-
-def _enumerate(model, lls, length=None):
-    """log p(y) and p(z_t = k | y) by summing over every path of the real steps."""
-    lls = np.asarray(lls)[: length or len(lls)]
-    pi, trans = np.asarray(model.initial_probs), np.asarray(model.transition_matrix)
-    num_states = len(pi)
-    total, marg = 0.0, np.zeros_like(lls)
-    for path in itertools.product(range(num_states), repeat=len(lls)):
-        p = pi[path[0]] * np.prod([trans[a, b] for a, b in zip(path[:-1], path[1:])])
-        p *= np.exp(sum(lls[t, z] for t, z in enumerate(path)))
-        total += p
-        marg[np.arange(len(lls)), list(path)] += p
-    return np.log(total), marg / total
 
 
 def test_log_likelihoods_match_scipy_with_missing_steps_and_padding():
@@ -85,7 +69,8 @@ def test_autoregressive_conditions_on_the_first_lags_and_equals_enumeration():
         assert_allclose(lls[t], _scipy_lls(ar, y[t], x), rtol=1e-10)
     for length in (None, 5):
         post = hmm.smoother(jnp.asarray(y), inputs=jnp.asarray(u), length=length)
-        loglik, marg = _enumerate(hmm, lls, length)
+        n = length or T
+        loglik, marg = enumerate_paths(hmm.initial_probs, hmm.transition_matrix, lls[:n])
         assert_allclose(post.marginal_loglik, loglik, rtol=1e-10)
         assert_allclose(post.smoothed_probs[: length or T], marg, rtol=1e-8, atol=1e-12)
 
