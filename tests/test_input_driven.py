@@ -97,6 +97,17 @@ def test_em_is_monotone_and_recovers_the_coefficients():
     u = jnp.asarray(rng.normal(size=(B, T, 2)))
     _, ys = jax.vmap(lambda k, x: true.sample(T, inputs=x, key=k))(jax.random.split(jax.random.key(0), B), u)
     init = ssmjax.InputDrivenHMM.from_data(ys, 2, "poisson", inputs=u, key=jax.random.key(1))
+    # a ragged batch whose padding holds NaN in emissions and inputs: the first EM entry is the
+    # exact log-likelihood of the real steps
+    lengths = np.full(B, T)
+    lengths[:3] = [50, 120, 249]
+    pad_y, pad_u = np.asarray(ys, float).copy(), np.asarray(u).copy()
+    for b, n in enumerate(lengths):
+        pad_y[b, n:], pad_u[b, n:] = np.nan, np.nan
+    _, ragged, _ = ssmjax.fit_em(init, pad_y, inputs=pad_u, lengths=lengths, max_iters=3)
+    exact = sum(float(init.marginal_loglik(ys[b, :n], inputs=u[b, :n])) for b, n in enumerate(lengths))
+    assert_allclose(ragged[0], exact, rtol=1e-10)
+    assert np.all(np.isfinite(np.asarray(ragged))) and np.all(np.diff(np.asarray(ragged)) > 0)
     fit, lls, info = ssmjax.fit_em(init, ys, inputs=u, max_iters=200, tol=1e-10)
     assert info.converged and np.all(np.diff(np.asarray(lls)) > -1e-8)
     assert float(lls[-1]) >= float(true.log_likelihood(ys, inputs=u))

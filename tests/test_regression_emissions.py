@@ -127,6 +127,8 @@ def test_em_recovers_a_switching_regression_and_batches_like_single_sequences():
     lengths = np.full(B, T)
     lengths[0] = 100
     init = ssmjax.HMM.from_data(ys, 2, "linear_regression", inputs=u, lengths=lengths, key=jax.random.key(1))
+    ys, u = np.asarray(ys).copy(), np.asarray(u).copy()
+    ys[0, 100:], u[0, 100:] = np.nan, np.inf  # the padding may hold anything
     fit, lls, info = ssmjax.fit_em(init, ys, inputs=u, lengths=lengths, max_iters=60)
     # the first entry is the initial model's exact log-likelihood; EM never decreases it
     single = sum(float(init.marginal_loglik(ys[b], inputs=u[b], length=int(lengths[b]))) for b in range(B))

@@ -259,6 +259,11 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
         rows = _checks.as_float_array("emissions", emissions, self.weights.dtype)
         _checks.check_shape("emissions", rows, ("N", self.emission_dim + self.num_covariates), "rows [y, x]")
         y, x, observed = self._split(rows)
+        if mask is not None:  # padded rows may hold anything: keep it out of the products
+            mask = jnp.asarray(mask)
+            observed = observed & mask
+            y = jnp.where(observed[:, None], y, 0.0)
+            x = jnp.where(mask[:, None], x, 0.0)
         w = _check_weights(weights, rows.shape[0], self.num_states, mask, rows.dtype)
         w = jnp.where(observed[:, None], w, 0.0)
         x1 = jnp.concatenate([x, jnp.ones(x.shape[:1] + (1,), x.dtype)], axis=-1)
