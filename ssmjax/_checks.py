@@ -277,6 +277,18 @@ def check_values(x, bad: "jax.Array | np.ndarray | np.generic | bool", message: 
     return x
 
 
+def check_inputs(inputs, num_steps: int, width: int, mask=None, dtype=None):
+    """``inputs`` of one sequence (or pooled steps), ``(num_steps, width)``, finite at real steps
+    (``mask``, ``(num_steps,)``; None: every step)."""
+    inputs = as_float_array("inputs", inputs, dtype)
+    check_shape("inputs", inputs, (num_steps, width), "one input vector per time step")
+    xp, values, mask = host_arrays(inputs, mask)
+    bad = ~xp.isfinite(values)
+    if mask is not None:
+        bad = bad & mask[:, None]
+    return check_values(inputs, bad, "`inputs` must be finite.")
+
+
 def check_probability_vector(name: str, probs: jax.Array, axis: int = -1, atol: float | None = None):
     """Non-negative entries summing to one along ``axis`` (value check)."""
     if atol is None:

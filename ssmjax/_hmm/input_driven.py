@@ -25,7 +25,6 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .. import _checks
-from .emissions.base import AbstractExponentialFamilyEmissions, _at_real_steps
 from .inference import hmm_smoother, hmm_two_slice_marginals
 from .emissions.regression import LinearRegressionEmissions
 from .model import _FAMILIES, HMM
@@ -147,10 +146,7 @@ class InputDrivenHMM(HMM):
     def _check_inputs(self, inputs, num_steps: int, mask=None):
         if inputs is None:
             raise ValueError(f"an InputDrivenHMM needs `inputs` of shape (T, {self.input_dim}); got None.")
-        inputs = _checks.as_float_array("inputs", inputs, self.transition_weights.dtype)
-        _checks.check_shape("inputs", inputs, (num_steps, self.input_dim), "one input vector per time step")
-        xp, values, real = _checks.host_arrays(inputs, mask)
-        inputs = _checks.check_values(inputs, _at_real_steps(~xp.isfinite(values), real), "`inputs` must be finite.")
+        inputs = _checks.check_inputs(inputs, num_steps, self.input_dim, mask, self.transition_weights.dtype)
         if self.emissions.input_dim is not None:
             self.emissions.check_inputs(inputs, num_steps, mask)
         return inputs
@@ -179,13 +175,9 @@ class InputDrivenHMM(HMM):
         nxt = _real_next(inputs, length)
         u1 = jnp.concatenate([nxt, jnp.ones(nxt.shape[:1] + (1,), nxt.dtype)], axis=-1)
         transitions = {"pairs": xi, "inputs": u1}  # per step: the M-step's logistic regressions read them
-        if isinstance(self.emissions, AbstractExponentialFamilyEmissions):
-            mask = jnp.arange(emissions.shape[0]) < length
-            rows = self.emissions.joined(emissions, self._emission_inputs(inputs))
-            emission_stats = self.emissions.suff_stats(rows, post.smoothed_probs, mask)
-        else:
-            emission_stats = None
-        return {"initial": post.smoothed_probs[0], "transitions": transitions, "emissions": emission_stats}, post.marginal_loglik
+        stats = {"initial": post.smoothed_probs[0], "transitions": transitions,
+                 "emissions": self._emission_stats(emissions, length, inputs, post.smoothed_probs)}
+        return stats, post.marginal_loglik
 
     def _prepare_batch(self, emissions, lengths, inputs):
         return emissions, lengths, inputs
@@ -196,8 +188,8 @@ class InputDrivenHMM(HMM):
         return {**summed, "transitions": stats["transitions"]}, jnp.sum(lls)
 
     def _m_step(self, stats, frozen, prior=None):
-        chain = {**stats, "transitions": jnp.zeros_like(self.transition_log_probs)}
-        updated = super()._m_step(chain, set(frozen) | {"transition_matrix"}, prior)
+        # the initial distribution and the emissions as an HMM's; the chain's rows below
+        updated = super()._m_step(stats, set(frozen) | {"transition_matrix"}, prior)
         du = self.input_dim
         free = [i for i in range(du) if "transition_weights" not in frozen]
         free += [du] if "transition_matrix" not in frozen else []

@@ -482,18 +482,19 @@ class HMM(AbstractFittableModel):
     def _e_step(self, emissions, length, inputs):
         ll = self.log_likelihoods(emissions, length=length, inputs=inputs)
         post = hmm_smoother(self.initial_probs, self.transition_matrix, ll, length=length)
-        mask = jnp.arange(emissions.shape[0]) < length
-        if isinstance(self.emissions, AbstractExponentialFamilyEmissions):
-            rows = self.emissions.joined(emissions, self._emission_inputs(inputs))
-            emission_stats = self.emissions.suff_stats(rows, post.smoothed_probs, mask)
-        else:
-            emission_stats = None
         stats = {
             "initial": post.smoothed_probs[0],
             "transitions": post.expected_transitions,
-            "emissions": emission_stats,
+            "emissions": self._emission_stats(emissions, length, inputs, post.smoothed_probs),
         }
         return stats, post.marginal_loglik
+
+    def _emission_stats(self, emissions, length, inputs, smoothed_probs):
+        """One sequence's emission statistics (None for a family without a closed-form M-step)."""
+        if not isinstance(self.emissions, AbstractExponentialFamilyEmissions):
+            return None
+        rows = self.emissions.joined(emissions, self._emission_inputs(inputs))
+        return self.emissions.suff_stats(rows, smoothed_probs, jnp.arange(emissions.shape[0]) < length)
 
     _has_fast_e_step = True  # the log-space forward pass is left out of fit_em's first program
 

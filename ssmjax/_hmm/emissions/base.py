@@ -185,6 +185,23 @@ def _at_real_steps(bad, mask):
     return bad & mask.reshape(mask.shape + (1,) * (bad.ndim - mask.ndim))
 
 
+def _checked_indices(emissions, mask, size: int, what: str, message: str, minus_one_unknown: bool = False):
+    """Emissions that index ``[0, size)`` (symbols, states): integers, or floats whose NaN (and, with
+    ``minus_one_unknown``, ``-1``) marks an unknown entry; value-checked at real steps."""
+    emissions = _checks.to_device(emissions)
+    floating = jnp.issubdtype(emissions.dtype, jnp.floating)
+    if not (floating or jnp.issubdtype(emissions.dtype, jnp.integer)):
+        raise ValueError(f"`emissions` of {what}; got dtype {emissions.dtype}.")
+    xp, values, mask = _checks.host_arrays(emissions, mask)
+    unknown = xp.isnan(values) if floating else xp.zeros(values.shape, bool)
+    if minus_one_unknown:
+        unknown = unknown | (values == -1)
+    bad = (values < 0) | (values >= size)
+    if floating:
+        bad = bad | (values != xp.floor(values))
+    return _checks.check_values(emissions, _at_real_steps(bad & ~unknown, mask), message)
+
+
 def _observed_weights(weights, observed, missing):
     """``(K, D)`` total weight behind each dimension: ``sum_n weights[n, k]`` over the steps where
     entry ``d`` is observed (the state's total in every column when nothing can be missing)."""

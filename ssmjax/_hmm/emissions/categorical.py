@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ... import _checks, _deprecation
 from ..priors import DirichletPrior
 from .base import (
-    _at_real_steps,
+    _checked_indices,
     AbstractExponentialFamilyEmissions,
     _as_mask,
     _check_weights,
@@ -127,18 +127,9 @@ class CategoricalEmissions(_AbstractProbabilityRows):
         return ()
 
     def check_emissions(self, emissions, mask=None) -> Array:
-        emissions = _checks.to_device(emissions)
-        if not (jnp.issubdtype(emissions.dtype, jnp.integer) or jnp.issubdtype(emissions.dtype, jnp.floating)):
-            raise ValueError(
-                f"`emissions` of a categorical model must hold integer symbols; got dtype {emissions.dtype}."
-            )
-        xp, values, mask = _checks.host_arrays(emissions, mask)
-        bad = (values < 0) | (values >= self.num_classes)
-        if jnp.issubdtype(emissions.dtype, jnp.floating):  # NaN is a missing symbol
-            bad = (bad | (values != xp.floor(values))) & ~xp.isnan(values)
-        bad = _at_real_steps(bad, mask)
-        return _checks.check_values(
-            emissions, bad, f"`emissions` must be symbols in [0, {self.num_classes}) (num_classes), or NaN for missing."
+        return _checked_indices(
+            emissions, mask, self.num_classes, "a categorical model must hold integer symbols",
+            f"`emissions` must be symbols in [0, {self.num_classes}) (num_classes), or NaN for missing.",
         )
 
     def log_prob(self, emission) -> Float[Array, " K"]:

@@ -17,8 +17,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ... import _checks
-from .base import AbstractExponentialFamilyEmissions, _at_real_steps
+from .base import AbstractExponentialFamilyEmissions, _checked_indices
 
 
 class KnownStateStats(NamedTuple):
@@ -56,19 +55,10 @@ class KnownStateEmissions(AbstractExponentialFamilyEmissions):
         return ()
 
     def check_emissions(self, emissions, mask=None) -> Array:
-        emissions = _checks.to_device(emissions)
-        if not (jnp.issubdtype(emissions.dtype, jnp.integer) or jnp.issubdtype(emissions.dtype, jnp.floating)):
-            raise ValueError(f"`emissions` of known states must be state indices; got dtype {emissions.dtype}.")
-        xp, values, mask = _checks.host_arrays(emissions, mask)
-        unknown = values == -1
-        if jnp.issubdtype(emissions.dtype, jnp.floating):
-            unknown = unknown | xp.isnan(values)
-            bad = ~unknown & ((values < 0) | (values >= self.states) | (values != xp.floor(values)))
-        else:
-            bad = ~unknown & ((values < 0) | (values >= self.states))
-        bad = _at_real_steps(bad, mask)
-        return _checks.check_values(
-            emissions, bad, f"`emissions` of known states must be states in [0, {self.states}), or -1 / NaN for unknown."
+        return _checked_indices(
+            emissions, mask, self.states, "known states must be state indices",
+            f"`emissions` of known states must be states in [0, {self.states}), or -1 / NaN for unknown.",
+            minus_one_unknown=True,
         )
 
     def log_prob(self, emission) -> Float[Array, " K"]:

@@ -32,7 +32,6 @@ free columns only.
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar, NamedTuple, Optional
 
 import equinox as eqx
@@ -43,6 +42,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks
 from .base import AbstractExponentialFamilyEmissions, _at_real_steps, _check_weights, _keep_where_empty
+from .gaussian import _check_min_variance
 from .gaussian_ops import (
     _UNROLLED_SOLVE_MAX_DIM,
     _gaussian_full_log_prob,
@@ -115,9 +115,7 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
     def __init__(self, weights, biases, covs=None, *, chol_covs=None, min_variance: float = 1e-6):
         if (covs is None) == (chol_covs is None):
             raise ValueError("Pass exactly one of `covs` and `chol_covs`.")
-        if isinstance(min_variance, bool) or not isinstance(min_variance, (int, float)) or min_variance < 0:
-            raise ValueError(f"`min_variance` must be a non-negative float; got {min_variance!r}.")
-        self.min_variance = float(min_variance)
+        self.min_variance = _check_min_variance(min_variance)
         weights = _checks.as_float_array("weights", weights)
         _checks.check_shape("weights", weights, ("K", "D", "P"), "one coefficient matrix per state")
         k, d, _ = weights.shape
@@ -193,10 +191,7 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
                 f"`inputs` must be None for this {type(self).__name__} (it has no input columns); "
                 f"got an array of shape {jnp.shape(inputs)}."
             )
-        inputs = _checks.as_float_array("inputs", inputs, self.weights.dtype)
-        _checks.check_shape("inputs", inputs, (num_steps, width), "one input vector per time step")
-        xp, values, mask = _checks.host_arrays(inputs, mask)
-        return _checks.check_values(inputs, _at_real_steps(~xp.isfinite(values), mask), "`inputs` must be finite.")
+        return _checks.check_inputs(inputs, num_steps, width, mask, self.weights.dtype)
 
     def joined(self, emissions, inputs) -> Array:
         return jnp.concatenate([emissions.astype(self.weights.dtype), inputs.astype(self.weights.dtype)], axis=-1)
@@ -215,12 +210,8 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
 
     def _stacked_log_probs(self, rows, missing) -> Float[Array, "N K"]:
         y, x, observed = self._split(rows)
-        chol = jnp.tril(self.chol_covs)
-        eye = jnp.broadcast_to(jnp.eye(self.emission_dim, dtype=chol.dtype), chol.shape)
-        inv_chol = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
-        z = jnp.einsum("kde,nke->nkd", inv_chol, self._residuals(y, x))
-        log_det = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(chol, axis1=-2, axis2=-1))), axis=-1)
-        lls = -0.5 * jnp.sum(z**2, axis=-1) - log_det - 0.5 * self.emission_dim * math.log(2 * math.pi)
+        means = y[:, None, :] - self._residuals(y, x)  # (N, K, D)
+        lls = jax.vmap(lambda m, e: _gaussian_full_log_prob(m, self.chol_covs, e))(means, y)
         return jnp.where(observed[:, None], lls, 0.0)
 
     def _time_major_log_likelihoods(self, emissions, valid):
@@ -374,6 +365,28 @@ def _initialise(start, rows, key):
     return start.m_step_from_stats(start.suff_stats(rows, resp))
 
 
+def _check_num_lags(num_lags) -> int:
+    if isinstance(num_lags, bool) or not isinstance(num_lags, (int, np.integer)) or num_lags < 1:
+        raise ValueError(f"`num_lags` must be a positive int; got {num_lags!r}.")
+    return int(num_lags)
+
+
+def _autoregressive_rows(emissions, inputs, num_lags: int, xp):
+    """Rows ``[y_t, y_{t-1}, ..., y_{t-p}, u_t]`` (time is axis 0), the first ``p`` steps' emission part
+    NaN: they are conditioned on, so they read as missing."""
+    steps = emissions.shape[0]
+    if steps <= num_lags:
+        raise ValueError(
+            f"an AutoregressiveEmissions with num_lags={num_lags} needs sequences longer than {num_lags} steps; "
+            f"got T = {steps}."
+        )
+    covariates = _lags(emissions, num_lags, xp)
+    if inputs is not None:
+        covariates = xp.concatenate([covariates, inputs], axis=-1)
+    first = (xp.arange(steps) < num_lags).reshape((steps,) + (1,) * (emissions.ndim - 1))
+    return xp.concatenate([xp.where(first, np.nan, emissions), covariates], axis=-1)
+
+
 def _pooled(rows, lengths):
     """The real steps of a padded batch of rows ``(B, T, C)``, pooled to ``(N, C)``."""
     num_seq, steps = rows.shape[:2]
@@ -408,8 +421,7 @@ class AutoregressiveEmissions(LinearRegressionEmissions):
     num_lags: int = eqx.field(static=True)
 
     def __init__(self, weights, biases, covs=None, *, num_lags: int, chol_covs=None, min_variance: float = 1e-6):
-        if isinstance(num_lags, bool) or not isinstance(num_lags, (int, np.integer)) or num_lags < 1:
-            raise ValueError(f"`num_lags` must be a positive int; got {num_lags!r}.")
+        num_lags = _check_num_lags(num_lags)
         super().__init__(weights, biases, covs, chol_covs=chol_covs, min_variance=min_variance)
         self.num_lags = int(num_lags)
         if self.num_covariates < self.num_lags * self.emission_dim:
@@ -437,19 +449,8 @@ class AutoregressiveEmissions(LinearRegressionEmissions):
         )
 
     def joined(self, emissions, inputs) -> Array:
-        steps = emissions.shape[0]
-        if steps <= self.num_lags:
-            raise ValueError(
-                f"an AutoregressiveEmissions with num_lags={self.num_lags} needs sequences longer than "
-                f"{self.num_lags} steps; got T = {steps}."
-            )
-        y = emissions.astype(self.weights.dtype)
-        covariates = _lags(y, self.num_lags)
-        if inputs is not None:
-            covariates = jnp.concatenate([covariates, inputs.astype(y.dtype)], axis=-1)
-        # the first p steps are conditioned on: their emission part reads as missing
-        first = (jnp.arange(steps) < self.num_lags).reshape((steps,) + (1,) * (y.ndim - 1))
-        return jnp.concatenate([jnp.where(first, jnp.nan, y), covariates], axis=-1)
+        dtype = self.weights.dtype
+        return _autoregressive_rows(emissions.astype(dtype), None if inputs is None else inputs.astype(dtype), self.num_lags, jnp)
 
     def _sample_sequence(self, states, inputs, key):
         p, d = self.num_lags, self.emission_dim
@@ -481,16 +482,9 @@ class AutoregressiveEmissions(LinearRegressionEmissions):
             inputs = None if inputs is None else np.asarray(inputs, float)[None]
         if emissions.ndim != 3:
             raise ValueError(f"`emissions` must have shape (T, D) or (B, T, D); got shape {emissions.shape}.")
-        if isinstance(num_lags, bool) or not isinstance(num_lags, (int, np.integer)) or num_lags < 1:
-            raise ValueError(f"`num_lags` must be a positive int; got {num_lags!r}.")
-        if emissions.shape[1] <= num_lags:
-            raise ValueError(f"num_lags={num_lags} needs sequences longer than {num_lags} steps; got T = {emissions.shape[1]}.")
-        y = np.swapaxes(emissions, 0, 1)  # time first
-        rows = [_lags(y, num_lags, np)]
-        if inputs is not None:
-            rows.append(np.swapaxes(np.asarray(inputs, float), 0, 1))
-        rows = np.concatenate([y] + rows, axis=-1)
-        rows[:num_lags, :, : y.shape[-1]] = np.nan  # the conditioned steps
+        num_lags = _check_num_lags(num_lags)
+        time_first = lambda a: None if a is None else np.swapaxes(np.asarray(a, float), 0, 1)  # noqa: E731
+        rows = _autoregressive_rows(time_first(emissions), time_first(inputs), num_lags, np)
         rows = _pooled(np.swapaxes(rows, 0, 1), lengths)
-        num_covariates = rows.shape[1] - y.shape[-1]
+        num_covariates = rows.shape[1] - emissions.shape[-1]
         return cls._from_rows(rows, num_states, num_covariates, {"num_lags": num_lags}, min_variance=min_variance, key=key)
