@@ -69,6 +69,8 @@ from ._hmm.emissions import MultinomialEmissions as MultinomialEmissions
 from ._hmm.emissions import PoissonEmissions as PoissonEmissions
 from ._hmm.emissions import LinearRegressionEmissions as LinearRegressionEmissions
 from ._hmm.emissions import AutoregressiveEmissions as AutoregressiveEmissions
+from ._hmm.emissions import PoissonRegressionEmissions as PoissonRegressionEmissions
+from ._hmm.emissions import BernoulliRegressionEmissions as BernoulliRegressionEmissions
 from ._hmm.emissions import ProductEmissions as ProductEmissions
 from ._hmm.emissions import SphericalGaussianEmissions as SphericalGaussianEmissions
 from ._hmm.emissions import TiedGaussianEmissions as TiedGaussianEmissions

@@ -63,7 +63,14 @@ def _describe(obj):
 def _static(value, name):
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
+    if isinstance(value, tuple):  # e.g. an LGSSM's constraints; read back as tuples (_tuples)
+        return [_static(item, name) for item in value]
     raise ValueError(f"cannot save static field `{name}` of type {type(value).__name__}")
+
+
+def _tuples(value):
+    """A static value as it was saved: JSON lists back to (hashable) tuples."""
+    return tuple(_tuples(item) for item in value) if isinstance(value, list) else value
 
 
 def _resolve(name: str, allowed: dict[str, type]):
@@ -87,7 +94,7 @@ def _build(desc, allowed):
     if "array" in desc:
         return jnp.zeros(tuple(desc["array"]), dtype=desc["dtype"])
     if "static" in desc:
-        return desc["static"]
+        return _tuples(desc["static"])
     if "tuple" in desc:
         return tuple(_build(item, allowed) for item in desc["tuple"])
     cls = _resolve(desc["module"], allowed)

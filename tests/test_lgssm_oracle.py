@@ -67,11 +67,14 @@ def dense_joint(params: dict, num_timesteps: int, inputs=None):
     return mean, cov, dx, dy
 
 
-def condition(params, emissions, inputs=None, upto=None):
-    """Posterior mean/cov of x_{1:T} given observed entries of emissions[:upto], and log p(those)."""
+def condition(params, emissions, inputs=None, upto=None, joint=None):
+    """Posterior mean/cov of x_{1:T} given observed entries of emissions[:upto], and log p(those).
+
+    ``joint``: ``dense_joint(params, T, inputs)`` when the caller conditions the same joint many times.
+    """
     emissions = np.asarray(emissions, np.float64)
     T = emissions.shape[0]
-    mean, cov, dx, dy = dense_joint(params, T, inputs)
+    mean, cov, dx, dy = dense_joint(params, T, inputs) if joint is None else joint
     n_x = T * dx
     y = emissions.copy()
     if upto is not None:
@@ -99,15 +102,16 @@ def oracle(params, emissions, inputs=None):
     dx = np.asarray(params["initial_mean"]).shape[0]
     blk = lambda v, t: v[t * dx : (t + 1) * dx]  # noqa: E731
     blk2 = lambda c, s, t: c[s * dx : (s + 1) * dx, t * dx : (t + 1) * dx]  # noqa: E731
+    joint = dense_joint(params, T, inputs)
     fm, fc, pm, pc = [], [], [], []
     for t in range(T):
-        m, c, _ = condition(params, emissions, inputs, upto=t + 1)
+        m, c, _ = condition(params, emissions, inputs, upto=t + 1, joint=joint)
         fm.append(blk(m, t))
         fc.append(blk2(c, t, t))
-        m, c, _ = condition(params, emissions, inputs, upto=t)
+        m, c, _ = condition(params, emissions, inputs, upto=t, joint=joint)
         pm.append(blk(m, t))
         pc.append(blk2(c, t, t))
-    m, c, loglik = condition(params, emissions, inputs)
+    m, c, loglik = condition(params, emissions, inputs, joint=joint)
     sm = np.stack([blk(m, t) for t in range(T)])
     sc = np.stack([blk2(c, t, t) for t in range(T)])
     cross = np.stack([blk2(c, t, t + 1) for t in range(T - 1)]) if T > 1 else np.zeros((0, dx, dx))

@@ -26,8 +26,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .. import _checks
 from .inference import hmm_smoother, hmm_two_slice_marginals
-from .emissions.regression import LinearRegressionEmissions
-from .model import _FAMILIES, HMM
+from .emissions.base import _combine_sequences
+from .model import _FAMILIES, _INPUT_FAMILIES, HMM
 
 
 def _real_next(inputs, length):
@@ -184,8 +184,8 @@ class InputDrivenHMM(HMM):
 
     def _batched_e_step(self, batch):
         stats, lls = jax.vmap(self._e_step)(*batch)
-        summed = {k: jax.tree.map(lambda s: jnp.sum(s, axis=0), v) for k, v in stats.items() if k != "transitions"}
-        return {**summed, "transitions": stats["transitions"]}, jnp.sum(lls)
+        combined = {k: _combine_sequences(v) for k, v in stats.items() if k != "transitions"}
+        return {**combined, "transitions": stats["transitions"]}, jnp.sum(lls)
 
     def _m_step(self, stats, frozen, prior=None):
         # the initial distribution and the emissions as an HMM's; the chain's rows below
@@ -245,9 +245,9 @@ class InputDrivenHMM(HMM):
         if inputs.ndim != 3:
             raise ValueError(f"`inputs` must be a batch (B, T, Du); got shape {inputs.shape}.")
         family = _FAMILIES.get(emissions_type) if isinstance(emissions_type, str) else emissions_type
-        # a linear regression per state reads the same inputs; other families none
+        # a regression family reads the same inputs; other families none
         base = HMM.from_data(emissions, num_states, emissions_type, lengths=lengths,
-                             inputs=inputs if family is LinearRegressionEmissions else None, stay_prob=stay_prob,
+                             inputs=inputs if family in _INPUT_FAMILIES else None, stay_prob=stay_prob,
                              num_classes=num_classes, num_lags=num_lags, key=key)
         return cls(initial_log_probs=base.initial_log_probs, transition_log_probs=base.transition_log_probs,
                    emissions=base.emissions,

@@ -39,6 +39,8 @@ from .emissions import (
     PoissonEmissions,
     AutoregressiveEmissions,
     LinearRegressionEmissions,
+    PoissonRegressionEmissions,
+    BernoulliRegressionEmissions,
     SphericalGaussianEmissions,
     TiedGaussianEmissions,
     softmax_rows,
@@ -60,8 +62,12 @@ _FAMILIES = {
     "gamma": GammaEmissions,
     "gmm": GaussianMixtureEmissions,
     "linear_regression": LinearRegressionEmissions,
+    "poisson_regression": PoissonRegressionEmissions,
+    "bernoulli_regression": BernoulliRegressionEmissions,
     "autoregressive": AutoregressiveEmissions,
 }
+# the families whose from_data takes (emissions, inputs, num_states): regressions on inputs
+_INPUT_FAMILIES = (LinearRegressionEmissions, PoissonRegressionEmissions, BernoulliRegressionEmissions)
 
 
 def _emission_fields(emissions: AbstractEmissions) -> dict[str, tuple[str, ...]]:
@@ -364,7 +370,8 @@ class HMM(AbstractFittableModel):
             emissions_type: ``"poisson"``, ``"gaussian"``, ``"gaussian_diag"``, ``"gaussian_spherical"``,
                 ``"gaussian_tied"``, ``"categorical"``,
                 ``"bernoulli"``, ``"multinomial"``, ``"gamma"``, ``"gmm"`` (two diagonal
-                components per state), ``"linear_regression"`` (on ``inputs``), ``"autoregressive"``
+                components per state), ``"linear_regression"``, ``"poisson_regression"`` and
+                ``"bernoulli_regression"`` (on ``inputs``), ``"autoregressive"``
                 (on ``num_lags`` past emissions, and ``inputs`` if given), or an emission class (its
                 ``from_data(pooled, num_states, key=key)`` builds the emission model).
             lengths: ``(B,)`` lengths or ``None``.
@@ -395,9 +402,9 @@ class HMM(AbstractFittableModel):
             emission_model = family.from_data(
                 emissions, num_states, num_lags=num_lags, inputs=inputs, lengths=lengths, key=key
             )
-        elif family is LinearRegressionEmissions:
+        elif family in _INPUT_FAMILIES:
             if inputs is None:
-                raise ValueError("`emissions_type='linear_regression'` needs `inputs` (B, T, Du); got None.")
+                raise ValueError(f"`emissions_type={emissions_type!r}` needs `inputs` (B, T, Du); got None.")
             emission_model = family.from_data(emissions, inputs, num_states, lengths=lengths, key=key)
         elif inputs is not None:
             raise ValueError(f"`inputs` must be None for {family.__name__} (it takes no inputs).")

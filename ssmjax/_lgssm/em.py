@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -191,27 +192,45 @@ def expected_stats(model, emissions, inputs, length, posterior, observed: bool =
     }
 
 
-def _solve_regression(s_zz, s_yz, current_w, free):
-    """Weights maximising the expected Gaussian log-likelihood with some blocks frozen.
+def _solve_regression(s_zz, s_yz, current_w, held, metric):
+    r"""Weights maximising the expected Gaussian log-likelihood with the ``held`` entries kept.
 
     Args:
         s_zz: (P, P) summed E[z z^T]; s_yz: (N, P) summed E[y z^T].
-        current_w: (N, P) current weights (used for frozen columns).
-        free: (P,) boolean numpy mask of columns to estimate (static).
-    """
-    import numpy as np
+        current_w: (N, P) current weights (the values of held entries).
+        held: (N, P) boolean numpy mask (static).
+        metric: (N, N) inverse noise covariance, or None when the rows decouple (a diagonal
+            noise covariance, or held columns): the maximiser then does not depend on it.
 
-    free = np.asarray(free, dtype=bool)
-    if not free.any():
+    Whole held columns leave a regression per row on the same free columns, solved at once.
+    Otherwise, with :math:`W = W_0 + F` (``F`` on the free entries), the gradient
+    :math:`\Sigma^{-1}(S_{yz} - W S_{zz})` vanishes on the free entries where
+    :math:`(\Sigma^{-1} \otimes S_{zz})\,\mathrm{vec} F = \mathrm{vec}\,\Sigma^{-1}(S_{yz} - W_0 S_{zz})`
+    (row-major ``vec``), restricted to them. With a full noise covariance that is the maximiser
+    given the current covariance (a conditional maximisation step: EM still never decreases).
+    """
+    held = np.asarray(held, dtype=bool)
+    if held.all():
         return current_w
-    fixed = ~free
-    s_ff = s_zz[np.ix_(free, free)]
-    rhs = s_yz[:, free]
-    if fixed.any():
-        rhs = rhs - _mm(current_w[:, fixed], s_zz[np.ix_(fixed, free)])
-    chol = jnp.linalg.cholesky(0.5 * (s_ff + s_ff.T))
-    w_free = jax.scipy.linalg.cho_solve((chol, True), rhs.T).T
-    return current_w.at[:, free].set(w_free)
+    if (held == held[:1]).all():  # whole columns
+        free = ~held[0]
+        fixed = held[0]
+        s_ff = s_zz[np.ix_(free, free)]
+        rhs = s_yz[:, free]
+        if fixed.any():
+            rhs = rhs - _mm(current_w[:, fixed], s_zz[np.ix_(fixed, free)])
+        chol = jnp.linalg.cholesky(0.5 * (s_ff + s_ff.T))
+        w_free = jax.scipy.linalg.cho_solve((chol, True), rhs.T).T
+        return current_w.at[:, free].set(w_free)
+    n = current_w.shape[0]
+    metric = jnp.eye(n, dtype=s_zz.dtype) if metric is None else metric
+    w0 = jnp.where(held, current_w, 0.0)
+    rhs = _mm(metric, s_yz - _mm(w0, s_zz)).reshape(-1)
+    idx = np.flatnonzero(~held.reshape(-1))
+    hess = jnp.kron(metric, s_zz)[np.ix_(idx, idx)]
+    chol = jnp.linalg.cholesky(0.5 * (hess + hess.T))
+    f = jax.scipy.linalg.cho_solve((chol, True), rhs[idx])
+    return w0.reshape(-1).at[idx].set(f).reshape(current_w.shape)
 
 
 def _residual_cov(s_yy, s_yz, s_zz, w, count):
@@ -219,52 +238,67 @@ def _residual_cov(s_yy, s_yz, s_zz, w, count):
     return 0.5 * (cov + cov.T)
 
 
-def _regression_m_step(model, prefix, keys, stats, frozen, new):
-    """Update W = [matrix, input_matrix, offset] and the noise covariance of one equation.
+def _structured(cov, current, structure, held):
+    """The maximiser over covariances of ``structure`` given the expected residual covariance ``cov``."""
+    if structure == "scalar":
+        return jnp.mean(jnp.diagonal(cov)) * jnp.eye(cov.shape[-1], dtype=cov.dtype)
+    if structure == "diagonal":  # the variances separate: each free one is its residual variance
+        return jnp.diag(jnp.where(np.diag(held), jnp.diagonal(current), jnp.diagonal(cov)))
+    return cov
 
-    ``prefix`` is ``"transition"`` or ``"emission"``; ``keys`` name the summed
-    statistics (E[z z^T], E[target z^T], E[target target^T], count). Blocks the
-    model does not have are absent; frozen blocks keep their values and the
-    others are the exact regression given them. Writes into ``new``.
+
+_EQUATIONS = {
+    # name: (weight blocks, noise covariance, summed E[z z^T], E[target z^T], E[target target^T], count)
+    "initial": (("initial_mean",), "initial_cov", "init_count", "init_mean", "init_second", "init_count"),
+    "transition": (("transition_matrix", "transition_input_matrix", "transition_offset"), "transition_cov",
+                   "tr_phiphi", "tr_nextphi", "tr_nextnext", "tr_count"),
+    "emission": (("emission_matrix", "emission_input_matrix", "emission_offset"), "emission_cov",
+                 "em_psipsi", "em_ypsi", "em_yy", "em_count"),
+}
+
+
+def _regression_m_step(model, equation, stats, held, structure, new):
+    """Update the weights ``W = [matrix, input_matrix, offset]`` and the noise covariance of one equation.
+
+    The initial state is the regression of :math:`x_1` on the constant 1 (``W`` is the mean).
+    Blocks the model does not have are absent; held entries keep their values and the others
+    are the regression given them; the covariance is the expected residual covariance of the
+    new weights, in its ``structure``. Writes into ``new``.
     """
-    import numpy as np
-
+    names, cov_name, *keys = _EQUATIONS[equation]
     s_zz, s_tz, s_tt, count = (stats[k] for k in keys)
-    names = (f"{prefix}_matrix", f"{prefix}_input_matrix", f"{prefix}_offset")
+    if equation == "initial":
+        s_zz, s_tz = count[None, None], s_tz[:, None]
     blocks = []
     for name in names:
         value = getattr(model, name)
         if value is not None:
-            blocks.append((name, value[:, None] if name.endswith("offset") else value))
-    w = jnp.concatenate([b for _, b in blocks], axis=1)
-    free = np.concatenate([np.full(b.shape[1], name not in frozen) for name, b in blocks])
-    w = _solve_regression(s_zz, s_tz, w, free)
+            column = name.endswith(("offset", "mean"))
+            blocks.append((name, column, value[:, None] if column else value,
+                           held[name][:, None] if column else held[name]))
+    w = jnp.concatenate([b for _, _, b, _ in blocks], axis=1)
+    mask = np.concatenate([m for _, _, _, m in blocks], axis=1)
+    kind = structure[cov_name]
+    metric = None
+    if kind == "full" and not (mask == mask[:1]).all():
+        cov = getattr(model, cov_name)
+        metric = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(cov), True), jnp.eye(cov.shape[-1], dtype=cov.dtype))
+    w = _solve_regression(s_zz, s_tz, w, mask, metric)
     col = 0
-    for name, b in blocks:
+    for name, column, b, _ in blocks:
         part = w[:, col : col + b.shape[1]]
         col += b.shape[1]
-        new[name] = part[:, 0] if name.endswith("offset") else part
-    if f"{prefix}_cov" not in frozen:
-        new[f"{prefix}_cov"] = _residual_cov(s_tt, s_tz, s_zz, w, count)
+        new[name] = part[:, 0] if column else part
+    if not held[cov_name].all():
+        current = getattr(model, cov_name)
+        new[cov_name] = _structured(_residual_cov(s_tt, s_tz, s_zz, w, count), current, kind, held[cov_name])
 
 
-def m_step(model, stats, frozen: frozenset):
-    """Closed-form M-step. Returns a dict of new field values (frozen ones unchanged)."""
-    import numpy as np
-
+def m_step(model, stats, held: dict, structure: dict):
+    """Closed-form M-step. ``held``: per field, the numpy mask of entries kept (``fixed`` or frozen);
+    ``structure``: per covariance, ``"full"``, ``"diagonal"`` or ``"scalar"``. Returns a dict of
+    new field values (fields held whole are left out)."""
     new = {}
-    n0 = stats["init_count"]
-    mean0 = model.initial_mean if "initial_mean" in frozen else stats["init_mean"] / n0
-    new["initial_mean"] = mean0
-    if "initial_cov" not in frozen:
-        cov0 = stats["init_second"] / n0 - _outer(mean0, stats["init_mean"] / n0) - _outer(
-            stats["init_mean"] / n0, mean0
-        ) + _outer(mean0, mean0)
-        new["initial_cov"] = 0.5 * (cov0 + cov0.T)
-
-    _regression_m_step(model, "transition", ("tr_phiphi", "tr_nextphi", "tr_nextnext", "tr_count"),
-                       stats, frozen, new)
-    _regression_m_step(model, "emission", ("em_psipsi", "em_ypsi", "em_yy", "em_count"), stats, frozen, new)
-    for name in frozen:
-        new.pop(name, None)
-    return new
+    for equation in _EQUATIONS:
+        _regression_m_step(model, equation, stats, held, structure, new)
+    return {name: value for name, value in new.items() if not held[name].all()}

@@ -14,22 +14,17 @@ Parameter names (for ``frozen``) are the field names of the model that are not
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .. import _checks
-from .._fit.protocol import observed_batch, unpadded_batch
+from .._fit.protocol import check_frozen, observed_batch, unpadded_batch
 from . import em as _em
-from .inference import _ops_for, _smoother_impl
+from .constraints import _BASE_NDIM, COVARIANCES, fixed_of, free_count, held_whole, structure_of
+from .inference import _ops_for, _smoother_diffuse_impl, _smoother_impl, marginal_loglik
 from .params import FIELDS
 from .validate import _value_check_model
-
-_COVS = ("initial_cov", "transition_cov", "emission_cov")
-_BASE_NDIM = {
-    "initial_mean": 1, "initial_cov": 2, "transition_matrix": 2, "transition_cov": 2,
-    "emission_matrix": 2, "emission_cov": 2, "transition_input_matrix": 2,
-    "emission_input_matrix": 2, "transition_offset": 1, "emission_offset": 1,
-}
 
 
 def parameter_names(model) -> tuple[str, ...]:
@@ -119,9 +114,30 @@ def e_step(model, emissions, length, inputs):
     observed = observed_batch()
     masking = "observed" if observed and unpadded_batch() else "masked"
     schedule = "sequential" if masking == "observed" else None
-    post = _smoother_impl(model, emissions, inputs, length, "standard", _ops_for(model), masking, schedule=schedule)
+    if model.diffuse:
+        post = _smoother_diffuse_impl(model, emissions, inputs, length, "standard", _ops_for(model), masking, schedule)
+    else:
+        post = _smoother_impl(model, emissions, inputs, length, "standard", _ops_for(model), masking, schedule=schedule)
     stats = _em.expected_stats(model, emissions, inputs, length, post, observed=observed)
     return stats, post.marginal_loglik
+
+
+def num_parameters(model, frozen=()) -> int:
+    frozen = check_frozen(model, frozen)
+    return int(sum(free_count(model.constraints, n, getattr(model, n)) for n in parameter_names(model)
+                   if not _held_whole(model, n, frozen)))
+
+
+@jax.jit
+def _summed_loglik(model, emissions, lengths, inputs):
+    run = lambda y, n, u: marginal_loglik(model, y, inputs=u, length=n)  # noqa: E731
+    return jnp.sum(jax.vmap(run)(emissions, lengths, inputs))
+
+
+def batch_loglik(model, emissions, lengths, inputs):
+    emissions, lengths, inputs = check_batch(model, emissions, lengths, inputs)
+    with _checks.value_checks(False):  # checked above
+        return _summed_loglik(model, emissions, lengths, inputs)
 
 
 def check_em(model, frozen):
@@ -133,8 +149,22 @@ def check_em(model, frozen):
         )
 
 
+def _held_whole(model, name, frozen=()) -> bool:
+    """Fitting leaves ``name`` as it is: frozen, fixed whole, or the initial state of a model with a
+    diffuse part (its prior is flat there and given elsewhere)."""
+    return (name in frozen or held_whole(model.constraints, name, tuple(getattr(model, name).shape))
+            or (bool(model.diffuse) and name in ("initial_mean", "initial_cov")))
+
+
+def _held(model, frozen):
+    """Per field, the mask of entries EM keeps (``fixed``, and whole fields as :func:`_held_whole`)."""
+    return {n: fixed_of(model.constraints, n, tuple(getattr(model, n).shape)) | _held_whole(model, n, frozen)
+            for n in parameter_names(model)}
+
+
 def m_step(model, stats, frozen):
-    new = _em.m_step(model, stats, frozen)
+    structure = {n: structure_of(model.constraints, n) for n in COVARIANCES}
+    new = _em.m_step(model, stats, _held(model, frozen), structure)
     names = list(new)
     return eqx.tree_at(lambda m: [getattr(m, n) for n in names], model, [new[n] for n in names])
 
@@ -152,10 +182,25 @@ def _unconstrained_to_cov(u):
 
 
 def unconstrained(model):
+    """Name -> free values: a full covariance as its Cholesky factor with a log-diagonal, a
+    diagonal one as its log-variances, a scalar one as its log-variance; fields held whole by
+    ``fixed`` are left out (held entries of the others are read back from ``model``)."""
     params = {}
     for name in parameter_names(model):
         value = getattr(model, name)
-        if name in _COVS:
+        if _held_whole(model, name):
+            continue
+        kind = structure_of(model.constraints, name)
+        if kind == "diagonal":
+            held = np.diag(fixed_of(model.constraints, name, tuple(value.shape)))
+            variances = jnp.where(held, 1.0, jnp.diagonal(value))  # held variances (maybe 0) stay out
+            variances = _checks.check_values(
+                variances, ~(variances > 0), f"`{name}` must have positive free variances for gradient fitting."
+            )
+            params[name] = jnp.log(variances)
+        elif kind == "scalar":
+            params[name] = jnp.log(value[0, 0])
+        elif name in COVARIANCES:
             chol = jnp.linalg.cholesky(0.5 * (value + jnp.swapaxes(value, -1, -2)))
             chol = _checks.check_values(
                 chol, ~jnp.isfinite(chol),
@@ -170,11 +215,24 @@ def unconstrained(model):
 
 def from_unconstrained(model, params):
     names = list(params)
-    values = [_unconstrained_to_cov(params[n]) if n in _COVS else params[n] for n in names]
+    values = []
+    for name in names:
+        current = getattr(model, name)
+        kind = structure_of(model.constraints, name)
+        held = fixed_of(model.constraints, name, tuple(current.shape))
+        if kind == "diagonal":
+            value = jnp.diag(jnp.where(np.diag(held), jnp.diagonal(current), jnp.exp(params[name])))
+        elif kind == "scalar":
+            value = jnp.exp(params[name]) * jnp.eye(current.shape[-1], dtype=current.dtype)
+        elif name in COVARIANCES:
+            value = _unconstrained_to_cov(params[name])
+        else:
+            value = jnp.where(held, current, params[name]) if held.any() else params[name]
+        values.append(value)
     return eqx.tree_at(lambda m: [getattr(m, n) for n in names], model, values)
 
 
 __all__ = [
-    "check_batch", "check_em", "e_step", "from_unconstrained", "m_step",
-    "parameter_names", "unconstrained",
+    "batch_loglik", "check_batch", "check_em", "e_step", "from_unconstrained", "m_step",
+    "num_parameters", "parameter_names", "unconstrained",
 ]

@@ -38,10 +38,11 @@ from typing import Optional
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .. import _deprecation
-from . import steady, step, strategy
+from . import diffuse, steady, step, strategy
 from .canonical import LOG_2PI as _LOG_2PI
 from .canonical import KalmanParams, _canonical, _dtype
 from .params import AbstractLGSSM, model_dims, validate_shapes
@@ -439,6 +440,49 @@ def _dispatch(smoother, chosen, model, y, u, length):
     return run(model, y, u, length, method=method, ops=ops, masking=chosen.masking, schedule=chosen.schedule)
 
 
+def _proper_only(model, what: str) -> None:
+    """A model with a diffuse initial state has an improper prior: what needs a proper one refuses it."""
+    if getattr(model, "diffuse", ()):
+        raise ValueError(
+            f"`{what}` needs a proper prior on the initial state, and the model has diffuse components "
+            f"{list(np.flatnonzero(model.diffuse))}: use rts_smoother (the exact diffuse posterior) or "
+            "model.marginal_loglik, or give the model a proper initial_cov (diffuse=None)."
+        )
+
+
+def _smoother_diffuse_impl(model, y, u, length, method, ops, masking, schedule):
+    run = lambda m: _smoother_impl(m, y, u, length, method, ops, masking, schedule=schedule)  # noqa: E731
+    return diffuse.smoother(run, model, length)
+
+
+def _loglik_diffuse_impl(model, y, u, length, method, ops, masking, schedule):
+    run = lambda m: _filter_impl(m, y, u, length, method, ops, masking, schedule=schedule).marginal_loglik  # noqa: E731
+    return diffuse.loglik(run, model)
+
+
+_SERIAL = ("method", "ops", "masking", "schedule")
+_smoother_diffuse_jit = jax.jit(_smoother_diffuse_impl, static_argnames=_SERIAL)
+_loglik_diffuse_jit = jax.jit(_loglik_diffuse_impl, static_argnames=_SERIAL)
+
+
+def _dispatch_diffuse(smoother, chosen, model, y, u, length):
+    """As :func:`_dispatch` for a model with diffuse components (sequential schedules only)."""
+    ops = SmallOps if chosen.ops == "small" else GeneralOps
+    schedule = "sequential" if chosen.schedule == "parallel" else chosen.schedule
+    run = _smoother_diffuse_jit if smoother else _loglik_diffuse_jit
+    method = "sqrt" if chosen.form == "sqrt" else "standard"
+    return run(model, y, u, length, method=method, ops=ops, masking=chosen.masking, schedule=schedule)
+
+
+def marginal_loglik(model, emissions, *, inputs=None, length=None) -> Array:
+    """``log p(y_{1:T})`` of one sequence: the Kalman filter's, or the exact diffuse log-likelihood
+    (:mod:`ssmjax._lgssm.diffuse`) when the model has diffuse components."""
+    model, y, u, length_arr, chosen = _validate_and_choose(model, emissions, inputs, length, "standard", False, None)
+    if getattr(model, "diffuse", ()):
+        return _dispatch_diffuse(False, chosen, model, y, u, length_arr)
+    return _dispatch(False, chosen, model, y, u, length_arr).marginal_loglik
+
+
 def lgssm_strategy(model, emissions, *, inputs=None, length=None, method="standard", parallel=False) -> KalmanStrategy:
     r"""The path that :func:`kalman_filter` and :func:`rts_smoother` take for these arguments, and why.
 
@@ -529,6 +573,7 @@ def kalman_filter(
         >>> result.filtered_means.shape
         (3, 1)
     """
+    _proper_only(model, "kalman_filter")
     model, y, u, length_arr, chosen = _validate_and_choose(model, emissions, inputs, length, method, parallel, strategy)
     return _dispatch(False, chosen, model, y, u, length_arr)
 
@@ -580,6 +625,8 @@ def rts_smoother(
         (2, 1, 1)
     """
     model, y, u, length_arr, chosen = _validate_and_choose(model, emissions, inputs, length, method, parallel, strategy)
+    if getattr(model, "diffuse", ()):
+        return _dispatch_diffuse(True, chosen, model, y, u, length_arr)
     return _dispatch(True, chosen, model, y, u, length_arr)
 
 
@@ -616,6 +663,7 @@ def lgssm_sample_posterior(model, emissions, *, inputs=None, length=None, key: P
         >>> ssmjax.lgssm_sample_posterior(model, jnp.ones((4, 1)), key=jax.random.key(0)).shape
         (4, 1)
     """
+    _proper_only(model, "lgssm_sample_posterior")
     model, y, u, length_arr = _validate(model, emissions, inputs, length)
     return _sample_posterior_jit(key, model, y, u, length_arr, ops=_ops_for(model))
 
@@ -686,6 +734,7 @@ def lgssm_sample(model, num_timesteps, *, inputs=None, key: PRNGKeyArray) -> tup
         raise ValueError(f"`model` must be an ssmjax.LGSSM; got {type(model).__name__}.")
     if not isinstance(num_timesteps, int) or num_timesteps < 1:
         raise ValueError(f"`num_timesteps` must be a positive Python int; got {num_timesteps!r}.")
+    _proper_only(model, "lgssm_sample")
     time_sizes = validate_shapes(model)
     _check_time_sizes(time_sizes, num_timesteps)
     _, _, du = model_dims(model)
@@ -804,6 +853,7 @@ def lgssm_forecast(
     """
     if not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"`num_steps` must be a non-negative Python int; got {num_steps!r}.")
+    _proper_only(model, "lgssm_forecast")
     model, y, u, length_arr = _validate(model, emissions, inputs, length)
     _, _, du = model_dims(model)
     fu = _validate_inputs(model, future_inputs, num_steps, du, "future_inputs")

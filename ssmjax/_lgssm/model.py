@@ -47,14 +47,18 @@ from __future__ import annotations
 
 from typing import Optional
 
+import equinox as eqx
 import jax
+import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from .. import _deprecation
+from . import constraints as _constraints
+from . import diffuse as _diffuse
 from . import fit
-from .inference import kalman_filter, lgssm_forecast, lgssm_sample, lgssm_sample_posterior, rts_smoother
+from .inference import kalman_filter, lgssm_forecast, marginal_loglik, lgssm_sample, lgssm_sample_posterior, rts_smoother
 from .joint import lgssm_log_joint
-from .params import AbstractLGSSM, _to_array, model_dims, validate_shapes
+from .params import FIELDS, AbstractLGSSM, _to_array, model_dims, validate_shapes
 
 
 class LGSSM(AbstractLGSSM):
@@ -82,10 +86,21 @@ class LGSSM(AbstractLGSSM):
         emission_input_matrix: :math:`D`, shape (Dy, Du) or (T, Dy, Du), optional.
         transition_offset: :math:`b`, shape (Dx,) or (T-1, Dx), optional.
         emission_offset: :math:`d`, shape (Dy,) or (T, Dy), optional.
+        structure: what fitting keeps of each covariance's form, e.g.
+            ``{"emission_cov": "diagonal"}``: ``"full"`` (the default), ``"diagonal"`` or
+            ``"scalar"`` (:math:`\sigma^2 I`). The given value must have that form.
+        fixed: entries that fitting holds at their given values, e.g.
+            ``{"transition_matrix": mask, "emission_offset": True}``: ``True`` for a whole field,
+            or a boolean array of its shape (``True`` = held); for a diagonal covariance a
+            ``(D,)`` mask over its variances. See :mod:`ssmjax._lgssm.constraints`.
+        diffuse: ``True`` or a ``(Dx,)`` boolean mask: these components of the initial state get a
+            flat (improper) prior, handled exactly (their ``initial_mean`` and ``initial_cov``
+            entries are not used); the log-likelihood is then the exact diffuse one of Koopman
+            and Durbin, as statsmodels reports it. See :mod:`ssmjax._lgssm.diffuse`.
 
     Raises:
         ValueError: a field has the wrong shape (the message names the field, the
-            expected and the received shape).
+            expected and the received shape), or a constraint does not fit the fields.
 
     Example:
         >>> import jax.numpy as jnp
@@ -109,6 +124,8 @@ class LGSSM(AbstractLGSSM):
     emission_input_matrix: Optional[jax.Array] = None
     transition_offset: Optional[jax.Array] = None
     emission_offset: Optional[jax.Array] = None
+    constraints: tuple = eqx.field(static=True, default=())
+    diffuse: tuple = eqx.field(static=True, default=())
 
     def __init__(
         self,
@@ -123,6 +140,9 @@ class LGSSM(AbstractLGSSM):
         emission_input_matrix=None,
         transition_offset=None,
         emission_offset=None,
+        structure: Optional[dict] = None,
+        fixed: Optional[dict] = None,
+        diffuse=None,
     ):
         self.initial_mean = _to_array(initial_mean)
         self.initial_cov = _to_array(initial_cov)
@@ -144,6 +164,10 @@ class LGSSM(AbstractLGSSM):
                     f"{tuple(self.emission_input_matrix.shape)}."
                 )
         validate_shapes(self)
+        self.diffuse = _diffuse.canonical(diffuse, self.initial_mean.shape[-1])
+        self.constraints = _constraints.canonical(
+            {name: getattr(self, name) for name in FIELDS}, structure, fixed
+        )
 
     @property
     def state_dim(self) -> int:
@@ -160,10 +184,48 @@ class LGSSM(AbstractLGSSM):
         """Du, or None when the model takes no inputs."""
         return model_dims(self)[2]
 
+    @property
+    def structure(self) -> dict[str, str]:
+        """The form each covariance keeps under fitting: ``"full"``, ``"diagonal"`` or ``"scalar"``."""
+        return {name: _constraints.structure_of(self.constraints, name) for name in _constraints.COVARIANCES}
+
+    @property
+    def fixed(self) -> dict[str, np.ndarray]:
+        """Masks of the entries fitting holds (``True`` = held), for the fields that have any."""
+        out = {}
+        for name in FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                mask = _constraints.fixed_of(self.constraints, name, tuple(value.shape))
+                if mask.any():
+                    out[name] = np.diag(mask) if self.structure.get(name) == "diagonal" else mask
+        return out
+
+    def with_constraints(self, *, structure: Optional[dict] = None, fixed: Optional[dict] = None) -> "LGSSM":
+        """The same model with these constraints in place of its own (see ``structure`` and ``fixed`` above).
+
+        Example:
+            >>> import jax.numpy as jnp, numpy as np, ssmjax
+            >>> trend = ssmjax.LGSSM(  # local linear trend with a smooth (noise-free) slope
+            ...     initial_mean=jnp.zeros(2), initial_cov=jnp.eye(2),
+            ...     transition_matrix=jnp.array([[1.0, 1.0], [0.0, 1.0]]),
+            ...     transition_cov=jnp.diag(jnp.array([1.0, 0.0])),
+            ...     emission_matrix=jnp.array([[1.0, 0.0]]), emission_cov=jnp.eye(1))
+            >>> trend = trend.with_constraints(
+            ...     structure={"transition_cov": "diagonal"},
+            ...     fixed={"transition_matrix": True, "emission_matrix": True,
+            ...            "transition_cov": np.array([False, True])})
+            >>> trend.num_parameters()  # initial mean 2 and cov 3, level variance 1, noise variance 1
+            7
+        """
+        fields = {name: getattr(self, name) for name in FIELDS}
+        return LGSSM(**fields, structure=structure, fixed=fixed, diffuse=self.diffuse or None)
+
     # ------------------------------------------------------------ inference
     def marginal_loglik(self, emissions, *, length=None, inputs=None) -> jax.Array:
-        """``log p(y_{1:T})`` of one sequence; see :func:`ssmjax.kalman_filter`."""
-        return kalman_filter(self, emissions, inputs=inputs, length=length).marginal_loglik
+        """``log p(y_{1:T})`` of one sequence (see :func:`ssmjax.kalman_filter`); the exact diffuse
+        log-likelihood when the model has ``diffuse`` components."""
+        return marginal_loglik(self, emissions, inputs=inputs, length=length)
 
     def filter(self, emissions, *, inputs=None, length=None, method="standard"):
         """Kalman filter of one sequence; see :func:`ssmjax.kalman_filter`."""
@@ -202,6 +264,29 @@ class LGSSM(AbstractLGSSM):
     def parameter_names(self) -> tuple[str, ...]:
         """Names accepted by ``frozen``: the fields that are not ``None``."""
         return fit.parameter_names(self)
+
+    def num_parameters(self, frozen=()) -> int:
+        """Free parameters, as AIC and BIC count them: every entry not held (``fixed``), a full
+        covariance counted once per pair, a diagonal one per free variance, a scalar one once;
+        names in ``frozen`` (as :func:`ssmjax.fit_em` takes them) count nothing."""
+        return fit.num_parameters(self, frozen)
+
+    def log_likelihood(self, emissions, *, lengths=None, inputs=None) -> jax.Array:
+        """``sum_b log p(y^(b))`` of a padded batch ``(B, T, Dy)`` (``lengths`` and ``inputs`` as :func:`ssmjax.fit_em`)."""
+        return fit.batch_loglik(self, emissions, lengths, inputs)
+
+    def aic(self, emissions, *, lengths=None, inputs=None, frozen=()) -> float:
+        """Akaike's criterion of a padded batch, ``-2 log p(y) + 2 p`` (:meth:`num_parameters`); lower is better."""
+        loglik = self.log_likelihood(emissions, lengths=lengths, inputs=inputs)
+        return float(-2.0 * loglik + 2.0 * self.num_parameters(frozen))
+
+    def bic(self, emissions, *, lengths=None, inputs=None, frozen=()) -> float:
+        """Schwarz's criterion of a padded batch, ``-2 log p(y) + p log N`` with ``N`` the number of real
+        steps; lower is better."""
+        emissions, lengths, inputs = self._check_batch(emissions, lengths, inputs)
+        loglik = self.log_likelihood(emissions, lengths=lengths, inputs=inputs)
+        num_steps = int(np.sum(np.asarray(lengths)))
+        return float(-2.0 * loglik + np.log(num_steps) * self.num_parameters(frozen))
 
     def _check_batch(self, emissions, lengths, inputs):
         return fit.check_batch(self, emissions, lengths, inputs)

@@ -44,6 +44,9 @@ from .poisson import PoissonEmissions as PoissonEmissions
 from .regression import AutoregressiveEmissions as AutoregressiveEmissions
 from .regression import LinearRegressionEmissions as LinearRegressionEmissions
 from .regression import RegressionStats as RegressionStats
+from .glm import BernoulliRegressionEmissions as BernoulliRegressionEmissions
+from .glm import GLMStats as GLMStats
+from .glm import PoissonRegressionEmissions as PoissonRegressionEmissions
 from .product import ProductEmissions as ProductEmissions
 from .product import ProductStats as ProductStats
 from .poisson import PoissonStats as PoissonStats
@@ -66,6 +69,8 @@ __all__ = [
     "PoissonEmissions",
     "LinearRegressionEmissions",
     "AutoregressiveEmissions",
+    "PoissonRegressionEmissions",
+    "BernoulliRegressionEmissions",
     "ProductEmissions",
     "BernoulliStats",
     "CategoricalStats",
@@ -75,5 +80,6 @@ __all__ = [
     "MultinomialStats",
     "PoissonStats",
     "RegressionStats",
+    "GLMStats",
     "ProductStats",
 ]

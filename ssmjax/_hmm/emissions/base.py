@@ -495,6 +495,10 @@ class AbstractExponentialFamilyEmissions(AbstractEmissions):
 
     Subclasses implement :meth:`suff_stats` and :meth:`m_step_from_stats`; in
     ``m_step_from_stats`` a state with zero total weight keeps its parameters.
+
+    A family whose M-step needs the data rather than sums (the GLM families' Newton steps)
+    returns :class:`AbstractStepStats` instead, one row per pooled step: those combine by
+    concatenating rows (:func:`_combine_sequences`), and equal the statistics of the pooled steps.
     """
 
     @abc.abstractmethod
@@ -509,6 +513,28 @@ class AbstractExponentialFamilyEmissions(AbstractEmissions):
         kept at their current values; the others get their exact maximiser given
         them (e.g. Gaussian covariances about frozen means).
         """
+
+
+class AbstractStepStats(eqx.Module):
+    """Statistics that keep one row per pooled step (every leaf has the leading axis ``N``).
+
+    For a family whose M-step re-reads the data (iterative, no fixed-size sufficient
+    statistics). Padded and missing steps are rows of zero weight. The statistics of several
+    chunks are their rows concatenated, not added (:func:`_combine_sequences`).
+    """
+
+
+def _combine_sequences(stats: PyTree[Array]) -> PyTree[Array]:
+    """The statistics of ``B`` sequences stacked on a leading axis (``jax.vmap`` of a per-sequence
+    E-step) combined into one: summed over that axis, except :class:`AbstractStepStats`, whose
+    sequence axis merges into their step axis."""
+
+    def combine(s):
+        if isinstance(s, AbstractStepStats):
+            return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), s)
+        return jnp.sum(s, axis=0)
+
+    return jax.tree.map(combine, stats, is_leaf=lambda s: isinstance(s, AbstractStepStats))
 
 
 def _emission_sample(emissions: AbstractEmissions, state, key):
