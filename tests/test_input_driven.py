@@ -198,3 +198,54 @@ def test_markov_regression_tvtp_parity_with_statsmodels():
     starts = eqx.filter_vmap(perturbed)(jax.random.split(jax.random.key(3), 10))
     _, scores, _ = ssmjax.fit_em_restarts(starts, y, inputs=u, max_iters=500, tol=1e-10)
     assert float(jnp.max(scores)) >= res.llf - 1e-3
+
+
+def test_shared_weights_glm_hmm():
+    """Weights shared by every origin state (GLM-HMM): inference is the per-row model's with equal
+    rows; the M-step (biases per row, then the shared weights) reaches the joint maximiser over
+    (W, b) of the expected complete-data log-likelihood (scipy's BFGS over all rows at once); EM
+    and fit_sgd keep the rows tied, and the model counts (K - 1) Du weights."""
+    import optax
+
+    rng = np.random.default_rng(4)
+    base = _model(rng)
+    shared = rng.normal(size=(K, DU))
+    model = ssmjax.InputDrivenHMM(base.initial_probs, base.transition_matrix, base.emissions,
+                                  transition_weights=jnp.asarray(shared), shared_weights=True)
+    rows = ssmjax.InputDrivenHMM(base.initial_probs, base.transition_matrix, base.emissions,
+                                 transition_weights=jnp.asarray(np.broadcast_to(shared, (K, K, DU))))
+    B, T = 3, 40
+    u = jnp.asarray(rng.normal(size=(B, T, DU)))
+    _, ys = jax.vmap(lambda k, x: model.sample(T, inputs=x, key=k))(jax.random.split(jax.random.key(5), B), u)
+    assert_allclose(model.log_likelihood(ys, inputs=u), rows.log_likelihood(ys, inputs=u), rtol=1e-12)
+    assert model.num_parameters() == rows.num_parameters() - (K - 1) * (K - 1) * DU
+
+    stats, _ = model._batched_e_step(model._prepare_batch(ys, jnp.full((B,), T), u))
+    m_step = eqx.filter_jit(lambda m, s: m._m_step(s, frozenset()))
+    new = model
+    for _ in range(10):  # conditional maximisations on fixed statistics converge to the joint maximiser
+        new = m_step(new, stats)
+    pairs = np.asarray(stats["transitions"]["pairs"]).reshape(-1, K, K)
+    x = np.asarray(stats["transitions"]["inputs"]).reshape(-1, DU + 1)[:, :DU]
+
+    def neg(theta):
+        w, b = theta[: K * DU].reshape(K, DU), theta[K * DU :].reshape(K, K)
+        eta = (x @ w.T)[:, None, :] + b[None]  # (N, origin, destination)
+        eta = eta - eta.max(-1, keepdims=True)
+        return -(np.sum(pairs * eta) - np.sum(pairs.sum(-1) * np.log(np.exp(eta).sum(-1))))
+
+    best = scipy.optimize.minimize(neg, np.zeros(K * DU + K * K), method="BFGS", options={"gtol": 1e-10})
+    ours = np.concatenate([np.asarray(new.transition_weights[0]).ravel(), np.asarray(new.transition_log_probs).ravel()])
+    assert neg(ours) <= best.fun + 1e-7 * abs(best.fun)
+    np.testing.assert_array_equal(new.transition_weights, np.broadcast_to(new.transition_weights[0], (K, K, DU)))
+
+    fit, lls, _ = ssmjax.fit_em(model, ys, inputs=u, max_iters=15, tol=0.0)
+    assert np.all(np.diff(np.asarray(lls)) >= -1e-9 * np.abs(np.asarray(lls[1:])))
+    sgd, _ = ssmjax.fit_sgd(model, ys, optax.adam(0.05), inputs=u, num_steps=10)
+    for fitted in (fit, sgd):
+        assert fitted.shared_weights
+        np.testing.assert_array_equal(fitted.transition_weights,
+                                      np.broadcast_to(fitted.transition_weights[0], (K, K, DU)))
+    with pytest.raises(ValueError, match="must be equal for every origin state"):
+        ssmjax.InputDrivenHMM(base.initial_probs, base.transition_matrix, base.emissions,
+                              transition_weights=base.transition_weights, shared_weights=True)

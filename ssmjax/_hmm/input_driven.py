@@ -5,7 +5,10 @@ a multinomial logistic regression per origin state on the input of the step the 
 to (the convention of the LGSSM's inputs, :math:`B_t u_{t+1}`, and of statsmodels'
 ``exog_tvtp``). ``b`` is stored as ``transition_log_probs``, so ``transition_matrix`` is the
 matrix at :math:`u = 0`, and with ``W = 0`` the model is an :class:`ssmjax.HMM`. The emissions
-are any family; a regression family reads the same ``inputs``.
+are any family; a regression family reads the same ``inputs``. With ``shared_weights=True`` the
+weights do not depend on the origin state, :math:`W_{ij} = W_j` (the GLM-HMM of Ashwood et al.,
+2022, and of the ``ssm`` package's input-driven transitions): the inputs move every row's
+logits alike, and each row keeps its own bias :math:`b_{ij}`.
 
 **EM.** The E-step is exact (per sequence: the transition matrices vary in time). The
 transition coefficients' M-step maximises the expected complete-data log-likelihood
@@ -14,6 +17,10 @@ multinomial logistic regression per origin state ``i`` on the two-slice marginal
 :math:`\xi_t`, by ``NEWTON_STEPS`` Newton steps with backtracking (a step is taken only where
 it does not lower that objective): a generalised EM whose log-likelihood never decreases.
 The two-slice marginals and inputs of every step are kept for it, not summed over the batch.
+With shared weights the M-step maximises in two blocks, each a concave problem: every row's
+biases given :math:`W`, then :math:`W` given the biases, one multinomial logistic regression
+over all (step, origin) pairs with the origin's biases as offsets (a conditional maximisation,
+still never lowering the likelihood).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .. import _checks
+from .._newton import finite_or_zero, safeguarded_newton
 from .inference import hmm_smoother, hmm_two_slice_marginals
 from .emissions.base import _combine_sequences
 from .model import _FAMILIES, _INPUT_FAMILIES, HMM
@@ -38,26 +46,25 @@ def _real_next(inputs, length):
     return jnp.where((jnp.arange(1, inputs.shape[0]) < length)[:, None], nxt, 0.0)
 
 
-# Newton steps per M-step, and the step lengths tried by each (1, 1/2, ...) before it is dropped.
+# Newton steps per M-step (each the best of several step lengths, see ssmjax._newton).
 NEWTON_STEPS = 5
-HALVINGS = 10
 
 
-def _logistic_objective(coefs, pairs, u1):
-    """``sum_t [xi_t . eta_t - n_t logsumexp(eta_t)]``, ``eta_t = coefs @ u1_t``: one origin state's
-    expected complete-data log-likelihood (``coefs`` ``(K, P)``, ``pairs`` ``(N, K)``, ``u1`` ``(N, P)``)."""
-    eta = u1 @ coefs.T
+def _logistic_objective(coefs, pairs, u1, offsets=0.0):
+    """``sum_t [xi_t . eta_t - n_t logsumexp(eta_t)]``, ``eta_t = coefs @ u1_t + offsets_t``: a multinomial
+    logistic regression's expected log-likelihood (``coefs`` ``(K, P)``, ``pairs`` ``(N, K)``, ``u1`` ``(N, P)``)."""
+    eta = u1 @ coefs.T + offsets
     return jnp.sum(pairs * eta) - jnp.sum(jnp.sum(pairs, axis=-1) * jax.nn.logsumexp(eta, axis=-1))
 
 
-def _logistic_newton(coefs, pairs, u1, free):
+def _logistic_newton(coefs, pairs, u1, free, offsets=0.0):
     """``coefs`` ``(K, P)`` after ``NEWTON_STEPS`` safeguarded Newton steps on the columns ``free``."""
     num_states, num_free = coefs.shape[0], len(free)
     uf = u1[:, free]
     counts = jnp.sum(pairs, axis=-1)
 
-    def newton(_, c):
-        p = jax.nn.softmax(u1 @ c.T, axis=-1)  # (N, K)
+    def direction(c):
+        p = jax.nn.softmax(u1 @ c.T + offsets, axis=-1)  # (N, K)
         grad = ((pairs - counts[:, None] * p).T @ uf).reshape(-1)
         wp = (counts[:, None] * p)[:, :, None] * uf[:, None, :]  # (N, K, F)
         diag = jnp.einsum("nkp,nq->kpq", wp, uf)
@@ -69,17 +76,15 @@ def _logistic_newton(coefs, pairs, u1, free):
         # round-off then puts into the step is removed, so coefficients do not drift along it.
         ridge = jnp.finfo(c.dtype).eps * (jnp.trace(info) + 1.0) * jnp.eye(info.shape[0], dtype=c.dtype)
         step = jnp.linalg.solve(info + ridge, grad).reshape(num_states, num_free)
-        step = step - jnp.mean(step, axis=0)
-        step = jnp.where(jnp.all(jnp.isfinite(step)), step, 0.0)
-        # backtracking: the longest of the steps 1, 1/2, ..., 2^-(HALVINGS-1) that does not lower
-        # the objective (all evaluated at once), or none
-        scales = 0.5 ** jnp.arange(HALVINGS, dtype=c.dtype)
-        trials = jax.vmap(lambda a: _logistic_objective(c.at[:, free].add(a * step), pairs, u1))(scales)
-        ok = trials >= _logistic_objective(c, pairs, u1)
-        scale = jnp.where(jnp.any(ok), scales[jnp.argmax(ok)], 0.0)
-        return c.at[:, free].add(scale * step)
+        return finite_or_zero(step - jnp.mean(step, axis=0), axis=None)
 
-    return jax.lax.fori_loop(0, NEWTON_STEPS, newton, coefs)
+    def apply(c, length, step):
+        return c.at[:, free].add(length * step)
+
+    def gain(c, step, length):
+        return _logistic_objective(apply(c, length, step), pairs, u1, offsets) - _logistic_objective(c, pairs, u1, offsets)
+
+    return safeguarded_newton(coefs, direction, gain, apply, num_steps=NEWTON_STEPS)
 
 
 class InputDrivenHMM(HMM):
@@ -89,7 +94,9 @@ class InputDrivenHMM(HMM):
         initial_probs: ``(K,)``.
         transition_matrix: ``(K, K)``, the transition matrix at ``u = 0`` (``softmax(b)``); no zero entries.
         emissions: any emission model with ``K`` states (a regression family reads the same inputs).
-        transition_weights: ``(K, K, Du)``, :math:`W`.
+        transition_weights: ``(K, K, Du)``, :math:`W`; with ``shared_weights``, ``(K, Du)`` (or
+            ``(K, K, Du)`` with equal rows).
+        shared_weights: one weight vector per destination state, shared by all origins (GLM-HMM).
 
     Every method of :class:`ssmjax.HMM`, :func:`ssmjax.fit_em` (module docstring) and
     :func:`ssmjax.fit_sgd` take ``inputs`` ``(T, Du)`` (``(B, T, Du)`` for a batch); the input of
@@ -107,17 +114,27 @@ class InputDrivenHMM(HMM):
     """
 
     transition_weights: Float[Array, "K K Du"]
+    shared_weights: bool = eqx.field(static=True, default=False)
 
     def __init__(self, initial_probs=None, transition_matrix=None, emissions=None, transition_weights=None, *,
-                 initial_log_probs=None, transition_log_probs=None):
+                 shared_weights: bool = False, initial_log_probs=None, transition_log_probs=None):
         super().__init__(initial_probs, transition_matrix, emissions,
                          initial_log_probs=initial_log_probs, transition_log_probs=transition_log_probs)
         k = self.num_states
         if transition_weights is None:
             raise ValueError("`transition_weights` (K, K, Du) is required; zeros give an ordinary HMM.")
         weights = _checks.as_float_array("transition_weights", transition_weights, self.transition_log_probs.dtype)
+        self.shared_weights = bool(shared_weights)
+        if self.shared_weights and weights.ndim == 2:
+            _checks.check_shape("transition_weights", weights, (k, "Du"), "one coefficient vector per destination")
+            weights = jnp.broadcast_to(weights, (k,) + weights.shape)
         _checks.check_shape("transition_weights", weights, (k, k, "Du"), "one coefficient vector per transition")
         xp, values, logits = _checks.host_arrays(weights, self.transition_log_probs)
+        if self.shared_weights:
+            weights = _checks.check_values(
+                weights, values != values[:1],
+                "`transition_weights` of shared_weights=True must be equal for every origin state (rows).",
+            )
         self.transition_weights = _checks.check_values(weights, ~xp.isfinite(values), "`transition_weights` must be finite.")
         self.transition_log_probs = _checks.check_values(
             self.transition_log_probs, ~xp.isfinite(logits),
@@ -202,7 +219,18 @@ class InputDrivenHMM(HMM):
         # calls in one program can deadlock XLA:CPU (ssmjax._lgssm.small.GeneralOps.lu_solve_both).
         pairs, u1, _ = jax.lax.optimization_barrier((pairs, u1, jax.tree.leaves(eqx.filter(updated, eqx.is_array))))
         coefs = jnp.concatenate([self.transition_weights, self.transition_log_probs[..., None]], axis=-1)
-        coefs = jax.vmap(lambda c, xi: _logistic_newton(c, xi, u1, np.asarray(free)), in_axes=(0, 1))(coefs, pairs)
+        per_row = jax.vmap(lambda c, xi, cols: _logistic_newton(c, xi, u1, cols), in_axes=(0, 1, None))
+        if not self.shared_weights:
+            coefs = per_row(coefs, pairs, np.asarray(free))
+        else:
+            if "transition_matrix" not in frozen:  # each row's biases, the shared weights held
+                coefs = per_row(coefs, pairs, np.asarray([du]))
+            if "transition_weights" not in frozen:  # the shared weights, each origin's biases as offsets
+                rows = pairs.reshape(-1, k)  # (step, origin) pairs: counts over destinations
+                offsets = jnp.tile(coefs[..., du], (pairs.shape[0], 1))
+                shared = _logistic_newton(coefs[0, :, :du], rows, jnp.repeat(u1[:, :du], k, axis=0),
+                                          np.arange(du), offsets)
+                coefs = coefs.at[..., :du].set(jnp.broadcast_to(shared, (k, k, du)))
         # the bias is stored normalised (log-probabilities at u = 0); a shift per row changes nothing
         return eqx.tree_at(
             lambda m: (m.transition_weights, m.transition_log_probs),
@@ -211,18 +239,21 @@ class InputDrivenHMM(HMM):
         )
 
     def num_parameters(self, frozen=()) -> int:
-        weights = 0 if "transition_weights" in frozen else self.num_states * (self.num_states - 1) * self.input_dim
+        rows = 1 if self.shared_weights else self.num_states
+        weights = 0 if "transition_weights" in frozen else rows * (self.num_states - 1) * self.input_dim
         return super().num_parameters(tuple(f for f in frozen if f != "transition_weights")) + weights
 
     def _unconstrained(self):
-        return {**super()._unconstrained(), "transition_weights": self.transition_weights}
+        weights = self.transition_weights[0] if self.shared_weights else self.transition_weights
+        return {**super()._unconstrained(), "transition_weights": weights}
 
     def _from_unconstrained(self, params):
         base = super()._from_unconstrained({k: v for k, v in params.items() if k != "transition_weights"})
         return eqx.tree_at(
             lambda m: (m.initial_log_probs, m.transition_log_probs, m.emissions, m.transition_weights),
             self,
-            (base.initial_log_probs, base.transition_log_probs, base.emissions, params["transition_weights"]),
+            (base.initial_log_probs, base.transition_log_probs, base.emissions,
+             jnp.broadcast_to(params["transition_weights"], self.transition_weights.shape)),
         )
 
     # -- initialiser ---------------------------------------------------------------
@@ -230,7 +261,7 @@ class InputDrivenHMM(HMM):
     @classmethod
     def from_data(cls, emissions, num_states: int, emissions_type="poisson", *, inputs, lengths=None,
                   stay_prob: float = 0.9, num_classes: int | None = None, num_lags: int = 1,
-                  key: PRNGKeyArray) -> "InputDrivenHMM":
+                  shared_weights: bool = False, key: PRNGKeyArray) -> "InputDrivenHMM":
         """:meth:`ssmjax.HMM.from_data`'s starting model (the other arguments as there) with zero
         transition weights: transitions that do not yet depend on ``inputs`` ``(B, T, Du)``.
 
@@ -250,5 +281,5 @@ class InputDrivenHMM(HMM):
                              inputs=inputs if family in _INPUT_FAMILIES else None, stay_prob=stay_prob,
                              num_classes=num_classes, num_lags=num_lags, key=key)
         return cls(initial_log_probs=base.initial_log_probs, transition_log_probs=base.transition_log_probs,
-                   emissions=base.emissions,
+                   emissions=base.emissions, shared_weights=shared_weights,
                    transition_weights=np.zeros((num_states, num_states, inputs.shape[-1]), np.asarray(base.initial_log_probs).dtype))

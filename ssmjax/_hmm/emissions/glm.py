@@ -17,10 +17,9 @@ contributes nothing. NaN or inf in ``inputs`` at a real step is an error.
 
 **M-step (generalised EM).** There is no closed form: for every state ``k`` and output ``d`` the
 M-step maximises the concave :math:`\sum_n w_{nk} o_{nd} \log p(y_{nd} \mid x_n; W_{kd}, b_{kd})`
-(:math:`o_{nd} = 1` where :math:`y_{nd}` is observed) by ``NEWTON_STEPS`` Newton steps. Each step
-evaluates the objective at the step lengths ``0, 1, 1/2, ..., 2^-(HALVINGS-1)`` at once and takes
-the best, so no step lowers the objective (length ``0``, keeping the coefficients, is among the
-candidates), and EM never lowers the log-likelihood. The Newton system gets a ridge at
+(:math:`o_{nd} = 1` where :math:`y_{nd}` is observed) by safeguarded Newton steps
+(:func:`ssmjax._newton.safeguarded_newton`: the best of several step lengths, ``0`` among them),
+so no step lowers the objective and EM never lowers the log-likelihood. The Newton system gets a ridge at
 round-off scale (``eps`` times its trace) so that a singular one (fewer distinct covariate
 vectors than coefficients) stays solvable; it changes the direction only, not the objective. A
 step that is not finite (an output with no weight: a zero system) is dropped. Frozen ``weights``
@@ -46,13 +45,11 @@ from jax.scipy.special import gammaln
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ... import _checks
+from ..._newton import finite_or_zero, safeguarded_newton
 from .base import AbstractExponentialFamilyEmissions, AbstractStepStats, _as_mask, _at_real_steps, _check_weights
 from .gaussian_ops import _gaussian_full_log_prob, _gaussian_init
 from .regression import _finite, _pooled
 
-# Newton steps per M-step, and the step lengths 1, 1/2, ..., 2^-(HALVINGS-1) each one tries (with 0).
-NEWTON_STEPS = 10
-HALVINGS = 10
 
 
 class GLMStats(AbstractStepStats):
@@ -72,8 +69,8 @@ class GLMStats(AbstractStepStats):
 
 
 def _glm_newton(family, coefs, stats: GLMStats, free):
-    """``coefs`` ``(K, D, Du + 1)`` (weights, then bias) after ``NEWTON_STEPS`` safeguarded Newton steps
-    on the columns ``free`` of every (state, output) pair's weighted GLM objective."""
+    """``coefs`` ``(K, D, Du + 1)`` (weights, then bias) after safeguarded Newton steps on the
+    columns ``free`` of every (state, output) pair's weighted GLM objective."""
     n = stats.weights.shape[0]
     x1 = jnp.concatenate([stats.covariates, jnp.ones((n, 1), coefs.dtype)], axis=-1)
     xf = x1[:, free]
@@ -81,31 +78,26 @@ def _glm_newton(family, coefs, stats: GLMStats, free):
     omega = stats.weights[:, :, None] * stats.observed[:, None, :]  # (N, K, D)
     y = stats.responses[:, None, :]
     outer = (xf[:, :, None] * xf[:, None, :]).reshape(n, num_free * num_free)
-    scales = jnp.concatenate([jnp.zeros(1, coefs.dtype), 0.5 ** jnp.arange(HALVINGS, dtype=coefs.dtype)])
     k, d = coefs.shape[:2]
 
     def weighted(values):
         # zero where a step has no weight for the pair, even where its value overflowed there
         return jnp.where(omega > 0, omega * values, 0.0)
 
-    def gain(eta, move, scale):
-        # objective(c + scale * step) - objective(c), term by term (no cancellation between sums)
-        change = scale * move
-        return jnp.sum(weighted(y * change - family._cumulant_increase(eta, change)), axis=0)
-
-    def newton(_, c):
+    def direction(c):
         eta = jnp.einsum("np,kdp->nkd", x1, c)
         grad = jnp.einsum("nkd,nf->kdf", weighted(y - family._mean(eta)), xf)
         info = (weighted(family._variance(eta)).reshape(n, k * d).T @ outer).reshape(k, d, num_free, num_free)
         ridge = jnp.finfo(c.dtype).eps * jnp.trace(info, axis1=-2, axis2=-1)[..., None, None]
-        step = jnp.linalg.solve(info + ridge * jnp.eye(num_free, dtype=c.dtype), grad[..., None])[..., 0]
-        step = jnp.where(jnp.all(jnp.isfinite(step), axis=-1, keepdims=True), step, 0.0)
-        move = jnp.einsum("nf,kdf->nkd", xf, step)
-        gains = jax.vmap(lambda a: gain(eta, move, a))(scales)  # (S, K, D); scale 0 gains exactly 0
-        best = jnp.argmax(jnp.where(jnp.isfinite(gains), gains, -jnp.inf), axis=0)
-        return c.at[..., free].add(scales[best][..., None] * step)
+        return finite_or_zero(jnp.linalg.solve(info + ridge * jnp.eye(num_free, dtype=c.dtype), grad[..., None])[..., 0])
 
-    return jax.lax.fori_loop(0, NEWTON_STEPS, newton, coefs)
+    def gain(c, step, length):
+        # objective(c + length * step) - objective(c), term by term (no cancellation between sums)
+        change = length * jnp.einsum("nf,kdf->nkd", xf, step)
+        eta = jnp.einsum("np,kdp->nkd", x1, c)
+        return jnp.sum(weighted(y * change - family._cumulant_increase(eta, change)), axis=0)
+
+    return safeguarded_newton(coefs, direction, gain, lambda c, length, step: c.at[..., free].add(length[..., None] * step))
 
 
 class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
