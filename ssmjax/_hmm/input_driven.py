@@ -176,6 +176,23 @@ class InputDrivenHMM(HMM):
     def _transitions(self, inputs: Float[Array, "T Du"], length=None) -> Float[Array, "T-1 K K"]:
         return jnp.exp(self._transition_log_matrices(inputs, length))
 
+    def transition_matrices(self, inputs: Float[Array, "T Du"]) -> Float[Array, "T-1 K K"]:
+        """Each step's transition matrix, ``[t, i, j] = p(z_{t+1} = j | z_t = i, u_{t+1})``, for ``inputs`` ``(T, Du)``.
+
+        Example:
+            >>> import jax.numpy as jnp, numpy as np, ssmjax
+            >>> hmm = ssmjax.InputDrivenHMM(
+            ...     jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.1, 0.9]]),
+            ...     ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [8.0]])),
+            ...     transition_weights=jnp.array([[0.0], [3.0]]), shared_weights=True)
+            >>> matrices = hmm.transition_matrices(jnp.array([[0.0], [0.0], [1.0]]))
+            >>> print(np.asarray(matrices[1], np.float64).round(2))  # u = 1 moves both rows towards state 1
+            [[0.31 0.69]
+             [0.01 0.99]]
+        """
+        inputs = self._check_inputs(inputs, jnp.shape(inputs)[0])
+        return self._transitions(inputs)
+
     # -- EM ----------------------------------------------------------------------
 
     _has_fast_e_step = False

@@ -445,7 +445,7 @@ def _proper_only(model, what: str) -> None:
     if getattr(model, "diffuse", ()):
         raise ValueError(
             f"`{what}` needs a proper prior on the initial state, and the model has diffuse components "
-            f"{list(np.flatnonzero(model.diffuse))}: use rts_smoother (the exact diffuse posterior) or "
+            f"{[int(i) for i in np.flatnonzero(model.diffuse)]}: use rts_smoother (the exact diffuse posterior) or "
             "model.marginal_loglik, or give the model a proper initial_cov (diffuse=None)."
         )
 
