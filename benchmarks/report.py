@@ -310,9 +310,10 @@ def families_table(d):
     for r in d["rows"]:
         s, dm, h = r["ssmjax"], r["dynamax"], r["hmmlearn"]
         peer = None if h is None else h["first_s"]
+        dm_cell = "–" if dm is None else f"{dm['first_s']:.2f} / {dm['compiled_s']:.2f}"
         lines.append(
-            f"| {r['family']} | {s['first_s']:.2f} / {s['compiled_s']:.2f} | {dm['first_s']:.2f} / {dm['compiled_s']:.2f} "
-            f"| {_ratio(dm['first_s'], s['first_s'])} | {'–' if peer is None else format(peer, '.2f')} "
+            f"| {r['family']} | {s['first_s']:.2f} / {s['compiled_s']:.2f} | {dm_cell} "
+            f"| {_ratio(None if dm is None else dm['first_s'], s['first_s'])} | {'–' if peer is None else format(peer, '.2f')} "
             f"| {_ratio(peer, s['first_s'])} |"
         )
     return "\n".join(lines)

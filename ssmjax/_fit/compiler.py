@@ -5,6 +5,10 @@ fixed cost per fusion that dominates the compile time of an EM loop (many small
 kernels on ``K x K`` and ``D x D`` matrices). The classic emitters compile the
 loops of ``benchmarks/fit.py`` about twice as fast at equal run time. The option
 is applied on CPU only, and dropped for good if this jaxlib does not know it.
+
+A model whose loop is dominated by elementwise transcendental work (the Newton steps of the GLM
+emissions: ``exp``, ``log1p`` over every step, state and output) runs several times slower with
+the classic emitters; it says so with ``_prefers_fusion_emitters`` and keeps XLA's defaults.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ def fast_compile_jit(fun):
 
     def call(*args):
         global _use_compiler_options
-        if _use_compiler_options and jax.default_backend() == "cpu":
+        if (_use_compiler_options and jax.default_backend() == "cpu"
+                and not getattr(args[0], "_prefers_fusion_emitters", False)):
             try:
                 return tuned(*args)
             except Exception as err:  # noqa: BLE001 - only an unknown option is handled

@@ -505,6 +505,11 @@ class HMM(AbstractFittableModel):
 
     _has_fast_e_step = True  # the log-space forward pass is left out of fit_em's first program
 
+    @property
+    def _prefers_fusion_emitters(self) -> bool:
+        """Whether fit_em should compile with XLA's default emitters (see ssmjax._fit.compiler)."""
+        return getattr(self.emissions, "_prefers_fusion_emitters", False)
+
     def _prepare_batch(self, emissions, lengths, inputs):
         """The loop-invariant layouts of a padded batch, computed once per fit (see protocol.py)."""
         valid = jnp.arange(emissions.shape[1])[:, None] < lengths[None, :]  # (T, B)

@@ -68,6 +68,12 @@ class GLMStats(AbstractStepStats):
     covariates: Float[Array, "N Du"]
 
 
+# Newton steps per M-step and the step lengths each tries (1, 1/2, 1/4, 1/8, and 0): EM's next
+# iterations go on from where these stop, so an M-step need not solve its problem to the end.
+NEWTON_STEPS = 3
+HALVINGS = 4
+
+
 def _glm_newton(family, coefs, stats: GLMStats, free):
     """``coefs`` ``(K, D, Du + 1)`` (weights, then bias) after safeguarded Newton steps on the
     columns ``free`` of every (state, output) pair's weighted GLM objective."""
@@ -97,7 +103,8 @@ def _glm_newton(family, coefs, stats: GLMStats, free):
         eta = jnp.einsum("np,kdp->nkd", x1, c)
         return jnp.sum(weighted(y * change - family._cumulant_increase(eta, change)), axis=0)
 
-    return safeguarded_newton(coefs, direction, gain, lambda c, length, step: c.at[..., free].add(length[..., None] * step))
+    return safeguarded_newton(coefs, direction, gain, lambda c, length, step: c.at[..., free].add(length[..., None] * step),
+                              num_steps=NEWTON_STEPS, halvings=HALVINGS)
 
 
 class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
@@ -111,6 +118,8 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
     weights: Float[Array, "K D Du"]
     biases: Float[Array, "K D"]
     parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"weights": ("weights",), "biases": ("biases",)}
+    # the Newton steps evaluate the cumulant at every step for every state and output (ssmjax._fit.compiler)
+    _prefers_fusion_emitters: ClassVar[bool] = True
 
     def __init__(self, weights, biases):
         weights = _checks.as_float_array("weights", weights)
