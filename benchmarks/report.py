@@ -227,6 +227,23 @@ def first_use_table(d):
     return "\n".join(lines)
 
 
+def cli_cache_table(d):
+    lines = [
+        "### The console script and its compilation cache (`benchmarks/cli_cache.py`), CPU",
+        "",
+        _header(d),
+        "",
+        f"New process, wall s, median of {d['settings']['repeats']}. `fit`: `ssmjax fit hmm`, "
+        f"{d['settings']['fit_rows']} rows x 2, Gaussian.",
+        "",
+        "| command | --no-cache | first run | repeated run |",
+        "|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        lines.append(f"| `ssmjax {r['command']}` | {r['no_cache']:.2f} | {r['first']:.2f} | {r['repeated']:.2f} |")
+    return "\n".join(lines)
+
+
 def batched_table(d, title):
     rows = d.get("results") or []
     if not rows:
@@ -323,7 +340,8 @@ def render() -> str:
     parts = []
     for name, fn in (("hmm_inference.json", hmm_table), ("lgssm_inference.json", lgssm_table),
                      ("fit.json", fit_table), ("families.json", families_table),
-                     ("first_use.json", first_use_table), ("lgssm_em.json", lgssm_em_table),
+                     ("first_use.json", first_use_table), ("cli_cache.json", cli_cache_table),
+                     ("lgssm_em.json", lgssm_em_table),
                      ("batched_cpu.json", lambda d: batched_table(d, "CPU"))):
         d = _load(name)
         if d is not None:

@@ -9,11 +9,16 @@ it found:
 * earthquake counts 1900-2006: Poisson HMMs with 2 and 3 states fitted by EM
   from quantile starting values -- rates, transition matrices, log-likelihoods,
   AIC/BIC, and the Viterbi-decoded regimes;
-* Nile flow 1871-1970: the local-level model fitted by EM with a diffuse-like
-  initial covariance -- both variances, and the smoothed level with a 90 % band;
+* Nile flow 1871-1970: the local-level model fitted by EM with an exact diffuse
+  initial level -- both variances, and the smoothed level with a 90 % band;
 
 and writes PNG plots of both into an output folder it names (when matplotlib is
 installed: ``pip install "ssmjax[plot]"``).
+
+Compiled programs are kept in JAX's persistent compilation cache, in the user's cache
+folder (``platformdirs.user_cache_dir("ssmjax")``, or ``$SSMJAX_CACHE_DIR``), so a
+repeated call skips XLA compilation, most of a small job's time. ``--no-cache`` or
+``SSMJAX_NO_CACHE=1`` turns it off.
 """
 
 from __future__ import annotations
@@ -26,6 +31,25 @@ from collections.abc import Sequence
 import numpy as np
 
 DEFAULT_OUTPUT = "ssmjax-demo-output"
+
+
+def compilation_cache_dir() -> str:
+    """Where the console script keeps compiled programs: ``$SSMJAX_CACHE_DIR`` or the user's cache folder."""
+    from platformdirs import user_cache_dir
+
+    return os.environ.get("SSMJAX_CACHE_DIR") or os.path.join(user_cache_dir("ssmjax"), "xla")
+
+
+def _use_compilation_cache(enabled: bool) -> None:
+    """Turn on JAX's persistent compilation cache for this process (every program, however quick to compile:
+    the small ones are what a short command is made of)."""
+    if not enabled or os.environ.get("SSMJAX_NO_CACHE", "") not in ("", "0"):
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir())
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _regime_runs(years: np.ndarray, path: np.ndarray) -> list[tuple[int, int, int]]:
@@ -74,18 +98,18 @@ def fit_earthquake_hmms(counts: np.ndarray, state_counts=(2, 3)):
 
 
 def fit_nile_local_level(flow: np.ndarray):
-    """EM fit of the local-level model (random walk plus noise) with a diffuse-like prior."""
+    """EM fit of the local-level model (random walk plus noise) with an exact diffuse initial level."""
     import jax.numpy as jnp
 
     import ssmjax
 
     y = jnp.asarray(flow, jnp.float64)[:, None]
     start = ssmjax.LGSSM(
-        initial_mean=jnp.zeros(1), initial_cov=jnp.full((1, 1), 1e7),
+        initial_mean=jnp.zeros(1), initial_cov=jnp.ones((1, 1)), diffuse=True,
         transition_matrix=jnp.ones((1, 1)), transition_cov=jnp.full((1, 1), float(np.var(flow)) / 10),
         emission_matrix=jnp.ones((1, 1)), emission_cov=jnp.full((1, 1), float(np.var(flow))),
     )
-    frozen = ("initial_mean", "initial_cov", "transition_matrix", "emission_matrix")
+    frozen = ("transition_matrix", "emission_matrix")
     fitted, lls, info = ssmjax.fit_em(start, y[None], max_iters=2000, tol=1e-10, frozen=frozen)
     post = fitted.smoother(y)
     return dict(
@@ -181,7 +205,8 @@ def run_demo(out=None, output_dir: str = DEFAULT_OUTPUT) -> dict:
     p(f"2. Nile flow at Aswan, {nile.years[0]}-{nile.years[-1]} (T = {len(nile.values)})")
     p(f"   source: {nile.source}")
     nile_fit = fit_nile_local_level(nile.values)
-    p(f"   Local-level model (EM, {nile_fit['iterations']} iterations, initial variance 1e7):")
+    p(f"   Local-level model (EM, {nile_fit['iterations']} iterations; the initial level has a flat prior,")
+    p("   handled exactly: the exact diffuse likelihood of Durbin & Koopman):")
     p(f"     observation variance sigma^2_eps = {nile_fit['emission_var']:.1f}   (Durbin & Koopman: 15099)")
     p(f"     level variance       sigma^2_eta = {nile_fit['level_var']:.1f}   (Durbin & Koopman: 1469.1)")
     p(f"     log-likelihood = {nile_fit['loglik']:.3f}")
@@ -307,42 +332,56 @@ def _fit(models, y, lengths, args):
 
 
 def _total_loglik(model, y, lengths):
-    import jax
     import jax.numpy as jnp
 
-    lls = jax.vmap(lambda s, n: model.marginal_loglik(s, length=n))(jnp.asarray(y), jnp.asarray(lengths))
-    return float(jnp.sum(lls))
+    return float(model.log_likelihood(jnp.asarray(y), lengths=jnp.asarray(lengths)))
 
 
-def _posteriors(model, y, lengths, data, decode: bool):
-    """Rows of the per-step posterior CSV and the header."""
+def _smoothed(model, y, lengths, decode: bool, checked: bool):
+    """Every sequence's posterior in one compiled call (padded, ``length=`` per sequence): for an HMM
+    the state probabilities (B, T, K) and Viterbi paths (or None), for an LGSSM the smoothed means and
+    standard deviations (B, T, Dx)."""
+    import jax
     import jax.numpy as jnp
 
     import ssmjax
 
+    from . import _checks
+
+    y, lengths = jnp.asarray(y), jnp.asarray(lengths)
+    # A model just fitted to data checked on the host (``checked``) needs no in-program checks; without
+    # them the programs hold no host callback, and the persistent cache can keep them.
+    with _checks.value_checks(not checked and _checks.value_checks_enabled()):
+        if isinstance(model, ssmjax.HMM):
+            probs = jax.jit(jax.vmap(lambda s, n: model.smoother(s, length=n).smoothed_probs))(y, lengths)
+            paths = jax.jit(jax.vmap(lambda s, n: model.viterbi(s, length=n)))(y, lengths) if decode else None
+            return np.asarray(probs), None if paths is None else np.asarray(paths)
+        post = jax.jit(jax.vmap(lambda s, n: model.smoother(s, length=n)))(y, lengths)
+    return np.asarray(post.smoothed_means), np.sqrt(np.diagonal(np.asarray(post.smoothed_covs), axis1=-2, axis2=-1))
+
+
+def _posteriors(model, smoothed, lengths, data, decode: bool):
+    """Rows of the per-step posterior CSV and the header (``smoothed`` from :func:`_smoothed`)."""
+    import ssmjax
+
     rows = []
     if isinstance(model, ssmjax.HMM):
-        k = model.num_states
-        header = ["sequence", "step"] + (["viterbi_state"] if decode else []) + [f"p_state_{i}" for i in range(k)]
+        probs, paths = smoothed
+        header = ["sequence", "step"] + (["viterbi_state"] if decode else []) + [f"p_state_{i}" for i in range(model.num_states)]
         for b, n in enumerate(lengths):
-            seq = jnp.asarray(y[b, :n])
-            probs = np.asarray(model.smoother(seq).smoothed_probs)
-            path = np.asarray(model.viterbi(seq)) if decode else None
             for t in range(int(n)):
-                rows.append([data.ids[b], t] + ([int(path[t])] if decode else []) + [f"{p:.6g}" for p in probs[t]])
+                rows.append([data.ids[b], t] + ([int(paths[b, t])] if decode else []) + [f"{p:.6g}" for p in probs[b, t]])
         return header, rows
+    means, sds = smoothed
     dx = model.state_dim
     header = ["sequence", "step"] + [f"mean_{i}" for i in range(dx)] + [f"sd_{i}" for i in range(dx)]
     for b, n in enumerate(lengths):
-        post = model.smoother(jnp.asarray(y[b, :n]))
-        means = np.asarray(post.smoothed_means)
-        sds = np.sqrt(np.diagonal(np.asarray(post.smoothed_covs), axis1=1, axis2=2))
         for t in range(int(n)):
-            rows.append([data.ids[b], t] + [f"{v:.6g}" for v in means[t]] + [f"{v:.6g}" for v in sds[t]])
+            rows.append([data.ids[b], t] + [f"{v:.6g}" for v in means[b, t]] + [f"{v:.6g}" for v in sds[b, t]])
     return header, rows
 
 
-def _plot(path, model, y, lengths, data):
+def _plot(path, model, smoothed, y, lengths, data):
     try:
         import matplotlib
 
@@ -350,24 +389,19 @@ def _plot(path, model, y, lengths, data):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    import jax.numpy as jnp
-
     import ssmjax
 
     n = int(lengths[0])
-    seq = jnp.asarray(y[0, :n])
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
     obs = np.asarray(y[0, :n]).reshape(n, -1)
     ax1.plot(np.arange(n), obs[:, 0], ".", color="0.4", label=f"{data.columns[0]} (sequence {data.ids[0]})")
     if isinstance(model, ssmjax.HMM):
-        probs = np.asarray(model.smoother(seq).smoothed_probs)
+        probs = smoothed[0][0, :n]
         ax2.stackplot(np.arange(n), probs.T, labels=[f"state {i}" for i in range(probs.shape[1])], alpha=0.8)
         ax2.set_ylabel("p(state | data)")
         ax2.set_ylim(0, 1)
     else:
-        post = model.smoother(seq)
-        means = np.asarray(post.smoothed_means)
-        sds = np.sqrt(np.diagonal(np.asarray(post.smoothed_covs), axis1=1, axis2=2))
+        means, sds = smoothed[0][0, :n], smoothed[1][0, :n]
         for i in range(means.shape[1]):
             ax2.plot(means[:, i], label=f"x_{i}")
             ax2.fill_between(np.arange(n), means[:, i] - 1.645 * sds[:, i], means[:, i] + 1.645 * sds[:, i], alpha=0.2)
@@ -447,8 +481,9 @@ def cmd_fit(args, out) -> int:
           f"{int(data.lengths.sum())} steps, columns {data.columns}: {how}", file=out)
     _describe_model(fitted, out)
     print(f"  log-likelihood    = {ll:.4f}", file=out)
-    header, rows = _posteriors(fitted, y, data.lengths, data, decode=args.model == "hmm")
-    _write_outputs(args.output, fitted, header, rows, (fitted, y, data.lengths, data), out)
+    smoothed = _smoothed(fitted, y, data.lengths, decode=args.model == "hmm", checked=True)
+    header, rows = _posteriors(fitted, smoothed, data.lengths, data, decode=args.model == "hmm")
+    _write_outputs(args.output, fitted, header, rows, (fitted, smoothed, y, data.lengths, data), out)
     return 0
 
 
@@ -483,15 +518,17 @@ def cmd_apply(args, out, decode: bool) -> int:
         raise DataError(f"{args.model_file}: holds a {type(model).__name__}, not an HMM or LGSSM")
     ll = _total_loglik(model, y, data.lengths)
     print(f"Applied the model in {args.model_file} to {len(data.ids)} sequence(s): log-likelihood {ll:.4f}", file=out)
-    header, rows = _posteriors(model, y, data.lengths, data, decode=decode)
-    _write_outputs(args.output, None, header, rows, (model, y, data.lengths, data), out)
+    smoothed = _smoothed(model, y, data.lengths, decode=decode, checked=False)
+    header, rows = _posteriors(model, smoothed, data.lengths, data, decode=decode)
+    _write_outputs(args.output, None, header, rows, (model, smoothed, y, data.lengths, data), out)
     return 0
 
 
 def _add_data_options(p):
     p.add_argument("data", help="a .csv (header row; one row per step) or .npy ((T,), (T, D) or (B, T, D)) file")
     p.add_argument("--columns", type=lambda s: [c.strip() for c in s.split(",") if c.strip()], default=None,
-                   help="comma-separated emission columns of a CSV (default: all but the id column)")
+                   # "%(default).0s" prints nothing; it stops the formatter appending "(default: None)"
+                   help="comma-separated emission columns of a CSV (default: all but the id column)%(default).0s")
     p.add_argument("--id-column", default="sequence", help="CSV column naming the sequence of each row")
 
 
@@ -500,20 +537,31 @@ def main(argv: Sequence[str] | None = None, out=None) -> int:
     from ._cli_data import DataError
 
     out = out or sys.stdout
+    from . import __version__
+
     parser = argparse.ArgumentParser(
-        prog="ssmjax", description="Exact, fast, differentiable state-space models in JAX."
+        prog="ssmjax", description="Exact, fast, differentiable state-space models in JAX.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"ssmjax {__version__}")
+    parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep compiled programs in the persistent compilation cache "
+                        "($SSMJAX_CACHE_DIR or the user's cache folder; SSMJAX_NO_CACHE=1 also turns it off)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="fit HMMs to earthquake counts and a local-level model to the Nile")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    demo = sub.add_parser("demo", help="fit HMMs to earthquake counts and a local-level model to the Nile",
+                          formatter_class=defaults)
     demo.add_argument("--output", default=DEFAULT_OUTPUT, help=f"folder for the plots (default {DEFAULT_OUTPUT})")
 
-    fit = sub.add_parser("fit", help="fit an HMM or an LGSSM to your data")
-    fit.add_argument("model", choices=("hmm", "lgssm"))
+    fit = sub.add_parser("fit", help="fit an HMM or an LGSSM to your data", formatter_class=defaults)
+    fit.add_argument("model", choices=("hmm", "lgssm"),
+                     help="hmm: a hidden Markov model; lgssm: a linear-Gaussian state-space model")
     _add_data_options(fit)
     fit.add_argument("--states", type=int, default=2, help="HMM: number of hidden states K")
     fit.add_argument("--emissions", choices=HMM_EMISSIONS, default="gaussian", help="HMM emission family")
     fit.add_argument("--state-dim", type=int, default=1, help="LGSSM: latent dimension Dx")
-    fit.add_argument("--method", choices=("em", "sgd"), default="em")
+    fit.add_argument("--method", choices=("em", "sgd"), default="em",
+                     help="em: expectation-maximisation; sgd: gradient descent on the log-likelihood (optax adam)")
     fit.add_argument("--iters", type=int, default=200, help="EM iterations / SGD steps")
     fit.add_argument("--tol", type=float, default=1e-7, help="EM relative-improvement tolerance")
     fit.add_argument("--learning-rate", type=float, default=0.02, help="SGD (adam) learning rate")
@@ -525,12 +573,13 @@ def main(argv: Sequence[str] | None = None, out=None) -> int:
 
     for name, text in (("decode", "Viterbi paths and posteriors of new data under a saved HMM"),
                        ("smooth", "smoothed posteriors of new data under a saved HMM or LGSSM")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, formatter_class=defaults)
         p.add_argument("model_file", help="a model written by `ssmjax fit` or ssmjax.save")
         _add_data_options(p)
         p.add_argument("--output", default=f"ssmjax-{name}-output", help="folder for posteriors.csv and plot.png")
 
     args = parser.parse_args(argv)
+    _use_compilation_cache(args.cache)
     try:
         if args.command == "demo":
             run_demo(out=out, output_dir=args.output)

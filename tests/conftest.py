@@ -50,6 +50,11 @@ def _use_fast_compile_flag() -> None:
 
 _use_fast_compile_flag()
 
+# The console script keeps compiled programs in a persistent cache; tests that call its main()
+# in this process must not switch that on for the rest of the worker (nor write to the user's
+# cache folder). tests/test_cli.py turns it on in child processes, in a temporary folder.
+os.environ["SSMJAX_NO_CACHE"] = "1"
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
@@ -60,8 +65,9 @@ jax.config.update("jax_enable_x64", True)
 # Order within a file is unchanged (the sort is stable).
 _LONGEST_FILES_FIRST = (
     "test_notebooks.py",
-    "test_kvae.py",
     "test_lgssm_parallel.py",
+    "test_lgssm_steady.py",
+    "test_kvae.py",
     "test_lgssm_fit.py",
     "test_lgssm_inference.py",
     "test_lgssm_joint.py",

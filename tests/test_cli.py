@@ -55,3 +55,27 @@ def test_demo_writes_png_plots(demo):
 def test_main_without_command_prints_help(capsys):
     assert cli.main([]) == 2
     assert "demo" in capsys.readouterr().out
+
+
+def test_version_and_the_persistent_compilation_cache(tmp_path):
+    """A repeated command reads its programs from the cache folder (``SSMJAX_CACHE_DIR`` here);
+    ``--no-cache`` writes nothing. Timings: benchmarks/first_use.py."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "counts.npy"
+    np.save(data, np.random.default_rng(0).poisson(3.0, size=(60, 1)).astype(float))
+    cache = tmp_path / "cache"
+    env = dict(os.environ, SSMJAX_CACHE_DIR=str(cache), SSMJAX_NO_CACHE="0", JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "ssmjax.cli"]
+    fit = ["fit", "hmm", str(data), "--emissions", "poisson", "--iters", "5", "--output"]
+    version = subprocess.run(command + ["--version"], capture_output=True, text=True, env=env)
+    assert version.returncode == 0 and version.stdout.startswith("ssmjax ")
+    off = subprocess.run(command + ["--no-cache"] + fit + [str(tmp_path / "a")], capture_output=True, text=True, env=env)
+    assert off.returncode == 0, off.stderr[-2000:]
+    assert not cache.exists() or not any(cache.iterdir())
+    on = subprocess.run(command + fit + [str(tmp_path / "b")], capture_output=True, text=True, env=env)
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert len(list(cache.iterdir())) > 5  # the programs of the fit
+    assert on.stdout.splitlines()[:3] == off.stdout.splitlines()[:3]
