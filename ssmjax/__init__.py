@@ -79,6 +79,7 @@ from ._markov import markov_transition_counts as markov_transition_counts
 
 # --- saving and loading ---
 from ._io import load as load
+from ._io import load_metadata as load_metadata
 from ._io import save as save
 
 __version__ = "0.1.0"

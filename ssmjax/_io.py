@@ -111,7 +111,7 @@ def _build(desc, allowed):
     return obj
 
 
-def save(path, model) -> None:
+def save(path, model, *, metadata: dict | None = None) -> None:
     """Save any ssmjax model (HMM, LGSSM, MarkovChain, emission models) to ``path``.
 
     The write is atomic: the file appears complete or not at all.
@@ -119,6 +119,8 @@ def save(path, model) -> None:
     Args:
         path: file path (any extension; ``.eqx`` is customary).
         model: an ssmjax model, an equinox Module.
+        metadata: a JSON-serialisable dict kept beside the model (e.g. the data's column names),
+            read back by :func:`load_metadata`.
 
     Example:
         >>> import jax.numpy as jnp, ssmjax, tempfile, os
@@ -133,6 +135,12 @@ def save(path, model) -> None:
         raise ValueError(f"`model` must be an ssmjax model (an equinox Module); got {type(model).__name__}.")
     header = {"format": _MAGIC, "version": _VERSION, "structure": _describe(model),
               "jax_enable_x64": bool(jax.config.jax_enable_x64)}
+    if metadata is not None:
+        try:
+            json.dumps(metadata)
+        except TypeError as err:
+            raise ValueError(f"`metadata` must be JSON-serialisable: {err}") from None
+        header["metadata"] = metadata
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ssmjax-save-")
     try:
@@ -144,6 +152,22 @@ def save(path, model) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _header(f, path) -> dict:
+    try:
+        header = json.loads(f.readline())
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != _MAGIC:
+        raise ValueError(f"{path} is not an ssmjax model file (no ssmjax header).")
+    return header
+
+
+def load_metadata(path) -> dict:
+    """The ``metadata`` dict saved with a model by :func:`save` (empty if none was given)."""
+    with open(path, "rb") as f:
+        return dict(_header(f, path).get("metadata") or {})
 
 
 def load(path, *, classes: Iterable[type] = ()):
@@ -163,13 +187,7 @@ def load(path, *, classes: Iterable[type] = ()):
     """
     allowed = {_class_name(c): c for c in classes}
     with open(path, "rb") as f:
-        first = f.readline()
-        try:
-            header = json.loads(first)
-        except ValueError:
-            header = None
-        if not isinstance(header, dict) or header.get("format") != _MAGIC:
-            raise ValueError(f"{path} is not an ssmjax model file (no ssmjax header).")
+        header = _header(f, path)
         if header.get("version") != _VERSION:
             raise ValueError(f"{path} has format version {header.get('version')}; this ssmjax reads {_VERSION}.")
         if header.get("jax_enable_x64") and not jax.config.jax_enable_x64:

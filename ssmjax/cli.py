@@ -157,7 +157,12 @@ def _plots(out_dir, quakes, eq_fit, nile, nile_fit) -> list[str]:
     ax.plot(nile.years, nile.values, "o", ms=3, color="0.4", label="annual flow")
     ax.plot(nile.years, nile_fit["level"], color="C0", lw=2, label="smoothed level")
     ax.fill_between(nile.years, nile_fit["level"] - z * nile_fit["level_sd"],
-                    nile_fit["level"] + z * nile_fit["level_sd"], color="C0", alpha=0.25, label="90 % band")
+                    nile_fit["level"] + z * nile_fit["level_sd"], color="C0", alpha=0.35,
+                    label="90 % band of the level")
+    # where a year's flow falls given the level: the level's uncertainty plus the observation noise
+    flow_sd = np.sqrt(nile_fit["level_sd"] ** 2 + nile_fit["emission_var"])
+    ax.fill_between(nile.years, nile_fit["level"] - z * flow_sd, nile_fit["level"] + z * flow_sd, color="C0",
+                    alpha=0.1, label="90 % band of the flow")
     ax.set_xlabel("year")
     ax.set_ylabel("flow (10^8 m^3)")
     ax.set_title("Nile at Aswan: local-level model fitted by EM")
@@ -194,8 +199,12 @@ def run_demo(out=None, output_dir: str = DEFAULT_OUTPUT) -> dict:
         p(f"     rates             = [{', '.join(f'{v:.2f}' for v in r['rates'])}]")
         p(f"     transition_matrix = {_fmt_matrix(r['transition_matrix'])}")
         p(f"     log-likelihood    = {r['loglik']:.3f}   AIC = {r['aic']:.2f}   BIC = {r['bic']:.2f}")
-    best = min(eq_fit, key=lambda r: r["bic"])
-    p(f"   BIC prefers {best['num_states']} states.")
+    by_bic = min(eq_fit, key=lambda r: r["bic"])["num_states"]
+    by_aic = min(eq_fit, key=lambda r: r["aic"])["num_states"]
+    if by_bic == by_aic:
+        p(f"   BIC and AIC both prefer {by_bic} states.")
+    else:  # BIC's heavier penalty on parameters favours the smaller model on 107 years
+        p(f"   BIC prefers {by_bic} states, AIC {by_aic}: BIC charges more per parameter on so short a series.")
     two = eq_fit[0]
     p("   Decoded regimes of the 2-state model (Viterbi):")
     for first, last, state in _regime_runs(quakes.years, two["path"]):
@@ -395,7 +404,13 @@ def _plot(path, model, smoothed, y, lengths, data):
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
     obs = np.asarray(y[0, :n]).reshape(n, -1)
     ax1.plot(np.arange(n), obs[:, 0], ".", color="0.4", label=f"{data.columns[0]} (sequence {data.ids[0]})")
+    ax1.set_ylabel(data.columns[0])
+    ax1.set_title(f"{type(model).__name__} on {os.path.basename(str(data.path))}: sequence {data.ids[0]}")
     if isinstance(model, ssmjax.HMM):
+        centre = next((getattr(model.emissions, n) for n in ("means", "rates") if hasattr(model.emissions, n)), None)
+        if centre is not None:  # each state's mean of the plotted column, in the state's colour below
+            for k, level in enumerate(np.asarray(centre)[:, 0]):
+                ax1.axhline(level, color=f"C{k}", lw=1, ls="--", label=f"state {k} mean" if k < 4 else None)
         probs = smoothed[0][0, :n]
         ax2.stackplot(np.arange(n), probs.T, labels=[f"state {i}" for i in range(probs.shape[1])], alpha=0.8)
         ax2.set_ylabel("p(state | data)")
@@ -429,7 +444,7 @@ def _write_outputs(output_dir, model, header, rows, plot_args, out):
     try:
         names = []
         if model is not None:
-            ssmjax.save(os.path.join(staging, "model.eqx"), model)
+            ssmjax.save(os.path.join(staging, "model.eqx"), model, metadata={"columns": list(plot_args[-1].columns)})
             names.append("model.eqx")
         with open(os.path.join(staging, "posteriors.csv"), "w", newline="") as f:
             w = _csv.writer(f)
@@ -446,22 +461,43 @@ def _write_outputs(output_dir, model, header, rows, plot_args, out):
     print(f"Wrote {', '.join(names)} to {os.path.abspath(output_dir)}/", file=out)
 
 
-def _describe_model(model, out):
+def _describe_model(model, out, columns=None):
+    """Print every fitted parameter (emission rows and columns named after the data's columns)."""
     import ssmjax
 
+    def show(name, value, note=""):
+        value = np.asarray(value)
+        text = _fmt_matrix(value) if value.ndim == 2 else str(np.round(value, 4).tolist())
+        print(f"  {name:<21} = {text}{note}", file=out)
+
+    named = f"  (columns {', '.join(columns)})" if columns else ""
     if isinstance(model, ssmjax.HMM):
-        print(f"  initial_probs     = {np.round(np.asarray(model.initial_probs), 4).tolist()}", file=out)
-        print(f"  transition_matrix = {_fmt_matrix(np.asarray(model.transition_matrix))}", file=out)
+        show("initial_probs", model.initial_probs)
+        show("transition_matrix", model.transition_matrix)
         em = model.emissions
-        for name in ("rates", "means", "probs"):
-            if hasattr(type(em), name):
-                print(f"  emissions.{name:<7}= {np.round(np.asarray(getattr(em, name)), 4).tolist()}", file=out)
-    else:
-        for name in ("transition_matrix", "transition_cov", "emission_matrix", "emission_cov"):
-            print(f"  {name:<17} = {_fmt_matrix(np.asarray(getattr(model, name)))}", file=out)
+        for name in ("rates", "probs", "means", "variances", "covs"):
+            value = getattr(em, name, None)
+            if value is None or (name == "variances" and hasattr(em, "chol_covs")):
+                continue  # a full covariance is printed whole below
+            value = np.asarray(value)
+            if value.ndim == 3:  # per state: one matrix each
+                for k in range(value.shape[0]):
+                    show(f"emissions.{name}[{k}]", value[k], named if k == 0 else "")
+            else:
+                show(f"emissions.{name}", value, named)
+        return
+    for name in model.parameter_names():
+        note = named if name.startswith("emission") and name != "emission_cov" else ""
+        show(name, getattr(model, name), note)
+
+
+def _check_output(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _data_error(f"--output {path}: a file of that name exists; give a folder (new or existing)")
 
 
 def cmd_fit(args, out) -> int:
+    _check_output(args.output)
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -479,8 +515,8 @@ def cmd_fit(args, out) -> int:
     ll = _total_loglik(fitted, y, data.lengths)
     print(f"Fitted {'an HMM' if args.model == 'hmm' else 'an LGSSM'} to {len(data.ids)} sequence(s), "
           f"{int(data.lengths.sum())} steps, columns {data.columns}: {how}", file=out)
-    _describe_model(fitted, out)
-    print(f"  log-likelihood    = {ll:.4f}", file=out)
+    _describe_model(fitted, out, data.columns)
+    print(f"  {'log-likelihood':<21} = {ll:.4f}", file=out)
     smoothed = _smoothed(fitted, y, data.lengths, decode=args.model == "hmm", checked=True)
     header, rows = _posteriors(fitted, smoothed, data.lengths, data, decode=args.model == "hmm")
     _write_outputs(args.output, fitted, header, rows, (fitted, smoothed, y, data.lengths, data), out)
@@ -488,6 +524,7 @@ def cmd_fit(args, out) -> int:
 
 
 def cmd_apply(args, out, decode: bool) -> int:
+    _check_output(args.output)
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -497,9 +534,18 @@ def cmd_apply(args, out, decode: bool) -> int:
 
     try:
         model = ssmjax.load(args.model_file)
+        trained = ssmjax.load_metadata(args.model_file).get("columns")
     except (OSError, ValueError) as err:
         raise DataError(f"{args.model_file}: cannot load a model ({err})") from None
-    data = read_data(args.data, columns=args.columns, id_column=args.id_column)
+    # a CSV is read by the column names the model was fitted on, unless --columns says otherwise
+    is_csv = os.path.splitext(str(args.data))[1].lower() in (".csv", ".txt")
+    by_name = trained if args.columns is None and is_csv else args.columns
+    try:
+        data = read_data(args.data, columns=by_name, id_column=args.id_column)
+    except DataError as err:
+        if by_name is trained and trained is not None:
+            raise DataError(f"{err} (the model was fitted on columns {trained}; choose others with --columns)") from None
+        raise
     if isinstance(model, ssmjax.HMM):
         kind = type(model.emissions).__name__.replace("Emissions", "").lower()
         y = _prepare_hmm_data(data, kind if kind in HMM_EMISSIONS else "gaussian")
@@ -582,6 +628,7 @@ def main(argv: Sequence[str] | None = None, out=None) -> int:
     _use_compilation_cache(args.cache)
     try:
         if args.command == "demo":
+            _check_output(args.output)
             run_demo(out=out, output_dir=args.output)
             return 0
         if args.command == "fit":

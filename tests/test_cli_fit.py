@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 
@@ -127,3 +128,37 @@ def test_bad_npy_and_model_mismatch(files, tmp_path, capsys):
     assert run("decode", tmp_path / "f" / "model.eqx", files / "track.npy", "--output", tmp_path / "d")[0] == 2
     assert "decode (Viterbi) applies to HMMs" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()
+
+
+def test_every_fitted_parameter_is_printed_and_columns_are_kept_with_the_model(tmp_path, capsys):
+    """A Gaussian fit prints its means and covariances under the data's column names; the column
+    names travel in the model file (``ssmjax.load_metadata``), so ``decode`` of a CSV without them is
+    one line and exit 2, unless ``--columns`` picks others; ``--output`` naming a file fails before
+    any work."""
+    rng = np.random.default_rng(1)
+    states = np.repeat(rng.integers(0, 2, 8), 10)
+    data = np.c_[3.0 * states + rng.normal(size=80), -2.0 * states + rng.normal(size=80)]
+    np.savetxt(tmp_path / "train.csv", data, delimiter=",", header="speed,angle", comments="")
+    np.savetxt(tmp_path / "renamed.csv", data, delimiter=",", header="x,y", comments="")
+    code, text = run("fit", "hmm", tmp_path / "train.csv", "--iters", "20", "--output", tmp_path / "fit")
+    assert code == 0, text
+    model = ssmjax.load(tmp_path / "fit" / "model.eqx")
+    line = next(row for row in text.splitlines() if "emissions.means" in row)
+    assert line.endswith("(columns speed, angle)")
+    printed = ast.literal_eval(line.split("=", 1)[1].split("(columns")[0].strip())
+    np.testing.assert_allclose(printed, model.emissions.means, atol=6e-4)
+    assert "emissions.covs[0]" in text and "emissions.covs[1]" in text
+    assert ssmjax.load_metadata(tmp_path / "fit" / "model.eqx") == {"columns": ["speed", "angle"]}
+
+    code, _ = run("decode", tmp_path / "fit" / "model.eqx", tmp_path / "renamed.csv", "--output", tmp_path / "d1")
+    err = capsys.readouterr().err
+    assert code == 2 and "fitted on columns ['speed', 'angle']" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d1").exists()
+    code, text = run("decode", tmp_path / "fit" / "model.eqx", tmp_path / "renamed.csv", "--columns", "x,y",
+                     "--output", tmp_path / "d2")
+    assert code == 0, text
+
+    (tmp_path / "taken").write_text("")
+    code, _ = run("fit", "hmm", tmp_path / "train.csv", "--output", tmp_path / "taken")
+    err = capsys.readouterr().err
+    assert code == 2 and "--output" in err and "a file of that name exists" in err
