@@ -78,6 +78,23 @@ _LONGEST_FILES_FIRST = (
 )
 
 
+# Each compiled XLA:CPU program keeps about three memory mappings until its executable is freed, and a
+# worker compiles thousands over a run: past the kernel's vm.max_map_count (65530 here) the next
+# compilation cannot map its code and the worker dies with a segmentation fault inside XLA (seen twice
+# in CI, in two different compilations, at about 16,000 mappings per test file). Dropping JAX's
+# caches after each file frees them; a file compiles what it needs again.
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs_after_each_file():
+    yield
+    jax.clear_caches()
+    gc.collect()
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(_LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
