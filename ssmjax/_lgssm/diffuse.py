@@ -35,7 +35,6 @@ passes its own), so it sits below :mod:`ssmjax._lgssm.inference` in the layering
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
 
 import equinox as eqx
 import jax
@@ -90,9 +89,9 @@ def _newton(loglik_at: Callable, start):
     return delta, loglik_at(delta), chol
 
 
-def loglik(run_loglik: Callable, model, indices: Optional[np.ndarray] = None):
+def loglik(run_loglik: Callable, model):
     """The diffuse log-likelihood; ``run_loglik(model)`` is the filter's for a proper model."""
-    indices = np.flatnonzero(model.diffuse) if indices is None else indices
+    indices = np.flatnonzero(model.diffuse)
     loglik_at = lambda delta: run_loglik(_at(model, indices, delta))  # noqa: E731
     _, value, chol = _newton(loglik_at, model.initial_mean[indices])
     return value - jnp.sum(jnp.log(jnp.diagonal(chol)))

@@ -54,7 +54,6 @@ def _missing_emission_affine(y, mask, emission_matrix, emission_cov, mean_shift)
 
     ``mean_shift`` is D u_t + d (zeros when absent). Returns (H, h, Sigma).
     """
-    dy = y.shape[-1]
     obs = mask.astype(y.dtype)
     mis = 1.0 - obs
     y0 = jnp.where(mask, y, 0.0)
@@ -147,7 +146,6 @@ def expected_stats(model, emissions, inputs, length, posterior, observed: bool =
         e_x_psi = e_psipsi_t[:dx, :]
         e_y_psi = _mm(h_mat, e_x_psi) + _outer(h_vec, e_psi_t)
         e_xx = e_psipsi_t[:dx, :dx]
-        e_y = _mm(h_mat, m) + h_vec
         e_yy = (
             _mm(_mm(h_mat, e_xx), h_mat.T)
             + _outer(_mm(h_mat, m), h_vec)

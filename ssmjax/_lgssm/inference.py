@@ -431,13 +431,22 @@ def _validate_and_choose(model, emissions, inputs, length, method, parallel, for
 
 
 def _dispatch(smoother, chosen, model, y, u, length):
-    """Run the filter (or smoother) along ``chosen``, a :class:`ssmjax.KalmanStrategy`."""
+    """Run the filter (or smoother) along ``chosen``, a :class:`ssmjax.KalmanStrategy`.
+
+    A model with diffuse components runs the exact diffuse versions (:mod:`ssmjax._lgssm.diffuse`) on a
+    sequential schedule; its filter returns the log-likelihood only (see :func:`_proper_only`).
+    """
     ops = SmallOps if chosen.ops == "small" else GeneralOps
-    if chosen.schedule == "parallel":
-        return (_smoother_parallel if smoother else _filter_parallel)(model, y, u, length, ops=ops)
     method = "sqrt" if chosen.form == "sqrt" else "standard"
-    run = _smoother_jit if smoother else _filter_jit
-    return run(model, y, u, length, method=method, ops=ops, masking=chosen.masking, schedule=chosen.schedule)
+    schedule = chosen.schedule
+    if getattr(model, "diffuse", ()):
+        run = _smoother_diffuse_jit if smoother else _loglik_diffuse_jit
+        schedule = "sequential" if schedule == "parallel" else schedule
+    elif schedule == "parallel":
+        return (_smoother_parallel if smoother else _filter_parallel)(model, y, u, length, ops=ops)
+    else:
+        run = _smoother_jit if smoother else _filter_jit
+    return run(model, y, u, length, method=method, ops=ops, masking=chosen.masking, schedule=schedule)
 
 
 def _proper_only(model, what: str) -> None:
@@ -465,22 +474,12 @@ _smoother_diffuse_jit = jax.jit(_smoother_diffuse_impl, static_argnames=_SERIAL)
 _loglik_diffuse_jit = jax.jit(_loglik_diffuse_impl, static_argnames=_SERIAL)
 
 
-def _dispatch_diffuse(smoother, chosen, model, y, u, length):
-    """As :func:`_dispatch` for a model with diffuse components (sequential schedules only)."""
-    ops = SmallOps if chosen.ops == "small" else GeneralOps
-    schedule = "sequential" if chosen.schedule == "parallel" else chosen.schedule
-    run = _smoother_diffuse_jit if smoother else _loglik_diffuse_jit
-    method = "sqrt" if chosen.form == "sqrt" else "standard"
-    return run(model, y, u, length, method=method, ops=ops, masking=chosen.masking, schedule=schedule)
-
-
 def marginal_loglik(model, emissions, *, inputs=None, length=None) -> Array:
     """``log p(y_{1:T})`` of one sequence: the Kalman filter's, or the exact diffuse log-likelihood
     (:mod:`ssmjax._lgssm.diffuse`) when the model has diffuse components."""
     model, y, u, length_arr, chosen = _validate_and_choose(model, emissions, inputs, length, "standard", False, None)
-    if getattr(model, "diffuse", ()):
-        return _dispatch_diffuse(False, chosen, model, y, u, length_arr)
-    return _dispatch(False, chosen, model, y, u, length_arr).marginal_loglik
+    out = _dispatch(False, chosen, model, y, u, length_arr)
+    return out if getattr(model, "diffuse", ()) else out.marginal_loglik
 
 
 def lgssm_strategy(model, emissions, *, inputs=None, length=None, method="standard", parallel=False) -> KalmanStrategy:
@@ -625,8 +624,6 @@ def rts_smoother(
         (2, 1, 1)
     """
     model, y, u, length_arr, chosen = _validate_and_choose(model, emissions, inputs, length, method, parallel, strategy)
-    if getattr(model, "diffuse", ()):
-        return _dispatch_diffuse(True, chosen, model, y, u, length_arr)
     return _dispatch(True, chosen, model, y, u, length_arr)
 
 
