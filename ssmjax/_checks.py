@@ -227,6 +227,20 @@ def host_namespace(*arrays) -> ModuleType:
     return np
 
 
+def host_copy(x) -> np.ndarray:
+    """``x`` as a NumPy array in this process, for host-side algorithms (initialisers).
+
+    A global array sharded over several processes is gathered from all of them with
+    :func:`jax.experimental.multihost_utils.process_allgather`, a collective: every
+    process must make the same call, as they do when they run the same program.
+    """
+    if isinstance(x, jax.Array) and not _is_traced(x) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def host_arrays(*arrays):
     """``(xp, *arrays)``: :func:`host_namespace` and the arrays as ``xp`` arrays (None kept)."""
     xp = host_namespace(*arrays)
@@ -254,7 +268,31 @@ def cholesky_fails(xp, sym) -> "jax.Array | bool":
     return jnp.any(~jnp.isfinite(jnp.linalg.cholesky(sym)))
 
 
-def check_values(x, bad: "jax.Array | np.ndarray | np.generic | bool", message: str):
+class _FirstPosition(Sequence[str]):
+    """``message`` naming the offending entry ``name[i, j, ...]``, one per flat position of an
+    array of ``shape``: the messages of :func:`equinox.branched_error_if`, made only when read."""
+
+    def __init__(self, message: str, name: str, shape: tuple[int, ...]):
+        self.message, self.name, self.shape = message, name, tuple(int(s) for s in shape)
+
+    def __len__(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __getitem__(self, flat):
+        if not isinstance(flat, (int, np.integer)) or not 0 <= flat < len(self):
+            raise IndexError(flat)
+        index = ", ".join(str(int(i)) for i in np.unravel_index(int(flat), self.shape))
+        return f"{self.message.rstrip('.')}; the first is {self.name}[{index}]."
+
+    def __eq__(self, other):
+        return isinstance(other, _FirstPosition) and (self.message, self.name, self.shape) == (
+            other.message, other.name, other.shape)
+
+    def __hash__(self):
+        return hash((self.message, self.name, self.shape))
+
+
+def check_values(x, bad: "jax.Array | np.ndarray | np.generic | bool", message: str, *, at: str | None = None):
     """Return ``x`` guarded by the value check ``bad`` (a boolean scalar or array).
 
     Eager (``bad`` is concrete): raise ``ValueError(message)`` if any entry of
@@ -262,19 +300,44 @@ def check_values(x, bad: "jax.Array | np.ndarray | np.generic | bool", message: 
     raises at run time. The caller must use the returned ``x`` so the check is
     not removed as dead code. Does nothing when value checks are switched off.
     A NumPy ``bad`` (from :func:`host_namespace`) is decided here and now.
+
+    ``at`` names the argument whose entries ``bad`` flags (same leading axes): the
+    message then ends with the first offending position, ``name[i, j]``, eagerly and
+    at run time (under ``vmap``, the position within one batch member).
     """
     if not _VALUE_CHECKS:
         return x
+    shape = tuple(np.shape(bad))
+    positions = _FirstPosition(message, at, shape) if at is not None and shape else None
     if isinstance(bad, (np.ndarray, np.generic, bool)):
         if np.any(bad):
-            raise ValueError(message)
+            raise ValueError(positions[int(np.argmax(np.ravel(bad)))] if positions else message)
+        return x
+    traced = _is_traced(bad) or any(_is_traced(leaf) for leaf in jax.tree_util.tree_leaves(x))
+    if positions is not None:
+        first = jnp.argmax(jnp.ravel(bad)).astype(jnp.int32)
+        if traced:
+            return eqx.branched_error_if(x, jnp.any(bad), first, positions)
+        if bool(np.asarray(jnp.any(bad))):  # a device array: replicated answers, readable by every process
+            raise ValueError(positions[int(np.asarray(first))])
         return x
     bad = jnp.any(bad)
-    if _is_traced(bad) or any(_is_traced(leaf) for leaf in jax.tree_util.tree_leaves(x)):
+    if traced:
         return eqx.error_if(x, bad, message)
     if bool(np.asarray(bad)):
         raise ValueError(message)
     return x
+
+
+def check_finite(name: str, x, mask=None, *, missing: bool = False):
+    """``x`` guarded against non-finite entries at real steps (``mask`` over its leading axes;
+    None: every step). ``missing=True``: NaN marks a missing entry, only ±inf is refused."""
+    xp, values, mask = host_arrays(x, mask)
+    bad = xp.isinf(values) if missing else ~xp.isfinite(values)
+    if mask is not None:
+        bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - mask.ndim))
+    what = "must not hold ±inf (NaN marks a missing entry)" if missing else "must be finite"
+    return check_values(x, bad, f"`{name}` {what}.", at=name)
 
 
 def check_inputs(inputs, num_steps: int, width: int, mask=None, dtype=None):
@@ -282,11 +345,7 @@ def check_inputs(inputs, num_steps: int, width: int, mask=None, dtype=None):
     (``mask``, ``(num_steps,)``; None: every step)."""
     inputs = as_float_array("inputs", inputs, dtype)
     check_shape("inputs", inputs, (num_steps, width), "one input vector per time step")
-    xp, values, mask = host_arrays(inputs, mask)
-    bad = ~xp.isfinite(values)
-    if mask is not None:
-        bad = bad & mask[:, None]
-    return check_values(inputs, bad, "`inputs` must be finite.")
+    return check_finite("inputs", inputs, mask)
 
 
 def check_probability_vector(name: str, probs: jax.Array, axis: int = -1, atol: float | None = None):

@@ -51,9 +51,13 @@ def _parse(value: str, path: str, row: int, column: str) -> float:
     if text.lower() in _MISSING:
         return math.nan
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
         raise DataError(f"{path}, row {row}, column {column!r}: cannot parse {value!r} as a number") from None
+    if math.isinf(number):
+        raise DataError(f"{path}, row {row}, column {column!r}: {value.strip()!r} is not a finite number "
+                        "(leave the cell empty for a missing value)")
+    return number
 
 
 def read_csv(path: str, *, columns: list[str] | None = None, id_column: str | None = "sequence") -> SequenceData:
@@ -127,6 +131,11 @@ def read_npy(path: str) -> SequenceData:
         arr = arr[None]
     elif arr.ndim != 3:
         raise DataError(f"{path}: expected shape (T,), (T, D) or (B, T, D); got {arr.shape}")
+    infinite = np.argwhere(np.isinf(arr))
+    if infinite.size:
+        b, t, d = (int(v) for v in infinite[0])
+        raise DataError(f"{path}: sequence {b}, step {t}, column {d} holds {arr[b, t, d]} (values must be finite; "
+                        "NaN marks a missing value)")
     real = ~np.all(np.isnan(arr), axis=2)  # (B, T): rows with any value
     lengths = np.array([int(np.nonzero(r)[0].max()) + 1 if r.any() else 0 for r in real])
     empty = np.nonzero(lengths == 0)[0]

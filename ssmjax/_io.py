@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import re
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable
 
 import equinox as eqx
@@ -76,23 +78,26 @@ def _tuples(value):
 def _resolve(name: str, allowed: dict[str, type]):
     if name in allowed:
         return allowed[name]
-    module, qualname = name.split(":")
+    module, _, qualname = str(name).partition(":")
     if not (module == "ssmjax" or module.startswith("ssmjax.")):
         raise ValueError(
             f"the file contains a model of class {name}, which is not part of ssmjax; "
             "pass it to load(..., classes=[YourClass]) if you trust the file."
         )
+    # only ssmjax's own modules are imported, and only an equinox Module class is used
     obj = importlib.import_module(module)
     for part in qualname.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, eqx.Module)):
+        raise ValueError(f"the file names {name!r}, which is not an ssmjax model class")
     return obj
 
 
 def _build(desc, allowed):
     if desc is None:
         return None
-    if "array" in desc:
-        return jnp.zeros(tuple(desc["array"]), dtype=desc["dtype"])
+    if "array" in desc:  # a placeholder of the saved shape in the dtype JAX gives it now
+        return jax.ShapeDtypeStruct(tuple(int(n) for n in desc["array"]), _canonical(desc["dtype"]))
     if "static" in desc:
         return _tuples(desc["static"])
     if "tuple" in desc:
@@ -141,12 +146,20 @@ def save(path, model, *, metadata: dict | None = None) -> None:
         except TypeError as err:
             raise ValueError(f"`metadata` must be JSON-serialisable: {err}") from None
         header["metadata"] = metadata
+    write_atomic(path, header, model)
+
+
+def write_atomic(path, header: dict, tree) -> None:
+    """Write ``header`` (one JSON line) and ``tree``'s array leaves to ``path``, atomically: a
+    temporary file in the same directory, flushed to disk, then renamed over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ssmjax-save-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(json.dumps(header).encode() + b"\n")
-            eqx.tree_serialise_leaves(f, model)
+            eqx.tree_serialise_leaves(f, tree)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -154,24 +167,66 @@ def save(path, model, *, metadata: dict | None = None) -> None:
         raise
 
 
-def _header(f, path) -> dict:
+def _canonical(dtype: str) -> np.dtype:
+    """The dtype an array saved as ``dtype`` gets now: 32 bits for 64 when 64-bit mode is off."""
+    dtype = np.dtype(dtype)
+    if not jax.config.jax_enable_x64 and dtype.itemsize == 8 and dtype.kind in "fiuc":
+        return np.dtype({"f": "float32", "i": "int32", "u": "uint32", "c": "complex64"}[dtype.kind])
+    return dtype
+
+
+def read_header(f, path, magic: str = _MAGIC, what: str = "model file") -> dict:
+    """The JSON header line of an open ssmjax file, or a ValueError naming ``path``."""
     try:
-        header = json.loads(f.readline())
+        header = json.loads(f.readline(1 << 24))
     except ValueError:
         header = None
-    if not isinstance(header, dict) or header.get("format") != _MAGIC:
-        raise ValueError(f"{path} is not an ssmjax model file (no ssmjax header).")
+    if not isinstance(header, dict) or header.get("format") != magic:
+        raise ValueError(f"{path} is not an ssmjax {what} (no {magic} header).")
     return header
 
 
 def load_metadata(path) -> dict:
     """The ``metadata`` dict saved with a model by :func:`save` (empty if none was given)."""
     with open(path, "rb") as f:
-        return dict(_header(f, path).get("metadata") or {})
+        return dict(read_header(f, path).get("metadata") or {})
+
+
+def read_leaves(f, path, like):
+    """The rest of the open file ``f`` as the array leaves of the pytree ``like`` (arrays or
+    ``jax.ShapeDtypeStruct`` placeholders), or a ValueError naming ``path`` and what is wrong."""
+    try:
+        tree = eqx.tree_deserialise_leaves(f, like, filter_spec=_leaf)
+        trailing = f.read(1)
+    except Exception as err:  # cut short, overwritten, or another file's bytes
+        cause = err
+        while cause.__cause__ is not None:  # equinox wraps the reader's error with the leaf's path
+            cause = cause.__cause__
+        where = ".".join(re.findall(r"name='(\w+)'", str(err))) if cause is not err else ""
+        raise ValueError(
+            f"{path} is damaged or incomplete: reading its arrays failed"
+            + (f" at `{where}`" if where else "") + f" ({type(cause).__name__}: {cause})."
+        ) from None
+    if trailing:
+        raise ValueError(f"{path} is damaged: it holds more bytes than its header describes.")
+    return tree
+
+
+def _leaf(f, like):
+    """One saved array, read without unpickling, checked against the header's shape."""
+    value = np.load(f, allow_pickle=False)
+    if value.shape != like.shape:
+        raise ValueError(f"an array of shape {value.shape} where the header says {like.shape}")
+    return jnp.asarray(value.astype(like.dtype))
 
 
 def load(path, *, classes: Iterable[type] = ()):
     """Load a model written by :func:`save`.
+
+    A file saved with 64-bit arrays (``jax_enable_x64`` on, as the ``ssmjax`` command line
+    runs) loads in JAX's default 32-bit mode too: its arrays are converted to 32 bits
+    (float64 to float32, int64 to int32), as ``jax.numpy`` converts any 64-bit input, with
+    a warning. Switch 64-bit mode on before loading to keep them exact.
 
     Args:
         path: the file.
@@ -179,32 +234,40 @@ def load(path, *, classes: Iterable[type] = ()):
             custom emission model; ssmjax's own classes are always allowed.
 
     Returns:
-        The model, with exactly the saved values and dtypes.
+        The model, with exactly the saved values and dtypes (64-bit mode permitting).
 
     Raises:
-        ValueError: the file is not an ssmjax model file, or names a class that is
-            neither ssmjax's nor in ``classes``.
+        ValueError: the file is not an ssmjax model file, is damaged or cut short, or
+            names a class that is neither ssmjax's nor in ``classes``. Nothing named in
+            the file is executed: only ssmjax's own model classes (or ``classes``) are built.
     """
     allowed = {_class_name(c): c for c in classes}
     with open(path, "rb") as f:
-        header = _header(f, path)
+        header = read_header(f, path)
         if header.get("version") != _VERSION:
             raise ValueError(f"{path} has format version {header.get('version')}; this ssmjax reads {_VERSION}.")
-        if header.get("jax_enable_x64") and not jax.config.jax_enable_x64:
-            dtypes = set()
+        try:
+            skeleton = _build(header["structure"], allowed)
+        except ValueError as err:
+            raise ValueError(f"{path}: {str(err).rstrip('.')}.") from None
+        except Exception as err:  # a header that parses but does not describe a model
+            raise ValueError(f"{path} is damaged: its header does not describe a model ({err!r}).") from None
+        model = read_leaves(f, path, skeleton)
+    if header.get("jax_enable_x64") and not jax.config.jax_enable_x64 and _has_64_bit(header["structure"]):
+        warnings.warn(
+            f"{path} holds 64-bit arrays and 64-bit mode is off: they were loaded as 32-bit "
+            "(float32, int32). Call jax.config.update('jax_enable_x64', True) before loading to keep them.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model
 
-            def collect(d):
-                if isinstance(d, dict):
-                    if "dtype" in d:
-                        dtypes.add(d["dtype"])
-                    for v in d.values():
-                        collect(v)
 
-            collect(header["structure"])
-            if dtypes & {"float64", "int64"}:
-                raise ValueError(
-                    f"{path} holds 64-bit arrays; enable them first with "
-                    "jax.config.update('jax_enable_x64', True)."
-                )
-        skeleton = _build(header["structure"], allowed)
-        return eqx.tree_deserialise_leaves(f, skeleton)
+def _has_64_bit(desc) -> bool:
+    if isinstance(desc, dict):
+        if "dtype" in desc and np.dtype(desc["dtype"]).itemsize == 8:
+            return True
+        return any(_has_64_bit(v) for v in desc.values())
+    if isinstance(desc, list):
+        return any(_has_64_bit(v) for v in desc)
+    return False

@@ -115,8 +115,8 @@ def _prepare_batch(states, lengths, num_states):
     if num_states is None:
         if isinstance(states, jax.core.Tracer):
             raise ValueError("`num_states` must be given when `states` is traced (under jit/vmap).")
-        valid = np.arange(num_timesteps)[None, :] < np.asarray(lengths)[:, None]
-        num_states = int(np.asarray(states)[valid].max()) + 1
+        valid = np.arange(num_timesteps)[None, :] < _checks.host_copy(lengths)[:, None]
+        num_states = int(_checks.host_copy(states)[valid].max()) + 1
     if not isinstance(num_states, (int, np.integer)) or num_states < 1:
         raise ValueError(f"`num_states` must be a positive int; got {num_states!r}.")
     num_states = int(num_states)

@@ -101,6 +101,8 @@ def test_decode_matches_viterbi(files, tmp_path):
         ("sequence,count\na,3\na,4,5\n", ["--emissions", "poisson"], "row 3: 3 fields, but the header has 2"),
         ("sequence,count\na,3\nb,\n", ["--emissions", "poisson"], "row 3, column 'count': missing value"),
         ("sequence,count\na,3\nb,2.5\n", ["--emissions", "poisson"], "row 3, column 'count': 2.5 is not valid"),
+        ("sequence,y\na,3\na,-inf\n", [], "row 3, column 'y': '-inf' is not a finite number"),
+        ("y\n1\n2\n1e999\n", [], "row 4, column 'y': '1e999' is not a finite number"),
         ("sequence,count\na,3\nb,4\n", ["--columns", "rate"], "row 1: missing column(s) ['rate']"),
         ("sequence,count\na,3\nb,4\na,5\n", [], "row 4, column 'sequence': rows of sequence 'a' are not contiguous"),
         ("sequence,count\n", [], "no data rows after the header"),
@@ -121,6 +123,9 @@ def test_bad_npy_and_model_mismatch(files, tmp_path, capsys):
     np.save(tmp_path / "cube.npy", np.zeros((2, 3, 4, 5)))
     assert run("fit", "lgssm", tmp_path / "cube.npy")[0] == 2
     assert "expected shape (T,), (T, D) or (B, T, D)" in capsys.readouterr().err
+    np.save(tmp_path / "inf.npy", np.array([[1.0, 2.0], [3.0, np.inf]]))
+    assert run("fit", "lgssm", tmp_path / "inf.npy")[0] == 2
+    assert "inf.npy: sequence 0, step 1, column 1 holds inf" in capsys.readouterr().err
     run("fit", "lgssm", files / "track.npy", "--iters", "5", "--output", tmp_path / "f")
     np.save(tmp_path / "three.npy", np.zeros((10, 3)))
     assert run("smooth", tmp_path / "f" / "model.eqx", tmp_path / "three.npy", "--output", tmp_path / "s")[0] == 2

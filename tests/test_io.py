@@ -110,3 +110,57 @@ def test_bad_files_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="`model` must be an ssmjax model"):
         ssmjax.save(tmp_path / "y", {"a": 1})
     assert not (tmp_path / "y").exists()
+
+
+def _saved_hmm(tmp_path):
+    model = ssmjax.HMM(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.2, 0.8]]),
+                       ssmjax.GaussianEmissions(jnp.zeros((2, 2)), jnp.stack([jnp.eye(2)] * 2)))
+    path = tmp_path / "model.eqx"
+    ssmjax.save(path, model)
+    return model, path, path.read_bytes()
+
+
+def test_damaged_files_raise_a_value_error_naming_the_file(tmp_path):
+    _, path, raw = _saved_hmm(tmp_path)
+    header_end = raw.index(b"\n") + 1
+    damaged = tmp_path / "damaged.eqx"
+    # cut anywhere: in the header, inside an array's own header, inside its data, at the last byte
+    for cut in sorted({header_end // 2, header_end, header_end + 5, header_end + 100, (len(raw) + header_end) // 2,
+                       len(raw) - 1}):
+        damaged.write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match=r"damaged\.eqx (is damaged or incomplete|is not an ssmjax)"):
+            ssmjax.load(damaged)
+    damaged.write_bytes(raw + b"\x00")
+    with pytest.raises(ValueError, match=r"damaged\.eqx is damaged: it holds more bytes"):
+        ssmjax.load(damaged)
+    damaged.write_bytes(raw[:header_end] + bytes(range(256)) * 4)  # a valid header over foreign bytes
+    with pytest.raises(ValueError, match=r"damaged\.eqx is damaged or incomplete: reading its arrays failed at "
+                                         r"`initial_log_probs`"):
+        ssmjax.load(damaged)
+    wrong_shape = raw.replace(b'"array": [2, 2]', b'"array": [3, 2]', 1)
+    damaged.write_bytes(wrong_shape)
+    with pytest.raises(ValueError, match=r"an array of shape \(2, 2\) where the header says \(3, 2\)"):
+        ssmjax.load(damaged)
+    damaged.write_bytes(raw.replace(b'"structure"', b'"structur"', 1))
+    with pytest.raises(ValueError, match=r"damaged\.eqx is damaged: its header does not describe a model"):
+        ssmjax.load(damaged)
+
+
+@pytest.mark.parametrize("name", [b"os:system", b"builtins:eval", b"ssmjax._io:load", b"ssmjax:save"])
+def test_files_naming_anything_but_a_model_class_are_refused(tmp_path, name):
+    _, _, raw = _saved_hmm(tmp_path)
+    evil = tmp_path / "evil.eqx"
+    evil.write_bytes(raw.replace(b"ssmjax:HMM", name, 1))
+    with pytest.raises(ValueError, match=r"evil\.eqx: the file (contains a model of class|names) "):
+        ssmjax.load(evil)
+
+
+def test_64_bit_file_loads_in_32_bit_mode_with_a_warning(tmp_path):
+    model, path, _ = _saved_hmm(tmp_path)  # written with 64-bit mode on (tests/conftest.py)
+    y = np.array([[0.3, -1.2], [2.0, 0.1], [np.nan, 0.5]])
+    with jax.enable_x64(False):
+        with pytest.warns(UserWarning, match=r"model\.eqx holds 64-bit arrays and 64-bit mode is off"):
+            loaded = ssmjax.load(path)
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(eqx.filter(loaded, eqx.is_array)))
+        loglik32 = float(loaded.marginal_loglik(y.astype(np.float32)))
+    np.testing.assert_allclose(loglik32, float(model.marginal_loglik(y)), rtol=1e-6)

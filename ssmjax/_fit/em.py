@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _deprecation
-from .._checks import to_device, value_checks
+from .._checks import host_arrays, to_device, value_checks
+from . import checkpoint as _checkpoint
 from . import progress as _progress
 from .compiler import fast_compile_jit
 from .protocol import AbstractFittableModel, check_frozen, tracing_batch_pattern, tracing_fast_e_step
@@ -95,21 +96,43 @@ def _last_good(params, before_prev, status):
     return jax.tree.map(lambda b, p: jnp.where(bad, b, p), before_prev, params)
 
 
+def _ll_dtype(params):
+    return jnp.result_type(*[x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)])
+
+
+def _initial_carry(model, max_iters: int) -> "_Carry":
+    """The loop's state before its first iteration (built on the host: nothing to compile)."""
+    params, _ = eqx.partition(model, eqx.is_array)
+    ll_dtype = np.dtype(_ll_dtype(params))
+    return _Carry(
+        it=to_device(np.int32(0)),
+        params=params,
+        prev_params=params,
+        before_prev=params,
+        prev_ll=to_device(np.array(-np.inf, ll_dtype)),
+        lls=to_device(np.full((max_iters,), np.nan, ll_dtype)),
+        status=to_device(np.int32(_RUNNING)),
+    )
+
+
 def _em_loop(
     model, emissions, lengths, inputs, tol, max_iters: int, frozen: frozenset, progress: bool,
-    fast: bool = False, start: "_Carry | None" = None, prior=None,
+    fast: bool = False, start: "_Carry | None" = None, prior=None, stop_at=None,
 ) -> "_Carry":
     """The EM while-loop from ``model`` (or from the carry ``start``); returns the final carry.
 
     ``fast``: the program is traced with :func:`~ssmjax._fit.protocol.fast_e_step`, and a
     non-finite E-step stops it with the internal status ``_RETRY`` (see :func:`_resume`).
+    ``stop_at`` (traced): pause, still running, once that many iterations are done (the
+    segments between two checkpoints run one program).
     """
     params, static = eqx.partition(model, eqx.is_array)
-    ll_dtype = jnp.result_type(*[x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)])
+    ll_dtype = _ll_dtype(params)
     rtol_down = _decrease_rtol(ll_dtype)
 
     def cond(c: _Carry):
-        return (c.status == _RUNNING) & (c.it < max_iters)
+        going = (c.status == _RUNNING) & (c.it < max_iters)
+        return going if stop_at is None else going & (c.it < stop_at)
 
     batch = _prepare_batch(model, emissions, lengths, inputs)
 
@@ -145,17 +168,7 @@ def _em_loop(
             status=status.astype(jnp.int32),
         )
 
-    init = start
-    if init is None:
-        init = _Carry(
-            it=jnp.asarray(0, jnp.int32),
-            params=params,
-            prev_params=params,
-            before_prev=params,
-            prev_ll=jnp.asarray(-jnp.inf, ll_dtype),
-            lls=jnp.full((max_iters,), jnp.nan, ll_dtype),
-            status=jnp.asarray(_RUNNING, jnp.int32),
-        )
+    init = _initial_carry(model, max_iters) if start is None else start
     return jax.lax.while_loop(cond, body, init)
 
 
@@ -182,12 +195,14 @@ def _resume(final: _Carry) -> _Carry:
     )
 
 
-def _em_single(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, pattern, fast, start, prior):
+def _em_single(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, pattern, fast, start, prior,
+               stop_at=None):
     # Inputs were validated eagerly; iterates come from our own M-steps. Value checks
     # inside the loop would turn a degenerate iterate (e.g. a covariance collapsing on
     # tiny data) into an exception instead of the guard's "last good model".
     with value_checks(False), tracing_batch_pattern(pattern), tracing_fast_e_step(fast):
-        return _em_loop(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, fast, start, prior)
+        return _em_loop(model, emissions, lengths, inputs, tol, max_iters, frozen, progress, fast, start, prior,
+                        stop_at)
 
 
 _em_compiled = fast_compile_jit(_em_single)
@@ -230,23 +245,17 @@ def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen, prior=No
 
 
 def _batch_pattern(emissions, lengths) -> tuple[bool, bool]:
-    """``(observed, unpadded)``: static facts for the E-step (see protocol.py)."""
-    if not (isinstance(emissions, jax.Array) and emissions.is_fully_addressable):
-        return False, False  # sharded over several hosts: keep the general path
-    unpadded = bool(np.all(np.asarray(lengths) == emissions.shape[1]))
-    return _is_observed(emissions, lengths), unpadded
+    """``(observed, unpadded)``: static facts for the E-step (see protocol.py).
 
-
-def _is_observed(emissions, lengths) -> bool:
-    """No NaN in ``emissions`` at real steps."""
-    if not jnp.issubdtype(emissions.dtype, jnp.floating):
-        return True  # no NaN in an integer array
-    nan = np.isnan(np.asarray(emissions))
-    if not nan.any():
-        return True
-    steps = nan.reshape(nan.shape[:2] + (-1,)).any(axis=-1)
-    real = np.arange(nan.shape[1])[None, :] < np.asarray(lengths)[:, None]
-    return not bool((steps & real).any())
+    Decided with NumPy on this process's data, or on the devices (a replicated answer
+    every process can read) for a batch sharded over several processes."""
+    xp, values, lengths = host_arrays(emissions, lengths)
+    unpadded = bool(xp.all(lengths == emissions.shape[1]))
+    if not xp.issubdtype(values.dtype, xp.floating):
+        return True, unpadded  # no NaN in an integer array
+    steps = xp.isnan(values.reshape(values.shape[:2] + (-1,))).any(axis=-1)
+    real = xp.arange(values.shape[1])[None, :] < lengths[:, None]
+    return not bool((steps & real).any()), unpadded
 
 
 def fit_em(
@@ -261,6 +270,8 @@ def fit_em(
     progress=False,
     return_info=None,
     prior=None,
+    checkpoint=None,
+    checkpoint_every=10,
 ):
     r"""Fit a model by expectation-maximisation over a (ragged) batch of sequences.
 
@@ -291,6 +302,12 @@ def fit_em(
         prior: a prior on the parameters (:class:`ssmjax.HMMPrior` for an HMM), or None. EM then
             maximises the log posterior, and ``log_likelihoods`` holds the log posterior
             (log-likelihood plus log prior) of each iterate.
+        checkpoint: a file path, or None. The fit writes its whole state there (atomically)
+            every ``checkpoint_every`` iterations and at the end; if the file exists when the
+            fit starts, it resumes from it, and ends exactly as the uninterrupted fit would.
+            A checkpoint of another fit (other data, starting model or options) is refused
+            with a ValueError. With several processes, process 0 writes and all read it.
+        checkpoint_every: iterations between two checkpoints.
 
     Returns:
         ``(fitted_model, log_likelihoods, info)``: ``log_likelihoods[i]`` is the summed
@@ -310,20 +327,41 @@ def fit_em(
         >>> bool(lls[-1] >= lls[0]), info.converged
         (True, True)
     """
+    every = _checkpoint.check_every(checkpoint, checkpoint_every)
     emissions, lengths, inputs, max_iters, frozen, pattern = _prepare(
         model, emissions, lengths, inputs, max_iters, tol, frozen, prior
     )
     tol_arr = np.asarray(tol, dtype=np.float64 if jax.config.jax_enable_x64 else np.float32)
     fast = bool(getattr(model, "_has_fast_e_step", False))
-    with _progress.progress_bar(progress, max_iters, "EM", "loglik"):
-        final = _em_compiled(
-            model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, fast, None, prior
+    carry = _initial_carry(model, max_iters)
+    if checkpoint is not None:
+        expected = _checkpoint.settings(
+            "fit_em", model, _checkpoint.fingerprint(emissions, lengths, inputs), start=_checkpoint.leaf_sums(model),
+            max_iters=max_iters, tol=float(tol), frozen=sorted(frozen),
+            prior=None if prior is None else _checkpoint.leaf_sums(prior),
         )
-        if fast and int(final.status) == _RETRY:  # compiled only for data that need it
+        saved = _checkpoint.read(checkpoint, expected, carry)
+        if saved is not None:
+            carry, header = saved
+            fast = bool(header["fast"])
+    with _progress.progress_bar(progress, max_iters, "EM", "loglik"):
+        while int(carry.status) == _RUNNING:
+            # one segment between two checkpoints; without checkpoints, the whole run
+            stop_at = np.int32(max_iters if checkpoint is None else min(int(carry.it) + every, max_iters))
             final = _em_compiled(
-                model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, False, _resume(final),
-                prior,
+                model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, fast, carry, prior,
+                stop_at,
             )
+            if fast and int(final.status) == _RETRY:  # compiled only for data that need it
+                fast = False
+                final = _em_compiled(
+                    model, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, False,
+                    _resume(final), prior, stop_at,
+                )
+            carry = final
+            if checkpoint is not None:
+                _checkpoint.write(checkpoint, expected, carry, fast=fast, iteration=int(carry.it))
+    final = carry
     last, before_prev, lls, it, status = final.params, final.before_prev, final.lls, final.it, final.status
     num_iters = int(it)
     status_name = STATUS_NAMES.get(int(status), "max_iters")

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .._checks import value_checks
+from .._checks import to_device, value_checks
+from . import checkpoint as _checkpoint
 from . import progress as _progress
 from .protocol import AbstractFittableModel, check_frozen
 
@@ -26,10 +27,18 @@ def _minibatch_loss(model, trainable, fixed, emissions, lengths, inputs, prior, 
 
 @eqx.filter_jit
 def _sgd_compiled(
-    model, trainable, fixed, emissions, lengths, inputs, key, optimizer, num_steps, batch_size, progress, prior
+    model, trainable, opt_state, fixed, emissions, lengths, inputs, key, start, optimizer, num_steps, length,
+    batch_size, progress, prior,
 ):
+    """Steps ``start .. start + length`` (``start`` traced) of the ``num_steps`` a fit takes.
+
+    ``opt_state=None`` initialises the optimizer here (the first segment). The step keys are
+    always split ``num_steps`` ways from ``key``, so a fit cut into segments draws the same
+    mini-batches as one run in a single segment.
+    """
     num_sequences = emissions.shape[0]
-    opt_state = optimizer.init(trainable)
+    if opt_state is None:
+        opt_state = optimizer.init(trainable)
 
     def take(idx):
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
@@ -57,13 +66,13 @@ def _sgd_compiled(
         _progress.report(progress, i, loss)
         return (trainable, opt_state, i + 1, skipped + (~finite).astype(jnp.int32)), loss
 
-    keys = jax.random.split(key, num_steps)
-    init = (trainable, opt_state, jnp.asarray(0, jnp.int32), jnp.asarray(0, jnp.int32))
+    keys = jax.lax.dynamic_slice_in_dim(jax.random.split(key, num_steps), start, length)
+    init = (trainable, opt_state, start, jnp.asarray(0, jnp.int32))
     # Iterates are valid by construction (unconstrained view); a degenerate step is
     # skipped by the finite-check above rather than raised by a value check.
     with value_checks(False):
-        (trainable, _, _, skipped), losses = jax.lax.scan(step, init, keys)
-    return trainable, losses, skipped
+        (trainable, opt_state, _, skipped), losses = jax.lax.scan(step, init, keys)
+    return trainable, opt_state, losses, skipped
 
 
 def fit_sgd(
@@ -78,6 +87,8 @@ def fit_sgd(
     frozen=(),
     progress=False,
     prior=None,
+    checkpoint=None,
+    checkpoint_every=100,
     key=None,
 ):
     r"""Maximise the marginal log-likelihood with an optax optimizer.
@@ -105,6 +116,12 @@ def fit_sgd(
         prior: a prior on the parameters (:class:`ssmjax.HMMPrior` for an HMM), or None; the loss
             then subtracts the mini-batch's share (its fraction of the sequences) of the log prior.
         progress: show a tqdm progress bar fed from inside the compiled loop.
+        checkpoint: a file path, or None. The fit writes its whole state there (parameters,
+            optimizer state, losses so far; atomically) every ``checkpoint_every`` steps and at
+            the end; if the file exists when the fit starts, it resumes from it, and ends exactly
+            as the uninterrupted fit would. Pass the same ``optimizer``: its state is restored,
+            its settings are not stored. A checkpoint of another fit is refused with a ValueError.
+        checkpoint_every: steps between two checkpoints.
 
     Returns:
         ``(fitted_model, losses)`` with ``losses`` of shape ``(num_steps,)``.
@@ -135,6 +152,7 @@ def fit_sgd(
         )
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"`num_steps` must be a positive int; got {num_steps!r}.")
+    every = _checkpoint.check_every(checkpoint, checkpoint_every)
     frozen = check_frozen(model, frozen)
     model._check_prior(prior)
     emissions, lengths, inputs = model._check_batch(emissions, lengths, inputs)
@@ -154,11 +172,38 @@ def fit_sgd(
     is_frozen = lambda k: k in frozen or any(k.startswith(f + ".") for f in frozen)  # noqa: E731
     trainable = {k: v for k, v in params.items() if not is_frozen(k)}
     fixed = {k: v for k, v in params.items() if is_frozen(k)}
-    with _progress.progress_bar(progress, int(num_steps), "SGD", "loss"):
-        trainable, losses, skipped = _sgd_compiled(
-            model, trainable, fixed, emissions, lengths, inputs, key, optimizer,
-            int(num_steps), int(batch_size), progress, prior,
+    num_steps = int(num_steps)
+    losses = np.full((num_steps,), np.nan, np.dtype(jnp.result_type(float)))
+    done, skipped, opt_state = 0, 0, None
+    if checkpoint is not None:
+        expected = _checkpoint.settings(
+            "fit_sgd", model, _checkpoint.fingerprint(emissions, lengths, inputs), start=_checkpoint.leaf_sums(model),
+            num_steps=num_steps, batch_size=int(batch_size), frozen=sorted(frozen),
+            key=np.asarray(jax.random.key_data(key)).tolist(),
+            prior=None if prior is None else _checkpoint.leaf_sums(prior),
         )
+        like = {"trainable": trainable, "opt_state": jax.eval_shape(optimizer.init, trainable),
+                "losses": losses, "done": np.int32(0), "skipped": np.int32(0)}
+        saved = _checkpoint.read(checkpoint, expected, like)
+        if saved is not None:
+            state = saved[0]
+            trainable, opt_state = state["trainable"], state["opt_state"]
+            losses, done, skipped = np.array(state["losses"]), int(state["done"]), int(state["skipped"])
+    with _progress.progress_bar(progress, num_steps, "SGD", "loss"):
+        while done < num_steps:
+            # one segment between two checkpoints; without checkpoints, the whole run
+            length = num_steps if checkpoint is None else min(every, num_steps - done)
+            trainable, opt_state, segment, segment_skipped = _sgd_compiled(
+                model, trainable, opt_state, fixed, emissions, lengths, inputs, key, np.int32(done), optimizer,
+                num_steps, length, int(batch_size), progress, prior,
+            )
+            losses[done:done + length] = np.asarray(segment)
+            done, skipped = done + length, skipped + int(segment_skipped)
+            if checkpoint is not None:
+                state = {"trainable": trainable, "opt_state": opt_state, "losses": losses,
+                         "done": np.int32(done), "skipped": np.int32(skipped)}
+                _checkpoint.write(checkpoint, expected, state, iteration=done)
+    losses = to_device(losses)
     if int(skipped):
         warnings.warn(
             f"fit_sgd skipped {int(skipped)} of {num_steps} steps whose loss or gradient was not finite.",

@@ -75,10 +75,6 @@ def _emission_fields(emissions: AbstractEmissions) -> dict[str, tuple[str, ...]]
     return dict(getattr(type(emissions), "parameter_fields", {}))
 
 
-def _on_cpu(x) -> bool:
-    return all(d.platform == "cpu" for d in x.devices())
-
-
 def _log_normalize(weights, old_log_probs, axis=-1):
     """log of ``weights / sum(weights)``; a row with zero total keeps ``old_log_probs``."""
     total = jnp.sum(weights, axis=axis, keepdims=True)
@@ -272,7 +268,7 @@ class HMM(AbstractFittableModel):
         emissions, lengths, inputs = self._check_batch(emissions, lengths, inputs)
         with _checks.value_checks(False):  # checked above
             loglik = _batch_loglik(self, emissions, lengths, inputs)
-        num_steps = int(np.sum(np.asarray(lengths)))
+        num_steps = int(np.sum(_checks.host_copy(lengths)))
         return float(-2.0 * loglik + np.log(num_steps) * self.num_parameters(frozen))
 
     def filter(self, emissions, *, length=None, inputs=None):
@@ -383,13 +379,15 @@ class HMM(AbstractFittableModel):
             max_jump: the band of a left-right chain (``1``: stay or move to the next state).
             key: PRNG key (keyword-only; the Poisson initialisation does not use it).
         """
-        emissions = np.asarray(emissions)
+        emissions = _checks.host_copy(emissions)
+        lengths = None if lengths is None else _checks.host_copy(lengths)
+        inputs = None if inputs is None else _checks.host_copy(inputs)
         if emissions.ndim < 2:
             raise ValueError(
                 f"`emissions` must be a batch (B, T, ...) of sequences; got shape {emissions.shape}."
             )
         num_seq, num_timesteps = emissions.shape[:2]
-        lengths_np = np.full(num_seq, num_timesteps) if lengths is None else np.asarray(lengths)
+        lengths_np = np.full(num_seq, num_timesteps) if lengths is None else lengths
         mask = np.arange(num_timesteps)[None, :] < lengths_np[:, None]
         pooled = emissions[mask]
         family = _FAMILIES.get(emissions_type) if isinstance(emissions_type, str) else emissions_type
@@ -459,11 +457,10 @@ class HMM(AbstractFittableModel):
         else:
             lengths = _checks.check_lengths(lengths, num_seq, num_timesteps)
         # Host copies (free on CPU): the emission family checks values with NumPy.
-        host = np.asarray(emissions) if _on_cpu(emissions) else emissions
+        host = np.asarray(emissions) if _checks.host_namespace(emissions) is np else emissions
         xp = np if host is not emissions else jnp
         mask = xp.arange(num_timesteps)[None, :] < xp.asarray(lengths)[:, None]
-        flat = host.reshape((num_seq * num_timesteps,) + shape)
-        self.emissions.check_emissions(flat, mask.reshape(-1))
+        self.emissions.check_emissions(host, mask)  # (B, T, ...): errors name emissions[b, t, ...]
         return emissions, lengths, self._checked_batch_inputs(inputs, num_seq, num_timesteps, mask)
 
     def _checked_batch_inputs(self, inputs, num_seq, num_timesteps, mask):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
+from .. import _checks
 from .._fit.em import fit_em_restarts
 from .model import HMM
 
@@ -111,12 +112,12 @@ def select_num_states(
         2
     """
     from_data_kwargs = dict(from_data_kwargs or {})
-    emissions = np.asarray(emissions)
+    emissions = _checks.host_copy(emissions)
     candidates = np.asarray([int(k) for k in num_states])
     if candidates.size == 0 or np.any(candidates < 1):
         raise ValueError(f"`num_states` must hold positive ints; got {list(num_states)!r}.")
     num_seq, num_timesteps = emissions.shape[:2]
-    lengths = np.full(num_seq, num_timesteps) if lengths is None else np.asarray(lengths)
+    lengths = np.full(num_seq, num_timesteps) if lengths is None else _checks.host_copy(lengths)
     if num_folds > num_seq:
         raise ValueError(f"`num_folds` must be at most the number of sequences B = {num_seq}; got {num_folds}.")
     if not isinstance(num_restarts, int) or num_restarts < 1:

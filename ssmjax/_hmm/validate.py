@@ -39,12 +39,13 @@ def validate(initial_probs, transition_matrix, log_likelihoods, length):
     # The checks on ``log_likelihoods`` guard the small ``initial_probs`` (used by every
     # algorithm): guarding ``ll`` itself made XLA keep a (T, K) copy of it.
     pi = _checks.check_values(
-        pi, jnp.isnan(ll) & valid[:, None], "`log_likelihoods` contains NaN at unpadded steps."
+        pi, jnp.isnan(ll) & valid[:, None], "`log_likelihoods` contains NaN at unpadded steps.", at="log_likelihoods"
     )
     pi = _checks.check_values(
         pi,
         (ll == jnp.inf) & valid[:, None],
         "`log_likelihoods` contains +inf at unpadded steps.",
+        at="log_likelihoods",
     )
     return pi, trans, ll, length_arr
 

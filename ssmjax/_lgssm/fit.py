@@ -56,6 +56,11 @@ def check_batch(model, emissions, lengths, inputs):
             )
         inputs = _checks.as_float_array("inputs", inputs, emissions.dtype)
         _checks.check_shape("inputs", inputs, (num_seq, num_timesteps, du), "(B, T, Du)")
+    xp, steps = _checks.host_arrays(lengths)
+    real = xp.arange(num_timesteps)[None, :] < steps[:, None]
+    emissions = _checks.check_finite("emissions", emissions, real, missing=True)
+    if inputs is not None:
+        inputs = _checks.check_finite("inputs", inputs, real)
     # the starting model's covariances are user input: check them now
     _check_model_values(model, num_timesteps)
     for name in parameter_names(model):

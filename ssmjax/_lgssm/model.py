@@ -52,7 +52,7 @@ import jax
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
-from .. import _deprecation
+from .. import _checks, _deprecation
 from . import constraints as _constraints
 from . import diffuse as _diffuse
 from . import fit
@@ -285,7 +285,7 @@ class LGSSM(AbstractLGSSM):
         steps; lower is better."""
         emissions, lengths, inputs = self._check_batch(emissions, lengths, inputs)
         loglik = self.log_likelihood(emissions, lengths=lengths, inputs=inputs)
-        num_steps = int(np.sum(np.asarray(lengths)))
+        num_steps = int(np.sum(_checks.host_copy(lengths)))
         return float(-2.0 * loglik + np.log(num_steps) * self.num_parameters(frozen))
 
     def _check_batch(self, emissions, lengths, inputs):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax.numpy as jnp
 
-from .._checks import as_float_array, check_length, check_psd, check_shape, host_arrays
+from .._checks import as_float_array, check_finite, check_length, check_psd, check_shape, host_arrays
 from .params import AbstractLGSSM, model_dims, validate_shapes
 
 def _validate(model, emissions, inputs, length, *, need_inputs_name="inputs"):
@@ -26,8 +26,16 @@ def _validate(model, emissions, inputs, length, *, need_inputs_name="inputs"):
     _check_time_sizes(time_sizes, num_timesteps)
     u = _validate_inputs(model, inputs, num_timesteps, du, "inputs")
     length_arr = check_length(length, num_timesteps)
+    real = None if length_arr is None else _real_steps(num_timesteps, length_arr)
+    y = check_finite("emissions", y, real, missing=True)
+    u = None if u is None else check_finite("inputs", u, real)
     model = _value_check_model(model, num_timesteps, length_arr)
     return model, y, u, length_arr
+
+
+def _real_steps(num_timesteps, length_arr):
+    xp, length_arr = host_arrays(length_arr)
+    return xp.arange(num_timesteps) < length_arr
 
 
 def _check_time_sizes(time_sizes, num_timesteps):

@@ -199,7 +199,7 @@ def _checked_indices(emissions, mask, size: int, what: str, message: str, minus_
     bad = (values < 0) | (values >= size)
     if floating:
         bad = bad | (values != xp.floor(values))
-    return _checks.check_values(emissions, _at_real_steps(bad & ~unknown, mask), message)
+    return _checks.check_values(emissions, _at_real_steps(bad & ~unknown, mask), message, at="emissions")
 
 
 def _observed_weights(weights, observed, missing):

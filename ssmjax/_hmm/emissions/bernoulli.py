@@ -143,7 +143,7 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
         if jnp.issubdtype(emissions.dtype, jnp.floating):
             bad = bad & ~xp.isnan(values)  # NaN is a missing outcome
         bad = _at_real_steps(bad, mask)
-        return _checks.check_values(emissions, bad, "`emissions` of a Bernoulli model must be 0 or 1 (NaN for missing).")
+        return _checks.check_values(emissions, bad, "`emissions` of a Bernoulli model must be 0 or 1 (NaN for missing).", at="emissions")
 
     def _float(self, emissions: jax.Array) -> jax.Array:
         return emissions.astype(self.logits.dtype)

@@ -165,7 +165,7 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
         xp, values, mask = _checks.host_arrays(emissions, mask)
         bad = ((values <= 0) | xp.isinf(values)) & ~xp.isnan(values)
         bad = _at_real_steps(bad, mask)
-        return _checks.check_values(emissions, bad, "`emissions` of a Gamma model must be positive and finite (NaN for missing).")
+        return _checks.check_values(emissions, bad, "`emissions` of a Gamma model must be positive and finite (NaN for missing).", at="emissions")
 
     def _float(self, emissions: jax.Array) -> jax.Array:
         return emissions.astype(self.log_rates.dtype)

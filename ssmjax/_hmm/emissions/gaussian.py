@@ -122,7 +122,7 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         bad = xp.isinf(values)  # NaN is a missing entry
         bad = _at_real_steps(bad, mask)
         return _checks.check_values(
-            emissions, bad, "`emissions` must be finite at unpadded steps (NaN for a missing entry); got inf."
+            emissions, bad, "`emissions` must be finite at unpadded steps (NaN for a missing entry); got inf.", at="emissions"
         )
 
     def _one_emission(self, emission) -> Float[Array, " D"]:
@@ -251,7 +251,7 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         if n < num_states:
             raise ValueError(f"`emissions` must hold at least num_states={num_states} rows; got {n}.")
         xp, values = _checks.host_arrays(emissions)
-        emissions = _checks.check_values(emissions, xp.isinf(values), "`emissions` must be finite or NaN (missing).")
+        emissions = _checks.check_values(emissions, xp.isinf(values), "`emissions` must be finite or NaN (missing).", at="emissions")
         _check_some_observed(emissions)
         missing = xp.isnan(values)
         if xp.any(missing):  # missing entries take their dimension's mean: a starting point, not an estimate

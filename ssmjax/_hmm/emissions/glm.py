@@ -209,7 +209,7 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
         message = f"`emissions` of a {type(self).__name__} must be {self._values} (NaN for missing)"
         if xp is np and bad.any():
             message += f"; got {values[bad][0].item()!r}"
-        return _checks.check_values(emissions, bad, message + ".")
+        return _checks.check_values(emissions, bad, message + ".", at="emissions")
 
     def check_inputs(self, inputs, num_steps: int, mask=None) -> Optional[Array]:
         if inputs is None:

@@ -135,6 +135,7 @@ class MultinomialEmissions(_AbstractProbabilityRows):
             emissions, bad,
             f"`emissions` of a multinomial model must be non-negative integer counts summing to num_trials="
             f"{self.num_trials} (observed counts at most that where some are NaN, missing).",
+            at="emissions",
         )
 
     def _float(self, emissions: jax.Array) -> jax.Array:

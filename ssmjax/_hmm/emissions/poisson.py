@@ -133,7 +133,8 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
             bad = (((values < 0) | (values != xp.floor(values))) & ~xp.isnan(values)) | xp.isinf(values)
         bad = _at_real_steps(bad, mask)
         return _checks.check_values(
-            emissions, bad, "`emissions` of a Poisson model must be non-negative integer counts (NaN for missing)."
+            emissions, bad, "`emissions` of a Poisson model must be non-negative integer counts (NaN for missing).",
+            at="emissions",
         )
 
     def _float(self, emissions: jax.Array) -> jax.Array:

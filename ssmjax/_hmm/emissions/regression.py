@@ -175,6 +175,7 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
         return _checks.check_values(
             emissions, bad,
             f"`emissions` of {type(self).__name__} must be finite; a missing step is NaN in every entry.",
+            at="emissions",
         )
 
     def _input_columns(self) -> int:
@@ -390,7 +391,7 @@ def _autoregressive_rows(emissions, inputs, num_lags: int, xp):
 def _pooled(rows, lengths):
     """The real steps of a padded batch of rows ``(B, T, C)``, pooled to ``(N, C)``."""
     num_seq, steps = rows.shape[:2]
-    lengths = np.full(num_seq, steps) if lengths is None else np.asarray(lengths)
+    lengths = np.full(num_seq, steps) if lengths is None else _checks.host_copy(lengths)
     keep = np.arange(steps)[None, :] < lengths[:, None]
     return rows[keep]
 
@@ -445,7 +446,7 @@ class AutoregressiveEmissions(LinearRegressionEmissions):
         xp, values, mask = _checks.host_arrays(emissions, mask)
         bad = _at_real_steps(~xp.isfinite(values), mask)
         return _checks.check_values(
-            emissions, bad, "`emissions` of an AutoregressiveEmissions must be finite (no missing entries: they are lags too)."
+            emissions, bad, "`emissions` of an AutoregressiveEmissions must be finite (no missing entries: they are lags too).", at="emissions"
         )
 
     def joined(self, emissions, inputs) -> Array:
