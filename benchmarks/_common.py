@@ -32,15 +32,16 @@ def write_record(path, record: dict) -> None:
     print(f"wrote {out}")
 
 
-def dynamax_lgssm_params(p: dict):
-    """dynamax's ``ParamsLGSSM`` for the benchmark problems' ``dict(m0, P0, A, Q, C, R)`` (no inputs or biases)."""
+def dynamax_lgssm_params(p: dict, dtype=None):
+    """dynamax's ``ParamsLGSSM`` for the benchmark problems' ``dict(m0, P0, A, Q, C, R)`` (no inputs or biases;
+    their zeros in ``dtype``, float32 by default)."""
     import jax.numpy as jnp
     from dynamax.linear_gaussian_ssm.inference import (
         ParamsLGSSM, ParamsLGSSMDynamics, ParamsLGSSMEmissions, ParamsLGSSMInitial,
     )
 
     dy, dx = p["C"].shape
-    zeros = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
+    zeros = lambda *shape: jnp.zeros(shape, dtype or jnp.float32)  # noqa: E731
     return ParamsLGSSM(
         initial=ParamsLGSSMInitial(mean=jnp.asarray(p["m0"]), cov=jnp.asarray(p["P0"])),
         dynamics=ParamsLGSSMDynamics(

@@ -244,6 +244,25 @@ def cli_cache_table(d):
     return "\n".join(lines)
 
 
+def scaling_table(d):
+    st = d["settings"]
+    lines = [
+        "### Weak scaling of data-parallel EM (`benchmarks/scaling.py`), CPU devices",
+        "",
+        _header(d),
+        "",
+        f"{st['share']} sequences of T = {st['timesteps']} per device, float32; EM iterations per second (warm, "
+        f"median of {st['repeats']}); 2 processes: `jax.distributed` on localhost.",
+        "",
+        "| processes x devices | sequences | Poisson HMM K=4 it/s | LGSSM 4x2 it/s |",
+        "|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        lines.append(f"| {r['processes']} x {r['devices'] // r['processes']} | {r['sequences']} | "
+                     f"{r['hmm']['iters_per_s']:.1f} | {r['lgssm']['iters_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def batched_table(d, title):
     rows = d.get("results") or []
     if not rows:
@@ -341,7 +360,7 @@ def render() -> str:
     for name, fn in (("hmm_inference.json", hmm_table), ("lgssm_inference.json", lgssm_table),
                      ("fit.json", fit_table), ("families.json", families_table),
                      ("first_use.json", first_use_table), ("cli_cache.json", cli_cache_table),
-                     ("lgssm_em.json", lgssm_em_table),
+                     ("lgssm_em.json", lgssm_em_table), ("scaling.json", scaling_table),
                      ("batched_cpu.json", lambda d: batched_table(d, "CPU"))):
         d = _load(name)
         if d is not None:

@@ -11,17 +11,23 @@ One host, several devices (GPUs, or fake CPU devices for a try-out)::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m ssmjax.examples.distributed_fit
 
-Several hosts: run the same command on every host, naming the coordinator (one
-process per host; each host generates or loads only its own share of the
+Several processes (one per host, or one per GPU): run the same command in each,
+naming the coordinator. Each process generates or loads only its own share of the
 sequences, and ``jax.make_array_from_process_local_data`` assembles the global
-batch)::
+batch::
 
     python -m ssmjax.examples.distributed_fit --coordinator 10.0.0.1:1234 \\
         --num-processes 2 --process-id 0     # on host 0
     python -m ssmjax.examples.distributed_fit --coordinator 10.0.0.1:1234 \\
         --num-processes 2 --process-id 1     # on host 1
 
-The batch size must be divisible by the total number of devices.
+Under a cluster manager that JAX recognises (SLURM, Open MPI, Kubernetes jobs),
+``--cluster`` lets ``jax.distributed.initialize()`` read all three from the
+environment. ``--checkpoint PATH`` (on a file system every process sees) makes the
+fit resumable: run the same command again after an interruption.
+
+The batch size must be divisible by the total number of devices. See
+``docs/distributed.md`` for the whole recipe.
 """
 
 from __future__ import annotations
@@ -50,13 +56,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host only)")
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
+    parser.add_argument("--cluster", action="store_true",
+                        help="let jax.distributed detect the coordinator and processes (SLURM, Open MPI, ...)")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint file for a resumable fit")
     parser.add_argument("--sequences-per-device", type=int, default=4)
     parser.add_argument("--num-timesteps", type=int, default=200)
     args = parser.parse_args(argv)
 
     import jax
 
-    if args.coordinator is not None:
+    if args.cluster:
+        jax.distributed.initialize()
+    elif args.coordinator is not None:
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
     import jax.numpy as jnp
@@ -76,7 +87,7 @@ def main(argv=None) -> dict:
         transition_matrix=jnp.array([[0.8, 0.2], [0.2, 0.8]]),
         emissions=ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [20.0]])),
     )
-    fitted, lls, _ = ssmjax.fit_em(model, emissions, max_iters=100, tol=1e-7)
+    fitted, lls, _ = ssmjax.fit_em(model, emissions, max_iters=100, tol=1e-7, checkpoint=args.checkpoint)
     result = {
         "devices": jax.device_count(),
         "processes": jax.process_count(),
