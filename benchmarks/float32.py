@@ -9,7 +9,7 @@ means and covariances by their largest absolute error over the largest float64 e
 Viterbi paths by the fraction of steps that differ. dynamax runs the same problems where
 it has the function. Problems: an HMM with K = 16 states (log-likelihoods of a Gaussian
 HMM sample); a stable LGSSM with (Dx, Dy) = (4, 2); the same LGSSM with a diffuse-like
-initial covariance (1e7 I). Results: ``results/float32.json``.
+initial covariance (1e7 I), and with an exact diffuse prior. Results: ``results/float32.json``.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def hmm_rows(num_timesteps):
     def add(function, output, ours, theirs=None):
         rows.append(dict(function=function, output=output, ssmjax=ours, dynamax=theirs))
 
-    for parallel, name, dfilter, dsmooth in ((False, "hmm_filter / hmm_smoother", d_filter, d_smoother),
-                                             (True, "parallel=True", d_pfilter, d_psmoother)):
+    for parallel, name, dfilter, dsmooth in ((False, "hmm_smoother", d_filter, d_smoother),
+                                             (True, "hmm_smoother parallel", d_pfilter, d_psmoother)):
         f32, f64 = both(lambda p, t, l: ssmjax.hmm_smoother(p, t, l, parallel=parallel), pi, a, ll)
         d32, d64 = both(dsmooth, pi, a, ll) if dsmooth else (None, None)
         add(name, "filtered probs", err_prob(f32.filtered_probs, f64.filtered_probs),
@@ -112,9 +112,9 @@ def hmm_rows(num_timesteps):
     add("hmm_viterbi", "path (fraction differing)", err_path(v32, v64), dv and err_path(*dv))
     add("hmm_viterbi", "path log-probability (rel)", err_rel(m32, m64))
     g32, g64 = both(lambda p, t, l: ssmjax.hmm_fixed_lag_smoother(p, t, l, 10), pi, a, ll)
-    add("hmm_fixed_lag_smoother (lag 10)", "probs", err_prob(g32, g64))
+    add("hmm_fixed_lag_smoother lag 10", "probs", err_prob(g32, g64))
     h32, h64 = both(lambda p, t, l: ssmjax.hmm_predict(p, t, l, 20), pi, a, ll)
-    add("hmm_predict (20 steps)", "probs", err_prob(h32, h64))
+    add("hmm_predict 20 steps", "probs", err_prob(h32, h64))
     return rows
 
 
@@ -132,13 +132,13 @@ def lgssm_rows(num_timesteps):
             return None, None
         return both(lambda q, e: fn(dynamax_lgssm_params(q, e.dtype), e), p, y)
 
-    for initial_var, label in ((1.0, "P0 = I"), (1e7, "P0 = 1e7 I")):
+    for initial_var, label in ((1.0, "P0=I"), (1e7, "P0=1e7 I")):
         p, y = lgssm_problem(num_timesteps, initial_var)
         model = ssmjax.LGSSM(initial_mean=p["m0"], initial_cov=p["P0"], transition_matrix=p["A"],
                              transition_cov=p["Q"], emission_matrix=p["C"], emission_cov=p["R"])
         for method, parallel, dfn in (("standard", False, d_smoother), ("sqrt", False, None),
                                       ("standard", True, d_psmoother)):
-            name = f"rts_smoother, {label}, " + ("parallel" if parallel else f"method={method!r}")
+            name = f"rts_smoother {label} " + ("parallel" if parallel else method)
             f32, f64 = both(lambda m, e: ssmjax.rts_smoother(m, e, method=method, parallel=parallel), model, y)
             d32, d64 = dynamax(dfn, p, y)
             for field, dfield, what in (("filtered_means", "filtered_means", "filtered means"),
@@ -150,7 +150,7 @@ def lgssm_rows(num_timesteps):
                                  dynamax=d32 and err_rel(getattr(d32, dfield), getattr(d64, dfield))))
         if initial_var == 1.0:
             f32, f64 = both(lambda m, e: ssmjax.lgssm_forecast(m, e, 20), model, y)
-            rows.append(dict(function="lgssm_forecast (20 steps)", output="emission means",
+            rows.append(dict(function="lgssm_forecast 20 steps", output="emission means",
                              ssmjax=err_rel(f32.emission_means, f64.emission_means), dynamax=None))
             h32, h64 = both(lambda m, e: ssmjax.lgssm_posterior_entropy(ssmjax.rts_smoother(m, e)), model, y)
             rows.append(dict(function="lgssm_posterior_entropy", output="entropy (rel)", ssmjax=err_rel(h32, h64),
@@ -159,6 +159,14 @@ def lgssm_rows(num_timesteps):
             j32, j64 = both(lambda m, s, e: ssmjax.lgssm_log_joint(m, s, e), model, x, y)
             rows.append(dict(function="lgssm_log_joint", output="log density (rel)", ssmjax=err_rel(j32, j64),
                              dynamax=None))
+    p, y = lgssm_problem(num_timesteps, 1.0)
+    model = ssmjax.LGSSM(initial_mean=p["m0"], initial_cov=p["P0"], transition_matrix=p["A"], transition_cov=p["Q"],
+                         emission_matrix=p["C"], emission_cov=p["R"], diffuse=True)
+    f32, f64 = both(lambda m, e: ssmjax.rts_smoother(m, e), model, y)
+    for field, what in (("smoothed_means", "smoothed means"), ("smoothed_covs", "smoothed covs"),
+                        ("marginal_loglik", "log-likelihood (rel)")):
+        rows.append(dict(function="rts_smoother, exact diffuse prior", output=what,
+                         ssmjax=err_rel(getattr(f32, field), getattr(f64, field)), dynamax=None))
     return rows
 
 

@@ -40,7 +40,10 @@ def _header(d):
     versions = d.get("versions") or {}
     mach = ", ".join(str(machine[k]) for k in ("cpu", "processor", "device") if machine.get(k))
     cores = machine.get("cpu_count") or versions.get("cpu_count")
-    vers = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k not in ("platform", "processor", "cpu_count"))
+    skip = {"platform", "processor", "cpu_count", "ssmjax", "python"}
+    if versions.get("jaxlib") == versions.get("jax"):
+        skip.add("jaxlib")  # released together
+    vers = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k not in skip)
     return f"_Measured {d.get('date', '?')[:16]} on {mach or d.get('device', '?')} ({cores} cores); {vers}._"
 
 
@@ -90,10 +93,8 @@ def lgssm_table(d):
         "",
         _header(d),
         "",
-        "The model is time-invariant: from 3 states on ssmjax runs its steady-state path (at 2 states the "
-        "full recursion is faster and runs, so both columns time the same code there). \"full recursion\" "
-        "is ssmjax with that path switched off, as time-varying models, `method=\"sqrt\"` and sequences "
-        "that never settle run it.",
+        "Time-invariant model: the steady-state path from 3 states; \"full recursion\" = that path off, "
+        "as time-varying models and `method=\"sqrt\"` run.",
         "",
         "| (Dx, Dy) | task | ssmjax ms | compile s | dynamax ms | × dynamax | pykalman ms | × pykalman "
         "| full recursion ms | full × dynamax |",
@@ -125,10 +126,8 @@ def fit_table(d):
     if repeats > 1:
         lines += [
             "",
-            f"Median of {repeats} runs, each in a fresh process (`--repeats {repeats}`): a first call can be "
-            "timed once per process and this VM's speed drifts by up to 30% over minutes, so each run's "
-            "speed-ups are formed within the run (all libraries seconds apart) and listed; the speed-up "
-            "column is their median.",
+            f"{repeats} fresh-process runs; speed-ups are formed within each run (listed) and the column is "
+            "their median.",
         ]
     lines += [
         "",
@@ -263,6 +262,37 @@ def scaling_table(d):
     return "\n".join(lines)
 
 
+_SHORT = {"filtered probs": "filtered", "smoothed probs": "smoothed", "log-likelihood (rel)": "loglik",
+          "filtered means": "m filt.", "smoothed means": "m smooth.", "smoothed covs": "P smooth.",
+          "path (fraction differing)": "path", "path log-probability (rel)": "score", "two-slice probs": "probs",
+          "emission means": "means", "entropy (rel)": "entropy", "log density (rel)": "log density"}
+
+
+def float32_table(d):
+    lines = [
+        f"### float32 accuracy against float64 (`benchmarks/float32.py`), T = {d['settings']['timesteps']}",
+        "",
+        _header(d),
+        "",
+        "Largest error of float32 against float64: probabilities absolute, the rest relative to the largest "
+        "float64 entry, paths as the fraction of steps differing. HMM K = 16, LGSSM 4x2.",
+        "",
+        "| function | compared | ssmjax | dynamax |",
+        "|---|---|---|---|",
+    ]
+    groups = {}
+    for r in d["rows"]:
+        groups.setdefault(r["function"], []).append(r)
+    err = lambda v: "–" if v is None else ("NaN" if v != v else f"{v:.0e}")  # noqa: E731
+    previous = None
+    for function, rows in groups.items():
+        outputs = ", ".join(_SHORT.get(r["output"], r["output"]) for r in rows)
+        shown, previous = ("as above" if outputs == previous else outputs), outputs
+        lines.append(f"| {function} | {shown} | {' · '.join(err(r['ssmjax']) for r in rows)} | "
+                     f"{' · '.join(err(r['dynamax']) for r in rows)} |")
+    return "\n".join(lines)
+
+
 def batched_table(d, title):
     rows = d.get("results") or []
     if not rows:
@@ -274,14 +304,15 @@ def batched_table(d, title):
         "",
         _header(d),
         "",
-        "`jax.jit(jax.vmap(...))` over B sequences, float32, median ms; compile s = ssmjax / dynamax. LGSSM "
+        "`jax.jit(jax.vmap(...))` over B sequences of T = 1000 (unless said), float32, median ms; compile s = "
+        "ssmjax / dynamax. LGSSM "
         "`sequential` returns every field ((B, T, Dx, Dx) covariances written), `loglik + means` what training keeps."
         + (" Error = largest `||out - ref|| / ||ref||` over the first sequences against a float64 NumPy reference "
            "(log-likelihood; smoothed means and covariances, or smoothed probabilities)." if with_errors else ""),
         "",
-        "| model | task | variant | B | T | ssmjax ms | dynamax ms | × dynamax | compile s |"
+        "| model | task | variant | B | ssmjax ms | dynamax ms | × dynamax | compile s |"
         + (" error ssmjax / dynamax |" if with_errors else ""),
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_errors else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if with_errors else ""),
     ]
 
     def key(r):
@@ -298,7 +329,8 @@ def batched_table(d, title):
         p = peers.get(key(r))
         size, task, variant, batch, steps = key(r)
         cells = [
-            size, task, variant, str(batch), str(steps), _ms(r["median_s"]), _ms(p["median_s"] if p else None),
+            size, task, variant + ("" if steps == 1000 else f", T={steps}"), str(batch), _ms(r["median_s"]),
+            _ms(p["median_s"] if p else None),
             _ratio(p["median_s"] if p else None, r["median_s"]),
             f"{r['compile_s']:.1f} / " + (f"{p['compile_s']:.1f}" if p else "–"),
         ]
@@ -359,8 +391,8 @@ def render() -> str:
     parts = []
     for name, fn in (("hmm_inference.json", hmm_table), ("lgssm_inference.json", lgssm_table),
                      ("fit.json", fit_table), ("families.json", families_table),
-                     ("first_use.json", first_use_table), ("cli_cache.json", cli_cache_table),
-                     ("lgssm_em.json", lgssm_em_table), ("scaling.json", scaling_table),
+                     ("cli_cache.json", cli_cache_table),
+                     ("lgssm_em.json", lgssm_em_table), ("scaling.json", scaling_table), ("float32.json", float32_table),
                      ("batched_cpu.json", lambda d: batched_table(d, "CPU"))):
         d = _load(name)
         if d is not None:
@@ -372,9 +404,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--parallel", action="store_true", help="print the sequential vs parallel table (not in the README)")
+    parser.add_argument("--first-use", action="store_true", help="print the first-use table against a baseline commit")
     args = parser.parse_args()
     if args.parallel:
         print(parallel_table(_load("parallel.json")))
+        return
+    if args.first_use:
+        print(first_use_table(_load("first_use.json")))
         return
     text = render()
     if not args.write:

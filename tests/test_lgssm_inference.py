@@ -267,8 +267,12 @@ def test_sqrt_stays_accurate_in_float32_where_standard_breaks():
     )
     ref = ssmjax.rts_smoother(to_model(params), ys)
     y32 = jnp.asarray(ys, jnp.float32)
-    sq = ssmjax.rts_smoother(to_model(params, jnp.float32), y32, method="sqrt")
-    st = ssmjax.rts_smoother(to_model(params, jnp.float32), y32, method="standard")
+    # the emission noise is 1e-12 of the initial covariance: the strategy warns for both forms in float32
+    with pytest.warns(RuntimeWarning, match="the first steps' covariances"):
+        sq = ssmjax.rts_smoother(to_model(params, jnp.float32), y32, method="sqrt")
+    with pytest.warns(RuntimeWarning, match="the covariance form loses accuracy"):
+        st = ssmjax.rts_smoother(to_model(params, jnp.float32), y32, method="standard")
+    assert ssmjax.lgssm_strategy(to_model(params, jnp.float32), y32).form == "sqrt"  # what method="auto" takes
     for field in ("marginal_loglik", "filtered_means", "smoothed_means"):
         assert_allclose(getattr(sq, field), getattr(ref, field), dtype=np.float32, err_msg=field)
     filtered_scale = np.max(np.abs(np.asarray(ref.filtered_covs)), axis=(-1, -2))
@@ -487,7 +491,7 @@ def test_shape_errors_name_field_and_shapes():
     tv = ssmjax.LGSSM(**{**_base(), "transition_matrix": jnp.stack([jnp.eye(2)] * 3)})
     with pytest.raises(ValueError, match=r"`transition_matrix` is time-varying with 3 entries; expected T-1 = 4"):
         ssmjax.rts_smoother(tv, jnp.zeros((5, 1)))
-    with pytest.raises(ValueError, match="`method` must be 'standard' or 'sqrt'"):
+    with pytest.raises(ValueError, match="`method` must be 'auto', 'standard' or 'sqrt'"):
         ssmjax.kalman_filter(model, jnp.zeros((5, 1)), method="fast")
     with pytest.raises(ValueError, match=r"`length` must lie in \[1, 5\]"):
         ssmjax.kalman_filter(model, jnp.zeros((5, 1)), length=6)

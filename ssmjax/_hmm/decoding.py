@@ -42,18 +42,25 @@ def viterbi_program(
     a_xs = _transition_xs(log_trans)
     states = jnp.arange(num_states)
 
+    # The scores are carried relative to their maximum, which is kept apart and summed at the end:
+    # raw scores grow like t |ll| and, in float32, soon lose the O(1) differences the decisions need.
+    def _shifted(score):
+        top = jnp.max(score)
+        top = jnp.where(jnp.isfinite(top), top, 0.0)
+        return score - top, top
+
     def _forward_step(score_prev, x):
         ll, is_valid, log_a_t = x
         log_a = _pick(log_trans, log_a_t)
         cand = score_prev[:, None] + log_a  # (from i, to j)
         best_from = jnp.argmax(cand, axis=0)  # first maximum = lowest index
         score = jnp.max(cand, axis=0) + ll
-        score = jnp.where(is_valid, score, score_prev)
+        score, top = _shifted(jnp.where(is_valid, score, score_prev))
         best_from = jnp.where(is_valid, best_from, states)
-        return score, best_from.astype(jnp.int32)
+        return score, (best_from.astype(jnp.int32), top)
 
-    score0 = _safe_log(initial_probs) + masked_ll[0]
-    score_last, pointers = lax.scan(_forward_step, score0, (masked_ll[1:], valid[1:], a_xs))
+    score0, top0 = _shifted(_safe_log(initial_probs) + masked_ll[0])
+    score_last, (pointers, tops) = lax.scan(_forward_step, score0, (masked_ll[1:], valid[1:], a_xs))
     last_state = jnp.argmax(score_last).astype(jnp.int32)
 
     def _backtrack_step(state_next, pointer):
@@ -62,7 +69,7 @@ def viterbi_program(
 
     _, path = lax.scan(_backtrack_step, last_state, pointers, reverse=True)
     path = jnp.concatenate([path, last_state[None]])
-    return path, jnp.max(score_last)
+    return path, jnp.max(score_last) + top0 + jnp.sum(tops)
 
 
 @jax.jit

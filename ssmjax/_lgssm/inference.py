@@ -420,14 +420,14 @@ _sample_posterior_jit = jax.jit(_sample_posterior_impl, static_argnames=("ops",)
 # --------------------------------------------------------------------------- public API
 
 
-def _validate_and_choose(model, emissions, inputs, length, method, parallel, forced):
+def _validate_and_choose(model, emissions, inputs, length, method, parallel, forced, smoother=False):
     _check_method(method)
-    if parallel and method != "standard":
+    if parallel and method == "sqrt":
         raise ValueError(f"`parallel=True` supports method='standard' only; got method={method!r}.")
     model, y, u, length_arr = _validate(model, emissions, inputs, length)
     if forced is not None:
         return model, y, u, length_arr, strategy.check_forced(forced, model, y, length_arr)
-    return model, y, u, length_arr, strategy.select_strategy(model, y, length_arr, method, parallel)
+    return model, y, u, length_arr, strategy.select_strategy(model, y, length_arr, method, parallel, smoother)
 
 
 def _dispatch(smoother, chosen, model, y, u, length):
@@ -477,12 +477,12 @@ _loglik_diffuse_jit = jax.jit(_loglik_diffuse_impl, static_argnames=_SERIAL)
 def marginal_loglik(model, emissions, *, inputs=None, length=None) -> Array:
     """``log p(y_{1:T})`` of one sequence: the Kalman filter's, or the exact diffuse log-likelihood
     (:mod:`ssmjax._lgssm.diffuse`) when the model has diffuse components."""
-    model, y, u, length_arr, chosen = _validate_and_choose(model, emissions, inputs, length, "standard", False, None)
+    model, y, u, length_arr, chosen = _validate_and_choose(model, emissions, inputs, length, "auto", False, None)
     out = _dispatch(False, chosen, model, y, u, length_arr)
     return out if getattr(model, "diffuse", ()) else out.marginal_loglik
 
 
-def lgssm_strategy(model, emissions, *, inputs=None, length=None, method="standard", parallel=False) -> KalmanStrategy:
+def lgssm_strategy(model, emissions, *, inputs=None, length=None, method="auto", parallel=False) -> KalmanStrategy:
     r"""The path that :func:`kalman_filter` and :func:`rts_smoother` take for these arguments, and why.
 
     The choice is made in one place (:mod:`ssmjax._lgssm.strategy`) from shapes, options and,
@@ -517,7 +517,7 @@ def _ops_for(model):
 
 
 def kalman_filter(
-    model, emissions, *, inputs=None, length=None, method="standard", parallel=False, strategy=None
+    model, emissions, *, inputs=None, length=None, method="auto", parallel=False, strategy=None
 ) -> KalmanFilterResult:
     r"""Kalman filter: filtered and one-step predicted moments and :math:`\log p(y_{1:T})`.
 
@@ -540,12 +540,15 @@ def kalman_filter(
         emissions: (T, Dy); NaN entries are missing.
         inputs: (T, Du), required exactly when the model has input matrices.
         length: number of real steps (see :mod:`ssmjax._types`); steps ``>= length`` are padding.
-        method: ``"standard"`` (covariance form; small dimensions take an unrolled,
-            elementwise fast path automatically, and time-invariant models on long
-            sequences compute the covariances only until they settle, see
-            :mod:`ssmjax._lgssm.steady`) or ``"sqrt"`` (Cholesky factors propagated
-            by QR; slower, stays accurate in float32 when the covariance form loses
-            positive-definiteness, e.g. near-singular emission noise).
+        method: ``"auto"`` (the default: ``"standard"``, or ``"sqrt"`` for a float32 model
+            whose initial covariance dwarfs the emission noise, where the covariance form
+            loses accuracy; see :func:`lgssm_strategy`), ``"standard"`` (covariance form;
+            small dimensions take an unrolled, elementwise fast path automatically, and
+            time-invariant models on long sequences compute the covariances only until
+            they settle, see :mod:`ssmjax._lgssm.steady`) or ``"sqrt"`` (Cholesky factors
+            propagated by QR; slower, stays accurate in float32 when the covariance form
+            loses positive-definiteness, e.g. near-singular emission noise or a
+            near-diffuse prior).
 
         parallel: ``True`` runs the parallel-in-time version (``lax.associative_scan``,
             O(log T) depth; :mod:`ssmjax._lgssm.parallel`) with ``method="standard"``; same
@@ -578,7 +581,7 @@ def kalman_filter(
 
 
 def rts_smoother(
-    model, emissions, *, inputs=None, length=None, method="standard", parallel=False, strategy=None
+    model, emissions, *, inputs=None, length=None, method="auto", parallel=False, strategy=None
 ) -> RTSSmootherResult:
     r"""Rauch-Tung-Striebel smoother: posterior marginals and lag-one cross-covariances.
 
@@ -623,7 +626,8 @@ def rts_smoother(
         >>> post.smoothed_cross_covs.shape
         (2, 1, 1)
     """
-    model, y, u, length_arr, chosen = _validate_and_choose(model, emissions, inputs, length, method, parallel, strategy)
+    model, y, u, length_arr, chosen = _validate_and_choose(model, emissions, inputs, length, method, parallel, strategy,
+                                                           smoother=True)
     return _dispatch(True, chosen, model, y, u, length_arr)
 
 

@@ -227,11 +227,11 @@ class LGSSM(AbstractLGSSM):
         log-likelihood when the model has ``diffuse`` components."""
         return marginal_loglik(self, emissions, inputs=inputs, length=length)
 
-    def filter(self, emissions, *, inputs=None, length=None, method="standard"):
+    def filter(self, emissions, *, inputs=None, length=None, method="auto"):
         """Kalman filter of one sequence; see :func:`ssmjax.kalman_filter`."""
         return kalman_filter(self, emissions, inputs=inputs, length=length, method=method)
 
-    def smoother(self, emissions, *, inputs=None, length=None, method="standard"):
+    def smoother(self, emissions, *, inputs=None, length=None, method="auto"):
         """RTS smoother of one sequence; see :func:`ssmjax.rts_smoother`."""
         return rts_smoother(self, emissions, inputs=inputs, length=length, method=method)
 

@@ -35,6 +35,8 @@ fallback, so that a program holds two copies of the recursion, not four.
 
 from __future__ import annotations
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,12 @@ TRANSIENT_STEPS = 512
 # (2, 1) full 0.20 / 0.88 ms against 0.49 / 1.07 ms; (3, 1) full 1.44 / 13.98 ms against
 # 0.46 / 1.33 ms).
 MIN_STATE_DIM = 3
+
+# Ratios of the initial covariance to the emission noise (their largest eigenvalues) from
+# which float32 needs the square-root form, and from which even that loses the first smoothed
+# covariances (see choose_form).
+ROBUST_PRIOR_RATIO = 100.0
+DIFFUSE_PRIOR_RATIO = 1e4
 
 
 class KalmanStrategy(eqx.Module):
@@ -107,12 +115,54 @@ def steady_state_applies(model, num_timesteps: int, method: str, transient_steps
     )
 
 
-def select_strategy(model, emissions, length, method: str, parallel: bool) -> KalmanStrategy:
+def prior_to_noise_ratio(model) -> "float | None":
+    r""":math:`\lambda_{\max}(P_0) / \lambda_{\max}(R)`, how far the initial covariance dwarfs the emission
+    noise, of a concrete model held in single (or lower) precision; ``None`` for float64 or traced
+    models, whose form is not chosen by it."""
+    p0, r = model.initial_cov, model.emission_cov
+    if jnp.finfo(p0.dtype).bits > 32 or isinstance(p0, jax.core.Tracer) or isinstance(r, jax.core.Tracer):
+        return None
+    p0, r = np.asarray(p0, np.float64), np.asarray(r, np.float64)
+    return float(np.linalg.eigvalsh(p0)[-1] / np.max(np.linalg.eigvalsh(r)))
+
+
+def choose_form(model, method: str, parallel: bool, smoother: bool) -> tuple[str, str]:
+    """``(form, reason)``: ``method="auto"`` takes the square-root form for a float32 model whose
+    initial covariance is :data:`ROBUST_PRIOR_RATIO` times its emission noise or more. The
+    covariance form loses accuracy there: measured (``benchmarks/float32.py``, Dx = 4, T = 10^3),
+    smoothed covariances off by 5.5e-4 at a ratio of 200 and 3.6e-2 at 2000, against 6.5e-6 and
+    1.4e-4 in the square-root form. Where the form cannot follow (``parallel=True``, an explicit
+    ``method="standard"``), or where even the square-root smoother loses the first steps'
+    covariances (a ratio of :data:`DIFFUSE_PRIOR_RATIO` or more), a warning says so."""
+    ratio = prior_to_noise_ratio(model)
+    risky = ratio is not None and ratio >= ROBUST_PRIOR_RATIO
+    if method == "auto":
+        method = "sqrt" if risky and not parallel else "standard"
+        why = (f"method='auto', float32 with initial_cov {ratio:.2g} times the emission noise" if method == "sqrt"
+               else "method='auto'")
+    else:
+        why = f"method={method!r}"
+    form = "sqrt" if method == "sqrt" else "covariance"
+    if risky and form == "covariance":
+        warnings.warn(
+            f"float32 model with an initial covariance {ratio:.2g} times its emission noise: the covariance "
+            f"form{' of the parallel schedule' if parallel else ''} loses accuracy here (smoothed covariances "
+            "first). Use method='sqrt' on the sequential schedule, or float64.", RuntimeWarning, stacklevel=5)
+    elif smoother and ratio is not None and ratio >= DIFFUSE_PRIOR_RATIO:
+        warnings.warn(
+            f"float32 model with an initial covariance {ratio:.2g} times its emission noise: even the square-root "
+            "smoother loses accuracy in the first steps' covariances. Use float64 (or, for a prior meant to be "
+            "flat, an exact diffuse one: LGSSM(..., diffuse=True)).", RuntimeWarning, stacklevel=5)
+    return form, f"form {form!r}: {why}"
+
+
+def select_strategy(model, emissions, length, method: str, parallel: bool, smoother: bool = False) -> KalmanStrategy:
     """The strategy of a call with validated arguments (see the module doc)."""
     dx, dy = model.emission_matrix.shape[-1], model.emission_matrix.shape[-2]
     num_timesteps = emissions.shape[0]
-    form = "sqrt" if method == "sqrt" else "covariance"
-    reasons = [f"form {form!r}: method={method!r}"]
+    form, why = choose_form(model, method, parallel, smoother)
+    method = "sqrt" if form == "sqrt" else "standard"
+    reasons = [why]
     ops = choose_ops(dx, dy).name
     reasons.append(
         f"ops {ops!r}: (Dx, Dy) = ({dx}, {dy}) "

@@ -92,5 +92,5 @@ def _value_check_model(model, num_timesteps, length_arr):
 
 
 def _check_method(method):
-    if method not in ("standard", "sqrt"):
-        raise ValueError(f"`method` must be 'standard' or 'sqrt'; got {method!r}.")
+    if method not in ("auto", "standard", "sqrt"):
+        raise ValueError(f"`method` must be 'auto', 'standard' or 'sqrt'; got {method!r}.")
