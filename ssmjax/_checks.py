@@ -315,11 +315,15 @@ def check_values(x, bad: "jax.Array | np.ndarray | np.generic | bool", message: 
         return x
     traced = _is_traced(bad) or any(_is_traced(leaf) for leaf in jax.tree_util.tree_leaves(x))
     if positions is not None:
-        first = jnp.argmax(jnp.ravel(bad)).astype(jnp.int32)
+        # one fused min-reduction gives both the flag and the first position (an argmax costs more)
+        size = len(positions)
+        first = jnp.min(jnp.where(jnp.ravel(bad), jnp.arange(size, dtype=jnp.int32), size))
         if traced:
-            return eqx.branched_error_if(x, jnp.any(bad), first, positions)
-        if bool(np.asarray(jnp.any(bad))):  # a device array: replicated answers, readable by every process
-            raise ValueError(positions[int(np.asarray(first))])
+            # a clean member of a vmapped batch points at 0: equinox reports the largest index of the batch
+            return eqx.branched_error_if(x, first < size, jnp.where(first < size, first, 0), positions)
+        first = int(np.asarray(first))  # a device array: replicated, readable by every process
+        if first < size:
+            raise ValueError(positions[first])
         return x
     bad = jnp.any(bad)
     if traced:
