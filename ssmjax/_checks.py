@@ -292,6 +292,24 @@ class _FirstPosition(Sequence[str]):
         return hash((self.message, self.name, self.shape))
 
 
+def _first(flags):
+    """The first true index of a 1-d ``flags``, or its length: one fused min-reduction."""
+    size = flags.shape[0]
+    return jnp.min(jnp.where(flags, jnp.arange(size, dtype=jnp.int32), size))
+
+
+def _first_flagged(bad):
+    """The flat index of the first true entry of ``bad``, or ``bad.size``: the first flagged row
+    over a (T,)-sized reduction, then the entry within that row. No (T, ...)-sized index array
+    is formed, so the check adds no buffer to programs that hold ``bad``'s source."""
+    if bad.ndim == 1:
+        return _first(bad)
+    rows = bad.reshape(bad.shape[0], -1)
+    row = _first(jnp.any(rows, axis=1))
+    within = _first(jax.lax.dynamic_index_in_dim(rows, jnp.minimum(row, rows.shape[0] - 1), keepdims=False))
+    return row * rows.shape[1] + within
+
+
 def check_values(x, bad: "jax.Array | np.ndarray | np.generic | bool", message: str, *, at: str | None = None):
     """Return ``x`` guarded by the value check ``bad`` (a boolean scalar or array).
 
@@ -315,9 +333,8 @@ def check_values(x, bad: "jax.Array | np.ndarray | np.generic | bool", message: 
         return x
     traced = _is_traced(bad) or any(_is_traced(leaf) for leaf in jax.tree_util.tree_leaves(x))
     if positions is not None:
-        # one fused min-reduction gives both the flag and the first position (an argmax costs more)
+        first = _first_flagged(bad)
         size = len(positions)
-        first = jnp.min(jnp.where(jnp.ravel(bad), jnp.arange(size, dtype=jnp.int32), size))
         if traced:
             # a clean member of a vmapped batch points at 0: equinox reports the largest index of the batch
             return eqx.branched_error_if(x, first < size, jnp.where(first < size, first, 0), positions)

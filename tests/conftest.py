@@ -68,6 +68,8 @@ _LONGEST_FILES_FIRST = (
     "test_lgssm_parallel.py",
     "test_lgssm_steady.py",
     "test_multiprocess.py",
+    "test_extremes.py",
+    "test_checkpoint.py",
     "test_kvae.py",
     "test_lgssm_fit.py",
     "test_lgssm_inference.py",

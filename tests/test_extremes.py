@@ -4,7 +4,8 @@
 Thrown at every inference function: log-likelihoods near the float32 limits (K up to 64,
 T up to 10^5), covariances with condition numbers up to 1e7 in both Kalman forms, sequences
 of length 1, all-missing sequences, and near-diffuse priors (where the strategy selection
-takes the square-root form, or warns).
+takes the square-root form, or warns). Also EM and SGD on data scaled by 1e-6 .. 1e6, Markov
+chains of 10^5 steps, and emission families at extreme parameters and values.
 """
 
 from __future__ import annotations
@@ -218,3 +219,75 @@ def test_all_missing_sequences_give_the_prior():
     batch[1] = np.nan  # one sequence entirely missing inside a fitted batch
     fitted, lls, _ = ssmjax.fit_em(hmm, batch, max_iters=5)
     assert _finite(lls) and _finite(fitted.emissions.means)
+
+
+# --------------------------------------------------------------------------- fitting, chains, emission families
+
+
+@settings(SETTINGS, max_examples=4)
+@given(log_scale=st.floats(-6, 6), seed=st.integers(0, 2**16))
+def test_fits_on_data_of_extreme_scale_stay_finite_in_float32(log_scale, seed):
+    """EM and SGD on data scaled by 1e-6 .. 1e6, float32: finite, and EM never decreases (or says so)."""
+    scale = 10.0**log_scale
+    rng = np.random.default_rng(seed)
+    y = scale * (rng.standard_normal((4, 60, 1)) + np.where(rng.random((4, 60, 1)) < 0.5, -2.0, 2.0))
+    with jax.enable_x64(False):
+        hmm = ssmjax.HMM(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.1, 0.9]]),
+                         ssmjax.GaussianEmissions(jnp.array([[-scale], [scale]]), jnp.ones((2, 1, 1)) * scale**2))
+        lgssm = ssmjax.LGSSM(initial_mean=jnp.zeros(1), initial_cov=jnp.eye(1) * scale**2,
+                             transition_matrix=0.9 * jnp.eye(1), transition_cov=jnp.eye(1) * scale**2,
+                             emission_matrix=jnp.eye(1), emission_cov=jnp.eye(1) * scale**2)
+        data = jnp.asarray(y, jnp.float32)
+        for model in (hmm, lgssm):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fitted, lls, info = ssmjax.fit_em(model, data, max_iters=15)
+            assert _finite(lls) and _finite(fitted)
+            if info.status not in ("decreased", "not_finite"):
+                assert np.all(np.diff(np.asarray(lls)) >= -1e-5 * np.abs(np.asarray(lls[:-1]))), type(model)
+            else:  # the guard stopped the loop, and said so
+                assert any("fit_em stopped" in str(w.message) for w in caught)
+            fitted, losses = ssmjax.fit_sgd(model, data, optax_adam(), num_steps=10)
+            assert _finite(fitted) and np.isfinite(np.asarray(losses)[-1])
+
+
+def optax_adam():
+    import optax
+
+    return optax.adam(0.05)
+
+
+def test_markov_chain_long_sequences_in_float32():
+    rng = np.random.default_rng(0)
+    states = rng.integers(0, 5, size=(3, 100_000))
+    fitted = ssmjax.MarkovChain.fit(states)
+    high = fitted.marginal_loglik(states[0])
+    low = in_float32(lambda s: ssmjax.MarkovChain.fit(s).marginal_loglik(s[0]), states)
+    assert np.isfinite(low) and rel_err(low, high) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["poisson", "gaussian", "categorical", "bernoulli", "gamma"])
+def test_emission_families_at_extreme_values_in_float32(family):
+    """Log-likelihoods of extreme but valid emissions: finite, and within float32 accuracy of float64."""
+    rng = np.random.default_rng(0)
+    if family == "poisson":
+        model = ssmjax.PoissonEmissions(rates=np.array([[1e-3], [1e8]]))
+        y = np.array([[0.0], [1e9], [3.0], [1e8]])
+    elif family == "gaussian":
+        model = ssmjax.GaussianEmissions(np.array([[0.0, 0.0], [1e15, -1e15]]),
+                                         np.stack([np.diag([1e-6, 1e-6]), np.diag([1e28, 1e28])]))
+        y = np.array([[1e-3, -1e-3], [1e15, -1e15], [3e15, 0.0]])
+    elif family == "categorical":
+        model = ssmjax.CategoricalEmissions(probs=np.array([[1 - 63e-9] + [1e-9] * 63, [1 / 64] * 64]))
+        y = np.array([0, 5, 63])
+    elif family == "bernoulli":
+        model = ssmjax.BernoulliEmissions(probs=np.array([[1e-7, 1 - 1e-7], [0.5, 0.5]]))
+        y = np.array([[1.0, 0.0], [0.0, 1.0]])
+    else:
+        model = ssmjax.GammaEmissions(shapes=np.array([[1e-3], [1e4]]), rates=np.array([[1e-3], [1e2]]))
+        y = np.array([[1e-30], [1e30], [100.0]])
+    del rng
+    high = model.log_likelihoods(y)
+    low = in_float32(lambda m, e: m.log_likelihoods(e), model, y)
+    assert _finite(high) and _finite(low), family
+    assert rel_err(low, high) <= 1e-5, family
