@@ -22,7 +22,7 @@ import optax  # noqa: E402
 
 import ssmjax  # noqa: E402
 
-EM_ITERS, SGD_STEPS = 150, 200
+EM_ITERS, SGD_STEPS = 100, 120
 
 rng = np.random.default_rng(0)
 series = np.cumsum(rng.standard_normal((8, 100, 2)), axis=1)

@@ -54,7 +54,7 @@ def result(tmp_path_factory):
     return json.loads((folder / "result.json").read_text())
 
 
-@pytest.mark.parametrize("kind,total", [("em", 150), ("sgd", 200)])
+@pytest.mark.parametrize("kind,total", [("em", 100), ("sgd", 120)])
 def test_killed_fit_resumes_to_the_uninterrupted_result(result, kind, total):
     assert 10 <= result[f"{kind}_killed_at"] < total  # killed mid-run
     resumed, uninterrupted = result[f"{kind}_resumed"], result[f"{kind}_uninterrupted"]

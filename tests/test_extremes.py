@@ -95,7 +95,7 @@ def test_hmm_log_likelihoods_near_the_float32_limits(num_states, log_scale, offs
 
 def test_hmm_k64_t1e5_in_float32():
     pi, a, ll = _hmm_problem(64, 100_000, 1e33, 0.0, 0)
-    for name in ("filter", "smoother", "viterbi"):
+    for name in ("filter", "viterbi"):  # the smoother at K = 64: the hypothesis test above
         fn = HMM_FUNCTIONS[name]
         low, high = in_float32(fn, pi, a, ll), fn(pi, a, ll)
         assert _finite(low)
