@@ -32,6 +32,21 @@ def write_record(path, record: dict) -> None:
     print(f"wrote {out}")
 
 
+def record(packages, settings: dict, rows: list, **machine) -> dict:
+    """A benchmark's JSON record: date, this machine (plus ``machine`` fields), the versions of
+    ``packages``, the settings and the result rows."""
+    import os
+    import time
+
+    return dict(
+        date=time.strftime("%Y-%m-%dT%H:%M"),
+        machine=dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(), **machine),
+        versions=installed_versions(packages),
+        settings=settings,
+        rows=rows,
+    )
+
+
 def dynamax_lgssm_params(p: dict, dtype=None):
     """dynamax's ``ParamsLGSSM`` for the benchmark problems' ``dict(m0, P0, A, Q, C, R)`` (no inputs or biases;
     their zeros in ``dtype``, float32 by default)."""

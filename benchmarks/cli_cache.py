@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -62,15 +61,10 @@ def main():
         rows.append(row)
         print(row, flush=True)
     sys.path.insert(0, HERE)
-    from _common import installed_versions, write_record
+    from _common import record, write_record
 
-    write_record(args.out, dict(
-        date=time.strftime("%Y-%m-%dT%H:%M"),
-        machine=dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count()),
-        versions=installed_versions(("jax", "jaxlib", "equinox", "numpy")),
-        settings=dict(repeats=args.repeats, fit_rows=300),
-        rows=rows,
-    ))
+    write_record(args.out, record(("jax", "jaxlib", "equinox", "numpy"), dict(repeats=args.repeats, fit_rows=300),
+                                  rows))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -190,15 +189,10 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not args.quick:
-        from _common import installed_versions, write_record
+        from _common import record, write_record
 
-        write_record(args.out, dict(
-            date=time.strftime("%Y-%m-%dT%H:%M"),
-            machine=dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count()),
-            versions=installed_versions(("jax", "jaxlib", "equinox", "numpy", "dynamax", "hmmlearn")),
-            settings=dict(K=K, B=num_seq, T=num_timesteps, iters=num_iters),
-            rows=rows,
-        ))
+        write_record(args.out, record(("jax", "jaxlib", "equinox", "numpy", "dynamax", "hmmlearn"),
+                                      dict(K=K, B=num_seq, T=num_timesteps, iters=num_iters), rows))
 
 if __name__ == "__main__":
     main()

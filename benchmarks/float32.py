@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 
@@ -176,21 +175,14 @@ def main():
     parser.add_argument("--out", default=os.path.join(HERE, "results", "float32.json"))
     args = parser.parse_args()
     sys.path.insert(0, HERE)
-    from _common import installed_versions, write_record
+    from _common import record, write_record
 
     rows = hmm_rows(args.timesteps) + lgssm_rows(args.timesteps)
     for r in rows:
         print(r)
-    import platform
 
-    write_record(args.out, dict(
-        date=time.strftime("%Y-%m-%dT%H:%M"),
-        machine=dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-                     device=str(jax.devices()[0])),
-        versions=installed_versions(("jax", "jaxlib", "equinox", "numpy", "dynamax")),
-        settings=dict(timesteps=args.timesteps),
-        rows=rows,
-    ))
+    write_record(args.out, record(("jax", "jaxlib", "equinox", "numpy", "dynamax"), dict(timesteps=args.timesteps),
+                                  rows, device=str(jax.devices()[0])))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -96,7 +95,7 @@ def main():
         worker(out, int(processes), int(devices), int(process_id), address, args.share, args.iters, args.repeats)
         return
     sys.path.insert(0, HERE)
-    from _common import installed_versions, write_record
+    from _common import record, write_record
 
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     rows = []
@@ -111,13 +110,8 @@ def main():
         with open(out) as f:
             rows.append(json.load(f))
         print(json.dumps(rows[-1]))
-    write_record(args.out, dict(
-        date=time.strftime("%Y-%m-%dT%H:%M"),
-        machine=dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count()),
-        versions=installed_versions(("jax", "jaxlib", "equinox", "numpy")),
-        settings=dict(share=args.share, iters=args.iters, timesteps=200, repeats=args.repeats),
-        rows=rows,
-    ))
+    write_record(args.out, record(("jax", "jaxlib", "equinox", "numpy"),
+                                  dict(share=args.share, iters=args.iters, timesteps=200, repeats=args.repeats), rows))
 
 
 if __name__ == "__main__":

@@ -350,13 +350,18 @@ def check_values(x, bad: "jax.Array | np.ndarray | np.generic | bool", message: 
     return x
 
 
+def at_real_steps(bad, mask):
+    """Value flags ``bad`` kept at real steps only (``mask`` over its leading axes; None: every step)."""
+    if mask is None:
+        return bad
+    return bad & mask.reshape(mask.shape + (1,) * (bad.ndim - mask.ndim))
+
+
 def check_finite(name: str, x, mask=None, *, missing: bool = False):
     """``x`` guarded against non-finite entries at real steps (``mask`` over its leading axes;
     None: every step). ``missing=True``: NaN marks a missing entry, only ±inf is refused."""
     xp, values, mask = host_arrays(x, mask)
-    bad = xp.isinf(values) if missing else ~xp.isfinite(values)
-    if mask is not None:
-        bad = bad & mask.reshape(mask.shape + (1,) * (bad.ndim - mask.ndim))
+    bad = at_real_steps(xp.isinf(values) if missing else ~xp.isfinite(values), mask)
     what = "must not hold ±inf (NaN marks a missing entry)" if missing else "must be finite"
     return check_values(x, bad, f"`{name}` {what}.", at=name)
 

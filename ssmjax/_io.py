@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import re
 import os
+import re
 import sys
 import tempfile
 import warnings

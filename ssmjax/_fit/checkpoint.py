@@ -58,9 +58,13 @@ def leaf_sums(tree) -> list:
     return [float(np.sum(np.asarray(x, dtype=np.float64))) for x in leaves]
 
 
-def settings(kind: str, model, data: dict, **options) -> dict:
-    """The JSON form of what a checkpoint must match to be resumed."""
-    return json.loads(json.dumps({"kind": kind, "model": _io._describe(model), "data": data, **options}))
+def settings(kind: str, model, batch, prior, **options) -> dict:
+    """The JSON form of what a checkpoint must match to be resumed: the starting model (structure
+    and values), the batch ``(emissions, lengths, inputs)``, the prior and the fit's options."""
+    return json.loads(json.dumps({
+        "kind": kind, "model": _io._describe(model), "start": leaf_sums(model), "data": fingerprint(*batch),
+        "prior": None if prior is None else leaf_sums(prior), **options,
+    }))
 
 
 def _same(saved, now) -> bool:

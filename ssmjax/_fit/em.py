@@ -335,11 +335,8 @@ def fit_em(
     fast = bool(getattr(model, "_has_fast_e_step", False))
     carry = _initial_carry(model, max_iters)
     if checkpoint is not None:
-        expected = _checkpoint.settings(
-            "fit_em", model, _checkpoint.fingerprint(emissions, lengths, inputs), start=_checkpoint.leaf_sums(model),
-            max_iters=max_iters, tol=float(tol), frozen=sorted(frozen),
-            prior=None if prior is None else _checkpoint.leaf_sums(prior),
-        )
+        expected = _checkpoint.settings("fit_em", model, (emissions, lengths, inputs), prior,
+                                        max_iters=max_iters, tol=float(tol), frozen=sorted(frozen))
         saved = _checkpoint.read(checkpoint, expected, carry)
         if saved is not None:
             carry, header = saved

@@ -176,12 +176,9 @@ def fit_sgd(
     losses = np.full((num_steps,), np.nan, np.dtype(jnp.result_type(float)))
     done, skipped, opt_state = 0, 0, None
     if checkpoint is not None:
-        expected = _checkpoint.settings(
-            "fit_sgd", model, _checkpoint.fingerprint(emissions, lengths, inputs), start=_checkpoint.leaf_sums(model),
-            num_steps=num_steps, batch_size=int(batch_size), frozen=sorted(frozen),
-            key=np.asarray(jax.random.key_data(key)).tolist(),
-            prior=None if prior is None else _checkpoint.leaf_sums(prior),
-        )
+        expected = _checkpoint.settings("fit_sgd", model, (emissions, lengths, inputs), prior,
+                                        num_steps=num_steps, batch_size=int(batch_size), frozen=sorted(frozen),
+                                        key=np.asarray(jax.random.key_data(key)).tolist())
         like = {"trainable": trainable, "opt_state": jax.eval_shape(optimizer.init, trainable),
                 "losses": losses, "done": np.int32(0), "skipped": np.int32(0)}
         saved = _checkpoint.read(checkpoint, expected, like)
@@ -204,9 +201,9 @@ def fit_sgd(
                          "done": np.int32(done), "skipped": np.int32(skipped)}
                 _checkpoint.write(checkpoint, expected, state, iteration=done)
     losses = to_device(losses)
-    if int(skipped):
+    if skipped:
         warnings.warn(
-            f"fit_sgd skipped {int(skipped)} of {num_steps} steps whose loss or gradient was not finite.",
+            f"fit_sgd skipped {skipped} of {num_steps} steps whose loss or gradient was not finite.",
             RuntimeWarning,
             stacklevel=2,
         )

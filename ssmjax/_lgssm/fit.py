@@ -107,7 +107,7 @@ def _check_model_values(model, num_timesteps):
     """
     if not _checks.value_checks_enabled() or _clearly_valid_covs(model):
         return
-    _value_check_model(model, num_timesteps, None)
+    _value_check_model(model)
 
 
 def e_step(model, emissions, length, inputs):

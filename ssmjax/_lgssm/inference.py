@@ -740,7 +740,7 @@ def lgssm_sample(model, num_timesteps, *, inputs=None, key: PRNGKeyArray) -> tup
     _check_time_sizes(time_sizes, num_timesteps)
     _, _, du = model_dims(model)
     u = _validate_inputs(model, inputs, num_timesteps, du, "inputs")
-    model = _value_check_model(model, num_timesteps, None)
+    model = _value_check_model(model)
     return _sample_jit(key, model, u, num_timesteps=num_timesteps)
 
 

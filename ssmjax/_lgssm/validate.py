@@ -4,7 +4,6 @@ and covariances (value checks, also under ``jax.jit``)."""
 from __future__ import annotations
 
 import equinox as eqx
-import jax.numpy as jnp
 
 from .._checks import as_float_array, check_finite, check_length, check_psd, check_shape, host_arrays
 from .params import AbstractLGSSM, model_dims, validate_shapes
@@ -26,16 +25,14 @@ def _validate(model, emissions, inputs, length, *, need_inputs_name="inputs"):
     _check_time_sizes(time_sizes, num_timesteps)
     u = _validate_inputs(model, inputs, num_timesteps, du, "inputs")
     length_arr = check_length(length, num_timesteps)
-    real = None if length_arr is None else _real_steps(num_timesteps, length_arr)
+    real = None
+    if length_arr is not None:
+        xp, length_host = host_arrays(length_arr)
+        real = xp.arange(num_timesteps) < length_host
     y = check_finite("emissions", y, real, missing=True)
     u = None if u is None else check_finite("inputs", u, real)
-    model = _value_check_model(model, num_timesteps, length_arr)
+    model = _value_check_model(model, real)
     return model, y, u, length_arr
-
-
-def _real_steps(num_timesteps, length_arr):
-    xp, length_arr = host_arrays(length_arr)
-    return xp.arange(num_timesteps) < length_arr
 
 
 def _check_time_sizes(time_sizes, num_timesteps):
@@ -73,14 +70,9 @@ def _validate_inputs(model, inputs, num_timesteps, du, name):
     return u
 
 
-def _value_check_model(model, num_timesteps, length_arr):
-    valid = None
-    valid_next = None
-    if length_arr is not None:
-        xp, length_arr = host_arrays(length_arr)
-        steps = xp.arange(num_timesteps)
-        valid = steps < length_arr
-        valid_next = (steps[: num_timesteps - 1] + 1) < length_arr
+def _value_check_model(model, real=None):
+    """The covariances checked; ``real`` (T,) marks the real steps (None: every step)."""
+    valid, valid_next = real, None if real is None else real[1:]
     initial_cov = check_psd("initial_cov", model.initial_cov, valid=None, semidefinite=False)
     transition_cov = check_psd("transition_cov", model.transition_cov, valid=valid_next, semidefinite=True)
     emission_cov = check_psd("emission_cov", model.emission_cov, valid=valid, semidefinite=False)

@@ -178,11 +178,7 @@ def _free_simplex_entries(logits) -> int:
     return int(np.maximum(finite - 1, 0).sum())
 
 
-def _at_real_steps(bad, mask):
-    """``bad`` value flags kept at real steps only (``mask`` ``(N,)`` over the leading axis; None: every step)."""
-    if mask is None:
-        return bad
-    return bad & mask.reshape(mask.shape + (1,) * (bad.ndim - mask.ndim))
+_at_real_steps = _checks.at_real_steps
 
 
 def _checked_indices(emissions, mask, size: int, what: str, message: str, minus_one_unknown: bool = False):
