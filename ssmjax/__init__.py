@@ -73,6 +73,7 @@ from ._hmm.emissions import PoissonRegressionEmissions as PoissonRegressionEmiss
 from ._hmm.emissions import BernoulliRegressionEmissions as BernoulliRegressionEmissions
 from ._hmm.emissions import ProductEmissions as ProductEmissions
 from ._hmm.emissions import SphericalGaussianEmissions as SphericalGaussianEmissions
+from ._hmm.emissions import StudentTEmissions as StudentTEmissions
 from ._hmm.emissions import TiedGaussianEmissions as TiedGaussianEmissions
 from ._markov import MarkovChain as MarkovChain
 from ._markov import markov_transition_counts as markov_transition_counts

@@ -11,6 +11,7 @@ instantiated.
 
 from __future__ import annotations
 
+import typing
 import dataclasses
 import importlib
 import json
@@ -116,7 +117,8 @@ def _build(desc, allowed):
     return obj
 
 
-def save(path, model, *, metadata: dict | None = None) -> None:
+@typing.no_type_check
+def save(path: str | os.PathLike, model: eqx.Module, *, metadata: dict | None = None) -> None:
     """Save any ssmjax model (HMM, LGSSM, MarkovChain, emission models) to ``path``.
 
     The write is atomic: the file appears complete or not at all.
@@ -186,8 +188,18 @@ def read_header(f, path, magic: str = _MAGIC, what: str = "model file") -> dict:
     return header
 
 
-def load_metadata(path) -> dict:
-    """The ``metadata`` dict saved with a model by :func:`save` (empty if none was given)."""
+@typing.no_type_check
+def load_metadata(path: str | os.PathLike) -> dict:
+    """The ``metadata`` dict saved with a model by :func:`save` (empty if none was given).
+
+    Example:
+        >>> import jax.numpy as jnp, ssmjax, tempfile, os
+        >>> chain = ssmjax.MarkovChain(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.2, 0.8]]))
+        >>> path = os.path.join(tempfile.mkdtemp(), "chain.eqx")
+        >>> ssmjax.save(path, chain, metadata={"source": "weather"})
+        >>> ssmjax.load_metadata(path)
+        {'source': 'weather'}
+    """
     with open(path, "rb") as f:
         return dict(read_header(f, path).get("metadata") or {})
 
@@ -220,7 +232,8 @@ def _leaf(f, like):
     return jnp.asarray(value.astype(like.dtype))
 
 
-def load(path, *, classes: Iterable[type] = ()):
+@typing.no_type_check
+def load(path: str | os.PathLike, *, classes: Iterable[type] = ()) -> eqx.Module:
     """Load a model written by :func:`save`.
 
     A file saved with 64-bit arrays (``jax_enable_x64`` on, as the ``ssmjax`` command line

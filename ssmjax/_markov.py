@@ -41,13 +41,14 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Optional, Union
+import typing
+from typing import Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from . import _checks, _deprecation
 
@@ -126,8 +127,9 @@ def _prepare_batch(states, lengths, num_states):
     return states.astype(jnp.int32), lengths, num_states
 
 
+@typing.no_type_check
 def markov_transition_counts(
-    states, lengths=None, *, num_states: Optional[int] = None
+    states: Int[ArrayLike, "B T"], lengths: Int[ArrayLike, " B"] | None = None, *, num_states: int | None = None
 ) -> tuple[Float[Array, " K"], Float[Array, "K K"]]:
     r"""Counts of first states and of transitions in a ragged batch of state sequences.
 
@@ -189,7 +191,8 @@ class MarkovChain(eqx.Module):
     initial_probs: Float[Array, " K"]
     transition_matrix: Float[Array, "K K"]
 
-    def __init__(self, initial_probs, transition_matrix):
+    @typing.no_type_check
+    def __init__(self, initial_probs: Float[ArrayLike, " K"], transition_matrix: Float[ArrayLike, "K K"]):
         initial_probs = _checks.as_float_array("initial_probs", initial_probs)
         _checks.check_shape("initial_probs", initial_probs, ("K",), "initial state distribution")
         k = initial_probs.shape[0]
@@ -199,7 +202,8 @@ class MarkovChain(eqx.Module):
         self.transition_matrix = _checks.check_probability_vector("transition_matrix", transition_matrix)
 
     @classmethod
-    def from_augmented_matrix(cls, augmented_matrix) -> "MarkovChain":
+    @typing.no_type_check
+    def from_augmented_matrix(cls, augmented_matrix: Float[ArrayLike, "K_plus_1 K_plus_1"]) -> MarkovChain:
         r"""Build a chain from the ``(K+1, K+1)`` matrix :math:`\bar A` whose index 0 is the start state.
 
         Row 0 becomes ``initial_probs`` and the lower-right ``K x K`` block the
@@ -253,7 +257,13 @@ class MarkovChain(eqx.Module):
         """
         return _stationary(self.transition_matrix)
 
-    def marginal_loglik(self, states, *, length=None) -> Float[Array, ""]:
+    @typing.no_type_check
+    def marginal_loglik(
+        self,
+        states: Int[ArrayLike, " T"],
+        *,
+        length: Int[ArrayLike, ""] | None = None,
+    ) -> Float[Array, ""]:
         r"""Log-likelihood of one fully observed state sequence, :math:`\log \pi_{z_0} + \sum_t \log A_{z_t z_{t+1}}`.
 
         Args:
@@ -296,6 +306,7 @@ class MarkovChain(eqx.Module):
         return self.marginal_loglik(states, length=length)
 
     @_deprecation.key_last("MarkovChain.sample", skip=1)
+    @typing.no_type_check
     def sample(self, num_timesteps: int, *, key: PRNGKeyArray) -> Int[Array, " T"]:
         """Draw one state sequence of ``num_timesteps`` steps (``jax.vmap`` over keys for a batch).
 
@@ -310,16 +321,17 @@ class MarkovChain(eqx.Module):
         return _sample(self.initial_probs, self.transition_matrix, key, int(num_timesteps))
 
     @classmethod
+    @typing.no_type_check
     def fit(
         cls,
-        states,
-        lengths=None,
+        states: Int[ArrayLike, "B T"],
+        lengths: Int[ArrayLike, " B"] | None = None,
         *,
-        num_states: Optional[int] = None,
-        pseudo_counts=0.0,
-        initial_pseudo_counts=None,
-        transition_pseudo_counts=None,
-    ) -> "MarkovChain":
+        num_states: int | None = None,
+        pseudo_counts: float = 0.0,
+        initial_pseudo_counts: Float[ArrayLike, " K"] | float | None = None,
+        transition_pseudo_counts: Float[ArrayLike, "K K"] | float | None = None,
+    ) -> MarkovChain:
         r"""Closed-form maximum-likelihood (or Dirichlet-smoothed) chain from a ragged batch.
 
         .. math::

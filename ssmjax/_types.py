@@ -2,17 +2,29 @@
 
 Every shape annotation in ssmjax uses the same axis names:
 
-=========  ==================================================================
-``T``      time steps of one sequence (``"T-1"``: pairwise quantities)
-``K``      discrete states of a hidden Markov model
-``C``      categories of a categorical emission
-``Dx``     latent (state) dimension of a linear-Gaussian model
-``Dy``     emission (observation) dimension
-``Du``     input (control) dimension
-``D``      emission dimension of an HMM emission model
-``B``      batch of sequences
-``H``      forecast horizon (``num_steps``)
-=========  ==================================================================
+=============  ==============================================================
+``T``          time steps of one sequence (``"T-1"``: pairwise quantities)
+``T_minus_1``  the same ``T - 1`` in an argument, where jaxtyping cannot compute it
+``K``          discrete states of a hidden Markov model (``K_plus_1``: with a start state)
+``C``          categories of a categorical emission
+``Dx``         latent (state) dimension of a linear-Gaussian model
+``Dy``         emission (observation) dimension
+``Du``         input (control) dimension
+``D``          emission dimension of an HMM emission model
+``P``          covariates of a regression emission (inputs, or lagged emissions)
+``M``          components of a mixture
+``N``          pooled steps (every real step of a batch, in one axis)
+``B``          batch of sequences
+``R``          restarts of :func:`ssmjax.fit_em_restarts`
+``H``          forecast horizon (``num_steps``)
+``iters``      EM iterations run (``max_iters``: as many as allowed)
+=============  ==============================================================
+
+Public signatures carry these shapes (jaxtyping). The test run checks every annotated
+function through jaxtyping's import hook, except the public entry points, which validate
+their own arguments (a ``ValueError`` naming the argument, Python lists accepted) and are
+marked ``@typing.no_type_check`` so that the hook does not pre-empt those errors; their
+annotations are checked against the documented examples instead (``tests/signatures.py``).
 
 Time convention (stated once, linked from every docstring): time is 0-based in
 arrays. For an HMM, ``transition_matrix[i, j] = p(z_{t+1} = j | z_t = i)``; a

@@ -9,6 +9,9 @@ such a namespace package). Every ``>>>`` prompt in a file must belong to an exam
 found and ran, so a docstring that doctest cannot see (a wrapper with another ``__module__``, an
 example outside a docstring) fails here instead of being skipped in silence.
 
+The examples also check the public signatures: they run through copies of the public entry points
+that beartype and jaxtyping check (:mod:`signatures`), and every entry point must be reached.
+
 README: the ```` ```python ```` blocks of README.md, in order, run as one script in a fresh
 interpreter (``JAX_PLATFORMS=cpu``, JAX's default float32), so each block may use only what the
 blocks before it and itself define. Tracebacks point at README.md's own line numbers. ``bash``
@@ -17,6 +20,7 @@ blocks are not run.
 
 from __future__ import annotations
 
+import collections
 import doctest
 import importlib
 import inspect
@@ -29,6 +33,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import signatures
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ssmjax"
@@ -56,6 +62,11 @@ class _Finder(doctest.DocTestFinder):
         return super()._find_lineno(inspect.unwrap(obj) if inspect.isfunction(obj) else obj, source_lines)
 
 
+# calls of each public entry point through its checked copy, over this file's doctests
+_CHECKED_CALLS: collections.Counter[str] = collections.Counter()
+_DOCTESTS_RUN: set[str] = set()
+
+
 @pytest.mark.parametrize("name", sorted(MODULE_FILES))
 def test_doctests(name: str) -> None:
     module = importlib.import_module(name)
@@ -69,13 +80,33 @@ def test_doctests(name: str) -> None:
     )
     runner = doctest.DocTestRunner(optionflags=OPTIONFLAGS)
     report = io.StringIO()
-    for test in tests:
-        runner.run(test, out=report.write)
+    with signatures.checking() as calls:
+        for test in tests:
+            runner.run(test, out=report.write)
+    _CHECKED_CALLS.update(calls)
     if runner.failures:
         pytest.fail(
             f"{runner.failures} of {runner.tries} doctest examples failed in {name}:\n{report.getvalue()}",
             pytrace=False,
         )
+    _DOCTESTS_RUN.add(name)
+
+
+def test_public_signatures_annotated() -> None:
+    missing = signatures.missing_annotations()
+    assert not missing, f"public parameters or returns without a type annotation: {missing}"
+
+
+def test_public_signatures_checked_by_examples() -> None:
+    # runs after every test_doctests case of this file (pytest keeps the file's order)
+    if _DOCTESTS_RUN != set(MODULE_FILES):
+        pytest.skip("needs every module's doctests to have run in this process")
+    assert _CHECKED_CALLS, "no public entry point is exempt from the jaxtyping hook; nothing was checked"
+    unreached = sorted(name for name, count in _CHECKED_CALLS.items() if count == 0)
+    assert not unreached, (
+        "public entry points whose annotations no documented example checked (give each an example, "
+        f"or call it from one): {unreached}"
+    )
 
 
 def test_doctest_modules_found() -> None:

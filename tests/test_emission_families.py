@@ -399,7 +399,45 @@ class Product:
         return np.array([[-1.0, 0.0, 0.0, 0.0]]), "non-negative integer counts"
 
 
-FAMILIES = [Bernoulli, Multinomial, Spherical, Tied, Gamma, Mixture, Product]
+class StudentT:
+    name = "student_t"
+    emissions_type = "student_t"
+
+    @staticmethod
+    def model(rng):
+        a = rng.normal(size=(K, 3, 3))
+        return ssmjax.StudentTEmissions(
+            jnp.asarray(rng.normal(size=(K, 3)) * 3.0), jnp.asarray(a @ np.swapaxes(a, 1, 2) + np.eye(3)),
+            jnp.asarray(rng.uniform(3.0, 10.0, size=K)), min_variance=0.0,
+        )
+
+    @staticmethod
+    def draw(rng, n, missing=0.0):
+        y = rng.standard_t(4.0, size=(n, 3)) * 3.0
+        y[rng.random(y.shape) < missing] = np.nan
+        return y
+
+    @staticmethod
+    def oracle_log_prob(model, y):
+        from test_student_t import scipy_log_prob
+
+        return scipy_log_prob(*(np.asarray(p, np.float64) for p in (model.means, model.scales, model.dofs)), y)
+
+    @staticmethod
+    def numpy_m_step(model, ys, w):
+        from test_student_t import numpy_ecm_step
+
+        return numpy_ecm_step(*(np.asarray(p, np.float64) for p in (model.means, model.scales, model.dofs)), ys, w)
+
+    @staticmethod
+    def params(model):
+        return {"means": np.asarray(model.means), "scales": np.asarray(model.scales), "dofs": np.asarray(model.dofs)}
+
+    sample_mean = Spherical.sample_mean
+    bad_data = Spherical.bad_data
+
+
+FAMILIES = [Bernoulli, Multinomial, Spherical, Tied, Gamma, Mixture, Product, StudentT]
 IDS = [f.name for f in FAMILIES]
 
 

@@ -10,20 +10,24 @@ continues from that iteration in a second program that has it (``_resume``).
 
 from __future__ import annotations
 
+import os
+import typing
 import warnings
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Shaped
 
 from .. import _deprecation
 from .._checks import host_arrays, to_device, value_checks
 from . import checkpoint as _checkpoint
 from . import progress as _progress
 from .compiler import fast_compile_jit
-from .protocol import AbstractFittableModel, check_frozen, tracing_batch_pattern, tracing_fast_e_step
+from .protocol import AbstractFittableModel, Model, check_frozen, tracing_batch_pattern, tracing_fast_e_step
 
 # Status codes of an EM run (see EMInfo.status).
 _RUNNING, _CONVERGED, _MAX_ITERS, _DECREASED, _NOT_FINITE = 0, 1, 2, 3, 4
@@ -258,21 +262,22 @@ def _batch_pattern(emissions, lengths) -> tuple[bool, bool]:
     return not bool((steps & real).any()), unpadded
 
 
+@typing.no_type_check
 def fit_em(
-    model,
-    emissions,
+    model: Model,
+    emissions: Shaped[ArrayLike, "B T ..."],
     *,
-    lengths=None,
-    inputs=None,
-    max_iters=100,
-    tol=1e-6,
-    frozen=(),
-    progress=False,
-    return_info=None,
-    prior=None,
-    checkpoint=None,
-    checkpoint_every=10,
-):
+    lengths: Int[ArrayLike, " B"] | None = None,
+    inputs: Float[ArrayLike, "B T Du"] | None = None,
+    max_iters: int = 100,
+    tol: float = 1e-6,
+    frozen: Sequence[str] = (),
+    progress: bool = False,
+    return_info: bool | None = None,
+    prior: PyTree | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+) -> tuple[Model, Float[Array, " iters"], EMInfo]:
     r"""Fit a model by expectation-maximisation over a (ragged) batch of sequences.
 
     Each iteration computes the exact posterior of every sequence (forward-backward
@@ -383,18 +388,19 @@ def fit_em(
     return fitted, lls, info
 
 
+@typing.no_type_check
 def fit_em_restarts(
-    models,
-    emissions,
+    models: Model,
+    emissions: Shaped[ArrayLike, "B T ..."],
     *,
-    lengths=None,
-    inputs=None,
-    max_iters=100,
-    tol=1e-6,
-    frozen=(),
-    progress=False,
-    prior=None,
-):
+    lengths: Int[ArrayLike, " B"] | None = None,
+    inputs: Float[ArrayLike, "B T Du"] | None = None,
+    max_iters: int = 100,
+    tol: float = 1e-6,
+    frozen: Sequence[str] = (),
+    progress: bool = False,
+    prior: PyTree | None = None,
+) -> tuple[Model, Float[Array, " R"], Float[Array, "R max_iters"]]:
     """Run EM from many initial models in parallel and keep the best.
 
     ``models`` is a *stacked* model: every array leaf has a leading restart axis

@@ -45,10 +45,11 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
+from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 
 PyTree = Any
 
@@ -102,7 +103,13 @@ class AbstractFittableModel(eqx.Module):
         """Names accepted by ``frozen``."""
 
     @abc.abstractmethod
-    def marginal_loglik(self, emissions, *, length=None, inputs=None) -> jax.Array:
+    def marginal_loglik(
+        self,
+        emissions: Shaped[ArrayLike, "T ..."],
+        *,
+        length: Int[ArrayLike, ""] | None = None,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+    ) -> Float[Array, ""]:
         """``log p(y_{1:T})`` of one sequence."""
 
     @abc.abstractmethod
@@ -137,6 +144,10 @@ class AbstractFittableModel(eqx.Module):
     @abc.abstractmethod
     def _from_unconstrained(self, params: dict[str, PyTree]) -> "AbstractFittableModel":
         """Inverse of :meth:`_unconstrained` (structure taken from ``self``)."""
+
+
+# A fitting function returns the class it was given.
+Model = TypeVar("Model", bound=AbstractFittableModel)
 
 
 def check_frozen(model: AbstractFittableModel, frozen) -> frozenset[str]:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import typing
 import warnings
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 from .._checks import to_device, value_checks
 from . import checkpoint as _checkpoint
 from . import progress as _progress
-from .protocol import AbstractFittableModel, check_frozen
+from .protocol import AbstractFittableModel, Model, check_frozen
 
 
 def _minibatch_loss(model, trainable, fixed, emissions, lengths, inputs, prior, prior_weight):
@@ -75,22 +79,23 @@ def _sgd_compiled(
     return trainable, opt_state, losses, skipped
 
 
+@typing.no_type_check
 def fit_sgd(
-    model,
-    emissions,
-    optimizer,
+    model: Model,
+    emissions: Shaped[ArrayLike, "B T ..."],
+    optimizer: optax.GradientTransformation,
     *,
-    lengths=None,
-    inputs=None,
-    num_steps=1000,
-    batch_size=None,
-    frozen=(),
-    progress=False,
-    prior=None,
-    checkpoint=None,
-    checkpoint_every=100,
-    key=None,
-):
+    lengths: Int[ArrayLike, " B"] | None = None,
+    inputs: Float[ArrayLike, "B T Du"] | None = None,
+    num_steps: int = 1000,
+    batch_size: int | None = None,
+    frozen: Sequence[str] = (),
+    progress: bool = False,
+    prior: PyTree | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    key: PRNGKeyArray | None = None,
+) -> tuple[Model, Float[Array, " num_steps"]]:
     r"""Maximise the marginal log-likelihood with an optax optimizer.
 
     The loss is the negative log-likelihood per observed time step of a mini-batch,

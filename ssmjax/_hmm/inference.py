@@ -83,10 +83,11 @@ Where it lives
 
 from __future__ import annotations
 
+import typing
 from typing import Optional
 
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .. import _checks, _deprecation
 from .decoding import fixed_lag_program, predict_program, sample_posterior_program, viterbi_program
@@ -114,12 +115,13 @@ __all__ = [
 # --------------------------------------------------------------------------- public API
 
 
+@typing.no_type_check
 def hmm_filter(
-    initial_probs: ArrayLike,
-    transition_matrix: ArrayLike,
-    log_likelihoods: ArrayLike,
+    initial_probs: Float[ArrayLike, " K"],
+    transition_matrix: Float[ArrayLike, "K K"] | Float[ArrayLike, "T_minus_1 K K"],
+    log_likelihoods: Float[ArrayLike, "T K"],
     *,
-    length=None,
+    length: Int[ArrayLike, ""] | None = None,
     parallel: bool = False,
 ) -> HMMFilterResult:
     r"""Forward filtering and the marginal log-likelihood of one sequence.
@@ -172,12 +174,13 @@ def hmm_filter(
     return filter_program(pi, trans, ll, n)
 
 
+@typing.no_type_check
 def hmm_smoother(
-    initial_probs: ArrayLike,
-    transition_matrix: ArrayLike,
-    log_likelihoods: ArrayLike,
+    initial_probs: Float[ArrayLike, " K"],
+    transition_matrix: Float[ArrayLike, "K K"] | Float[ArrayLike, "T_minus_1 K K"],
+    log_likelihoods: Float[ArrayLike, "T K"],
     *,
-    length=None,
+    length: Int[ArrayLike, ""] | None = None,
     parallel: bool = False,
 ) -> HMMPosterior:
     r"""Forward-backward smoothing of one sequence.
@@ -222,13 +225,14 @@ def hmm_smoother(
     return smoother_program(pi, trans, ll, n)
 
 
+@typing.no_type_check
 def hmm_two_slice_marginals(
-    initial_probs: ArrayLike,
-    transition_matrix: ArrayLike,
-    log_likelihoods: ArrayLike,
+    initial_probs: Float[ArrayLike, " K"],
+    transition_matrix: Float[ArrayLike, "K K"] | Float[ArrayLike, "T_minus_1 K K"],
+    log_likelihoods: Float[ArrayLike, "T K"],
     *,
-    length=None,
-) -> Array:
+    length: Int[ArrayLike, ""] | None = None,
+) -> Float[Array, "T-1 K K"]:
     r"""Pairwise posteriors :math:`\xi_t(i, j) = p(z_t = i, z_{t+1} = j \mid y_{0:L-1})`.
 
     Computed as in :func:`ssmjax.hmm_smoother` (see its equations).
@@ -255,14 +259,15 @@ def hmm_two_slice_marginals(
     return two_slice_program(pi, trans, ll, n)
 
 
+@typing.no_type_check
 def hmm_viterbi(
-    initial_probs: ArrayLike,
-    transition_matrix: ArrayLike,
-    log_likelihoods: ArrayLike,
+    initial_probs: Float[ArrayLike, " K"],
+    transition_matrix: Float[ArrayLike, "K K"] | Float[ArrayLike, "T_minus_1 K K"],
+    log_likelihoods: Float[ArrayLike, "T K"],
     *,
-    length=None,
+    length: Int[ArrayLike, ""] | None = None,
     parallel: bool = False,
-):
+) -> tuple[Int[Array, " T"], Float[Array, ""]]:
     r"""Most likely state path (Viterbi), computed in log space.
 
     .. math::
@@ -304,15 +309,16 @@ def hmm_viterbi(
 
 
 @_deprecation.key_last("hmm_sample_posterior")
+@typing.no_type_check
 def hmm_sample_posterior(
-    initial_probs: ArrayLike,
-    transition_matrix: ArrayLike,
-    log_likelihoods: ArrayLike,
+    initial_probs: Float[ArrayLike, " K"],
+    transition_matrix: Float[ArrayLike, "K K"] | Float[ArrayLike, "T_minus_1 K K"],
+    log_likelihoods: Float[ArrayLike, "T K"],
     *,
-    length=None,
+    length: Int[ArrayLike, ""] | None = None,
     parallel: bool = False,
     key: PRNGKeyArray,
-) -> Array:
+) -> Int[Array, " T"]:
     r"""An exact draw of :math:`z_{0:L-1} \sim p(z \mid y_{0:L-1})` (forward filter, backward sample).
 
     .. math::
@@ -350,14 +356,15 @@ def hmm_sample_posterior(
     return sample_posterior_program(key, pi, trans, ll, n)
 
 
+@typing.no_type_check
 def hmm_fixed_lag_smoother(
-    initial_probs: ArrayLike,
-    transition_matrix: ArrayLike,
-    log_likelihoods: ArrayLike,
+    initial_probs: Float[ArrayLike, " K"],
+    transition_matrix: Float[ArrayLike, "K K"] | Float[ArrayLike, "T_minus_1 K K"],
+    log_likelihoods: Float[ArrayLike, "T K"],
     lag: int,
     *,
-    length=None,
-) -> Array:
+    length: Int[ArrayLike, ""] | None = None,
+) -> Float[Array, "T K"]:
     r"""Fixed-lag smoothing: row ``t`` is :math:`p(z_{t-\mathrm{lag}} \mid y_{0:t})`.
 
     .. math::
@@ -397,15 +404,16 @@ def hmm_fixed_lag_smoother(
     return fixed_lag_program(pi, trans, ll, n, lag=lag)
 
 
+@typing.no_type_check
 def hmm_predict(
-    initial_probs: ArrayLike,
-    transition_matrix: ArrayLike,
-    log_likelihoods: ArrayLike,
+    initial_probs: Float[ArrayLike, " K"],
+    transition_matrix: Float[ArrayLike, "K K"] | Float[ArrayLike, "T_minus_1 K K"],
+    log_likelihoods: Float[ArrayLike, "T K"],
     num_steps: int,
     *,
-    length=None,
-    future_transition_matrix: Optional[ArrayLike] = None,
-) -> Array:
+    length: Int[ArrayLike, ""] | None = None,
+    future_transition_matrix: Float[ArrayLike, "K K"] | Float[ArrayLike, "H K K"] | None = None,
+) -> Float[Array, "H K"]:
     r"""State predictions :math:`p(z_{L-1+h} \mid y_{0:L-1})` for ``h = 1..num_steps``.
 
     .. math::
@@ -464,10 +472,11 @@ def hmm_predict(
     return predict_program(pi, trans, ll, n, future)
 
 
+@typing.no_type_check
 def hmm_strategy(
-    initial_probs: ArrayLike,
-    transition_matrix: ArrayLike,
-    log_likelihoods: ArrayLike,
+    initial_probs: Float[ArrayLike, " K"],
+    transition_matrix: Float[ArrayLike, "K K"] | Float[ArrayLike, "T_minus_1 K K"],
+    log_likelihoods: Float[ArrayLike, "T K"],
     *,
     function: str = "smoother",
     parallel: bool = False,

@@ -25,16 +25,19 @@ still never lowering the likelihood).
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Sequence
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Shaped
 
 from .. import _checks
 from .._newton import finite_or_zero, safeguarded_newton
 from .inference import hmm_smoother, hmm_two_slice_marginals
-from .emissions.base import _combine_sequences
+from .emissions.base import AbstractEmissions, _combine_sequences
 from .model import _FAMILIES, _INPUT_FAMILIES, HMM
 
 
@@ -116,8 +119,18 @@ class InputDrivenHMM(HMM):
     transition_weights: Float[Array, "K K Du"]
     shared_weights: bool = eqx.field(static=True, default=False)
 
-    def __init__(self, initial_probs=None, transition_matrix=None, emissions=None, transition_weights=None, *,
-                 shared_weights: bool = False, initial_log_probs=None, transition_log_probs=None):
+    @typing.no_type_check
+    def __init__(
+        self,
+        initial_probs: Float[ArrayLike, " K"] | None = None,
+        transition_matrix: Float[ArrayLike, "K K"] | None = None,
+        emissions: AbstractEmissions | None = None,
+        transition_weights: Float[ArrayLike, "K K Du"] | Float[ArrayLike, "K Du"] | None = None,
+        *,
+        shared_weights: bool = False,
+        initial_log_probs: Float[ArrayLike, " K"] | None = None,
+        transition_log_probs: Float[ArrayLike, "K K"] | None = None,
+    ):
         super().__init__(initial_probs, transition_matrix, emissions,
                          initial_log_probs=initial_log_probs, transition_log_probs=transition_log_probs)
         k = self.num_states
@@ -176,7 +189,8 @@ class InputDrivenHMM(HMM):
     def _transitions(self, inputs: Float[Array, "T Du"], length=None) -> Float[Array, "T-1 K K"]:
         return jnp.exp(self._transition_log_matrices(inputs, length))
 
-    def transition_matrices(self, inputs: Float[Array, "T Du"]) -> Float[Array, "T-1 K K"]:
+    @typing.no_type_check
+    def transition_matrices(self, inputs: Float[ArrayLike, "T Du"]) -> Float[Array, "T-1 K K"]:
         """Each step's transition matrix, ``[t, i, j] = p(z_{t+1} = j | z_t = i, u_{t+1})``, for ``inputs`` ``(T, Du)``.
 
         Example:
@@ -255,7 +269,20 @@ class InputDrivenHMM(HMM):
             (coefs[..., :du], jax.nn.log_softmax(coefs[..., du], axis=-1)),
         )
 
-    def num_parameters(self, frozen=()) -> int:
+    @typing.no_type_check
+    def num_parameters(self, frozen: Sequence[str] = ()) -> int:
+        """Free parameters as :meth:`ssmjax.HMM.num_parameters` counts them, plus the transition weights
+        (``K - 1`` free per row and input, one row when they are shared).
+
+        Example:
+            >>> import jax.numpy as jnp, ssmjax
+            >>> hmm = ssmjax.InputDrivenHMM(
+            ...     jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.1, 0.9]]),
+            ...     ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [8.0]])),
+            ...     transition_weights=jnp.zeros((2, 2, 3)))
+            >>> hmm.num_parameters(), hmm.num_parameters(frozen=("transition_weights",))
+            (11, 5)
+        """
         rows = 1 if self.shared_weights else self.num_states
         weights = 0 if "transition_weights" in frozen else rows * (self.num_states - 1) * self.input_dim
         return super().num_parameters(tuple(f for f in frozen if f != "transition_weights")) + weights
@@ -276,9 +303,21 @@ class InputDrivenHMM(HMM):
     # -- initialiser ---------------------------------------------------------------
 
     @classmethod
-    def from_data(cls, emissions, num_states: int, emissions_type="poisson", *, inputs, lengths=None,
-                  stay_prob: float = 0.9, num_classes: int | None = None, num_lags: int = 1,
-                  shared_weights: bool = False, key: PRNGKeyArray) -> "InputDrivenHMM":
+    @typing.no_type_check
+    def from_data(
+        cls,
+        emissions: Shaped[ArrayLike, "B T ..."],
+        num_states: int,
+        emissions_type: str | type[AbstractEmissions] = "poisson",
+        *,
+        inputs: Float[ArrayLike, "B T Du"],
+        lengths: Int[ArrayLike, " B"] | None = None,
+        stay_prob: float = 0.9,
+        num_classes: int | None = None,
+        num_lags: int = 1,
+        shared_weights: bool = False,
+        key: PRNGKeyArray,
+    ) -> InputDrivenHMM:
         """:meth:`ssmjax.HMM.from_data`'s starting model (the other arguments as there) with zero
         transition weights: transitions that do not yet depend on ``inputs`` ``(B, T, Du)``.
 

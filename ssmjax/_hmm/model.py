@@ -17,12 +17,14 @@ bijectors; ``initial_probs`` and ``transition_matrix`` are read back as properti
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Shaped
 
 from .. import _checks, _deprecation
 from .._fit.protocol import AbstractFittableModel, check_frozen, fast_e_step
@@ -42,10 +44,12 @@ from .emissions import (
     PoissonRegressionEmissions,
     BernoulliRegressionEmissions,
     SphericalGaussianEmissions,
+    StudentTEmissions,
     TiedGaussianEmissions,
     softmax_rows,
 )
 from .priors import HMMPrior
+from .results import HMMFilterResult, HMMPosterior
 from .inference import hmm_filter, hmm_sample_posterior, hmm_smoother, hmm_viterbi
 from .rules import batch_smoother_stats
 
@@ -61,6 +65,7 @@ _FAMILIES = {
     "multinomial": MultinomialEmissions,
     "gamma": GammaEmissions,
     "gmm": GaussianMixtureEmissions,
+    "student_t": StudentTEmissions,
     "linear_regression": LinearRegressionEmissions,
     "poisson_regression": PoissonRegressionEmissions,
     "bernoulli_regression": BernoulliRegressionEmissions,
@@ -136,8 +141,16 @@ class HMM(AbstractFittableModel):
     transition_log_probs: jax.Array
     emissions: AbstractEmissions
 
-    def __init__(self, initial_probs=None, transition_matrix=None, emissions=None, *,
-                 initial_log_probs=None, transition_log_probs=None):
+    @typing.no_type_check
+    def __init__(
+        self,
+        initial_probs: Float[ArrayLike, " K"] | None = None,
+        transition_matrix: Float[ArrayLike, "K K"] | None = None,
+        emissions: AbstractEmissions | None = None,
+        *,
+        initial_log_probs: Float[ArrayLike, " K"] | None = None,
+        transition_log_probs: Float[ArrayLike, "K K"] | None = None,
+    ):
         if not isinstance(emissions, AbstractEmissions):
             raise ValueError(
                 f"`emissions` must be an ssmjax emission model (e.g. ssmjax.PoissonEmissions); "
@@ -175,12 +188,12 @@ class HMM(AbstractFittableModel):
         return self.initial_log_probs.shape[-1]
 
     @property
-    def initial_probs(self) -> jax.Array:
+    def initial_probs(self) -> Float[Array, " K"]:
         """``(K,)`` initial distribution (softmax of the stored log-probabilities)."""
         return softmax_rows(self.initial_log_probs)
 
     @property
-    def transition_matrix(self) -> jax.Array:
+    def transition_matrix(self) -> Float[Array, "K K"]:
         """``(K, K)`` transition matrix (row-wise softmax of the stored log-probabilities)."""
         return softmax_rows(self.transition_log_probs)
 
@@ -195,7 +208,14 @@ class HMM(AbstractFittableModel):
         return ("initial_probs", "transition_matrix", "emissions") + sub
 
     # ------------------------------------------------------------ inference
-    def log_likelihoods(self, emissions, *, length=None, inputs=None) -> jax.Array:
+    @typing.no_type_check
+    def log_likelihoods(
+        self,
+        emissions: Shaped[ArrayLike, "T ..."],
+        *,
+        length: Int[ArrayLike, ""] | None = None,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+    ) -> Float[Array, "T K"]:
         """``(T, K)`` emission log-likelihoods of one sequence (see the emission model)."""
         return self.emissions.log_likelihoods(emissions, length=length, inputs=self._emission_inputs(inputs))
 
@@ -215,12 +235,26 @@ class HMM(AbstractFittableModel):
     def _transition_log_matrices(self, inputs, length=None):
         return self.transition_log_probs
 
-    def marginal_loglik(self, emissions, *, length=None, inputs=None) -> jax.Array:
+    @typing.no_type_check
+    def marginal_loglik(
+        self,
+        emissions: Shaped[ArrayLike, "T ..."],
+        *,
+        length: Int[ArrayLike, ""] | None = None,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+    ) -> Float[Array, ""]:
         """``log p(y_{1:T})`` of one sequence ``(T, *emission_shape)`` (``inputs`` ``(T, Du)`` for
         emissions that take them)."""
         return self.filter(emissions, length=length, inputs=inputs).marginal_loglik
 
-    def log_likelihood(self, emissions, *, lengths=None, inputs=None) -> jax.Array:
+    @typing.no_type_check
+    def log_likelihood(
+        self,
+        emissions: Shaped[ArrayLike, "B T ..."],
+        *,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        inputs: Float[ArrayLike, "B T Du"] | None = None,
+    ) -> Float[Array, ""]:
         """Summed ``log p(y)`` of a padded batch ``(B, T, *emission_shape)`` (``lengths`` ``(B,)`` or None).
 
         Example:
@@ -235,7 +269,8 @@ class HMM(AbstractFittableModel):
         with _checks.value_checks(False):  # checked above
             return _batch_loglik(self, emissions, lengths, inputs)
 
-    def num_parameters(self, frozen=()) -> int:
+    @typing.no_type_check
+    def num_parameters(self, frozen: Sequence[str] = ()) -> int:
         """Free parameters, as AIC and BIC count them: ``K - 1`` initial probabilities and ``K - 1`` per
         transition row, less the structural zeros (fixed at zero), plus the emissions' free
         parameters (:meth:`~ssmjax.AbstractEmissions.parameter_counts`); names in ``frozen`` (as
@@ -257,12 +292,28 @@ class HMM(AbstractFittableModel):
             total += sum(c for name, c in self.emissions.parameter_counts().items() if f"emissions.{name}" not in frozen)
         return int(total)
 
-    def aic(self, emissions, *, lengths=None, inputs=None, frozen=()) -> float:
+    @typing.no_type_check
+    def aic(
+        self,
+        emissions: Shaped[ArrayLike, "B T ..."],
+        *,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        inputs: Float[ArrayLike, "B T Du"] | None = None,
+        frozen: Sequence[str] = (),
+    ) -> float:
         """Akaike's criterion of a padded batch, ``-2 log p(y) + 2 p`` (:meth:`num_parameters`); lower is better."""
         loglik = self.log_likelihood(emissions, lengths=lengths, inputs=inputs)
         return float(-2.0 * loglik + 2.0 * self.num_parameters(frozen))
 
-    def bic(self, emissions, *, lengths=None, inputs=None, frozen=()) -> float:
+    @typing.no_type_check
+    def bic(
+        self,
+        emissions: Shaped[ArrayLike, "B T ..."],
+        *,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        inputs: Float[ArrayLike, "B T Du"] | None = None,
+        frozen: Sequence[str] = (),
+    ) -> float:
         """Schwarz's criterion of a padded batch, ``-2 log p(y) + p log N`` with ``N`` the number of real
         steps (hmmlearn's convention); lower is better."""
         emissions, lengths, inputs = self._check_batch(emissions, lengths, inputs)
@@ -271,21 +322,58 @@ class HMM(AbstractFittableModel):
         num_steps = int(np.sum(_checks.host_copy(lengths)))
         return float(-2.0 * loglik + np.log(num_steps) * self.num_parameters(frozen))
 
-    def filter(self, emissions, *, length=None, inputs=None):
+    @typing.no_type_check
+    def filter(
+        self,
+        emissions: Shaped[ArrayLike, "T ..."],
+        *,
+        length: Int[ArrayLike, ""] | None = None,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+    ) -> HMMFilterResult:
         """Forward filtering of one sequence; see :func:`ssmjax.hmm_filter`."""
         return self._run(_filter_fn, emissions, length, inputs)
 
-    def smoother(self, emissions, *, length=None, inputs=None):
+    @typing.no_type_check
+    def smoother(
+        self,
+        emissions: Shaped[ArrayLike, "T ..."],
+        *,
+        length: Int[ArrayLike, ""] | None = None,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+    ) -> HMMPosterior:
         """Forward-backward smoothing of one sequence; see :func:`ssmjax.hmm_smoother`."""
         return self._run(_smoother_fn, emissions, length, inputs)
 
-    def viterbi(self, emissions, *, length=None, inputs=None) -> Int[Array, " T"]:
+    @typing.no_type_check
+    def viterbi(
+        self,
+        emissions: Shaped[ArrayLike, "T ..."],
+        *,
+        length: Int[ArrayLike, ""] | None = None,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+    ) -> Int[Array, " T"]:
         """Most likely state path ``(T,)`` of one sequence; see :func:`ssmjax.hmm_viterbi`."""
         return self._run(_viterbi_fn, emissions, length, inputs)
 
     @_deprecation.key_last("HMM.sample_posterior", skip=1)
-    def sample_posterior(self, emissions, *, length=None, inputs=None, key: PRNGKeyArray) -> Int[Array, " T"]:
-        """An exact draw of ``z_{1:T}`` from ``p(z | y)``; see :func:`ssmjax.hmm_sample_posterior`."""
+    @typing.no_type_check
+    def sample_posterior(
+        self,
+        emissions: Shaped[ArrayLike, "T ..."],
+        *,
+        length: Int[ArrayLike, ""] | None = None,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+        key: PRNGKeyArray,
+    ) -> Int[Array, " T"]:
+        """An exact draw of ``z_{1:T}`` from ``p(z | y)``; see :func:`ssmjax.hmm_sample_posterior`.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, ssmjax
+            >>> hmm = ssmjax.HMM(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.2, 0.8]]),
+            ...                  ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [6.0]])))
+            >>> hmm.sample_posterior(jnp.array([[0], [1], [7]]), key=jax.random.key(0)).shape
+            (3,)
+        """
         return self._run(_posterior_sample_fn, emissions, length, inputs, key)
 
     def most_likely_states(self, emissions, *, length=None) -> Int[Array, " T"]:
@@ -321,7 +409,10 @@ class HMM(AbstractFittableModel):
             return _run_jit(fn, self, emissions, length, inputs, extra)
 
     @_deprecation.key_last("HMM.sample", skip=1)
-    def sample(self, num_timesteps: int, *, inputs=None, key: PRNGKeyArray):
+    @typing.no_type_check
+    def sample(
+        self, num_timesteps: int, *, inputs: Float[ArrayLike, "T Du"] | None = None, key: PRNGKeyArray
+    ) -> tuple[Int[Array, " T"], Shaped[Array, "T ..."]]:
         """Draw ``(states (T,), emissions (T, *emission_shape))`` from the model (``inputs`` ``(T, Du)``
         for emissions that take them).
 
@@ -343,9 +434,22 @@ class HMM(AbstractFittableModel):
     # --------------------------------------------------------- initialisers
     @classmethod
     @_deprecation.key_last("HMM.from_data", skip=1)
-    def from_data(cls, emissions, num_states: int, emissions_type: "str | type" = "poisson", *,
-                  lengths=None, inputs=None, stay_prob: float = 0.9, num_classes: int | None = None,
-                  num_lags: int = 1, structure: str = "ergodic", max_jump: int = 1, key: PRNGKeyArray):
+    @typing.no_type_check
+    def from_data(
+        cls,
+        emissions: Shaped[ArrayLike, "B T ..."],
+        num_states: int,
+        emissions_type: str | type[AbstractEmissions] = "poisson",
+        *,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        inputs: Float[ArrayLike, "B T Du"] | None = None,
+        stay_prob: float = 0.9,
+        num_classes: int | None = None,
+        num_lags: int = 1,
+        structure: str = "ergodic",
+        max_jump: int = 1,
+        key: PRNGKeyArray,
+    ) -> HMM:
         """A data-driven starting model for EM.
 
         Emission parameters come from the pooled real steps: quantiles for Poisson,
@@ -366,7 +470,7 @@ class HMM(AbstractFittableModel):
             emissions_type: ``"poisson"``, ``"gaussian"``, ``"gaussian_diag"``, ``"gaussian_spherical"``,
                 ``"gaussian_tied"``, ``"categorical"``,
                 ``"bernoulli"``, ``"multinomial"``, ``"gamma"``, ``"gmm"`` (two diagonal
-                components per state), ``"linear_regression"``, ``"poisson_regression"`` and
+                components per state), ``"student_t"``, ``"linear_regression"``, ``"poisson_regression"`` and
                 ``"bernoulli_regression"`` (on ``inputs``), ``"autoregressive"``
                 (on ``num_lags`` past emissions, and ``inputs`` if given), or an emission class (its
                 ``from_data(pooled, num_states, key=key)`` builds the emission model).
@@ -435,8 +539,10 @@ class HMM(AbstractFittableModel):
 
     @classmethod
     @_deprecation.key_last("HMM.random", skip=1)
-    def random(cls, num_states: int, emissions: AbstractEmissions, *, concentration: float = 1.0,
-               key: PRNGKeyArray):
+    @typing.no_type_check
+    def random(
+        cls, num_states: int, emissions: AbstractEmissions, *, concentration: float = 1.0, key: PRNGKeyArray
+    ) -> HMM:
         """Random initial distribution and transition rows (Dirichlet) around ``emissions``."""
         k1, k2 = jax.random.split(key)
         dtype = jnp.result_type(float)
@@ -576,9 +682,26 @@ class HMM(AbstractFittableModel):
             + self.emissions.log_prior(prior.emissions)
         )
 
-    def log_posterior(self, emissions, prior, *, lengths=None) -> jax.Array:
+    @typing.no_type_check
+    def log_posterior(
+        self,
+        emissions: Shaped[ArrayLike, "B T ..."],
+        prior: HMMPrior,
+        *,
+        lengths: Int[ArrayLike, " B"] | None = None,
+    ) -> Float[Array, ""]:
         """``log p(y) + log p(parameters)`` of a padded batch under an :class:`~ssmjax.HMMPrior` (what
-        ``fit_em(..., prior=prior)`` maximises)."""
+        ``fit_em(..., prior=prior)`` maximises).
+
+        Example:
+            >>> import jax.numpy as jnp, ssmjax
+            >>> hmm = ssmjax.HMM(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.2, 0.8]]),
+            ...                  ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [6.0]])))
+            >>> ys = jnp.array([[[0], [1], [7]]])
+            >>> flat = ssmjax.HMMPrior(initial=1.0, transition=1.0)  # Dirichlet(1) rows: log density 0
+            >>> bool(hmm.log_posterior(ys, ssmjax.HMMPrior(transition=2.0)) < hmm.log_posterior(ys, flat))
+            True
+        """
         self._check_prior(prior)
         return self.log_likelihood(emissions, lengths=lengths) + self._log_prior(prior)
 

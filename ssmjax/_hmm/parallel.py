@@ -73,16 +73,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .recursion import _safe_log
 from .results import HMMFilterResult, HMMPosterior
 
 __all__ = [
-    "hmm_filter_parallel",
-    "hmm_smoother_parallel",
-    "hmm_viterbi_parallel",
-    "hmm_sample_posterior_parallel",
+    "_filter_parallel",
+    "_smoother_parallel",
+    "_viterbi_parallel",
+    "_sample_posterior_parallel",
 ]
 
 

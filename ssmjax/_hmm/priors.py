@@ -17,12 +17,13 @@ and structural zeros stay zero whatever the prior.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import typing
+from typing import Optional
 
 import equinox as eqx
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
-from jaxtyping import Array, ArrayLike
+from jaxtyping import Array, ArrayLike, Float, Real
 
 from .. import _checks
 
@@ -56,16 +57,21 @@ class DirichletPrior(eqx.Module):
 
     concentration: Array
 
-    def __init__(self, concentration: Union[float, ArrayLike] = 1.0):
+    @typing.no_type_check
+    def __init__(self, concentration: Real[ArrayLike, "..."] = 1.0):
         self.concentration = _positive("concentration", concentration)
 
-    def log_prob(self, log_probs) -> Array:
+    def log_prob(self, log_probs: Float[Array, "*rows K"]) -> Float[Array, ""]:
         """Summed log-density of the rows ``exp(log_probs)`` (over their last axis)."""
         alpha = jnp.broadcast_to(self.concentration, log_probs.shape).astype(log_probs.dtype)
         norm = gammaln(jnp.sum(alpha, axis=-1)) - jnp.sum(gammaln(alpha), axis=-1)
         return jnp.sum(norm + jnp.sum(_times_log(alpha - 1.0, log_probs), axis=-1))
 
-    def mode_logits(self, counts, old_logits) -> Array:
+    def mode_logits(
+        self,
+        counts: Float[Array, "*rows K"],
+        old_logits: Float[Array, "*rows K"],
+    ) -> Float[Array, "*rows K"]:
         """Logits of the rows' posterior mode given expected ``counts``: ``max(counts + alpha - 1, 0)``
         normalised; structural zeros (``old_logits = -inf``) stay, and a row with nothing keeps ``old_logits``."""
         alpha = jnp.broadcast_to(self.concentration, counts.shape).astype(counts.dtype)
@@ -88,18 +94,19 @@ class GammaPrior(eqx.Module):
     shape: Array
     rate: Array
 
-    def __init__(self, shape: Union[float, ArrayLike] = 1.0, rate: Union[float, ArrayLike] = 0.0):
+    @typing.no_type_check
+    def __init__(self, shape: Real[ArrayLike, "..."] = 1.0, rate: Real[ArrayLike, "..."] = 0.0):
         self.shape = _positive("shape", shape)
         self.rate = _non_negative("rate", rate)
 
-    def log_prob(self, log_rates) -> Array:
+    def log_prob(self, log_rates: Float[Array, "*shape"]) -> Float[Array, ""]:
         """Summed log-density of ``exp(log_rates)`` (up to its constant when ``rate = 0``, an improper prior)."""
         a, b = self.shape.astype(log_rates.dtype), self.rate.astype(log_rates.dtype)
         norm = jnp.where(b > 0, a * jnp.log(jnp.where(b > 0, b, 1.0)) - gammaln(a), 0.0)
         density = norm + _times_log(a - 1.0, log_rates) - b * jnp.exp(log_rates)
         return jnp.sum(jnp.broadcast_to(density, log_rates.shape))
 
-    def mode(self, weighted_sums, weights) -> Array:
+    def mode(self, weighted_sums: Float[Array, "*shape"], weights: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
         """The posterior mode of a rate given ``sum w y`` and ``sum w`` (0 where the shape allows it)."""
         num = jnp.maximum(weighted_sums + self.shape - 1.0, 0.0)
         den = weights + self.rate
@@ -118,18 +125,19 @@ class BetaPrior(eqx.Module):
     concentration1: Array
     concentration0: Array
 
-    def __init__(self, concentration1: Union[float, ArrayLike] = 1.0, concentration0: Union[float, ArrayLike] = 1.0):
+    @typing.no_type_check
+    def __init__(self, concentration1: Real[ArrayLike, "..."] = 1.0, concentration0: Real[ArrayLike, "..."] = 1.0):
         self.concentration1 = _positive("concentration1", concentration1)
         self.concentration0 = _positive("concentration0", concentration0)
 
-    def log_prob(self, logits) -> Array:
+    def log_prob(self, logits: Float[Array, "*shape"]) -> Float[Array, ""]:
         """Summed log-density of ``sigmoid(logits)``."""
         a, b = self.concentration1.astype(logits.dtype), self.concentration0.astype(logits.dtype)
         log_p, log_q = -jnp.logaddexp(0.0, -logits), -jnp.logaddexp(0.0, logits)
         density = gammaln(a + b) - gammaln(a) - gammaln(b) + _times_log(a - 1.0, log_p) + _times_log(b - 1.0, log_q)
         return jnp.sum(jnp.broadcast_to(density, logits.shape))
 
-    def mode(self, weighted_ones, weights) -> Array:
+    def mode(self, weighted_ones: Float[Array, "*shape"], weights: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
         """The posterior mode given ``sum w y`` and ``sum w`` (clipped to ``[0, 1]`` for concentrations below one)."""
         ones = jnp.maximum(weighted_ones + self.concentration1 - 1.0, 0.0)
         zeros = jnp.maximum(weights - weighted_ones + self.concentration0 - 1.0, 0.0)
@@ -169,7 +177,14 @@ class GaussianPrior(eqx.Module):
     covars_prior: Array
     covars_weight: Array
 
-    def __init__(self, means_prior=0.0, means_weight=0.0, covars_prior=0.0, covars_weight=0.0):
+    @typing.no_type_check
+    def __init__(
+        self,
+        means_prior: Real[ArrayLike, "..."] = 0.0,
+        means_weight: Real[ArrayLike, "..."] = 0.0,
+        covars_prior: Real[ArrayLike, "..."] = 0.0,
+        covars_weight: Real[ArrayLike, "..."] = 0.0,
+    ):
         self.means_prior = _checks.as_float_array("means_prior", means_prior)
         self.means_weight = _non_negative("means_weight", means_weight)
         self.covars_prior = _checks.as_float_array("covars_prior", covars_prior)
@@ -198,7 +213,14 @@ class HMMPrior(eqx.Module):
     stickiness: Array
     emissions: Optional[eqx.Module]
 
-    def __init__(self, initial=1.0, transition=1.0, stickiness=0.0, emissions=None):
+    @typing.no_type_check
+    def __init__(
+        self,
+        initial: Real[ArrayLike, "..."] = 1.0,
+        transition: Real[ArrayLike, "..."] = 1.0,
+        stickiness: Real[ArrayLike, "..."] = 0.0,
+        emissions: DirichletPrior | GammaPrior | BetaPrior | GaussianPrior | None = None,
+    ):
         self.initial = DirichletPrior(initial)
         self.transition = DirichletPrior(transition)
         self.stickiness = _non_negative("stickiness", stickiness)

@@ -460,7 +460,17 @@ def _forward_body(masked, carry, t, x, *, transition_matrix, augmented, lengths,
     return ((pred_next, new) if freeze else pred_next), (new, pred if freeze else None, norm, peak)
 
 
-def _forward_loop(initial_probs, transition_matrix, log_likelihoods, lengths, layout, mode, floor, freeze, masked_ll=None):
+def _forward_loop(
+    initial_probs,
+    transition_matrix,
+    log_likelihoods,
+    lengths,
+    layout,
+    mode,
+    floor,
+    freeze,
+    masked_ll=None,
+):
     """One pass of :func:`forward`: ``(filtered, predicted, peaks, norms)`` with the normalisers
     ``c_t`` (fast modes) or ``log c_t - m_t`` (``mode="rescue"``)."""
     time_axis, s_axis = layout.index("T"), states_axis(layout)

@@ -9,15 +9,18 @@ fold's sequences are scored by a model fitted on the other folds' sequences.
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Sequence
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import PRNGKeyArray
+from jaxtyping import ArrayLike, Int, PRNGKeyArray, Shaped
 
 from .. import _checks
 from .._fit.em import fit_em_restarts
+from .emissions.base import AbstractEmissions
 from .model import HMM
 
 
@@ -73,12 +76,13 @@ def _fit(emissions, lengths, num_states, emissions_type, num_restarts, max_iters
     return best
 
 
+@typing.no_type_check
 def select_num_states(
-    emissions,
-    num_states,
-    emissions_type="gaussian",
+    emissions: Shaped[ArrayLike, "B T ..."],
+    num_states: Sequence[int],
+    emissions_type: str | type[AbstractEmissions] = "gaussian",
     *,
-    lengths=None,
+    lengths: Int[ArrayLike, " B"] | None = None,
     num_restarts: int = 4,
     num_folds: int = 0,
     max_iters: int = 200,

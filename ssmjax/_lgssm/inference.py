@@ -33,13 +33,14 @@ the means per sequence (the ``"observed"`` masking of :mod:`ssmjax._lgssm.strate
 
 from __future__ import annotations
 
+import typing
 from typing import Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from .. import _deprecation
 from . import diffuse, steady, step, strategy
@@ -482,7 +483,16 @@ def marginal_loglik(model, emissions, *, inputs=None, length=None) -> Array:
     return out if getattr(model, "diffuse", ()) else out.marginal_loglik
 
 
-def lgssm_strategy(model, emissions, *, inputs=None, length=None, method="auto", parallel=False) -> KalmanStrategy:
+@typing.no_type_check
+def lgssm_strategy(
+    model: AbstractLGSSM,
+    emissions: Float[ArrayLike, "T Dy"],
+    *,
+    inputs: Float[ArrayLike, "T Du"] | None = None,
+    length: Int[ArrayLike, ""] | None = None,
+    method: str = "auto",
+    parallel: bool = False,
+) -> KalmanStrategy:
     r"""The path that :func:`kalman_filter` and :func:`rts_smoother` take for these arguments, and why.
 
     The choice is made in one place (:mod:`ssmjax._lgssm.strategy`) from shapes, options and,
@@ -516,8 +526,16 @@ def _ops_for(model):
     return choose_ops(dx, dy)
 
 
+@typing.no_type_check
 def kalman_filter(
-    model, emissions, *, inputs=None, length=None, method="auto", parallel=False, strategy=None
+    model: AbstractLGSSM,
+    emissions: Float[ArrayLike, "T Dy"],
+    *,
+    inputs: Float[ArrayLike, "T Du"] | None = None,
+    length: Int[ArrayLike, ""] | None = None,
+    method: str = "auto",
+    parallel: bool = False,
+    strategy: KalmanStrategy | None = None,
 ) -> KalmanFilterResult:
     r"""Kalman filter: filtered and one-step predicted moments and :math:`\log p(y_{1:T})`.
 
@@ -580,8 +598,16 @@ def kalman_filter(
     return _dispatch(False, chosen, model, y, u, length_arr)
 
 
+@typing.no_type_check
 def rts_smoother(
-    model, emissions, *, inputs=None, length=None, method="auto", parallel=False, strategy=None
+    model: AbstractLGSSM,
+    emissions: Float[ArrayLike, "T Dy"],
+    *,
+    inputs: Float[ArrayLike, "T Du"] | None = None,
+    length: Int[ArrayLike, ""] | None = None,
+    method: str = "auto",
+    parallel: bool = False,
+    strategy: KalmanStrategy | None = None,
 ) -> RTSSmootherResult:
     r"""Rauch-Tung-Striebel smoother: posterior marginals and lag-one cross-covariances.
 
@@ -632,7 +658,15 @@ def rts_smoother(
 
 
 @_deprecation.key_last("lgssm_sample_posterior")
-def lgssm_sample_posterior(model, emissions, *, inputs=None, length=None, key: PRNGKeyArray) -> Array:
+@typing.no_type_check
+def lgssm_sample_posterior(
+    model: AbstractLGSSM,
+    emissions: Float[ArrayLike, "T Dy"],
+    *,
+    inputs: Float[ArrayLike, "T Du"] | None = None,
+    length: Int[ArrayLike, ""] | None = None,
+    key: PRNGKeyArray,
+) -> Float[Array, "T Dx"]:
     r"""One exact joint sample of :math:`x_{1:T} \mid y_{1:T}` (forward filter, backward sample).
 
     After the Kalman filter, :math:`x_T \sim \mathcal N(m_{T|T}, P_{T|T})` and, backwards,
@@ -704,7 +738,10 @@ _sample_jit = jax.jit(_sample_impl, static_argnames=("num_timesteps",))
 
 
 @_deprecation.key_last("lgssm_sample")
-def lgssm_sample(model, num_timesteps, *, inputs=None, key: PRNGKeyArray) -> tuple[Array, Array]:
+@typing.no_type_check
+def lgssm_sample(
+    model: AbstractLGSSM, num_timesteps: int, *, inputs: Float[ArrayLike, "T Du"] | None = None, key: PRNGKeyArray
+) -> tuple[Float[Array, "T Dx"], Float[Array, "T Dy"]]:
     r"""Draw states and emissions from the model (ancestral sampling).
 
     :math:`x_1 \sim \mathcal N(\mu_0, \Sigma_0)`, then the transition and emission
@@ -804,8 +841,15 @@ def _forecast_impl(
 _forecast_jit = jax.jit(_forecast_impl, static_argnames=("num_steps", "ops"))
 
 
+@typing.no_type_check
 def lgssm_forecast(
-    model, emissions, num_steps, *, inputs=None, length=None, future_inputs=None
+    model: AbstractLGSSM,
+    emissions: Float[ArrayLike, "T Dy"],
+    num_steps: int,
+    *,
+    inputs: Float[ArrayLike, "T Du"] | None = None,
+    length: Int[ArrayLike, ""] | None = None,
+    future_inputs: Float[ArrayLike, "H Du"] | None = None,
 ) -> LGSSMForecastResult:
     r"""Predictive moments of future states and emissions given the observed sequence.
 

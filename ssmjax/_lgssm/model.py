@@ -45,18 +45,21 @@ against the emissions, by each function.
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Sequence
 from typing import Optional
 
 import equinox as eqx
 import jax
 import numpy as np
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from .. import _checks, _deprecation
 from . import constraints as _constraints
 from . import diffuse as _diffuse
 from . import fit
 from .inference import kalman_filter, lgssm_forecast, marginal_loglik, lgssm_sample, lgssm_sample_posterior, rts_smoother
+from .results import KalmanFilterResult, LGSSMForecastResult, RTSSmootherResult
 from .joint import lgssm_log_joint
 from .params import FIELDS, AbstractLGSSM, _to_array, model_dims, validate_shapes
 
@@ -112,6 +115,27 @@ class LGSSM(AbstractLGSSM):
         ...     emission_matrix=jnp.array([[1.0, 0.0]]), emission_cov=jnp.eye(1))
         >>> model.emission_matrix.shape
         (1, 2)
+
+        The methods call the inference functions on one sequence (``(T, Dy)``) or, for the
+        criteria, on a padded batch (``(B, T, Dy)``):
+
+        >>> import jax
+        >>> states, y = model.sample(50, key=jax.random.key(0))
+        >>> post = model.smoother(y)
+        >>> bool(jnp.allclose(post.marginal_loglik, model.filter(y).marginal_loglik))
+        True
+        >>> bool(jnp.allclose(model.marginal_loglik(y), post.marginal_loglik))
+        True
+        >>> draw = model.sample_posterior(y, key=jax.random.key(1))
+        >>> draw.shape, model.log_joint(draw, y).shape
+        ((50, 2), ())
+        >>> model.forecast(y, 5).emission_means.shape
+        (5, 1)
+        >>> batch = jnp.stack([y, y])
+        >>> bool(jnp.allclose(model.log_likelihood(batch), 2 * post.marginal_loglik))
+        True
+        >>> model.bic(batch) - model.aic(batch) > 0  # log(100) > 2 per parameter
+        True
     """
 
     initial_mean: jax.Array
@@ -127,22 +151,23 @@ class LGSSM(AbstractLGSSM):
     constraints: tuple = eqx.field(static=True, default=())
     diffuse: tuple = eqx.field(static=True, default=())
 
+    @typing.no_type_check
     def __init__(
         self,
         *,
-        initial_mean,
-        initial_cov,
-        transition_matrix,
-        transition_cov,
-        emission_matrix,
-        emission_cov,
-        transition_input_matrix=None,
-        emission_input_matrix=None,
-        transition_offset=None,
-        emission_offset=None,
-        structure: Optional[dict] = None,
-        fixed: Optional[dict] = None,
-        diffuse=None,
+        initial_mean: Float[ArrayLike, " Dx"],
+        initial_cov: Float[ArrayLike, "Dx Dx"],
+        transition_matrix: Float[ArrayLike, "Dx Dx"] | Float[ArrayLike, "T_minus_1 Dx Dx"],
+        transition_cov: Float[ArrayLike, "Dx Dx"] | Float[ArrayLike, "T_minus_1 Dx Dx"],
+        emission_matrix: Float[ArrayLike, "Dy Dx"] | Float[ArrayLike, "T Dy Dx"],
+        emission_cov: Float[ArrayLike, "Dy Dy"] | Float[ArrayLike, "T Dy Dy"],
+        transition_input_matrix: Float[ArrayLike, "Dx Du"] | Float[ArrayLike, "T_minus_1 Dx Du"] | None = None,
+        emission_input_matrix: Float[ArrayLike, "Dy Du"] | Float[ArrayLike, "T Dy Du"] | None = None,
+        transition_offset: Float[ArrayLike, " Dx"] | Float[ArrayLike, "T_minus_1 Dx"] | None = None,
+        emission_offset: Float[ArrayLike, " Dy"] | Float[ArrayLike, "T Dy"] | None = None,
+        structure: dict[str, str] | None = None,
+        fixed: dict[str, bool | Bool[ArrayLike, "..."]] | None = None,
+        diffuse: bool | Bool[ArrayLike, " Dx"] | None = None,
     ):
         self.initial_mean = _to_array(initial_mean)
         self.initial_cov = _to_array(initial_cov)
@@ -201,7 +226,13 @@ class LGSSM(AbstractLGSSM):
                     out[name] = np.diag(mask) if self.structure.get(name) == "diagonal" else mask
         return out
 
-    def with_constraints(self, *, structure: Optional[dict] = None, fixed: Optional[dict] = None) -> "LGSSM":
+    @typing.no_type_check
+    def with_constraints(
+        self,
+        *,
+        structure: dict[str, str] | None = None,
+        fixed: dict[str, bool | Bool[ArrayLike, "..."]] | None = None,
+    ) -> LGSSM:
         """The same model with these constraints in place of its own (see ``structure`` and ``fixed`` above).
 
         Example:
@@ -222,21 +253,52 @@ class LGSSM(AbstractLGSSM):
         return LGSSM(**fields, structure=structure, fixed=fixed, diffuse=self.diffuse or None)
 
     # ------------------------------------------------------------ inference
-    def marginal_loglik(self, emissions, *, length=None, inputs=None) -> jax.Array:
+    @typing.no_type_check
+    def marginal_loglik(
+        self,
+        emissions: Float[ArrayLike, "T Dy"],
+        *,
+        length: Int[ArrayLike, ""] | None = None,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+    ) -> Float[Array, ""]:
         """``log p(y_{1:T})`` of one sequence (see :func:`ssmjax.kalman_filter`); the exact diffuse
         log-likelihood when the model has ``diffuse`` components."""
         return marginal_loglik(self, emissions, inputs=inputs, length=length)
 
-    def filter(self, emissions, *, inputs=None, length=None, method="auto"):
+    @typing.no_type_check
+    def filter(
+        self,
+        emissions: Float[ArrayLike, "T Dy"],
+        *,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+        length: Int[ArrayLike, ""] | None = None,
+        method: str = "auto",
+    ) -> KalmanFilterResult:
         """Kalman filter of one sequence; see :func:`ssmjax.kalman_filter`."""
         return kalman_filter(self, emissions, inputs=inputs, length=length, method=method)
 
-    def smoother(self, emissions, *, inputs=None, length=None, method="auto"):
+    @typing.no_type_check
+    def smoother(
+        self,
+        emissions: Float[ArrayLike, "T Dy"],
+        *,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+        length: Int[ArrayLike, ""] | None = None,
+        method: str = "auto",
+    ) -> RTSSmootherResult:
         """RTS smoother of one sequence; see :func:`ssmjax.rts_smoother`."""
         return rts_smoother(self, emissions, inputs=inputs, length=length, method=method)
 
     @_deprecation.key_last("LGSSM.sample_posterior", skip=1)
-    def sample_posterior(self, emissions, *, inputs=None, length=None, key: PRNGKeyArray):
+    @typing.no_type_check
+    def sample_posterior(
+        self,
+        emissions: Float[ArrayLike, "T Dy"],
+        *,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+        length: Int[ArrayLike, ""] | None = None,
+        key: PRNGKeyArray,
+    ) -> Float[Array, "T Dx"]:
         """Exact joint draw of ``x_{1:T} | y``; see :func:`ssmjax.lgssm_sample_posterior`."""
         return lgssm_sample_posterior(self, emissions, inputs=inputs, length=length, key=key)
 
@@ -245,16 +307,40 @@ class LGSSM(AbstractLGSSM):
         _deprecation.warn("LGSSM.posterior_sample(key, ...)", "LGSSM.sample_posterior(..., key=key)")
         return self.sample_posterior(emissions, inputs=inputs, length=length, key=key)
 
-    def log_joint(self, states, emissions, *, inputs=None, length=None):
+    @typing.no_type_check
+    def log_joint(
+        self,
+        states: Float[ArrayLike, "T Dx"],
+        emissions: Float[ArrayLike, "T Dy"],
+        *,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+        length: Int[ArrayLike, ""] | None = None,
+    ) -> Float[Array, ""]:
         """``log p(y_{1:T}, x_{1:T})`` of a state path; see :func:`ssmjax.lgssm_log_joint`."""
         return lgssm_log_joint(self, states, emissions, inputs=inputs, length=length)
 
     @_deprecation.key_last("LGSSM.sample", skip=1)
-    def sample(self, num_timesteps, *, inputs=None, key: PRNGKeyArray):
+    @typing.no_type_check
+    def sample(
+        self,
+        num_timesteps: int,
+        *,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+        key: PRNGKeyArray,
+    ) -> tuple[Float[Array, "T Dx"], Float[Array, "T Dy"]]:
         """Draw ``(states, emissions)``; see :func:`ssmjax.lgssm_sample`."""
         return lgssm_sample(self, num_timesteps, inputs=inputs, key=key)
 
-    def forecast(self, emissions, num_steps, *, inputs=None, length=None, future_inputs=None):
+    @typing.no_type_check
+    def forecast(
+        self,
+        emissions: Float[ArrayLike, "T Dy"],
+        num_steps: int,
+        *,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+        length: Int[ArrayLike, ""] | None = None,
+        future_inputs: Float[ArrayLike, "H Du"] | None = None,
+    ) -> LGSSMForecastResult:
         """Predictive moments of future states and emissions; see :func:`ssmjax.lgssm_forecast`."""
         return lgssm_forecast(self, emissions, num_steps, inputs=inputs, length=length,
                               future_inputs=future_inputs)
@@ -265,22 +351,46 @@ class LGSSM(AbstractLGSSM):
         """Names accepted by ``frozen``: the fields that are not ``None``."""
         return fit.parameter_names(self)
 
-    def num_parameters(self, frozen=()) -> int:
+    @typing.no_type_check
+    def num_parameters(self, frozen: Sequence[str] = ()) -> int:
         """Free parameters, as AIC and BIC count them: every entry not held (``fixed``), a full
         covariance counted once per pair, a diagonal one per free variance, a scalar one once;
         names in ``frozen`` (as :func:`ssmjax.fit_em` takes them) count nothing."""
         return fit.num_parameters(self, frozen)
 
-    def log_likelihood(self, emissions, *, lengths=None, inputs=None) -> jax.Array:
+    @typing.no_type_check
+    def log_likelihood(
+        self,
+        emissions: Float[ArrayLike, "B T Dy"],
+        *,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        inputs: Float[ArrayLike, "B T Du"] | None = None,
+    ) -> Float[Array, ""]:
         """``sum_b log p(y^(b))`` of a padded batch ``(B, T, Dy)`` (``lengths`` and ``inputs`` as :func:`ssmjax.fit_em`)."""
         return fit.batch_loglik(self, emissions, lengths, inputs)
 
-    def aic(self, emissions, *, lengths=None, inputs=None, frozen=()) -> float:
+    @typing.no_type_check
+    def aic(
+        self,
+        emissions: Float[ArrayLike, "B T Dy"],
+        *,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        inputs: Float[ArrayLike, "B T Du"] | None = None,
+        frozen: Sequence[str] = (),
+    ) -> float:
         """Akaike's criterion of a padded batch, ``-2 log p(y) + 2 p`` (:meth:`num_parameters`); lower is better."""
         loglik = self.log_likelihood(emissions, lengths=lengths, inputs=inputs)
         return float(-2.0 * loglik + 2.0 * self.num_parameters(frozen))
 
-    def bic(self, emissions, *, lengths=None, inputs=None, frozen=()) -> float:
+    @typing.no_type_check
+    def bic(
+        self,
+        emissions: Float[ArrayLike, "B T Dy"],
+        *,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        inputs: Float[ArrayLike, "B T Du"] | None = None,
+        frozen: Sequence[str] = (),
+    ) -> float:
         """Schwarz's criterion of a padded batch, ``-2 log p(y) + p log N`` with ``N`` the number of real
         steps; lower is better."""
         emissions, lengths, inputs = self._check_batch(emissions, lengths, inputs)

@@ -92,12 +92,11 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from .canonical import LOG_2PI as _LOG_2PI
 from .canonical import _canonical
 from .results import KalmanFilterResult, RTSSmootherResult
-from .validate import _validate
 from .params import AbstractLGSSM
 from .small import GeneralOps, symmetrize
 

@@ -49,6 +49,8 @@ from .glm import GLMStats as GLMStats
 from .glm import PoissonRegressionEmissions as PoissonRegressionEmissions
 from .product import ProductEmissions as ProductEmissions
 from .product import ProductStats as ProductStats
+from .student_t import StudentTEmissions as StudentTEmissions
+from .student_t import StudentTStats as StudentTStats
 from .poisson import PoissonStats as PoissonStats
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "PoissonRegressionEmissions",
     "BernoulliRegressionEmissions",
     "ProductEmissions",
+    "StudentTEmissions",
     "BernoulliStats",
     "CategoricalStats",
     "GammaStats",
@@ -82,4 +85,5 @@ __all__ = [
     "RegressionStats",
     "GLMStats",
     "ProductStats",
+    "StudentTStats",
 ]

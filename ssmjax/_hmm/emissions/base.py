@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import abc
 import inspect
+import typing
+from collections.abc import Set as AbstractSet
 from typing import ClassVar, Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 from jax import lax
 
@@ -290,15 +292,18 @@ class AbstractEmissions(eqx.Module):
         """Shape of one time step's emission (``()`` for scalars)."""
 
     @abc.abstractmethod
-    def log_prob(self, emission) -> Float[Array, " K"]:
+    def log_prob(self, emission: Shaped[ArrayLike, "..."]) -> Float[Array, " K"]:
         """Per-state log-likelihoods ``log p(emission | z = k)`` of ONE step's emission."""
 
     @abc.abstractmethod
-    def sample(self, state, *, key: PRNGKeyArray) -> Array:
+    def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Shaped[Array, "..."]:
         """One emission drawn from state ``state`` (an integer scalar)."""
 
     @abc.abstractmethod
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         """Value-check ``emissions`` of shape ``(N, *emission_shape)``; return them guarded."""
 
     # -- final -------------------------------------------------------------
@@ -309,7 +314,10 @@ class AbstractEmissions(eqx.Module):
         that takes no inputs (the default)."""
         return None
 
-    def check_inputs(self, inputs, num_steps: int, mask=None) -> Optional[Array]:
+    @typing.no_type_check
+    def check_inputs(
+        self, inputs: Float[ArrayLike, "N Du"] | None, num_steps: int, mask: Bool[ArrayLike, " N"] | None = None
+    ) -> Float[Array, "N Du"] | None:
         """Validate one sequence's ``inputs`` (``None`` for a family without inputs); return them guarded."""
         if inputs is not None:
             raise ValueError(
@@ -318,13 +326,20 @@ class AbstractEmissions(eqx.Module):
             )
         return None
 
-    def joined(self, emissions, inputs) -> Array:
+    def joined(self, emissions: Shaped[Array, "T ..."], inputs: Float[Array, "T ..."] | None) -> Shaped[Array, "T ..."]:
         """The per-step rows the family's statistics read: ``emissions`` themselves, or for a
         family with covariates (:class:`ssmjax.LinearRegressionEmissions`) each step's emission
         joined to its covariates. Time is axis 0; further leading axes (a batch) are allowed."""
         return emissions
 
-    def log_likelihoods(self, emissions, *, length=None, inputs=None) -> Float[Array, "T K"]:
+    @typing.no_type_check
+    def log_likelihoods(
+        self,
+        emissions: Shaped[ArrayLike, "T ..."],
+        *,
+        length: Int[ArrayLike, ""] | None = None,
+        inputs: Float[ArrayLike, "T Du"] | None = None,
+    ) -> Float[Array, "T K"]:
         r"""Log-likelihood matrix of a sequence: ``out[t, k] = log p(y_t | z_t = k)``.
 
         This is the ``log_likelihoods`` argument of :func:`ssmjax.hmm_filter`.
@@ -417,7 +432,7 @@ class AbstractEmissions(eqx.Module):
         lls = jnp.swapaxes(lls.reshape(num_steps, num_seq, -1), 1, 2)
         return jnp.where(valid[:, None, :], lls, 0.0)
 
-    def log_prior(self, prior) -> Array:
+    def log_prior(self, prior: PyTree | None) -> Float[Array, ""]:
         """``log p(parameters)`` under ``prior`` (:mod:`ssmjax._hmm.priors`); ``0`` for None.
 
         Families with a conjugate prior override it (and take ``prior=`` in ``m_step_from_stats``).
@@ -443,7 +458,13 @@ class AbstractEmissions(eqx.Module):
         """Whether :meth:`m_step` is available (the family has summable sufficient statistics)."""
         return isinstance(self, AbstractExponentialFamilyEmissions)
 
-    def m_step(self, emissions, weights, mask=None) -> "AbstractEmissions":
+    @typing.no_type_check
+    def m_step(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> AbstractEmissions:
         r"""Closed-form M-step: the model maximising the weighted log-likelihood.
 
         Solves :math:`\max_\theta \sum_n \sum_k w_{nk} \log p_\theta(y_n \mid z = k)`
@@ -466,6 +487,14 @@ class AbstractEmissions(eqx.Module):
 
         Raises:
             NoClosedFormMStepError: the family has no closed-form M-step.
+
+        Example:
+            >>> import jax.numpy as jnp, ssmjax
+            >>> poisson = ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [5.0]]))
+            >>> counts = jnp.array([[0.0], [2.0], [6.0], [8.0]])
+            >>> weights = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+            >>> bool(jnp.allclose(poisson.m_step(counts, weights).rates, jnp.array([[1.0], [7.0]])))  # weighted means
+            True
         """
         if not isinstance(self, AbstractExponentialFamilyEmissions):
             raise NoClosedFormMStepError(
@@ -495,14 +524,64 @@ class AbstractExponentialFamilyEmissions(AbstractEmissions):
     A family whose M-step needs the data rather than sums (the GLM families' Newton steps)
     returns :class:`AbstractStepStats` instead, one row per pooled step: those combine by
     concatenating rows (:func:`_combine_sequences`), and equal the statistics of the pooled steps.
+
+    Example:
+        The statistics of two halves of the data add up to those of the whole, for every
+        built-in family with summable statistics:
+
+        >>> import equinox as eqx, jax, jax.numpy as jnp, ssmjax
+        >>> states = jnp.arange(40) % 2
+        >>> weights = jax.nn.one_hot(states, 2)
+        >>> counts = (jnp.arange(120).reshape(40, 3) * 7) % 5
+        >>> normal = jax.random.normal(jax.random.key(0), (40, 3))
+        >>> eye = jnp.tile(jnp.eye(3), (2, 1, 1))
+        >>> cases = [
+        ...     (ssmjax.PoissonEmissions(rates=jnp.ones((2, 3))), counts),
+        ...     (ssmjax.BernoulliEmissions(probs=jnp.full((2, 3), 0.5)), counts % 2),
+        ...     (ssmjax.CategoricalEmissions(probs=jnp.full((2, 4), 0.25)), counts[:, 0] % 4),
+        ...     (ssmjax.GammaEmissions(shapes=jnp.ones((2, 3)), rates=jnp.ones((2, 3))), counts + 0.5),
+        ...     (ssmjax.GaussianEmissions(jnp.zeros((2, 3)), eye), normal),
+        ...     (ssmjax.MultinomialEmissions(jnp.full((2, 4), 0.25), num_trials=10),
+        ...      jnp.tile(jnp.array([1, 2, 3, 4]), (40, 1))),
+        ...     (ssmjax.StudentTEmissions(jnp.zeros((2, 3)), eye, jnp.full(2, 4.0)), normal),
+        ...     (ssmjax.GaussianMixtureEmissions(
+        ...         jnp.full((2, 2), 0.5), ssmjax.DiagonalGaussianEmissions(normal[:4], jnp.ones((4, 3)))), normal),
+        ...     (ssmjax.ProductEmissions(ssmjax.PoissonEmissions(rates=jnp.ones((2, 1))),
+        ...                              ssmjax.DiagonalGaussianEmissions(jnp.zeros((2, 2)), jnp.ones((2, 2)))),
+        ...      jnp.concatenate([counts[:, :1], normal[:, :2]], axis=1)),
+        ...     (ssmjax.KnownStateEmissions(2), states),
+        ... ]
+        >>> stats = eqx.filter_jit(lambda family, rows, w: family.suff_stats(rows, w))  # one program per size
+        >>> def halves_add_up(family, rows):
+        ...     whole = stats(family, rows, weights)
+        ...     halves = jax.tree.map(jnp.add, stats(family, rows[:20], weights[:20]),
+        ...                           stats(family, rows[20:], weights[20:]))
+        ...     return all(bool(jnp.allclose(a, b)) for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(halves)))
+        >>> [halves_add_up(family, rows) for family, rows in cases] == [True] * len(cases)
+        True
+
+        A family with covariates reads each step's emission joined to them:
+
+        >>> regression = ssmjax.LinearRegressionEmissions(jnp.ones((2, 1, 2)), jnp.zeros((2, 1)), jnp.ones((2, 1, 1)))
+        >>> halves_add_up(regression, regression.joined(normal[:, :1], normal[:, 1:]))
+        True
     """
 
     @abc.abstractmethod
-    def suff_stats(self, emissions, weights, mask=None) -> PyTree[Array]:
+    def suff_stats(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> PyTree[Array]:
         """Weighted sufficient statistics of pooled ``emissions`` ``(N, ...)``, ``weights`` ``(N, K)``."""
 
     @abc.abstractmethod
-    def m_step_from_stats(self, stats: PyTree[Array], frozen=frozenset()) -> "AbstractExponentialFamilyEmissions":
+    def m_step_from_stats(
+        self,
+        stats: PyTree[Array],
+        frozen: AbstractSet[str] = frozenset(),
+    ) -> "AbstractExponentialFamilyEmissions":
         """The maximiser given (summed) statistics; empty states keep their parameters.
 
         ``frozen`` names parameters (``"rates"``, ``"probs"``, ``"means"``, ``"covs"``)

@@ -8,12 +8,15 @@ functions it is built from.
 from __future__ import annotations
 
 import functools
-from typing import ClassVar, NamedTuple, Optional
+import typing
+from collections.abc import Set as AbstractSet
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jax.typing import DTypeLike
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Real, Shaped
 
 from ... import _checks
 from ..priors import BetaPrior
@@ -95,7 +98,8 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
     logits: Float[Array, "K D"]
     parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"probs": ("logits",)}
 
-    def __init__(self, probs=None, *, logits=None):
+    @typing.no_type_check
+    def __init__(self, probs: Float[ArrayLike, "K D"] | None = None, *, logits: Float[ArrayLike, "K D"] | None = None):
         if (probs is None) == (logits is None):
             raise ValueError("Pass exactly one of `probs` and `logits`.")
         if probs is not None:
@@ -128,7 +132,10 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
         """Probabilities of a 1, ``(K, D)``."""
         return jax.nn.sigmoid(self.logits)
 
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         emissions = _checks.to_device(emissions)
         if not (
             jnp.issubdtype(emissions.dtype, jnp.bool_)
@@ -148,14 +155,20 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
     def _float(self, emissions: jax.Array) -> jax.Array:
         return emissions.astype(self.logits.dtype)
 
-    def log_prob(self, emission) -> Float[Array, " K"]:
+    def log_prob(self, emission: Real[ArrayLike, " D"]) -> Float[Array, " K"]:
         emission = self._checked_emission(emission, "one vector of 0/1 outcomes")
         return _bernoulli_log_prob(self.logits, self._float(emission))
 
-    def sample(self, state, *, key: PRNGKeyArray) -> Array:
+    def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Real[Array, " D"]:
         return jax.random.bernoulli(key, self.probs[state]).astype(jnp.int32)
 
-    def suff_stats(self, emissions, weights, mask=None) -> BernoulliStats:
+    @typing.no_type_check
+    def suff_stats(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> BernoulliStats:
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", self.emission_dim), "pooled 0/1 outcome vectors")
         n = emissions.shape[0]
@@ -171,12 +184,17 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
     def parameter_counts(self) -> dict[str, int]:
         return {"probs": int(np.isfinite(np.asarray(self.logits)).sum())}  # probabilities 0 and 1 are fixed
 
-    def log_prior(self, prior) -> Array:
+    def log_prior(self, prior: PyTree | None) -> Float[Array, ""]:
         if isinstance(prior, BetaPrior):
             return prior.log_prob(self.logits)
         return super().log_prior(prior)
 
-    def m_step_from_stats(self, stats: BernoulliStats, frozen=frozenset(), prior=None) -> "BernoulliEmissions":
+    def m_step_from_stats(
+        self,
+        stats: BernoulliStats,
+        frozen: AbstractSet[str] = frozenset(),
+        prior: PyTree | None = None,
+    ) -> "BernoulliEmissions":
         if "probs" in frozen:
             return self
         if isinstance(prior, BetaPrior):  # the posterior mode; nothing to learn from keeps its value
@@ -190,7 +208,10 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
     # -- initialisers ------------------------------------------------------
 
     @classmethod
-    def random(cls, num_states: int, emission_dim: int, *, dtype=None, key: PRNGKeyArray) -> "BernoulliEmissions":
+    @typing.no_type_check
+    def random(
+        cls, num_states: int, emission_dim: int, *, dtype: DTypeLike | None = None, key: PRNGKeyArray
+    ) -> BernoulliEmissions:
         """Probabilities drawn uniformly from ``(0.05, 0.95)``.
 
         Example:
@@ -203,9 +224,11 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
         return cls(logits=_log_odds(probs))
 
     @classmethod
+    @typing.no_type_check
     def from_data(
-        cls, emissions, num_states: int, *, noise: float = 0.3, key: Optional[PRNGKeyArray] = None
-    ) -> "BernoulliEmissions":
+        cls, emissions: Real[ArrayLike, "N D"], num_states: int, *, noise: float = 0.3,
+        key: PRNGKeyArray | None = None,
+    ) -> BernoulliEmissions:
         r"""Observed frequencies of each outcome, spread per state by uniform noise.
 
         ``probs[k] = (1 - noise) * f + noise * u_k`` with ``f`` the add-one smoothed frequency

@@ -7,12 +7,15 @@ private log-density, counting and M-step functions it is built from.
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Set as AbstractSet
 from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jax.typing import DTypeLike
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Real, Shaped
 
 from ... import _checks, _deprecation
 from ..priors import DirichletPrior
@@ -81,7 +84,7 @@ class _AbstractProbabilityRows(AbstractExponentialFamilyEmissions):
     def parameter_counts(self) -> dict[str, int]:
         return {"probs": _free_simplex_entries(self.logits)}  # structural zeros are fixed
 
-    def log_prior(self, prior) -> Array:
+    def log_prior(self, prior: PyTree | None) -> Float[Array, ""]:
         if isinstance(prior, DirichletPrior):
             return prior.log_prob(jax.nn.log_softmax(self.logits, axis=-1))
         return super().log_prior(prior)
@@ -119,27 +122,37 @@ class CategoricalEmissions(_AbstractProbabilityRows):
 
     logits: Float[Array, "K C"]
 
-    def __init__(self, probs=None, *, logits=None):
+    @typing.no_type_check
+    def __init__(self, probs: Float[ArrayLike, "K C"] | None = None, *, logits: Float[ArrayLike, "K C"] | None = None):
         self.logits = _rows_logits(probs, logits, "one row of symbol probabilities per state")
 
     @property
     def emission_shape(self) -> tuple[int, ...]:
         return ()
 
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         return _checked_indices(
             emissions, mask, self.num_classes, "a categorical model must hold integer symbols",
             f"`emissions` must be symbols in [0, {self.num_classes}) (num_classes), or NaN for missing.",
         )
 
-    def log_prob(self, emission) -> Float[Array, " K"]:
+    def log_prob(self, emission: Real[ArrayLike, ""]) -> Float[Array, " K"]:
         emission = self._checked_emission(emission, "one integer symbol")
         return _categorical_log_prob(self.logits, emission)
 
-    def sample(self, state, *, key: PRNGKeyArray) -> Int[Array, ""]:
+    def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Int[Array, ""]:
         return jax.random.categorical(key, self.logits[state])
 
-    def suff_stats(self, emissions, weights, mask=None) -> CategoricalStats:
+    @typing.no_type_check
+    def suff_stats(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> CategoricalStats:
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N",), "pooled integer symbols")
         n = emissions.shape[0]
@@ -150,7 +163,12 @@ class CategoricalEmissions(_AbstractProbabilityRows):
         weights = jnp.where(observed[:, None], weights, 0.0)
         return CategoricalStats(counts=_categorical_counts(weights, emissions.astype(jnp.int32), self.num_classes))
 
-    def m_step_from_stats(self, stats: CategoricalStats, frozen=frozenset(), prior=None) -> "CategoricalEmissions":
+    def m_step_from_stats(
+        self,
+        stats: CategoricalStats,
+        frozen: AbstractSet[str] = frozenset(),
+        prior: PyTree | None = None,
+    ) -> "CategoricalEmissions":
         if "probs" in frozen:
             return self
         counts = jnp.asarray(stats.counts)
@@ -161,7 +179,10 @@ class CategoricalEmissions(_AbstractProbabilityRows):
 
     @classmethod
     @_deprecation.key_last("CategoricalEmissions.random", skip=1)
-    def random(cls, num_states: int, num_classes: int, dtype=None, *, key: PRNGKeyArray) -> "CategoricalEmissions":
+    @typing.no_type_check
+    def random(
+        cls, num_states: int, num_classes: int, dtype: DTypeLike | None = None, *, key: PRNGKeyArray
+    ) -> CategoricalEmissions:
         """Rows drawn from a flat Dirichlet(1, ..., 1).
 
         Example:
@@ -175,9 +196,11 @@ class CategoricalEmissions(_AbstractProbabilityRows):
 
     @classmethod
     @_deprecation.key_last("CategoricalEmissions.from_data", skip=1)
+    @typing.no_type_check
     def from_data(
-        cls, emissions, num_states: int, num_classes: int, *, noise: float = 0.2, key: PRNGKeyArray
-    ) -> "CategoricalEmissions":
+        cls, emissions: Real[ArrayLike, " N"], num_states: int, num_classes: int, *, noise: float = 0.2,
+        key: PRNGKeyArray,
+    ) -> CategoricalEmissions:
         r"""Empirical symbol frequencies, perturbed per state by Dirichlet noise.
 
         ``probs[k] = (1 - noise) * f + noise * g_k`` where ``f`` are the add-one
@@ -209,7 +232,11 @@ class CategoricalEmissions(_AbstractProbabilityRows):
         return cls(logits=jnp.log(probs))
 
 
-def _categorical_counts(weights: Float[Array, "N K"], emissions: Int[Array, " N"], num_classes: int) -> Float[Array, "K C"]:
+def _categorical_counts(
+    weights: Float[Array, "N K"],
+    emissions: Int[Array, " N"],
+    num_classes: int,
+) -> Float[Array, "K C"]:
     onehot = jax.nn.one_hot(emissions, num_classes, dtype=weights.dtype)
     return weights.T @ onehot
 

@@ -9,12 +9,15 @@ An exponential emission is a Gamma with shape 1: build it with ``shapes=1`` and 
 from __future__ import annotations
 
 import functools
-from typing import ClassVar, NamedTuple, Optional
+import typing
+from collections.abc import Set as AbstractSet
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln, polygamma
-from jaxtyping import Array, Float, PRNGKeyArray
+from jax.typing import DTypeLike
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Shaped
 
 from ... import _checks
 from .base import (
@@ -112,7 +115,15 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
     log_rates: Float[Array, "K D"]
     parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"shapes": ("log_shapes",), "rates": ("log_rates",)}
 
-    def __init__(self, shapes=None, rates=None, *, log_shapes=None, log_rates=None):
+    @typing.no_type_check
+    def __init__(
+        self,
+        shapes: Float[ArrayLike, "K D"] | None = None,
+        rates: Float[ArrayLike, "K D"] | None = None,
+        *,
+        log_shapes: Float[ArrayLike, "K D"] | None = None,
+        log_rates: Float[ArrayLike, "K D"] | None = None,
+    ):
         if (rates is None) == (log_rates is None) or (shapes is None) == (log_shapes is None):
             raise ValueError("Pass exactly one of `shapes` and `log_shapes`, and one of `rates` and `log_rates`.")
         if log_rates is None:
@@ -158,7 +169,10 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
         """Means :math:`\\alpha / \\beta`, ``(K, D)``."""
         return jnp.exp(self.log_shapes - self.log_rates)
 
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         emissions = _checks.to_device(emissions)
         if not (jnp.issubdtype(emissions.dtype, jnp.floating) or jnp.issubdtype(emissions.dtype, jnp.integer)):
             raise ValueError(f"`emissions` of a Gamma model must be positive numbers; got dtype {emissions.dtype}.")
@@ -170,14 +184,20 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
     def _float(self, emissions: jax.Array) -> jax.Array:
         return emissions.astype(self.log_rates.dtype)
 
-    def log_prob(self, emission) -> Float[Array, " K"]:
+    def log_prob(self, emission: Float[ArrayLike, " D"]) -> Float[Array, " K"]:
         emission = self._checked_emission(emission, "one vector of positive values")
         return _gamma_log_prob(self.log_shapes, self.log_rates, self._float(emission))
 
-    def sample(self, state, *, key: PRNGKeyArray) -> Float[Array, " D"]:
+    def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Float[Array, " D"]:
         return jax.random.gamma(key, self.shapes[state], dtype=self.log_rates.dtype) / self.rates[state]
 
-    def suff_stats(self, emissions, weights, mask=None) -> GammaStats:
+    @typing.no_type_check
+    def suff_stats(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> GammaStats:
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", self.emission_dim), "pooled positive value vectors")
         n = emissions.shape[0]
@@ -189,7 +209,7 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
         counts = _observed_weights(weights, observed, _missing(emissions, mask))
         return GammaStats(counts, weights.T @ (obs * y), weights.T @ (obs * jnp.log(y)))
 
-    def m_step_from_stats(self, stats: GammaStats, frozen=frozenset()) -> "GammaEmissions":
+    def m_step_from_stats(self, stats: GammaStats, frozen: AbstractSet[str] = frozenset()) -> "GammaEmissions":
         empty = stats.observed_weights <= 0
         total = jnp.where(empty, 1.0, stats.observed_weights)
         mean, mean_log = stats.weighted_sums / total, stats.weighted_logs / total
@@ -207,7 +227,10 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
     # -- initialisers ------------------------------------------------------
 
     @classmethod
-    def random(cls, num_states: int, emission_dim: int, *, dtype=None, key: PRNGKeyArray) -> "GammaEmissions":
+    @typing.no_type_check
+    def random(
+        cls, num_states: int, emission_dim: int, *, dtype: DTypeLike | None = None, key: PRNGKeyArray
+    ) -> GammaEmissions:
         """Shapes from ``Uniform(1, 5)``, rates from ``Uniform(0.5, 2)``.
 
         Example:
@@ -222,7 +245,10 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
         return cls(log_shapes=jnp.log(shapes), log_rates=jnp.log(rates))
 
     @classmethod
-    def from_data(cls, emissions, num_states: int, *, key: Optional[PRNGKeyArray] = None) -> "GammaEmissions":
+    @typing.no_type_check
+    def from_data(
+        cls, emissions: Float[ArrayLike, "N D"], num_states: int, *, key: PRNGKeyArray | None = None
+    ) -> GammaEmissions:
         r"""State ``k``'s mean at the ``(k + 1/2) / K`` quantile of each dimension (observed values),
         and one shape for all states from the pooled data's method of moments (mean² / variance).
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import abc
 import functools
+import typing
+from collections.abc import Set as AbstractSet
 from typing import ClassVar, Optional
 
 import equinox as eqx
@@ -27,7 +29,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jax.typing import DTypeLike
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 from ... import _checks, _deprecation
 from .base import (
@@ -114,7 +117,10 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
     def emission_shape(self) -> tuple[int, ...]:
         return (self.emission_dim,)
 
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         emissions = _checks.to_device(emissions)
         if not (jnp.issubdtype(emissions.dtype, jnp.floating) or jnp.issubdtype(emissions.dtype, jnp.integer)):
             raise ValueError(f"`emissions` of a Gaussian model must be real numbers; got dtype {emissions.dtype}.")
@@ -129,7 +135,13 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         """One step's emission, shape- and value-checked, in the model's dtype."""
         return self._checked_emission(emission, "one emission vector").astype(self.means.dtype)
 
-    def suff_stats(self, emissions, weights, mask=None) -> GaussianStats:
+    @typing.no_type_check
+    def suff_stats(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> GaussianStats:
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", self.emission_dim), "pooled emission vectors")
         n = emissions.shape[0]
@@ -151,7 +163,7 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         per_type = {"full": k * d * (d + 1) // 2, "tied": d * (d + 1) // 2, "diag": k * d, "spherical": k}
         return {"means": k * d, "covs": per_type[self.covariance_type]}
 
-    def log_prior(self, prior) -> Array:
+    def log_prior(self, prior: PyTree | None) -> Float[Array, ""]:
         if not isinstance(prior, GaussianPrior):
             return super().log_prior(prior)
         k, d = self.means.shape
@@ -176,7 +188,12 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
             return -a * half_log_det[0] - 0.5 * trace[0] - 0.5 * jnp.sum(lam * quad)
         return jnp.sum(-a * half_log_det - 0.5 * trace - 0.5 * lam * quad)
 
-    def m_step_from_stats(self, stats: GaussianStats, frozen=frozenset(), prior=None) -> "AbstractGaussianEmissions":
+    def m_step_from_stats(
+        self,
+        stats: GaussianStats,
+        frozen: AbstractSet[str] = frozenset(),
+        prior: PyTree | None = None,
+    ) -> "AbstractGaussianEmissions":
         old_cov_param = self._cov_param()
         means, cov_param = _gaussian_m_step(
             self.means, old_cov_param, stats, self.min_variance, self.covariance_type, "means" in frozen,
@@ -192,10 +209,11 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
 
     @classmethod
     @_deprecation.key_last("GaussianEmissions.random", skip=1)
+    @typing.no_type_check
     def random(
-        cls, num_states: int, emission_dim: int, covariance_type: Optional[str] = None,
-        *, min_variance: float = 1e-6, dtype=None, key: PRNGKeyArray,
-    ) -> "AbstractGaussianEmissions":
+        cls, num_states: int, emission_dim: int, covariance_type: str | None = None,
+        *, min_variance: float = 1e-6, dtype: DTypeLike | None = None, key: PRNGKeyArray,
+    ) -> AbstractGaussianEmissions:
         """Means drawn from N(0, I); identity covariances.
 
         ``covariance_type`` is deprecated: each class has its own (``"full"`` for
@@ -214,10 +232,11 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
 
     @classmethod
     @_deprecation.key_last("GaussianEmissions.from_data", skip=1)
+    @typing.no_type_check
     def from_data(
-        cls, emissions, num_states: int, covariance_type: Optional[str] = None,
+        cls, emissions: Float[ArrayLike, "N D"], num_states: int, covariance_type: str | None = None,
         *, num_iters: int = 10, min_variance: float = 1e-6, key: PRNGKeyArray,
-    ) -> "AbstractGaussianEmissions":
+    ) -> AbstractGaussianEmissions:
         r"""k-means initialisation: k-means++ seeding, ``num_iters`` Lloyd iterations, cluster covariances.
 
         Seeds are drawn greedy k-means++ style (``2 + floor(log K)`` candidates
@@ -328,7 +347,7 @@ class _AbstractFullGaussian(AbstractGaussianEmissions):
     def variances(self) -> Float[Array, "K D"]:
         return jnp.sum(jnp.tril(self.chol_covs) ** 2, axis=-1)
 
-    def log_prob(self, emission) -> Float[Array, " K"]:
+    def log_prob(self, emission: Float[ArrayLike, " D"]) -> Float[Array, " K"]:
         return _gaussian_marginal_log_prob(self.means, self.chol_covs, self._one_emission(emission))
 
     def _log_prob_observed(self, emission) -> Float[Array, " K"]:
@@ -357,7 +376,7 @@ class _AbstractFullGaussian(AbstractGaussianEmissions):
         resid = [y[:, None, d, :] - means[:, :, d] for d in range(self.emission_dim)]  # (T, K, B) each
         return jnp.where(valid[:, None, :], _unrolled_gaussian_log_density(resid, self.chol_covs), 0.0)
 
-    def sample(self, state, *, key: PRNGKeyArray) -> Float[Array, " D"]:
+    def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Float[Array, " D"]:
         eps = jax.random.normal(key, (self.emission_dim,), self.means.dtype)
         return self.means[state] + jnp.tril(self.chol_covs[state]) @ eps
 
@@ -380,7 +399,7 @@ class _AbstractDiagonalGaussian(AbstractGaussianEmissions):
     def chol_covs(self) -> Float[Array, "K D D"]:
         return jax.vmap(jnp.diag)(jnp.exp(0.5 * self.log_variances))
 
-    def log_prob(self, emission) -> Float[Array, " K"]:
+    def log_prob(self, emission: Float[ArrayLike, " D"]) -> Float[Array, " K"]:
         return _gaussian_diag_log_prob(self.means, self.log_variances, self._one_emission(emission)[None, :])
 
     def _time_major_log_likelihoods(self, emissions, valid):
@@ -391,7 +410,7 @@ class _AbstractDiagonalGaussian(AbstractGaussianEmissions):
         out = _gaussian_diag_log_prob(means, self.log_variances[None, :, :, None], y[:, None], axis=2)
         return jnp.where(valid[:, None, :], out, 0.0)
 
-    def sample(self, state, *, key: PRNGKeyArray) -> Float[Array, " D"]:
+    def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Float[Array, " D"]:
         eps = jax.random.normal(key, (self.emission_dim,), self.means.dtype)
         return self.means[state] + jnp.exp(0.5 * self.log_variances[state]) * eps
 
@@ -421,7 +440,15 @@ class GaussianEmissions(_AbstractFullGaussian, metaclass=_FullOrDiagonal):
     covariance_type: ClassVar[str] = "full"
     parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"means": ("means",), "covs": ("chol_covs",)}
 
-    def __init__(self, means, covs=None, *, chol_covs=None, min_variance: float = 1e-6):
+    @typing.no_type_check
+    def __init__(
+        self,
+        means: Float[ArrayLike, "K D"],
+        covs: Float[ArrayLike, "K D D"] | None = None,
+        *,
+        chol_covs: Float[ArrayLike, "K D D"] | None = None,
+        min_variance: float = 1e-6,
+    ):
         if (covs is None) == (chol_covs is None):
             raise ValueError("Pass exactly one of `covs` and `chol_covs`.")
         self.min_variance = _check_min_variance(min_variance)
@@ -472,7 +499,15 @@ class TiedGaussianEmissions(_AbstractFullGaussian):
     covariance_type: ClassVar[str] = "tied"
     parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"means": ("means",), "covs": ("chol_cov",)}
 
-    def __init__(self, means, cov=None, *, chol_cov=None, min_variance: float = 1e-6):
+    @typing.no_type_check
+    def __init__(
+        self,
+        means: Float[ArrayLike, "K D"],
+        cov: Float[ArrayLike, "D D"] | None = None,
+        *,
+        chol_cov: Float[ArrayLike, "D D"] | None = None,
+        min_variance: float = 1e-6,
+    ):
         if (cov is None) == (chol_cov is None):
             raise ValueError("Pass exactly one of `cov` and `chol_cov`.")
         self.min_variance = _check_min_variance(min_variance)
@@ -532,7 +567,15 @@ class DiagonalGaussianEmissions(_AbstractDiagonalGaussian):
     covariance_type: ClassVar[str] = "diag"
     parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"means": ("means",), "covs": ("log_variances",)}
 
-    def __init__(self, means, variances=None, *, log_variances=None, min_variance: float = 1e-6):
+    @typing.no_type_check
+    def __init__(
+        self,
+        means: Float[ArrayLike, "K D"],
+        variances: Float[ArrayLike, "K D"] | None = None,
+        *,
+        log_variances: Float[ArrayLike, "K D"] | None = None,
+        min_variance: float = 1e-6,
+    ):
         if (variances is None) == (log_variances is None):
             raise ValueError("Pass exactly one of `variances` and `log_variances`.")
         self.min_variance = _check_min_variance(min_variance)
@@ -581,7 +624,15 @@ class SphericalGaussianEmissions(_AbstractDiagonalGaussian):
     covariance_type: ClassVar[str] = "spherical"
     parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"means": ("means",), "covs": ("log_variance",)}
 
-    def __init__(self, means, variances=None, *, log_variance=None, min_variance: float = 1e-6):
+    @typing.no_type_check
+    def __init__(
+        self,
+        means: Float[ArrayLike, "K D"],
+        variances: Float[ArrayLike, " K"] | None = None,
+        *,
+        log_variance: Float[ArrayLike, " K"] | None = None,
+        min_variance: float = 1e-6,
+    ):
         if (variances is None) == (log_variance is None):
             raise ValueError("Pass exactly one of `variances` and `log_variance`.")
         self.min_variance = _check_min_variance(min_variance)

@@ -35,6 +35,8 @@ the HMM's batched E-step computes them once over all ``T * B`` steps of a batch.
 from __future__ import annotations
 
 import abc
+import typing
+from collections.abc import Set as AbstractSet
 from typing import ClassVar, Optional
 
 import equinox as eqx
@@ -42,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real, Shaped
 
 from ... import _checks
 from ..._newton import finite_or_zero, safeguarded_newton
@@ -121,7 +123,8 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
     # the Newton steps evaluate the cumulant at every step for every state and output (ssmjax._fit.compiler)
     _prefers_fusion_emitters: ClassVar[bool] = True
 
-    def __init__(self, weights, biases):
+    @typing.no_type_check
+    def __init__(self, weights: Float[ArrayLike, "K D Du"], biases: Float[ArrayLike, "K D"]):
         weights = _checks.as_float_array("weights", weights)
         _checks.check_shape("weights", weights, ("K", "D", "Du"), "one coefficient matrix per state")
         k, d, du = weights.shape
@@ -198,7 +201,10 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
 
     # -- checks ------------------------------------------------------------
 
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         emissions = _checks.to_device(emissions)
         if not (jnp.issubdtype(emissions.dtype, jnp.number) or jnp.issubdtype(emissions.dtype, jnp.bool_)):
             raise ValueError(f"`emissions` of a {type(self).__name__} must hold {self._values}; got dtype {emissions.dtype}.")
@@ -211,12 +217,15 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
             message += f"; got {values[bad][0].item()!r}"
         return _checks.check_values(emissions, bad, message + ".", at="emissions")
 
-    def check_inputs(self, inputs, num_steps: int, mask=None) -> Optional[Array]:
+    @typing.no_type_check
+    def check_inputs(
+        self, inputs: Float[ArrayLike, "N Du"] | None, num_steps: int, mask: Bool[ArrayLike, " N"] | None = None
+    ) -> Float[Array, "N Du"] | None:
         if inputs is None:
             raise ValueError(f"{type(self).__name__} needs `inputs` of shape (T, {self.input_dim}); got None.")
         return _checks.check_inputs(inputs, num_steps, self.input_dim, mask, self.weights.dtype)
 
-    def joined(self, emissions, inputs) -> Array:
+    def joined(self, emissions: Shaped[Array, "T ..."], inputs: Float[Array, "T ..."] | None) -> Shaped[Array, "T ..."]:
         dtype = self.weights.dtype
         return jnp.concatenate([emissions.astype(dtype), inputs.astype(dtype)], axis=-1)
 
@@ -244,7 +253,9 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
     def _time_major_log_likelihoods(self, emissions, valid):
         return jnp.swapaxes(self._log_densities(*self._split(emissions, valid)), 1, 2)
 
-    def log_prob(self, emission, covariates=None) -> Float[Array, " K"]:
+    def log_prob(
+        self, emission: Real[ArrayLike, " D"], covariates: Float[ArrayLike, " Du"] | None = None
+    ) -> Float[Array, " K"]:
         r"""``log p(y | x, z = k)`` of one step, ``covariates`` :math:`x` its ``(Du,)`` inputs."""
         emission = self._checked_emission(emission, "one emission vector")
         covariates = self._checked_covariates(covariates)
@@ -258,7 +269,9 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
         xp, values = _checks.host_arrays(covariates)
         return _checks.check_values(covariates, ~xp.isfinite(values), "`covariates` must be finite.")
 
-    def sample(self, state, covariates=None, *, key: PRNGKeyArray) -> Array:
+    def sample(
+        self, state: Int[ArrayLike, ""], covariates: Float[ArrayLike, " Du"] | None = None, *, key: PRNGKeyArray
+    ) -> Real[Array, " D"]:
         """One emission ``(D,)`` from state ``state`` given the step's ``covariates`` ``(Du,)``."""
         return self._draw(key, self.weights[state] @ covariates + self.biases[state])
 
@@ -268,7 +281,13 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
 
     # -- EM ------------------------------------------------------------------
 
-    def suff_stats(self, emissions, weights, mask=None) -> GLMStats:
+    @typing.no_type_check
+    def suff_stats(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> GLMStats:
         """Per-step statistics of pooled rows ``[y, x]`` ``(N, D + Du)`` (:meth:`joined`)."""
         rows = _checks.to_device(emissions)
         d = self.emission_dim
@@ -282,7 +301,7 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
         w = _check_weights(weights, n, self.num_states, mask, dtype)
         return GLMStats(weights=w, responses=y, observed=observed.astype(dtype), covariates=x)
 
-    def m_step_from_stats(self, stats: GLMStats, frozen=frozenset()) -> "AbstractGLMEmissions":
+    def m_step_from_stats(self, stats: GLMStats, frozen: AbstractSet[str] = frozenset()) -> "AbstractGLMEmissions":
         du = self.input_dim
         free = [i for i in range(du) if "weights" not in frozen] + ([du] if "biases" not in frozen else [])
         if not free:
@@ -298,7 +317,16 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
     # -- initialiser ---------------------------------------------------------
 
     @classmethod
-    def from_data(cls, emissions, inputs, num_states: int, *, lengths=None, key: PRNGKeyArray) -> "AbstractGLMEmissions":
+    @typing.no_type_check
+    def from_data(
+        cls,
+        emissions: Real[ArrayLike, "T D"] | Real[ArrayLike, "B T D"],
+        inputs: Float[ArrayLike, "T Du"] | Float[ArrayLike, "B T Du"],
+        num_states: int,
+        *,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        key: PRNGKeyArray,
+    ) -> AbstractGLMEmissions:
         """A starting model: soft clusters of the steps, then one M-step.
 
         k-means on the standardised rows ``[g(y), x]`` (``g = log1p`` for counts; missing entries

@@ -11,11 +11,13 @@ step is unlabelled, and ``-inf`` where it is not. Joined to the data's own emiss
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Set as AbstractSet
 from typing import NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real, Shaped
 
 from .base import AbstractExponentialFamilyEmissions, _checked_indices
 
@@ -41,6 +43,7 @@ class KnownStateEmissions(AbstractExponentialFamilyEmissions):
 
     states: int = eqx.field(static=True)
 
+    @typing.no_type_check
     def __init__(self, num_states: int):
         if not isinstance(num_states, int) or isinstance(num_states, bool) or num_states < 1:
             raise ValueError(f"`num_states` must be a positive int; got {num_states!r}.")
@@ -54,26 +57,39 @@ class KnownStateEmissions(AbstractExponentialFamilyEmissions):
     def emission_shape(self) -> tuple[int, ...]:
         return ()
 
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         return _checked_indices(
             emissions, mask, self.states, "known states must be state indices",
             f"`emissions` of known states must be states in [0, {self.states}), or -1 / NaN for unknown.",
             minus_one_unknown=True,
         )
 
-    def log_prob(self, emission) -> Float[Array, " K"]:
+    def log_prob(self, emission: Real[ArrayLike, ""]) -> Float[Array, " K"]:
         emission = self._checked_emission(emission, "one state label")
         label = jnp.where(jnp.isnan(emission), -1, emission).astype(jnp.int32)
         match = (label < 0) | (jnp.arange(self.states) == label)
         return jnp.where(match, 0.0, -jnp.inf).astype(jnp.result_type(float))
 
-    def sample(self, state, *, key: PRNGKeyArray) -> Array:
+    def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Int[Array, ""]:
         return jnp.asarray(state, jnp.int32)
 
-    def suff_stats(self, emissions, weights, mask=None) -> KnownStateStats:
+    @typing.no_type_check
+    def suff_stats(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> KnownStateStats:
         return KnownStateStats()
 
-    def m_step_from_stats(self, stats: KnownStateStats, frozen=frozenset()) -> "KnownStateEmissions":
+    def m_step_from_stats(
+        self,
+        stats: KnownStateStats,
+        frozen: AbstractSet[str] = frozenset(),
+    ) -> "KnownStateEmissions":
         return self
 
     def parameter_counts(self) -> dict[str, int]:

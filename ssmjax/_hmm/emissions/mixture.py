@@ -14,12 +14,14 @@ weights are the normalised :math:`\sum_n w_{nk} r_{nkm}`.
 from __future__ import annotations
 
 import functools
-from typing import ClassVar, NamedTuple, Optional
+import typing
+from collections.abc import Set as AbstractSet
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 from ... import _checks
 from ..priors import DirichletPrior
@@ -89,7 +91,14 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
         "components": ("components",),
     }
 
-    def __init__(self, weights=None, components: Optional[AbstractGaussianEmissions] = None, *, mixture_logits=None):
+    @typing.no_type_check
+    def __init__(
+        self,
+        weights: Float[ArrayLike, "K M"] | None = None,
+        components: AbstractGaussianEmissions | None = None,
+        *,
+        mixture_logits: Float[ArrayLike, "K M"] | None = None,
+    ):
         if (weights is None) == (mixture_logits is None):
             raise ValueError("Pass exactly one of `weights` and `mixture_logits`.")
         if not isinstance(components, AbstractGaussianEmissions):
@@ -138,7 +147,10 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
         d = self.components.emission_dim
         return self.components.covs.reshape(self.num_states, self.num_mix, d, d)
 
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         return self.components.check_emissions(emissions, mask)
 
     def _mix(self, component_lls):
@@ -146,7 +158,7 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
         shape = component_lls.shape[:-1] + (self.num_states, self.num_mix)
         return logsumexp(component_lls.reshape(shape) + jax.nn.log_softmax(self.mixture_logits, axis=-1), axis=-1)
 
-    def log_prob(self, emission) -> Float[Array, " K"]:
+    def log_prob(self, emission: Float[ArrayLike, " D"]) -> Float[Array, " K"]:
         return self._mix(self.components.log_prob(emission))
 
     def _log_prob_observed(self, emission) -> Float[Array, " K"]:
@@ -156,12 +168,18 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
         lls = jnp.moveaxis(self.components._time_major_log_likelihoods(emissions, valid), 1, -1)  # (T, B, K*M)
         return jnp.where(valid[:, None, :], jnp.moveaxis(self._mix(lls), -1, 1), 0.0)
 
-    def sample(self, state, *, key: PRNGKeyArray) -> Array:
+    def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Float[Array, " D"]:
         key_mix, key_component = jax.random.split(key)
         m = jax.random.categorical(key_mix, self.mixture_logits[state])
         return self.components.sample(state * self.num_mix + m, key=key_component)
 
-    def suff_stats(self, emissions, weights, mask=None) -> GaussianMixtureStats:
+    @typing.no_type_check
+    def suff_stats(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> GaussianMixtureStats:
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N",) + tuple(self.emission_shape), "pooled emission vectors")
         n = emissions.shape[0]
@@ -187,12 +205,17 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
             "components": sum(self.components.parameter_counts().values()),
         }
 
-    def log_prior(self, prior) -> Array:
+    def log_prior(self, prior: PyTree | None) -> Float[Array, ""]:
         if isinstance(prior, DirichletPrior):  # on the mixture weights
             return prior.log_prob(jax.nn.log_softmax(self.mixture_logits, axis=-1))
         return super().log_prior(prior)
 
-    def m_step_from_stats(self, stats: GaussianMixtureStats, frozen=frozenset(), prior=None) -> "GaussianMixtureEmissions":
+    def m_step_from_stats(
+        self,
+        stats: GaussianMixtureStats,
+        frozen: AbstractSet[str] = frozenset(),
+        prior: PyTree | None = None,
+    ) -> "GaussianMixtureEmissions":
         logits = self.mixture_logits
         if "weights" not in frozen:
             if isinstance(prior, DirichletPrior):
@@ -207,10 +230,11 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
     # -- initialisers ------------------------------------------------------
 
     @classmethod
+    @typing.no_type_check
     def from_data(
-        cls, emissions, num_states: int, *, num_mix: int = 2, family: type = DiagonalGaussianEmissions,
-        spread: float = 0.5, key: PRNGKeyArray,
-    ) -> "GaussianMixtureEmissions":
+        cls, emissions: Float[ArrayLike, "N D"], num_states: int, *, num_mix: int = 2,
+        family: type[AbstractGaussianEmissions] = DiagonalGaussianEmissions, spread: float = 0.5, key: PRNGKeyArray,
+    ) -> GaussianMixtureEmissions:
         r"""States by the family's k-means initialiser; each state's ``M`` components at its mean
         plus ``spread`` times its standard deviations times a standard normal draw, with the
         state's covariance; equal mixture weights.

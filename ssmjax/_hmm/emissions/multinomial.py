@@ -16,14 +16,17 @@ expectation): exact EM for the observed-data likelihood.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+import typing
+from collections.abc import Set as AbstractSet
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln, logsumexp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jax.typing import DTypeLike
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Real, Shaped
 
 from ... import _checks
 from .base import (
@@ -49,7 +52,11 @@ class MultinomialStats(NamedTuple):
     counts: Array
 
 
-def _multinomial_log_prob(logits: Float[Array, "K C"], num_trials: int, emission: Float[Array, " C"]) -> Float[Array, " K"]:
+def _multinomial_log_prob(
+    logits: Float[Array, "K C"],
+    num_trials: int,
+    emission: Float[Array, " C"],
+) -> Float[Array, " K"]:
     observed, y = _observed_entries(emission)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     # y log p with 0 log 0 = 0 (structural zeros: log p = -inf)
@@ -106,7 +113,11 @@ class MultinomialEmissions(_AbstractProbabilityRows):
     logits: Float[Array, "K C"]
     num_trials: int = eqx.field(static=True)
 
-    def __init__(self, probs=None, num_trials: int = 1, *, logits=None):
+    @typing.no_type_check
+    def __init__(
+        self, probs: Float[ArrayLike, "K C"] | None = None, num_trials: int = 1, *,
+        logits: Float[ArrayLike, "K C"] | None = None,
+    ):
         if not isinstance(num_trials, int) or isinstance(num_trials, bool) or num_trials < 1:
             raise ValueError(f"`num_trials` must be a positive int; got {num_trials!r}.")
         self.num_trials = num_trials
@@ -116,7 +127,10 @@ class MultinomialEmissions(_AbstractProbabilityRows):
     def emission_shape(self) -> tuple[int, ...]:
         return (self.num_classes,)
 
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         emissions = _checks.to_device(emissions)
         if not (jnp.issubdtype(emissions.dtype, jnp.integer) or jnp.issubdtype(emissions.dtype, jnp.floating)):
             raise ValueError(f"`emissions` of a multinomial model must hold counts; got dtype {emissions.dtype}.")
@@ -141,15 +155,21 @@ class MultinomialEmissions(_AbstractProbabilityRows):
     def _float(self, emissions: jax.Array) -> jax.Array:
         return emissions.astype(self.logits.dtype)
 
-    def log_prob(self, emission) -> Float[Array, " K"]:
+    def log_prob(self, emission: Real[ArrayLike, " C"]) -> Float[Array, " K"]:
         emission = self._checked_emission(emission, "one vector of counts")
         return _multinomial_log_prob(self.logits, self.num_trials, self._float(emission))
 
-    def sample(self, state, *, key: PRNGKeyArray) -> Array:
+    def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Real[Array, " C"]:
         draws = jax.random.categorical(key, self.logits[state], shape=(self.num_trials,))
         return jnp.zeros(self.num_classes, jnp.int32).at[draws].add(1)
 
-    def suff_stats(self, emissions, weights, mask=None) -> MultinomialStats:
+    @typing.no_type_check
+    def suff_stats(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> MultinomialStats:
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", self.num_classes), "pooled count vectors")
         n = emissions.shape[0]
@@ -169,7 +189,12 @@ class MultinomialEmissions(_AbstractProbabilityRows):
         counts = counts + jnp.einsum("nk,n,nkc->kc", weights, rest, share)
         return MultinomialStats(counts=counts)
 
-    def m_step_from_stats(self, stats: MultinomialStats, frozen=frozenset(), prior=None) -> "MultinomialEmissions":
+    def m_step_from_stats(
+        self,
+        stats: MultinomialStats,
+        frozen: AbstractSet[str] = frozenset(),
+        prior: PyTree | None = None,
+    ) -> "MultinomialEmissions":
         if "probs" in frozen:
             return self
         return MultinomialEmissions(logits=self._rows_m_step(stats.counts, prior), num_trials=self.num_trials)
@@ -177,9 +202,10 @@ class MultinomialEmissions(_AbstractProbabilityRows):
     # -- initialisers ------------------------------------------------------
 
     @classmethod
+    @typing.no_type_check
     def random(
-        cls, num_states: int, num_classes: int, num_trials: int, *, dtype=None, key: PRNGKeyArray
-    ) -> "MultinomialEmissions":
+        cls, num_states: int, num_classes: int, num_trials: int, *, dtype: DTypeLike | None = None, key: PRNGKeyArray
+    ) -> MultinomialEmissions:
         """Rows drawn from a flat Dirichlet(1, ..., 1).
 
         Example:
@@ -192,10 +218,11 @@ class MultinomialEmissions(_AbstractProbabilityRows):
         return cls(logits=jnp.log(probs), num_trials=num_trials)
 
     @classmethod
+    @typing.no_type_check
     def from_data(
-        cls, emissions, num_states: int, *, num_trials: Optional[int] = None, noise: float = 0.2,
-        key: Optional[PRNGKeyArray] = None,
-    ) -> "MultinomialEmissions":
+        cls, emissions: Real[ArrayLike, "N C"], num_states: int, *, num_trials: int | None = None,
+        noise: float = 0.2, key: PRNGKeyArray | None = None,
+    ) -> MultinomialEmissions:
         r"""Pooled category frequencies, perturbed per state by Dirichlet noise.
 
         ``probs[k] = (1 - noise) * f + noise * g_k`` with ``f`` the add-one smoothed pooled

@@ -8,13 +8,16 @@ the private log-density, quantile initialiser and M-step functions it is built f
 from __future__ import annotations
 
 import functools
-from typing import ClassVar, NamedTuple, Optional
+import typing
+from collections.abc import Set as AbstractSet
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
-from jaxtyping import Array, Float, PRNGKeyArray
+from jax.typing import DTypeLike
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Real, Shaped
 
 from ... import _checks, _deprecation
 from ..priors import GammaPrior
@@ -86,7 +89,13 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
     log_rates: Float[Array, "K D"]
     parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"rates": ("log_rates",)}
 
-    def __init__(self, rates=None, *, log_rates=None):
+    @typing.no_type_check
+    def __init__(
+        self,
+        rates: Float[ArrayLike, "K D"] | None = None,
+        *,
+        log_rates: Float[ArrayLike, "K D"] | None = None,
+    ):
         if (rates is None) == (log_rates is None):
             raise ValueError("Pass exactly one of `rates` and `log_rates`.")
         if rates is not None:
@@ -119,7 +128,10 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         """Poisson rates, ``(K, D)``."""
         return jnp.exp(self.log_rates)
 
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         emissions = _checks.to_device(emissions)
         if not (jnp.issubdtype(emissions.dtype, jnp.integer) or jnp.issubdtype(emissions.dtype, jnp.floating)):
             raise ValueError(
@@ -140,14 +152,20 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
     def _float(self, emissions: jax.Array) -> jax.Array:
         return emissions.astype(self.log_rates.dtype)
 
-    def log_prob(self, emission) -> Float[Array, " K"]:
+    def log_prob(self, emission: Real[ArrayLike, " D"]) -> Float[Array, " K"]:
         emission = self._checked_emission(emission, "one vector of counts")
         return _poisson_log_prob(self.log_rates, self._float(emission))
 
-    def sample(self, state, *, key: PRNGKeyArray) -> Array:
+    def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Real[Array, " D"]:
         return jax.random.poisson(key, self.rates[state]).astype(jnp.int32)
 
-    def suff_stats(self, emissions, weights, mask=None) -> PoissonStats:
+    @typing.no_type_check
+    def suff_stats(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> PoissonStats:
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", self.emission_dim), "pooled count vectors")
         n = emissions.shape[0]
@@ -163,12 +181,17 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
     def parameter_counts(self) -> dict[str, int]:
         return {"rates": int(np.isfinite(np.asarray(self.log_rates)).sum())}  # zero rates are fixed
 
-    def log_prior(self, prior) -> Array:
+    def log_prior(self, prior: PyTree | None) -> Float[Array, ""]:
         if isinstance(prior, GammaPrior):
             return prior.log_prob(self.log_rates)
         return super().log_prior(prior)
 
-    def m_step_from_stats(self, stats: PoissonStats, frozen=frozenset(), prior=None) -> "PoissonEmissions":
+    def m_step_from_stats(
+        self,
+        stats: PoissonStats,
+        frozen: AbstractSet[str] = frozenset(),
+        prior: PyTree | None = None,
+    ) -> "PoissonEmissions":
         if "rates" in frozen:
             return self
         if isinstance(prior, GammaPrior):  # the posterior mode; nothing to learn from keeps its value
@@ -181,9 +204,11 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
 
     @classmethod
     @_deprecation.key_last("PoissonEmissions.random", skip=1)
+    @typing.no_type_check
     def random(
-        cls, num_states: int, emission_dim: int, *, mean_rate: float = 5.0, dtype=None, key: PRNGKeyArray
-    ) -> "PoissonEmissions":
+        cls, num_states: int, emission_dim: int, *, mean_rate: float = 5.0, dtype: DTypeLike | None = None,
+        key: PRNGKeyArray,
+    ) -> PoissonEmissions:
         """Rates drawn from a Gamma(2, scale=mean_rate / 2) (mean ``mean_rate``).
 
         Example:
@@ -196,7 +221,10 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         return cls(log_rates=jnp.log(rates))
 
     @classmethod
-    def from_data(cls, emissions, num_states: int, *, key: Optional[PRNGKeyArray] = None) -> "PoissonEmissions":
+    @typing.no_type_check
+    def from_data(
+        cls, emissions: Real[ArrayLike, "N D"], num_states: int, *, key: PRNGKeyArray | None = None
+    ) -> PoissonEmissions:
         r"""Rates at the ``(k + 1/2) / K`` quantiles of each count dimension.
 
         State ``k`` gets, in every dimension ``d``, the ``(k + 0.5) / K`` quantile

@@ -10,11 +10,13 @@ value checks, statistics (a tuple, one per part) and M-steps.
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Set as AbstractSet
 from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Real, Shaped
 
 from ... import _checks
 from .base import AbstractEmissions, AbstractExponentialFamilyEmissions
@@ -53,6 +55,7 @@ class ProductEmissions(AbstractExponentialFamilyEmissions):
     parts: tuple[AbstractExponentialFamilyEmissions, ...]
     parameter_fields: ClassVar[dict[str, tuple[str, ...]]] = {"parts": ("parts",)}
 
+    @typing.no_type_check
     def __init__(self, *parts: AbstractExponentialFamilyEmissions):
         if not parts:
             raise ValueError("`parts` must hold at least one emission model.")
@@ -85,13 +88,16 @@ class ProductEmissions(AbstractExponentialFamilyEmissions):
             start += width
         return out
 
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         emissions = _checks.to_device(emissions)
         checked = [part.check_emissions(block, mask) for part, block in zip(self.parts, self._blocks(emissions))]
         # keep every part's run-time check alive under jit (they return their block guarded)
         return jnp.concatenate([c.astype(emissions.dtype).reshape(emissions.shape[:-1] + (-1,)) for c in checked], axis=-1)
 
-    def log_prob(self, emission) -> Float[Array, " K"]:
+    def log_prob(self, emission: Real[ArrayLike, " D"]) -> Float[Array, " K"]:
         emission = _checks.to_device(emission)
         _checks.check_shape("emission", emission, self.emission_shape, "one emission vector")
         return sum(part.log_prob(block) for part, block in zip(self.parts, self._blocks(emission)))
@@ -101,13 +107,19 @@ class ProductEmissions(AbstractExponentialFamilyEmissions):
             part._time_major_log_likelihoods(block, valid) for part, block in zip(self.parts, self._blocks(emissions))
         )
 
-    def sample(self, state, *, key: PRNGKeyArray) -> Array:
+    def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Real[Array, " D"]:
         keys = jax.random.split(key, len(self.parts))
         draws = [part.sample(state, key=k) for part, k in zip(self.parts, keys)]
         dtype = jnp.result_type(float)
         return jnp.concatenate([jnp.atleast_1d(d).astype(dtype) for d in draws])
 
-    def suff_stats(self, emissions, weights, mask=None) -> ProductStats:
+    @typing.no_type_check
+    def suff_stats(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> ProductStats:
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N",) + self.emission_shape, "pooled emission vectors")
         return ProductStats(
@@ -117,7 +129,7 @@ class ProductEmissions(AbstractExponentialFamilyEmissions):
     def parameter_counts(self) -> dict[str, int]:
         return {"parts": sum(sum(part.parameter_counts().values()) for part in self.parts)}
 
-    def m_step_from_stats(self, stats: ProductStats, frozen=frozenset()) -> "ProductEmissions":
+    def m_step_from_stats(self, stats: ProductStats, frozen: AbstractSet[str] = frozenset()) -> "ProductEmissions":
         if "parts" in frozen:
             return self
         return ProductEmissions(*(part.m_step_from_stats(s) for part, s in zip(self.parts, stats.parts)))

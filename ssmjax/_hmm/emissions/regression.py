@@ -32,13 +32,15 @@ free columns only.
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Set as AbstractSet
 from typing import ClassVar, NamedTuple, Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Shaped
 
 from ... import _checks
 from .base import AbstractExponentialFamilyEmissions, _at_real_steps, _check_weights, _keep_where_empty
@@ -112,7 +114,16 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
         "weights": ("weights",), "biases": ("biases",), "covs": ("chol_covs",)
     }
 
-    def __init__(self, weights, biases, covs=None, *, chol_covs=None, min_variance: float = 1e-6):
+    @typing.no_type_check
+    def __init__(
+        self,
+        weights: Float[ArrayLike, "K D P"],
+        biases: Float[ArrayLike, "K D"],
+        covs: Float[ArrayLike, "K D D"] | None = None,
+        *,
+        chol_covs: Float[ArrayLike, "K D D"] | None = None,
+        min_variance: float = 1e-6,
+    ):
         if (covs is None) == (chol_covs is None):
             raise ValueError("Pass exactly one of `covs` and `chol_covs`.")
         self.min_variance = _check_min_variance(min_variance)
@@ -164,7 +175,10 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
 
     # -- checks ------------------------------------------------------------
 
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         emissions = _checks.to_device(emissions)
         if not jnp.issubdtype(emissions.dtype, jnp.floating):
             emissions = emissions.astype(self.weights.dtype)
@@ -181,7 +195,10 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
     def _input_columns(self) -> int:
         return self.num_covariates
 
-    def check_inputs(self, inputs, num_steps: int, mask=None) -> Optional[Array]:
+    @typing.no_type_check
+    def check_inputs(
+        self, inputs: Float[ArrayLike, "N Du"] | None, num_steps: int, mask: Bool[ArrayLike, " N"] | None = None
+    ) -> Float[Array, "N Du"] | None:
         width = self._input_columns()
         if inputs is None:
             if width:
@@ -194,7 +211,7 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
             )
         return _checks.check_inputs(inputs, num_steps, width, mask, self.weights.dtype)
 
-    def joined(self, emissions, inputs) -> Array:
+    def joined(self, emissions: Shaped[Array, "T ..."], inputs: Float[Array, "T ..."] | None) -> Shaped[Array, "T ..."]:
         return jnp.concatenate([emissions.astype(self.weights.dtype), inputs.astype(self.weights.dtype)], axis=-1)
 
     # -- densities ---------------------------------------------------------
@@ -227,14 +244,18 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
         resid = [y[:, None, :, i] - means[:, :, i] for i in range(d)]
         return jnp.where(observed[:, None, :], _unrolled_gaussian_log_density(resid, self.chol_covs), 0.0)
 
-    def log_prob(self, emission, covariates=None) -> Float[Array, " K"]:
+    def log_prob(
+        self, emission: Float[ArrayLike, " D"], covariates: Float[ArrayLike, " P"] | None = None
+    ) -> Float[Array, " K"]:
         r"""``log p(y | x, z = k)`` of one step, ``covariates`` :math:`x` its ``P`` regressors (all NaN: ``0``)."""
         emission = self._checked_emission(emission, "one emission vector")
         covariates = _checks.as_float_array("covariates", covariates, self.weights.dtype)
         _checks.check_shape("covariates", covariates, (self.num_covariates,), "the step's regressors")
         return self._stacked_log_probs(jnp.concatenate([emission, covariates])[None], None)[0]
 
-    def sample(self, state, covariates=None, *, key: PRNGKeyArray) -> Float[Array, " D"]:
+    def sample(
+        self, state: Int[ArrayLike, ""], covariates: Float[ArrayLike, " P"] | None = None, *, key: PRNGKeyArray
+    ) -> Float[Array, " D"]:
         """One emission from state ``state`` given the step's ``covariates`` ``(P,)``."""
         eps = jax.random.normal(key, (self.emission_dim,), self.weights.dtype)
         mean = self.weights[state] @ covariates + self.biases[state]
@@ -246,7 +267,13 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
 
     # -- EM ------------------------------------------------------------------
 
-    def suff_stats(self, emissions, weights, mask=None) -> RegressionStats:
+    @typing.no_type_check
+    def suff_stats(
+        self,
+        emissions: Shaped[ArrayLike, "N ..."],
+        weights: Float[ArrayLike, "N K"],
+        mask: Bool[ArrayLike, " N"] | None = None,
+    ) -> RegressionStats:
         """Weighted statistics of pooled rows ``[y, x]`` ``(N, D + P)`` (:meth:`joined`)."""
         rows = _checks.as_float_array("emissions", emissions, self.weights.dtype)
         _checks.check_shape("emissions", rows, ("N", self.emission_dim + self.num_covariates), "rows [y, x]")
@@ -273,7 +300,11 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
             outer=jnp.einsum("kdke->kde", pairs),
         )
 
-    def m_step_from_stats(self, stats: RegressionStats, frozen=frozenset()) -> "LinearRegressionEmissions":
+    def m_step_from_stats(
+        self,
+        stats: RegressionStats,
+        frozen: AbstractSet[str] = frozenset(),
+    ) -> "LinearRegressionEmissions":
         p = self.num_covariates
         free = [i for i in range(p) if "weights" not in frozen] + ([p] if "biases" not in frozen else [])
         dtype = stats.gram.dtype
@@ -326,8 +357,17 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
             return _initialise(start, _checks.to_device(rows.astype(dtype)), key)
 
     @classmethod
-    def from_data(cls, emissions, inputs, num_states: int, *, lengths=None, min_variance: float = 1e-6,
-                  key: PRNGKeyArray) -> "LinearRegressionEmissions":
+    @typing.no_type_check
+    def from_data(
+        cls,
+        emissions: Float[ArrayLike, "T D"] | Float[ArrayLike, "B T D"],
+        inputs: Float[ArrayLike, "T P"] | Float[ArrayLike, "B T P"],
+        num_states: int,
+        *,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        min_variance: float = 1e-6,
+        key: PRNGKeyArray,
+    ) -> LinearRegressionEmissions:
         """A starting model: k-means on the joined ``[y, x]`` rows, then one weighted least-squares step.
 
         Args:
@@ -421,7 +461,17 @@ class AutoregressiveEmissions(LinearRegressionEmissions):
 
     num_lags: int = eqx.field(static=True)
 
-    def __init__(self, weights, biases, covs=None, *, num_lags: int, chol_covs=None, min_variance: float = 1e-6):
+    @typing.no_type_check
+    def __init__(
+        self,
+        weights: Float[ArrayLike, "K D P"],
+        biases: Float[ArrayLike, "K D"],
+        covs: Float[ArrayLike, "K D D"] | None = None,
+        *,
+        num_lags: int,
+        chol_covs: Float[ArrayLike, "K D D"] | None = None,
+        min_variance: float = 1e-6,
+    ):
         num_lags = _check_num_lags(num_lags)
         super().__init__(weights, biases, covs, chol_covs=chol_covs, min_variance=min_variance)
         self.num_lags = int(num_lags)
@@ -439,7 +489,10 @@ class AutoregressiveEmissions(LinearRegressionEmissions):
     def _input_columns(self) -> int:
         return self.num_covariates - self.num_lags * self.emission_dim
 
-    def check_emissions(self, emissions, mask=None) -> Array:
+    @typing.no_type_check
+    def check_emissions(
+        self, emissions: Shaped[ArrayLike, "..."], mask: Bool[ArrayLike, "..."] | None = None
+    ) -> Shaped[Array, "..."]:
         emissions = _checks.to_device(emissions)
         if not jnp.issubdtype(emissions.dtype, jnp.floating):
             emissions = emissions.astype(self.weights.dtype)
@@ -449,7 +502,7 @@ class AutoregressiveEmissions(LinearRegressionEmissions):
             emissions, bad, "`emissions` of an AutoregressiveEmissions must be finite (no missing entries: they are lags too).", at="emissions"
         )
 
-    def joined(self, emissions, inputs) -> Array:
+    def joined(self, emissions: Shaped[Array, "T ..."], inputs: Float[Array, "T ..."] | None) -> Shaped[Array, "T ..."]:
         dtype = self.weights.dtype
         return _autoregressive_rows(emissions.astype(dtype), None if inputs is None else inputs.astype(dtype), self.num_lags, jnp)
 
@@ -466,8 +519,18 @@ class AutoregressiveEmissions(LinearRegressionEmissions):
         return jax.lax.scan(step, jnp.zeros((p * d,), self.weights.dtype), xs)[1]
 
     @classmethod
-    def from_data(cls, emissions, num_states: int, *, num_lags: int = 1, inputs=None, lengths=None,
-                  min_variance: float = 1e-6, key: PRNGKeyArray) -> "AutoregressiveEmissions":
+    @typing.no_type_check
+    def from_data(
+        cls,
+        emissions: Float[ArrayLike, "T D"] | Float[ArrayLike, "B T D"],
+        num_states: int,
+        *,
+        num_lags: int = 1,
+        inputs: Float[ArrayLike, "T Du"] | Float[ArrayLike, "B T Du"] | None = None,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        min_variance: float = 1e-6,
+        key: PRNGKeyArray,
+    ) -> AutoregressiveEmissions:
         """A starting model: k-means on the rows ``[y_t, y_{t-1}, ..., y_{t-p}, u_t]`` of the modelled
         steps, then one weighted least-squares step.
 
