@@ -66,9 +66,11 @@ jax.config.update("jax_enable_x64", True)
 _LONGEST_FILES_FIRST = (
     "test_notebooks.py",
     "test_lgssm_parallel.py",
+    "test_docs.py",
     "test_lgssm_steady.py",
     "test_multiprocess.py",
     "test_extremes.py",
+    "test_emission_families.py",
     "test_checkpoint.py",
     "test_kvae.py",
     "test_lgssm_fit.py",
