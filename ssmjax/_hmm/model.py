@@ -17,6 +17,7 @@ bijectors; ``initial_probs`` and ``transition_matrix`` are read back as properti
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Shaped
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Shaped
 
 from .. import _checks, _deprecation
 from .._fit.protocol import AbstractFittableModel, check_frozen, fast_e_step
@@ -48,6 +49,7 @@ from .emissions import (
     TiedGaussianEmissions,
     softmax_rows,
 )
+from . import constraints as _constraints
 from .priors import HMMPrior
 from .results import HMMFilterResult, HMMPosterior
 from .inference import hmm_filter, hmm_sample_posterior, hmm_smoother, hmm_viterbi
@@ -124,6 +126,12 @@ class HMM(AbstractFittableModel):
             ``transition_matrix[i, j] = p(z_{t+1} = j | z_t = i)``. Zeros are allowed
             and stay exactly zero under EM and gradient fitting.
         emissions: an emission model with ``K`` states.
+        fixed: entries that fitting holds at their current values, per parameter name
+            (:meth:`parameter_names`): ``True`` for the whole field, or a boolean mask of the
+            field's stored shape (``(K,)`` initial, ``(K, K)`` transition, e.g. ``(K, D)`` for
+            ``"emissions.means"``), ``True`` where held. :func:`ssmjax.fit_em`,
+            :func:`ssmjax.fit_sgd` and :meth:`num_parameters` respect them; which fields take entry
+            masks, and the exact M-steps, are in :mod:`ssmjax._hmm.constraints`.
 
     Example:
         >>> import jax.numpy as jnp, ssmjax
@@ -140,6 +148,7 @@ class HMM(AbstractFittableModel):
     initial_log_probs: jax.Array
     transition_log_probs: jax.Array
     emissions: AbstractEmissions
+    constraints: tuple = eqx.field(static=True, default=())
 
     @typing.no_type_check
     def __init__(
@@ -150,6 +159,7 @@ class HMM(AbstractFittableModel):
         *,
         initial_log_probs: Float[ArrayLike, " K"] | None = None,
         transition_log_probs: Float[ArrayLike, "K K"] | None = None,
+        fixed: dict[str, bool | Bool[ArrayLike, "..."]] | None = None,
     ):
         if not isinstance(emissions, AbstractEmissions):
             raise ValueError(
@@ -180,6 +190,11 @@ class HMM(AbstractFittableModel):
         self.initial_log_probs = initial_log_probs
         self.transition_log_probs = transition_log_probs
         self.emissions = emissions
+        self.constraints = _constraints.canonical(self, fixed)
+        if self.constraints:
+            normal = _constraints.normalised(self)
+            self.initial_log_probs, self.transition_log_probs = normal.initial_log_probs, normal.transition_log_probs
+            self.emissions = normal.emissions
 
     # ------------------------------------------------------------------ views
     @property
@@ -206,6 +221,33 @@ class HMM(AbstractFittableModel):
         """
         sub = tuple(f"emissions.{n}" for n in _emission_fields(self.emissions))
         return ("initial_probs", "transition_matrix", "emissions") + sub
+
+    @property
+    def fixed(self) -> dict[str, np.ndarray | bool]:
+        """The entries fitting holds (``True`` = held): a mask per field with some held, ``True`` for
+        a field held whole."""
+        return {**{name: True for name in _constraints.held_whole(self.constraints)}, **_constraints.masks(self)}
+
+    @typing.no_type_check
+    def with_constraints(self, *, fixed: dict[str, bool | Bool[ArrayLike, "..."]] | None = None) -> HMM:
+        """The same model with these held entries in place of its own (see ``fixed`` above).
+
+        Constrained probability rows are stored normalised, so a held entry keeps exactly its value.
+
+        Example:
+            >>> import jax.numpy as jnp, numpy as np, ssmjax
+            >>> hmm = ssmjax.HMM(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.2, 0.8]]),
+            ...                  ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [6.0]])))
+            >>> held = hmm.with_constraints(fixed={"transition_matrix": np.array([[False, True], [False, False]]),
+            ...                                    "emissions.rates": np.array([[True], [False]])})
+            >>> hmm.num_parameters(), held.num_parameters()  # the held rate, and row 0 is all held
+            (5, 3)
+        """
+        new = object.__new__(type(self))  # a copy that keeps a subclass and its fields
+        for field in dataclasses.fields(self):
+            object.__setattr__(new, field.name, getattr(self, field.name))
+        object.__setattr__(new, "constraints", _constraints.canonical(self, fixed))
+        return _constraints.normalised(new)
 
     # ------------------------------------------------------------ inference
     @typing.no_type_check
@@ -272,9 +314,9 @@ class HMM(AbstractFittableModel):
     @typing.no_type_check
     def num_parameters(self, frozen: Sequence[str] = ()) -> int:
         """Free parameters, as AIC and BIC count them: ``K - 1`` initial probabilities and ``K - 1`` per
-        transition row, less the structural zeros (fixed at zero), plus the emissions' free
-        parameters (:meth:`~ssmjax.AbstractEmissions.parameter_counts`); names in ``frozen`` (as
-        :func:`ssmjax.fit_em` takes them) count nothing.
+        transition row, less the structural zeros (fixed at zero) and the entries held by ``fixed``,
+        plus the emissions' free parameters (:meth:`~ssmjax.AbstractEmissions.parameter_counts`,
+        less their held entries); names in ``frozen`` (as :func:`ssmjax.fit_em` takes them) count nothing.
 
         Example:
             >>> import jax.numpy as jnp, ssmjax
@@ -287,10 +329,11 @@ class HMM(AbstractFittableModel):
         initial = np.isfinite(np.asarray(self.initial_log_probs)).sum() - 1
         rows = np.isfinite(np.asarray(self.transition_log_probs)).sum(axis=-1)
         counts = {"initial_probs": int(initial), "transition_matrix": int(np.maximum(rows - 1, 0).sum())}
-        total = sum(c for name, c in counts.items() if name not in frozen)
-        if "emissions" not in frozen:
-            total += sum(c for name, c in self.emissions.parameter_counts().items() if f"emissions.{name}" not in frozen)
-        return int(total)
+        counts.update({f"emissions.{n}" if _emission_fields(self.emissions) else n: c
+                       for n, c in self.emissions.parameter_counts().items()})
+        if "emissions" in frozen or "emissions" in _constraints.held_whole(self.constraints):
+            frozen |= {n for n in counts if n.startswith("emissions")}
+        return int(sum(_constraints.free_count(self, n, c) for n, c in counts.items() if n not in frozen))
 
     @typing.no_type_check
     def aic(
@@ -581,6 +624,7 @@ class HMM(AbstractFittableModel):
         return inputs
 
     def _check_em(self, frozen):
+        frozen = frozen | _constraints.held_whole(self.constraints)
         if not isinstance(self.emissions, AbstractExponentialFamilyEmissions) and not (
             "emissions" in frozen
         ):
@@ -706,14 +750,22 @@ class HMM(AbstractFittableModel):
         return self.log_likelihood(emissions, lengths=lengths) + self._log_prior(prior)
 
     def _m_step(self, stats, frozen, prior=None):
+        frozen = frozen | _constraints.held_whole(self.constraints)
+        masks = _constraints.masks(self)
         initial = self.initial_log_probs
-        if "initial_probs" not in frozen:
+        if "initial_probs" in masks and "initial_probs" not in frozen:
+            alpha = None if prior is None else prior.initial.concentration
+            initial = _constraints.rows_m_step(stats["initial"], initial, masks["initial_probs"], alpha)
+        elif "initial_probs" not in frozen:
             if prior is None:
                 initial = _log_normalize(stats["initial"], self.initial_log_probs)
             else:
                 initial = prior.initial.mode_logits(stats["initial"], self.initial_log_probs)
         transition = self.transition_log_probs
-        if "transition_matrix" not in frozen:
+        if "transition_matrix" in masks and "transition_matrix" not in frozen:
+            alpha = None if prior is None else prior.transition_prior(self.num_states).concentration
+            transition = _constraints.rows_m_step(stats["transitions"], transition, masks["transition_matrix"], alpha)
+        elif "transition_matrix" not in frozen:
             if prior is None:
                 transition = _log_normalize(stats["transitions"], self.transition_log_probs)
             else:
@@ -722,7 +774,12 @@ class HMM(AbstractFittableModel):
         emission_frozen = {n.split(".", 1)[1] for n in frozen if n.startswith("emissions.")}
         if "emissions" not in frozen and stats["emissions"] is not None:
             extra = {} if prior is None or prior.emissions is None else {"prior": prior.emissions}
-            if emission_frozen:
+            emission_masks = {n.split(".", 1)[1]: m for n, m in masks.items() if n.startswith("emissions.")}
+            if emission_masks:
+                emissions = _constraints.emissions_m_step(
+                    self.emissions, stats["emissions"], emission_masks, frozenset(emission_frozen), **extra
+                )
+            elif emission_frozen:
                 emissions = self.emissions.m_step_from_stats(stats["emissions"], frozen=emission_frozen, **extra)
             else:
                 emissions = self.emissions.m_step_from_stats(stats["emissions"], **extra)
@@ -734,6 +791,7 @@ class HMM(AbstractFittableModel):
         )
 
     def _unconstrained(self):
+        """Name -> free values; fields held whole by ``fixed`` are left out (read back from ``self``)."""
         params = {
             "initial_probs": self.initial_log_probs,
             "transition_matrix": self.transition_log_probs,
@@ -744,23 +802,41 @@ class HMM(AbstractFittableModel):
                 params[f"emissions.{name}"] = {a: getattr(self.emissions, a) for a in attrs}
         else:
             params["emissions"] = self.emissions
-        return params
+        held = _constraints.held_whole(self.constraints)
+        if "emissions" in held:
+            held = held | {n for n in params if n.startswith("emissions")}
+        return {n: v for n, v in params.items() if n not in held}
 
     def _from_unconstrained(self, params):
+        masks = _constraints.masks(self)
         fields = _emission_fields(self.emissions)
         emissions = params.get("emissions", self.emissions)
         if fields:
             for name, attrs in fields.items():
+                if f"emissions.{name}" not in params:
+                    continue
                 for a in attrs:
                     value = params[f"emissions.{name}"][a]
+                    mask = masks.get(f"emissions.{name}")
+                    if mask is not None and _constraints.kind_of(self, f"emissions.{name}") == "rows":
+                        value = _constraints.rows_from_free(value, getattr(self.emissions, a), mask)
+                    elif mask is not None:
+                        value = _constraints.entries_from_free(value, getattr(self.emissions, a), mask)
                     emissions = eqx.tree_at(
                         lambda e, a=a: getattr(e, a), emissions, value, is_leaf=lambda x: x is None
                     )
         # Renormalise so the stored log-probabilities always are normalised.
-        return HMM(
-            initial_log_probs=jax.nn.log_softmax(params["initial_probs"]),
-            transition_log_probs=jax.nn.log_softmax(params["transition_matrix"], axis=-1),
-            emissions=emissions,
+        rows = []
+        for name, current in (("initial_probs", self.initial_log_probs), ("transition_matrix", self.transition_log_probs)):
+            if name not in params:
+                rows.append(current)
+            elif name in masks:
+                rows.append(_constraints.rows_from_free(params[name], current, masks[name]))
+            else:
+                rows.append(jax.nn.log_softmax(params[name], axis=-1))
+        # tree_at, not HMM(...): the constraints (a static field) survive
+        return eqx.tree_at(
+            lambda m: (m.initial_log_probs, m.transition_log_probs, m.emissions), self, (rows[0], rows[1], emissions)
         )
 
 
