@@ -38,7 +38,8 @@ from .. import _checks
 from .._newton import finite_or_zero, safeguarded_newton
 from .inference import hmm_smoother, hmm_two_slice_marginals
 from .emissions.base import AbstractEmissions, _combine_sequences
-from .model import _FAMILIES, _INPUT_FAMILIES, HMM
+from .initialise import FAMILIES, INPUT_FAMILIES
+from .model import HMM
 
 
 def _real_next(inputs, length):
@@ -331,10 +332,10 @@ class InputDrivenHMM(HMM):
         inputs = np.asarray(inputs)
         if inputs.ndim != 3:
             raise ValueError(f"`inputs` must be a batch (B, T, Du); got shape {inputs.shape}.")
-        family = _FAMILIES.get(emissions_type) if isinstance(emissions_type, str) else emissions_type
+        family = FAMILIES.get(emissions_type) if isinstance(emissions_type, str) else emissions_type
         # a regression family reads the same inputs; other families none
         base = HMM.from_data(emissions, num_states, emissions_type, lengths=lengths,
-                             inputs=inputs if family in _INPUT_FAMILIES else None, stay_prob=stay_prob,
+                             inputs=inputs if family in INPUT_FAMILIES else None, stay_prob=stay_prob,
                              num_classes=num_classes, num_lags=num_lags, key=key)
         return cls(initial_log_probs=base.initial_log_probs, transition_log_probs=base.transition_log_probs,
                    emissions=base.emissions, shared_weights=shared_weights,

@@ -28,67 +28,14 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Shaped
 
 from .. import _checks, _deprecation
-from .._fit.protocol import AbstractFittableModel, check_frozen, fast_e_step
-from .emissions import (
-    AbstractEmissions,
-    AbstractExponentialFamilyEmissions,
-    BernoulliEmissions,
-    CategoricalEmissions,
-    DiagonalGaussianEmissions,
-    GammaEmissions,
-    GaussianEmissions,
-    GaussianMixtureEmissions,
-    MultinomialEmissions,
-    PoissonEmissions,
-    AutoregressiveEmissions,
-    LinearRegressionEmissions,
-    PoissonRegressionEmissions,
-    BernoulliRegressionEmissions,
-    SphericalGaussianEmissions,
-    StudentTEmissions,
-    TiedGaussianEmissions,
-    softmax_rows,
-)
+from .._fit.protocol import AbstractFittableModel, check_frozen
+from .emissions import AbstractEmissions, softmax_rows
 from . import constraints as _constraints
+from . import fit as _fit
+from . import initialise as _initialise
 from .priors import HMMPrior
 from .results import HMMFilterResult, HMMPosterior
 from .inference import hmm_filter, hmm_sample_posterior, hmm_smoother, hmm_viterbi
-from .rules import batch_smoother_stats
-
-# the names HMM.from_data takes for the built-in families
-_FAMILIES = {
-    "poisson": PoissonEmissions,
-    "gaussian": GaussianEmissions,
-    "gaussian_diag": DiagonalGaussianEmissions,
-    "gaussian_spherical": SphericalGaussianEmissions,
-    "gaussian_tied": TiedGaussianEmissions,
-    "categorical": CategoricalEmissions,
-    "bernoulli": BernoulliEmissions,
-    "multinomial": MultinomialEmissions,
-    "gamma": GammaEmissions,
-    "gmm": GaussianMixtureEmissions,
-    "student_t": StudentTEmissions,
-    "linear_regression": LinearRegressionEmissions,
-    "poisson_regression": PoissonRegressionEmissions,
-    "bernoulli_regression": BernoulliRegressionEmissions,
-    "autoregressive": AutoregressiveEmissions,
-}
-# the families whose from_data takes (emissions, inputs, num_states): regressions on inputs
-_INPUT_FAMILIES = (LinearRegressionEmissions, PoissonRegressionEmissions, BernoulliRegressionEmissions)
-
-
-def _emission_fields(emissions: AbstractEmissions) -> dict[str, tuple[str, ...]]:
-    """Public parameter name -> stored fields of an emission family (its ``parameter_fields``)."""
-    return dict(getattr(type(emissions), "parameter_fields", {}))
-
-
-def _log_normalize(weights, old_log_probs, axis=-1):
-    """log of ``weights / sum(weights)``; a row with zero total keeps ``old_log_probs``."""
-    total = jnp.sum(weights, axis=axis, keepdims=True)
-    empty = total <= 0
-    safe_total = jnp.where(empty, 1.0, total)
-    new = jnp.log(weights) - jnp.log(safe_total)
-    return jnp.where(empty, old_log_probs, new)
 
 
 def _filter_fn(model, emissions, length, inputs=None):
@@ -219,7 +166,7 @@ class HMM(AbstractFittableModel):
         parameters) and, for the built-in families, ``"emissions.rates"``,
         ``"emissions.means"``, ``"emissions.covs"`` or ``"emissions.probs"``.
         """
-        sub = tuple(f"emissions.{n}" for n in _emission_fields(self.emissions))
+        sub = tuple(f"emissions.{n}" for n in _fit.emission_fields(self.emissions))
         return ("initial_probs", "transition_matrix", "emissions") + sub
 
     @property
@@ -329,7 +276,7 @@ class HMM(AbstractFittableModel):
         initial = np.isfinite(np.asarray(self.initial_log_probs)).sum() - 1
         rows = np.isfinite(np.asarray(self.transition_log_probs)).sum(axis=-1)
         counts = {"initial_probs": int(initial), "transition_matrix": int(np.maximum(rows - 1, 0).sum())}
-        counts.update({f"emissions.{n}" if _emission_fields(self.emissions) else n: c
+        counts.update({f"emissions.{n}" if _fit.emission_fields(self.emissions) else n: c
                        for n, c in self.emissions.parameter_counts().items()})
         if "emissions" in frozen or "emissions" in _constraints.held_whole(self.constraints):
             frozen |= {n for n in counts if n.startswith("emissions")}
@@ -526,58 +473,9 @@ class HMM(AbstractFittableModel):
             max_jump: the band of a left-right chain (``1``: stay or move to the next state).
             key: PRNG key (keyword-only; the Poisson initialisation does not use it).
         """
-        emissions = _checks.host_copy(emissions)
-        lengths = None if lengths is None else _checks.host_copy(lengths)
-        inputs = None if inputs is None else _checks.host_copy(inputs)
-        if emissions.ndim < 2:
-            raise ValueError(
-                f"`emissions` must be a batch (B, T, ...) of sequences; got shape {emissions.shape}."
-            )
-        num_seq, num_timesteps = emissions.shape[:2]
-        lengths_np = np.full(num_seq, num_timesteps) if lengths is None else lengths
-        mask = np.arange(num_timesteps)[None, :] < lengths_np[:, None]
-        pooled = emissions[mask]
-        family = _FAMILIES.get(emissions_type) if isinstance(emissions_type, str) else emissions_type
-        if not (isinstance(family, type) and issubclass(family, AbstractEmissions) and hasattr(family, "from_data")):
-            raise ValueError(
-                f"`emissions_type` must be one of {sorted(_FAMILIES)} or an emission class with a `from_data`; "
-                f"got {emissions_type!r}."
-            )
-        if family is AutoregressiveEmissions:
-            emission_model = family.from_data(
-                emissions, num_states, num_lags=num_lags, inputs=inputs, lengths=lengths, key=key
-            )
-        elif family in _INPUT_FAMILIES:
-            if inputs is None:
-                raise ValueError(f"`emissions_type={emissions_type!r}` needs `inputs` (B, T, Du); got None.")
-            emission_model = family.from_data(emissions, inputs, num_states, lengths=lengths, key=key)
-        elif inputs is not None:
-            raise ValueError(f"`inputs` must be None for {family.__name__} (it takes no inputs).")
-        elif family is CategoricalEmissions:
-            num_classes = int(np.nanmax(pooled)) + 1 if num_classes is None else num_classes
-            emission_model = family.from_data(pooled, num_states, num_classes, key=key)
-        else:
-            emission_model = family.from_data(pooled, num_states, key=key)
-        dtype = jnp.result_type(float)
-        if structure == "ergodic":
-            allowed = np.ones((num_states, num_states), bool)
-            initial = np.full(num_states, 1.0 / num_states)
-        elif structure == "left-right":
-            if not isinstance(max_jump, int) or max_jump < 1:
-                raise ValueError(f"`max_jump` must be a positive int; got {max_jump!r}.")
-            steps = np.arange(num_states)[None, :] - np.arange(num_states)[:, None]
-            allowed = (steps >= 0) & (steps <= max_jump)
-            initial = np.eye(num_states)[0]
-        else:
-            raise ValueError(f"`structure` must be 'ergodic' or 'left-right'; got {structure!r}.")
-        # stay_prob on the diagonal, the rest spread evenly over the allowed moves
-        moves = allowed.sum(1, keepdims=True) - 1
-        transition = np.where(allowed, (1.0 - stay_prob) / np.maximum(moves, 1), 0.0)
-        np.fill_diagonal(transition, np.where(moves[:, 0] > 0, stay_prob, 1.0))
-        return cls(
-            initial_probs=jnp.asarray(initial, dtype),
-            transition_matrix=jnp.asarray(transition, dtype),
-            emissions=emission_model,
+        return _initialise.from_data(
+            cls, emissions, num_states, emissions_type, lengths=lengths, inputs=inputs, stay_prob=stay_prob,
+            num_classes=num_classes, num_lags=num_lags, structure=structure, max_jump=max_jump, key=key,
         )
 
     @classmethod
@@ -597,58 +495,19 @@ class HMM(AbstractFittableModel):
 
     # ------------------------------------------------------------- fitting
     def _check_batch(self, emissions, lengths, inputs):
-        shape = tuple(self.emissions.emission_shape)
-        emissions = _checks.to_device(emissions)
-        _checks.check_shape("emissions", emissions, ("B", "T") + shape, "a padded batch of sequences")
-        num_seq, num_timesteps = emissions.shape[:2]
-        if lengths is None:  # host-built: no eager XLA kernel to compile
-            lengths = _checks.to_device(np.full((num_seq,), num_timesteps, np.int32))
-        else:
-            lengths = _checks.check_lengths(lengths, num_seq, num_timesteps)
-        # Host copies (free on CPU): the emission family checks values with NumPy.
-        host = np.asarray(emissions) if _checks.host_namespace(emissions) is np else emissions
-        xp = np if host is not emissions else jnp
-        mask = xp.arange(num_timesteps)[None, :] < xp.asarray(lengths)[:, None]
-        self.emissions.check_emissions(host, mask)  # (B, T, ...): errors name emissions[b, t, ...]
-        return emissions, lengths, self._checked_batch_inputs(inputs, num_seq, num_timesteps, mask)
+        return _fit.check_batch(self, emissions, lengths, inputs)
 
     def _checked_batch_inputs(self, inputs, num_seq, num_timesteps, mask):
-        """``inputs`` ``(B, T, Du)`` of a batch, checked by the emission family (None for families without)."""
-        if inputs is None:
-            self._check_inputs(None, num_timesteps)
-            return None
-        inputs = _checks.to_device(inputs)
-        _checks.check_shape("inputs", inputs, (num_seq, num_timesteps, None), "a padded batch of input sequences")
-        flat = inputs.reshape((num_seq * num_timesteps,) + inputs.shape[2:])
-        self._check_inputs(flat, num_seq * num_timesteps, mask.reshape(-1))
-        return inputs
+        return _fit.checked_batch_inputs(self, inputs, num_seq, num_timesteps, mask)
 
     def _check_em(self, frozen):
-        frozen = frozen | _constraints.held_whole(self.constraints)
-        if not isinstance(self.emissions, AbstractExponentialFamilyEmissions) and not (
-            "emissions" in frozen
-        ):
-            raise ValueError(
-                f"{type(self.emissions).__name__} has no closed-form M-step; fit this HMM with fit_sgd, "
-                "or freeze its emissions (frozen=('emissions',)) to fit the Markov chain by EM."
-            )
+        return _fit.check_em(self, frozen)
 
     def _e_step(self, emissions, length, inputs):
-        ll = self.log_likelihoods(emissions, length=length, inputs=inputs)
-        post = hmm_smoother(self.initial_probs, self.transition_matrix, ll, length=length)
-        stats = {
-            "initial": post.smoothed_probs[0],
-            "transitions": post.expected_transitions,
-            "emissions": self._emission_stats(emissions, length, inputs, post.smoothed_probs),
-        }
-        return stats, post.marginal_loglik
+        return _fit.e_step(self, emissions, length, inputs)
 
     def _emission_stats(self, emissions, length, inputs, smoothed_probs):
-        """One sequence's emission statistics (None for a family without a closed-form M-step)."""
-        if not isinstance(self.emissions, AbstractExponentialFamilyEmissions):
-            return None
-        rows = self.emissions.joined(emissions, self._emission_inputs(inputs))
-        return self.emissions.suff_stats(rows, smoothed_probs, jnp.arange(emissions.shape[0]) < length)
+        return _fit.emission_stats(self, emissions, length, inputs, smoothed_probs)
 
     _has_fast_e_step = True  # the log-space forward pass is left out of fit_em's first program
 
@@ -658,73 +517,16 @@ class HMM(AbstractFittableModel):
         return getattr(self.emissions, "_prefers_fusion_emitters", False)
 
     def _prepare_batch(self, emissions, lengths, inputs):
-        """The loop-invariant layouts of a padded batch, computed once per fit (see protocol.py)."""
-        valid = jnp.arange(emissions.shape[1])[:, None] < lengths[None, :]  # (T, B)
-        time_major = jnp.swapaxes(emissions, 0, 1)
-        inputs = self._emission_inputs(inputs)
-        inputs = None if inputs is None else jnp.swapaxes(inputs, 0, 1)
-        return self.emissions.joined(time_major, inputs), valid
+        return _fit.prepare_batch(self, emissions, lengths, inputs)
 
     def _batched_e_step(self, batch):
-        """Summed statistics and log-likelihood of a padded batch (the hook fit_em uses).
-
-        ``batch`` is :meth:`_prepare_batch`'s ``(time-major rows (T, B, ...), valid (T, B))``: the
-        emissions, joined to their covariates for a family that has them
-        (:meth:`~ssmjax.AbstractEmissions.joined`).
-        Equal to summing :meth:`_e_step` over the batch, organised for speed: emission
-        log-likelihoods come state-major ``(T, K, B)`` for all steps at once
-        (``_time_major_log_likelihoods``), forward-backward advances all sequences together
-        (:func:`~ssmjax._hmm.rules.batch_smoother_stats`, the batch as the vectorised
-        axis), and emission statistics are pooled over the ``T * B`` steps.
-        """
-        time_major, valid = batch
-        lls = self.emissions._time_major_log_likelihoods(time_major, valid)
-        smoothed, transitions, loglik = batch_smoother_stats(
-            self.initial_probs, self.transition_matrix, lls, valid, fallback=not fast_e_step()
-        )  # smoothed: (T, B, K), zero at padded steps
-        if isinstance(self.emissions, AbstractExponentialFamilyEmissions):
-            num_timesteps, num_seq = valid.shape
-            flat_shape = (num_timesteps * num_seq,)
-            emission_stats = self.emissions.suff_stats(
-                time_major.reshape(flat_shape + time_major.shape[2:]),
-                smoothed.reshape(flat_shape + smoothed.shape[2:]),
-                valid.reshape(flat_shape),
-            )
-        else:
-            emission_stats = None
-        stats = {
-            "initial": jnp.sum(smoothed[0], axis=0),
-            "transitions": transitions,
-            "emissions": emission_stats,
-        }
-        return stats, loglik
+        return _fit.batched_e_step(self, batch)
 
     def _check_prior(self, prior) -> None:
-        if prior is None:
-            return
-        if not isinstance(prior, HMMPrior):
-            raise ValueError(f"`prior` must be an ssmjax.HMMPrior or None; got {type(prior).__name__}.")
-        k = self.num_states
-        for name, concentration, shape in (("initial", prior.initial.concentration, (k,)),
-                                           ("transition", prior.transition.concentration, (k, k))):
-            try:
-                fits = np.broadcast_shapes(np.shape(concentration), shape) == shape
-            except ValueError:
-                fits = False
-            if not fits:
-                raise ValueError(
-                    f"`prior.{name}` concentration must broadcast to {shape}; got shape {jnp.shape(concentration)}."
-                )
-        self.emissions.log_prior(prior.emissions)  # raises if the family takes no such prior
+        return _fit.check_prior(self, prior)
 
     def _log_prior(self, prior):
-        if prior is None:
-            return jnp.zeros(())
-        return (
-            prior.initial.log_prob(self.initial_log_probs)
-            + prior.transition_prior(self.num_states).log_prob(self.transition_log_probs)
-            + self.emissions.log_prior(prior.emissions)
-        )
+        return _fit.log_prior(self, prior)
 
     @typing.no_type_check
     def log_posterior(
@@ -750,95 +552,13 @@ class HMM(AbstractFittableModel):
         return self.log_likelihood(emissions, lengths=lengths) + self._log_prior(prior)
 
     def _m_step(self, stats, frozen, prior=None):
-        frozen = frozen | _constraints.held_whole(self.constraints)
-        masks = _constraints.masks(self)
-        initial = self.initial_log_probs
-        if "initial_probs" in masks and "initial_probs" not in frozen:
-            alpha = None if prior is None else prior.initial.concentration
-            initial = _constraints.rows_m_step(stats["initial"], initial, masks["initial_probs"], alpha)
-        elif "initial_probs" not in frozen:
-            if prior is None:
-                initial = _log_normalize(stats["initial"], self.initial_log_probs)
-            else:
-                initial = prior.initial.mode_logits(stats["initial"], self.initial_log_probs)
-        transition = self.transition_log_probs
-        if "transition_matrix" in masks and "transition_matrix" not in frozen:
-            alpha = None if prior is None else prior.transition_prior(self.num_states).concentration
-            transition = _constraints.rows_m_step(stats["transitions"], transition, masks["transition_matrix"], alpha)
-        elif "transition_matrix" not in frozen:
-            if prior is None:
-                transition = _log_normalize(stats["transitions"], self.transition_log_probs)
-            else:
-                transition = prior.transition_prior(self.num_states).mode_logits(stats["transitions"], transition)
-        emissions = self.emissions
-        emission_frozen = {n.split(".", 1)[1] for n in frozen if n.startswith("emissions.")}
-        if "emissions" not in frozen and stats["emissions"] is not None:
-            extra = {} if prior is None or prior.emissions is None else {"prior": prior.emissions}
-            emission_masks = {n.split(".", 1)[1]: m for n, m in masks.items() if n.startswith("emissions.")}
-            if emission_masks:
-                emissions = _constraints.emissions_m_step(
-                    self.emissions, stats["emissions"], emission_masks, frozenset(emission_frozen), **extra
-                )
-            elif emission_frozen:
-                emissions = self.emissions.m_step_from_stats(stats["emissions"], frozen=emission_frozen, **extra)
-            else:
-                emissions = self.emissions.m_step_from_stats(stats["emissions"], **extra)
-        # tree_at, not HMM(...): a subclass (and any field it adds) survives the M-step
-        return eqx.tree_at(
-            lambda m: (m.initial_log_probs, m.transition_log_probs, m.emissions),
-            self,
-            (initial, transition, emissions),
-        )
+        return _fit.m_step(self, stats, frozen, prior)
 
     def _unconstrained(self):
-        """Name -> free values; fields held whole by ``fixed`` are left out (read back from ``self``)."""
-        params = {
-            "initial_probs": self.initial_log_probs,
-            "transition_matrix": self.transition_log_probs,
-        }
-        fields = _emission_fields(self.emissions)
-        if fields:
-            for name, attrs in fields.items():
-                params[f"emissions.{name}"] = {a: getattr(self.emissions, a) for a in attrs}
-        else:
-            params["emissions"] = self.emissions
-        held = _constraints.held_whole(self.constraints)
-        if "emissions" in held:
-            held = held | {n for n in params if n.startswith("emissions")}
-        return {n: v for n, v in params.items() if n not in held}
+        return _fit.unconstrained(self)
 
     def _from_unconstrained(self, params):
-        masks = _constraints.masks(self)
-        fields = _emission_fields(self.emissions)
-        emissions = params.get("emissions", self.emissions)
-        if fields:
-            for name, attrs in fields.items():
-                if f"emissions.{name}" not in params:
-                    continue
-                for a in attrs:
-                    value = params[f"emissions.{name}"][a]
-                    mask = masks.get(f"emissions.{name}")
-                    if mask is not None and _constraints.kind_of(self, f"emissions.{name}") == "rows":
-                        value = _constraints.rows_from_free(value, getattr(self.emissions, a), mask)
-                    elif mask is not None:
-                        value = _constraints.entries_from_free(value, getattr(self.emissions, a), mask)
-                    emissions = eqx.tree_at(
-                        lambda e, a=a: getattr(e, a), emissions, value, is_leaf=lambda x: x is None
-                    )
-        # Renormalise so the stored log-probabilities always are normalised.
-        rows = []
-        for name, current in (("initial_probs", self.initial_log_probs), ("transition_matrix", self.transition_log_probs)):
-            if name not in params:
-                rows.append(current)
-            elif name in masks:
-                rows.append(_constraints.rows_from_free(params[name], current, masks[name]))
-            else:
-                rows.append(jax.nn.log_softmax(params[name], axis=-1))
-        # tree_at, not HMM(...): the constraints (a static field) survive
-        return eqx.tree_at(
-            lambda m: (m.initial_log_probs, m.transition_log_probs, m.emissions), self, (rows[0], rows[1], emissions)
-        )
-
+        return _fit.from_unconstrained(self, params)
 
 def _sample(model: HMM, key, num_timesteps: int, inputs=None):
     key_init, key_trans, key_emit = jax.random.split(key, 3)

@@ -315,6 +315,18 @@ def _checked_means(means):
     return _checks.check_values(means, ~xp.isfinite(values), "`means` must be finite.")
 
 
+def _cholesky_field(name, value, chol_name, chol, shape, dtype, what):
+    """The Cholesky factor of a positive-definite field, from the matrix (``name``, checked) or from
+    the factor itself (``chol_name``), whichever is given."""
+    if value is not None:
+        value = _checks.as_float_array(name, value, dtype)
+        _checks.check_shape(name, value, shape, what)
+        return _sym_cholesky(_checks.check_psd(name, value))
+    chol = _checks.as_float_array(chol_name, chol, dtype)
+    _checks.check_shape(chol_name, chol, shape)
+    return chol
+
+
 class _FullOrDiagonal(type(eqx.Module)):
     """``GaussianEmissions(means, variances)`` with (K, D) variances (or ``log_variances=``) builds a
     :class:`DiagonalGaussianEmissions`, with a warning: the spelling of the one class that held both
@@ -454,14 +466,8 @@ class GaussianEmissions(_AbstractFullGaussian, metaclass=_FullOrDiagonal):
         self.min_variance = _check_min_variance(min_variance)
         self.means = means = _checked_means(means)
         k, d = means.shape
-        if covs is not None:
-            covs = _checks.as_float_array("covs", covs, means.dtype)
-            _checks.check_shape("covs", covs, (k, d, d), "full covariance matrices")
-            self.chol_covs = _sym_cholesky(_checks.check_psd("covs", covs))
-        else:
-            chol_covs = _checks.as_float_array("chol_covs", chol_covs, means.dtype)
-            _checks.check_shape("chol_covs", chol_covs, (k, d, d))
-            self.chol_covs = chol_covs
+        self.chol_covs = _cholesky_field("covs", covs, "chol_covs", chol_covs, (k, d, d), means.dtype,
+                                         "full covariance matrices")
 
     def _cov_param(self) -> Array:
         return self.chol_covs
@@ -513,14 +519,8 @@ class TiedGaussianEmissions(_AbstractFullGaussian):
         self.min_variance = _check_min_variance(min_variance)
         self.means = means = _checked_means(means)
         d = means.shape[1]
-        if cov is not None:
-            cov = _checks.as_float_array("cov", cov, means.dtype)
-            _checks.check_shape("cov", cov, (d, d), "one covariance matrix shared by every state")
-            self.chol_cov = _sym_cholesky(_checks.check_psd("cov", cov))
-        else:
-            chol_cov = _checks.as_float_array("chol_cov", chol_cov, means.dtype)
-            _checks.check_shape("chol_cov", chol_cov, (d, d))
-            self.chol_cov = chol_cov
+        self.chol_cov = _cholesky_field("cov", cov, "chol_cov", chol_cov, (d, d), means.dtype,
+                                        "one covariance matrix shared by every state")
 
     @property
     def chol_covs(self) -> Float[Array, "K D D"]:

@@ -44,12 +44,11 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Shaped
 
 from ... import _checks
 from .base import AbstractExponentialFamilyEmissions, _at_real_steps, _check_weights, _keep_where_empty
-from .gaussian import _check_min_variance
+from .gaussian import _check_min_variance, _cholesky_field
 from .gaussian_ops import (
     _UNROLLED_SOLVE_MAX_DIM,
     _gaussian_full_log_prob,
     _gaussian_init,
-    _sym_cholesky,
     _unrolled_gaussian_log_density,
 )
 
@@ -133,14 +132,8 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
         biases = _checks.as_float_array("biases", biases, weights.dtype)
         _checks.check_shape("biases", biases, (k, d), "one intercept vector per state")
         self.weights, self.biases = (_finite(name, value) for name, value in (("weights", weights), ("biases", biases)))
-        if covs is not None:
-            covs = _checks.as_float_array("covs", covs, weights.dtype)
-            _checks.check_shape("covs", covs, (k, d, d), "a full covariance matrix per state")
-            self.chol_covs = _sym_cholesky(_checks.check_psd("covs", covs))
-        else:
-            chol_covs = _checks.as_float_array("chol_covs", chol_covs, weights.dtype)
-            _checks.check_shape("chol_covs", chol_covs, (k, d, d))
-            self.chol_covs = chol_covs
+        self.chol_covs = _cholesky_field("covs", covs, "chol_covs", chol_covs, (k, d, d), weights.dtype,
+                                         "a full covariance matrix per state")
 
     # -- views -------------------------------------------------------------
 

@@ -44,8 +44,8 @@ from .base import (
     _observed_entries,
 )
 from .gamma import _solve_shape
-from .gaussian import GaussianEmissions, _check_min_variance, _checked_means
-from .gaussian_ops import _UNROLLED_SOLVE_MAX_DIM, _masked_whitening, _sym_cholesky
+from .gaussian import GaussianEmissions, _check_min_variance, _checked_means, _cholesky_field
+from .gaussian_ops import _UNROLLED_SOLVE_MAX_DIM, _masked_whitening
 
 # Above this argument the Gamma-function terms are asymptotic series: the direct differences of
 # log-Gamma values cancel (at nu = 1e8 about eight of float64's sixteen digits), while the series'
@@ -376,14 +376,8 @@ class StudentTEmissions(AbstractExponentialFamilyEmissions):
         self.min_variance = _check_min_variance(min_variance)
         self.means = means = _checked_means(means)
         k, d = means.shape
-        if scales is not None:
-            scales = _checks.as_float_array("scales", scales, means.dtype)
-            _checks.check_shape("scales", scales, (k, d, d), "one scale matrix per state")
-            self.chol_scales = _sym_cholesky(_checks.check_psd("scales", scales))
-        else:
-            chol_scales = _checks.as_float_array("chol_scales", chol_scales, means.dtype)
-            _checks.check_shape("chol_scales", chol_scales, (k, d, d))
-            self.chol_scales = chol_scales
+        self.chol_scales = _cholesky_field("scales", scales, "chol_scales", chol_scales, (k, d, d), means.dtype,
+                                           "one scale matrix per state")
         if dofs is not None:
             dofs = _checks.as_float_array("dofs", dofs, means.dtype)
             if dofs.ndim == 0:
