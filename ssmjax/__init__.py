@@ -26,6 +26,7 @@ from ._hmm.input_driven import InputDrivenHMM as InputDrivenHMM
 from ._hmm.priors import BetaPrior as BetaPrior
 from ._hmm.priors import DirichletPrior as DirichletPrior
 from ._hmm.priors import GammaPrior as GammaPrior
+from ._hmm.priors import GaussianMixturePrior as GaussianMixturePrior
 from ._hmm.priors import GaussianPrior as GaussianPrior
 from ._hmm.priors import HMMPrior as HMMPrior
 from ._hmm.selection import NumStatesSelection as NumStatesSelection

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln, polygamma
 from jax.typing import DTypeLike
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Shaped
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 from ... import _checks
+from ..priors import GammaPrior, check_broadcasts
 from .base import (
     _at_real_steps,
     AbstractExponentialFamilyEmissions,
@@ -37,6 +38,9 @@ from .base import (
 _SHAPE_NEWTON_STEPS = 8
 # Largest shape the M-step returns: all-equal values would send it to infinity
 _MAX_SHAPE = 1e8
+# Bisection steps of the MAP shape equation on [log 1e-8, log 1e8]: 2^-64 of that width is below
+# float64 round-off of log(shape)
+_MAP_SHAPE_BISECTIONS = 64
 
 
 class GammaStats(NamedTuple):
@@ -84,6 +88,28 @@ def _inverse_digamma(target):
     return jax.lax.fori_loop(0, _SHAPE_NEWTON_STEPS, newton, x)
 
 
+def _solve_map_shape(counts, log_prior_total, mean_log, prior_shape):
+    r"""The shape :math:`\alpha` maximising the expected log posterior with the rate profiled out:
+    the root of :math:`h(\alpha) = \log(a - 1 + n\alpha) - \log(b + \sum w y) + \overline{\log y} - \psi(\alpha)`,
+    ``log_prior_total`` :math:`= \log(b + \sum w y)`. For :math:`a \ge 1`, :math:`h` decreases from
+    :math:`+\infty` to :math:`\log n - \log(b + \sum w y) + \overline{\log y} \le 0` (Jensen): one root,
+    found by bisection in :math:`\log\alpha` (robust where Newton's method is not: the curvature changes sign)."""
+
+    def h(log_shape):
+        shape = jnp.exp(log_shape)
+        return jnp.log(prior_shape - 1.0 + counts * shape) - log_prior_total + mean_log - digamma(shape)
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        above = h(mid) > 0  # the root lies above mid
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    lo = jnp.full_like(mean_log, -jnp.log(_MAX_SHAPE))
+    lo, hi = jax.lax.fori_loop(0, _MAP_SHAPE_BISECTIONS, bisect, (lo, -lo))
+    return 0.5 * (lo + hi)
+
+
 class GammaEmissions(AbstractExponentialFamilyEmissions):
     r"""Independent Gamma values: :math:`p(y_t \mid z_t = k) = \prod_d \mathrm{Gamma}(y_{td}; \alpha_{kd}, \beta_{kd})`.
 
@@ -98,6 +124,12 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
     observed steps; Newton's method from Minka's closed-form start, to round-off), and the rate
     is :math:`\alpha / \bar y`. A (state, dimension) pair with no weight keeps its values; one whose
     values are all equal gets the largest shape, ``1e8``.
+
+    Prior: a :class:`~ssmjax.GammaPrior` (shape :math:`a \ge 1`, rate :math:`b`) on the rates. The
+    M-step is then the joint mode of the expected log posterior: the rate given the shape is
+    :math:`(a - 1 + \alpha \sum w) / (b + \sum w y)`, and the shape solves the profiled equation
+    :math:`\log(a - 1 + \alpha \sum w) - \log(b + \sum w y) + \overline{\log y} = \psi(\alpha)`
+    (bisection, to round-off); with one of them frozen, the other is its conditional mode.
 
     Args:
         shapes: ``(K, D)`` positive shapes (or one number for all).
@@ -209,18 +241,50 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
         counts = _observed_weights(weights, observed, _missing(emissions, mask))
         return GammaStats(counts, weights.T @ (obs * y), weights.T @ (obs * jnp.log(y)))
 
-    def m_step_from_stats(self, stats: GammaStats, frozen: AbstractSet[str] = frozenset()) -> "GammaEmissions":
+    def _rate_prior(self, prior):
+        if not isinstance(prior, GammaPrior):
+            return None
+        shape = self.log_rates.shape
+        check_broadcasts("prior.emissions.shape", prior.shape, shape)
+        check_broadcasts("prior.emissions.rate", prior.rate, shape)
+        xp, host = _checks.host_arrays(prior.shape)
+        _checks.check_values(prior.shape, host < 1, "`prior.emissions.shape` must be at least 1 for Gamma emissions "
+                             "(below one the prior's density is unbounded at rate 0 and the posterior has no mode).")
+        return prior
+
+    def log_prior(self, prior: PyTree | None) -> Float[Array, ""]:
+        """The :class:`~ssmjax.GammaPrior` log-density of the rates (the shapes are flat)."""
+        rate_prior = self._rate_prior(prior)
+        if rate_prior is None:
+            return super().log_prior(prior)
+        return rate_prior.log_prob(self.log_rates)
+
+    def m_step_from_stats(
+        self, stats: GammaStats, frozen: AbstractSet[str] = frozenset(), prior: PyTree | None = None
+    ) -> "GammaEmissions":
+        rate_prior = self._rate_prior(prior)
         empty = stats.observed_weights <= 0
         total = jnp.where(empty, 1.0, stats.observed_weights)
         mean, mean_log = stats.weighted_sums / total, stats.weighted_logs / total
+        dtype = self.log_rates.dtype
         if "shapes" in frozen:
             log_shapes = self.log_shapes
         elif "rates" in frozen:  # the maximiser given the rate: digamma(shape) = log rate + mean log
             log_shapes = jnp.where(empty, self.log_shapes, jnp.log(_inverse_digamma(self.log_rates + mean_log)))
+        elif rate_prior is not None:  # the joint mode, the rate profiled out
+            a, b = rate_prior.shape.astype(dtype), rate_prior.rate.astype(dtype)
+            log_total = jnp.log(b + stats.weighted_sums)
+            log_shapes = jnp.where(empty, self.log_shapes, _solve_map_shape(total, log_total, mean_log, a))
         else:
             log_shapes = jnp.where(empty, self.log_shapes, jnp.log(_solve_shape(jnp.log(mean) - mean_log)))
         log_rates = self.log_rates
-        if "rates" not in frozen:  # the maximiser given the shape: rate = shape / mean
+        if "rates" not in frozen and rate_prior is not None:  # the mode given the shape
+            a, b = rate_prior.shape.astype(dtype), rate_prior.rate.astype(dtype)
+            numerator = a - 1.0 + jnp.exp(log_shapes) * stats.observed_weights
+            denominator = b + stats.weighted_sums
+            nothing = (numerator <= 0) | (denominator <= 0)
+            log_rates = jnp.where(nothing, self.log_rates, jnp.log(jnp.where(nothing, 1.0, numerator / denominator)))
+        elif "rates" not in frozen:  # the maximiser given the shape: rate = shape / mean
             log_rates = jnp.where(empty, self.log_rates, log_shapes - jnp.log(mean))
         return GammaEmissions(log_shapes=log_shapes, log_rates=log_rates)
 

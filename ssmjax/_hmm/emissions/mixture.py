@@ -8,7 +8,9 @@ missing entries, statistics and M-step are the Gaussian families' own.
 EM: given the state responsibilities ``w_nk``, the statistics split each step over the state's
 components by their posterior :math:`r_{nkm} \propto \pi_{km} \mathcal N(y_n; \mu_{km}, \Sigma_{km})`;
 the components then take the Gaussian M-step with weights :math:`w_{nk} r_{nkm}`, and the mixture
-weights are the normalised :math:`\sum_n w_{nk} r_{nkm}`.
+weights are the normalised :math:`\sum_n w_{nk} r_{nkm}`. Under a :class:`~ssmjax.GaussianMixturePrior`
+both are the posterior modes instead (a Dirichlet prior on the weights, a
+:class:`~ssmjax.GaussianPrior` on the components).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from jax.scipy.special import logsumexp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 from ... import _checks
-from ..priors import DirichletPrior
+from ..priors import DirichletPrior, GaussianMixturePrior, check_broadcasts
 from .base import (
     AbstractExponentialFamilyEmissions,
     _as_mask,
@@ -205,10 +207,32 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
             "components": sum(self.components.parameter_counts().values()),
         }
 
+    def _split_prior(self, prior):
+        """``(weights prior, components prior)`` of ``prior``, checked against this model's shapes."""
+        if isinstance(prior, DirichletPrior):  # on the mixture weights only
+            prior = GaussianMixturePrior(weights=prior)
+        if not isinstance(prior, GaussianMixturePrior):
+            return None
+        k, m, d = self.num_states, self.num_mix, self.components.emission_dim
+        check_broadcasts("prior.emissions.weights.concentration", prior.weights.concentration, (k, m))
+        gaussian = prior.components
+        if gaussian is not None:
+            check_broadcasts("prior.emissions.components.means_prior", gaussian.means_prior, (k * m, d))
+            check_broadcasts("prior.emissions.components.means_weight", gaussian.means_weight, (k * m,))
+            kind = self.components.covariance_type
+            psi_shape = {"full": (k * m, d, d), "tied": (d, d)}.get(kind, (k * m, d))
+            check_broadcasts("prior.emissions.components.covars_prior", gaussian.covars_prior, psi_shape)
+        return prior.weights, gaussian
+
     def log_prior(self, prior: PyTree | None) -> Float[Array, ""]:
-        if isinstance(prior, DirichletPrior):  # on the mixture weights
-            return prior.log_prob(jax.nn.log_softmax(self.mixture_logits, axis=-1))
-        return super().log_prior(prior)
+        """The weights' Dirichlet log-density plus the components' :class:`~ssmjax.GaussianPrior` term,
+        under a :class:`~ssmjax.GaussianMixturePrior` (or a :class:`~ssmjax.DirichletPrior` on the weights)."""
+        split = self._split_prior(prior)
+        if split is None:
+            return super().log_prior(prior)
+        weights, gaussian = split
+        log_weights = weights.log_prob(jax.nn.log_softmax(self.mixture_logits, axis=-1))
+        return log_weights + self.components.log_prior(gaussian)
 
     def m_step_from_stats(
         self,
@@ -216,15 +240,19 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
         frozen: AbstractSet[str] = frozenset(),
         prior: PyTree | None = None,
     ) -> "GaussianMixtureEmissions":
+        split = self._split_prior(prior)
+        weights_prior, components_prior = (None, None) if split is None else split
         logits = self.mixture_logits
         if "weights" not in frozen:
-            if isinstance(prior, DirichletPrior):
-                logits = prior.mode_logits(stats.mixture_counts, logits)
+            if weights_prior is not None:
+                logits = weights_prior.mode_logits(stats.mixture_counts, logits)
             else:
                 logits = _normalised_logits(stats.mixture_counts, logits)
         components = self.components
         if "components" not in frozen:
-            components = components.m_step_from_stats(stats.components, frozen={"means", "covs"} & set(frozen))
+            components = components.m_step_from_stats(
+                stats.components, frozen={"means", "covs"} & set(frozen), prior=components_prior
+            )
         return GaussianMixtureEmissions(mixture_logits=logits, components=components)
 
     # -- initialisers ------------------------------------------------------
