@@ -259,3 +259,20 @@ def test_markov_chain_eager_calls_compile_one_program_each():
     a, b = (int(v) for v in states[0, :2])  # an observed start and transition: positive probability
     np.testing.assert_allclose(chain.marginal_loglik(np.array([a, b, 5]), length=2),
                                np.log(chain.initial_probs[a] * chain.transition_matrix[a, b]), rtol=1e-6)
+
+
+def test_batch_log_likelihood_runs_under_jit_with_traced_lengths():
+    """``log_likelihood`` of a padded batch inside a user's ``jit``: traced ``lengths`` are checked at
+    run time (naming the first bad entry), and the value equals the eager one."""
+    hmm = ssmjax.HMM(jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.2, 0.8]]),
+                     ssmjax.PoissonEmissions(rates=jnp.array([[1.0], [6.0]])))
+    lgssm = ssmjax.LGSSM(initial_mean=jnp.zeros(1), initial_cov=jnp.eye(1), transition_matrix=jnp.eye(1),
+                         transition_cov=jnp.eye(1), emission_matrix=jnp.eye(1), emission_cov=jnp.eye(1))
+    counts = jnp.array([[[0], [1], [7]], [[5], [6], [0]]])
+    for model, ys in ((hmm, counts), (lgssm, counts.astype(float))):
+        lengths = jnp.array([3, 2])
+        jitted = jax.jit(lambda y, n, model=model: model.log_likelihood(y, lengths=n))
+        np.testing.assert_allclose(jitted(ys, lengths), model.log_likelihood(ys, lengths=lengths), rtol=1e-12)
+        # the first bad position is found in a host callback; XLA reports its error as either type
+        with pytest.raises((jax.errors.JaxRuntimeError, ValueError), match=r"lengths\[1\]"):
+            jitted(ys, jnp.array([3, 4])).block_until_ready()
