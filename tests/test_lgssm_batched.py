@@ -181,7 +181,8 @@ def test_lgssm_strategy_names_each_choice_and_its_reason():
 )
 def test_forced_strategies_give_the_chosen_results(schedule, form, ops, masking):
     model, y = _steady_model()
-    y = jnp.asarray(y)
+    # the steady-state path needs T > 512; the others are compared on a shorter stretch (cheaper to compile)
+    y = jnp.asarray(y if schedule == "steady-state" else y[:100])
     want = ssmjax.rts_smoother(model, y)
     forced = ssmjax.KalmanStrategy(schedule=schedule, form=form, ops=ops, masking=masking)
     got = ssmjax.rts_smoother(model, y, strategy=forced)
