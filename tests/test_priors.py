@@ -140,7 +140,7 @@ def test_bad_priors_are_errors_that_name_the_argument():
     ys = np.ones((1, 5, 1))
     with pytest.raises(ValueError, match="PoissonEmissions takes no emission prior; got DirichletPrior"):
         ssmjax.fit_em(hmm, ys, prior=ssmjax.HMMPrior(emissions=ssmjax.DirichletPrior(2.0)))
-    with pytest.raises(ValueError, match=r"`prior.transition` concentration must broadcast to \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"`prior.transition.concentration` must broadcast to \(2, 2\)"):
         ssmjax.fit_em(hmm, ys, prior=ssmjax.HMMPrior(transition=jnp.ones(3)))
     with pytest.raises(ValueError, match="`prior` must be an ssmjax.HMMPrior"):
         ssmjax.fit_em(hmm, ys, prior=ssmjax.GammaPrior(2.0, 1.0))

@@ -21,7 +21,7 @@ from .._fit.protocol import fast_e_step
 from . import constraints as _constraints
 from .emissions import AbstractEmissions, AbstractExponentialFamilyEmissions
 from .inference import hmm_smoother
-from .priors import HMMPrior
+from .priors import HMMPrior, check_broadcasts
 from .rules import batch_smoother_stats
 
 
@@ -148,16 +148,8 @@ def check_prior(model, prior) -> None:
     if not isinstance(prior, HMMPrior):
         raise ValueError(f"`prior` must be an ssmjax.HMMPrior or None; got {type(prior).__name__}.")
     k = model.num_states
-    for name, concentration, shape in (("initial", prior.initial.concentration, (k,)),
-                                       ("transition", prior.transition.concentration, (k, k))):
-        try:
-            fits = np.broadcast_shapes(np.shape(concentration), shape) == shape
-        except ValueError:
-            fits = False
-        if not fits:
-            raise ValueError(
-                f"`prior.{name}` concentration must broadcast to {shape}; got shape {jnp.shape(concentration)}."
-            )
+    check_broadcasts("prior.initial.concentration", prior.initial.concentration, (k,))
+    check_broadcasts("prior.transition.concentration", prior.transition.concentration, (k, k))
     model.emissions.log_prior(prior.emissions)  # raises if the family takes no such prior
 
 

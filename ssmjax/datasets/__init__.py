@@ -65,9 +65,14 @@ class QuarterlyDataset(NamedTuple):
         return self.years + (self.quarters - 1) / 4
 
 
-def _read(filename: str, dtype) -> tuple[np.ndarray, np.ndarray]:
+def _rows(filename: str) -> list[list[str]]:
+    """The rows of a bundled CSV file, header left out."""
     text = resources.files(__package__).joinpath("data", filename).read_text()
-    rows = list(csv.reader(text.splitlines()))[1:]
+    return list(csv.reader(text.splitlines()))[1:]
+
+
+def _read(filename: str, dtype) -> tuple[np.ndarray, np.ndarray]:
+    rows = _rows(filename)
     years = np.array([int(r[0]) for r in rows], dtype=np.int64)
     values = np.array([r[1] for r in rows], dtype=dtype)
     return years, values
@@ -135,8 +140,7 @@ def load_us_gdp_growth() -> QuarterlyDataset:
         >>> round(float(data.values.mean()), 2)
         3.1
     """
-    text = resources.files(__package__).joinpath("data", "us_gdp_growth.csv").read_text()
-    rows = list(csv.reader(text.splitlines()))[1:]
+    rows = _rows("us_gdp_growth.csv")
     years = np.array([int(r[0]) for r in rows], dtype=np.int64)
     quarters = np.array([int(r[1]) for r in rows], dtype=np.int64)
     values = np.array([r[2] for r in rows], dtype=np.float64)
