@@ -1,21 +1,21 @@
-"""Docs that run: every ``>>>`` example in the package's docstrings, and the README's Python blocks.
+"""Docs that run: every ``>>>`` example in the package's docstrings, and the Python blocks of every page.
 
 Doctests: one test per module of ``ssmjax/`` whose source holds a ``>>>`` prompt, run with the
 standard library's ``doctest`` (``ELLIPSIS | NORMALIZE_WHITESPACE``) under this run's settings
 (float64, from conftest.py). Each docstring starts from an empty namespace, so an example has to
 import what it uses, as a reader copying it would. Modules are found from the files, not with
-``pkgutil.walk_packages``: that skips directories without an ``__init__.py`` (``ssmjax/_lgssm`` is
-such a namespace package). Every ``>>>`` prompt in a file must belong to an example that doctest
+``pkgutil.walk_packages``, so a directory without an ``__init__.py`` is not missed. Every ``>>>`` prompt in a file must belong to an example that doctest
 found and ran, so a docstring that doctest cannot see (a wrapper with another ``__module__``, an
 example outside a docstring) fails here instead of being skipped in silence.
 
 The examples also check the public signatures: they run through copies of the public entry points
 that beartype and jaxtyping check (:mod:`signatures`), and every entry point must be reached.
 
-README: the ```` ```python ```` blocks of README.md, in order, run as one script in a fresh
-interpreter (``JAX_PLATFORMS=cpu``, JAX's default float32), so each block may use only what the
-blocks before it and itself define. Tracebacks point at README.md's own line numbers. ``bash``
-blocks are not run.
+Pages: the ```` ```python ```` blocks of README.md and of each page of the documentation site
+(``docs/``, content tabs included), in order, run as one script per page in a fresh interpreter
+(``JAX_PLATFORMS=cpu``, JAX's default float32), so each block may use only what the blocks before
+it and itself define. Tracebacks point at the page's own line numbers. ``bash`` and ``text``
+blocks are not run; a block starting ``# requires: module`` runs where that module is installed.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import doctest
 import importlib
+import importlib.util
 import inspect
 import io
 import json
@@ -30,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ssmjax"
 README = ROOT / "README.md"
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-README_TIMEOUT_S = 600
+PAGE_TIMEOUT_S = 600
 
 
 def _prompts(path: Path) -> int:
@@ -115,17 +117,26 @@ def test_doctest_modules_found() -> None:
     assert expected <= set(MODULE_FILES), f"doctest modules found: {sorted(MODULE_FILES)}"
 
 
-def readme_python_blocks() -> list[tuple[int, str]]:
-    """``(first_line, source)`` of each ```` ```python ```` block of README.md, in order (1-based lines)."""
-    text = README.read_text(encoding="utf-8")
+DOC_PAGES = [README] + sorted(p for p in (ROOT / "docs").rglob("*.md") if "_hooks" not in p.parts)
+
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+    """``(first_line, source)`` of each ```` ```python ```` block of a Markdown page, in order (1-based
+    lines). Blocks inside content tabs are indented; they are dedented. A block whose first line is
+    ``# requires: module`` is left out where that module is not installed."""
+    text = path.read_text(encoding="utf-8")
     blocks = []
-    for match in re.finditer(r"^```python[ \t]*\n(.*?)^```[ \t]*$", text, flags=re.S | re.M):
-        blocks.append((text.count("\n", 0, match.start(1)) + 1, match.group(1)))
+    for match in re.finditer(r"^([ \t]*)```python[^\n]*\n(.*?)^\1```[ \t]*$", text, flags=re.S | re.M):
+        source = textwrap.dedent(match.group(2))
+        needs = re.match(r"#\s*requires:\s*([\w.]+)", source.lstrip())
+        if needs and importlib.util.find_spec(needs.group(1)) is None:
+            continue
+        blocks.append((text.count("\n", 0, match.start(2)) + 1, source))
     return blocks
 
 
-# Runs the blocks in one namespace; each is compiled against README.md with its own line numbers.
-_README_DRIVER = """\
+# Runs the blocks in one namespace; each is compiled against its page with its own line numbers.
+_PAGE_DRIVER = """\
 import json, sys
 path, blocks = json.load(open(sys.argv[1], encoding="utf-8"))
 namespace = {"__name__": "__main__"}
@@ -134,20 +145,24 @@ for first_line, source in blocks:
 """
 
 
-def test_readme_python_blocks_run(tmp_path: Path) -> None:
-    blocks = readme_python_blocks()
-    assert len(blocks) >= 3, f"expected the README's Python examples, found {len(blocks)} ```python blocks"
-    spec = tmp_path / "readme_blocks.json"
-    spec.write_text(json.dumps([str(README), blocks]), encoding="utf-8")
+@pytest.mark.parametrize("page", [p for p in DOC_PAGES if p == README or python_blocks(p)],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_page_python_blocks_run(page: Path, tmp_path: Path) -> None:
+    blocks = python_blocks(page)
+    if page == README:
+        assert len(blocks) >= 3, f"expected the README's Python examples, found {len(blocks)} ```python blocks"
+    spec = tmp_path / "blocks.json"
+    spec.write_text(json.dumps([str(page), blocks]), encoding="utf-8")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-c", _README_DRIVER, str(spec)],
+        [sys.executable, "-c", _PAGE_DRIVER, str(spec)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
-        timeout=README_TIMEOUT_S,
+        timeout=PAGE_TIMEOUT_S,
     )
     if proc.returncode != 0:
-        pytest.fail(f"README.md's python blocks failed (exit {proc.returncode}):\n{proc.stderr[-8000:]}", pytrace=False)
+        name = page.relative_to(ROOT)
+        pytest.fail(f"{name}'s python blocks failed (exit {proc.returncode}):\n{proc.stderr[-8000:]}", pytrace=False)

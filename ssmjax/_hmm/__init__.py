@@ -1,0 +1,1 @@
+"""Discrete hidden Markov models: the forward-backward recursions, emission families, priors and EM."""

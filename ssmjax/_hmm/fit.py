@@ -110,10 +110,10 @@ def prepare_batch(model, emissions, lengths, inputs):
 def batched_e_step(model, batch):
     """Summed statistics and log-likelihood of a padded batch (the hook fit_em uses).
 
-    ``batch`` is :meth:`_prepare_batch`'s ``(time-major rows (T, B, ...), valid (T, B))``: the
+    ``batch`` is :func:`prepare_batch`'s ``(time-major rows (T, B, ...), valid (T, B))``: the
     emissions, joined to their covariates for a family that has them
     (:meth:`~ssmjax.AbstractEmissions.joined`).
-    Equal to summing :meth:`_e_step` over the batch, organised for speed: emission
+    Equal to summing :func:`e_step` over the batch, organised for speed: emission
     log-likelihoods come state-major ``(T, K, B)`` for all steps at once
     (``_time_major_log_likelihoods``), forward-backward advances all sequences together
     (:func:`~ssmjax._hmm.rules.batch_smoother_stats`, the batch as the vectorised

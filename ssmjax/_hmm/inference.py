@@ -486,7 +486,10 @@ def hmm_strategy(
     r"""Which path :func:`ssmjax.hmm_filter` or :func:`ssmjax.hmm_smoother` takes for these
     arguments, and why (see :mod:`ssmjax._hmm.strategy`).
 
-    Args:{args}
+    Args:
+        initial_probs: as for :func:`ssmjax.hmm_filter`, shape (K,).
+        transition_matrix: as for :func:`ssmjax.hmm_filter`, shape (K, K) or (T-1, K, K).
+        log_likelihoods: as for :func:`ssmjax.hmm_filter`, shape (T, K).
         function: ``"filter"`` or ``"smoother"``.
         parallel: the ``parallel=`` option of the call.
         batch_size: ``B`` when the call runs under ``jax.vmap`` over ``B`` sequences
@@ -523,7 +526,6 @@ for _fn in (
     hmm_sample_posterior,
     hmm_fixed_lag_smoother,
     hmm_predict,
-    hmm_strategy,
 ):
     _fn.__doc__ = _fn.__doc__.replace("{args}", ARGS_DOC)
 del _fn

@@ -110,7 +110,7 @@ def _matvec(matrix: Float[Array, "K K"], x: Float[Array, "*B K"]) -> Float[Array
 
 
 def _augmented_transitions(transition_matrix: Float[Array, "*S K K"]):
-    """``[A | 1]`` for a stationary ``A``, None for a time-varying one (see :func:`_normalise_step`).
+    """``[A | 1]`` for a stationary ``A``, None for a time-varying one (see :func:`forward_step`).
 
     On the matmul-kernel path (larger ``K``) zero columns pad the width to a multiple of
     8 (measured ~15% faster forward steps at K = 64 than an odd width K + 1).
@@ -164,7 +164,7 @@ def _state_max(x: Array, axis: int = 1) -> Array:
 
 
 def _underflow_threshold(dtype) -> float:
-    """``log sqrt(tiny)``: a normaliser ``c_t < sqrt(tiny)`` sends a pass to :func:`_robust_forward_scan`."""
+    """``log sqrt(tiny)``: a normaliser ``c_t < sqrt(tiny)`` sends a pass to the rescue mode of :func:`forward`."""
     return 0.5 * math.log(float(jnp.finfo(dtype).tiny))
 
 
