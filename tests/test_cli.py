@@ -58,8 +58,9 @@ def test_main_without_command_prints_help(capsys):
 
 
 def test_version_and_the_persistent_compilation_cache(tmp_path):
-    """A repeated command reads its programs from the cache folder (``SSMJAX_CACHE_DIR`` here);
-    ``--no-cache`` writes nothing. Timings: benchmarks/first_use.py."""
+    """A repeated command reads its program from the cache folder (``SSMJAX_CACHE_DIR`` here) and
+    prints and writes exactly what a ``--no-cache`` run does; ``--no-cache`` writes nothing.
+    Timings: benchmarks/cli_cache.py."""
     import os
     import subprocess
     import sys
@@ -69,13 +70,69 @@ def test_version_and_the_persistent_compilation_cache(tmp_path):
     cache = tmp_path / "cache"
     env = dict(os.environ, SSMJAX_CACHE_DIR=str(cache), SSMJAX_NO_CACHE="0", JAX_PLATFORMS="cpu")
     command = [sys.executable, "-m", "ssmjax.cli"]
-    fit = ["fit", "hmm", str(data), "--emissions", "poisson", "--iters", "5", "--output"]
+    fit = ["fit", "hmm", str(data), "--emissions", "poisson", "--iters", "5", "--no-progress", "--output"]
     version = subprocess.run(command + ["--version"], capture_output=True, text=True, env=env)
     assert version.returncode == 0 and version.stdout.startswith("ssmjax ")
-    off = subprocess.run(command + ["--no-cache"] + fit + [str(tmp_path / "a")], capture_output=True, text=True, env=env)
-    assert off.returncode == 0, off.stderr[-2000:]
+
+    def run(*flags, out):
+        done = subprocess.run(command + list(flags) + fit + [str(tmp_path / out)], capture_output=True, text=True,
+                              env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [line for line in done.stdout.splitlines() if not line.startswith("Wrote ")]
+
+    off = run("--no-cache", out="off")
     assert not cache.exists() or not any(cache.iterdir())
-    on = subprocess.run(command + fit + [str(tmp_path / "b")], capture_output=True, text=True, env=env)
-    assert on.returncode == 0, on.stderr[-2000:]
-    assert len(list(cache.iterdir())) > 5  # the programs of the fit
-    assert on.stdout.splitlines()[:3] == off.stdout.splitlines()[:3]
+    first = run(out="first")
+    (entry,) = (cache / "ssmjax-programs").iterdir()  # the fit's program, exported
+    assert any(p.name.endswith("-cache") for p in cache.iterdir())  # and compiled
+    written = entry.stat()
+    again = run(out="again")
+    assert (entry.stat().st_ino, entry.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # read, not rewritten
+    assert off == first == again and "log-likelihood" in off[-1]
+    for name in sorted(p.name for p in (tmp_path / "off").iterdir()):
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "off" / name).read_bytes(), name
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "off" / name).read_bytes(), name
+
+
+def test_a_damaged_or_foreign_program_entry_is_recomputed(tmp_path):
+    """Entries are checked before use: cut short, altered, or written for other inputs, they are
+    ignored, computed anew and rewritten; a good one is used without tracing again."""
+    import json
+
+    import jax.numpy as jnp
+
+    import ssmjax
+    from ssmjax import _cli_programs
+
+    traced = []
+
+    def program(x, scale):
+        traced.append(1)
+        return {"model": ssmjax.PoissonEmissions(rates=jnp.exp(x)[:, None]), "total": jnp.sum(x) * scale,
+                "labels": ("rates", 2)}
+
+    args = (np.array([0.5, 1.5]), np.float64(2.0))
+
+    def check(out):
+        assert isinstance(out["model"], ssmjax.PoissonEmissions) and out["labels"] == ["rates", 2]
+        np.testing.assert_allclose(out["model"].rates[:, 0], np.exp(args[0]), rtol=1e-12)
+        assert float(out["total"]) == 4.0
+
+    check(_cli_programs.run("probe", program, args, {"option": 1}, str(tmp_path)))
+    (entry,) = (tmp_path / "ssmjax-programs").iterdir()
+    good = entry.read_bytes()
+    check(_cli_programs.run("probe", program, args, {"option": 1}, str(tmp_path)))
+    assert len(traced) == 1
+    other = _cli_programs.run("probe", program, args, {"option": 2}, str(tmp_path))  # another key: its own entry
+    check(other)
+    assert len(traced) == 2 and len(list((tmp_path / "ssmjax-programs").iterdir())) == 2
+    header_end = good.index(b"\n", len(b"ssmjax-program\n")) + 1
+    foreign = next(p for p in (tmp_path / "ssmjax-programs").iterdir() if p != entry).read_bytes()
+    damaged = [good[: len(good) // 2], good[:-1] + bytes([good[-1] ^ 1]), b"not a program",
+               good[:header_end] + foreign[foreign.index(b"\n", 15) + 1:], foreign]
+    key = json.loads(good[len(b"ssmjax-program\n"):header_end])["key"]
+    for i, bad in enumerate(damaged):
+        entry.write_bytes(bad)
+        check(_cli_programs.run("probe", program, args, {"option": 1}, str(tmp_path)))
+        assert len(traced) == 3 + i
+        assert json.loads(entry.read_bytes()[len(b"ssmjax-program\n"):].split(b"\n")[0])["key"] == key  # rewritten

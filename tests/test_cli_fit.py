@@ -167,3 +167,32 @@ def test_every_fitted_parameter_is_printed_and_columns_are_kept_with_the_model(t
     code, _ = run("fit", "hmm", tmp_path / "train.csv", "--output", tmp_path / "taken")
     err = capsys.readouterr().err
     assert code == 2 and "--output" in err and "a file of that name exists" in err
+
+
+def test_the_cached_program_fits_as_the_public_functions_do(tmp_path):
+    """``ssmjax fit`` by EM runs as one exported program (what the cache keeps); it must find what
+    HMM.from_data, fit_em and the model's inference methods find. Gaussian emissions: the program
+    builds their start itself (ssmjax._cli_fit.hmm_start), the other families call theirs."""
+    from types import SimpleNamespace
+
+    from ssmjax import _cli_data, _cli_fit
+
+    rng = np.random.default_rng(2)
+    states = np.repeat(rng.integers(0, 2, 6), 10)
+    values = np.c_[3.0 * states + rng.normal(size=60), -2.0 * states + rng.normal(size=60)]
+    np.savetxt(tmp_path / "y.csv", values, delimiter=",", header="a,b", comments="")
+    data = _cli_data.read_data(str(tmp_path / "y.csv"))
+    args = SimpleNamespace(model="hmm", emissions="gaussian", states=2, restarts=1, iters=30, tol=1e-7, seed=3,
+                           method="em", progress=False, learning_rate=0.02)
+    y = _cli_fit.prepare_hmm_data(data, "gaussian")
+    program = _cli_fit.fit_program(args, data, y, None)
+    public = _cli_fit.fit_reference(args, data, y)
+    assert program.how == public.how
+    for a, b in zip(jax.tree.leaves(program.model), jax.tree.leaves(public.model)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(program.loglik, public.loglik, rtol=1e-12)
+    for (label, a, _), (other, b, _) in zip(program.report, public.report, strict=True):
+        assert label == other
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(program.smoothed[0], public.smoothed[0], rtol=1e-8, atol=1e-12)
+    np.testing.assert_array_equal(program.smoothed[1], public.smoothed[1])

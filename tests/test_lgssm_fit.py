@@ -257,6 +257,11 @@ def test_exact_diffuse_likelihood_and_posterior_equal_statsmodels():
     np.testing.assert_allclose(padded.smoothed_means[:60], post.smoothed_means, rtol=1e-12)
     np.testing.assert_allclose(padded.marginal_loglik, post.marginal_loglik, rtol=1e-12)
     assert np.all(np.asarray(padded.smoothed_cross_covs[59:]) == 0)
+    # parallel=True: the exact diffuse recursion is sequential, and the strategy says so
+    chosen = ssmjax.lgssm_strategy(trend, y[:, None], parallel=True)
+    assert chosen.schedule == "sequential" and "diffuse" in " ".join(chosen.reasons), chosen
+    np.testing.assert_allclose(ssmjax.rts_smoother(trend, y[:, None], parallel=True).smoothed_means,
+                               post.smoothed_means, rtol=1e-12)
     with pytest.raises(ValueError, match="`kalman_filter` needs a proper prior on the initial state"):
         ssmjax.kalman_filter(trend, y[:, None])
     with pytest.raises(jax.errors.JaxRuntimeError, match="do not identify the diffuse components"):  # found in the program

@@ -5,10 +5,14 @@ renders Markdown, so each role becomes a cross-reference that autorefs must reso
 ``--strict``, a role naming an object that the site does not document fails the build.
 
 * ``:class:`X```, ``:func:``, ``:meth:``, ``:attr:``, ``:data:``, ``:mod:`` -> ``[`X`][path]``, ``X``
-  looked up the way a reader would: in the enclosing class, the module, then the ``ssmjax`` namespace;
+  looked up the way a reader would: in the enclosing class, the module, then the ``ssmjax`` namespace
+  (a private helper that exists is named without a link; names from jax, equinox, numpy and the
+  builtins are named without a link, since no inventory is fetched at build time);
 * ``:math:`x``` -> ``$x$``, and a ``.. math::`` directive -> a ``$$`` display block;
 * ``:ref:`text <label>``` -> the text (labels are Sphinx's; the site links pages instead);
-* ``{args}`` placeholders, which modules fill in at import, filled the same way;
+* ``{args}`` placeholders, which a module fills in at import from its constant ``ARGS_DOC``, filled;
+* ``Example:`` -> ``Examples:`` (griffe's section for ``>>>`` examples); ``a, b: text`` in an
+  argument section -> one entry per name;
 * a paragraph ending in ``::`` (a literal block follows) -> ``:``.
 """
 

@@ -296,7 +296,8 @@ def fit_em(
         emissions: ``(B, T, D)`` batch of sequences (``(B, T)`` integers for categorical
             emissions); padded past each sequence's length.
         lengths: ``(B,)`` ints in ``[1, T]``; ``None`` means every sequence has length ``T``.
-        inputs: ``(B, T, Du)`` inputs for models that take them (LGSSM), else ``None``.
+        inputs: ``(B, T, Du)`` inputs for models that take them (an LGSSM with input weights, an
+            HMM with regression emissions, an :class:`ssmjax.InputDrivenHMM`), else ``None``.
         max_iters: maximum number of EM iterations (E-steps).
         tol: relative-improvement tolerance, ``|ll_i - ll_{i-1}| <= tol * |ll_{i-1}|``.
         frozen: names of parameters kept fixed (see ``model.parameter_names()``).

@@ -21,8 +21,9 @@ log-likelihood, and the :math:`\log 2\pi` constant is counted for observed entri
 only. Every substitution is a ``where`` applied *before* arithmetic, so NaN/inf in
 missing or padded entries never reach values or gradients.
 
-Time-invariant models (``A, Q, C, R`` without a time axis) on sequences longer than
-512 steps take the steady-state path of :mod:`ssmjax._lgssm.steady`: the covariance
+Time-invariant models (``A, Q, C, R`` without a time axis) with ``Dx >= 3``, in the
+covariance form, on sequences longer than 512 steps take the steady-state path of
+:mod:`ssmjax._lgssm.steady` (the rule: :func:`ssmjax._lgssm.strategy.steady_state_applies`): the covariance
 recursions run only until they settle, the means over every step; same results to
 round-off, same derivatives (those of the full recursion), several times faster.
 
@@ -442,7 +443,6 @@ def _dispatch(smoother, chosen, model, y, u, length):
     schedule = chosen.schedule
     if getattr(model, "diffuse", ()):
         run = _smoother_diffuse_jit if smoother else _loglik_diffuse_jit
-        schedule = "sequential" if schedule == "parallel" else schedule
     elif schedule == "parallel":
         return (_smoother_parallel if smoother else _filter_parallel)(model, y, u, length, ops=ops)
     else:

@@ -168,7 +168,10 @@ def select_strategy(model, emissions, length, method: str, parallel: bool, smoot
         f"ops {ops!r}: (Dx, Dy) = ({dx}, {dy}) "
         + ("within" if ops == "small" else "beyond") + f" ({SMALL_MAX_DX}, {SMALL_MAX_DY})"
     )
-    if parallel:
+    if parallel and getattr(model, "diffuse", ()):
+        schedule = "sequential"
+        reasons.append("schedule 'sequential': parallel=True, but the exact diffuse recursion is sequential")
+    elif parallel:
         schedule = "parallel"
         reasons.append("schedule 'parallel': parallel=True")
     elif steady_state_applies(model, num_timesteps, method):
