@@ -3,6 +3,8 @@ entry point, eagerly and under ``jit`` (NaN stays a missing value)."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +88,28 @@ def test_lgssm_inference_functions_and_inputs():
         ssmjax.kalman_filter(driven, np.ones((12, 1)), inputs=u)
     with pytest.raises(JIT_ERROR, match=r"inputs\[3, 0\]"):
         jax.jit(lambda v: ssmjax.kalman_filter(driven, np.ones((12, 1)), inputs=v).marginal_loglik)(u)
+
+
+@pytest.mark.parametrize("field", ["initial_mean", "transition_matrix", "transition_offset", "emission_matrix",
+                                   "emission_input_matrix"])
+def test_lgssm_weights_and_offsets_must_be_finite(field):
+    # not only the covariances: a NaN weight would turn every result into NaN
+    fields = {f: getattr(LGSSM, f) for f in ("initial_mean", "initial_cov", "transition_matrix", "transition_cov",
+                                              "emission_matrix", "emission_cov")}
+    fields.update(transition_offset=jnp.zeros(1), emission_input_matrix=jnp.ones((1, 1)))
+    bad = {**fields, field: fields[field].at[(0,) * fields[field].ndim].set(jnp.nan)}
+    y, u = np.ones((12, 1)), np.ones((12, 1))
+    where = f"{field}[{', '.join(['0'] * fields[field].ndim)}]"
+    with pytest.raises(ValueError, match=rf"`{field}` must be finite; the first is {re.escape(where)}"):
+        ssmjax.LGSSM(**bad).marginal_loglik(y, inputs=u)
+    with pytest.raises(JIT_ERROR, match=re.escape(where)):
+        jax.jit(lambda m: m.marginal_loglik(y, inputs=u))(ssmjax.LGSSM(**bad))
+    # a time-varying field's padded steps may hold anything
+    varying = jnp.ones((12, 1, 1)).at[9:].set(jnp.nan)
+    model = ssmjax.LGSSM(**{**fields, "emission_matrix": varying})
+    assert np.isfinite(float(model.marginal_loglik(y, inputs=u, length=9)))
+    with pytest.raises(ValueError, match=r"the first is emission_matrix\[9, 0, 0\]"):
+        model.marginal_loglik(y, inputs=u)
 
 
 def test_hmm_log_likelihoods_with_plus_inf_are_named():

@@ -70,17 +70,32 @@ def _validate_inputs(model, inputs, num_timesteps, du, name):
     return u
 
 
+# the fields that are not covariances, with the ndim of one step's value
+_FINITE_FIELDS = {
+    "initial_mean": 1,
+    "transition_matrix": 2, "transition_input_matrix": 2, "transition_offset": 1,
+    "emission_matrix": 2, "emission_input_matrix": 2, "emission_offset": 1,
+}
+
+
 def _value_check_model(model, real=None):
-    """The covariances checked; ``real`` (T,) marks the real steps (None: every step)."""
+    """The covariances checked, and every other field finite (a NaN weight would otherwise turn
+    every result into NaN); ``real`` (T,) marks the real steps (None: every step), so a
+    time-varying field's padded steps may hold anything."""
     valid, valid_next = real, None if real is None else real[1:]
-    initial_cov = check_psd("initial_cov", model.initial_cov, valid=None, semidefinite=False)
-    transition_cov = check_psd("transition_cov", model.transition_cov, valid=valid_next, semidefinite=True)
-    emission_cov = check_psd("emission_cov", model.emission_cov, valid=valid, semidefinite=False)
-    return eqx.tree_at(
-        lambda m: (m.initial_cov, m.transition_cov, m.emission_cov),
-        model,
-        (initial_cov, transition_cov, emission_cov),
-    )
+    checked = {
+        "initial_cov": check_psd("initial_cov", model.initial_cov, valid=None, semidefinite=False),
+        "transition_cov": check_psd("transition_cov", model.transition_cov, valid=valid_next, semidefinite=True),
+        "emission_cov": check_psd("emission_cov", model.emission_cov, valid=valid, semidefinite=False),
+    }
+    for name, step_ndim in _FINITE_FIELDS.items():
+        value = getattr(model, name)
+        if value is None:
+            continue
+        steps = (valid_next if name.startswith("transition") else valid) if value.ndim > step_ndim else None
+        checked[name] = check_finite(name, value, steps)
+    names = tuple(checked)
+    return eqx.tree_at(lambda m: tuple(getattr(m, n) for n in names), model, tuple(checked[n] for n in names))
 
 
 def _check_method(method):
