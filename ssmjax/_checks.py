@@ -378,10 +378,17 @@ def check_inputs(inputs, num_steps: int, width: int, mask=None, dtype=None):
     return check_finite("inputs", inputs, mask)
 
 
+def probability_atol(dtype) -> float:
+    """How far from one a row of probabilities held in ``dtype`` may sum."""
+    return 1e-4 if jnp.finfo(dtype).bits <= 32 else 1e-8
+
+
 def check_probability_vector(name: str, probs: jax.Array, axis: int = -1, atol: float | None = None):
-    """Non-negative entries summing to one along ``axis`` (value check)."""
+    """Non-negative entries summing to one along ``axis`` (value check). ``atol``: by default
+    :func:`probability_atol` of ``probs``; give the original one for probabilities promoted from a
+    lower precision (their rounding error stays)."""
     if atol is None:
-        atol = 1e-4 if probs.dtype == jnp.float32 else 1e-8
+        atol = probability_atol(probs.dtype)
     xp = host_namespace(probs)
     values = np.asarray(probs) if xp is np else probs
     sums = xp.sum(values, axis=axis)

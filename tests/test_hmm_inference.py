@@ -243,6 +243,22 @@ def test_float32_long_sequence_matches_float64():
     assert abs(float(ll32) - float(ll64)) <= 1e-5 * abs(float(ll64))
 
 
+def test_mixed_precision_promotes_and_checks_each_argument_at_its_own_tolerance():
+    # a float32 transition matrix beside float64 arrays: promoted, its float32 rounding accepted
+    pi, A, _ = make_model(3, num_states=5)
+    ll = np.random.default_rng(4).normal(size=(30, 5))
+    A32 = np.asarray(A, np.float32)
+    assert np.abs(np.float64(A32).sum(axis=1) - 1).max() > 1e-8  # beyond float64's tolerance
+    mixed = ssmjax.hmm_filter(pi, A32, ll)
+    assert mixed.marginal_loglik.dtype == jnp.float64
+    renormalised = np.float64(A32) / np.float64(A32).sum(axis=1, keepdims=True)  # rows moved by ~1e-8
+    np.testing.assert_allclose(mixed.marginal_loglik, ssmjax.hmm_filter(pi, renormalised, ll).marginal_loglik,
+                               rtol=1e-6)
+    # a float64 matrix off by more than float64's tolerance is still refused
+    with pytest.raises(ValueError, match="`transition_matrix` must hold finite non-negative probabilities"):
+        ssmjax.hmm_filter(pi, np.asarray(A) * (1 + 1e-6), ll)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_very_negative_log_likelihoods(dtype):
     pi, A, ll = make_model(42, time_varying=False, zeros=True)

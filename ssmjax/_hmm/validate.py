@@ -26,16 +26,18 @@ def validate(initial_probs, transition_matrix, log_likelihoods, length):
         f"stationary (K, K), or time-varying (T-1, K, K) with T = {num_timesteps}, K = {num_states}",
     )
     dtype = jnp.result_type(ll.dtype, pi.dtype, trans.dtype)
+    # probabilities promoted from float32 keep float32's rounding: checked at their own tolerance
+    pi_atol, trans_atol = _checks.probability_atol(pi.dtype), _checks.probability_atol(trans.dtype)
     ll, pi, trans = ll.astype(dtype), pi.astype(dtype), trans.astype(dtype)
     length_arr = _checks.check_length(length, num_timesteps)
     if length_arr is None:
         length_arr = jnp.asarray(num_timesteps, jnp.int32)
     valid = jnp.arange(num_timesteps) < length_arr
-    pi = _checks.check_probability_vector("initial_probs", pi)
+    pi = _checks.check_probability_vector("initial_probs", pi, atol=pi_atol)
     if trans.ndim == 3:
         # Only transitions between real steps are used (and checked).
         trans = jnp.where(valid[1:, None, None], trans, jnp.asarray(1.0 / num_states, dtype))
-    trans = _checks.check_probability_vector("transition_matrix", trans)
+    trans = _checks.check_probability_vector("transition_matrix", trans, atol=trans_atol)
     # The checks on ``log_likelihoods`` guard the small ``initial_probs`` (used by every
     # algorithm): guarding ``ll`` itself made XLA keep a (T, K) copy of it.
     pi = _checks.check_values(
