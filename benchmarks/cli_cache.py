@@ -5,8 +5,10 @@ Each command runs as the user runs it, a new process (``python -m ssmjax.cli``),
 * ``fit``: ``ssmjax fit hmm data.csv --emissions gaussian`` on 300 rows (2 columns);
 * ``demo``: ``ssmjax demo`` (three EM fits, inference, two plots).
 
-Per command: ``--no-cache`` (every program compiled), the first run into an empty cache folder
-(compiled and written), and repeated runs (read back). Medians of ``--repeats`` runs.
+Per command: ``--no-cache`` (traced and compiled), the first run into an empty cache folder
+(traced, compiled and written: JAX's compiled program and ssmjax's exported one), and repeated
+runs (both read back: nothing traced or compiled). Medians of ``--repeats`` runs. The machine's
+load average is recorded with them: on a shared machine it says how far to trust them.
 
     python benchmarks/cli_cache.py [--repeats 3] [--out benchmarks/results/cli_cache.json]
 """
@@ -40,6 +42,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "cli_cache.json"))
     args = parser.parse_args()
+    load_start = os.getloadavg()[0]
     work = tempfile.mkdtemp(prefix="ssmjax-cli-")
     rng = np.random.default_rng(0)
     states = np.repeat(rng.integers(0, 2, 30), 10)
@@ -63,8 +66,9 @@ def main():
     sys.path.insert(0, HERE)
     from _common import record, write_record
 
-    write_record(args.out, record(("jax", "jaxlib", "equinox", "numpy"), dict(repeats=args.repeats, fit_rows=300),
-                                  rows))
+    settings = dict(repeats=args.repeats, fit_rows=300,
+                    load_average=[round(load_start, 2), round(os.getloadavg()[0], 2)])  # 1-minute, at start and end
+    write_record(args.out, record(("jax", "jaxlib", "equinox", "numpy", "matplotlib"), settings, rows))
 
 
 if __name__ == "__main__":
