@@ -55,9 +55,11 @@ def _family_name(emissions_type: str) -> str:
 
 
 def hmm_start(family: str, pooled, num_states: int, key, num_classes: int | None = None):
-    """``HMM.from_data(y, num_states, family, key=key)`` (ergodic) from the pooled real steps of
-    complete data, traceable: the initial distribution is uniform, the transition matrix puts 0.9
-    on the diagonal, and the emissions are the family's own data-driven start."""
+    """``HMM.from_data(y, num_states, family, key=key)`` from the pooled real steps of complete data,
+    traceable: the same ergodic start (uniform initial distribution, ``stay_prob`` on the diagonal)
+    around the family's own data-driven emissions, with their defaults."""
+    import inspect
+
     import jax.numpy as jnp
 
     import ssmjax
@@ -66,16 +68,21 @@ def hmm_start(family: str, pooled, num_states: int, key, num_classes: int | None
     from ._hmm.emissions.gaussian_ops import _gaussian_init
     from ._hmm.initialise import FAMILIES
 
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
     cls = FAMILIES[family]
     if family == "categorical":
         emissions = cls.from_data(pooled, num_states, num_classes, key=key)
     elif family in ("gaussian", "gaussian_diag"):
         # GaussianEmissions.from_data less its host-side filling of missing entries (HMM data has none)
-        centers, covs, counts = _gaussian_init(key, pooled, 1e-6, num_states, 10)
-        emissions = cls(centers, _reduced_covs(cls, covs, counts), min_variance=1e-6)
+        min_variance = default(cls.from_data, "min_variance")
+        centers, covs, counts = _gaussian_init(key, pooled, min_variance, num_states,
+                                               default(cls.from_data, "num_iters"))
+        emissions = cls(centers, _reduced_covs(cls, covs, counts), min_variance=min_variance)
     else:
         emissions = cls.from_data(pooled, num_states, key=key)
-    stay = 0.9  # HMM.from_data's stay_prob, with the rest spread evenly
+    stay = default(ssmjax.HMM.from_data, "stay_prob")  # the rest of each row spread evenly
     transition = np.full((num_states, num_states), (1.0 - stay) / max(num_states - 1, 1))
     np.fill_diagonal(transition, stay if num_states > 1 else 1.0)
     dtype = jnp.result_type(float)
@@ -349,7 +356,8 @@ def fit_reference(args, data, y) -> FitResult:
     with _checks.value_checks(False):
         smoothed = jax.jit(lambda s, n: posterior_arrays(fitted, s, n, args.model == "hmm"))(
             jnp.asarray(y), jnp.asarray(lengths))
-    return FitResult(fitted, ll, how, report_items(fitted), tuple(None if a is None else np.asarray(a) for a in smoothed))
+    smoothed = tuple(None if a is None else np.asarray(a) for a in smoothed)
+    return FitResult(fitted, ll, how, report_items(fitted), smoothed)
 
 
 def total_loglik(model, y, lengths) -> float:

@@ -49,20 +49,20 @@ def run(name: str, fn: Callable, args: Sequence, options: dict, cache_dir: str |
     ``fn`` must be traceable and deterministic in ``args`` (NumPy arrays) and ``options`` (a
     JSON-serialisable dict of everything else that shapes it: ``fn`` reads nothing else). It
     returns a pytree of dicts, lists and tuples whose leaves are arrays, ssmjax models or JSON
-    values (strings, numbers, None); the same comes back, with lists for tuples and NumPy-backed
-    JAX arrays for arrays. ``cache_dir`` None: exported and run, nothing read or written.
+    values (strings, numbers, None); the same comes back, with lists for tuples and JAX arrays
+    for arrays. ``cache_dir`` None: exported and run, nothing read or written.
     """
     args = tuple(np.asarray(a) for a in args)
     path = None
-    key = _entry_key(name, args, options)
     if cache_dir is not None:
+        key = _entry_key(name, args, options)
         path = os.path.join(cache_dir, _SUBDIR, f"{name}-{key[:40]}.bin")
         entry = _read(path, key, args)
         if entry is not None:
             exported, spec = entry
             try:
                 return _unflatten(spec, list(_call(exported, args)))
-            except Exception:  # noqa: BLE001 - a stored program this JAX cannot run: make it anew
+            except Exception:  # noqa: BLE001, S110 - a stored program this JAX cannot run: make it anew
                 pass
     exported, spec = _export(fn, args)
     if path is not None:
@@ -89,7 +89,7 @@ def _entry_key(name: str, args, options: dict) -> str:
         "name": name,
         "options": options,
         "args": [[list(a.shape), str(a.dtype)] for a in args],
-        "versions": [__version__, jax.__version__, jaxlib.__version__, eqx.__version__],
+        "versions": [__version__, jax.__version__, jaxlib.__version__, eqx.__version__, np.__version__],
         "source": _source_stamp(),
         "backend": jax.default_backend(),
         "x64": bool(jax.config.jax_enable_x64),
@@ -107,8 +107,9 @@ def _source_stamp() -> str:
         dirs.sort()
         for name in sorted(files):
             if name.endswith(".py"):
-                st = os.stat(os.path.join(folder, name))
-                digest.update(f"{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+                path = os.path.join(folder, name)
+                st = os.stat(path)
+                digest.update(f"{os.path.relpath(path, root)}:{st.st_size}:{st.st_mtime_ns};".encode())
     return digest.hexdigest()
 
 
@@ -198,10 +199,16 @@ def _flatten(tree):
 def _unflatten(spec, leaves: list):
     it = iter(leaves)
 
+    def fill(placeholder):
+        value = next(it)
+        if value.shape != placeholder.shape:
+            raise ValueError("the program's arrays do not fit its description")
+        return value
+
     def build(node):
         if "model" in node:
             skeleton = _build(node["model"], {})
-            return jax.tree.map(lambda x: next(it) if isinstance(x, jax.ShapeDtypeStruct) else x, skeleton)
+            return jax.tree.map(lambda x: fill(x) if isinstance(x, jax.ShapeDtypeStruct) else x, skeleton)
         if "array" in node:
             return next(it)
         if "dict" in node:

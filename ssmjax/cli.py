@@ -183,8 +183,8 @@ def _demo_fits(counts: np.ndarray, flow: np.ndarray, cache_dir: str | None):
                     means=post.smoothed_means, covs=post.smoothed_covs)
         return {"quakes": quakes, "nile": nile}
 
-    out = _cli_programs.run("demo", program, (counts, flow, np.float64(np.var(flow))),
-                            {"patterns": patterns}, cache_dir)
+    out = _cli_programs.run("demo", program, (counts, flow, np.float64(np.var(flow))), {"patterns": patterns},
+                            cache_dir)
     if any(_cli_fit.em_status(r["status"]) is None for r in (*out["quakes"], out["nile"])):
         return None
     quakes = [_earthquake_result(k, r["model"], r["rates"], r["transition"], r["loglik"], r["batch_loglik"],

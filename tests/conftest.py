@@ -67,6 +67,7 @@ _LONGEST_FILES_FIRST = (
     "test_notebooks.py",
     "test_lgssm_parallel.py",
     "test_docs.py",
+    "test_docs_pages.py",
     "test_lgssm_steady.py",
     "test_multiprocess.py",
     "test_extremes.py",

@@ -87,7 +87,8 @@ def test_version_and_the_persistent_compilation_cache(tmp_path):
     assert any(p.name.endswith("-cache") for p in cache.iterdir())  # and compiled
     written = entry.stat()
     again = run(out="again")
-    assert (entry.stat().st_ino, entry.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # read, not rewritten
+    read = entry.stat()
+    assert (read.st_ino, read.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # read, not written again
     assert off == first == again and "log-likelihood" in off[-1]
     for name in sorted(p.name for p in (tmp_path / "off").iterdir()):
         assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "off" / name).read_bytes(), name

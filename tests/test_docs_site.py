@@ -71,7 +71,8 @@ def test_no_restructuredtext_survives(site: Path) -> None:
 def _public_names() -> list[str]:
     names = [f"ssmjax.{n}" for n, v in vars(ssmjax).items()
              if not n.startswith("_") and (inspect.isclass(v) or inspect.isfunction(v))]
-    names += [f"ssmjax.estimators.{n}" for n in ssmjax.estimators.__all__]
+    names += [f"ssmjax.estimators.{n}" for n, v in vars(ssmjax.estimators).items()
+              if not n.startswith("_") and inspect.isclass(v)]
     names += [f"ssmjax.datasets.{n}" for n in ("load_earthquakes", "load_nile", "load_us_gdp_growth")]
     return names
 
