@@ -7,8 +7,9 @@ Each command runs as the user runs it, a new process (``python -m ssmjax.cli``),
 
 Per command: ``--no-cache`` (traced and compiled), the first run into an empty cache folder
 (traced, compiled and written: JAX's compiled program and ssmjax's exported one), and repeated
-runs (both read back: nothing traced or compiled). Medians of ``--repeats`` runs. The machine's
-load average is recorded with them: on a shared machine it says how far to trust them.
+runs (both read back: nothing traced or compiled). Medians of ``--repeats`` runs; every run's
+time and the machine's load average are recorded with them (on a shared machine they say how
+far to trust the medians).
 
     python benchmarks/cli_cache.py [--repeats 3] [--out benchmarks/results/cli_cache.json]
 """
@@ -60,7 +61,8 @@ def main():
             times["no_cache"].append(run(["--no-cache", *command, out("off")], env))
             times["first"].append(run([*command, out("first")], env))
             times["repeated"].append(run([*command, out("again")], env))
-        row = {"command": name, **{k: round(statistics.median(v), 3) for k, v in times.items()}}
+        row = {"command": name, **{k: round(statistics.median(v), 3) for k, v in times.items()},
+               "runs": {k: [round(t, 3) for t in v] for k, v in times.items()}}
         rows.append(row)
         print(row, flush=True)
     sys.path.insert(0, HERE)

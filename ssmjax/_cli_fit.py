@@ -9,7 +9,7 @@ public functions (:func:`fit_reference`): ``HMM.from_data``, ``fit_em``, ``fit_e
 ``fit_sgd``, which then also give the warning such a run deserves.
 
 The program route needs traceable forms of two host-side steps: :func:`hmm_start`, the starting
-model of ``HMM.from_data`` (which pools the data on the host), and :func:`em`, the compiled loop
+model of ``HMM.from_data`` (which pools the data on the host) from the same parts, and :func:`em`, the compiled loop
 of ``fit_em`` / ``fit_em_restarts`` without their host-side driver (the driver's checks run on
 the host before, through the command's own data checks and :func:`em_pattern`).
 """
@@ -56,38 +56,22 @@ def _family_name(emissions_type: str) -> str:
 
 def hmm_start(family: str, pooled, num_states: int, key, num_classes: int | None = None):
     """``HMM.from_data(y, num_states, family, key=key)`` from the pooled real steps of complete data,
-    traceable: the same ergodic start (uniform initial distribution, ``stay_prob`` on the diagonal)
-    around the family's own data-driven emissions, with their defaults."""
+    traceable: the same starting probabilities and the family's own ``from_data``, with the defaults
+    of ``HMM.from_data``."""
     import inspect
-
-    import jax.numpy as jnp
 
     import ssmjax
 
-    from ._hmm.emissions.gaussian import _reduced_covs
-    from ._hmm.emissions.gaussian_ops import _gaussian_init
-    from ._hmm.initialise import FAMILIES
+    from ._hmm.initialise import FAMILIES, start_probs
 
-    def default(fn, name):
-        return inspect.signature(fn).parameters[name].default
-
+    defaults = {n: p.default for n, p in inspect.signature(ssmjax.HMM.from_data).parameters.items()}
     cls = FAMILIES[family]
     if family == "categorical":
         emissions = cls.from_data(pooled, num_states, num_classes, key=key)
-    elif family in ("gaussian", "gaussian_diag"):
-        # GaussianEmissions.from_data less its host-side filling of missing entries (HMM data has none)
-        min_variance = default(cls.from_data, "min_variance")
-        centers, covs, counts = _gaussian_init(key, pooled, min_variance, num_states,
-                                               default(cls.from_data, "num_iters"))
-        emissions = cls(centers, _reduced_covs(cls, covs, counts), min_variance=min_variance)
     else:
         emissions = cls.from_data(pooled, num_states, key=key)
-    stay = default(ssmjax.HMM.from_data, "stay_prob")  # the rest of each row spread evenly
-    transition = np.full((num_states, num_states), (1.0 - stay) / max(num_states - 1, 1))
-    np.fill_diagonal(transition, stay if num_states > 1 else 1.0)
-    dtype = jnp.result_type(float)
-    return ssmjax.HMM(initial_probs=jnp.full((num_states,), 1.0 / num_states, dtype),
-                      transition_matrix=jnp.asarray(transition, dtype), emissions=emissions)
+    initial, transition = start_probs(num_states, defaults["structure"], defaults["max_jump"], defaults["stay_prob"])
+    return ssmjax.HMM(initial_probs=initial, transition_matrix=transition, emissions=emissions)
 
 
 def initial_hmms(key, num_states, emissions_type, restarts, start):
@@ -270,6 +254,7 @@ def fit_program(args, data, y, cache_dir) -> FitResult | None:
     import jax
 
     from . import _cli_programs
+    from ._cli_plot import preload
 
     lengths = np.asarray(data.lengths)
     options = dict(model=args.model, iters=args.iters, restarts=args.restarts, pattern=em_pattern(y, lengths))
@@ -300,7 +285,7 @@ def fit_program(args, data, y, cache_dir) -> FitResult | None:
 
         inputs = (y, lengths, *lgssm_basis(y, lengths, args.state_dim))
     out = _cli_programs.run(f"fit-{args.model}", program, (*inputs, np.int64(args.seed), np.float64(args.tol)),
-                            options, cache_dir)
+                            options, cache_dir, while_loading=preload)
     if args.restarts > 1:
         how = f"EM, best of {args.restarts} restarts"
     else:

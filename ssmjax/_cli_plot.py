@@ -13,6 +13,17 @@ import numpy as np
 Z90 = 1.6448536269514722  # 90 % two-sided normal quantile
 
 
+def preload() -> None:
+    """Import what the plots draw with; ``ssmjax._cli_programs.run`` runs it while XLA loads a program."""
+    import importlib
+
+    try:
+        for name in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
+            importlib.import_module(name)
+    except ImportError:
+        pass
+
+
 def _figure(**kwargs):
     """A matplotlib Figure on an Agg canvas, or None without matplotlib."""
     try:

@@ -61,6 +61,7 @@ def test_version_and_the_persistent_compilation_cache(tmp_path):
     """A repeated command reads its program from the cache folder (``SSMJAX_CACHE_DIR`` here) and
     prints and writes exactly what a ``--no-cache`` run does; ``--no-cache`` writes nothing.
     Timings: benchmarks/cli_cache.py."""
+    import importlib.util
     import os
     import subprocess
     import sys
@@ -83,12 +84,17 @@ def test_version_and_the_persistent_compilation_cache(tmp_path):
     off = run("--no-cache", out="off")
     assert not cache.exists() or not any(cache.iterdir())
     first = run(out="first")
-    (entry,) = (cache / "ssmjax-programs").iterdir()  # the fit's program, exported
-    assert any(p.name.endswith("-cache") for p in cache.iterdir())  # and compiled
-    written = entry.stat()
+    assert any(p.name.endswith("-cache") for p in cache.iterdir())  # the fit's program, compiled
+    if importlib.util.find_spec("flatbuffers") is None:  # JAX cannot serialize the exported program
+        assert not (cache / "ssmjax-programs").exists()
+        entry = None
+    else:
+        (entry,) = (cache / "ssmjax-programs").iterdir()  # and exported
+        written = entry.stat()
     again = run(out="again")
-    read = entry.stat()
-    assert (read.st_ino, read.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # read, not written again
+    if entry is not None:
+        read = entry.stat()
+        assert (read.st_ino, read.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # read, not written again
     assert off == first == again and "log-likelihood" in off[-1]
     for name in sorted(p.name for p in (tmp_path / "off").iterdir()):
         assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "off" / name).read_bytes(), name
@@ -104,6 +110,8 @@ def test_a_damaged_or_foreign_program_entry_is_recomputed(tmp_path):
 
     import ssmjax
     from ssmjax import _cli_programs
+
+    pytest.importorskip("flatbuffers", reason="JAX serializes exported programs with flatbuffers")
 
     traced = []
 

@@ -139,7 +139,9 @@ def test_every_fitted_parameter_is_printed_and_columns_are_kept_with_the_model(t
     """A Gaussian fit prints its means and covariances under the data's column names; the column
     names travel in the model file (``ssmjax.load_metadata``), so ``decode`` of a CSV without them is
     one line and exit 2, unless ``--columns`` picks others; ``--output`` naming a file fails before
-    any work."""
+    any work. The fit, one exported program (what the cache keeps), finds what HMM.from_data,
+    fit_em and the model's methods find (for Gaussian emissions the program builds the start
+    itself: ssmjax._cli_fit.hmm_start)."""
     rng = np.random.default_rng(1)
     states = np.repeat(rng.integers(0, 2, 8), 10)
     data = np.c_[3.0 * states + rng.normal(size=80), -2.0 * states + rng.normal(size=80)]
@@ -155,6 +157,20 @@ def test_every_fitted_parameter_is_printed_and_columns_are_kept_with_the_model(t
     assert "emissions.covs[0]" in text and "emissions.covs[1]" in text
     assert ssmjax.load_metadata(tmp_path / "fit" / "model.eqx") == {"columns": ["speed", "angle"]}
 
+    from types import SimpleNamespace
+
+    from ssmjax import _cli_data, _cli_fit
+
+    data = _cli_data.read_data(str(tmp_path / "train.csv"))
+    args = SimpleNamespace(model="hmm", emissions="gaussian", states=2, restarts=1, iters=20, tol=1e-7, seed=0,
+                           method="em", progress=False, learning_rate=0.02)
+    public = _cli_fit.fit_reference(args, data, _cli_fit.prepare_hmm_data(data, "gaussian"))
+    assert text.splitlines()[0].endswith(public.how)
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(public.model), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+    states = np.loadtxt(tmp_path / "fit" / "posteriors.csv", delimiter=",", skiprows=1, usecols=2)
+    np.testing.assert_array_equal(states, public.smoothed[1][0])
+
     code, _ = run("decode", tmp_path / "fit" / "model.eqx", tmp_path / "renamed.csv", "--output", tmp_path / "d1")
     err = capsys.readouterr().err
     assert code == 2 and "fitted on columns ['speed', 'angle']" in err and len(err.strip().splitlines()) == 1
@@ -168,31 +184,3 @@ def test_every_fitted_parameter_is_printed_and_columns_are_kept_with_the_model(t
     err = capsys.readouterr().err
     assert code == 2 and "--output" in err and "a file of that name exists" in err
 
-
-def test_the_cached_program_fits_as_the_public_functions_do(tmp_path):
-    """``ssmjax fit`` by EM runs as one exported program (what the cache keeps); it must find what
-    HMM.from_data, fit_em and the model's inference methods find. Gaussian emissions: the program
-    builds their start itself (ssmjax._cli_fit.hmm_start), the other families call theirs."""
-    from types import SimpleNamespace
-
-    from ssmjax import _cli_data, _cli_fit
-
-    rng = np.random.default_rng(2)
-    states = np.repeat(rng.integers(0, 2, 6), 10)
-    values = np.c_[3.0 * states + rng.normal(size=60), -2.0 * states + rng.normal(size=60)]
-    np.savetxt(tmp_path / "y.csv", values, delimiter=",", header="a,b", comments="")
-    data = _cli_data.read_data(str(tmp_path / "y.csv"))
-    args = SimpleNamespace(model="hmm", emissions="gaussian", states=2, restarts=1, iters=30, tol=1e-7, seed=3,
-                           method="em", progress=False, learning_rate=0.02)
-    y = _cli_fit.prepare_hmm_data(data, "gaussian")
-    program = _cli_fit.fit_program(args, data, y, None)
-    public = _cli_fit.fit_reference(args, data, y)
-    assert program.how == public.how
-    for a, b in zip(jax.tree.leaves(program.model), jax.tree.leaves(public.model)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(program.loglik, public.loglik, rtol=1e-12)
-    for (label, a, _), (other, b, _) in zip(program.report, public.report, strict=True):
-        assert label == other
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(program.smoothed[0], public.smoothed[0], rtol=1e-8, atol=1e-12)
-    np.testing.assert_array_equal(program.smoothed[1], public.smoothed[1])

@@ -82,7 +82,7 @@ def test_every_public_object_has_a_reference_entry(site: Path) -> None:
     for page in (site / "api").rglob("*.html"):
         anchors |= set(re.findall(r'id="(ssmjax\.[\w.]+)"', page.read_text(encoding="utf-8")))
     missing = [name for name in _public_names() if name not in anchors]
-    assert len(_public_names()) > 80
+    assert len(_public_names()) > 70  # not vacuous
     assert not missing, f"public objects without an entry in the API reference (docs/api/*.md): {missing}"
 
 

@@ -83,6 +83,12 @@ def from_data(cls, emissions, num_states, emissions_type, *, lengths, inputs, st
         emission_model = family.from_data(pooled, num_states, num_classes, key=key)
     else:
         emission_model = family.from_data(pooled, num_states, key=key)
+    initial, transition = start_probs(num_states, structure, max_jump, stay_prob)
+    return cls(initial_probs=initial, transition_matrix=transition, emissions=emission_model)
+
+
+def start_probs(num_states: int, structure: str, max_jump: int, stay_prob: float):
+    """``from_data``'s starting ``(initial_probs, transition_matrix)``, which do not depend on the data."""
     dtype = jnp.result_type(float)
     if structure == "ergodic":
         allowed = np.ones((num_states, num_states), bool)
@@ -99,8 +105,4 @@ def from_data(cls, emissions, num_states, emissions_type, *, lengths, inputs, st
     moves = allowed.sum(1, keepdims=True) - 1
     transition = np.where(allowed, (1.0 - stay_prob) / np.maximum(moves, 1), 0.0)
     np.fill_diagonal(transition, np.where(moves[:, 0] > 0, stay_prob, 1.0))
-    return cls(
-        initial_probs=jnp.asarray(initial, dtype),
-        transition_matrix=jnp.asarray(transition, dtype),
-        emissions=emission_model,
-    )
+    return jnp.asarray(initial, dtype), jnp.asarray(transition, dtype)

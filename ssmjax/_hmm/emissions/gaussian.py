@@ -273,7 +273,8 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         emissions = _checks.check_values(emissions, xp.isinf(values), "`emissions` must be finite or NaN (missing).", at="emissions")
         _check_some_observed(emissions)
         missing = xp.isnan(values)
-        if xp.any(missing):  # missing entries take their dimension's mean: a starting point, not an estimate
+        # missing entries take their dimension's mean: a starting point, not an estimate (traced: always applied)
+        if xp is not np or xp.any(missing):
             emissions = _checks.to_device(xp.where(missing, xp.nanmean(values, axis=0), values)) if xp is np else (
                 jnp.where(missing, jnp.nanmean(emissions, axis=0), emissions))
         centers, covs, counts = _gaussian_init(key, emissions, min_variance, num_states, num_iters)
