@@ -13,7 +13,8 @@ import sys
 
 distributed = len(sys.argv) > 2
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2" if distributed else ""
+if distributed:  # added to the inherited flags (the compile-speed option of tests/conftest.py)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
 
 import jax  # noqa: E402
 

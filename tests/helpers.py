@@ -5,6 +5,8 @@ Tolerances live here and only here. Do not loosen one to make a test pass.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 # (rtol, atol) for comparing against an independent oracle.
@@ -118,3 +120,14 @@ def enumerate_paths(initial_probs, transitions, log_likelihoods):
         total += p
         marginals[np.arange(steps), list(path)] += p
     return np.log(total), marginals / total
+
+
+def child_env() -> dict:
+    """The environment for a child process that starts JAX itself (its own platform and device
+    count): this one's, without ``JAX_PLATFORMS``, and with ``XLA_FLAGS`` reduced to the
+    compile-speed option that conftest.py set (the child's script adds its own flags)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if FAST_COMPILE_OPTION in f]
+    if kept:
+        env["XLA_FLAGS"] = " ".join(kept)
+    return env

@@ -8,7 +8,6 @@ both and also runs them uninterrupted (see tests/_checkpoint_script.py).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import child_env
 
 import ssmjax
 
@@ -37,7 +37,7 @@ def _iteration(path: pathlib.Path) -> int:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoints")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = child_env()
     runs = {kind: subprocess.Popen([sys.executable, str(SCRIPT), "run", kind, str(folder / f"{kind}.ckpt")],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             for kind in ("em", "sgd")}

@@ -11,7 +11,6 @@ order of the cross-device sums differs).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import child_env
 
 SCRIPT = pathlib.Path(__file__).with_name("_multiprocess_script.py")
 
@@ -32,7 +32,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiprocess")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = child_env()
     address = f"127.0.0.1:{_free_port()}"
     commands = [[sys.executable, str(SCRIPT), str(tmp / "single.json")]] + [
         [sys.executable, str(SCRIPT), str(tmp / "multi.json"), address, "2", str(i)] for i in range(2)

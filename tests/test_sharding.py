@@ -8,19 +8,19 @@ contain an all-reduce (the E-step statistics are summed across devices).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+from helpers import child_env
 
 SCRIPT = pathlib.Path(__file__).with_name("_sharded_fit_script.py")
 
 
 @pytest.fixture(scope="module")
 def result():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = child_env()
     proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
