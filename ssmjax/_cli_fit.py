@@ -130,16 +130,6 @@ def initial_lgssms(key, basis, var, mean, state_dim, restarts):
     return models
 
 
-def _stack(models):
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-
-    arrays = [eqx.filter(m, eqx.is_array) for m in models]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *arrays)
-    return eqx.combine(stacked, eqx.filter(models[0], eqx.is_array, inverse=True))
-
-
 # ----------------------------------------------------------------------------- traced EM
 
 
@@ -161,11 +151,9 @@ def em(models, y, lengths, tol, max_iters: int, pattern, frozen=()):
     restart's last good model; ``num_iters`` and ``status`` are then None.
     """
     import equinox as eqx
-    import jax
-    import jax.numpy as jnp
 
     from ._checks import value_checks
-    from ._fit.em import _em_restarts, _em_single, _initial_carry
+    from ._fit.em import _em_restarts, _em_single, _initial_carry, best_restart, stack_models
     from ._fit.protocol import check_frozen
 
     first = models[0]
@@ -178,12 +166,10 @@ def em(models, y, lengths, tol, max_iters: int, pattern, frozen=()):
             final = _em_single(first, y, lengths, inputs, tol, max_iters, frozen, False, pattern, fast,
                                _initial_carry(first, max_iters), None, np.int32(max_iters))
             return eqx.combine(final.params, eqx.partition(first, eqx.is_array)[1]), final.it, final.status
-        stacked = _stack(models)
+        stacked = stack_models(models)
         params, _, _, _, final_lls = _em_restarts(stacked, y, lengths, inputs, tol, max_iters, frozen, False,
                                                   pattern, None)
-    best = jnp.argmax(jnp.where(jnp.isfinite(final_lls), final_lls, -jnp.inf))
-    best_params = jax.tree.map(lambda x: x[best], params)
-    return eqx.combine(best_params, eqx.partition(stacked, eqx.is_array)[1]), None, None
+    return best_restart(stacked, params, final_lls), None, None
 
 
 def em_status(status) -> str | None:
@@ -300,12 +286,11 @@ def fit_program(args, data, y, cache_dir) -> FitResult | None:
 def fit_reference(args, data, y) -> FitResult:
     """The fit through the public functions (SGD, a progress bar, or an EM run with a bad step)."""
     import jax
-    import jax.numpy as jnp
     import optax
 
     import ssmjax
 
-    from . import _checks
+    from ._fit.em import stack_models
 
     key = jax.random.key(args.seed)
     lengths = data.lengths
@@ -319,7 +304,7 @@ def fit_reference(args, data, y) -> FitResult:
         models = initial_lgssms(key, basis, var, mean, args.state_dim, args.restarts)
     if args.method == "em":
         if len(models) > 1:
-            fitted, _, _ = ssmjax.fit_em_restarts(_stack(models), y, lengths=lengths, max_iters=args.iters,
+            fitted, _, _ = ssmjax.fit_em_restarts(stack_models(models), y, lengths=lengths, max_iters=args.iters,
                                                   tol=args.tol, progress=args.progress)
             how = f"EM, best of {len(models)} restarts"
         else:
@@ -336,13 +321,8 @@ def fit_reference(args, data, y) -> FitResult:
             if ll > best_ll:
                 fitted, best_ll = candidate, ll
         how = f"SGD (adam, lr {args.learning_rate}), {args.iters} steps, best of {len(models)}"
-    ll = total_loglik(fitted, y, lengths)
-    # a model just fitted to data checked on the host needs no in-program checks
-    with _checks.value_checks(False):
-        smoothed = jax.jit(lambda s, n: posterior_arrays(fitted, s, n, args.model == "hmm"))(
-            jnp.asarray(y), jnp.asarray(lengths))
-    smoothed = tuple(None if a is None else np.asarray(a) for a in smoothed)
-    return FitResult(fitted, ll, how, report_items(fitted), smoothed)
+    smoothed = smoothed_reference(fitted, y, lengths, decode=args.model == "hmm", checked=True)
+    return FitResult(fitted, total_loglik(fitted, y, lengths), how, report_items(fitted), smoothed)
 
 
 def total_loglik(model, y, lengths) -> float:

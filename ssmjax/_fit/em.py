@@ -444,8 +444,20 @@ def fit_em_restarts(
         params, lls, _, _, final_lls = _em_restarts_compiled(
             models, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, prior
         )
-    scores = jnp.where(jnp.isfinite(final_lls), final_lls, -jnp.inf)
-    best = int(jnp.argmax(scores))
+    return best_restart(models, params, final_lls), final_lls, lls
+
+
+def stack_models(models):
+    """The stacked model :func:`fit_em_restarts` takes: each array leaf of ``models`` (a list of
+    models of one structure) stacked along a new leading restart axis."""
+    arrays = [eqx.filter(m, eqx.is_array) for m in models]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *arrays)
+    return eqx.combine(stacked, eqx.filter(models[0], eqx.is_array, inverse=True))
+
+
+def best_restart(models, params, final_lls):
+    """The restart of ``params`` (stacked fitted arrays of the stacked ``models``) with the highest
+    finite final log-likelihood, as an unstacked model (traceable)."""
+    best = jnp.argmax(jnp.where(jnp.isfinite(final_lls), final_lls, -jnp.inf))
     _, static = eqx.partition(models, eqx.is_array)
-    best_model = eqx.combine(jax.tree.map(lambda x: x[best], params), static)
-    return best_model, final_lls, lls
+    return eqx.combine(jax.tree.map(lambda x: x[best], params), static)

@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Int, PRNGKeyArray, Shaped
 
 from .. import _checks
-from .._fit.em import fit_em_restarts
+from .._fit.em import fit_em_restarts, stack_models
 from .emissions.base import AbstractEmissions
 from .model import HMM
 
@@ -71,8 +70,7 @@ def _fit(emissions, lengths, num_states, emissions_type, num_restarts, max_iters
     keys = jax.random.split(key, num_restarts)
     starts = [HMM.from_data(emissions, num_states, emissions_type, lengths=lengths, key=k, **from_data_kwargs)
               for k in keys]
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *starts)
-    best, _, _ = fit_em_restarts(stacked, emissions, lengths=lengths, max_iters=max_iters, tol=tol)
+    best, _, _ = fit_em_restarts(stack_models(starts), emissions, lengths=lengths, max_iters=max_iters, tol=tol)
     return best
 
 

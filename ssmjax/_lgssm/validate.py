@@ -1,12 +1,14 @@
 """Argument checks shared by every LGSSM inference function: shapes (``ValueError`` at trace time)
-and covariances (value checks, also under ``jax.jit``)."""
+and values (covariances positive definite, every other field finite: value checks, also under
+``jax.jit``)."""
 
 from __future__ import annotations
 
 import equinox as eqx
 
 from .._checks import as_float_array, check_finite, check_length, check_psd, check_shape, host_arrays
-from .params import AbstractLGSSM, model_dims, validate_shapes
+from .params import AbstractLGSSM, _field_shapes, model_dims, validate_shapes
+
 
 def _validate(model, emissions, inputs, length, *, need_inputs_name="inputs"):
     """Shape checks (ValueError) and covariance value checks; returns canonical arguments."""
@@ -70,14 +72,6 @@ def _validate_inputs(model, inputs, num_timesteps, du, name):
     return u
 
 
-# the fields that are not covariances, with the ndim of one step's value
-_FINITE_FIELDS = {
-    "initial_mean": 1,
-    "transition_matrix": 2, "transition_input_matrix": 2, "transition_offset": 1,
-    "emission_matrix": 2, "emission_input_matrix": 2, "emission_offset": 1,
-}
-
-
 def _value_check_model(model, real=None):
     """The covariances checked, and every other field finite (a NaN weight would otherwise turn
     every result into NaN); ``real`` (T,) marks the real steps (None: every step), so a
@@ -88,12 +82,12 @@ def _value_check_model(model, real=None):
         "transition_cov": check_psd("transition_cov", model.transition_cov, valid=valid_next, semidefinite=True),
         "emission_cov": check_psd("emission_cov", model.emission_cov, valid=valid, semidefinite=False),
     }
-    for name, step_ndim in _FINITE_FIELDS.items():
+    for name, (step_shape, time_axis) in _field_shapes(*model_dims(model)).items():
         value = getattr(model, name)
-        if value is None:
+        if name in checked or value is None:
             continue
-        steps = (valid_next if name.startswith("transition") else valid) if value.ndim > step_ndim else None
-        checked[name] = check_finite(name, value, steps)
+        varying = value.ndim > len(step_shape)
+        checked[name] = check_finite(name, value, {"T-1": valid_next, "T": valid}[time_axis] if varying else None)
     names = tuple(checked)
     return eqx.tree_at(lambda m: tuple(getattr(m, n) for n in names), model, tuple(checked[n] for n in names))
 
