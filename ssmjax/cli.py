@@ -71,9 +71,16 @@ _DEMO_STATES = (2, 3)
 _NILE_FROZEN = ("transition_matrix", "emission_matrix")
 
 
-def _earthquake_result(k, fitted, rates, transition, loglik, batch_loglik, iterations, path, smoothed) -> dict:
-    """One Poisson HMM of the demo, its states ordered by rate. ``batch_loglik``: the model's
-    ``log_likelihood`` of the batch, which its AIC and BIC are made of."""
+def _earthquake_arrays(fitted, y) -> dict:
+    """What the demo reports of one fitted Poisson HMM on the batch ``y`` (1, T, 1); traceable."""
+    return dict(rates=fitted.emissions.rates[:, 0], transition=fitted.transition_matrix,
+                loglik=fitted.marginal_loglik(y[0]), batch_loglik=fitted.log_likelihood(y),
+                path=fitted.viterbi(y[0]), smoothed=fitted.smoother(y[0]).smoothed_probs)
+
+
+def _earthquake_result(k, fitted, iterations, rates, transition, loglik, batch_loglik, path, smoothed) -> dict:
+    """One Poisson HMM of the demo (:func:`_earthquake_arrays`), its states ordered by rate.
+    ``batch_loglik``: the model's ``log_likelihood`` of the batch, which its AIC and BIC are made of."""
     order = np.argsort(np.asarray(rates))
     num_par, num_steps = fitted.num_parameters(), np.asarray(smoothed).shape[0]
     return dict(
@@ -103,10 +110,7 @@ def fit_earthquake_hmms(counts: np.ndarray, state_counts=_DEMO_STATES):
     for k in state_counts:
         start = ssmjax.HMM.from_data(y, k, "poisson", key=jax.random.key(0))
         fitted, lls, info = ssmjax.fit_em(start, y, max_iters=500, tol=1e-10)
-        results.append(_earthquake_result(
-            k, fitted, fitted.emissions.rates[:, 0], fitted.transition_matrix, fitted.marginal_loglik(y[0]),
-            fitted.log_likelihood(y), info.num_iters, fitted.viterbi(y[0]), fitted.smoother(y[0]).smoothed_probs,
-        ))
+        results.append(_earthquake_result(k, fitted, info.num_iters, **_earthquake_arrays(fitted, y)))
     return results
 
 
@@ -165,10 +169,8 @@ def _demo_fits(counts: np.ndarray, flow: np.ndarray, cache_dir: str | None):
         for k in _DEMO_STATES:
             start = _cli_fit.hmm_start("poisson", y[0], k, jax.random.key(0))
             fitted, num_iters, status = _cli_fit.em([start], y, None, 1e-10, 500, patterns[0])
-            quakes.append(dict(model=fitted, num_iters=num_iters, status=status, rates=fitted.emissions.rates[:, 0],
-                               transition=fitted.transition_matrix, loglik=fitted.marginal_loglik(y[0]),
-                               batch_loglik=fitted.log_likelihood(y), path=fitted.viterbi(y[0]),
-                               smoothed=fitted.smoother(y[0]).smoothed_probs))
+            quakes.append(dict(model=fitted, num_iters=num_iters, status=status,
+                               arrays=_earthquake_arrays(fitted, y)))
         y = flow[None, :, None]
         fitted, num_iters, status = _cli_fit.em([_nile_start(variance)], y, None, 1e-10, 2000, patterns[1],
                                                 frozen=_NILE_FROZEN)
@@ -181,8 +183,8 @@ def _demo_fits(counts: np.ndarray, flow: np.ndarray, cache_dir: str | None):
                             cache_dir, while_loading=_cli_plot.preload)
     if any(_cli_fit.em_status(r["status"]) is None for r in (*out["quakes"], out["nile"])):
         return None
-    quakes = [_earthquake_result(k, r["model"], r["rates"], r["transition"], r["loglik"], r["batch_loglik"],
-                                 r["num_iters"], r["path"], r["smoothed"]) for k, r in zip(_DEMO_STATES, out["quakes"])]
+    quakes = [_earthquake_result(k, r["model"], r["num_iters"], **r["arrays"])
+              for k, r in zip(_DEMO_STATES, out["quakes"])]
     r = out["nile"]
     return quakes, _nile_result(r["model"], r["loglik"], r["num_iters"], r["means"], r["covs"])
 

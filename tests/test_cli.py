@@ -42,6 +42,19 @@ def test_demo_earthquake_fits_are_consistent(demo):
     assert "Decoded regimes" in text and "BIC prefers" in text
 
 
+def test_demo_program_equals_the_public_functions(demo):
+    # the demo's one exported program and the public fit_em / smoother / viterbi route it stands for
+    import ssmjax
+
+    results, _, _ = demo
+    public = cli.fit_earthquake_hmms(ssmjax.datasets.load_earthquakes().values)
+    for ours, theirs in zip(results["earthquakes"], public):
+        for name in ("rates", "transition_matrix", "loglik", "aic", "bic", "smoothed"):
+            np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-9, atol=1e-12, err_msg=name)
+        np.testing.assert_array_equal(ours["path"], theirs["path"])
+        assert ours["iterations"] == theirs["iterations"]
+
+
 def test_demo_writes_png_plots(demo):
     pytest.importorskip("matplotlib")
     results, text, out_dir = demo
