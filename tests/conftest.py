@@ -16,29 +16,29 @@ import os
 import subprocess
 import sys
 
-# Test time is dominated by XLA:CPU compilation of many small programs. The classic (non-MLIR)
-# fusion emitters compile them about twice as fast at equal run time -- the option that
-# ``ssmjax._fit.compiler`` already applies to the fitting loops. It is set through XLA_FLAGS
-# before JAX starts its backend, so it also reaches every other compiled function and the
-# notebook kernels (child processes inherit the environment). It changes how XLA generates code
-# for the same programs, not what the tests compute or check. An XLA that does not know the flag
-# would abort on it, so it is only set after a child interpreter has accepted it.
+# Test time is dominated by XLA:CPU compilation of many small programs. Two options halve it: the
+# classic (non-MLIR) fusion emitters (the option that ``ssmjax._fit.compiler`` already applies to
+# the fitting loops: about twice as fast to compile at equal run time), and LLVM's optimisation
+# level 0, which compiles the suite's small programs about a quarter faster and runs its few
+# long ones (T = 10^5) slower. They are set through XLA_FLAGS before JAX starts its backend, so
+# they also reach every other compiled function and the notebook kernels (child processes inherit
+# the environment). They change how XLA generates code for the same programs, not what the tests
+# compute or check. An XLA that does not know a flag would abort on it, so they are only set after
+# a child interpreter has accepted them.
 # ``SSMJAX_TESTS_DEFAULT_COMPILER=1`` keeps XLA's defaults: tests/test_default_compiler.py runs the
 # core oracle tests that way, so the code generator users get by default is tested too.
-from helpers import DEFAULT_COMPILER_ENV, FAST_COMPILE_OPTION  # numpy only: JAX is not started yet
-
-_FAST_COMPILE_FLAG = f"--{FAST_COMPILE_OPTION}=false"
+from helpers import DEFAULT_COMPILER_ENV, FAST_COMPILE_FLAGS  # numpy only: JAX is not started yet
 
 
 def _use_fast_compile_flag() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if (
-        FAST_COMPILE_OPTION in flags
+        any(f.split("=")[0] in flags for f in FAST_COMPILE_FLAGS)
         or os.environ.get("JAX_PLATFORMS", "cpu") != "cpu"
         or os.environ.get(DEFAULT_COMPILER_ENV) == "1"
     ):
         return
-    env = dict(os.environ, XLA_FLAGS=f"{flags} {_FAST_COMPILE_FLAG}".strip(), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=" ".join([flags, *FAST_COMPILE_FLAGS]).strip(), JAX_PLATFORMS="cpu")
     probe = "import jax, jax.numpy as jnp; jax.block_until_ready(jax.jit(jnp.sin)(1.0))"
     try:
         ok = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=120).returncode == 0

@@ -17,10 +17,10 @@ TOLERANCES = {
 # finite-difference gradient checks (float64 only; central differences)
 FD_TOLERANCE = dict(rtol=1e-5, atol=1e-7)
 
-# The suite compiles with XLA:CPU's classic fusion emitters (set by conftest.py, which imports this
-# module before JAX starts); this environment variable set to "1" keeps XLA's defaults instead
-# (tests/test_default_compiler.py).
-FAST_COMPILE_OPTION = "xla_cpu_use_fusion_emitters"
+# The suite compiles with XLA:CPU's classic fusion emitters and without LLVM's optimisation passes
+# (set by conftest.py, which imports this module before JAX starts); this environment variable set to
+# "1" keeps XLA's defaults instead (tests/test_default_compiler.py).
+FAST_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0")
 DEFAULT_COMPILER_ENV = "SSMJAX_TESTS_DEFAULT_COMPILER"
 
 
@@ -125,9 +125,9 @@ def enumerate_paths(initial_probs, transitions, log_likelihoods):
 def child_env() -> dict:
     """The environment for a child process that starts JAX itself (its own platform and device
     count): this one's, without ``JAX_PLATFORMS``, and with ``XLA_FLAGS`` reduced to the
-    compile-speed option that conftest.py set (the child's script adds its own flags)."""
+    compile-speed options that conftest.py set (the child's script adds its own flags)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if FAST_COMPILE_OPTION in f]
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if f in FAST_COMPILE_FLAGS]
     if kept:
         env["XLA_FLAGS"] = " ".join(kept)
     return env
