@@ -148,6 +148,59 @@ def test_viterbi_degenerate_ties_give_an_optimal_path():
         np.testing.assert_allclose(log_prob, seq_log_prob, **F64)
 
 
+def _log_space_forward_backward(pi, A, ll):
+    """float64 forward-backward in log space (log-sum-exp at every step): an underflow-free oracle."""
+    from scipy.special import logsumexp
+
+    log_pi, log_a = np.log(np.asarray(pi, float)), np.log(np.asarray(A, float))
+    T = ll.shape[0]
+    alpha = [log_pi + ll[0]]
+    for t in range(1, T):
+        alpha.append(logsumexp(alpha[-1][:, None] + log_a, axis=0) + ll[t])
+    beta = [np.zeros_like(alpha[0])]
+    for t in range(T - 1, 0, -1):
+        beta.insert(0, logsumexp(log_a + (ll[t] + beta[0])[None, :], axis=1))
+    loglik = logsumexp(alpha[-1])
+    return loglik, np.exp(np.array(alpha) + np.array(beta) - loglik)
+
+
+def test_underflowing_scan_is_redone_by_the_sequential_rescue():
+    """A step where the only reachable state is 800 nats worse than an unreachable one underflows
+    the scan's weights; that sequence is redone sequentially (values, gradients and samples equal
+    the sequential functions', which the log-space oracle confirms), also inside a ``jax.vmap``
+    batch beside a sequence that needs no rescue. A truly impossible sequence keeps ``-inf``."""
+    with np.errstate(divide="ignore"):
+        pi = np.array([1.0, 0.0, 0.0])
+        A = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]])
+        ll = np.random.default_rng(0).normal(size=(12, 3))
+        ll[5] = [-800.0, -805.0, 0.0]
+        oracle_loglik, oracle_smoothed = _log_space_forward_backward(pi, A, ll)
+    assert ssmjax.hmm_strategy(pi, A, ll, parallel=True).rescue == "run-time"
+    plain = np.random.default_rng(1).normal(size=(12, 3))
+    out, seq = hmm_smoother_parallel(pi, A, ll), ssmjax.hmm_smoother(pi, A, ll)
+    assert_allclose(out.marginal_loglik, oracle_loglik)
+    for name in ("marginal_loglik", "filtered_probs", "predicted_probs", "smoothed_probs", "expected_transitions"):
+        assert_allclose(getattr(out, name), getattr(seq, name), err_msg=name)
+    # the filter's derivatives (d loglik / d ll = smoothed probabilities), alone and batched
+    batch = jnp.asarray(np.stack([ll, plain]))
+    grads = jax.vmap(jax.grad(lambda l: hmm_filter_parallel(pi, A, l).marginal_loglik))(batch)
+    assert_allclose(jax.grad(lambda l: hmm_filter_parallel(pi, A, l).marginal_loglik)(ll), oracle_smoothed)
+    both = jax.vmap(lambda l: hmm_smoother_parallel(pi, A, l))(batch)
+    for i, one in enumerate((ll, plain)):
+        seq = ssmjax.hmm_smoother(pi, A, one)
+        assert_allclose(grads[i], seq.smoothed_probs)
+        assert_allclose(both.marginal_loglik[i], seq.marginal_loglik)
+        assert_allclose(both.smoothed_probs[i], seq.smoothed_probs)
+    assert_allclose(hmm_smoother_parallel(pi, A, ll).smoothed_probs, oracle_smoothed)
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(hmm_sample_posterior_parallel(pi, A, ll, key=key),
+                                  ssmjax.hmm_sample_posterior(pi, A, ll, key=key))
+    impossible = ll.copy()
+    impossible[5] = [-np.inf, -np.inf, 0.0]  # only the unreachable state can emit step 5
+    assert np.isneginf(float(hmm_filter_parallel(pi, A, impossible).marginal_loglik))
+    assert np.isneginf(float(ssmjax.hmm_filter(pi, A, impossible).marginal_loglik))
+
+
 def test_float32_long_sequence():
     rng = np.random.default_rng(0)
     K, T = 4, 100_000

@@ -50,22 +50,17 @@ Posterior sampling
     ever uses one of its ``K`` draws). With the same key the draw equals the
     sequential one, up to floating-point rounding of the filtered probabilities.
 
-Limitation
+Underflow
     Each element is scaled by the maximum log-likelihood of its step (not by the
     exact log-sum-exp with the predicted probabilities, which a parallel method
     does not have). If at some real step every state with non-zero predicted
     probability is more than ~700 nats (float64; ~87 in float32) less likely than
     a state of predicted probability zero, that step's weights underflow to zero
-    and the log-likelihood is ``-inf``; the sequential filter handles this case
-    with its robust rescue pass.
-
-Padding follows :mod:`ssmjax._hmm.inference`: steps ``t >= length`` get
-``ℓ_t = 0`` and identity transitions, through ``where`` before any arithmetic, so
-NaN/inf there reach neither values nor gradients.
-
-References:
-    S. S. Hassan, S. Särkkä and Á. F. García-Fernández, "Temporal parallelization
-    of inference in hidden Markov models", IEEE Trans. Signal Processing 69, 2021.
+    and the scan's log-likelihood is ``-inf``. Such a sequence is redone by the
+    sequential program, whose forward pass has the underflow-proof rescue
+    (:mod:`ssmjax._hmm.recursion`), decided inside the compiled program by
+    :func:`ssmjax._fallback.fallback` (a conditional that stays one under ``jax.vmap``);
+    a sequence that is truly impossible under the model keeps its ``-inf``.
 """
 
 from __future__ import annotations
@@ -75,8 +70,11 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from .._fallback import fallback
+from .decoding import sample_posterior_program
 from .recursion import _safe_log
 from .results import HMMFilterResult, HMMPosterior
+from .rules import filter_program, smoother_program
 
 __all__ = [
     "_filter_parallel",
@@ -150,13 +148,21 @@ def _forward(initial_probs, masked_ll, peaks, trans, valid, length):
     safe_total = jnp.where(total > 0, total, 1.0)
     raw = alpha / safe_total[:, None]
     # Padded steps are identity moves with zero log-likelihood: the last prefix is that of L-1.
-    loglik = prefix_log[-1] + jnp.log(total[-1])
+    # -inf where the scan underflowed (the caller redoes that sequence), through a safe log so that
+    # the discarded result's derivatives are zeros, not NaN
+    loglik = prefix_log[-1] + jnp.where(total[-1] > 0, jnp.log(safe_total[-1]), -jnp.inf)
     last = lax.dynamic_index_in_dim(raw, length - 1, keepdims=False)
     filtered = jnp.where(valid[:, None], raw, last)
     moved = jnp.einsum("ti,tij->tj", filtered[:-1], trans)
     predicted = jnp.concatenate([initial_probs[None], moved])
     predicted = jnp.where(valid[:, None], predicted, last)
     return loglik, filtered, predicted, moved
+
+
+def _rescued(loglik, result, sequential, args):
+    """``result``, or where the scan's log-likelihood underflowed to ``-inf`` (see Underflow above),
+    ``sequential(*args)``: the same quantities from the sequential recursion and its rescue."""
+    return fallback(jnp.isneginf(loglik), result, sequential, args)
 
 
 # --------------------------------------------------------------------------- jitted algorithms
@@ -171,7 +177,8 @@ def _filter_parallel(
 ) -> HMMFilterResult:
     valid, masked_ll, peaks, trans = _masked_inputs(transition_matrix, log_likelihoods, length)
     loglik, filtered, predicted, _ = _forward(initial_probs, masked_ll, peaks, trans, valid, length)
-    return HMMFilterResult(loglik, filtered, predicted)
+    result = HMMFilterResult(loglik, filtered, predicted)
+    return _rescued(loglik, result, filter_program, (initial_probs, transition_matrix, log_likelihoods, length))
 
 
 @jax.jit
@@ -210,7 +217,8 @@ def _smoother_parallel(
         expected = jnp.einsum("ti,tj,tij->ij", u, weights, trans)
     else:
         expected = transition_matrix * (u.T @ weights)
-    return HMMPosterior(loglik, filtered, predicted, smoothed, expected)
+    result = HMMPosterior(loglik, filtered, predicted, smoothed, expected)
+    return _rescued(loglik, result, smoother_program, (initial_probs, transition_matrix, log_likelihoods, length))
 
 
 def _backtrack(pointers: Int[Array, "N K"], last_state: Int[Array, ""]) -> Int[Array, " N+1"]:
@@ -253,7 +261,7 @@ def _sample_posterior_parallel(
 ) -> Int[Array, " T"]:
     num_timesteps, num_states = log_likelihoods.shape
     valid, masked_ll, peaks, trans = _masked_inputs(transition_matrix, log_likelihoods, length)
-    _, filtered, _, _ = _forward(initial_probs, masked_ll, peaks, trans, valid, length)
+    loglik, filtered, _, _ = _forward(initial_probs, masked_ll, peaks, trans, valid, length)
     keys = jax.random.split(key, num_timesteps)
     last = jax.random.categorical(keys[-1], _safe_log(filtered[-1])).astype(jnp.int32)
     # logits[t, j, i] = log(filtered_t(i) A_t(i, j)): the conditional of z_t given z_{t+1} = j.
@@ -266,4 +274,5 @@ def _sample_posterior_parallel(
     draws = jax.vmap(_draw)(keys[:-1], logits).astype(jnp.int32)
     states = jnp.arange(num_states, dtype=jnp.int32)
     pointers = jnp.where(valid[1:, None], draws, states)
-    return _backtrack(pointers, last)
+    args = (key, initial_probs, transition_matrix, log_likelihoods, length)
+    return _rescued(loglik, _backtrack(pointers, last), sample_posterior_program, args)

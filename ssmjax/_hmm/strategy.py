@@ -48,7 +48,8 @@ class HMMStrategy(eqx.Module):
         emissions: where the shifted emissions are exponentiated (``"before-loop"``,
             ``"shifts-before-loop"`` or ``"in-loop"``).
         rescue: ``"run-time"``: a sequence whose normalisers underflow is redone with the
-            underflow-proof step, decided inside the compiled program.
+            underflow-proof step (the parallel schedule: by the sequential recursion), decided
+            inside the compiled program.
         reasons: why each was chosen.
 
     Example:
@@ -103,7 +104,8 @@ def select_strategy(
     if parallel:
         return HMMStrategy(
             "parallel", "single" if batch_size is None else "per-sequence", "TK", "before-loop",
-            reasons=("parallel=True: lax.associative_scan over time",),
+            reasons=("parallel=True: lax.associative_scan over time",
+                     "a sequence whose scan underflows is redone by the sequential recursion and its rescue"),
         )
     if batch_size is None:
         return HMMStrategy(
