@@ -3,7 +3,7 @@
 The Gaussian HMM of fit.py (K=5 states, D=3, B=100 sequences of T=1000, 50 EM iterations, full
 covariances) in hmmlearn's layout: one (B*T, D) array and ``lengths``. Both estimators start from the
 same parameters (``init_params=""``), with hmmlearn's priors and ``min_covar`` off so that both run
-plain EM, and run exactly 50 iterations (``tol=0`` here, ``tol=-inf`` for hmmlearn). ssmjax runs in
+plain EM, and run exactly 50 iterations (``tol=None`` here, ``tol=-inf`` for hmmlearn). ssmjax runs in
 float32 (JAX's default); hmmlearn in float64. The estimator is timed on its first call (compilation
 included) and on a second call with equal shapes (compiled), beside ``ssmjax.fit_em`` on the padded
 batch, to show what the scikit-learn layer adds; the final log-likelihoods are both evaluated by the
@@ -55,7 +55,7 @@ def main():
                  means_=np.asarray(init.emissions.means, np.float64), covars_=np.asarray(init.emissions.covs, np.float64))
 
     def ours():
-        est = GaussianHMM(K, "full", min_covar=0.0, covars_prior=0.0, covars_weight=0.0, n_iter=iters, tol=0.0,
+        est = GaussianHMM(K, "full", min_covar=0.0, covars_prior=0.0, covars_weight=0.0, n_iter=iters, tol=None,
                           init_params="")
         for name, value in start.items():
             setattr(est, name, value)
@@ -64,7 +64,7 @@ def main():
         return est
 
     def direct():
-        fitted, _, _ = ssmjax.fit_em(init, ys, max_iters=iters, tol=0.0)
+        fitted, _, _ = ssmjax.fit_em(init, ys, max_iters=iters, tol=None)
         return jax.block_until_ready(fitted)
 
     def theirs():

@@ -85,8 +85,10 @@ def run_ssmjax(family, ys, num_iters):
 
     ys, us = ys if isinstance(ys, tuple) else (ys, None)
     model = ssmjax.HMM.from_data(ys, K, SSMJAX_TYPES[family], inputs=us, key=jax.random.key(0))
-    fitted, lls, _ = ssmjax.fit_em(model, ys, inputs=us, max_iters=num_iters, tol=0.0)
+    fitted, lls, info = ssmjax.fit_em(model, ys, inputs=us, max_iters=num_iters, tol=None)
     jax.block_until_ready(lls)
+    if info.num_iters != num_iters:  # equal work: dynamax runs every iteration
+        raise RuntimeError(f"{family}: ssmjax stopped after {info.num_iters} iterations ({info.status})")
     return float(lls[-1])
 
 

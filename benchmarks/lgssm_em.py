@@ -55,7 +55,7 @@ def _one(lib: str) -> dict:
                              transition_cov=s["Q"], emission_matrix=s["C"], emission_cov=s["R"])
 
         def fit():
-            return ssmjax.fit_em(model, ys, max_iters=ITERS, tol=0.0)[1]
+            return ssmjax.fit_em(model, ys, max_iters=ITERS, tol=None)[1]
     else:
         from dynamax.linear_gaussian_ssm import LinearGaussianSSM
 

@@ -7,7 +7,7 @@ Each configuration runs in fresh processes: 1, 2 or 4 CPU devices in one process
 ``jax.distributed`` on localhost with 1 or 2 devices each. Every device holds the same
 share of the batch (``--share`` sequences of T = 200), so perfect weak scaling keeps the
 iterations per second constant while the batch grows with the device count. Timed: a
-warm ``fit_em`` of ``--iters`` iterations (``tol=0``), median of ``--repeats``, for a
+warm ``fit_em`` of ``--iters`` iterations (``tol=None``), median of ``--repeats``, for a
 Poisson HMM (K = 4) and an LGSSM (Dx = 4, Dy = 2). Results: ``results/scaling.json``.
 """
 
@@ -61,12 +61,12 @@ def worker(out, processes, devices, process_id, address, share, iters, repeats):
     result = {"processes": jax.process_count(), "devices": jax.device_count(), "sequences": total}
     for name, (model, data) in models.items():
         start = time.perf_counter()
-        jax.block_until_ready(ssmjax.fit_em(model, data, max_iters=iters, tol=0.0))
+        jax.block_until_ready(ssmjax.fit_em(model, data, max_iters=iters, tol=None))
         first = time.perf_counter() - start
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            _, lls, _ = ssmjax.fit_em(model, data, max_iters=iters, tol=0.0)
+            _, lls, _ = ssmjax.fit_em(model, data, max_iters=iters, tol=None)
             jax.block_until_ready(lls)
             times.append(time.perf_counter() - start)
         result[name] = {"first_call_s": first, "median_s": statistics.median(times),

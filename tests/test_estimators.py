@@ -95,7 +95,7 @@ GAUSSIAN_CASES = {
 def fitted_gaussian(gaussian_data):
     fits = {}
     for covariance_type, (params, prior) in GAUSSIAN_CASES.items():
-        ours = GaussianHMM(3, covariance_type=covariance_type, min_covar=0.0, n_iter=N_ITER, tol=0.0,
+        ours = GaussianHMM(3, covariance_type=covariance_type, min_covar=0.0, n_iter=N_ITER, tol=None,
                            params=params, init_params="", **prior)
         theirs = hl.GaussianHMM(3, covariance_type=covariance_type, n_iter=N_ITER, tol=-np.inf, params=params,
                                 init_params="", **prior)
@@ -108,6 +108,7 @@ def fitted_gaussian(gaussian_data):
 def test_gaussian_em_equals_hmmlearn(fitted_gaussian, gaussian_data, covariance_type):
     ours, theirs = fitted_gaussian[covariance_type]
     params, prior = GAUSSIAN_CASES[covariance_type]
+    assert ours.n_iter_ == N_ITER and not ours.converged_  # tol=None: every iteration, as hmmlearn's tol=-inf
     if prior.get("covars_prior") == 0.0:  # no prior: both report the log-likelihood of each iterate
         np.testing.assert_allclose(ours.log_likelihoods_, theirs.monitor_.history, rtol=LOGLIK_RTOL)
     assert_same_chain(ours, theirs)

@@ -144,6 +144,24 @@ def test_em_converges_with_tolerance_and_does_not_recompile(data):
     assert traces == [], "a second call with equal shapes must not retrace the EM loop"
 
 
+def test_tol_none_runs_every_iteration_past_an_exact_fixed_point(data):
+    """``tol=0`` stops at the first iteration that leaves the objective exactly unchanged;
+    ``tol=None`` runs all ``max_iters`` (what a timing against dynamax's fixed count needs), with the
+    same trajectory up to that point. Also in ``fit_em_restarts`` and the estimators' ``tol``."""
+    y, lengths, _ = data
+    model = ToyMixture(jnp.asarray(0.0), jnp.asarray([-0.5, 0.5]))
+    _, lls0, info0 = ssmjax.fit_em(model, y, lengths=lengths, max_iters=400, tol=0.0)
+    assert info0.status == "converged" and info0.num_iters < 400 and lls0[-1] == lls0[-2]
+    _, lls, info = ssmjax.fit_em(model, y, lengths=lengths, max_iters=400, tol=None)
+    assert info.status == "max_iters" and info.num_iters == 400 and lls.shape == (400,)
+    np.testing.assert_array_equal(lls[: lls0.shape[0]], lls0)
+    one_restart = jax.tree.map(lambda a: a[None], model)
+    _, _, histories = ssmjax.fit_em_restarts(one_restart, y, lengths=lengths, max_iters=400, tol=None)
+    assert np.all(np.isfinite(np.asarray(histories)))
+    with pytest.raises(ValueError, match="`tol` must be a non-negative number, or None"):
+        ssmjax.fit_em(model, y, lengths=lengths, tol=-1.0)
+
+
 def test_em_guard_returns_last_good_model_on_decrease(data):
     y, lengths, _ = data
     model = ToyMixture(jnp.asarray(0.0), jnp.asarray([-1.0, 2.5]), sabotage=3.0)

@@ -239,13 +239,18 @@ def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen, prior=No
         )
     if not isinstance(max_iters, (int, np.integer)) or max_iters < 1:
         raise ValueError(f"`max_iters` must be a positive int; got {max_iters!r}.")
-    if not np.isfinite(tol) or tol < 0:
-        raise ValueError(f"`tol` must be a non-negative number; got {tol!r}.")
+    if tol is not None and (not isinstance(tol, (int, float, np.integer, np.floating)) or not np.isfinite(tol) or tol < 0):
+        raise ValueError(f"`tol` must be a non-negative number, or None to run every iteration; got {tol!r}.")
     frozen = check_frozen(model, frozen)
     model._check_em(frozen)
     model._check_prior(prior)
     emissions, lengths, inputs = model._check_batch(emissions, lengths, inputs)
     return emissions, lengths, inputs, int(max_iters), frozen, _batch_pattern(emissions, lengths)
+
+
+def _tol_array(tol):
+    """``tol`` for the compiled loop; None is ``-inf``, which no relative improvement is below."""
+    return np.asarray(-np.inf if tol is None else tol, dtype=np.float64 if jax.config.jax_enable_x64 else np.float32)
 
 
 def _batch_pattern(emissions, lengths) -> tuple[bool, bool]:
@@ -270,7 +275,7 @@ def fit_em(
     lengths: Int[ArrayLike, " B"] | None = None,
     inputs: Float[ArrayLike, "B T Du"] | None = None,
     max_iters: int = 100,
-    tol: float = 1e-6,
+    tol: float | None = 1e-6,
     frozen: Sequence[str] = (),
     progress: bool = False,
     return_info: bool | None = None,
@@ -299,7 +304,10 @@ def fit_em(
         inputs: ``(B, T, Du)`` inputs for models that take them (an LGSSM with input weights, an
             HMM with regression emissions, an :class:`ssmjax.InputDrivenHMM`), else ``None``.
         max_iters: maximum number of EM iterations (E-steps).
-        tol: relative-improvement tolerance, ``|ll_i - ll_{i-1}| <= tol * |ll_{i-1}|``.
+        tol: relative-improvement tolerance: stop once ``|ll_i - ll_{i-1}| <= tol * |ll_{i-1}|``
+            (``tol=0`` stops when an iteration leaves the objective exactly unchanged). ``None``:
+            no convergence test, every one of ``max_iters`` iterations runs (as in dynamax's
+            ``fit_em``), stopping early only on a non-finite objective or a decrease.
         frozen: names of parameters kept fixed (see ``model.parameter_names()``).
         progress: show a tqdm progress bar (iteration, log-likelihood) fed from inside
             the compiled loop.
@@ -337,12 +345,13 @@ def fit_em(
     emissions, lengths, inputs, max_iters, frozen, pattern = _prepare(
         model, emissions, lengths, inputs, max_iters, tol, frozen, prior
     )
-    tol_arr = np.asarray(tol, dtype=np.float64 if jax.config.jax_enable_x64 else np.float32)
+    tol_arr = _tol_array(tol)
     fast = bool(getattr(model, "_has_fast_e_step", False))
     carry = _initial_carry(model, max_iters)
     if checkpoint is not None:
         expected = _checkpoint.settings("fit_em", model, (emissions, lengths, inputs), prior,
-                                        max_iters=max_iters, tol=float(tol), frozen=sorted(frozen))
+                                        max_iters=max_iters, tol=None if tol is None else float(tol),
+                                        frozen=sorted(frozen))
         saved = _checkpoint.read(checkpoint, expected, carry)
         if saved is not None:
             carry, header = saved
@@ -397,7 +406,7 @@ def fit_em_restarts(
     lengths: Int[ArrayLike, " B"] | None = None,
     inputs: Float[ArrayLike, "B T Du"] | None = None,
     max_iters: int = 100,
-    tol: float = 1e-6,
+    tol: float | None = 1e-6,
     frozen: Sequence[str] = (),
     progress: bool = False,
     prior: PyTree | None = None,
@@ -439,7 +448,7 @@ def fit_em_restarts(
     emissions, lengths, inputs, max_iters, frozen, pattern = _prepare(
         first, emissions, lengths, inputs, max_iters, tol, frozen, prior
     )
-    tol_arr = np.asarray(tol, dtype=np.float64 if jax.config.jax_enable_x64 else np.float32)
+    tol_arr = _tol_array(tol)
     with _progress.progress_bar(progress, max_iters, f"EM x{num_restarts}", "best loglik"):
         params, lls, _, _, final_lls = _em_restarts_compiled(
             models, emissions, lengths, inputs, tol_arr, max_iters, frozen, progress, pattern, prior

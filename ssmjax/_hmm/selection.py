@@ -84,7 +84,7 @@ def select_num_states(
     num_restarts: int = 4,
     num_folds: int = 0,
     max_iters: int = 200,
-    tol: float = 1e-6,
+    tol: float | None = 1e-6,
     from_data_kwargs: Optional[dict] = None,
     key: PRNGKeyArray,
 ) -> NumStatesSelection:

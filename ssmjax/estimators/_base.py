@@ -174,8 +174,9 @@ class BaseStateSpaceEstimator(BaseEstimator):
                 )
         if not isinstance(self.n_iter, numbers.Integral) or self.n_iter < 1:
             raise ValueError(f"`n_iter` must be a positive int; got {self.n_iter!r}.")
-        if not isinstance(self.tol, numbers.Real) or not np.isfinite(self.tol) or self.tol < 0:
-            raise ValueError(f"`tol` must be a non-negative number (relative improvement); got {self.tol!r}.")
+        if self.tol is not None and (not isinstance(self.tol, numbers.Real) or not np.isfinite(self.tol) or self.tol < 0):
+            raise ValueError(f"`tol` must be a non-negative number (relative improvement), or None to run all "
+                             f"`n_iter` iterations; got {self.tol!r}.")
 
     def _validate_hyperparameters(self) -> None:
         self._check_letters()
@@ -234,7 +235,7 @@ class BaseStateSpaceEstimator(BaseEstimator):
         start = self._build_model(parameters)
         frozen = tuple(frozen for letter, (_, frozen) in self._letters.items() if letter not in self.params)
         fitted, log_likelihoods, info = ssmjax.fit_em(
-            start, emissions, lengths=lengths, max_iters=int(self.n_iter), tol=float(self.tol),
+            start, emissions, lengths=lengths, max_iters=int(self.n_iter), tol=None if self.tol is None else float(self.tol),
             frozen=frozen, prior=self._prior(),
         )
         self.model_ = fitted

@@ -114,7 +114,7 @@ class GaussianHMM(BaseHMMEstimator):
         random_state: seed of the initialisation and of :meth:`sample`.
         n_iter: maximum number of EM iterations.
         tol: stop once the relative improvement of the objective is at most ``tol`` (ssmjax's
-            convention; hmmlearn's ``tol`` is absolute).
+            convention; hmmlearn's ``tol`` is absolute); None runs all ``n_iter`` iterations.
         params: letters of the parameters EM updates: ``s`` startprob, ``t`` transmat, ``m``
             means, ``c`` covars; the others are frozen.
         init_params: letters of the parameters fit initialises from the data; set the others as

@@ -147,7 +147,8 @@ class KalmanSmoother(BaseLGSSMEstimator):
     Args:
         n_dim_state: state dimension ``Dx``.
         n_iter: maximum number of EM iterations.
-        tol: stop once the relative improvement of the log-likelihood is at most ``tol``.
+        tol: stop once the relative improvement of the log-likelihood is at most ``tol``; None runs
+            all ``n_iter`` iterations.
         params: letters of the parameters EM updates: ``A`` transition_matrix, ``Q``
             transition_cov, ``C`` emission_matrix, ``R`` emission_cov, ``m`` initial_mean, ``P``
             initial_cov; the others are frozen.
@@ -256,7 +257,8 @@ class LocalLevel(BaseLGSSMEstimator):
 
     Args:
         n_iter: maximum number of EM iterations.
-        tol: stop once the relative improvement of the log-likelihood is at most ``tol``.
+        tol: stop once the relative improvement of the log-likelihood is at most ``tol``; None runs
+            all ``n_iter`` iterations.
         params: letters of the variances EM updates: ``Q`` level, ``R`` noise.
         init_params: letters of the variances fit initialises from the data (each half the
             variance of the series' first differences); set the others as attributes before fit.
