@@ -21,13 +21,16 @@ _use_compiler_options = True
 
 
 def fast_compile_jit(fun):
-    """``equinox.filter_jit(fun)``, compiled with :data:`CPU_COMPILER_OPTIONS` on CPU."""
+    """``equinox.filter_jit(fun)``, compiled with :data:`CPU_COMPILER_OPTIONS` on CPU when it is a
+    program of its own (not traced inside another ``jit``)."""
     plain = eqx.filter_jit(fun)
     tuned = eqx.filter_jit(fun, compiler_options=CPU_COMPILER_OPTIONS)
 
     def call(*args):
         global _use_compiler_options
-        if (_use_compiler_options and jax.default_backend() == "cpu"
+        # traced inside a caller's jit, the program is part of the caller's (options apply to top-level programs only)
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+        if (_use_compiler_options and not traced and jax.default_backend() == "cpu"
                 and not getattr(args[0], "_prefers_fusion_emitters", False)):
             try:
                 return tuned(*args)

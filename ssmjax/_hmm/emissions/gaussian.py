@@ -51,7 +51,7 @@ from .gaussian_ops import (
     GaussianStats,
     _gaussian_diag_log_prob,
     _gaussian_full_log_prob,
-    _gaussian_init,
+    _gaussian_init_program,
     _gaussian_m_step,
     _gaussian_marginal_log_prob,
     _gaussian_missing_stats,
@@ -277,7 +277,7 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         if xp is not np or xp.any(missing):
             emissions = _checks.to_device(xp.where(missing, xp.nanmean(values, axis=0), values)) if xp is np else (
                 jnp.where(missing, jnp.nanmean(emissions, axis=0), emissions))
-        centers, covs, counts = _gaussian_init(key, emissions, min_variance, num_states, num_iters)
+        centers, covs, counts = _gaussian_init_program(key, emissions, min_variance, num_states, num_iters)
         return cls(centers, _reduced_covs(cls, covs, counts), min_variance=min_variance)
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ..._fit.compiler import fast_compile_jit
 from .base import _keep_where_empty, _observed_entries
 
 
@@ -166,14 +167,10 @@ def _gaussian_diag_log_prob(means, log_variances, emissions, axis: int = -1):
     return -0.5 * jnp.sum(jnp.where(observed, terms, 0.0), axis=axis)
 
 
-@functools.partial(jax.jit, static_argnames=("num_states", "num_iters"))
 def _gaussian_init(key, emissions, min_variance, num_states: int, num_iters: int):
-    """Centres, full covariances and cluster sizes of :meth:`AbstractGaussianEmissions.from_data`,
-    one compiled program (each family reduces the covariances to its own type).
-
-    Run op by op, the k-means seeding and refinement compiled about 90 small programs
-    (about 6 s on a 2-core CPU) and their loops again on every call.
-    """
+    """Centres, full covariances and cluster sizes of :meth:`AbstractGaussianEmissions.from_data`
+    (each family reduces the covariances to its own type); traced inside the initialisers'
+    programs, or compiled on its own as :data:`_gaussian_init_program`."""
     n, d = emissions.shape
     centers = _kmeans(key, emissions, num_states, num_iters)
     assign = jnp.argmin(_sq_dists(emissions, centers), axis=1)
@@ -187,6 +184,11 @@ def _gaussian_init(key, emissions, min_variance, num_states: int, num_iters: int
     covs = (scatter + prior * pooled[None]) / (counts + prior)[:, None, None]
     covs = 0.5 * (covs + jnp.swapaxes(covs, -1, -2))
     return centers, covs, counts + prior
+
+
+# One compiled program: run op by op, the k-means seeding and refinement compiled about 90 small
+# programs (about 6 s on a 2-core CPU) and their loops again on every call.
+_gaussian_init_program = fast_compile_jit(_gaussian_init)
 
 
 def _sq_dists(x: Float[Array, "N D"], centers: Float[Array, "K D"]) -> Float[Array, "N K"]:

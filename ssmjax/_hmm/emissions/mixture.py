@@ -15,7 +15,6 @@ both are the posterior modes instead (a Dirichlet prior on the weights, a
 
 from __future__ import annotations
 
-import functools
 import typing
 from collections.abc import Set as AbstractSet
 from typing import ClassVar, NamedTuple
@@ -26,6 +25,7 @@ from jax.scipy.special import logsumexp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 from ... import _checks
+from ..._fit.compiler import fast_compile_jit
 from ..priors import DirichletPrior, GaussianMixturePrior, check_broadcasts
 from .base import (
     AbstractExponentialFamilyEmissions,
@@ -53,7 +53,7 @@ class GaussianMixtureStats(NamedTuple):
     components: PyTree[Array]
 
 
-@functools.partial(jax.jit, static_argnames=("num_mix",))
+@fast_compile_jit
 def _mixture_init(states: AbstractGaussianEmissions, key, spread, num_mix: int):
     """Component means ``(K * M, D)`` and covariance argument of :meth:`GaussianMixtureEmissions.from_data`,
     one compiled program."""

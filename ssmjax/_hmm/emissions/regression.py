@@ -43,6 +43,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Shaped
 
 from ... import _checks
+from ..._fit.compiler import fast_compile_jit
 from .base import AbstractExponentialFamilyEmissions, _at_real_steps, _check_weights, _keep_where_empty
 from .gaussian import _check_min_variance, _cholesky_field
 from .gaussian_ops import (
@@ -390,7 +391,7 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
         return cls._from_rows(rows, num_states, inputs.shape[-1], {}, min_variance=min_variance, key=key)
 
 
-@eqx.filter_jit
+@fast_compile_jit
 def _initialise(start, rows, key):
     """One compiled program (run op by op, the initialiser compiled dozens of kernels: seconds)."""
     centres, covs, _ = _gaussian_init(key, rows, 1e-6, start.num_states, 10)
