@@ -177,7 +177,8 @@ def check_length(length: object, num_timesteps: int) -> jax.Array | None:
     message = f"`length` must lie in [1, {num_timesteps}] (the number of time steps)"
     if on_host:  # decided here with NumPy (an eager jnp comparison would compile kernels)
         value = int(arr)
-        check_values(None, np.bool_(value < 1 or value > num_timesteps), message)
+        if value < 1 or value > num_timesteps:  # a host value, like a shape: checked even with value checks off
+            raise ValueError(f"{message}; got {value}.")
         return to_device(np.int32(value))
     arr = arr.astype(jnp.int32)
     bad = (arr < 1) | (arr > num_timesteps)

@@ -52,6 +52,17 @@ def test_value_check_fires_under_jit_and_switch_disables_it():
     assert ssmjax.value_checks_enabled()
 
 
+def test_a_static_length_out_of_range_raises_even_with_value_checks_off():
+    """A Python-int ``length`` is known on the host like a shape: switching value checks off (which
+    skips run-time checks of data) must not let ``length=0`` or ``length > T`` through."""
+    pi, A, ll = np.array([0.5, 0.5]), np.array([[0.9, 0.1], [0.2, 0.8]]), np.zeros((4, 2))
+    with ssmjax.value_checks(False):
+        for bad in (0, 5):
+            with pytest.raises(ValueError, match=rf"`length` must lie in \[1, 4\].*got {bad}"):
+                ssmjax.hmm_filter(pi, A, ll, length=bad)
+        assert ssmjax.hmm_filter(pi, A, ll, length=3).filtered_probs.shape == (4, 2)
+
+
 def test_check_psd_rejects_asymmetric_and_indefinite():
     with pytest.raises(ValueError, match="`Q` must be finite and symmetric"):
         _checks.check_psd("Q", jnp.array([[1.0, 0.5], [0.0, 1.0]]))
