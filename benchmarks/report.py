@@ -240,8 +240,9 @@ def cli_cache_table(d):
         "",
         _header(d),
         "",
-        f"New process, wall s, median of {d['settings']['repeats']}. `fit`: `ssmjax fit hmm`, "
-        f"{d['settings']['fit_rows']} rows x 2, Gaussian.",
+        f"New process, wall s, median of {d['settings']['repeats']}"
+        + (", .pyc cached" if d["settings"].get("bytecode_cache") else "")
+        + f". `fit`: `ssmjax fit hmm`, {d['settings']['fit_rows']} rows x 2, Gaussian.",
         "",
         "| command | --no-cache | first run | repeated run |",
         "|---|---|---|---|",
