@@ -195,7 +195,10 @@ def test_forcing_a_strategy_that_cannot_run_raises():
     with pytest.raises(ValueError, match="`schedule` must be one of"):
         ssmjax.KalmanStrategy(schedule="fast", form="covariance", ops="small", masking="auto")
     with pytest.raises(ValueError, match="supports form='covariance' only"):
-        ssmjax.KalmanStrategy(schedule="parallel", form="sqrt", ops="small", masking="auto")
+        ssmjax.KalmanStrategy(schedule="parallel", form="sqrt", ops="general", masking="auto")
+    with pytest.raises(ValueError, match="form='sqrt' runs on ops='general' only"):
+        ssmjax.KalmanStrategy(schedule="sequential", form="sqrt", ops="small", masking="auto")
+    assert ssmjax.lgssm_strategy(model, y, method="sqrt").ops == "general"  # what the square-root form runs
     steady = ssmjax.KalmanStrategy(schedule="steady-state", form="covariance", ops="small", masking="auto")
     with pytest.raises(ValueError, match="needs T > 512"):
         ssmjax.kalman_filter(model, y[:100], strategy=steady)

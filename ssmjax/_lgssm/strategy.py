@@ -99,6 +99,8 @@ class KalmanStrategy(eqx.Module):
                 raise ValueError(f"`{name}` must be one of {allowed}; got {getattr(self, name)!r}.")
         if self.schedule != "sequential" and self.form != "covariance":
             raise ValueError(f"the {self.schedule!r} schedule supports form='covariance' only; got form={self.form!r}.")
+        if self.form == "sqrt" and self.ops == "small":
+            raise ValueError("form='sqrt' runs on ops='general' only (its QR steps are LAPACK calls); got ops='small'.")
 
 
 def _time_invariant(model) -> bool:
@@ -163,11 +165,15 @@ def select_strategy(model, emissions, length, method: str, parallel: bool, smoot
     form, why = choose_form(model, method, parallel, smoother)
     method = "sqrt" if form == "sqrt" else "standard"
     reasons = [why]
-    ops = choose_ops(dx, dy).name
-    reasons.append(
-        f"ops {ops!r}: (Dx, Dy) = ({dx}, {dy}) "
-        + ("within" if ops == "small" else "beyond") + f" ({SMALL_MAX_DX}, {SMALL_MAX_DY})"
-    )
+    if form == "sqrt":
+        ops = "general"
+        reasons.append("ops 'general': the square-root form's QR and triangular solves are LAPACK calls")
+    else:
+        ops = choose_ops(dx, dy).name
+        reasons.append(
+            f"ops {ops!r}: (Dx, Dy) = ({dx}, {dy}) "
+            + ("within" if ops == "small" else "beyond") + f" ({SMALL_MAX_DX}, {SMALL_MAX_DY})"
+        )
     if parallel and getattr(model, "diffuse", ()):
         schedule = "sequential"
         reasons.append("schedule 'sequential': parallel=True, but the exact diffuse recursion is sequential")
