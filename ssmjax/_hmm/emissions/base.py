@@ -136,12 +136,14 @@ def _patch_missing(missing, observed, general, emissions, rows):
     nan = jnp.isnan(emissions)
     values = observed(jnp.where(nan, jnp.zeros((), emissions.dtype), emissions))
     marked = rows(nan)
-    correction = lax.cond(
-        _any_in_batch(jnp.any(nan)),
-        lambda v, e: jnp.where(marked, general(e) - v, 0.0),
-        lambda v, e: jnp.zeros_like(v),
-        values, emissions,
-    )
+
+    def correct(v, e):
+        g = general(e)
+        # equal values (-inf twice: an observed count on a structural zero) need no correction, and
+        # their difference would be NaN; v = -inf implies g = -inf (missing entries only add terms)
+        return jnp.where(marked & (g != v), g - v, 0.0)
+
+    correction = lax.cond(_any_in_batch(jnp.any(nan)), correct, lambda v, e: jnp.zeros_like(v), values, emissions)
     return values + correction
 
 

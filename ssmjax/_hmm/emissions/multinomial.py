@@ -159,6 +159,13 @@ class MultinomialEmissions(_AbstractProbabilityRows):
         emission = self._checked_emission(emission, "one vector of counts")
         return _multinomial_log_prob(self.logits, self.num_trials, self._float(emission))
 
+    def _log_prob_observed(self, emission) -> Float[Array, " K"]:
+        # every count observed: no missing categories' share to sum (y log p with 0 log 0 = 0)
+        y = self._float(emission)
+        log_probs = jax.nn.log_softmax(self.logits, axis=-1)
+        log_norm = gammaln(self.num_trials + 1.0) - jnp.sum(gammaln(y + 1.0))
+        return log_norm + jnp.sum(jnp.where(y > 0, y * log_probs, 0.0), axis=-1)
+
     def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Real[Array, " C"]:
         draws = jax.random.categorical(key, self.logits[state], shape=(self.num_trials,))
         return jnp.zeros(self.num_classes, jnp.int32).at[draws].add(1)
