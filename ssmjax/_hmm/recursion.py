@@ -368,7 +368,8 @@ def _scan(body, carry, xs, steps, reverse: bool):
     return lax.scan(lambda c, x: body(True, c, x[0], x[1]), carry, (steps, xs), reverse=reverse)
 
 
-def _indexed(body, carry, xs, x_axes, out_axes, num_steps: int, lengths, reverse: bool, first: int = 0, offsets=None):
+def _indexed(body, carry, xs, x_axes, out_axes, num_steps: int, lengths, reverse: bool, first: int = 0, offsets=None,
+             padded: bool | None = None):
     """``body(masked, carry, t, x)`` for ``t = first .. num_steps - 1`` (descending with ``reverse``)
     as a ``fori_loop`` that reads input ``i`` at step ``t`` along its axis ``x_axes[i]`` and writes
     output ``j`` at row ``t - offsets[j]`` along ``out_axes[j]`` of a zero-filled buffer, in place.
@@ -377,7 +378,8 @@ def _indexed(body, carry, xs, x_axes, out_axes, num_steps: int, lengths, reverse
     (``masked=False``: no per-step selects), others with ``masked=True``: a conditional between two
     loops of static length (a loop with a run-time trip count evaluates its condition on the host
     every step, measured 1.6x slower at K = 5, B = 100). The predicate is one for the whole batch,
-    also under a further ``jax.vmap`` (:func:`ssmjax._fallback._any_in_batch`).
+    also under a further ``jax.vmap`` (:func:`ssmjax._fallback._any_in_batch`). A caller that
+    knows the answer statically passes ``padded`` (True or False): only that loop is compiled.
     Returns ``(carry, outputs)``.
     """
     offsets = offsets or (0,) * len(out_axes)
@@ -409,8 +411,10 @@ def _indexed(body, carry, xs, x_axes, out_axes, num_steps: int, lengths, reverse
             return lambda s: lax.fori_loop(0, num_steps - first, lambda i, c: step(num_steps - 1 - i, c), s)
         return lambda s: lax.fori_loop(first, num_steps, step, s)
 
-    padded = _any_in_batch(jnp.any(lengths < num_steps))
-    return lax.cond(padded, loop(True), loop(False), (carry, buffers))
+    if padded is not None:
+        return loop(padded)((carry, buffers))
+    some_padded = _any_in_batch(jnp.any(lengths < num_steps))
+    return lax.cond(some_padded, loop(True), loop(False), (carry, buffers))
 
 
 # --------------------------------------------------------------------------- forward
@@ -470,6 +474,7 @@ def _forward_loop(
     floor,
     freeze,
     masked_ll=None,
+    padded=None,
 ):
     """One pass of :func:`forward`: ``(filtered, predicted, peaks, norms)`` with the normalisers
     ``c_t`` (fast modes) or ``log c_t - m_t`` (``mode="rescue"``)."""
@@ -506,7 +511,8 @@ def _forward_loop(
         _, outs = _scan(body, carry, xs, jnp.arange(num_timesteps), reverse=False)
     else:
         _, outs = _indexed(
-            body, carry, xs, (time_axis, 0, 0), (time_axis, time_axis, 0, 0), num_timesteps, lengths, False
+            body, carry, xs, (time_axis, 0, 0), (time_axis, time_axis, 0, 0), num_timesteps, lengths, False,
+            padded=padded,
         )
     filtered, predicted, norms, peaks = outs
     emissions = source if mode == "before-loop" else None
@@ -525,6 +531,7 @@ def forward(
     freeze: bool = False,
     weights: bool = False,
     rescue: bool = True,
+    padded: bool | None = None,
 ) -> ForwardPass:
     r"""The scaled forward recursion of one sequence (``layout="TK"``) or a batch.
 
@@ -534,7 +541,8 @@ def forward(
     :func:`ssmjax._fallback.fallback`), whose results replace that sequence's. With
     ``floor`` the fast pass divides by normalisers floored at that threshold (for a pass that
     is differentiated, see :func:`forward_step`). A time-varying ``transition_matrix``
-    (T-1, K, K) is for one sequence only.
+    (T-1, K, K) is for one sequence only. ``padded``: whether some sequence is padded, where the
+    caller knows it statically (None: decided at run time, see :func:`_indexed`).
     """
     _check_options(layout, emissions)
     step_axes = _step_axes(layout)
@@ -542,7 +550,7 @@ def forward(
     masked_ll = jnp.where(valid, log_likelihoods, 0.0) if emissions != "in-loop" or weights else None
     filtered, predicted, peaks, cs, emission = _forward_loop(
         initial_probs, transition_matrix, log_likelihoods, lengths, layout, emissions,
-        _underflow_floor(log_likelihoods.dtype) if floor else None, freeze, masked_ll,
+        _underflow_floor(log_likelihoods.dtype) if floor else None, freeze, masked_ll, padded,
     )
     steps = _valid_all(cs, lengths, step_axes)
     threshold = _underflow_floor(log_likelihoods.dtype)
@@ -569,7 +577,8 @@ def forward(
 
     def _rescued(needed, fast):
         robust = _forward_loop(
-            initial_probs, transition_matrix, log_likelihoods, lengths, layout, "rescue", None, freeze
+            initial_probs, transition_matrix, log_likelihoods, lengths, layout, "rescue", None, freeze,
+            padded=padded,
         )
         robust = _finish(*robust[:4])
         if layout == "TK":  # the fallback itself selects per sequence
@@ -658,6 +667,7 @@ def backward(
     emissions: str = "in-loop",
     padded_rows_zero: bool = False,
     row_scale: Optional[Array] = None,
+    padded: bool | None = None,
 ) -> BackwardPass:
     r"""The scaled backward recursion of one sequence (``layout="TK"``) or a batch.
 
@@ -667,7 +677,7 @@ def backward(
     (``emissions="before-loop"``) or step by step. With ``filtered`` (frozen padded rows),
     the loop writes ``rows = filtered * beta``, which repeat ``filtered`` at padded steps or
     are 0 there (``padded_rows_zero``: the gradient of :math:`\log p` with respect to the
-    log-likelihoods); ``row_scale`` (B,) multiplies them.
+    log-likelihoods); ``row_scale`` (B,) multiplies them. ``padded`` as in :func:`forward`.
     """
     _check_options(layout, emissions)
     time_axis, s_axis = layout.index("T"), states_axis(layout)
@@ -707,7 +717,7 @@ def backward(
     # pair sums: no shifted copies), then step 0 on its own (its v is the gradient w.r.t. pi)
     beta, (rows, v_next) = _indexed(
         body, ones, xs, (time_axis, 0, 0, time_axis, 0), (time_axis, time_axis),
-        num_timesteps, lengths, True, first=1, offsets=(0, 1),
+        num_timesteps, lengths, True, first=1, offsets=(0, 1), padded=padded,
     )
     x0 = tuple(None if x is None else _time_index(x, 0, a) for x, a in zip(xs, (time_axis, 0, 0, time_axis, 0)))
     _, (row0, v_first) = body(True, beta, jnp.int32(0), x0)

@@ -22,6 +22,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Bool, Float, Int
 
+from .._fit.protocol import unpadded_batch
 from . import strategy
 from .recursion import _pairwise_sum, backward, forward, loglik_gradients, pair_sums
 from .results import HMMFilterResult, HMMPosterior, posterior_treedef
@@ -297,11 +298,14 @@ def batch_smoother_stats(
     layout = strategy.e_step_layout(log_likelihoods.shape[1])
     ll = log_likelihoods if layout == "TKB" else jnp.swapaxes(log_likelihoods, 1, 2)
     lengths = jnp.sum(valid, axis=0, dtype=jnp.int32)
+    # fit_em knows statically whether its batch is padded: then one loop per pass is compiled
+    padded = False if unpadded_batch() else None
     # padded rows are never read (their emission weights are 0): nothing is frozen
-    fwd = forward(initial_probs, transition_matrix, ll, lengths, layout, emissions="before-loop", rescue=fallback)
+    fwd = forward(initial_probs, transition_matrix, ll, lengths, layout, emissions="before-loop", rescue=fallback,
+                  padded=padded)
     bwd = backward(
         transition_matrix, ll, lengths, fwd.peaks, fwd.log_cs, layout,
-        filtered=fwd.filtered, emissions="before-loop", padded_rows_zero=True,
+        filtered=fwd.filtered, emissions="before-loop", padded_rows_zero=True, padded=padded,
     )
     expected = transition_matrix * pair_sums(fwd.filtered, bwd.v_next, layout, over_batch=True)
     # per step over the batch, then pairwise over time (both are 0 at padded steps)
