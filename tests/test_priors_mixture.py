@@ -215,3 +215,21 @@ def test_bad_mixture_and_gamma_priors_are_errors_that_name_the_argument():
     with pytest.raises(ValueError, match="GammaEmissions takes no emission prior; got DirichletPrior"):
         ssmjax.fit_em(chain, ys, prior=ssmjax.HMMPrior(emissions=ssmjax.DirichletPrior(2.0)))
     assert chain.num_parameters() == 2 * K * 1 + K - 1 + K * (K - 1)  # priors add no parameters
+
+
+def test_logsumexp_over_components_equals_jax():
+    """The mixture's log-sum-exp over its few components (elementwise over the M slices) equals
+    ``jax.scipy.special.logsumexp``: values, gradients, and rows with -inf entries or all -inf."""
+    from jax.scipy.special import logsumexp
+
+    from ssmjax._hmm.emissions.mixture import _logsumexp_components
+
+    x = np.random.default_rng(0).normal(size=(6, 5, 3)) * 30.0
+    x[0, 0, 1] = -np.inf
+    x[1, 2] = -np.inf
+    x = jnp.asarray(x)
+    np.testing.assert_allclose(_logsumexp_components(x), logsumexp(x, axis=-1), rtol=1e-14)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(6, 5)))
+    finite = jnp.where(jnp.isfinite(x), x, -5.0)
+    grad = jax.grad(lambda v: jnp.sum(weights * _logsumexp_components(v)))(finite)
+    np.testing.assert_allclose(grad, jax.grad(lambda v: jnp.sum(weights * logsumexp(v, axis=-1)))(finite), rtol=1e-13)

@@ -15,13 +15,13 @@ both are the posterior modes instead (a Dirichlet prior on the weights, a
 
 from __future__ import annotations
 
+import functools
 import typing
 from collections.abc import Set as AbstractSet
 from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import logsumexp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 from ... import _checks
@@ -51,6 +51,17 @@ class GaussianMixtureStats(NamedTuple):
 
     mixture_counts: Array
     components: PyTree[Array]
+
+
+def _logsumexp_components(x: Float[Array, "... M"]) -> Float[Array, "..."]:
+    """``logsumexp(x, axis=-1)`` over the few (static ``M``) components, as elementwise operations
+    on the ``M`` slices: XLA:CPU's reductions over a short minor axis are slow (the mixture's
+    log-likelihoods of 10^5 steps, K = 5, M = 2: 8.4 ms against 3.1 ms for its components'). The
+    shift carries no gradient, as in :func:`jax.nn.logsumexp`; all ``-inf`` gives ``-inf``."""
+    parts = [x[..., m] for m in range(x.shape[-1])]
+    peak = functools.reduce(jnp.maximum, parts)
+    shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
+    return jnp.log(functools.reduce(jnp.add, [jnp.exp(p - shift) for p in parts])) + shift
 
 
 @fast_compile_jit
@@ -158,7 +169,7 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
     def _mix(self, component_lls):
         """Per-state log-densities from the components' ``(..., K * M)`` (the last axis)."""
         shape = component_lls.shape[:-1] + (self.num_states, self.num_mix)
-        return logsumexp(component_lls.reshape(shape) + jax.nn.log_softmax(self.mixture_logits, axis=-1), axis=-1)
+        return _logsumexp_components(component_lls.reshape(shape) + jax.nn.log_softmax(self.mixture_logits, axis=-1))
 
     def log_prob(self, emission: Float[ArrayLike, " D"]) -> Float[Array, " K"]:
         return self._mix(self.components.log_prob(emission))
@@ -193,7 +204,7 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
         with _checks.value_checks(False):  # checked above
             component_lls = self.components._stacked_log_probs(filled, _missing(filled, mask))  # (N, K*M)
         joint = component_lls.reshape(n, self.num_states, self.num_mix) + jax.nn.log_softmax(self.mixture_logits, axis=-1)
-        within = jnp.exp(joint - logsumexp(joint, axis=-1, keepdims=True))  # r_nkm
+        within = jnp.exp(joint - _logsumexp_components(joint)[..., None])  # r_nkm
         within = jnp.where(jnp.isfinite(joint), within, 0.0)
         split = (weights[:, :, None] * within).reshape(n, -1)  # w_nk r_nkm
         return GaussianMixtureStats(
