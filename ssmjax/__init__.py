@@ -79,6 +79,10 @@ from ._hmm.emissions import TiedGaussianEmissions as TiedGaussianEmissions
 from ._markov import MarkovChain as MarkovChain
 from ._markov import markov_transition_counts as markov_transition_counts
 
+# --- batches of sequences of different lengths ---
+from ._padding import pad as pad
+from ._padding import unpad as unpad
+
 # --- saving and loading ---
 from ._io import load as load
 from ._io import load_metadata as load_metadata

@@ -24,6 +24,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 import ssmjax
+from ssmjax import _padding
 
 
 def float_dtype() -> np.dtype:
@@ -67,33 +68,14 @@ def check_lengths(lengths, n_samples: int) -> np.ndarray:
 
 
 def pad(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """``(B, max(lengths), ...)``: the concatenated sequences ``rows`` ``(n_samples, ...)`` as a batch.
-
-    Padding is zero, a valid value for every emission family (ssmjax ignores it anyway).
-
-    Example:
-        >>> import numpy as np
-        >>> from ssmjax.estimators._base import pad
-        >>> pad(np.arange(5.0)[:, None], np.array([3, 2]))[..., 0].tolist()
-        [[0.0, 1.0, 2.0], [3.0, 4.0, 0.0]]
-    """
-    out = np.zeros((len(lengths), int(lengths.max())) + rows.shape[1:], rows.dtype)
-    valid = np.arange(out.shape[1])[None, :] < lengths[:, None]
-    out[valid] = rows
-    return out
+    """``(B, max(lengths), ...)``: the concatenated sequences ``rows`` as a batch (:func:`ssmjax.pad`),
+    padded with zero, a valid value for every emission family (ssmjax ignores it anyway)."""
+    return _padding.pad(rows, lengths, fill=0)[0]
 
 
 def unpad(batch, lengths: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`pad`: the real steps of a ``(B, T, ...)`` batch, concatenated.
-
-    Example:
-        >>> import numpy as np
-        >>> from ssmjax.estimators._base import pad, unpad
-        >>> unpad(pad(np.arange(5), np.array([3, 2])), np.array([3, 2])).tolist()
-        [0, 1, 2, 3, 4]
-    """
-    batch = np.asarray(batch)
-    return batch[np.arange(batch.shape[1])[None, :] < lengths[:, None]]
+    """The real steps of a ``(B, T, ...)`` batch, concatenated (hmmlearn's layout)."""
+    return _padding.unpad(batch, lengths, concatenate=True)
 
 
 class FittedParameter:
