@@ -239,13 +239,20 @@ def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen, prior=No
         )
     if not isinstance(max_iters, (int, np.integer)) or max_iters < 1:
         raise ValueError(f"`max_iters` must be a positive int; got {max_iters!r}.")
-    if tol is not None and (not isinstance(tol, (int, float, np.integer, np.floating)) or not np.isfinite(tol) or tol < 0):
+    if tol is not None and not _non_negative_number(tol):
         raise ValueError(f"`tol` must be a non-negative number, or None to run every iteration; got {tol!r}.")
     frozen = check_frozen(model, frozen)
     model._check_em(frozen)
     model._check_prior(prior)
     emissions, lengths, inputs = model._check_batch(emissions, lengths, inputs)
     return emissions, lengths, inputs, int(max_iters), frozen, _batch_pattern(emissions, lengths)
+
+
+def _non_negative_number(value) -> bool:
+    """A finite real scalar at least 0 (Python, NumPy or JAX)."""
+    value = np.asarray(value)
+    return (value.ndim == 0 and (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating))
+            and bool(np.isfinite(value)) and bool(value >= 0))
 
 
 def _tol_array(tol):

@@ -61,6 +61,14 @@ Underflow
     (:mod:`ssmjax._hmm.recursion`), decided inside the compiled program by
     :func:`ssmjax._fallback.fallback` (a conditional that stays one under ``jax.vmap``);
     a sequence that is truly impossible under the model keeps its ``-inf``.
+
+Padding follows :mod:`ssmjax._hmm.inference`: steps ``t >= length`` get
+``ℓ_t = 0`` and identity transitions, through ``where`` before any arithmetic, so
+NaN/inf there reach neither values nor gradients.
+
+References:
+    S. S. Hassan, S. Särkkä and Á. F. García-Fernández, "Temporal parallelization
+    of inference in hidden Markov models", IEEE Trans. Signal Processing 69, 2021.
 """
 
 from __future__ import annotations
