@@ -156,6 +156,13 @@ def check_shape_options(
     raise ValueError(f"`{name}` must have shape {alternatives}{what}; got shape {_fmt_shape(shape)}.")
 
 
+def is_non_negative_number(value: object) -> bool:
+    """Whether ``value`` is a finite real scalar at least 0 (Python, NumPy or JAX; not a bool)."""
+    value = np.asarray(value)
+    real = np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)
+    return value.ndim == 0 and real and bool(np.isfinite(value)) and bool(value >= 0)
+
+
 def check_length(length: object, num_timesteps: int) -> jax.Array | None:
     """Validate ``length`` (None, a Python int or a scalar integer array).
 

@@ -23,7 +23,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Shaped
 
 from .. import _deprecation
-from .._checks import host_arrays, to_device, value_checks
+from .._checks import host_arrays, is_non_negative_number, to_device, value_checks
 from . import checkpoint as _checkpoint
 from . import progress as _progress
 from .compiler import fast_compile_jit
@@ -239,20 +239,13 @@ def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen, prior=No
         )
     if not isinstance(max_iters, (int, np.integer)) or max_iters < 1:
         raise ValueError(f"`max_iters` must be a positive int; got {max_iters!r}.")
-    if tol is not None and not _non_negative_number(tol):
+    if tol is not None and not is_non_negative_number(tol):
         raise ValueError(f"`tol` must be a non-negative number, or None to run every iteration; got {tol!r}.")
     frozen = check_frozen(model, frozen)
     model._check_em(frozen)
     model._check_prior(prior)
     emissions, lengths, inputs = model._check_batch(emissions, lengths, inputs)
     return emissions, lengths, inputs, int(max_iters), frozen, _batch_pattern(emissions, lengths)
-
-
-def _non_negative_number(value) -> bool:
-    """A finite real scalar at least 0 (Python, NumPy or JAX)."""
-    value = np.asarray(value)
-    return (value.ndim == 0 and (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating))
-            and bool(np.isfinite(value)) and bool(value >= 0))
 
 
 def _tol_array(tol):

@@ -24,7 +24,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 import ssmjax
-from ssmjax import _padding
+from ssmjax import _checks, _padding
 
 
 def float_dtype() -> np.dtype:
@@ -156,7 +156,7 @@ class BaseStateSpaceEstimator(BaseEstimator):
                 )
         if not isinstance(self.n_iter, numbers.Integral) or self.n_iter < 1:
             raise ValueError(f"`n_iter` must be a positive int; got {self.n_iter!r}.")
-        if self.tol is not None and (not isinstance(self.tol, numbers.Real) or not np.isfinite(self.tol) or self.tol < 0):
+        if self.tol is not None and not _checks.is_non_negative_number(self.tol):
             raise ValueError(f"`tol` must be a non-negative number (relative improvement), or None to run all "
                              f"`n_iter` iterations; got {self.tol!r}.")
 

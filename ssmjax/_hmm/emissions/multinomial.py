@@ -59,8 +59,6 @@ def _multinomial_log_prob(
 ) -> Float[Array, " K"]:
     observed, y = _observed_entries(emission)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    # y log p with 0 log 0 = 0 (structural zeros: log p = -inf)
-    y_log_p = jnp.where(observed & (y > 0), y * log_probs, 0.0)
     rest = num_trials - jnp.sum(jnp.where(observed, y, 0.0))  # trials falling in the missing categories
     # log of the missing categories' total probability; where they have none (no missing category,
     # or only structural zeros) a finite dummy enters the logsumexp, so that no gradient is NaN
@@ -68,8 +66,15 @@ def _multinomial_log_prob(
     has_mass = jnp.any(jnp.isfinite(missing_log_p), axis=-1, keepdims=True)
     log_p_rest = logsumexp(jnp.where(has_mass, missing_log_p, 0.0), axis=-1)
     rest_term = jnp.where(rest > 0, rest * jnp.where(has_mass[:, 0], log_p_rest, -jnp.inf), 0.0)
-    log_norm = gammaln(num_trials + 1.0) - jnp.sum(jnp.where(observed, gammaln(y + 1.0), 0.0)) - gammaln(rest + 1.0)
-    return log_norm + jnp.sum(y_log_p, axis=-1) + rest_term
+    return _counted_terms(log_probs, num_trials, y, observed) - gammaln(rest + 1.0) + rest_term
+
+
+def _counted_terms(log_probs: Float[Array, "K C"], num_trials: int, y: Float[Array, " C"], observed) -> Float[Array, " K"]:
+    """The terms of the observed counts, ``log n! - sum log y_c! + sum y_c log p_kc`` over the observed
+    categories (``observed``: a mask, or True), with 0 log 0 = 0 (structural zeros: log p = -inf);
+    with every count observed, the whole log-density."""
+    y_log_p = jnp.where(observed & (y > 0), y * log_probs, 0.0)
+    return gammaln(num_trials + 1.0) - jnp.sum(jnp.where(observed, gammaln(y + 1.0), 0.0)) + jnp.sum(y_log_p, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("num_states",))
@@ -160,11 +165,8 @@ class MultinomialEmissions(_AbstractProbabilityRows):
         return _multinomial_log_prob(self.logits, self.num_trials, self._float(emission))
 
     def _log_prob_observed(self, emission) -> Float[Array, " K"]:
-        # every count observed: no missing categories' share to sum (y log p with 0 log 0 = 0)
-        y = self._float(emission)
-        log_probs = jax.nn.log_softmax(self.logits, axis=-1)
-        log_norm = gammaln(self.num_trials + 1.0) - jnp.sum(gammaln(y + 1.0))
-        return log_norm + jnp.sum(jnp.where(y > 0, y * log_probs, 0.0), axis=-1)
+        # every count observed: no missing categories' share to sum
+        return _counted_terms(jax.nn.log_softmax(self.logits, axis=-1), self.num_trials, self._float(emission), True)
 
     def sample(self, state: Int[ArrayLike, ""], *, key: PRNGKeyArray) -> Real[Array, " C"]:
         draws = jax.random.categorical(key, self.logits[state], shape=(self.num_trials,))

@@ -44,6 +44,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Shaped
 
 from ... import _checks
 from ..._fit.compiler import fast_compile_jit
+from ..._padding import unpad
 from .base import AbstractExponentialFamilyEmissions, _at_real_steps, _check_weights, _keep_where_empty
 from .gaussian import _check_min_variance, _cholesky_field
 from .gaussian_ops import (
@@ -424,10 +425,9 @@ def _autoregressive_rows(emissions, inputs, num_lags: int, xp):
 
 def _pooled(rows, lengths):
     """The real steps of a padded batch of rows ``(B, T, C)``, pooled to ``(N, C)``."""
-    num_seq, steps = rows.shape[:2]
-    lengths = np.full(num_seq, steps) if lengths is None else _checks.host_copy(lengths)
-    keep = np.arange(steps)[None, :] < lengths[:, None]
-    return rows[keep]
+    if lengths is None:
+        return rows.reshape((-1,) + rows.shape[2:])
+    return unpad(rows, _checks.host_copy(lengths), concatenate=True)
 
 
 class AutoregressiveEmissions(LinearRegressionEmissions):
