@@ -175,6 +175,7 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "families.json"))
     args = parser.parse_args()
     num_seq, num_timesteps, num_iters = (10, 200, 10) if args.quick else (100, 1000, 50)
+    jax.block_until_ready(jax.random.key(0))  # the backend's start-up: the process's, not the first row's
     rows = []
     for family in args.families.split(","):
         ys = simulate(family, np.random.default_rng(0), num_seq, num_timesteps)

@@ -62,7 +62,7 @@ def hmm_start(family: str, pooled, num_states: int, key, num_classes: int | None
 
     import ssmjax
 
-    from ._hmm.initialise import FAMILIES, start_probs
+    from ._hmm.initialise import FAMILIES, start_log_probs
 
     defaults = {n: p.default for n, p in inspect.signature(ssmjax.HMM.from_data).parameters.items()}
     cls = FAMILIES[family]
@@ -70,8 +70,10 @@ def hmm_start(family: str, pooled, num_states: int, key, num_classes: int | None
         emissions = cls.from_data(pooled, num_states, num_classes, key=key)
     else:
         emissions = cls.from_data(pooled, num_states, key=key)
-    initial, transition = start_probs(num_states, defaults["structure"], defaults["max_jump"], defaults["stay_prob"])
-    return ssmjax.HMM(initial_probs=initial, transition_matrix=transition, emissions=emissions)
+    initial, transition = start_log_probs(
+        num_states, defaults["structure"], defaults["max_jump"], defaults["stay_prob"]
+    )
+    return ssmjax.HMM(initial_log_probs=initial, transition_log_probs=transition, emissions=emissions)
 
 
 def initial_hmms(key, num_states, emissions_type, restarts, start):

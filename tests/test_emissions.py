@@ -474,6 +474,22 @@ def test_value_errors_eager_and_under_jit():
         g(jnp.array([[-2.0]]))
 
 
+@pytest.mark.parametrize("family", [ssmjax.GaussianEmissions, ssmjax.TiedGaussianEmissions,
+                                    ssmjax.DiagonalGaussianEmissions, ssmjax.SphericalGaussianEmissions,
+                                    ssmjax.GaussianMixtureEmissions])
+def test_kmeans_start_without_a_covariance_is_an_error_not_nan(family):
+    """Constant data and no ridge leave k-means no covariance to factorise: an error, eagerly and under jit."""
+    constant = jnp.ones((10, 2))
+    message = r"`emissions` give no positive-definite covariance \(constant data with min_variance=0.0"
+    with pytest.raises(ValueError, match=message):
+        family.from_data(constant, 2, min_variance=0.0, key=jax.random.key(0))
+    start = eqx.filter_jit(lambda y: family.from_data(y, 2, min_variance=0.0, key=jax.random.key(0)))
+    with pytest.raises(eqx.EquinoxRuntimeError, match=message):
+        jax.block_until_ready(start(constant))
+    ridged = family.from_data(constant, 2, key=jax.random.key(0))  # the default ridge: a valid start
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(ridged))
+
+
 # --------------------------------------------------------------------------- user-defined family
 
 

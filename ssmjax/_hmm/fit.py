@@ -63,7 +63,8 @@ def checked_batch_inputs(model, inputs, num_seq, num_timesteps, mask):
         return None
     inputs = _checks.to_device(inputs)
     _checks.check_shape("inputs", inputs, (num_seq, num_timesteps, None), "a padded batch of input sequences")
-    flat = inputs.reshape((num_seq * num_timesteps,) + inputs.shape[2:])
+    _, host = _checks.host_arrays(inputs)  # a host reshape compiles nothing
+    flat = host.reshape((num_seq * num_timesteps,) + inputs.shape[2:])
     model._check_inputs(flat, num_seq * num_timesteps, mask.reshape(-1))
     return inputs
 

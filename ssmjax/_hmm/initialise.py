@@ -83,13 +83,14 @@ def from_data(cls, emissions, num_states, emissions_type, *, lengths, inputs, st
         emission_model = family.from_data(pooled, num_states, num_classes, key=key)
     else:
         emission_model = family.from_data(pooled, num_states, key=key)
-    initial, transition = start_probs(num_states, structure, max_jump, stay_prob)
-    return cls(initial_probs=initial, transition_matrix=transition, emissions=emission_model)
+    initial, transition = start_log_probs(num_states, structure, max_jump, stay_prob)
+    return cls(initial_log_probs=initial, transition_log_probs=transition, emissions=emission_model)
 
 
-def start_probs(num_states: int, structure: str, max_jump: int, stay_prob: float):
-    """``from_data``'s starting ``(initial_probs, transition_matrix)``, which do not depend on the data."""
-    dtype = jnp.result_type(float)
+def start_log_probs(num_states: int, structure: str, max_jump: int, stay_prob: float):
+    """``from_data``'s starting ``(initial_log_probs, transition_log_probs)``, which do not depend on
+    the data: NumPy constants of JAX's default float dtype (the model built from them compiles
+    nothing, where a ``log`` and a dtype conversion on the device each compiled a program)."""
     if structure == "ergodic":
         allowed = np.ones((num_states, num_states), bool)
         initial = np.full(num_states, 1.0 / num_states)
@@ -105,4 +106,6 @@ def start_probs(num_states: int, structure: str, max_jump: int, stay_prob: float
     moves = allowed.sum(1, keepdims=True) - 1
     transition = np.where(allowed, (1.0 - stay_prob) / np.maximum(moves, 1), 0.0)
     np.fill_diagonal(transition, np.where(moves[:, 0] > 0, stay_prob, 1.0))
-    return jnp.asarray(initial, dtype), jnp.asarray(transition, dtype)
+    dtype = np.dtype(jnp.result_type(float))
+    with np.errstate(divide="ignore"):  # structural zeros: log-probability -inf
+        return np.log(initial).astype(dtype), np.log(transition).astype(dtype)

@@ -249,7 +249,7 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
         """
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", "D"), "pooled 0/1 outcome vectors")
-        probe = cls(logits=jnp.zeros((num_states, emissions.shape[1])))
+        probe = cls(logits=np.zeros((num_states, emissions.shape[1]), jnp.result_type(float)))  # host: no compilation
         emissions = probe._float(probe.check_emissions(emissions))
         _check_some_observed(emissions)
         key = jax.random.key(0) if key is None else key

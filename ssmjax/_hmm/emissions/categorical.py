@@ -14,6 +14,7 @@ from typing import ClassVar, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Real, Shaped
 
@@ -223,7 +224,7 @@ class CategoricalEmissions(_AbstractProbabilityRows):
         """
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N",), "pooled integer symbols")
-        probe = cls(logits=jnp.zeros((num_states, num_classes)))
+        probe = cls(logits=np.zeros((num_states, num_classes), jnp.result_type(float)))
         observed, emissions = _observed_entries(probe.check_emissions(emissions))
         counts = jnp.zeros(num_classes).at[emissions.astype(jnp.int32)].add(observed.astype(float)) + 1.0
         freqs = counts / counts.sum()

@@ -15,6 +15,7 @@ from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import digamma, gammaln, polygamma
 from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
@@ -329,7 +330,8 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
         """
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", "D"), "pooled positive value vectors")
-        probe = cls(log_shapes=jnp.zeros((num_states, emissions.shape[1])), log_rates=jnp.zeros((num_states, emissions.shape[1])))
+        zeros = np.zeros((num_states, emissions.shape[1]), jnp.result_type(float))  # host: no compilation
+        probe = cls(log_shapes=zeros, log_rates=zeros)
         emissions = probe._float(probe.check_emissions(emissions))
         _check_some_observed(emissions)
         log_shapes, log_rates = _gamma_init(emissions, num_states)

@@ -19,7 +19,6 @@ observed ones and the state, so that EM maximises the likelihood of the observed
 from __future__ import annotations
 
 import abc
-import functools
 import typing
 from collections.abc import Set as AbstractSet
 from typing import ClassVar, Optional
@@ -33,6 +32,7 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 from ... import _checks, _deprecation
+from ..._fit.compiler import fast_compile_jit
 from .base import (
     _at_real_steps,
     AbstractExponentialFamilyEmissions,
@@ -51,7 +51,7 @@ from .gaussian_ops import (
     GaussianStats,
     _gaussian_diag_log_prob,
     _gaussian_full_log_prob,
-    _gaussian_init_program,
+    _gaussian_init,
     _gaussian_m_step,
     _gaussian_marginal_log_prob,
     _gaussian_missing_stats,
@@ -95,14 +95,19 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
     def _cov_param(self) -> Array:
         """The stored covariance parameter (what the M-step updates)."""
 
-    @abc.abstractmethod
     def _with_params(self, means, cov_param) -> "AbstractGaussianEmissions":
         """The same family with new means and stored covariance parameter."""
+        return self._from_cov_param(means, cov_param, self.min_variance)
 
     @classmethod
     @abc.abstractmethod
-    def _cov_from_full(cls, covs: Float[Array, "K D D"], counts: Float[Array, " K"]) -> Array:
-        """The constructor's covariance argument closest to per-state ``covs`` (weighted by ``counts``)."""
+    def _from_cov_param(cls, means, cov_param, min_variance: float) -> "AbstractGaussianEmissions":
+        """The model with these means and stored covariance parameter."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _cov_param_from_full(cls, covs: Float[Array, "K D D"], counts: Float[Array, " K"]) -> Array:
+        """The stored covariance parameter closest to per-state ``covs`` (weighted by ``counts``)."""
 
     @property
     def num_states(self) -> int:
@@ -228,7 +233,7 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         dtype = dtype or jnp.result_type(float)
         means = jax.random.normal(key, (num_states, emission_dim), dtype)
         eye = jnp.broadcast_to(jnp.eye(emission_dim, dtype=dtype), (num_states, emission_dim, emission_dim))
-        return cls(means, cls._cov_from_full(eye, jnp.ones(num_states, dtype)), min_variance=min_variance)
+        return cls._from_cov_param(means, cls._cov_param_from_full(eye, jnp.ones(num_states, dtype)), min_variance)
 
     @classmethod
     @_deprecation.key_last("GaussianEmissions.from_data", skip=1)
@@ -264,27 +269,51 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
             (3, 2)
         """
         cls = _family(cls, covariance_type, "from_data")
-        emissions = _checks.as_float_array("emissions", emissions)
-        _checks.check_shape("emissions", emissions, ("N", "D"), "pooled emission vectors")
-        n, d = emissions.shape
-        if n < num_states:
-            raise ValueError(f"`emissions` must hold at least num_states={num_states} rows; got {n}.")
-        xp, values = _checks.host_arrays(emissions)
-        emissions = _checks.check_values(emissions, xp.isinf(values), "`emissions` must be finite or NaN (missing).", at="emissions")
-        _check_some_observed(emissions)
-        missing = xp.isnan(values)
-        # missing entries take their dimension's mean: a starting point, not an estimate (traced: always applied)
-        if xp is not np or xp.any(missing):
-            emissions = _checks.to_device(xp.where(missing, xp.nanmean(values, axis=0), values)) if xp is np else (
-                jnp.where(missing, jnp.nanmean(emissions, axis=0), emissions))
-        centers, covs, counts = _gaussian_init_program(key, emissions, min_variance, num_states, num_iters)
-        return cls(centers, _reduced_covs(cls, covs, counts), min_variance=min_variance)
+        emissions = _kmeans_points(emissions, num_states)
+        model = _kmeans_start_program(cls, key, emissions, min_variance, num_states, num_iters)
+        return _factorised(model, model, min_variance)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _reduced_covs(cls, covs, counts):
-    """``cls._cov_from_full(covs, counts)`` as one compiled program (initialisers run eagerly)."""
-    return cls._cov_from_full(covs, counts)
+def _factorised(result, gaussian: AbstractGaussianEmissions, min_variance: float):
+    """``result``, checked that the k-means start ``gaussian`` in it has finite covariance storage (a
+    Cholesky factorisation or a logarithm fails on constant data without a ridge)."""
+    xp, cov_param = _checks.host_arrays(gaussian._cov_param())
+    return _checks.check_values(
+        result, ~xp.isfinite(cov_param),
+        f"`emissions` give no positive-definite covariance (constant data with min_variance={min_variance}?).",
+    )
+
+
+def _kmeans_points(emissions, num_states: int) -> Array:
+    """The pooled ``(N, D)`` emissions that k-means clusters, checked; a missing (NaN) entry takes its
+    dimension's mean."""
+    emissions = _checks.as_float_array("emissions", emissions)
+    _checks.check_shape("emissions", emissions, ("N", "D"), "pooled emission vectors")
+    if emissions.shape[0] < num_states:
+        raise ValueError(f"`emissions` must hold at least num_states={num_states} rows; got {emissions.shape[0]}.")
+    xp, values = _checks.host_arrays(emissions)
+    emissions = _checks.check_values(emissions, xp.isinf(values), "`emissions` must be finite or NaN (missing).", at="emissions")
+    _check_some_observed(emissions)
+    missing = xp.isnan(values)
+    # missing entries take their dimension's mean: a starting point, not an estimate (traced: always applied)
+    if xp is not np or xp.any(missing):
+        emissions = _checks.to_device(xp.where(missing, xp.nanmean(values, axis=0), values)) if xp is np else (
+            jnp.where(missing, jnp.nanmean(emissions, axis=0), emissions))
+    return emissions
+
+
+def _kmeans_start(cls, key, emissions, min_variance: float, num_states: int, num_iters: int):
+    """``cls.from_data``'s model from :func:`_kmeans_points`, traced: k-means centres, and cluster
+    covariances in the family's storage."""
+    centers, covs, counts = _gaussian_init(key, emissions, min_variance, num_states, num_iters)
+    with _checks.value_checks(False):  # a failed factorisation is checked on the result
+        return cls._from_cov_param(centers, cls._cov_param_from_full(covs, counts), min_variance)
+
+
+# One compiled program, the model's construction included: run op by op, the k-means seeding and
+# refinement compiled about 90 small programs (about 6 s on a 2-core CPU) and their loops again on
+# every call, and the storage's Cholesky factors or logarithms one program each.
+_kmeans_start_program = fast_compile_jit(_kmeans_start)
 
 
 def _family(cls, covariance_type: Optional[str], method: str):
@@ -473,12 +502,13 @@ class GaussianEmissions(_AbstractFullGaussian, metaclass=_FullOrDiagonal):
     def _cov_param(self) -> Array:
         return self.chol_covs
 
-    def _with_params(self, means, cov_param) -> "GaussianEmissions":
-        return GaussianEmissions(means, chol_covs=cov_param, min_variance=self.min_variance)
+    @classmethod
+    def _from_cov_param(cls, means, cov_param, min_variance) -> "GaussianEmissions":
+        return GaussianEmissions(means, chol_covs=cov_param, min_variance=min_variance)
 
     @classmethod
-    def _cov_from_full(cls, covs, counts):
-        return covs
+    def _cov_param_from_full(cls, covs, counts):
+        return _sym_cholesky(covs)
 
 
 class TiedGaussianEmissions(_AbstractFullGaussian):
@@ -536,12 +566,13 @@ class TiedGaussianEmissions(_AbstractFullGaussian):
     def _cov_param(self) -> Array:
         return self.chol_cov
 
-    def _with_params(self, means, cov_param) -> "TiedGaussianEmissions":
-        return TiedGaussianEmissions(means, chol_cov=cov_param, min_variance=self.min_variance)
+    @classmethod
+    def _from_cov_param(cls, means, cov_param, min_variance) -> "TiedGaussianEmissions":
+        return TiedGaussianEmissions(means, chol_cov=cov_param, min_variance=min_variance)
 
     @classmethod
-    def _cov_from_full(cls, covs, counts):
-        return jnp.einsum("k,kde->de", counts, covs) / jnp.sum(counts)
+    def _cov_param_from_full(cls, covs, counts):
+        return _sym_cholesky(jnp.einsum("k,kde->de", counts, covs) / jnp.sum(counts))
 
 
 class DiagonalGaussianEmissions(_AbstractDiagonalGaussian):
@@ -592,12 +623,13 @@ class DiagonalGaussianEmissions(_AbstractDiagonalGaussian):
     def _cov_param(self) -> Array:
         return self.log_variances
 
-    def _with_params(self, means, cov_param) -> "DiagonalGaussianEmissions":
-        return DiagonalGaussianEmissions(means, log_variances=cov_param, min_variance=self.min_variance)
+    @classmethod
+    def _from_cov_param(cls, means, cov_param, min_variance) -> "DiagonalGaussianEmissions":
+        return DiagonalGaussianEmissions(means, log_variances=cov_param, min_variance=min_variance)
 
     @classmethod
-    def _cov_from_full(cls, covs, counts):
-        return jnp.diagonal(covs, axis1=-2, axis2=-1)
+    def _cov_param_from_full(cls, covs, counts):
+        return jnp.log(jnp.diagonal(covs, axis1=-2, axis2=-1))
 
 
 class SphericalGaussianEmissions(_AbstractDiagonalGaussian):
@@ -653,12 +685,13 @@ class SphericalGaussianEmissions(_AbstractDiagonalGaussian):
     def _cov_param(self) -> Array:
         return self.log_variance
 
-    def _with_params(self, means, cov_param) -> "SphericalGaussianEmissions":
-        return SphericalGaussianEmissions(means, log_variance=cov_param, min_variance=self.min_variance)
+    @classmethod
+    def _from_cov_param(cls, means, cov_param, min_variance) -> "SphericalGaussianEmissions":
+        return SphericalGaussianEmissions(means, log_variance=cov_param, min_variance=min_variance)
 
     @classmethod
-    def _cov_from_full(cls, covs, counts):
-        return jnp.mean(jnp.diagonal(covs, axis1=-2, axis2=-1), axis=-1)
+    def _cov_param_from_full(cls, covs, counts):
+        return jnp.log(jnp.mean(jnp.diagonal(covs, axis1=-2, axis2=-1), axis=-1))
 
 
 def _checked_variances(variances, shape, dtype, what):

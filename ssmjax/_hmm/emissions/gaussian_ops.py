@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ..._fit.compiler import fast_compile_jit
 from .base import _keep_where_empty, _observed_entries
 
 
@@ -170,7 +169,7 @@ def _gaussian_diag_log_prob(means, log_variances, emissions, axis: int = -1):
 def _gaussian_init(key, emissions, min_variance, num_states: int, num_iters: int):
     """Centres, full covariances and cluster sizes of :meth:`AbstractGaussianEmissions.from_data`
     (each family reduces the covariances to its own type); traced inside the initialisers'
-    programs, or compiled on its own as :data:`_gaussian_init_program`."""
+    programs."""
     n, d = emissions.shape
     centers = _kmeans(key, emissions, num_states, num_iters)
     assign = jnp.argmin(_sq_dists(emissions, centers), axis=1)
@@ -185,10 +184,6 @@ def _gaussian_init(key, emissions, min_variance, num_states: int, num_iters: int
     covs = 0.5 * (covs + jnp.swapaxes(covs, -1, -2))
     return centers, covs, counts + prior
 
-
-# One compiled program: run op by op, the k-means seeding and refinement compiled about 90 small
-# programs (about 6 s on a 2-core CPU) and their loops again on every call.
-_gaussian_init_program = fast_compile_jit(_gaussian_init)
 
 
 def _sq_dists(x: Float[Array, "N D"], centers: Float[Array, "K D"]) -> Float[Array, "N K"]:

@@ -16,6 +16,7 @@ both are the posterior modes instead (a Dirichlet prior on the weights, a
 from __future__ import annotations
 
 import functools
+import math
 import typing
 from collections.abc import Set as AbstractSet
 from typing import ClassVar, NamedTuple
@@ -38,7 +39,7 @@ from .base import (
     _simplex_logits,
     softmax_rows,
 )
-from .gaussian import AbstractGaussianEmissions, DiagonalGaussianEmissions
+from .gaussian import AbstractGaussianEmissions, DiagonalGaussianEmissions, _factorised, _kmeans_points, _kmeans_start
 
 
 class GaussianMixtureStats(NamedTuple):
@@ -65,15 +66,19 @@ def _logsumexp_components(x: Float[Array, "... M"]) -> Float[Array, "..."]:
 
 
 @fast_compile_jit
-def _mixture_init(states: AbstractGaussianEmissions, key, spread, num_mix: int):
-    """Component means ``(K * M, D)`` and covariance argument of :meth:`GaussianMixtureEmissions.from_data`,
-    one compiled program."""
-    num_states, d = states.means.shape
-    eps = jax.random.normal(key, (num_states, num_mix, d), states.means.dtype)
+def _mixture_start(cls, family, key, emissions, spread, min_variance, num_states: int, num_mix: int, num_iters: int):
+    """:meth:`GaussianMixtureEmissions.from_data`'s model, one compiled program."""
+    key_states, key_spread = jax.random.split(key)
+    states = _kmeans_start(family, key_states, emissions, min_variance, num_states, num_iters)
+    d = states.emission_dim
+    eps = jax.random.normal(key_spread, (num_states, num_mix, d), states.means.dtype)
     means = states.means[:, None, :] + spread * jnp.sqrt(states.variances)[:, None, :] * eps
     covs = jnp.repeat(states.covs, num_mix, axis=0)  # (K*M, D, D), state-major
-    cov = type(states)._cov_from_full(covs, jnp.ones(num_states * num_mix, covs.dtype))
-    return means.reshape(num_states * num_mix, d), cov
+    cov_param = family._cov_param_from_full(covs, jnp.ones(num_states * num_mix, covs.dtype))
+    with _checks.value_checks(False):  # the states' covariances are checked on the result
+        components = family._from_cov_param(means.reshape(num_states * num_mix, d), cov_param, min_variance)
+        logits = jnp.full((num_states, num_mix), -math.log(num_mix), means.dtype)
+        return cls(mixture_logits=logits, components=components)
 
 
 class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
@@ -272,7 +277,8 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
     @typing.no_type_check
     def from_data(
         cls, emissions: Float[ArrayLike, "N D"], num_states: int, *, num_mix: int = 2,
-        family: type[AbstractGaussianEmissions] = DiagonalGaussianEmissions, spread: float = 0.5, key: PRNGKeyArray,
+        family: type[AbstractGaussianEmissions] = DiagonalGaussianEmissions, spread: float = 0.5,
+        num_iters: int = 10, min_variance: float = 1e-6, key: PRNGKeyArray,
     ) -> GaussianMixtureEmissions:
         r"""States by the family's k-means initialiser; each state's ``M`` components at its mean
         plus ``spread`` times its standard deviations times a standard normal draw, with the
@@ -284,6 +290,8 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
             num_mix: ``M``.
             family: the components' Gaussian class (default diagonal, as hmmlearn's GMMHMM).
             spread: how far the components start from their state's mean, in standard deviations.
+            num_iters: the states' Lloyd iterations (as the family's ``from_data``).
+            min_variance: the components' ridge (as the family's ``from_data``).
             key: PRNG key (keyword-only).
 
         Example:
@@ -292,8 +300,6 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.GaussianMixtureEmissions.from_data(ys, 2, num_mix=3, key=jax.random.key(0)).means.shape
             (2, 3, 2)
         """
-        key_states, key_spread = jax.random.split(key)
-        states = family.from_data(emissions, num_states, key=key_states)
-        means, cov = _mixture_init(states, key_spread, spread, num_mix)
-        components = family(means, cov, min_variance=states.min_variance)
-        return cls(mixture_logits=jnp.full((num_states, num_mix), -jnp.log(num_mix), means.dtype), components=components)
+        points = _kmeans_points(emissions, num_states)
+        model = _mixture_start(cls, family, key, points, spread, min_variance, num_states, num_mix, num_iters)
+        return _factorised(model, model.components, min_variance)

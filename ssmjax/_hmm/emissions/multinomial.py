@@ -258,7 +258,7 @@ class MultinomialEmissions(_AbstractProbabilityRows):
             if not complete.any():
                 raise ValueError("`emissions` has no step without a missing count; pass `num_trials`.")
             num_trials = int(values[complete][0].sum())
-        probe = cls(logits=jnp.zeros((num_states, emissions.shape[1])), num_trials=num_trials)
+        probe = cls(logits=np.zeros((num_states, emissions.shape[1]), jnp.result_type(float)), num_trials=num_trials)
         emissions = probe._float(probe.check_emissions(emissions))
         _check_some_observed(emissions)
         key = jax.random.key(0) if key is None else key

@@ -248,7 +248,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         """
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", "D"), "pooled count vectors")
-        probe = cls(log_rates=jnp.zeros((num_states, emissions.shape[1])))
+        probe = cls(log_rates=np.zeros((num_states, emissions.shape[1]), jnp.result_type(float)))
         emissions = probe._float(probe.check_emissions(emissions))
         _check_some_observed(emissions)
         return cls(log_rates=_poisson_init(emissions, num_states))

@@ -346,7 +346,7 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
         dtype = jnp.result_type(float)
         start = cls(
             weights=np.zeros((num_states, dim, num_covariates), dtype), biases=np.zeros((num_states, dim), dtype),
-            covs=np.broadcast_to(np.eye(dim, dtype=dtype), (num_states, dim, dim)), min_variance=min_variance, **extra,
+            chol_covs=np.broadcast_to(np.eye(dim, dtype=dtype), (num_states, dim, dim)), min_variance=min_variance, **extra,
         )
         with _checks.value_checks(False):  # rows checked by the caller
             return _initialise(start, _checks.to_device(rows.astype(dtype)), key)
