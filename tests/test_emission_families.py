@@ -489,6 +489,27 @@ def test_statistics_add_across_batches(fam):
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_batched_e_step_of_a_ragged_batch_equals_per_sequence_e_steps(fam):
+    """fit_em's time-major E-step (each family's own layout and reuse of its log-densities) against
+    the per-sequence E-step, over missing entries and valid-looking garbage in the padding."""
+    rng = np.random.default_rng(5)
+    hmm = ssmjax.HMM(jnp.asarray(rng.dirichlet(np.ones(K))), jnp.asarray(rng.dirichlet(np.ones(K), size=K)), fam.model(rng))
+    lengths = np.array([7, 4, 9])
+    ys = np.stack([fam.draw(rng, 9, missing=0.2) for _ in lengths])
+    padding = fam.draw(rng, 9)
+    for b, n in enumerate(lengths):
+        ys[b, n:] = padding[n:]
+    emissions, lens, _ = hmm._check_batch(jnp.asarray(ys), jnp.asarray(lengths), None)
+    stats, loglik = jax.jit(lambda m, y, n: m._batched_e_step(m._prepare_batch(y, n, None)))(hmm, emissions, lens)
+    per_seq = [hmm._e_step(emissions[b], lens[b], None) for b in range(len(lengths))]
+    want = jax.tree.map(lambda *s: sum(s), *[s for s, _ in per_seq])
+    assert jax.tree.structure(stats) == jax.tree.structure(want)
+    for got, expected in zip(jax.tree.leaves(stats), jax.tree.leaves(want)):
+        assert_allclose(got, expected)
+    assert_allclose(loglik, sum(ll for _, ll in per_seq))
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
 def test_em_on_samples_reaches_at_least_the_true_models_likelihood(fam):
     rng = np.random.default_rng(3)
     true = ssmjax.HMM(

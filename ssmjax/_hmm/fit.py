@@ -116,23 +116,17 @@ def batched_e_step(model, batch):
     (:meth:`~ssmjax.AbstractEmissions.joined`).
     Equal to summing :func:`e_step` over the batch, organised for speed: emission
     log-likelihoods come state-major ``(T, K, B)`` for all steps at once
-    (``_time_major_log_likelihoods``), forward-backward advances all sequences together
+    (``_time_major_terms``, whose by-products the family's statistics may reuse), forward-backward advances all sequences together
     (:func:`~ssmjax._hmm.rules.batch_smoother_stats`, the batch as the vectorised
     axis), and emission statistics are pooled over the ``T * B`` steps.
     """
     time_major, valid = batch
-    lls = model.emissions._time_major_log_likelihoods(time_major, valid)
+    lls, terms = model.emissions._time_major_terms(time_major, valid)
     smoothed, transitions, loglik = batch_smoother_stats(
         model.initial_probs, model.transition_matrix, lls, valid, fallback=not fast_e_step()
     )  # smoothed: (T, B, K), zero at padded steps
     if isinstance(model.emissions, AbstractExponentialFamilyEmissions):
-        num_timesteps, num_seq = valid.shape
-        flat_shape = (num_timesteps * num_seq,)
-        emission_stats = model.emissions.suff_stats(
-            time_major.reshape(flat_shape + time_major.shape[2:]),
-            smoothed.reshape(flat_shape + smoothed.shape[2:]),
-            valid.reshape(flat_shape),
-        )
+        emission_stats = model.emissions._time_major_stats(time_major, valid, smoothed, terms)
     else:
         emission_stats = None
     stats = {

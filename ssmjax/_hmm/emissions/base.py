@@ -434,6 +434,11 @@ class AbstractEmissions(eqx.Module):
         lls = jnp.swapaxes(lls.reshape(num_steps, num_seq, -1), 1, 2)
         return jnp.where(valid[:, None, :], lls, 0.0)
 
+    def _time_major_terms(self, emissions, valid: Bool[Array, "T B"]) -> tuple[Float[Array, "T K B"], PyTree]:
+        """:meth:`_time_major_log_likelihoods`, and what the family's statistics of the same batch
+        reuse of their computation (``None``: nothing; see ``_time_major_stats``)."""
+        return self._time_major_log_likelihoods(emissions, valid), None
+
     def log_prior(self, prior: PyTree | None) -> Float[Array, ""]:
         """``log p(parameters)`` under ``prior`` (:mod:`ssmjax._hmm.priors`); ``0`` for None.
 
@@ -577,6 +582,14 @@ class AbstractExponentialFamilyEmissions(AbstractEmissions):
         mask: Bool[ArrayLike, " N"] | None = None,
     ) -> PyTree[Array]:
         """Weighted sufficient statistics of pooled ``emissions`` ``(N, ...)``, ``weights`` ``(N, K)``."""
+
+    def _time_major_stats(self, emissions, valid: Bool[Array, "T B"], smoothed: Float[Array, "T B K"], terms):
+        """:meth:`suff_stats` of a time-major padded batch ``(T, B, ...)`` with weights ``smoothed``
+        (zero at padded steps), given ``terms`` from :meth:`_time_major_terms` on the same batch."""
+        flat = (valid.size,)
+        return self.suff_stats(
+            emissions.reshape(flat + emissions.shape[2:]), smoothed.reshape(flat + smoothed.shape[2:]), valid.reshape(flat)
+        )
 
     @abc.abstractmethod
     def m_step_from_stats(
