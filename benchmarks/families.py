@@ -9,8 +9,9 @@ sequences of T = 1000 steps, 50 EM iterations, no early stop), each from its own
 initialisation. "first" includes compilation (ssmjax's and dynamax's first call in this
 process), "compiled" is a second call with equal shapes; hmmlearn compiles nothing.
 
-    python benchmarks/families.py            # full sizes
-    python benchmarks/families.py --quick    # B = 10, T = 200, 10 iterations
+    python benchmarks/families.py               # full sizes
+    python benchmarks/families.py --repeats 3   # each time the median over 3 processes
+    python benchmarks/families.py --quick       # B = 10, T = 200, 10 iterations
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 
@@ -168,16 +171,11 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--families", default="bernoulli,multinomial,spherical,tied,gamma,gmm,linreg,arhmm,logreg,poisreg")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "families.json"))
-    args = parser.parse_args()
-    num_seq, num_timesteps, num_iters = (10, 200, 10) if args.quick else (100, 1000, 50)
+def measure(families, num_seq, num_timesteps, num_iters):
+    """One row per family: each library's first and second call, interleaved in this process."""
     jax.block_until_ready(jax.random.key(0))  # the backend's start-up: the process's, not the first row's
     rows = []
-    for family in args.families.split(","):
+    for family in families:
         ys = simulate(family, np.random.default_rng(0), num_seq, num_timesteps)
         row = {"family": family}
         for name, fn in (("ssmjax", run_ssmjax), ("dynamax", run_dynamax)):
@@ -191,11 +189,48 @@ def main():
         row["hmmlearn"] = None if result is None else {"first_s": round(t, 3)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if not args.quick:
+    return rows
+
+
+def median_rows(runs):
+    """Each cell of the rows of several processes, as its median (first calls vary run to run on a
+    shared machine by up to a third)."""
+    def cell(values):
+        if values[0] is None:
+            return None
+        return {key: round(statistics.median(v[key] for v in values), 3) for key in values[0]}
+
+    return [{"family": rows[0]["family"], **{lib: cell([r[lib] for r in rows]) for lib in ("ssmjax", "dynamax", "hmmlearn")}}
+            for rows in zip(*runs)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--families", default="bernoulli,multinomial,spherical,tied,gamma,gmm,linreg,arhmm,logreg,poisreg")
+    parser.add_argument("--repeats", type=int, default=1, help="fresh processes; each time is the median over them")
+    parser.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # a child of --repeats
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "families.json"))
+    args = parser.parse_args()
+    num_seq, num_timesteps, num_iters = (10, 200, 10) if args.quick else (100, 1000, 50)
+    families = args.families.split(",")
+    if args.repeats == 1:
+        rows = measure(families, num_seq, num_timesteps, num_iters)
+    else:
+        child = [sys.executable, os.path.abspath(__file__), "--families", args.families, "--rows-only"]
+        runs = []
+        for r in range(args.repeats):
+            print(f"process {r + 1} of {args.repeats}", flush=True)
+            out = subprocess.run(child + (["--quick"] if args.quick else []), check=True, capture_output=True, text=True)
+            runs.append([json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")])
+            print("\n".join(json.dumps(row) for row in runs[-1]), flush=True)
+        rows = median_rows(runs)
+    if not (args.quick or args.rows_only):
         from _common import record, write_record
 
         write_record(args.out, record(("jax", "jaxlib", "equinox", "numpy", "dynamax", "hmmlearn"),
-                                      dict(K=K, B=num_seq, T=num_timesteps, iters=num_iters), rows))
+                                      dict(K=K, B=num_seq, T=num_timesteps, iters=num_iters, repeats=args.repeats), rows))
+
 
 if __name__ == "__main__":
     main()
