@@ -50,6 +50,10 @@ from ._lgssm.inference import lgssm_sample_posterior as lgssm_sample_posterior
 from ._lgssm.inference import lgssm_sample as lgssm_sample
 from ._lgssm.inference import lgssm_forecast as lgssm_forecast
 from ._lgssm.inference import lgssm_strategy as lgssm_strategy
+from ._lgssm.online import KalmanPredictResult as KalmanPredictResult
+from ._lgssm.online import KalmanUpdateResult as KalmanUpdateResult
+from ._lgssm.online import kalman_predict as kalman_predict
+from ._lgssm.online import kalman_update as kalman_update
 from ._lgssm.strategy import KalmanStrategy as KalmanStrategy
 from ._lgssm.joint import lgssm_log_joint as lgssm_log_joint
 from ._lgssm.joint import lgssm_posterior_entropy as lgssm_posterior_entropy

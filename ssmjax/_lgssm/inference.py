@@ -85,16 +85,9 @@ def _filter_standard(
 
     def _step(carry, x):
         mean, cov, loglik = carry
-        q, m = params.at(x["t"]), x["mask"]
-        C, R = step.masked_emission(q, m, eye_y)
-        f_cov, half_logdet, factors = step.update_cov(cov, C, R, ops)
-        f_mean, z = step.update_mean(mean, factors, jnp.where(m, x["y"] - step.predicted_emission(q, C, mean, ops), 0.0), ops)
-        nobs = jnp.sum(m).astype(dtype)
-        ll = -0.5 * jnp.sum(z * z) - half_logdet - 0.5 * nobs * _LOG_2PI
-        # predict x_{t+1}
-        A, Q, offset = step.transition(q, x["valid_next"], has_length)
-        p_mean = step.predict_mean(f_mean, A, offset, ops)
-        p_cov = step.predict_cov(f_cov, A, Q, ops)
+        q = params.at(x["t"])
+        f_mean, f_cov, ll, factors, z = step.update(q, mean, cov, x["y"], x["mask"], eye_y, ops)
+        p_mean, p_cov = step.predict(q, f_mean, f_cov, x["valid_next"], has_length, ops)  # x_{t+1}
         # factors and z leave the scan apart: under jax.vmap with a shared model the factors stay unbatched
         return (p_mean, p_cov, loglik + ll), (mean, cov, f_mean, f_cov, factors, z)
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from .canonical import LOG_2PI
 from .small import symmetrize
 
 
@@ -93,3 +94,19 @@ def predict_mean(f_mean, A, offset, ops):
     """``A m + offset`` (``offset`` may be ``None``)."""
     mean = ops.mv(A, f_mean)
     return mean if offset is None else mean + offset
+
+
+def update(q, pred_mean, pred_cov, y, m, eye_y, ops):
+    r"""One whole update: ``(f_mean, f_cov, loglik, factors, z)`` from the predicted moments and the
+    observed entries ``m`` of ``y`` (both halves, and :math:`\log p(y_t \mid y_{1:t-1})` over them)."""
+    C, R = masked_emission(q, m, eye_y)
+    f_cov, half_logdet, factors = update_cov(pred_cov, C, R, ops)
+    f_mean, z = update_mean(pred_mean, factors, jnp.where(m, y - predicted_emission(q, C, pred_mean, ops), 0.0), ops)
+    nobs = jnp.sum(m).astype(y.dtype)
+    return f_mean, f_cov, -0.5 * jnp.sum(z * z) - half_logdet - 0.5 * nobs * LOG_2PI, factors, z
+
+
+def predict(q, f_mean, f_cov, valid_next, has_length, ops):
+    """One whole prediction: ``(p_mean, p_cov)`` of the next step from the filtered moments."""
+    A, Q, offset = transition(q, valid_next, has_length)
+    return predict_mean(f_mean, A, offset, ops), predict_cov(f_cov, A, Q, ops)
