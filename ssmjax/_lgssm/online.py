@@ -12,7 +12,10 @@ sequence reproduces :func:`ssmjax.kalman_filter`::
         filtered = kalman_update(model, mean, cov, y, inputs=u[t])
 
 Both take a time-invariant model (time-varying fields have no "current step" here) in the covariance
-form, and both are differentiable and run under ``jit`` and ``vmap``.
+form, and both are differentiable and run under ``jit`` and ``vmap``. Called from Python, each call
+checks its arguments and the model, then runs its compiled program: a predict-update pair takes about
+1.7 ms on a 2-core CPU (1.0 ms under ``ssmjax.value_checks(False)``; pykalman's ``filter_update``:
+0.3 ms). Where that matters, the steps go inside ``jax.lax.scan`` or ``jax.jit``.
 """
 
 from __future__ import annotations
