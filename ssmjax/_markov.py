@@ -75,8 +75,8 @@ def _check_states(
 
 def _check_lengths(lengths, batch_size: int, num_timesteps: int) -> jax.Array:
     if lengths is None:
-        return jnp.asarray(np.full((batch_size,), num_timesteps, np.int32))
-    lengths = jnp.asarray(lengths)
+        return _checks.to_device(np.full((batch_size,), num_timesteps, np.int32))
+    lengths = _checks.to_device(lengths)
     _checks.check_shape("lengths", lengths, (batch_size,), "one length per sequence")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"`lengths` must hold integers; got dtype {lengths.dtype}.")
@@ -105,7 +105,7 @@ def _counts(
 
 
 def _prepare_batch(states, lengths, num_states):
-    states = jnp.asarray(states)
+    states = _checks.to_device(states)
     _checks.check_shape("states", states, ("B", "T"), "a batch of state sequences (use states[None] for one)")
     if not jnp.issubdtype(states.dtype, jnp.integer):
         raise ValueError(f"`states` must hold integer states; got dtype {states.dtype}.")
@@ -285,7 +285,7 @@ class MarkovChain(eqx.Module):
             >>> round(float(chain.marginal_loglik(jnp.array([0, 1, 7]), length=2)), 6)  # log(0.5 * 0.1)
             -2.995732
         """
-        states = jnp.asarray(states)
+        states = _checks.to_device(states)
         _checks.check_shape("states", states, ("T",), "one state sequence; use jax.vmap for a batch")
         if not jnp.issubdtype(states.dtype, jnp.integer):
             raise ValueError(f"`states` must hold integer states; got dtype {states.dtype}.")
@@ -294,7 +294,7 @@ class MarkovChain(eqx.Module):
             raise ValueError("`states` must have at least one time step; got shape (0,).")
         length = _checks.check_length(length, num_timesteps)
         if length is None:
-            length = jnp.asarray(np.int32(num_timesteps))
+            length = _checks.to_device(np.int32(num_timesteps))
         xp, length_v = _checks.host_arrays(length)
         valid = xp.arange(num_timesteps) < length_v
         states = _check_states("states", states, self.num_states, valid)
@@ -380,21 +380,27 @@ class MarkovChain(eqx.Module):
         trans_c = pseudo_counts if transition_pseudo_counts is None else transition_pseudo_counts
         init_c = _as_pseudo_counts("initial_pseudo_counts", init_c, (num_states,), dtype)
         trans_c = _as_pseudo_counts("transition_pseudo_counts", trans_c, (num_states, num_states), dtype)
-        initial, trans = _counts(states, lengths, num_states, dtype)
-        return cls(_normalise_rows(initial + init_c), _normalise_rows(trans + trans_c))
+        return cls(*_fitted_probs(states, lengths, init_c, trans_c, num_states, dtype))
 
 
 def _as_pseudo_counts(name: str, value, shape: tuple[int, ...], dtype) -> jax.Array:
-    arr = _checks.as_float_array(name, value, dtype)
+    xp = _checks.host_namespace(value)  # on the host: checked and broadcast without compiling anything
+    arr = np.asarray(value, dtype) if xp is np else _checks.as_float_array(name, value, dtype)
     try:
-        arr = jnp.broadcast_to(arr, shape)
+        arr = xp.broadcast_to(arr, shape)
     except ValueError as err:
         raise ValueError(
             f"`{name}` must be a scalar or broadcastable to shape {shape}; got shape {tuple(arr.shape)}."
         ) from err
-    xp, values = _checks.host_arrays(arr)
-    bad = (values < 0) | ~xp.isfinite(values)
-    return _checks.check_values(arr, bad, f"`{name}` must be finite and non-negative.")
+    arr = _checks.check_values(arr, (arr < 0) | ~xp.isfinite(arr), f"`{name}` must be finite and non-negative.")
+    return _checks.to_device(arr)
+
+
+@functools.partial(jax.jit, static_argnames=("num_states", "dtype"))
+def _fitted_probs(states, lengths, initial_pseudo_counts, transition_pseudo_counts, num_states: int, dtype):
+    """The maximum a posteriori ``(initial_probs, transition_matrix)`` of :meth:`MarkovChain.fit`, one program."""
+    initial, trans = _counts(states, lengths, num_states, dtype)
+    return _normalise_rows(initial + initial_pseudo_counts), _normalise_rows(trans + transition_pseudo_counts)
 
 
 @jax.jit
