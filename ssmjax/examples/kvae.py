@@ -44,10 +44,13 @@ iterations. The smoother then imputes :math:`a_t = C_t\, E[z_t \mid a_{\text{obs
 which is decoded.
 
 Run a training from the command line (defaults are the small CPU configuration of
-``notebooks/05_kalman_vae.ipynb``; ``--full`` is the larger one, meant for a GPU)::
+``notebooks/05_kalman_vae.ipynb``; ``--full`` is the larger one, meant for a GPU; ``--save`` keeps the
+weights, ``--init`` continues from them)::
 
     python -m ssmjax.examples.kvae --steps 3000
     python -m ssmjax.examples.kvae --full
+    python -m ssmjax.examples.kvae --steps 40000 --sequences 10000 --batch-size 64 \
+        --warmup-steps 3000 --reconstruction-weight 0.3 --save kvae.eqx
 """
 
 from __future__ import annotations
@@ -479,6 +482,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--drop-probability", type=float, default=0.5, help="for the random-drop task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="larger run for a GPU: 10000 sequences, 20000 steps, batch 64")
+    parser.add_argument("--save", default=None, help="write the trained weights here (equinox.tree_serialise_leaves)")
+    parser.add_argument("--init", default=None, help="start from weights written by --save (a fresh schedule)")
     args = parser.parse_args(argv)
     if args.full:
         args.steps, args.sequences, args.batch_size = 20000, 10000, 64
@@ -488,6 +493,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     test = bouncing_ball(k_test, 256, args.timesteps)
     observed = drop_frames(k_mask, 256, args.timesteps, gap=args.gap)
     model = KalmanVAE(k_model)
+    if args.init:
+        model = eqx.tree_deserialise_leaves(args.init, model)
     start = time.perf_counter()
     model, losses = train(
         k_train, model, data, num_steps=args.steps, batch_size=args.batch_size,
@@ -495,6 +502,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         reconstruction_weight=args.reconstruction_weight, warmup_steps=args.warmup_steps,
     )
     seconds = time.perf_counter() - start
+    if args.save:
+        eqx.tree_serialise_leaves(args.save, model)  # read back with eqx.tree_deserialise_leaves(path, KalmanVAE(key))
     print(f"device {jax.devices()[0].device_kind}; {args.steps} steps in {seconds:.1f} s")
     print(f"negative ELBO per frame: first 50 steps {np.mean(losses[:50]):.2f}, last 50 {np.mean(losses[-50:]):.2f}")
     tasks = {
