@@ -379,8 +379,8 @@ def families_table(d):
         _header(d),
         "",
         f"K = {st['K']}, B = {st['B']}, T = {st['T']}, {st['iters']} iterations, float32; each library from its own "
-        "initialisation, interleaved in one process; first call = initialisation + fit, compilation included (s)"
-        + (f"; medians over {st['repeats']} processes." if st.get("repeats", 1) > 1 else "."),
+        "initialisation; first call = initialisation + fit, compilation included (s)"
+        + (f"; median of {st['repeats']} processes." if st.get("repeats", 1) > 1 else "."),
         "",
         "| family | ssmjax first / compiled | dynamax first / compiled | × dynamax | hmmlearn | × hmmlearn |",
         "|---|---|---|---|---|---|",
