@@ -49,14 +49,14 @@ weights, ``--init`` continues from them)::
 
     python -m ssmjax.examples.kvae --steps 3000
     python -m ssmjax.examples.kvae --full
-    python -m ssmjax.examples.kvae --steps 40000 --sequences 10000 --batch-size 64 \
-        --warmup-steps 3000 --reconstruction-weight 0.3 --save kvae.eqx
+    python -m ssmjax.examples.kvae --pretrained     # evaluate the shipped weights (see pretrained)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import pathlib
 import time
 from typing import Optional
 
@@ -78,6 +78,8 @@ __all__ = [
     "drop_frames",
     "imputation_error",
     "last_frame_baseline",
+    "pretrained",
+    "train_pretrained",
 ]
 
 
@@ -423,6 +425,36 @@ def train(
     return model, losses
 
 
+# --------------------------------------------------------------------------- the shipped weights
+
+PRETRAINED_PATH = pathlib.Path(__file__).with_name("kvae_bouncing_ball.eqx")
+PRETRAINED_SEQUENCES = 10000
+# train()'s settings for the shipped weights: 26 minutes on the 2-core CPU of benchmarks/README.md
+PRETRAINED_TRAINING = dict(num_steps=40000, batch_size=64, warmup_steps=3000, reconstruction_weight=0.3)
+
+
+def _seed_keys(seed: int):
+    """``(k_data, k_test, k_mask, k_model, k_train)``: the keys of :func:`main` and notebook 05."""
+    return jax.random.split(jax.random.key(seed), 5)
+
+
+def train_pretrained(seed: int = 0, progress: bool = True) -> KalmanVAE:
+    """Train the weights that :func:`pretrained` loads: :func:`train` with :data:`PRETRAINED_TRAINING`
+    on :data:`PRETRAINED_SEQUENCES` bouncing-ball videos of 20 frames, with the keys of :func:`main`;
+    the same as ``python -m ssmjax.examples.kvae --sequences 10000 --batch-size 64 --steps 40000
+    --warmup-steps 3000 --reconstruction-weight 0.3 --save kvae_bouncing_ball.eqx``."""
+    k_data, _, _, k_model, k_train = _seed_keys(seed)
+    data = bouncing_ball(k_data, PRETRAINED_SEQUENCES, 20)
+    return train(k_train, KalmanVAE(k_model), data, progress=progress, **PRETRAINED_TRAINING)[0]
+
+
+def pretrained() -> KalmanVAE:
+    """The Kalman VAE shipped with ssmjax (``kvae_bouncing_ball.eqx``, 1.2 MB), made by
+    :func:`train_pretrained` with seed 0. Its imputation errors on the 256 test videos of notebook 05:
+    ``python -m ssmjax.examples.kvae --pretrained``."""
+    return eqx.tree_deserialise_leaves(PRETRAINED_PATH, KalmanVAE(jax.random.key(0)))
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -484,28 +516,31 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--full", action="store_true", help="larger run for a GPU: 10000 sequences, 20000 steps, batch 64")
     parser.add_argument("--save", default=None, help="write the trained weights here (equinox.tree_serialise_leaves)")
     parser.add_argument("--init", default=None, help="start from weights written by --save (a fresh schedule)")
+    parser.add_argument("--pretrained", action="store_true", help="no training: evaluate the shipped weights")
     args = parser.parse_args(argv)
     if args.full:
         args.steps, args.sequences, args.batch_size = 20000, 10000, 64
-    key = jax.random.key(args.seed)
-    k_data, k_test, k_mask, k_model, k_train = jax.random.split(key, 5)
-    data = bouncing_ball(k_data, args.sequences, args.timesteps)
+    k_data, k_test, k_mask, k_model, k_train = _seed_keys(args.seed)
     test = bouncing_ball(k_test, 256, args.timesteps)
     observed = drop_frames(k_mask, 256, args.timesteps, gap=args.gap)
-    model = KalmanVAE(k_model)
-    if args.init:
-        model = eqx.tree_deserialise_leaves(args.init, model)
-    start = time.perf_counter()
-    model, losses = train(
-        k_train, model, data, num_steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, estimator=args.estimator,
-        reconstruction_weight=args.reconstruction_weight, warmup_steps=args.warmup_steps,
-    )
-    seconds = time.perf_counter() - start
-    if args.save:
-        eqx.tree_serialise_leaves(args.save, model)  # read back with eqx.tree_deserialise_leaves(path, KalmanVAE(key))
-    print(f"device {jax.devices()[0].device_kind}; {args.steps} steps in {seconds:.1f} s")
-    print(f"negative ELBO per frame: first 50 steps {np.mean(losses[:50]):.2f}, last 50 {np.mean(losses[-50:]):.2f}")
+    if args.pretrained:
+        model = pretrained()
+    else:
+        data = bouncing_ball(k_data, args.sequences, args.timesteps)
+        model = KalmanVAE(k_model)
+        if args.init:
+            model = eqx.tree_deserialise_leaves(args.init, model)
+        start = time.perf_counter()
+        model, losses = train(
+            k_train, model, data, num_steps=args.steps, batch_size=args.batch_size,
+            learning_rate=args.learning_rate, estimator=args.estimator,
+            reconstruction_weight=args.reconstruction_weight, warmup_steps=args.warmup_steps,
+        )
+        seconds = time.perf_counter() - start
+        if args.save:
+            eqx.tree_serialise_leaves(args.save, model)  # read back with eqx.tree_deserialise_leaves(path, KalmanVAE(key))
+        print(f"device {jax.devices()[0].device_kind}; {args.steps} steps in {seconds:.1f} s")
+        print(f"negative ELBO per frame: first 50 steps {np.mean(losses[:50]):.2f}, last 50 {np.mean(losses[-50:]):.2f}")
     tasks = {
         f"a run of {args.gap} missing frames": observed,
         f"frames dropped with probability {args.drop_probability}": drop_frames(
