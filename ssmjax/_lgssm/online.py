@@ -31,7 +31,7 @@ from . import step
 from .canonical import _canonical
 from .params import AbstractLGSSM, model_dims, validate_shapes
 from .small import choose_ops
-from .validate import _validate
+from .validate import _validate, _value_check_model
 
 
 class KalmanUpdateResult(eqx.Module):
@@ -202,7 +202,7 @@ def kalman_predict(
     model = _checked_model(model, "kalman_predict")
     mean, cov = _checked_moments(model, filtered_mean, filtered_cov, "filtered_mean", "filtered_cov")
     inputs = _checked_step_inputs(model, inputs, "the inputs of the step predicted")
-    model = _validate(model, jnp.zeros((1, model_dims(model)[1])), None if inputs is None else inputs[None], None)[0]
+    model = _value_check_model(model)  # shapes checked by _checked_model, the inputs above
     with _checks.value_checks(False):  # checked above
         # the transition into step 1 of a two-step window reads u_1
         return _predict(model, mean, cov, None if inputs is None else jnp.stack([inputs, inputs]))
