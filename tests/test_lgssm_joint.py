@@ -49,6 +49,21 @@ def test_posterior_entropy_matches_dense_posterior(name):
     assert_allclose(ssmjax.lgssm_posterior_entropy(post), _dense_entropy(params, y, u), jnp.float64)
 
 
+def test_log_joint_and_entropy_above_the_unrolled_sizes():
+    # Dy = 9 and 2 Dx = 10 exceed the unrolled-ops limit (8): the densities go through LAPACK
+    rng = np.random.default_rng(3)
+    T = 4
+    params = make_params(rng, 5, 9, T, None, True, True)
+    y = rng.normal(size=(T, 9))
+    y[1, :4] = np.nan
+    y[2] = np.nan
+    model = to_model(params)
+    states = rng.normal(size=(T, 5))
+    assert_allclose(ssmjax.lgssm_log_joint(model, states, y), _dense_log_joint(params, states, y, None), jnp.float64)
+    post = ssmjax.rts_smoother(model, y)
+    assert_allclose(ssmjax.lgssm_posterior_entropy(post), _dense_entropy(params, y, None), jnp.float64)
+
+
 def test_log_joint_plus_entropy_is_unbiased_for_marginal_loglik():
     # E_q[log p(y, x)] + H[q] = log p(y) for the exact posterior q; the Monte Carlo average
     # over posterior draws must agree within a few standard errors.

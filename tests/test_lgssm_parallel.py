@@ -285,17 +285,19 @@ def test_single_step_on_one_cpu():
 _DEADLOCK_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "lapack_deadlock.py")
 
 
-@pytest.mark.parametrize("task", ["filter", "smoother"])
+@pytest.mark.parametrize("task", ["filter", "smoother", "gradient", "path-density"])
 def test_vmapped_library_path_does_not_deadlock(task):
-    """Regression: with jaxlib 0.10.2 a jitted ``vmap`` of the parallel filter at Dx > 8 (LAPACK path) hung
-    XLA:CPU when two independent batched LAPACK calls ran at once on its 2-thread pool. Runs
-    ``benchmarks/lapack_deadlock.py`` in a child with a watchdog (it exits 3 on a stalled call). Mutation
-    checks: with the combine's two solves made separate calls again, 4 of 4 runs hung at the first call;
-    with the smoother's ``_joint_cholesky_solves`` split into two Cholesky chains, the smoother case
-    failed in 4 of 4 runs (the equal-to-sequential tests still pass then)."""
-    cmd = [sys.executable, _DEADLOCK_SCRIPT, "--calls", "8", "--watchdog", "20", "--first-watchdog", "90"]
-    if task == "smoother":
-        cmd.append("--smoother")
+    """Regression: with jaxlib 0.10.2 a jitted ``vmap`` of the parallel filter at Dx > 8 (LAPACK path), and
+    one of ``lgssm_log_joint`` plus ``lgssm_posterior_entropy`` over posterior draws, hung XLA:CPU when
+    independent batched LAPACK calls ran at once on its 2-thread pool. Runs ``benchmarks/lapack_deadlock.py``
+    in a child with a watchdog (it exits 3 on a stalled call). Mutation checks: with the combine's two
+    solves made separate calls again, 4 of 4 runs hung at the first call; with the smoother's
+    ``_joint_cholesky_solves`` split into two Cholesky chains, the smoother case failed in 4 of 4 runs;
+    with the log joint's three densities solved separately, path-density hung at the second call in
+    3 of 3 runs; with ``jnp.linalg.cholesky`` / ``jax.scipy.linalg.solve_triangular`` in ``GeneralOps``
+    instead of ``ssmjax._linalg``, gradient hung in 2 of 3 runs (the oracle tests pass in every one of
+    these; ``tests/test_linalg.py`` checks the compiled program's LAPACK calls deterministically)."""
+    cmd = [sys.executable, _DEADLOCK_SCRIPT, "--task", task, "--calls", "8", "--watchdog", "20", "--first-watchdog", "90"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("ok:"), (proc.returncode, proc.stdout, proc.stderr[-3000:])

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
-from .. import _deprecation
+from .. import _deprecation, _linalg
 from . import diffuse, steady, step, strategy
 from .canonical import LOG_2PI as _LOG_2PI
 from .canonical import KalmanParams, _canonical, _dtype
@@ -128,7 +128,7 @@ def _filter_sqrt(
         q, m = factored.at(x["t"]), x["mask"]
         C, R = step.masked_emission(q, m, eye_y)
         resid = jnp.where(m, x["y"] - step.predicted_emission(q, C, mean, ops), 0.0)
-        chol_r = jnp.linalg.cholesky(R)
+        chol_r = _linalg.cholesky(R)
         pre = jnp.block([[chol_r, ops.mm(C, chol_p)], [zeros_yx, chol_p]])
         post = _tria(pre)
         chol_s = post[:dy, :dy]
@@ -144,7 +144,7 @@ def _filter_sqrt(
         return (p_mean, chol_pp, loglik + ll), (mean, chol_p, f_mean, chol_f)
 
     xs = dict(t=jnp.arange(ys.shape[0]), y=ys, mask=mask, valid_next=valid_next)
-    init = (params.initial_mean, jnp.linalg.cholesky(params.initial_cov), jnp.zeros((), dtype))
+    init = (params.initial_mean, _linalg.cholesky(params.initial_cov), jnp.zeros((), dtype))
     (_, _, loglik), (pm, chol_pc, fm, chol_fc) = jax.lax.scan(_step, init, xs)
     return loglik, fm, chol_fc, pm, chol_pc, chol_q
 

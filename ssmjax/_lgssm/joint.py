@@ -31,18 +31,47 @@ from .canonical import _canonical
 from .results import RTSSmootherResult
 from .validate import _validate
 from .params import AbstractLGSSM, model_dims
-from .small import matmul_precision
+from .small import choose_ops, matmul_precision
 
 
 __all__ = ["lgssm_log_joint", "lgssm_posterior_entropy"]
 
 
-def _mvn_logpdf(resid: Float[Array, "*B D"], cov: Float[Array, "*B D D"]) -> Float[Array, "*B"]:
-    """log N(resid; 0, cov) through a Cholesky factor (cov positive definite)."""
-    chol = jnp.linalg.cholesky(cov)
-    white = jax.scipy.linalg.solve_triangular(chol, resid[..., None], lower=True)[..., 0]
-    half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-    return -0.5 * jnp.sum(white**2, axis=-1) - half_logdet - 0.5 * resid.shape[-1] * _LOG_2PI
+def _gaussian_terms(
+    resid: Float[Array, "N D"], cov: Float[Array, "N D D"]
+) -> tuple[Float[Array, " N"], Float[Array, " N"]]:
+    """``(|L^{-1} r|^2, log det L)`` per row, with ``L L^T = cov`` (positive definite).
+
+    Callers stack all their densities into one call: one Cholesky-and-solve chain per program.
+    Two batched LAPACK calls that XLA may run at once can deadlock XLA:CPU with jaxlib 0.10.2
+    (see ``GeneralOps.lu_solve_both``), and under a ``jax.vmap`` over draws or sequences with a
+    shared model these solves have the whole batch as right-hand sides, which is when the
+    library splits them across the thread pool. Small sizes need no library call at all.
+    """
+    d = cov.shape[-1]
+    log_diag, white = choose_ops(d, d).cholesky_solve_lower(cov, resid[..., None])
+    return jnp.sum(white[..., 0] ** 2, axis=-1), jnp.sum(log_diag, axis=-1)
+
+
+def _padded(resid: Float[Array, "N d"], cov: Float[Array, "N d d"], size: int):
+    """Embed d-dimensional densities in ``size`` dimensions (zero residual, unit variance there),
+    which leaves the whitened norm and the log-determinant unchanged."""
+    extra = size - resid.shape[-1]
+    if extra == 0:
+        return resid, cov
+    num = resid.shape[0]
+    resid = jnp.concatenate([resid, jnp.zeros((num, extra), resid.dtype)], axis=-1)
+    cov = jnp.concatenate(
+        [
+            jnp.concatenate([cov, jnp.zeros((num, cov.shape[-1], extra), cov.dtype)], axis=-1),
+            jnp.concatenate(
+                [jnp.zeros((num, extra, cov.shape[-1]), cov.dtype), jnp.broadcast_to(jnp.eye(extra, dtype=cov.dtype), (num, extra, extra))],
+                axis=-1,
+            ),
+        ],
+        axis=-2,
+    )
+    return resid, cov
 
 
 def _per_step(a, static_ndim: int, num: int):
@@ -69,22 +98,26 @@ def _log_joint_impl(
     mm = lambda a, v: jnp.matmul(a, v[..., None], precision=matmul_precision())[..., 0]  # noqa: E731
 
     # x_1 ~ N(m0, P0)
-    total = _mvn_logpdf(x[0] - params.initial_mean, params.initial_cov)
+    resids = [(x[0] - params.initial_mean)[None]]
+    covs = [params.initial_cov[None]]
 
     # x_{t+1} | x_t ~ N(A_t x_t + f_t, Q_t) for real transitions
     if num_timesteps > 1:
         vn: Bool[Array, " T-1"] = valid_next[: num_timesteps - 1]
         A = _per_step(params.transition_matrix, 2, num_timesteps - 1)
         Q = _per_step(params.transition_cov, 2, num_timesteps - 1)
-        eye_x = jnp.eye(dx, dtype=dtype)
-        Q = jnp.where(vn[:, None, None], Q, eye_x)
+        Q = jnp.where(vn[:, None, None], Q, jnp.eye(dx, dtype=dtype))
         mean = mm(A, x[:-1])
         if params.transition_offset is not None:
             mean = mean + _per_step(params.transition_offset, 1, num_timesteps - 1)
-        resid = jnp.where(vn[:, None], x[1:] - mean, 0.0)
-        total = total + jnp.sum(jnp.where(vn, _mvn_logpdf(resid, Q), 0.0))
+        resids.append(jnp.where(vn[:, None], x[1:] - mean, 0.0))
+        covs.append(Q)
+        counted = jnp.concatenate([jnp.ones((1,), bool), vn])
+    else:
+        counted = jnp.ones((1,), bool)
 
-    # y_t | x_t ~ N(C_t x_t + e_t, R_t) on the observed entries of real steps
+    # y_t | x_t ~ N(C_t x_t + e_t, R_t) on the observed entries of real steps; each unobserved
+    # entry is a unit-variance dummy with zero residual and no normalising constant
     dy = ys.shape[-1]
     C = _per_step(params.emission_matrix, 2, num_timesteps)
     R = _per_step(params.emission_cov, 2, num_timesteps)
@@ -93,9 +126,17 @@ def _log_joint_impl(
         mean_y = mean_y + _per_step(params.emission_offset, 1, num_timesteps)
     resid_y = jnp.where(mask, ys - mean_y, 0.0)
     R = jnp.where(mask[:, :, None] & mask[:, None, :], R, jnp.eye(dy, dtype=dtype))
-    # each unobserved entry is a unit-variance dummy with zero residual: remove its -log(2 pi)/2
-    missing = jnp.sum(~mask, axis=-1).astype(dtype)
-    total = total + jnp.sum(_mvn_logpdf(resid_y, R) + 0.5 * missing * _LOG_2PI)
+
+    size = max(dx, dy)
+    state_part = _padded(jnp.concatenate(resids), jnp.concatenate(covs), size)
+    emission_part = _padded(resid_y, R, size)
+    quad, half_logdet = _gaussian_terms(
+        jnp.concatenate([state_part[0], emission_part[0]]), jnp.concatenate([state_part[1], emission_part[1]])
+    )
+    logpdf = -0.5 * quad - half_logdet
+    total = jnp.sum(jnp.where(counted, logpdf[:num_timesteps] - 0.5 * dx * _LOG_2PI, 0.0))
+    observed = jnp.sum(mask, axis=-1).astype(dtype)
+    total = total + jnp.sum(logpdf[num_timesteps:] - 0.5 * observed * _LOG_2PI)
     return total
 
 
@@ -175,7 +216,11 @@ def _entropy_impl(
     # H = H(x_L) + sum_{t < L} H(x_t | x_{t+1}) for the Markov posterior; the conditional
     # covariance is the Schur complement S_t - X_t S_{t+1}^{-1} X_t^T, taken from the
     # Cholesky factor of the joint covariance of the pair (x_{t+1}, x_t).
-    joint_logdet = jnp.zeros((), dtype)
+    # The last state's covariance rides in the same batch of Cholesky factors as the pairs
+    # (embedded with a unit block below it): one factorisation call per program (see
+    # _gaussian_terms). Its log-diagonal sums to log det S_L / 2.
+    s_last = smoothed_covs[last]
+    mats = _padded(jnp.zeros((1, dx), dtype), (0.5 * (s_last + s_last.T))[None], 2 * dx)[1]
     if num_timesteps > 1:
         s_next = smoothed_covs[1:]
         cross = smoothed_cross_covs  # Cov(x_t, x_{t+1})
@@ -188,15 +233,16 @@ def _entropy_impl(
         )
         real = jnp.arange(num_timesteps - 1) < last
         pair = jnp.where(real[:, None, None], pair, jnp.eye(2 * dx, dtype=dtype))
-        chol = jnp.linalg.cholesky(0.5 * (pair + jnp.swapaxes(pair, -1, -2)))
-        # log det of the conditional block = 2 * sum log diag of the lower-right Cholesky block
-        cond_logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)[:, dx:]), axis=-1)
-        joint_logdet = jnp.sum(jnp.where(real, cond_logdet, 0.0))
+        mats = jnp.concatenate([0.5 * (pair + jnp.swapaxes(pair, -1, -2)), mats])
         num_terms = last.astype(dtype) if length is not None else jnp.asarray(num_timesteps - 1, dtype)
     else:
+        real = jnp.zeros((0,), bool)
         num_terms = jnp.zeros((), dtype)
-    s_last = smoothed_covs[last]
-    last_logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(0.5 * (s_last + s_last.T)))))
+    chol = choose_ops(2 * dx, 2 * dx).cholesky(mats)
+    log_diag = jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1))
+    # log det of a conditional block = 2 * sum log diag of the lower-right Cholesky block
+    joint_logdet = 2.0 * jnp.sum(jnp.where(real, jnp.sum(log_diag[:-1, dx:], axis=-1), 0.0))
+    last_logdet = 2.0 * jnp.sum(log_diag[-1])
     return 0.5 * (joint_logdet + last_logdet) + 0.5 * dx * (num_terms + 1.0) * (1.0 + _LOG_2PI)
 
 

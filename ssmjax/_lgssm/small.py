@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
+
+from .. import _linalg
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -43,7 +44,12 @@ def symmetrize(m):
 
 
 class GeneralOps:
-    """Library (BLAS/LAPACK) implementations; batched over leading axes."""
+    """Library (BLAS/LAPACK) implementations; batched over leading axes.
+
+    Factorisations and triangular solves go through :mod:`ssmjax._linalg`, which sends a single
+    matrix to LAPACK and a stack of matrices (what ``jax.vmap`` and the derivative rules make of
+    per-sequence covariances) to XLA's own operations: batched LAPACK calls can deadlock XLA:CPU.
+    """
 
     name = "general"
 
@@ -57,23 +63,23 @@ class GeneralOps:
 
     @staticmethod
     def cholesky(s):
-        return jnp.linalg.cholesky(s)
+        return _linalg.cholesky(s)
 
     @staticmethod
     def solve_lower(chol, b):
         """``chol^{-1} b`` for lower-triangular ``chol`` and matrix ``b``."""
-        return jsl.solve_triangular(chol, b, lower=True)
+        return _linalg.solve_triangular(chol, b)
 
     @staticmethod
     def solve_lower_t(chol, b):
         """``chol^{-T} b``."""
-        return jsl.solve_triangular(chol, b, lower=True, trans="T")
+        return _linalg.solve_triangular(chol, b, trans="T")
 
     @staticmethod
     def cholesky_solve_lower(s, b):
         """``(log diag(L), L^{-1} b)`` with ``L L^T = s``: the filter's factor-and-solve."""
-        chol = jnp.linalg.cholesky(s)
-        return jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), jsl.solve_triangular(chol, b, lower=True)
+        chol = _linalg.cholesky(s)
+        return jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), _linalg.solve_triangular(chol, b)
 
     @staticmethod
     def lu_solve_both(X, rhs, rhs_t):
@@ -85,7 +91,7 @@ class GeneralOps:
         intra-op thread pool and block until they finish, so when as many such calls run at once as the
         pool has threads (two on a 2-core machine), every thread waits for chunks that no thread is free
         to run. The vmapped parallel filter hung that way in about half of the runs; see
-        ``benchmarks/README.md``. Factorising X^T again costs one more small LU per combination.
+        ``benchmarks/lapack_deadlock.py``. Factorising X^T again costs one more small LU per combination.
         """
         width, width_t = rhs.shape[-1], rhs_t.shape[-1]
         m = max(width, width_t)
