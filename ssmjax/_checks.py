@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _linalg
+
 _VALUE_CHECKS: bool = os.environ.get("SSMJAX_VALUE_CHECKS", "1").strip().lower() not in (
     "0",
     "false",
@@ -277,7 +279,7 @@ def cholesky_fails(xp, sym) -> "jax.Array | bool":
             return not np.all(np.isfinite(np.linalg.cholesky(sym)))
         except np.linalg.LinAlgError:
             return True
-    return jnp.any(~jnp.isfinite(jnp.linalg.cholesky(sym)))
+    return jnp.any(~jnp.isfinite(_linalg.cholesky(sym)))  # one matrix per LAPACK call (see _linalg)
 
 
 class _FirstPosition(Sequence[str]):
