@@ -3,19 +3,19 @@
 With jaxlib 0.10.2, XLA:CPU's LAPACK kernels split a stack of matrices into chunks on the
 intra-op thread pool and block until the chunks finish. When as many such calls run at once as
 the pool has threads (two on a 2-core machine), every thread waits for chunks that no thread is
-free to run, and the program hangs. ``jax.vmap`` reaches this easily: the gradient of a vmapped
-Kalman filter at Dx > 8 with per-sequence covariances hung at its first call, because the
-derivative rules of ``cholesky`` and ``triangular_solve`` make several independent solves over
-the whole batch in each step (``benchmarks/lapack_deadlock.py --task gradient``).
+free to run, and the program hangs. ``jax.vmap`` reaches this easily: the derivative rules of
+``cholesky`` and ``triangular_solve`` make several independent solves over the whole batch in each
+step of a vmapped Kalman filter with per-sequence covariances
+(``benchmarks/lapack_deadlock.py --task gradient``).
 
 The two primitives here choose their lowering from the operand shapes. A single matrix (one
 sequence, or a model shared by a vmapped batch, whose batch becomes right-hand-side columns) is
-one LAPACK call, as before. A stack of matrices is a loop of single-matrix LAPACK calls, which
-cannot split and so cannot block: 1.3-1.6x the time of the batched call on CPU, measured on the
-vmapped filter, sampler and posterior entropy at Dx = 12 (XLA's own ``cholesky`` and
-``triangular_solve`` operations, the other deadlock-free choice, took 2-11x). Other platforms
-lower as :mod:`jax.lax.linalg` does. The derivative rules are :mod:`jax.lax.linalg`'s, written
-with these primitives, so gradients (of any order) keep the same guarantee.
+one LAPACK call. A stack of matrices is a loop of single-matrix LAPACK calls, which cannot split
+and so cannot block; it costs a loop step per matrix, where XLA's own ``cholesky`` and
+``triangular_solve`` operations (the other deadlock-free choice) are several times slower on CPU.
+Other platforms lower as :mod:`jax.lax.linalg` does. The derivative rules are
+:mod:`jax.lax.linalg`'s, written with these primitives, so gradients of any order keep the same
+guarantee.
 """
 
 from __future__ import annotations

@@ -42,11 +42,9 @@ def _gaussian_terms(
 ) -> tuple[Float[Array, " N"], Float[Array, " N"]]:
     """``(|L^{-1} r|^2, log det L)`` per row, with ``L L^T = cov`` (positive definite).
 
-    Callers stack all their densities into one call: one Cholesky-and-solve chain per program.
-    Two batched LAPACK calls that XLA may run at once can deadlock XLA:CPU with jaxlib 0.10.2
-    (see ``GeneralOps.lu_solve_both``), and under a ``jax.vmap`` over draws or sequences with a
-    shared model these solves have the whole batch as right-hand sides, which is when the
-    library splits them across the thread pool. Small sizes need no library call at all.
+    Callers stack all their densities into this one call. Up to size 8 it is unrolled arithmetic
+    (no library call: the Kalman VAE's objective over thousands of vmapped draws), above that
+    :class:`GeneralOps`, whose stacks never make a batched LAPACK call (see :mod:`ssmjax._linalg`).
     """
     d = cov.shape[-1]
     log_diag, white = choose_ops(d, d).cholesky_solve_lower(cov, resid[..., None])
@@ -65,7 +63,10 @@ def _padded(resid: Float[Array, "N d"], cov: Float[Array, "N d d"], size: int):
         [
             jnp.concatenate([cov, jnp.zeros((num, cov.shape[-1], extra), cov.dtype)], axis=-1),
             jnp.concatenate(
-                [jnp.zeros((num, extra, cov.shape[-1]), cov.dtype), jnp.broadcast_to(jnp.eye(extra, dtype=cov.dtype), (num, extra, extra))],
+                [
+                    jnp.zeros((num, extra, cov.shape[-1]), cov.dtype),
+                    jnp.broadcast_to(jnp.eye(extra, dtype=cov.dtype), (num, extra, extra)),
+                ],
                 axis=-1,
             ),
         ],
@@ -216,9 +217,9 @@ def _entropy_impl(
     # H = H(x_L) + sum_{t < L} H(x_t | x_{t+1}) for the Markov posterior; the conditional
     # covariance is the Schur complement S_t - X_t S_{t+1}^{-1} X_t^T, taken from the
     # Cholesky factor of the joint covariance of the pair (x_{t+1}, x_t).
-    # The last state's covariance rides in the same batch of Cholesky factors as the pairs
-    # (embedded with a unit block below it): one factorisation call per program (see
-    # _gaussian_terms). Its log-diagonal sums to log det S_L / 2.
+    # The last state's covariance rides in the same stack of Cholesky factors as the pairs
+    # (embedded with a unit block below it), one factorisation as in _gaussian_terms; its
+    # log-diagonal sums to log det S_L / 2.
     s_last = smoothed_covs[last]
     mats = _padded(jnp.zeros((1, dx), dtype), (0.5 * (s_last + s_last.T))[None], 2 * dx)[1]
     if num_timesteps > 1:

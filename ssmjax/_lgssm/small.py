@@ -46,9 +46,10 @@ def symmetrize(m):
 class GeneralOps:
     """Library (BLAS/LAPACK) implementations; batched over leading axes.
 
-    Factorisations and triangular solves go through :mod:`ssmjax._linalg`, which sends a single
-    matrix to LAPACK and a stack of matrices (what ``jax.vmap`` and the derivative rules make of
-    per-sequence covariances) to XLA's own operations: batched LAPACK calls can deadlock XLA:CPU.
+    Factorisations and triangular solves go through :mod:`ssmjax._linalg`: on CPU a single matrix
+    is one LAPACK call and a stack of matrices (what ``jax.vmap`` and the derivative rules make of
+    per-sequence covariances) one LAPACK call per matrix, since batched LAPACK calls running at
+    once can deadlock XLA:CPU.
     """
 
     name = "general"
