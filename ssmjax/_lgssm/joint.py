@@ -44,7 +44,7 @@ def _gaussian_terms(
 
     Callers stack all their densities into this one call. Up to size 8 it is unrolled arithmetic
     (no library call: the Kalman VAE's objective over thousands of vmapped draws), above that
-    :class:`GeneralOps`, whose stacks never make a batched LAPACK call (see :mod:`ssmjax._linalg`).
+    ``GeneralOps``, whose stacks never make a batched LAPACK call (see :mod:`ssmjax._linalg`).
     """
     d = cov.shape[-1]
     log_diag, white = choose_ops(d, d).cholesky_solve_lower(cov, resid[..., None])
