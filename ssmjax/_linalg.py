@@ -37,31 +37,35 @@ def _num_matrices(aval) -> int:
 
 # --------------------------------------------------------------------------- Cholesky
 
-_cholesky_p = Primitive("ssmjax_cholesky")
-_cholesky_p.def_impl(lambda x: jax.lax.linalg.cholesky(x, symmetrize_input=False))  # eager: one call, nothing concurrent
-_cholesky_p.def_abstract_eval(lambda x: x.update(shape=x.shape, dtype=x.dtype))
+def _one_at_a_time(fn, *operands, **params):
+    """``fn`` over the stacked matrices of ``operands`` (equal leading axes), one matrix per call."""
+    lead = operands[0].shape[:-2]
+    flat = [x.reshape((-1,) + x.shape[-2:]) for x in operands]
+    out = jax.lax.map(lambda xs: fn(*xs, **params), flat)
+    return out.reshape(lead + out.shape[-2:])
+
+
+def _register(primitive, library_fn):
+    """Eager calls and non-CPU platforms use ``library_fn`` (:mod:`jax.lax.linalg`) as it is; on CPU a
+    stack of matrices (the first operand's leading axes) is one ``library_fn`` call per matrix."""
+
+    def cpu_lowering(ctx, *operands, **params):
+        whole = _num_matrices(ctx.avals_in[0]) <= 1
+        fn = library_fn if whole else functools.partial(_one_at_a_time, library_fn)
+        return mlir.lower_fun(functools.partial(fn, **params), False)(ctx, *operands)
+
+    primitive.def_impl(library_fn)  # eager: a single call, nothing runs beside it
+    mlir.register_lowering(primitive, cpu_lowering, platform="cpu")
+    mlir.register_lowering(primitive, mlir.lower_fun(library_fn, False))
 
 
 def _lapack_cholesky(s):
     return jax.lax.linalg.cholesky(s, symmetrize_input=False)
 
 
-def _one_at_a_time(fn, *operands):
-    """``fn`` over the stacked matrices of ``operands`` (equal leading axes), one matrix per call."""
-    lead = operands[0].shape[:-2]
-    flat = [x.reshape((-1,) + x.shape[-2:]) for x in operands]
-    out = jax.lax.map(lambda xs: fn(*xs), flat)
-    return out.reshape(lead + out.shape[-2:])
-
-
-def _cholesky_lowering_cpu(ctx, x):
-    if _num_matrices(ctx.avals_in[0]) <= 1:
-        return mlir.lower_fun(_lapack_cholesky, False)(ctx, x)
-    return mlir.lower_fun(lambda s: _one_at_a_time(_lapack_cholesky, s), False)(ctx, x)
-
-
-mlir.register_lowering(_cholesky_p, _cholesky_lowering_cpu, platform="cpu")
-mlir.register_lowering(_cholesky_p, mlir.lower_fun(_lapack_cholesky, False))
+_cholesky_p = Primitive("ssmjax_cholesky")
+_cholesky_p.def_abstract_eval(lambda x: x.update(shape=x.shape, dtype=x.dtype))
+_register(_cholesky_p, _lapack_cholesky)
 
 
 def _cholesky_batch(args, dims):
@@ -94,25 +98,13 @@ def cholesky(x: jax.Array) -> jax.Array:
 
 # --------------------------------------------------------------------------- triangular solve
 
-_solve_p = Primitive("ssmjax_solve_triangular")  # solve op(a) x = b, a lower triangular, op = id or transpose
-_solve_p.def_impl(lambda a, b, *, transpose: jax.lax.linalg.triangular_solve(
-    a, b, left_side=True, lower=True, transpose_a=transpose))
-_solve_p.def_abstract_eval(lambda a, b, *, transpose: b.update(shape=b.shape, dtype=b.dtype))
-
-
 def _lapack_solve(a, b, *, transpose):
     return jax.lax.linalg.triangular_solve(a, b, left_side=True, lower=True, transpose_a=transpose)
 
 
-def _solve_lowering_cpu(ctx, a, b, *, transpose):
-    if _num_matrices(ctx.avals_in[0]) <= 1:
-        return mlir.lower_fun(_lapack_solve, False)(ctx, a, b, transpose=transpose)
-    one = functools.partial(_lapack_solve, transpose=transpose)
-    return mlir.lower_fun(functools.partial(_one_at_a_time, one), False)(ctx, a, b)
-
-
-mlir.register_lowering(_solve_p, _solve_lowering_cpu, platform="cpu")
-mlir.register_lowering(_solve_p, mlir.lower_fun(_lapack_solve, False))
+_solve_p = Primitive("ssmjax_solve_triangular")  # solve op(a) x = b, a lower triangular, op = id or transpose
+_solve_p.def_abstract_eval(lambda a, b, *, transpose: b.update(shape=b.shape, dtype=b.dtype))
+_register(_solve_p, _lapack_solve)
 
 
 def _solve_batch(args, dims, *, transpose):  # an unmapped operand has dimension None
@@ -124,22 +116,16 @@ def _solve_batch(args, dims, *, transpose):  # an unmapped operand has dimension
         shape = b.shape
         x = _solve_p.bind(a, b.reshape(shape[:-2] + (shape[-2] * shape[-1],)), transpose=transpose)
         return x.reshape(shape), len(shape) - 1
+    # a stack of matrices: the batch leads both operands (solve_triangular gave them equal leading axes)
     a = jnp.moveaxis(a, da, 0)
-    if db is None:
-        b = jnp.broadcast_to(b, (a.shape[0],) + b.shape)
-    else:
-        b = jnp.moveaxis(b, db, 0)
-    # equal leading (batch) axes for both operands
-    lead = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a = jnp.broadcast_to(a, lead + a.shape[-2:])
-    b = jnp.broadcast_to(b, lead + b.shape[-2:])
+    b = jnp.broadcast_to(b, (a.shape[0],) + b.shape) if db is None else jnp.moveaxis(b, db, 0)
     return _solve_p.bind(a, b, transpose=transpose), 0
 
 
 batching.primitive_batchers[_solve_p] = _solve_batch
 
 
-def _solve_jvp_a(a_dot, x, a, b, *, transpose):
+def _solve_jvp_a(a_dot, x, a, *, transpose):
     # op(a) x = b  =>  op(a) dx = -op(da) x
     a_dot = jnp.tril(a_dot)
     op_a_dot = jnp.swapaxes(a_dot, -1, -2) if transpose else a_dot
@@ -154,7 +140,7 @@ def _solve_jvp(primals, tangents, *, transpose):
     if type(b_dot) is not ad.Zero:
         out = _solve_p.bind(a, b_dot, transpose=transpose)
     if type(a_dot) is not ad.Zero:
-        term = _solve_jvp_a(a_dot, x, a, b, transpose=transpose)
+        term = _solve_jvp_a(a_dot, x, a, transpose=transpose)
         out = term if out is None else out + term
     if out is None:
         out = ad.Zero.from_primal_value(x)
