@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,8 @@ from ssmjax.examples import kvae
 TINY = kvae.KVAEConfig(image_size=6, a_dim=2, z_dim=3, num_matrices=2, hidden=8, rnn_hidden=4)
 
 
-def _tiny_model(dtype=jnp.float64, seed=0):
-    model = kvae.KalmanVAE(jax.random.key(seed), TINY, dtype=dtype)
+def _tiny_model(dtype=jnp.float64, seed=0, config=TINY):
+    model = kvae.KalmanVAE(jax.random.key(seed), config, dtype=dtype)
     # non-trivial base matrices so every path carries gradient
     k1, k2 = jax.random.split(jax.random.key(seed + 100))
     return eqx.tree_at(
@@ -186,13 +187,62 @@ def test_imputation_equals_the_sequential_scheme():
     model = _tiny_model()
     frames = _tiny_frames(9)
     observed = jnp.array([True, True, False, True, False, False, True, False, False])
-    got = eqx.filter_jit(model.impute)(frames, observed)
+    got = eqx.filter_jit(model.impute)(frames, observed, weights="sequential")
     assert_allclose(got["a"], _sequential_imputation(model, frames, observed), jnp.float64)
     assert got["probs"].shape == frames.shape
     # observed frames are their own reconstructions
     mean, _ = model.encode(frames)
     recon = jax.nn.sigmoid(model.decode_logits(mean))
     assert_allclose(got["probs"][observed], recon[observed], jnp.float64)
+
+
+def _log_density(model, a):
+    return ssmjax.kalman_filter(model.lgssm(model.mixture_weights(a)), a).marginal_loglik
+
+
+def test_most_probable_completion_with_one_base_matrix_is_the_conditional_mean():
+    """With K = 1 the weights are constant and the encodings jointly Gaussian: the completion of highest
+    density is the conditional mean of the missing rows, C_t E[z_t | a_obs], from any start."""
+    model = _tiny_model(config=dataclasses.replace(TINY, num_matrices=1))
+    frames = _tiny_frames(9)
+    observed = jnp.array([True, True, False, True, False, False, True, False, True])
+    mean, _ = model.encode(frames)
+    lgssm = model.lgssm(model.mixture_weights(mean))
+    z = ssmjax.rts_smoother(lgssm, jnp.where(observed[:, None], mean, jnp.nan)).smoothed_means
+    want = jnp.where(observed[:, None], mean, jnp.einsum("tij,tj->ti", lgssm.emission_matrix, z))
+    starts = jnp.where(observed[:, None], mean, jnp.stack([jnp.zeros_like(mean), 3.0 + mean[::-1]]))
+    got = eqx.filter_jit(model.most_probable_completion)(mean, observed, starts, iterations=40)
+    # an optimiser's answer: equal to the closed form to its convergence, far below the starts' distance
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    assert float(jnp.max(jnp.abs(starts[0] - want))) > 0.1
+
+
+def test_most_probable_completion_is_a_stationary_point_above_its_starts():
+    model = _tiny_model()  # K = 2: the density is not Gaussian in the missing rows
+    frames = _tiny_frames(9)
+    observed = jnp.array([True, True, True, False, False, False, True, True, True])
+    mean, _ = model.encode(frames)
+    starts = jnp.where(observed[:, None], mean, jnp.stack([jnp.zeros_like(mean), kvae._interpolated(mean, observed)]))
+    got = eqx.filter_jit(model.most_probable_completion)(mean, observed, starts, iterations=40)
+    np.testing.assert_array_equal(got[observed], mean[observed])
+    best_start = max(float(_log_density(model, s)) for s in starts)
+    assert float(_log_density(model, got)) > best_start + 1e-3
+    grad = jax.grad(lambda a: _log_density(model, a))
+    start_grad = jnp.linalg.norm(grad(starts[1])[~observed])
+    assert float(jnp.linalg.norm(grad(got)[~observed])) < 1e-6 * float(start_grad)
+
+
+def test_interpolated_fills_between_and_holds_at_the_ends():
+    a = jnp.array([[0.0], [9.0], [2.0], [9.0], [9.0], [8.0], [9.0]])
+    observed = jnp.array([False, True, False, True, False, False, True]).at[3].set(False)
+    a = a.at[1].set(1.0).at[6].set(7.0)
+    # observed rows 1 (value 1) and 6 (value 7): row 0 holds 1, rows 2-5 step by 6/5
+    np.testing.assert_allclose(kvae._interpolated(a, observed)[:, 0], [1.0, 1.0, 2.2, 3.4, 4.6, 5.8, 7.0])
+
+
+def test_impute_rejects_an_unknown_weights_scheme():
+    with pytest.raises(ValueError, match="`weights` must be"):
+        _tiny_model().impute(_tiny_frames(4), jnp.array([True, False, True, True]), weights="smooth")
 
 
 def test_filter_imputation_uses_only_past_frames():
@@ -211,13 +261,13 @@ def test_filter_imputation_uses_only_past_frames():
 
 def test_shipped_weights_impute_better_than_the_filter_and_both_baselines():
     """kvae.pretrained() on 128 test videos of notebook 05's test key: on both imputation tasks the smoother
-    beats the filter and, by a margin, the better baseline (measured on 256 videos: 0.68 and 0.40 of it)."""
+    beats the sequential scheme's smoother and the filter, and is at most half the better baseline
+    (measured on 256 videos: 0.47 and 0.30 of it)."""
     model = kvae.pretrained()
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
     _, k_test, k_mask, _, _ = kvae._seed_keys(0)
     videos = kvae.bouncing_ball(k_test, 128, 20)
-    for observed, margin in ((kvae.drop_frames(k_mask, 128, 20, gap=6), 0.8),
-                             (kvae.drop_frames(k_mask, 128, 20, probability=0.5), 0.5)):
+    for observed in (kvae.drop_frames(k_mask, 128, 20, gap=6), kvae.drop_frames(k_mask, 128, 20, probability=0.5)):
         errors = kvae.evaluate_imputation(model, videos, observed)
-        assert errors["smoother"] < errors["filter"]
-        assert errors["smoother"] <= margin * min(errors["last_frame"], errors["empty_frame"]), errors
+        assert errors["smoother"] < errors["smoother_sequential"] < errors["filter"], errors
+        assert errors["smoother"] <= 0.5 * min(errors["last_frame"], errors["empty_frame"]), errors

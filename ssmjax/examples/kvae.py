@@ -40,8 +40,11 @@ observed). The dynamics network needs :math:`a_{t}` for every step, so a missing
 :math:`a_t` is replaced by the filter's one-step prediction :math:`C_t\, E[z_t \mid a_{<t}]`;
 because the network is causal, iterating "weights from the filled sequence, then filter"
 reaches the paper's sequential scheme exactly after at most (number of missing frames)
-iterations. The smoother then imputes :math:`a_t = C_t\, E[z_t \mid a_{\text{obs}}]`,
-which is decoded.
+iterations. Inside a run of missing frames these weights never see the frames after it, so by
+default the weights are then re-chosen from the completion of the missing :math:`a_t` that
+maximises the model's density :math:`p_\gamma(a)` (:meth:`KalmanVAE.most_probable_completion`;
+with the weights fixed, that maximiser is the smoother's mean, so only the weights change).
+The smoother then imputes :math:`a_t = C_t\, E[z_t \mid a_{\text{obs}}]`, which is decoded.
 
 Run a training from the command line (defaults are the small CPU configuration of
 ``notebooks/05_kalman_vae.ipynb``; ``--full`` is the larger one, meant for a GPU; ``--save`` keeps the
@@ -301,38 +304,121 @@ class KalmanVAE(eqx.Module):
 
     # ---------------------------------------------------------------- imputation
     def impute(
-        self, frames: Float[Array, "T H W"], observed: Bool[Array, " T"]
+        self,
+        frames: Float[Array, "T H W"],
+        observed: Bool[Array, " T"],
+        *,
+        weights: str = "map",
+        iterations: int = 20,
     ) -> dict[str, Array]:
-        """Fill the frames where ``observed`` is False (see the module docstring).
+        r"""Fill the frames where ``observed`` is False (see the module docstring).
+
+        ``weights`` chooses the mixture weights that the smoother runs with:
+        ``"sequential"`` is the paper's causal scheme (a missing :math:`a_t` is the filter's
+        prediction); ``"map"`` (the default) takes the completion of the missing encodings that
+        maximises the model's density :math:`p_\gamma(a_{\text{obs}}, a_{\text{mis}})`, found by
+        ``iterations`` L-BFGS steps from three starts, so that the weights inside a gap also
+        see the frames after it (see :meth:`most_probable_completion`).
 
         Returns ``probs`` (T, H, W) pixel probabilities of every frame (observed ones
-        reconstructed, missing ones imputed), ``a`` (T, Da) the encodings used (imputed where
-        missing), ``z_means`` (T, Dz) the smoothed state means and ``alphas`` (T, K); and
-        ``filter_probs``, the same frames imputed by the filter (only past frames) from the
-        same pass.
+        reconstructed, missing ones imputed by the smoother), ``a`` (T, Da) the encodings used
+        (imputed where missing), ``z_means`` (T, Dz) the smoothed state means and ``alphas`` (T, K);
+        and ``filter_probs``, the frames imputed by the filter of the sequential scheme, which
+        uses only past frames.
         """
+        if weights not in ("map", "sequential"):
+            raise ValueError(f"`weights` must be 'map' or 'sequential'; got {weights!r}.")
         mean, _ = self.encode(frames)
         a_obs = jnp.where(observed[:, None], mean, jnp.nan)
         num_missing = jnp.sum(~observed)
 
+        def emitted(model, z):
+            return jnp.where(observed[:, None], mean, jnp.einsum("tij,tj->ti", model.emission_matrix, z))
+
         def fill(_, a_fill):
             model = self.lgssm(self.mixture_weights(a_fill))
-            pred = ssmjax.kalman_filter(model, a_obs).predicted_means
-            a_pred = jnp.einsum("tij,tj->ti", model.emission_matrix, pred)
-            return jnp.where(observed[:, None], mean, a_pred)
+            return emitted(model, ssmjax.kalman_filter(model, a_obs).predicted_means)
 
         a_fill = jax.lax.fori_loop(0, num_missing, fill, jnp.where(observed[:, None], mean, 0.0))
         alphas = self.mixture_weights(a_fill)
         model = self.lgssm(alphas)
         post = ssmjax.rts_smoother(model, a_obs)
+        a_filtered = emitted(model, post.filtered_means)
+        if weights == "map":
+            starts = jnp.stack([emitted(model, post.smoothed_means), a_filtered, _interpolated(mean, observed)])
+            alphas = self.mixture_weights(self.most_probable_completion(mean, observed, starts, iterations=iterations))
+            model = self.lgssm(alphas)
+            post = ssmjax.rts_smoother(model, a_obs)
+        a = emitted(model, post.smoothed_means)
+        return dict(
+            probs=jax.nn.sigmoid(self.decode_logits(a)),
+            a=a,
+            z_means=post.smoothed_means,
+            alphas=alphas,
+            filter_probs=jax.nn.sigmoid(self.decode_logits(a_filtered)),
+        )
 
-        def decoded(z):
-            a = jnp.where(observed[:, None], mean, jnp.einsum("tij,tj->ti", model.emission_matrix, z))
-            return a, jax.nn.sigmoid(self.decode_logits(a))
+    def most_probable_completion(
+        self,
+        a: Float[Array, "T Da"],
+        observed: Bool[Array, " T"],
+        starts: Float[Array, "S T Da"],
+        *,
+        iterations: int = 20,
+    ) -> Float[Array, "T Da"]:
+        r"""The encodings ``a`` with the rows where ``observed`` is False replaced by the values that
+        maximise :math:`\log p_\gamma(a)` (the Kalman filter's marginal log-likelihood of the whole
+        completed sequence, with the mixture weights computed from it).
 
-        a, probs = decoded(post.smoothed_means)
-        _, filter_probs = decoded(post.filtered_means)
-        return dict(probs=probs, a=a, z_means=post.smoothed_means, alphas=alphas, filter_probs=filter_probs)
+        With the weights held fixed the maximiser would be the smoother's mean; letting them depend
+        on the completion lets frames after a gap choose the dynamics inside it. The density is not
+        concave in the weights, so each of the ``starts`` (S, T, Da) is refined by ``iterations``
+        L-BFGS steps (``optax.lbfgs``), and the best of the starts and their refinements is
+        returned: never a lower density than the best start.
+        """
+
+        def negative_log_density(a_missing):
+            completed = jnp.where(observed[:, None], a, a_missing)
+            model = self.lgssm(self.mixture_weights(completed))
+            # the line search's trial points are the solver's, not the caller's: a non-finite value
+            # is discarded by the selection below rather than raised as an input error
+            with ssmjax.value_checks(False):
+                return -ssmjax.kalman_filter(model, completed).marginal_loglik
+
+        # under vmap a line search runs as long as its slowest sequence; past 5 steps it only
+        # polishes converged sequences (same errors in notebook 05, at 2-3x the time)
+        solver = optax.lbfgs(linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=5))
+        value_and_grad = optax.value_and_grad_from_state(negative_log_density)
+
+        def refine(start):
+            def step(carry, _):
+                x, state = carry
+                value, grad = value_and_grad(x, state=state)
+                updates, state = solver.update(
+                    grad, state, x, value=value, grad=grad, value_fn=negative_log_density
+                )
+                return (optax.apply_updates(x, updates), state), None
+
+            (x, _), _ = jax.lax.scan(step, (start, solver.init(start)), None, length=iterations)
+            return x
+
+        candidates = jnp.concatenate([starts, jnp.stack([refine(start) for start in starts])])
+        values = jax.vmap(negative_log_density)(candidates)
+        best = jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))
+        return jnp.where(observed[:, None], a, candidates[best])
+
+
+def _interpolated(a: Float[Array, "T Da"], observed: Bool[Array, " T"]) -> Float[Array, "T Da"]:
+    """``a`` with each missing row linearly interpolated between the observed rows around it
+    (held constant before the first and after the last observed row)."""
+    T = a.shape[0]
+    t = jnp.arange(T)
+    before = jax.lax.cummax(jnp.where(observed, t, -1))
+    after = jnp.flip(jax.lax.cummin(jnp.flip(jnp.where(observed, t, T))))
+    before, after = jnp.where(before >= 0, before, after), jnp.where(after < T, after, before)
+    before, after = jnp.clip(before, 0, T - 1), jnp.clip(after, 0, T - 1)
+    w = jnp.where(after > before, (t - before) / jnp.maximum(after - before, 1), 0.0).astype(a.dtype)
+    return jnp.where(observed[:, None], a, (1 - w)[:, None] * a[before] + w[:, None] * a[after])
 
 
 # --------------------------------------------------------------------------- training
@@ -477,24 +563,26 @@ def imputation_error(
 
 
 @eqx.filter_jit
-def _impute_batch(model: KalmanVAE, frames, observed) -> dict[str, Array]:
+def _impute_batch(model: KalmanVAE, frames, observed, weights: str) -> dict[str, Array]:
     # compiled once per shape, with the model as an argument (a fresh ``filter_jit(jax.vmap(model.impute))``
     # per call would recompile every time, with the weights baked in as constants)
-    return jax.vmap(model.impute)(frames, observed)
+    return jax.vmap(lambda x, o: model.impute(x, o, weights=weights))(frames, observed)
 
 
 def evaluate_imputation(model: KalmanVAE, frames, observed) -> dict[str, float]:
-    """Imputation error of the smoother, the filter and two baselines on a batch.
+    """Imputation error of the smoother (mixture weights of the most probable completion, and of the
+    paper's sequential scheme), the filter and two baselines on a batch.
 
     Baselines: ``last_frame`` copies the last observed frame, ``empty_frame`` predicts no
     ball at all (its error is the fraction of ball pixels: a model must beat both).
     """
-    out = _impute_batch(model, frames, observed)  # one fixed-point pass for both
-    smooth, filt = out["probs"], out["filter_probs"]
+    best = _impute_batch(model, frames, observed, "map")
+    sequential = _impute_batch(model, frames, observed, "sequential")
     base = jax.vmap(last_frame_baseline)(frames, observed)
     return dict(
-        smoother=float(imputation_error(smooth, frames, observed)),
-        filter=float(imputation_error(filt, frames, observed)),
+        smoother=float(imputation_error(best["probs"], frames, observed)),
+        smoother_sequential=float(imputation_error(sequential["probs"], frames, observed)),
+        filter=float(imputation_error(sequential["filter_probs"], frames, observed)),
         last_frame=float(imputation_error(base, frames, observed)),
         empty_frame=float(imputation_error(jnp.zeros_like(frames), frames, observed)),
     )
