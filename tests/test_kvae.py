@@ -245,14 +245,30 @@ def test_impute_rejects_an_unknown_weights_scheme():
         _tiny_model().impute(_tiny_frames(4), jnp.array([True, False, True, True]), weights="smooth")
 
 
+def test_plot_imputation_draws_four_rows_and_frames_the_missing_ones():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    observed = jnp.array([True, True, False, False, True])
+    fig = kvae.plot_imputation(_tiny_model(), _tiny_frames(5), observed, weights="sequential")
+    axes = np.array(fig.axes).reshape(4, 5)
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["truth", "KVAE smoother", "KVAE filter", "last frame"]
+    red = [[ax.spines["top"].get_edgecolor() == matplotlib.colors.to_rgba("red") for ax in row] for row in axes]
+    assert np.array_equal(np.array(red), np.tile(~np.asarray(observed), (4, 1)))
+    plt.close(fig)
+
+
 def test_filter_imputation_uses_only_past_frames():
     model = _tiny_model()
     frames = _tiny_frames(9)
     observed = jnp.array([True, True, True, True, False, False, True, True, True])
-    got = eqx.filter_jit(model.impute)(frames, observed)["filter_probs"]
-    # frames after the gap cannot change the filter's imputation of the gap
+    impute = eqx.filter_jit(model.impute)
+    got = impute(frames, observed, weights="sequential", iterations=1)["filter_probs"]
+    # frames after the gap cannot change the filter's imputation of the gap, whatever the smoother's weights
     later = observed.at[6:].set(False)
-    want = eqx.filter_jit(model.impute)(frames, later)["filter_probs"]
+    want = impute(frames, later, weights="sequential")["filter_probs"]
+    np.testing.assert_array_equal(impute(frames, later, iterations=1)["filter_probs"], want)
     assert_allclose(got[4:6], want[4:6], jnp.float64)
 
 

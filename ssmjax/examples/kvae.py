@@ -53,6 +53,7 @@ weights, ``--init`` continues from them)::
     python -m ssmjax.examples.kvae --steps 3000
     python -m ssmjax.examples.kvae --full
     python -m ssmjax.examples.kvae --pretrained     # evaluate the shipped weights (see pretrained)
+    python -m ssmjax.examples.kvae --pretrained --figure imputation.png
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ __all__ = [
     "drop_frames",
     "imputation_error",
     "last_frame_baseline",
+    "plot_imputation",
     "pretrained",
     "train_pretrained",
 ]
@@ -588,6 +590,38 @@ def evaluate_imputation(model: KalmanVAE, frames, observed) -> dict[str, float]:
     )
 
 
+def plot_imputation(
+    model: KalmanVAE, frames: Float[Array, "T H W"], observed: Bool[Array, " T"], *, weights: str = "map"
+):
+    """A matplotlib figure of one video: the truth, the smoother's and the filter's imputation
+    (:meth:`KalmanVAE.impute` with ``weights``) and the last-frame baseline, one row each, missing
+    frames framed in red."""
+    import matplotlib.pyplot as plt
+
+    result = model.impute(frames, observed, weights=weights)
+    rows = [
+        ("truth", frames),
+        ("KVAE smoother", result["probs"]),
+        ("KVAE filter", result["filter_probs"]),
+        ("last frame", last_frame_baseline(frames, observed)),
+    ]
+    T = frames.shape[0]
+    fig, axes = plt.subplots(len(rows), T, figsize=(0.75 * T, 0.9 * len(rows) + 0.1), squeeze=False)
+    for r, (name, video) in enumerate(rows):
+        for t in range(T):
+            ax = axes[r, t]
+            ax.imshow(np.asarray(video[t]), cmap="gray_r", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if not bool(observed[t]):
+                for spine in ax.spines.values():
+                    spine.set_color("red")
+                    spine.set_linewidth(2)
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", fontsize=8)
+    fig.suptitle("missing frames framed in red", fontsize=9)
+    return fig
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3000)
@@ -605,6 +639,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--save", default=None, help="write the trained weights here (equinox.tree_serialise_leaves)")
     parser.add_argument("--init", default=None, help="start from weights written by --save (a fresh schedule)")
     parser.add_argument("--pretrained", action="store_true", help="no training: evaluate the shipped weights")
+    parser.add_argument("--figure", default=None,
+                        help="write plot_imputation of test video 3 with its gap here (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.full:
         args.steps, args.sequences, args.batch_size = 20000, 10000, 64
@@ -639,6 +675,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for task, mask in tasks.items():
         errors = evaluate_imputation(model, test, mask)
         print(f"  {task}: " + ", ".join(f"{name} {value:.4f}" for name, value in errors.items()))
+    if args.figure:
+        plot_imputation(model, test[3], observed[3]).savefig(args.figure, dpi=80, bbox_inches="tight")
 
 if __name__ == "__main__":
     main()
