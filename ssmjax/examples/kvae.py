@@ -319,8 +319,9 @@ class KalmanVAE(eqx.Module):
         ``"sequential"`` is the paper's causal scheme (a missing :math:`a_t` is the filter's
         prediction); ``"map"`` (the default) takes the completion of the missing encodings that
         maximises the model's density :math:`p_\gamma(a_{\text{obs}}, a_{\text{mis}})`, found by
-        ``iterations`` L-BFGS steps from three starts, so that the weights inside a gap also
-        see the frames after it (see :meth:`most_probable_completion`).
+        ``iterations`` L-BFGS steps from three starts (the sequential scheme's smoothed and
+        filtered encodings, and a linear interpolation of the observed ones), so that the weights
+        inside a gap also see the frames after it (see :meth:`most_probable_completion`).
 
         Returns ``probs`` (T, H, W) pixel probabilities of every frame (observed ones
         reconstructed, missing ones imputed by the smoother), ``a`` (T, Da) the encodings used
@@ -404,6 +405,7 @@ class KalmanVAE(eqx.Module):
             (x, _), _ = jax.lax.scan(step, (start, solver.init(start)), None, length=iterations)
             return x
 
+        # one start after another: vmapped, every start's line search would wait for the slowest
         candidates = jnp.concatenate([starts, jnp.stack([refine(start) for start in starts])])
         values = jax.vmap(negative_log_density)(candidates)
         best = jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))
