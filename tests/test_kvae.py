@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -233,9 +234,8 @@ def test_most_probable_completion_is_a_stationary_point_above_its_starts():
 
 
 def test_interpolated_fills_between_and_holds_at_the_ends():
-    a = jnp.array([[0.0], [9.0], [2.0], [9.0], [9.0], [8.0], [9.0]])
-    observed = jnp.array([False, True, False, True, False, False, True]).at[3].set(False)
-    a = a.at[1].set(1.0).at[6].set(7.0)
+    a = jnp.array([[9.0], [1.0], [9.0], [9.0], [9.0], [9.0], [7.0]])
+    observed = jnp.array([False, True, False, False, False, False, True])
     # observed rows 1 (value 1) and 6 (value 7): row 0 holds 1, rows 2-5 step by 6/5
     np.testing.assert_allclose(kvae._interpolated(a, observed)[:, 0], [1.0, 1.0, 2.2, 3.4, 4.6, 5.8, 7.0])
 
@@ -264,7 +264,7 @@ def test_filter_imputation_uses_only_past_frames():
     frames = _tiny_frames(9)
     observed = jnp.array([True, True, True, True, False, False, True, True, True])
     impute = eqx.filter_jit(model.impute)
-    got = impute(frames, observed, weights="sequential", iterations=1)["filter_probs"]
+    got = impute(frames, observed, weights="sequential")["filter_probs"]
     # frames after the gap cannot change the filter's imputation of the gap, whatever the smoother's weights
     later = observed.at[6:].set(False)
     want = impute(frames, later, weights="sequential")["filter_probs"]
@@ -278,7 +278,7 @@ def test_filter_imputation_uses_only_past_frames():
 def test_shipped_weights_impute_better_than_the_filter_and_both_baselines():
     """kvae.pretrained() on 128 test videos of notebook 05's test key: on both imputation tasks the smoother
     beats the sequential scheme's smoother and the filter, and is at most half the better baseline
-    (measured on 256 videos: 0.47 and 0.30 of it)."""
+    (measured on 256 videos: 0.47 and 0.31 of it)."""
     model = kvae.pretrained()
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
     _, k_test, k_mask, _, _ = kvae._seed_keys(0)
