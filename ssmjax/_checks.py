@@ -205,14 +205,15 @@ def check_lengths(lengths: object, num_sequences: int, num_timesteps: int) -> ja
     check_shape("lengths", lengths, (num_sequences,), "one length per sequence")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"`lengths` must hold integers; got dtype {lengths.dtype}.")
-    bad = (lengths < 1) | (lengths > num_timesteps)
     if _is_traced(lengths):  # under jit: checked at run time, naming the first bad entry
+        bad = (lengths < 1) | (lengths > num_timesteps)
         return check_values(lengths, bad, f"`lengths` must lie in [1, {num_timesteps}] (the padded length T).",
                             at="lengths").astype(jnp.int32)
-    if bool(jnp.any(bad)):
+    host = host_copy(lengths)  # on the host: eager jnp comparisons would compile four small kernels
+    if np.any((host < 1) | (host > num_timesteps)):
         raise ValueError(
             f"`lengths` must lie in [1, {num_timesteps}] (the padded length T); "
-            f"got min {int(lengths.min())}, max {int(lengths.max())}."
+            f"got min {int(host.min())}, max {int(host.max())}."
         )
     return lengths.astype(jnp.int32)
 
