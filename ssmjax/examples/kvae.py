@@ -326,8 +326,9 @@ class KalmanVAE(eqx.Module):
         Returns ``probs`` (T, H, W) pixel probabilities of every frame (observed ones
         reconstructed, missing ones imputed by the smoother), ``a`` (T, Da) the encodings used
         (imputed where missing), ``z_means`` (T, Dz) the smoothed state means and ``alphas`` (T, K);
-        and ``filter_probs``, the frames imputed by the filter of the sequential scheme, which
-        uses only past frames.
+        and, from the sequential scheme's pass (which ``"map"`` starts from), ``sequential_probs``
+        (its smoother's frames, equal to ``probs`` when ``weights="sequential"``) and ``filter_probs``
+        (its filter's frames, which use only past frames).
         """
         if weights not in ("map", "sequential"):
             raise ValueError(f"`weights` must be 'map' or 'sequential'; got {weights!r}.")
@@ -346,18 +347,20 @@ class KalmanVAE(eqx.Module):
         alphas = self.mixture_weights(a_fill)
         model = self.lgssm(alphas)
         post = ssmjax.rts_smoother(model, a_obs)
+        a_sequential = a = emitted(model, post.smoothed_means)
         a_filtered = emitted(model, post.filtered_means)
         if weights == "map":
-            starts = jnp.stack([emitted(model, post.smoothed_means), a_filtered, _interpolated(mean, observed)])
+            starts = jnp.stack([a_sequential, a_filtered, _interpolated(mean, observed)])
             alphas = self.mixture_weights(self.most_probable_completion(mean, observed, starts, iterations=iterations))
             model = self.lgssm(alphas)
             post = ssmjax.rts_smoother(model, a_obs)
-        a = emitted(model, post.smoothed_means)
+            a = emitted(model, post.smoothed_means)
         return dict(
             probs=jax.nn.sigmoid(self.decode_logits(a)),
             a=a,
             z_means=post.smoothed_means,
             alphas=alphas,
+            sequential_probs=jax.nn.sigmoid(self.decode_logits(a_sequential)),
             filter_probs=jax.nn.sigmoid(self.decode_logits(a_filtered)),
         )
 
@@ -567,10 +570,10 @@ def imputation_error(
 
 
 @eqx.filter_jit
-def _impute_batch(model: KalmanVAE, frames, observed, weights: str) -> dict[str, Array]:
+def _impute_batch(model: KalmanVAE, frames, observed) -> dict[str, Array]:
     # compiled once per shape, with the model as an argument (a fresh ``filter_jit(jax.vmap(model.impute))``
     # per call would recompile every time, with the weights baked in as constants)
-    return jax.vmap(lambda x, o: model.impute(x, o, weights=weights))(frames, observed)
+    return jax.vmap(model.impute)(frames, observed)
 
 
 def evaluate_imputation(model: KalmanVAE, frames, observed) -> dict[str, float]:
@@ -580,13 +583,12 @@ def evaluate_imputation(model: KalmanVAE, frames, observed) -> dict[str, float]:
     Baselines: ``last_frame`` copies the last observed frame, ``empty_frame`` predicts no
     ball at all (its error is the fraction of ball pixels: a model must beat both).
     """
-    best = _impute_batch(model, frames, observed, "map")
-    sequential = _impute_batch(model, frames, observed, "sequential")
+    out = _impute_batch(model, frames, observed)  # the sequential scheme's results come with it
     base = jax.vmap(last_frame_baseline)(frames, observed)
     return dict(
-        smoother=float(imputation_error(best["probs"], frames, observed)),
-        smoother_sequential=float(imputation_error(sequential["probs"], frames, observed)),
-        filter=float(imputation_error(sequential["filter_probs"], frames, observed)),
+        smoother=float(imputation_error(out["probs"], frames, observed)),
+        smoother_sequential=float(imputation_error(out["sequential_probs"], frames, observed)),
+        filter=float(imputation_error(out["filter_probs"], frames, observed)),
         last_frame=float(imputation_error(base, frames, observed)),
         empty_frame=float(imputation_error(jnp.zeros_like(frames), frames, observed)),
     )
