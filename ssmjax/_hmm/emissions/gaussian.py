@@ -32,7 +32,6 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 from ... import _checks, _deprecation
-from ..._fit.compiler import fast_compile_jit
 from .base import (
     _at_real_steps,
     AbstractExponentialFamilyEmissions,
@@ -247,18 +246,21 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         Seeds are drawn greedy k-means++ style (``2 + floor(log K)`` candidates
         for each next seed, drawn with probability proportional to their squared
         distance to the nearest seed; the one lowering the k-means potential most
-        is kept), refined by
-        Lloyd iterations compiled in one ``lax.fori_loop`` (an empty cluster
-        keeps its centre). Each state's covariance is its cluster's covariance
+        is kept), refined by at most ``num_iters`` Lloyd iterations (an empty cluster
+        keeps its centre). Of three such runs, on at most 16384 rows drawn at random,
+        the one with the least within-cluster sum of squares is kept, and every row
+        joins its nearest centre. Each state's covariance is its cluster's covariance
         shrunk toward the pooled covariance with the weight of ``D + 1``
         pseudo-points, so small clusters still get well-conditioned covariances.
+        The clustering runs on the host (NumPy and SciPy, seeded from ``key``), also
+        under ``jax.jit`` and ``jax.vmap`` (through :func:`jax.pure_callback`).
 
         Args:
             emissions: pooled emissions, shape ``(N, D)`` with ``N >= num_states``; a missing
                 (NaN) entry takes its dimension's mean for the clustering.
             num_states: ``K``.
             covariance_type: deprecated (each class has its own).
-            num_iters: number of Lloyd iterations.
+            num_iters: the most Lloyd iterations of a run.
             min_variance: passed to the model.
             key: PRNG key (keyword-only).
 
@@ -270,7 +272,7 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         """
         cls = _family(cls, covariance_type, "from_data")
         emissions = _kmeans_points(emissions, num_states)
-        model = _kmeans_start_program(cls, key, emissions, min_variance, num_states, num_iters)
+        model = _kmeans_start(cls, key, emissions, min_variance, num_states, num_iters)
         return _factorised(model, model, min_variance)
 
 
@@ -303,17 +305,12 @@ def _kmeans_points(emissions, num_states: int) -> Array:
 
 
 def _kmeans_start(cls, key, emissions, min_variance: float, num_states: int, num_iters: int):
-    """``cls.from_data``'s model from :func:`_kmeans_points`, traced: k-means centres, and cluster
-    covariances in the family's storage."""
+    """``cls.from_data``'s model from :func:`_kmeans_points`: k-means centres, and cluster
+    covariances in the family's storage, computed on the host for concrete data (nothing to
+    compile) and traceable."""
     centers, covs, counts = _gaussian_init(key, emissions, min_variance, num_states, num_iters)
     with _checks.value_checks(False):  # a failed factorisation is checked on the result
         return cls._from_cov_param(centers, cls._cov_param_from_full(covs, counts), min_variance)
-
-
-# One compiled program, the model's construction included: run op by op, the k-means seeding and
-# refinement compiled about 90 small programs (about 6 s on a 2-core CPU) and their loops again on
-# every call, and the storage's Cholesky factors or logarithms one program each.
-_kmeans_start_program = fast_compile_jit(_kmeans_start)
 
 
 def _family(cls, covariance_type: Optional[str], method: str):
@@ -572,7 +569,8 @@ class TiedGaussianEmissions(_AbstractFullGaussian):
 
     @classmethod
     def _cov_param_from_full(cls, covs, counts):
-        return _sym_cholesky(jnp.einsum("k,kde->de", counts, covs) / jnp.sum(counts))
+        xp = np if isinstance(covs, np.ndarray) else jnp  # the host initialiser's, or traced
+        return _sym_cholesky(xp.einsum("k,kde->de", counts, covs) / xp.sum(counts))
 
 
 class DiagonalGaussianEmissions(_AbstractDiagonalGaussian):
@@ -629,7 +627,8 @@ class DiagonalGaussianEmissions(_AbstractDiagonalGaussian):
 
     @classmethod
     def _cov_param_from_full(cls, covs, counts):
-        return jnp.log(jnp.diagonal(covs, axis1=-2, axis2=-1))
+        xp = np if isinstance(covs, np.ndarray) else jnp  # as TiedGaussianEmissions'
+        return _log_variances(xp.diagonal(covs, axis1=-2, axis2=-1))
 
 
 class SphericalGaussianEmissions(_AbstractDiagonalGaussian):
@@ -691,7 +690,17 @@ class SphericalGaussianEmissions(_AbstractDiagonalGaussian):
 
     @classmethod
     def _cov_param_from_full(cls, covs, counts):
-        return jnp.log(jnp.mean(jnp.diagonal(covs, axis1=-2, axis2=-1), axis=-1))
+        xp = np if isinstance(covs, np.ndarray) else jnp  # as TiedGaussianEmissions'
+        return _log_variances(xp.mean(xp.diagonal(covs, axis1=-2, axis2=-1), axis=-1))
+
+
+def _log_variances(variances):
+    """``log(variances)``, NumPy's for the host initialiser's arrays; a zero variance (constant data
+    without a ridge) gives ``-inf`` quietly in both, for the check on the result (``_factorised``)."""
+    if isinstance(variances, np.ndarray):
+        with np.errstate(divide="ignore"):
+            return np.log(variances)
+    return jnp.log(variances)
 
 
 def _checked_variances(variances, shape, dtype, what):

@@ -49,7 +49,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real, Sh
 from ... import _checks
 from ..._newton import finite_or_zero, safeguarded_newton
 from .base import AbstractExponentialFamilyEmissions, AbstractStepStats, _as_mask, _at_real_steps, _check_weights
-from .gaussian_ops import _gaussian_full_log_prob, _gaussian_init
+from .gaussian_ops import _gaussian_full_log_prob, _gaussian_init, _sym_cholesky
 from .regression import _finite, _pooled
 
 
@@ -368,24 +368,25 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
             raise ValueError(f"need at least num_states={num_states} observed steps to initialise; got {keep.sum()}.")
         if np.isnan(y[keep]).all(axis=0).any():
             raise ValueError("`emissions` must have an observed (non-NaN) entry in every dimension.")
-        rows = np.concatenate([y, np.asarray(x, dtype)], axis=1)[keep]
+        y, x = y[keep], np.asarray(x, dtype)[keep]
+        # the clusters, on the host: standardised [g(y), x], a missing entry at its column's mean
+        level = np.log1p(np.abs(y))
+        level = np.where(np.isnan(level), np.nanmean(level, axis=0), level)
+        features = np.concatenate([level, x], axis=1)
+        spread = np.std(features, axis=0)
+        features = (features - features.mean(0)) / np.where(spread > 0, spread, 1.0)
+        centres, covs, _ = _gaussian_init(key, features, 1e-6, num_states, 10)
+        args = (np.concatenate([y, x], axis=1), features, centres, _sym_cholesky(covs))
         with _checks.value_checks(False):  # rows checked above
-            return _initialise(start, _checks.to_device(rows), key)
+            return _initialise(start, *(_checks.to_device(a) for a in args))
 
 
 @eqx.filter_jit
-def _initialise(start, rows, key):
-    """One compiled program (op by op, the initialiser compiled dozens of kernels: seconds)."""
+def _initialise(start, rows, features, centres, chol):
+    """The clusters' responsibilities and one M-step, one compiled program (op by op, they compiled
+    dozens of kernels)."""
     y, x, observed = start._split(rows)
     num_states = start.num_states
-    counts = jnp.maximum(observed.sum(0), 1)
-    level = jnp.where(observed, jnp.log1p(jnp.abs(y)), 0.0)
-    level = jnp.where(observed, level, level.sum(0) / counts)
-    features = jnp.concatenate([level, x], axis=1)
-    spread = jnp.std(features, axis=0)
-    features = (features - features.mean(0)) / jnp.where(spread > 0, spread, 1.0)
-    centres, covs, _ = _gaussian_init(key, features, 1e-6, num_states, 10)
-    chol = jnp.linalg.cholesky(covs)
     resp = jax.nn.softmax(jax.vmap(lambda r: _gaussian_full_log_prob(centres, chol, r))(features), axis=-1)
     resp = 0.5 * resp + 0.5 / num_states
     obs = observed.astype(rows.dtype)

@@ -23,6 +23,7 @@ from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 from ... import _checks
@@ -40,6 +41,7 @@ from .base import (
     softmax_rows,
 )
 from .gaussian import AbstractGaussianEmissions, DiagonalGaussianEmissions, _factorised, _kmeans_points, _kmeans_start
+from .gaussian_ops import _key_seed, _on_host
 
 
 class GaussianMixtureStats(NamedTuple):
@@ -73,13 +75,17 @@ def _responsibilities(joint: Float[Array, "..."], axis: int):
     return total, jnp.where(jnp.isfinite(joint), within, 0.0)
 
 
+def _standard_normal(seed, shape: jax.ShapeDtypeStruct):
+    """Standard normal draws on the host, from a generator other than the k-means' (seeded with the
+    key's bits alone): a threefry draw in the start's program compiled a dozen kernels."""
+    return np.random.default_rng([*np.ravel(seed), 1]).standard_normal(shape.shape).astype(shape.dtype)
+
+
 @fast_compile_jit
-def _mixture_start(cls, family, key, emissions, spread, min_variance, num_states: int, num_mix: int, num_iters: int):
-    """:meth:`GaussianMixtureEmissions.from_data`'s model, one compiled program."""
-    key_states, key_spread = jax.random.split(key)
-    states = _kmeans_start(family, key_states, emissions, min_variance, num_states, num_iters)
-    d = states.emission_dim
-    eps = jax.random.normal(key_spread, (num_states, num_mix, d), states.means.dtype)
+def _mixture_start(cls, family, states, eps, spread, min_variance):
+    """:meth:`GaussianMixtureEmissions.from_data`'s model from the states' k-means start and the standard
+    normal draws ``eps`` ``(K, M, D)``, one compiled program."""
+    num_states, num_mix, d = eps.shape
     means = states.means[:, None, :] + spread * jnp.sqrt(states.variances)[:, None, :] * eps
     covs = jnp.repeat(states.covs, num_mix, axis=0)  # (K*M, D, D), state-major
     cov_param = family._cov_param_from_full(covs, jnp.ones(num_states * num_mix, covs.dtype))
@@ -326,5 +332,8 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
             (2, 3, 2)
         """
         points = _kmeans_points(emissions, num_states)
-        model = _mixture_start(cls, family, key, points, spread, min_variance, num_states, num_mix, num_iters)
+        states = _kmeans_start(family, key, points, min_variance, num_states, num_iters)
+        shape = jax.ShapeDtypeStruct((num_states, num_mix, states.emission_dim), states.means.dtype)
+        eps = _on_host(lambda seed: _standard_normal(seed, shape), shape, _key_seed(key))
+        model = _mixture_start(cls, family, states, eps, spread, min_variance)
         return _factorised(model, model.components, min_variance)

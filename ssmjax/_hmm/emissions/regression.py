@@ -51,6 +51,7 @@ from .gaussian_ops import (
     _UNROLLED_SOLVE_MAX_DIM,
     _gaussian_full_log_prob,
     _gaussian_init,
+    _sym_cholesky,
     _unrolled_gaussian_log_density,
 )
 
@@ -348,8 +349,10 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
             weights=np.zeros((num_states, dim, num_covariates), dtype), biases=np.zeros((num_states, dim), dtype),
             chol_covs=np.broadcast_to(np.eye(dim, dtype=dtype), (num_states, dim, dim)), min_variance=min_variance, **extra,
         )
+        rows = rows.astype(dtype)
+        centres, covs, _ = _gaussian_init(key, rows, 1e-6, num_states, 10)  # on the host
         with _checks.value_checks(False):  # rows checked by the caller
-            return _initialise(start, _checks.to_device(rows.astype(dtype)), key)
+            return _initialise(start, *(_checks.to_device(a) for a in (rows, centres, _sym_cholesky(covs))))
 
     @classmethod
     @typing.no_type_check
@@ -393,10 +396,9 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
 
 
 @fast_compile_jit
-def _initialise(start, rows, key):
-    """One compiled program (run op by op, the initialiser compiled dozens of kernels: seconds)."""
-    centres, covs, _ = _gaussian_init(key, rows, 1e-6, start.num_states, 10)
-    chol = jnp.linalg.cholesky(covs)
+def _initialise(start, rows, centres, chol):
+    """The clusters' responsibilities and the weighted least-squares step, one compiled program (run op
+    by op, they compiled dozens of kernels)."""
     resp = jax.nn.softmax(jax.vmap(lambda r: _gaussian_full_log_prob(centres, chol, r))(rows), axis=-1)
     return start.m_step_from_stats(start.suff_stats(rows, resp))
 
