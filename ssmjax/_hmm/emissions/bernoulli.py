@@ -7,7 +7,6 @@ functions it is built from.
 
 from __future__ import annotations
 
-import functools
 import typing
 from collections.abc import Set as AbstractSet
 from typing import ClassVar, NamedTuple
@@ -31,6 +30,7 @@ from .base import (
     _observed_entries,
     _observed_weights,
 )
+from .host import generator, key_seed, on_host
 
 
 class BernoulliStats(NamedTuple):
@@ -61,13 +61,17 @@ def _bernoulli_log_prob(logits: Float[Array, "K D"], emission: Float[Array, " D"
     return jnp.sum(jnp.where(observed, terms, 0.0), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("num_states",))
 def _bernoulli_init(emissions, key, noise, num_states: int):
-    """Logits of :meth:`BernoulliEmissions.from_data`, one compiled program (op by op: a dozen kernels)."""
-    observed, ones = _observed_entries(emissions)
-    freqs = (ones.sum(0) + 1.0) / (observed.sum(0) + 2.0)
-    u = jax.random.uniform(key, (num_states, emissions.shape[1]), freqs.dtype)
-    return _log_odds((1.0 - noise) * freqs[None, :] + noise * u)
+    """Logits of :meth:`BernoulliEmissions.from_data`, computed on the host (see :mod:`.host`)."""
+    shape = jax.ShapeDtypeStruct((num_states, emissions.shape[1]), emissions.dtype)
+
+    def host(seed, y):
+        observed = ~np.isnan(y)
+        freqs = (np.where(observed, y, 0.0).sum(0) + 1.0) / (observed.sum(0) + 2.0)
+        probs = (1.0 - noise) * freqs + noise * generator(seed).uniform(size=shape.shape)
+        return (np.log(probs) - np.log1p(-probs)).astype(shape.dtype)  # inside (0, 1): finite
+
+    return on_host(host, shape, key_seed(key), emissions)
 
 
 class BernoulliEmissions(AbstractExponentialFamilyEmissions):

@@ -8,7 +8,6 @@ An exponential emission is a Gamma with shape 1: build it with ``shapes=1`` and 
 
 from __future__ import annotations
 
-import functools
 import typing
 from collections.abc import Set as AbstractSet
 from typing import ClassVar, NamedTuple
@@ -33,6 +32,7 @@ from .base import (
     _observed_entries,
     _observed_weights,
 )
+from .host import on_host
 
 # Newton steps of the shape equation (Minka's update converges quadratically from his
 # closed-form start: 4 steps reach float64 round-off on every case in tests/test_emission_families.py)
@@ -338,14 +338,18 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
         return cls(log_shapes=log_shapes, log_rates=log_rates)
 
 
-@functools.partial(jax.jit, static_argnames=("num_states",))
 def _gamma_init(emissions, num_states: int):
-    """``(log_shapes, log_rates)`` of :meth:`GammaEmissions.from_data`, one compiled program."""
-    levels = (jnp.arange(num_states, dtype=emissions.dtype) + 0.5) / num_states
-    means = jnp.nanquantile(emissions, levels, axis=0)  # (K, D)
-    shape = jnp.nanmean(emissions, axis=0) ** 2 / jnp.maximum(jnp.nanvar(emissions, axis=0), 1e-12)
-    shapes = jnp.broadcast_to(jnp.clip(shape, 0.1, 1e3), means.shape)
-    return jnp.log(shapes), jnp.log(shapes / means)
+    """``(log_shapes, log_rates)`` of :meth:`GammaEmissions.from_data`, computed on the host (see
+    :mod:`.host`)."""
+    out = jax.ShapeDtypeStruct((num_states, emissions.shape[1]), emissions.dtype)
+
+    def host(y):
+        means = np.nanquantile(y, (np.arange(num_states) + 0.5) / num_states, axis=0)  # (K, D)
+        shape = np.nanmean(y, axis=0) ** 2 / np.maximum(np.nanvar(y, axis=0), 1e-12)
+        shapes = np.broadcast_to(np.clip(shape, 0.1, 1e3), means.shape)
+        return np.log(shapes).astype(out.dtype), np.log(shapes / means).astype(out.dtype)
+
+    return on_host(host, (out, out), emissions)
 
 
 def _positive(name, values):

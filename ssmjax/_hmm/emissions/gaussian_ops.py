@@ -18,8 +18,8 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 from scipy.cluster.vq import vq
 from scipy.spatial.distance import cdist
 
-from ... import _checks
 from .base import _keep_where_empty, _observed_entries
+from .host import generator, key_seed, on_host
 
 
 def _sym_cholesky(covs: Float[ArrayLike, "*K D D"]) -> Float[ArrayLike, "*K D D"]:
@@ -190,8 +190,8 @@ def _gaussian_init(key: PRNGKeyArray, emissions: Float[ArrayLike, "N D"], min_va
     """Centres ``(K, D)``, full covariances ``(K, D, D)`` and cluster sizes ``(K,)`` of
     :meth:`AbstractGaussianEmissions.from_data` (each family reduces the covariances to its own type).
 
-    Computed on the host by :func:`_kmeans_host` (NumPy and SciPy; their generator seeded with the key's
-    data): NumPy arrays for concrete data, and through :func:`jax.pure_callback` under a transformation.
+    Computed on the host by :func:`_kmeans_host` (NumPy and SciPy; see :mod:`.host`): NumPy arrays for
+    concrete data, and through :func:`jax.pure_callback` under a transformation.
     Compiled with XLA, the seeding and refinement loops were an initialiser program's larger part (about
     0.8 s to compile on a 2-core CPU, against 0.05 s to run them with NumPy at N = 10^5).
     """
@@ -199,26 +199,12 @@ def _gaussian_init(key: PRNGKeyArray, emissions: Float[ArrayLike, "N D"], min_va
     d = emissions.shape[1]
 
     def host(seed, points):
-        out = _kmeans_host(seed, np.asarray(points, np.float64), min_variance, num_states, num_iters)
+        out = _kmeans_host(generator(seed), np.asarray(points, np.float64), min_variance, num_states, num_iters)
         return tuple(np.asarray(x, dtype) for x in out)
 
     shapes = (jax.ShapeDtypeStruct((num_states, d), dtype), jax.ShapeDtypeStruct((num_states, d, d), dtype),
               jax.ShapeDtypeStruct((num_states,), dtype))
-    return _on_host(host, shapes, _key_seed(key), emissions)
-
-
-def _key_seed(key: PRNGKeyArray) -> Array:
-    """The bits of a JAX key (typed or raw), which seed the host initialisers' NumPy generators."""
-    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-
-
-def _on_host(fn, shapes, *args):
-    """``fn(*args)`` run on the host with NumPy arrays: called directly for concrete arguments (its
-    NumPy results returned, nothing compiled), through :func:`jax.pure_callback` under ``jit`` or
-    ``vmap`` (``shapes``: its results' :class:`jax.ShapeDtypeStruct`)."""
-    if not any(isinstance(a, jax.core.Tracer) for a in args):
-        return fn(*(_checks.host_copy(a) for a in args))
-    return jax.pure_callback(lambda *a: fn(*(np.asarray(x) for x in a)), shapes, *args, vmap_method="sequential")
+    return on_host(host, shapes, key_seed(key), emissions)
 
 
 # k-means runs per initialisation, the best kept (the one with the least within-cluster sum of
@@ -231,12 +217,11 @@ _KMEANS_RUNS = 3
 _KMEANS_SAMPLE = 2**14
 
 
-def _kmeans_host(seed: np.ndarray, x: np.ndarray, min_variance: float, num_states: int, num_iters: int):
+def _kmeans_host(rng: np.random.Generator, x: np.ndarray, min_variance: float, num_states: int, num_iters: int):
     """:func:`_gaussian_init` in NumPy: the best of :data:`_KMEANS_RUNS` runs of :func:`_kmeans_run`
     (on at most :data:`_KMEANS_SAMPLE` rows), every row assigned to its nearest centre, and each
     cluster's covariance shrunk toward the pooled one with the weight of ``D + 1`` pseudo-points
     (small clusters still get well-conditioned covariances)."""
-    rng = np.random.default_rng(seed)
     n, d = x.shape
     sample = x if n <= _KMEANS_SAMPLE else x[rng.choice(n, _KMEANS_SAMPLE, replace=False)]
     runs = [_kmeans_run(rng, sample, num_states, num_iters) for _ in range(_KMEANS_RUNS)]

@@ -23,7 +23,6 @@ from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 from ... import _checks
@@ -41,7 +40,7 @@ from .base import (
     softmax_rows,
 )
 from .gaussian import AbstractGaussianEmissions, DiagonalGaussianEmissions, _factorised, _kmeans_points, _kmeans_start
-from .gaussian_ops import _key_seed, _on_host
+from .host import generator, key_seed, on_host
 
 
 class GaussianMixtureStats(NamedTuple):
@@ -73,12 +72,6 @@ def _responsibilities(joint: Float[Array, "..."], axis: int):
     total = _logsumexp_components(joint, axis)
     within = jnp.exp(joint - jnp.expand_dims(total, axis))
     return total, jnp.where(jnp.isfinite(joint), within, 0.0)
-
-
-def _standard_normal(seed, shape: jax.ShapeDtypeStruct):
-    """Standard normal draws on the host, from a generator other than the k-means' (seeded with the
-    key's bits alone): a threefry draw in the start's program compiled a dozen kernels."""
-    return np.random.default_rng([*np.ravel(seed), 1]).standard_normal(shape.shape).astype(shape.dtype)
 
 
 @fast_compile_jit
@@ -333,7 +326,10 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
         """
         points = _kmeans_points(emissions, num_states)
         states = _kmeans_start(family, key, points, min_variance, num_states, num_iters)
+        # the components' spread drawn on the host too (see .host): a threefry draw in the start's program
+        # compiled a dozen kernels
         shape = jax.ShapeDtypeStruct((num_states, num_mix, states.emission_dim), states.means.dtype)
-        eps = _on_host(lambda seed: _standard_normal(seed, shape), shape, _key_seed(key))
+        draw = lambda seed: generator(seed, 1).standard_normal(shape.shape).astype(shape.dtype)  # noqa: E731
+        eps = on_host(draw, shape, key_seed(key))
         model = _mixture_start(cls, family, states, eps, spread, min_variance)
         return _factorised(model, model.components, min_variance)

@@ -15,7 +15,6 @@ expectation): exact EM for the observed-data likelihood.
 
 from __future__ import annotations
 
-import functools
 import typing
 from collections.abc import Set as AbstractSet
 from typing import NamedTuple
@@ -39,6 +38,7 @@ from .base import (
     _observed_entries,
 )
 from .categorical import _AbstractProbabilityRows, _rows_logits
+from .host import generator, key_seed, on_host
 
 
 class MultinomialStats(NamedTuple):
@@ -77,17 +77,17 @@ def _counted_terms(log_probs: Float[Array, "K C"], num_trials: int, y: Float[Arr
     return gammaln(num_trials + 1.0) - jnp.sum(jnp.where(observed, gammaln(y + 1.0), 0.0)) + jnp.sum(y_log_p, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("num_states",))
 def _multinomial_init(emissions, key, noise, num_states: int):
-    """Logits of :meth:`MultinomialEmissions.from_data`, one compiled program."""
-    _, y = _observed_entries(emissions)
-    counts = y.sum(0) + 1.0
-    freqs = counts / counts.sum()
-    # Dirichlet(1, ..., 1) draws as normalised exponentials: jax.random.dirichlet's gamma
-    # sampler would cost about a second of compilation on first use
-    e = jax.random.exponential(key, (num_states, emissions.shape[1]), freqs.dtype)
-    g = e / e.sum(-1, keepdims=True)
-    return jnp.log((1.0 - noise) * freqs[None, :] + noise * g)
+    """Logits of :meth:`MultinomialEmissions.from_data`, computed on the host (see :mod:`.host`)."""
+    shape = jax.ShapeDtypeStruct((num_states, emissions.shape[1]), emissions.dtype)
+
+    def host(seed, y):
+        counts = np.where(np.isnan(y), 0.0, y).sum(0) + 1.0
+        freqs = counts / counts.sum()
+        g = generator(seed).dirichlet(np.ones(shape.shape[1]), size=shape.shape[0])
+        return np.log((1.0 - noise) * freqs + noise * g).astype(shape.dtype)
+
+    return on_host(host, shape, key_seed(key), emissions)
 
 
 class MultinomialEmissions(_AbstractProbabilityRows):

@@ -7,7 +7,6 @@ the private log-density, quantile initialiser and M-step functions it is built f
 
 from __future__ import annotations
 
-import functools
 import typing
 from collections.abc import Set as AbstractSet
 from typing import ClassVar, NamedTuple
@@ -33,6 +32,7 @@ from .base import (
     _observed_entries,
     _observed_weights,
 )
+from .host import on_host
 
 
 class PoissonStats(NamedTuple):
@@ -254,15 +254,17 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
         return cls(log_rates=_poisson_init(emissions, num_states))
 
 
-@functools.partial(jax.jit, static_argnames=("num_states",))
 def _poisson_init(emissions, num_states: int):
-    """Log-rates of :meth:`PoissonEmissions.from_data`, one compiled program (op by op: ~15 kernels)."""
-    levels = (jnp.arange(num_states, dtype=emissions.dtype) + 0.5) / num_states
-    q = jnp.nanquantile(emissions, levels, axis=0)  # (K, D), over the observed counts
-    floor = 0.1 * jnp.nanmean(emissions, axis=0) + 1e-3
-    spread = jnp.exp(0.1 * (jnp.arange(num_states) / max(num_states - 1, 1) - 0.5))
-    rates = jnp.maximum(q, floor[None, :]) * spread[:, None].astype(emissions.dtype)
-    return jnp.log(rates)
+    """Log-rates of :meth:`PoissonEmissions.from_data`, computed on the host (see :mod:`.host`)."""
+    out = jax.ShapeDtypeStruct((num_states, emissions.shape[1]), emissions.dtype)
+
+    def host(y):
+        q = np.nanquantile(y, (np.arange(num_states) + 0.5) / num_states, axis=0)  # (K, D), observed counts
+        floor = 0.1 * np.nanmean(y, axis=0) + 1e-3
+        spread = np.exp(0.1 * (np.arange(num_states) / max(num_states - 1, 1) - 0.5))
+        return np.log(np.maximum(q, floor) * spread[:, None]).astype(out.dtype)
+
+    return on_host(host, out, emissions)
 
 
 def _poisson_m_step(
