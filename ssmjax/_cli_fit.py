@@ -8,10 +8,11 @@ SGD, a progress bar, or an EM run the program saw stop on a bad step -- takes th
 public functions (:func:`fit_reference`): ``HMM.from_data``, ``fit_em``, ``fit_em_restarts`` and
 ``fit_sgd``, which then also give the warning such a run deserves.
 
-The program route needs traceable forms of two host-side steps: :func:`hmm_start`, the starting
-model of ``HMM.from_data`` (which pools the data on the host) from the same parts, and :func:`em`, the compiled loop
-of ``fit_em`` / ``fit_em_restarts`` without their host-side driver (the driver's checks run on
-the host before, through the command's own data checks and :func:`em_pattern`).
+The program route takes its starting models as inputs: ``HMM.from_data`` computes them on the host
+(nothing to compile), as the public route does, and its host callbacks could not be exported. It
+needs a traceable form of one host-side step: :func:`em`, the compiled loop of ``fit_em`` /
+``fit_em_restarts`` without their host-side driver (the driver's checks run on the host before,
+through the command's own data checks and :func:`em_pattern`).
 """
 
 from __future__ import annotations
@@ -54,30 +55,8 @@ def _family_name(emissions_type: str) -> str:
     return {"gaussian-diag": "gaussian_diag"}.get(emissions_type, emissions_type)
 
 
-def hmm_start(family: str, pooled, num_states: int, key, num_classes: int | None = None):
-    """``HMM.from_data(y, num_states, family, key=key)`` from the pooled real steps of complete data,
-    traceable: the same starting probabilities and the family's own ``from_data``, with the defaults
-    of ``HMM.from_data``."""
-    import inspect
-
-    import ssmjax
-
-    from ._hmm.initialise import FAMILIES, start_log_probs
-
-    defaults = {n: p.default for n, p in inspect.signature(ssmjax.HMM.from_data).parameters.items()}
-    cls = FAMILIES[family]
-    if family == "categorical":
-        emissions = cls.from_data(pooled, num_states, num_classes, key=key)
-    else:
-        emissions = cls.from_data(pooled, num_states, key=key)
-    initial, transition = start_log_probs(
-        num_states, defaults["structure"], defaults["max_jump"], defaults["stay_prob"]
-    )
-    return ssmjax.HMM(initial_log_probs=initial, transition_log_probs=transition, emissions=emissions)
-
-
-def initial_hmms(key, num_states, emissions_type, restarts, start):
-    """Starting models; ``start(family, key)`` is the first one's (``HMM.from_data`` or :func:`hmm_start`)."""
+def initial_hmms(key, y, lengths, num_states, emissions_type, restarts):
+    """Starting models from ``HMM.from_data``: one per restart, the later ones with random transitions."""
     import jax
     import jax.numpy as jnp
 
@@ -86,7 +65,7 @@ def initial_hmms(key, num_states, emissions_type, restarts, start):
     kind = _family_name(emissions_type)
     models = []
     for r, k in enumerate(jax.random.split(key, restarts)):
-        m = start(kind, k)
+        m = ssmjax.HMM.from_data(y, num_states, kind, lengths=lengths, key=k)
         if r:  # later restarts: random transitions, and jittered Poisson rates (their start is deterministic)
             m = ssmjax.HMM.random(num_states, m.emissions, key=k)
             if kind == "poisson":
@@ -253,16 +232,16 @@ def fit_program(args, data, y, cache_dir) -> FitResult | None:
             return None  # HMM.from_data says why
         num_classes = int(pooled.max()) + 1 if args.emissions == "categorical" else None
         options.update(emissions=args.emissions, states=args.states, num_classes=num_classes)
+        starts, tree = jax.tree.flatten(
+            initial_hmms(jax.random.key(args.seed), y, lengths, args.states, args.emissions, args.restarts))
 
-        def program(y, lengths, pooled, seed, tol):
-            def start(kind, k):
-                return hmm_start(kind, pooled, args.states, k, num_classes)
-
-            models = initial_hmms(jax.random.key(seed), args.states, args.emissions, args.restarts, start)
+        def program(y, lengths, tol, *starts):
+            models = jax.tree.unflatten(tree, starts)
             fitted, num_iters, status = em(models, y, lengths, tol, args.iters, options["pattern"])
             return {**_summary(fitted, y, lengths, True), "num_iters": num_iters, "status": status}
 
-        inputs = (y, lengths, pooled)
+        out = _cli_programs.run("fit-hmm", program, (y, lengths, np.float64(args.tol), *starts), options, cache_dir,
+                                while_loading=preload)
     else:
         options.update(state_dim=args.state_dim)
 
@@ -272,8 +251,8 @@ def fit_program(args, data, y, cache_dir) -> FitResult | None:
             return {**_summary(fitted, y, lengths, False), "num_iters": num_iters, "status": status}
 
         inputs = (y, lengths, *lgssm_basis(y, lengths, args.state_dim))
-    out = _cli_programs.run(f"fit-{args.model}", program, (*inputs, np.int64(args.seed), np.float64(args.tol)),
-                            options, cache_dir, while_loading=preload)
+        out = _cli_programs.run("fit-lgssm", program, (*inputs, np.int64(args.seed), np.float64(args.tol)),
+                                options, cache_dir, while_loading=preload)
     if args.restarts > 1:
         how = f"EM, best of {args.restarts} restarts"
     else:
@@ -297,10 +276,7 @@ def fit_reference(args, data, y) -> FitResult:
     key = jax.random.key(args.seed)
     lengths = data.lengths
     if args.model == "hmm":
-        def start(kind, k):
-            return ssmjax.HMM.from_data(y, args.states, kind, lengths=lengths, key=k)
-
-        models = initial_hmms(key, args.states, args.emissions, args.restarts, start)
+        models = initial_hmms(key, y, lengths, args.states, args.emissions, args.restarts)
     else:
         basis, var, mean = lgssm_basis(y, lengths, args.state_dim)
         models = initial_lgssms(key, basis, var, mean, args.state_dim, args.restarts)

@@ -157,17 +157,22 @@ def _demo_fits(counts: np.ndarray, flow: np.ndarray, cache_dir: str | None):
     (:mod:`ssmjax._cli_programs`); None where an EM run needs ``fit_em`` itself."""
     import jax
 
+    import ssmjax
+
     from . import _cli_fit, _cli_plot, _cli_programs
 
     counts = np.asarray(counts, np.float64)
     flow = np.asarray(flow, np.float64)
     patterns = (_cli_fit.em_pattern(counts[None, :, None], None), _cli_fit.em_pattern(flow[None, :, None], None))
 
-    def program(counts, flow, variance):
+    # the starts of fit_earthquake_hmms, computed on the host (HMM.from_data compiles nothing)
+    starts, tree = jax.tree.flatten([ssmjax.HMM.from_data(counts[None, :, None], k, "poisson", key=jax.random.key(0))
+                                     for k in _DEMO_STATES])
+
+    def program(counts, flow, variance, *starts):
         y = counts[None, :, None]
         quakes = []
-        for k in _DEMO_STATES:
-            start = _cli_fit.hmm_start("poisson", y[0], k, jax.random.key(0))
+        for k, start in zip(_DEMO_STATES, jax.tree.unflatten(tree, starts)):
             fitted, num_iters, status = _cli_fit.em([start], y, None, 1e-10, 500, patterns[0])
             quakes.append(dict(model=fitted, num_iters=num_iters, status=status,
                                arrays=_earthquake_arrays(fitted, y)))
@@ -179,7 +184,7 @@ def _demo_fits(counts: np.ndarray, flow: np.ndarray, cache_dir: str | None):
                     means=post.smoothed_means, covs=post.smoothed_covs)
         return {"quakes": quakes, "nile": nile}
 
-    out = _cli_programs.run("demo", program, (counts, flow, np.float64(np.var(flow))), {"patterns": patterns},
+    out = _cli_programs.run("demo", program, (counts, flow, np.float64(np.var(flow)), *starts), {"patterns": patterns},
                             cache_dir, while_loading=_cli_plot.preload)
     if any(_cli_fit.em_status(r["status"]) is None for r in (*out["quakes"], out["nile"])):
         return None

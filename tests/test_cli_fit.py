@@ -139,9 +139,9 @@ def test_every_fitted_parameter_is_printed_and_columns_are_kept_with_the_model(t
     """A Gaussian fit prints its means and covariances under the data's column names; the column
     names travel in the model file (``ssmjax.load_metadata``), so ``decode`` of a CSV without them is
     one line and exit 2, unless ``--columns`` picks others; ``--output`` naming a file fails before
-    any work. The fit, one exported program (what the cache keeps), finds what HMM.from_data,
-    fit_em and the model's methods find (for Gaussian emissions the program builds the start
-    itself: ssmjax._cli_fit.hmm_start)."""
+    any work. The fit, one exported program (what the cache keeps) started from the models
+    HMM.from_data computes on the host, finds what HMM.from_data, fit_em and the model's methods
+    find."""
     rng = np.random.default_rng(1)
     states = np.repeat(rng.integers(0, 2, 8), 10)
     data = np.c_[3.0 * states + rng.normal(size=80), -2.0 * states + rng.normal(size=80)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -511,6 +512,9 @@ def test_batched_e_step_of_a_ragged_batch_equals_per_sequence_e_steps(fam):
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
 def test_em_on_samples_reaches_at_least_the_true_models_likelihood(fam):
+    """EM's iterates never lose likelihood, and the best of four runs from ``HMM.from_data`` starts
+    (vmapped over keys: the initialisers' host callbacks) ends at least at the true model's likelihood.
+    One run from one start can end in a local maximum (tied Gaussian: for 9 keys in 30)."""
     rng = np.random.default_rng(3)
     true = ssmjax.HMM(
         jnp.asarray([0.5, 0.3, 0.2]), jnp.asarray([[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.1, 0.1, 0.8]]),
@@ -519,14 +523,16 @@ def test_em_on_samples_reaches_at_least_the_true_models_likelihood(fam):
     keys = jax.random.split(jax.random.key(0), 8)
     ys = np.stack([np.asarray(true.sample(150, key=k)[1]) for k in keys])
     if getattr(fam, "start_from_truth", False):
-        start = true
+        starts = eqx.filter_vmap(lambda _: true)(jnp.arange(1))  # the true model, stacked as one restart
     else:
-        start = ssmjax.HMM.from_data(ys, K, fam.emissions_type, key=jax.random.key(1))
-    fitted, lls, info = ssmjax.fit_em(start, ys, max_iters=200, tol=1e-10)
-    lls = np.asarray(lls)[: info.num_iters]
-    assert np.all(np.diff(lls) >= -1e-9 * np.abs(lls[1:]))
+        start = lambda k: ssmjax.HMM.from_data(ys, K, fam.emissions_type, key=k)  # noqa: E731
+        starts = eqx.filter_vmap(start)(jax.random.split(jax.random.key(1), 4))
+    _, scores, histories = ssmjax.fit_em_restarts(starts, ys, max_iters=200, tol=1e-10)
+    for lls in np.asarray(histories):
+        lls = lls[~np.isnan(lls)]
+        assert np.all(np.diff(lls) >= -1e-9 * np.abs(lls[1:]))
     true_ll = sum(float(true.marginal_loglik(jnp.asarray(y))) for y in ys)
-    assert lls[-1] >= true_ll - 1e-6 * abs(true_ll)
+    assert float(np.max(scores)) >= true_ll - 1e-6 * abs(true_ll)
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=IDS)

@@ -247,9 +247,8 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
         for each next seed, drawn with probability proportional to their squared
         distance to the nearest seed; the one lowering the k-means potential most
         is kept), refined by at most ``num_iters`` Lloyd iterations (an empty cluster
-        keeps its centre). Of three such runs, on at most 16384 rows drawn at random,
-        the one with the least within-cluster sum of squares is kept, and every row
-        joins its nearest centre. Each state's covariance is its cluster's covariance
+        keeps its centre), on at most 16384 rows drawn at random; every row then joins
+        its nearest centre. Each state's covariance is its cluster's covariance
         shrunk toward the pooled covariance with the weight of ``D + 1``
         pseudo-points, so small clusters still get well-conditioned covariances.
         The clustering runs on the host (NumPy and SciPy, seeded from ``key``), also
