@@ -64,7 +64,8 @@ def initial_hmms(key, y, lengths, num_states, emissions_type, restarts):
 
     kind = _family_name(emissions_type)
     models = []
-    for r, k in enumerate(jax.random.split(key, restarts)):
+    # one start takes the key itself: nothing to compile before the command's program
+    for r, k in enumerate([key] if restarts == 1 else jax.random.split(key, restarts)):
         m = ssmjax.HMM.from_data(y, num_states, kind, lengths=lengths, key=k)
         if r:  # later restarts: random transitions, and jittered Poisson rates (their start is deterministic)
             m = ssmjax.HMM.random(num_states, m.emissions, key=k)
