@@ -227,12 +227,9 @@ def fit_program(args, data, y, cache_dir) -> FitResult | None:
     lengths = np.asarray(data.lengths)
     options = dict(model=args.model, iters=args.iters, restarts=args.restarts, pattern=em_pattern(y, lengths))
     if args.model == "hmm":
-        mask = np.arange(y.shape[1])[None, :] < lengths[:, None]
-        pooled = y[mask]
-        if pooled.shape[0] < args.states:
+        if int(lengths.sum()) < args.states:
             return None  # HMM.from_data says why
-        num_classes = int(pooled.max()) + 1 if args.emissions == "categorical" else None
-        options.update(emissions=args.emissions, states=args.states, num_classes=num_classes)
+        options.update(emissions=args.emissions, states=args.states)  # the starts' shapes give the rest
         starts, tree = jax.tree.flatten(
             initial_hmms(jax.random.key(args.seed), y, lengths, args.states, args.emissions, args.restarts))
 

@@ -100,18 +100,26 @@ def _earthquake_result(k, fitted, iterations, rates, transition, loglik, batch_l
 
 def fit_earthquake_hmms(counts: np.ndarray, state_counts=_DEMO_STATES):
     """EM fits of Poisson HMMs with quantile starting values; returns a list of dicts."""
-    import jax
     import jax.numpy as jnp
 
     import ssmjax
 
     y = jnp.asarray(counts, jnp.float64)[None, :, None]
     results = []
-    for k in state_counts:
-        start = ssmjax.HMM.from_data(y, k, "poisson", key=jax.random.key(0))
+    for k, start in zip(state_counts, _earthquake_starts(counts, state_counts)):
         fitted, lls, info = ssmjax.fit_em(start, y, max_iters=500, tol=1e-10)
         results.append(_earthquake_result(k, fitted, info.num_iters, **_earthquake_arrays(fitted, y)))
     return results
+
+
+def _earthquake_starts(counts: np.ndarray, state_counts=_DEMO_STATES):
+    """The Poisson HMMs' starting models (quantile rates), computed on the host: nothing to compile."""
+    import jax
+
+    import ssmjax
+
+    return [ssmjax.HMM.from_data(np.asarray(counts, np.float64)[None, :, None], k, "poisson", key=jax.random.key(0))
+            for k in state_counts]
 
 
 def _nile_start(variance):
@@ -157,17 +165,13 @@ def _demo_fits(counts: np.ndarray, flow: np.ndarray, cache_dir: str | None):
     (:mod:`ssmjax._cli_programs`); None where an EM run needs ``fit_em`` itself."""
     import jax
 
-    import ssmjax
-
     from . import _cli_fit, _cli_plot, _cli_programs
 
     counts = np.asarray(counts, np.float64)
     flow = np.asarray(flow, np.float64)
     patterns = (_cli_fit.em_pattern(counts[None, :, None], None), _cli_fit.em_pattern(flow[None, :, None], None))
 
-    # the starts of fit_earthquake_hmms, computed on the host (HMM.from_data compiles nothing)
-    starts, tree = jax.tree.flatten([ssmjax.HMM.from_data(counts[None, :, None], k, "poisson", key=jax.random.key(0))
-                                     for k in _DEMO_STATES])
+    starts, tree = jax.tree.flatten(_earthquake_starts(counts))  # the program's inputs (not exportable)
 
     def program(counts, flow, variance, *starts):
         y = counts[None, :, None]
