@@ -113,6 +113,42 @@ def test_m_step_is_weighted_least_squares(frozen):
         assert_allclose(getattr(new, name)[2], getattr(model, name)[2], rtol=0)
 
 
+def test_from_data_start_is_weighted_least_squares_and_traces():
+    """The start's regressions are conditionals of weighted Gaussian moments: equal to weighted least
+    squares (NumPy's lstsq) with the same weights; ``from_data`` under ``vmap`` over keys (its host
+    arithmetic through a callback) gives the eager call's start, key by key."""
+    from ssmjax._hmm.emissions.regression import _conditional_regressions
+
+    rng = np.random.default_rng(3)
+    n = 80
+    y, u = rng.normal(size=(n, D)), rng.normal(size=(n, P))
+    weights = rng.dirichlet(np.ones(2), size=n)
+    rows = np.concatenate([y, u], axis=1)
+    totals = weights.sum(0)
+    means = weights.T @ rows / totals[:, None]
+    covs = np.stack([((rows - m).T * w) @ (rows - m) for m, w in zip(means, weights.T)]) / totals[:, None, None]
+    w_fit, b_fit, cov_fit = _conditional_regressions(means, covs, D)
+    for k in range(2):
+        w_k, b_k, cov_k = _weighted_lstsq(y, u, weights[:, k], True, True, np.zeros((D, P)), np.zeros(D))
+        assert_allclose(w_fit[k], w_k, rtol=1e-10, atol=1e-12)
+        assert_allclose(b_fit[k], b_k, rtol=1e-10, atol=1e-12)
+        assert_allclose(cov_fit[k], cov_k, rtol=1e-10, atol=1e-12)
+
+    ys, us = jnp.asarray(rng.normal(size=(3, 40, D))), jnp.asarray(rng.normal(size=(3, 40, P)))
+    keys = jax.random.split(jax.random.key(0), 2)
+    starts = [
+        lambda k: ssmjax.LinearRegressionEmissions.from_data(ys, us, K, key=k),
+        lambda k: ssmjax.AutoregressiveEmissions.from_data(ys, K, num_lags=2, inputs=us, key=k),
+    ]
+    for start in starts:
+        traced = eqx.filter_vmap(start)(keys)
+        for i, key in enumerate(keys):
+            eager = start(key)
+            for name in ("weights", "biases", "chol_covs"):
+                assert_allclose(getattr(traced, name)[i], getattr(eager, name), rtol=1e-12)
+        assert not np.allclose(traced.weights[0], traced.weights[1])  # the keys' k-means differ
+
+
 def test_em_recovers_a_switching_regression_and_batches_like_single_sequences():
     rng = np.random.default_rng(3)
     true = ssmjax.HMM(

@@ -41,19 +41,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Shaped
+from scipy.linalg import solve_triangular
+from scipy.special import softmax
 
 from ... import _checks
-from ..._fit.compiler import fast_compile_jit
 from ..._padding import unpad
 from .base import AbstractExponentialFamilyEmissions, _at_real_steps, _check_weights, _keep_where_empty
 from .gaussian import _check_min_variance, _cholesky_field
 from .gaussian_ops import (
     _UNROLLED_SOLVE_MAX_DIM,
     _gaussian_full_log_prob,
-    _gaussian_init,
+    _kmeans_host,
     _sym_cholesky,
     _unrolled_gaussian_log_density,
 )
+from .host import generator, key_seed, on_host
 
 
 class RegressionStats(NamedTuple):
@@ -336,23 +338,23 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
 
     @classmethod
     def _from_rows(cls, rows, num_states: int, num_covariates: int, extra, *, min_variance, key):
-        """k-means on the pooled rows ``[y, x]`` (observed steps only), responsibilities from the
-        clusters' Gaussians (as :meth:`ssmjax.GaussianEmissions.from_data`), then one weighted
-        least-squares M-step."""
+        """The start of :meth:`from_data` from the pooled rows ``[y, x]`` (observed steps only):
+        :func:`_regression_start`, on the host."""
         rows = np.asarray(rows)
         rows = rows[~np.isnan(rows).any(axis=1)]
         if rows.shape[0] < num_states:
             raise ValueError(f"need at least num_states={num_states} observed steps to initialise; got {rows.shape[0]}.")
         dim = rows.shape[1] - num_covariates
         dtype = jnp.result_type(float)
-        start = cls(
-            weights=np.zeros((num_states, dim, num_covariates), dtype), biases=np.zeros((num_states, dim), dtype),
-            chol_covs=np.broadcast_to(np.eye(dim, dtype=dtype), (num_states, dim, dim)), min_variance=min_variance, **extra,
-        )
-        rows = rows.astype(dtype)
-        centres, covs, _ = _gaussian_init(key, rows, 1e-6, num_states, 10)  # on the host
-        with _checks.value_checks(False):  # rows checked by the caller
-            return _initialise(start, *(_checks.to_device(a) for a in (rows, centres, _sym_cholesky(covs))))
+
+        def host(seed, points):
+            out = _regression_start(generator(seed), np.asarray(points, np.float64), dim, num_states)
+            return tuple(np.asarray(x, dtype) for x in out)
+
+        shapes = (jax.ShapeDtypeStruct((num_states, dim, num_covariates), dtype),
+                  jax.ShapeDtypeStruct((num_states, dim), dtype), jax.ShapeDtypeStruct((num_states, dim, dim), dtype))
+        weights, biases, chol = on_host(host, shapes, key_seed(key), rows)
+        return cls(weights=weights, biases=biases, chol_covs=chol, min_variance=min_variance, **extra)
 
     @classmethod
     @typing.no_type_check
@@ -366,7 +368,7 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
         min_variance: float = 1e-6,
         key: PRNGKeyArray,
     ) -> LinearRegressionEmissions:
-        """A starting model: k-means on the joined ``[y, x]`` rows, then one weighted least-squares step.
+        """A starting model: k-means on the joined ``[y, x]`` rows, then a least-squares fit within each cluster.
 
         Args:
             emissions: ``(T, D)`` or a padded batch ``(B, T, D)``.
@@ -395,12 +397,45 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
         return cls._from_rows(rows, num_states, inputs.shape[-1], {}, min_variance=min_variance, key=key)
 
 
-@fast_compile_jit
-def _initialise(start, rows, centres, chol):
-    """The clusters' responsibilities and the weighted least-squares step, one compiled program (run op
-    by op, they compiled dozens of kernels)."""
-    resp = jax.nn.softmax(jax.vmap(lambda r: _gaussian_full_log_prob(centres, chol, r))(rows), axis=-1)
-    return start.m_step_from_stats(start.suff_stats(rows, resp))
+def _gaussian_log_density(rows: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """``log N(row; mean, cov)`` of each row, in NumPy and SciPy."""
+    chol = np.linalg.cholesky(cov)
+    white = solve_triangular(chol, (rows - mean).T, lower=True)
+    return -0.5 * np.sum(white**2, axis=0) - np.log(np.diag(chol)).sum() - 0.5 * mean.size * np.log(2 * np.pi)
+
+
+def _regression_start(rng: np.random.Generator, rows: np.ndarray, dim: int, num_states: int):
+    """Weights ``(K, D, P)``, biases ``(K, D)`` and covariance Cholesky factors ``(K, D, D)`` of a
+    start, in NumPy and SciPy: k-means on the rows ``[y, x]`` (:func:`._kmeans_host`, as
+    :meth:`ssmjax.GaussianEmissions.from_data`), each row's responsibilities under the clusters'
+    Gaussians, and each state's weighted least-squares regression of ``y`` on ``[x, 1]``
+    (:func:`_conditional_regressions` of the weighted moments), each state's moments shrunk toward
+    the pooled ones by ``D + P + 1`` pseudo-rows (as the clusters' are), so that a state of few rows
+    still gets a well-posed start."""
+    centres, covs, _ = _kmeans_host(rng, rows, 1e-6, num_states, 10)
+    log_resp = np.stack([_gaussian_log_density(rows, c, s) for c, s in zip(centres, covs)], axis=-1)
+    resp = softmax(log_resp, axis=1)
+    prior = rows.shape[1] + 1.0
+    pooled_mean = rows.mean(axis=0)
+    centred = rows - pooled_mean
+    pooled = centred.T @ centred / rows.shape[0] + 1e-6 * np.eye(rows.shape[1])
+    totals = resp.sum(axis=0) + prior
+    means = (resp.T @ rows + prior * pooled_mean) / totals[:, None]
+    covs = np.stack([((rows - m).T * r) @ (rows - m) for m, r in zip(means, resp.T)])
+    weights, biases, covs = _conditional_regressions(means, (covs + prior * pooled) / totals[:, None, None], dim)
+    return weights, biases, _sym_cholesky(covs)
+
+
+def _conditional_regressions(means: np.ndarray, covs: np.ndarray, dim: int):
+    r"""Regressions ``(W, b, Σ)`` of ``y`` on ``x`` from Gaussians over ``[y, x]`` (``means``
+    ``(K, D + P)``, ``covs`` ``(K, D + P, D + P)``): each one's conditional,
+    :math:`W = \Sigma_{yx} \Sigma_{xx}^{-1}`, :math:`b = \mu_y - W \mu_x`,
+    :math:`\Sigma = \Sigma_{yy} - W \Sigma_{xy}`. For weighted moments of rows this is the weighted
+    least-squares fit of ``y`` on ``[x, 1]`` (the M-step's maximiser given those weights)."""
+    s_yy, s_yx, s_xx = covs[:, :dim, :dim], covs[:, :dim, dim:], covs[:, dim:, dim:]
+    weights = np.swapaxes(np.linalg.solve(s_xx, np.swapaxes(s_yx, -1, -2)), -1, -2)
+    biases = means[:, :dim] - np.einsum("kdp,kp->kd", weights, means[:, dim:])
+    return weights, biases, s_yy - weights @ np.swapaxes(s_yx, -1, -2)
 
 
 def _check_num_lags(num_lags) -> int:
@@ -528,7 +563,7 @@ class AutoregressiveEmissions(LinearRegressionEmissions):
         key: PRNGKeyArray,
     ) -> AutoregressiveEmissions:
         """A starting model: k-means on the rows ``[y_t, y_{t-1}, ..., y_{t-p}, u_t]`` of the modelled
-        steps, then one weighted least-squares step.
+        steps, then a least-squares fit within each cluster.
 
         Example:
             >>> import jax, ssmjax
