@@ -729,12 +729,17 @@ def backward(
 def pair_sums(filtered, v_next, layout: str = "TK", over_batch: bool = False):
     r""":math:`\sum_t` ``outer(filtered[t], v_{t+1})``: (K, K) for one sequence, (B, K, K) per
     sequence of a batch, or (K, K) summed over it too (``over_batch``). One matrix product of the
-    whole arrays (a batch's ``v_next`` is aligned with ``filtered`` by :func:`backward`)."""
+    whole arrays (a batch's ``v_next`` is aligned with ``filtered`` by :func:`backward`); summed over
+    the batch, one small product per step, then the sum over steps: a product contracting the time
+    and batch axes together transposes both arrays first, measured 2-13x slower on CPU (T = 1000,
+    K = 5-64, B = 64-256)."""
     if layout == "TK":
         return filtered[:-1].T @ v_next
     spec = layout.lower()
     lhs, rhs = spec.replace("k", "i"), spec.replace("k", "j")
-    return jnp.einsum(f"{lhs},{rhs}->{'' if over_batch else 'b'}ij", filtered, v_next)
+    if over_batch:
+        return jnp.sum(jnp.einsum(f"{lhs},{rhs}->tij", filtered, v_next), axis=0)
+    return jnp.einsum(f"{lhs},{rhs}->bij", filtered, v_next)
 
 
 # --------------------------------------------------------------------------- memory-lean gradient
