@@ -372,9 +372,9 @@ class _FullOrDiagonal(type(eqx.Module)):
 
 class _AbstractFullGaussian(AbstractGaussianEmissions):
     """The log-densities and sampler of the families with a full covariance per state (read
-    through ``chol_covs``, ``(K, D, D)``, whatever the storage)."""
-
-    chol_covs: eqx.AbstractVar[Float[Array, "K D D"]]
+    through ``chol_covs``, ``(K, D, D)``, whatever the storage: a field or a property of the
+    subclass; not an annotation here, which would make a property's value be computed whenever
+    an instance is built)."""
 
     @property
     def covs(self) -> Float[Array, "K D D"]:
@@ -421,9 +421,8 @@ class _AbstractFullGaussian(AbstractGaussianEmissions):
 
 class _AbstractDiagonalGaussian(AbstractGaussianEmissions):
     """The log-densities and sampler of the families with a diagonal covariance per state (read
-    through ``log_variances``, ``(K, D)``, whatever the storage)."""
-
-    log_variances: eqx.AbstractVar[Float[Array, "K D"]]
+    through ``log_variances``, ``(K, D)``, whatever the storage: a field or a property of the
+    subclass, as ``chol_covs`` of :class:`_AbstractFullGaussian`)."""
 
     @property
     def covs(self) -> Float[Array, "K D D"]:
