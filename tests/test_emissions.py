@@ -610,3 +610,19 @@ def test_float32_gaussian_stats_for_widely_separated_states(covariance, hard):
     scale = np.einsum("nk,nkd->kd", w, np.abs(diffs))
     assert np.all(np.abs(np.asarray(stats.weighted_sums) - expected_sums) <= 1e-5 * scale)
     np.testing.assert_allclose(stats.weighted_outer, expected_outer, rtol=2e-5)
+
+
+def test_no_field_is_shadowed_by_a_property():
+    """A dataclass field that a subclass provides as a property is read by equinox whenever an
+    instance is built (a broadcast compiled and run per construction): every public module's
+    fields are stored values."""
+    import dataclasses
+    import inspect
+
+    shadowed = {
+        name: [f.name for f in dataclasses.fields(cls) if isinstance(inspect.getattr_static(cls, f.name, None), property)]
+        for name, cls in vars(ssmjax).items()
+        if inspect.isclass(cls) and issubclass(cls, eqx.Module) and dataclasses.is_dataclass(cls)
+    }
+    assert not {k: v for k, v in shadowed.items() if v}
+    assert {f.name for f in dataclasses.fields(ssmjax.TiedGaussianEmissions)} == {"means", "chol_cov", "min_variance"}
