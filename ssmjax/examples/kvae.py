@@ -408,8 +408,9 @@ class KalmanVAE(eqx.Module):
             (x, _), _ = jax.lax.scan(step, (start, solver.init(start)), None, length=iterations)
             return x
 
-        # one start after another: vmapped, every start's line search would wait for the slowest
-        candidates = jnp.concatenate([starts, jnp.stack([refine(start) for start in starts])])
+        # one start after another (vmapped, every start's line search would wait for the slowest), as
+        # a loop over the starts: one copy of the solver in the program (unrolled, three compiled)
+        candidates = jnp.concatenate([starts, jax.lax.map(refine, starts)])
         values = jax.vmap(negative_log_density)(candidates)
         best = jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))
         return jnp.where(observed[:, None], a, candidates[best])
