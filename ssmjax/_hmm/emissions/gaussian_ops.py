@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 from scipy.cluster.vq import vq
+from scipy.linalg import solve_triangular
 from scipy.spatial.distance import cdist
+from scipy.special import softmax
 
 from .base import _keep_where_empty, _observed_entries
 from .host import generator, key_seed, on_host
@@ -222,18 +224,51 @@ def _kmeans_host(rng: np.random.Generator, x: np.ndarray, min_variance: float, n
     statsmodels migration page the best clustering splits the quarters by level, where the likelihood
     separates regimes by variance: EM from it ends 8.9 below the maximum for every key, and from one
     run's clusters it reaches the maximum for 19 keys in 40."""
-    n, d = x.shape
+    n = x.shape[0]
     sample = x if n <= _KMEANS_SAMPLE else x[rng.choice(n, _KMEANS_SAMPLE, replace=False)]
     centres = _kmeans(rng, sample, num_states, num_iters)
     assign = vq(x, centres, check_finite=False)[0]
-    counts = np.bincount(assign, minlength=num_states).astype(np.float64)
-    centred = x - x.mean(axis=0)
-    pooled = centred.T @ centred / n + min_variance * np.eye(d)
-    diffs = x - centres[assign]
-    scatter = np.stack([diffs[assign == k].T @ diffs[assign == k] for k in range(num_states)])
+    return _shrunk_moments(x, np.eye(num_states)[assign], min_variance, centres)
+
+
+def _shrunk_moments(x: np.ndarray, weights: np.ndarray, min_variance: float, centres: Optional[np.ndarray] = None):
+    """Per column of ``weights`` ``(N, K)``: centres ``(K, D)``, the weighted covariances of ``x`` ``(N, D)``
+    about them ``(K, D, D)`` and the total weights ``(K,)``, each shrunk toward the pooled moments with
+    the weight of ``D + 1`` pseudo-rows (a state of few rows still gets well-conditioned covariances).
+    ``centres`` None: the weighted means (shrunk too); given (k-means'): kept as they are."""
+    n, d = x.shape
     prior = d + 1.0
-    covs = (scatter + prior * pooled) / (counts + prior)[:, None, None]
-    return centres, 0.5 * (covs + np.swapaxes(covs, -1, -2)), counts + prior
+    mean = x.mean(axis=0)
+    pooled = (x - mean).T @ (x - mean) / n + min_variance * np.eye(d)
+    totals = weights.sum(axis=0) + prior
+    if centres is None:
+        centres = (weights.T @ x + prior * mean) / totals[:, None]
+    scatter = np.empty((len(totals), d, d))
+    for k, (centre, w) in enumerate(zip(centres, weights.T)):
+        rows = w > 0  # a cluster's rows only, for hard assignments
+        diffs = x[rows] - centre
+        scatter[k] = (diffs.T * w[rows]) @ diffs
+    covs = (scatter + prior * pooled) / totals[:, None, None]
+    return centres, 0.5 * (covs + np.swapaxes(covs, -1, -2)), totals
+
+
+def _gaussian_log_densities(x: np.ndarray, means: np.ndarray, covs: np.ndarray) -> np.ndarray:
+    """``log N(x_n; means_k, covs_k)`` ``(N, K)`` of rows ``x`` ``(N, D)``, in NumPy and SciPy (the host
+    initialisers' responsibilities)."""
+    out = np.empty((x.shape[0], len(means)))
+    for k, (mean, cov) in enumerate(zip(means, covs)):
+        chol = np.linalg.cholesky(cov)
+        white = solve_triangular(chol, (x - mean).T, lower=True)
+        out[:, k] = -0.5 * np.sum(white**2, axis=0) - np.log(np.diag(chol)).sum() - 0.5 * mean.size * np.log(2 * np.pi)
+    return out
+
+
+def _soft_clusters(rng: np.random.Generator, x: np.ndarray, num_states: int, num_iters: int) -> np.ndarray:
+    """Responsibilities ``(N, K)`` of rows ``x`` under the Gaussians of their k-means clusters
+    (:func:`_kmeans_host`), in NumPy (float64): the regression and GLM families' starts."""
+    x = np.asarray(x, np.float64)
+    centres, covs, _ = _kmeans_host(rng, x, 1e-6, num_states, num_iters)
+    return softmax(_gaussian_log_densities(x, centres, covs), axis=1)
 
 
 def _kmeans(rng: np.random.Generator, x: np.ndarray, num_states: int, num_iters: int) -> np.ndarray:

@@ -49,7 +49,8 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real, Sh
 from ... import _checks
 from ..._newton import finite_or_zero, safeguarded_newton
 from .base import AbstractExponentialFamilyEmissions, AbstractStepStats, _as_mask, _at_real_steps, _check_weights
-from .gaussian_ops import _gaussian_full_log_prob, _gaussian_init, _sym_cholesky
+from .gaussian_ops import _soft_clusters
+from .host import generator, key_seed, on_host
 from .regression import _finite, _pooled
 
 
@@ -375,20 +376,19 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
         features = np.concatenate([level, x], axis=1)
         spread = np.std(features, axis=0)
         features = (features - features.mean(0)) / np.where(spread > 0, spread, 1.0)
-        centres, covs, _ = _gaussian_init(key, features, 1e-6, num_states, 10)
-        args = (np.concatenate([y, x], axis=1), features, centres, _sym_cholesky(covs))
+        shape = jax.ShapeDtypeStruct((features.shape[0], num_states), dtype)
+        resp = on_host(lambda seed, f: _soft_clusters(generator(seed), f, num_states, 10).astype(dtype), shape,
+                       key_seed(key), features)
         with _checks.value_checks(False):  # rows checked above
-            return _initialise(start, *(_checks.to_device(a) for a in args))
+            return _initialise(start, _checks.to_device(np.concatenate([y, x], axis=1)), _checks.to_device(resp))
 
 
 @eqx.filter_jit
-def _initialise(start, rows, features, centres, chol):
-    """The clusters' responsibilities and one M-step, one compiled program (op by op, they compiled
-    dozens of kernels)."""
+def _initialise(start, rows, resp):
+    """The start from the clusters' responsibilities ``resp``: their intercepts and one M-step, one
+    compiled program (op by op, it compiled dozens of kernels)."""
     y, x, observed = start._split(rows)
-    num_states = start.num_states
-    resp = jax.nn.softmax(jax.vmap(lambda r: _gaussian_full_log_prob(centres, chol, r))(features), axis=-1)
-    resp = 0.5 * resp + 0.5 / num_states
+    resp = 0.5 * resp + 0.5 / start.num_states
     obs = observed.astype(rows.dtype)
     means = (resp.T @ y) / (resp.T @ obs)  # (K, D); every column has an observed entry
     start = eqx.tree_at(lambda m: m.biases, start, start._link(means))

@@ -41,8 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Shaped
-from scipy.linalg import solve_triangular
-from scipy.special import softmax
 
 from ... import _checks
 from ..._padding import unpad
@@ -51,7 +49,8 @@ from .gaussian import _check_min_variance, _cholesky_field
 from .gaussian_ops import (
     _UNROLLED_SOLVE_MAX_DIM,
     _gaussian_full_log_prob,
-    _kmeans_host,
+    _shrunk_moments,
+    _soft_clusters,
     _sym_cholesky,
     _unrolled_gaussian_log_density,
 )
@@ -397,32 +396,16 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
         return cls._from_rows(rows, num_states, inputs.shape[-1], {}, min_variance=min_variance, key=key)
 
 
-def _gaussian_log_density(rows: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    """``log N(row; mean, cov)`` of each row, in NumPy and SciPy."""
-    chol = np.linalg.cholesky(cov)
-    white = solve_triangular(chol, (rows - mean).T, lower=True)
-    return -0.5 * np.sum(white**2, axis=0) - np.log(np.diag(chol)).sum() - 0.5 * mean.size * np.log(2 * np.pi)
-
-
 def _regression_start(rng: np.random.Generator, rows: np.ndarray, dim: int, num_states: int):
     """Weights ``(K, D, P)``, biases ``(K, D)`` and covariance Cholesky factors ``(K, D, D)`` of a
-    start, in NumPy and SciPy: k-means on the rows ``[y, x]`` (:func:`._kmeans_host`, as
-    :meth:`ssmjax.GaussianEmissions.from_data`), each row's responsibilities under the clusters'
-    Gaussians, and each state's weighted least-squares regression of ``y`` on ``[x, 1]``
-    (:func:`_conditional_regressions` of the weighted moments), each state's moments shrunk toward
-    the pooled ones by ``D + P + 1`` pseudo-rows (as the clusters' are), so that a state of few rows
-    still gets a well-posed start."""
-    centres, covs, _ = _kmeans_host(rng, rows, 1e-6, num_states, 10)
-    log_resp = np.stack([_gaussian_log_density(rows, c, s) for c, s in zip(centres, covs)], axis=-1)
-    resp = softmax(log_resp, axis=1)
-    prior = rows.shape[1] + 1.0
-    pooled_mean = rows.mean(axis=0)
-    centred = rows - pooled_mean
-    pooled = centred.T @ centred / rows.shape[0] + 1e-6 * np.eye(rows.shape[1])
-    totals = resp.sum(axis=0) + prior
-    means = (resp.T @ rows + prior * pooled_mean) / totals[:, None]
-    covs = np.stack([((rows - m).T * r) @ (rows - m) for m, r in zip(means, resp.T)])
-    weights, biases, covs = _conditional_regressions(means, (covs + prior * pooled) / totals[:, None, None], dim)
+    start, in NumPy and SciPy: each row's responsibilities under the Gaussians of k-means clusters of
+    the rows ``[y, x]`` (:func:`._soft_clusters`), then each state's weighted least-squares regression
+    of ``y`` on ``[x, 1]`` (:func:`_conditional_regressions` of the weighted moments), the moments
+    shrunk toward the pooled ones by ``D + P + 1`` pseudo-rows (:func:`._shrunk_moments`), so that a
+    state of few rows still gets a well-posed start."""
+    resp = _soft_clusters(rng, rows, num_states, 10)
+    means, covs, _ = _shrunk_moments(rows, resp, 1e-6)
+    weights, biases, covs = _conditional_regressions(means, covs, dim)
     return weights, biases, _sym_cholesky(covs)
 
 
