@@ -120,14 +120,13 @@ def fit_table(d):
         "",
         _header(d),
         "",
-        f"Gaussian HMM EM: {h['config']}. Final log-likelihoods are all evaluated by ssmjax's exact filter.",
+        f"Gaussian HMM EM: {h['config']}. Final log-likelihoods by ssmjax's exact filter.",
     ]
     repeats = d.get("repeats", 1)
     if repeats > 1:
         lines += [
             "",
-            f"{repeats} fresh-process runs; speed-ups are formed within each run (listed) and the column is "
-            "their median.",
+            f"{repeats} fresh-process runs; speed-ups formed within each run (listed), the column their median.",
         ]
     lines += [
         "",
@@ -382,11 +381,10 @@ def families_table(d):
         "",
         _header(d),
         "",
-        f"K = {st['K']}, B = {st['B']}, T = {st['T']}, {st['iters']} iterations, float32; each library from its own "
-        "initialisation; first call = initialisation + fit, compilation included (s)"
+        f"K = {st['K']}, B = {st['B']}, T = {st['T']}, {st['iters']} iterations, float32; first call = "
+        "each library's initialisation + fit, with compiling (s)"
         + (f"; median of {st['repeats']} processes." if st.get("repeats", 1) > 1 else ".")
-        + " E-step only: ssmjax's fit with the emissions frozen, its initialisation untimed (the compiled"
-        " forward-backward pass and transition update that every family's first call includes).",
+        + " E-step only: ssmjax with the emissions frozen, initialisation untimed.",
         "",
         "| family | ssmjax first / compiled | E-step only | dynamax first / compiled | × dynamax | hmmlearn | × hmmlearn |",
         "|---|---|---|---|---|---|---|",
