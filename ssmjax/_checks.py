@@ -158,6 +158,18 @@ def check_shape_options(
     raise ValueError(f"`{name}` must have shape {alternatives}{what}; got shape {_fmt_shape(shape)}.")
 
 
+def is_positive_int(value: object) -> bool:
+    """Whether ``value`` is a positive integer (Python or NumPy; not a bool)."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer)) and bool(value >= 1)
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as a Python int if :func:`is_positive_int`, else a ``ValueError`` naming ``name``."""
+    if not is_positive_int(value):
+        raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
+    return int(value)
+
+
 def is_non_negative_number(value: object) -> bool:
     """Whether ``value`` is a finite real scalar at least 0 (Python, NumPy or JAX; not a bool)."""
     value = np.asarray(value)

@@ -118,9 +118,7 @@ def _prepare_batch(states, lengths, num_states):
             raise ValueError("`num_states` must be given when `states` is traced (under jit/vmap).")
         valid = np.arange(num_timesteps)[None, :] < _checks.host_copy(lengths)[:, None]
         num_states = int(_checks.host_copy(states)[valid].max()) + 1
-    if not isinstance(num_states, (int, np.integer)) or num_states < 1:
-        raise ValueError(f"`num_states` must be a positive int; got {num_states!r}.")
-    num_states = int(num_states)
+    num_states = _checks.positive_int("num_states", num_states)
     xp, lengths_v = _checks.host_arrays(lengths)
     valid = xp.arange(num_timesteps)[None, :] < lengths_v[:, None]
     states = _check_states("states", states, num_states, valid)
@@ -316,9 +314,8 @@ class MarkovChain(eqx.Module):
             >>> chain.sample(6, key=jax.random.key(0)).shape
             (6,)
         """
-        if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
-            raise ValueError(f"`num_timesteps` must be a positive int; got {num_timesteps!r}.")
-        return _sample(self.initial_probs, self.transition_matrix, key, int(num_timesteps))
+        num_timesteps = _checks.positive_int("num_timesteps", num_timesteps)
+        return _sample(self.initial_probs, self.transition_matrix, key, num_timesteps)
 
     @classmethod
     @typing.no_type_check

@@ -287,3 +287,32 @@ def test_batch_log_likelihood_runs_under_jit_with_traced_lengths():
         # the first bad position is found in a host callback; XLA reports its error as either type
         with pytest.raises((jax.errors.JaxRuntimeError, ValueError), match=r"lengths\[1\]"):
             jitted(ys, jnp.array([3, 4])).block_until_ready()
+
+
+def test_count_arguments_accept_numpy_ints_and_name_themselves_when_not_positive_ints():
+    """Every count argument goes through one check: a Python or NumPy integer >= 1 is accepted (and used
+    as a Python int), anything else (0, a negative, a float, a bool, a string) is a ValueError naming it."""
+    import optax
+
+    key = jax.random.key(0)
+    pi, a, ll = np.array([0.5, 0.5]), np.array([[0.9, 0.1], [0.2, 0.8]]), np.zeros((6, 2))
+    counts = np.random.default_rng(0).poisson(3.0, size=(2, 20, 1)).astype(float)
+    hmm = ssmjax.HMM.from_data(counts, 2, "poisson", key=key)
+    lgssm = ssmjax.LGSSM(initial_mean=np.zeros(1), initial_cov=np.eye(1), transition_matrix=0.9 * np.eye(1),
+                         transition_cov=np.eye(1), emission_matrix=np.eye(1), emission_cov=np.eye(1))
+    calls = {
+        "max_iters": lambda n: ssmjax.fit_em(hmm, counts, max_iters=n),
+        "num_steps": lambda n: ssmjax.fit_sgd(hmm, counts, optax.adam(1e-2), num_steps=n),
+        "checkpoint_every": lambda n: ssmjax.fit_em(hmm, counts, max_iters=1, checkpoint_every=n),
+        "num_timesteps": lambda n: hmm.sample(n, key=key),
+        "lgssm num_timesteps": lambda n: ssmjax.lgssm_sample(lgssm, n, key=key),
+        "predict num_steps": lambda n: ssmjax.hmm_predict(pi, a, ll, num_steps=n),
+        "chain num_timesteps": lambda n: ssmjax.MarkovChain(initial_probs=pi, transition_matrix=a).sample(n, key=key),
+        "num_restarts": lambda n: ssmjax.select_num_states(counts, [2], "poisson", num_restarts=n, num_folds=2, key=key),
+    }
+    for label, call in calls.items():
+        name = label.split()[-1]
+        for bad in (0, -2, 2.0, True, "2"):
+            with pytest.raises(ValueError, match=f"`{name}` must be a positive int; got {bad!r}"):
+                call(bad)
+        call(np.int64(2))  # a NumPy integer works like a Python one

@@ -446,6 +446,46 @@ def test_shape_and_dtype_errors_name_the_argument():
         ssmjax.PoissonEmissions()
 
 
+_INITIALISERS = {  # every emission initialiser that takes a number of states, called with K = n
+    "bernoulli.random": lambda n, y, u, key: ssmjax.BernoulliEmissions.random(n, 2, key=key),
+    "bernoulli.from_data": lambda n, y, u, key: ssmjax.BernoulliEmissions.from_data((y > 0).astype(float), n, key=key),
+    "categorical.random": lambda n, y, u, key: ssmjax.CategoricalEmissions.random(n, 3, key=key),
+    "categorical.from_data": lambda n, y, u, key: ssmjax.CategoricalEmissions.from_data(
+        (y[:, 0] > 0).astype(int), n, 2, key=key),
+    "gamma.random": lambda n, y, u, key: ssmjax.GammaEmissions.random(n, 2, key=key),
+    "gamma.from_data": lambda n, y, u, key: ssmjax.GammaEmissions.from_data(np.abs(y) + 0.1, n, key=key),
+    "gaussian.random": lambda n, y, u, key: ssmjax.GaussianEmissions.random(n, 2, key=key),
+    "gaussian.from_data": lambda n, y, u, key: ssmjax.GaussianEmissions.from_data(y, n, key=key),
+    "gmm.from_data": lambda n, y, u, key: ssmjax.GaussianMixtureEmissions.from_data(y, n, key=key),
+    "multinomial.random": lambda n, y, u, key: ssmjax.MultinomialEmissions.random(n, 3, 5, key=key),
+    "multinomial.from_data": lambda n, y, u, key: ssmjax.MultinomialEmissions.from_data(
+        np.stack([np.full(len(y), 2), np.full(len(y), 3)], 1), n, key=key),
+    "poisson.random": lambda n, y, u, key: ssmjax.PoissonEmissions.random(n, 2, key=key),
+    "poisson.from_data": lambda n, y, u, key: ssmjax.PoissonEmissions.from_data(np.round(np.abs(y)), n, key=key),
+    "student_t.random": lambda n, y, u, key: ssmjax.StudentTEmissions.random(n, 2, key=key),
+    "student_t.from_data": lambda n, y, u, key: ssmjax.StudentTEmissions.from_data(y, n, key=key),
+    "linear_regression.from_data": lambda n, y, u, key: ssmjax.LinearRegressionEmissions.from_data(y[None], u[None], n, key=key),
+    "poisson_regression.from_data": lambda n, y, u, key: ssmjax.PoissonRegressionEmissions.from_data(
+        np.round(np.abs(y[None, :, :1])), u[None], n, key=key),
+    "autoregressive.from_data": lambda n, y, u, key: ssmjax.AutoregressiveEmissions.from_data(y[None], n, key=key),
+    "HMM.from_data": lambda n, y, u, key: ssmjax.HMM.from_data(y[None], n, "gaussian", key=key),
+    "select_num_states": lambda n, y, u, key: ssmjax.select_num_states(y[None], [n], "gaussian", key=key),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_INITIALISERS))
+def test_every_initialiser_checks_the_number_of_states(name):
+    rng = np.random.default_rng(0)
+    y, u, key = rng.normal(size=(40, 2)), rng.normal(size=(40, 2)), jax.random.key(0)
+    start = _INITIALISERS[name]
+    message = "`num_states` must hold positive ints" if name == "select_num_states" else "`num_states` must be a positive int"
+    for bad in (0, -1, 2.5, np.float64(2.0), True, "2"):
+        with pytest.raises(ValueError, match=message):
+            start(bad, y, u, key)
+    if name != "select_num_states":  # a NumPy integer is a number of states like a Python one
+        assert start(np.int64(2), y, u, key).num_states == 2
+
+
 def test_value_errors_eager_and_under_jit():
     rng = np.random.default_rng(13)
     models = _models(rng)

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from .. import _io
-from .._checks import host_arrays
+from .._checks import host_arrays, positive_int
 
 _MAGIC = "ssmjax-checkpoint"
 _VERSION = 1
@@ -35,9 +35,7 @@ def check_every(checkpoint, every) -> int:
     """``every`` as a positive int (the iterations between two writes)."""
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise ValueError(f"`checkpoint` must be a file path or None; got {type(checkpoint).__name__}.")
-    if not isinstance(every, (int, np.integer)) or isinstance(every, bool) or every < 1:
-        raise ValueError(f"`checkpoint_every` must be a positive int; got {every!r}.")
-    return int(every)
+    return positive_int("checkpoint_every", every)
 
 
 def fingerprint(emissions, lengths, inputs) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Shaped
 
 from .. import _deprecation
-from .._checks import host_arrays, is_non_negative_number, to_device, value_checks
+from .._checks import host_arrays, is_non_negative_number, positive_int, to_device, value_checks
 from . import checkpoint as _checkpoint
 from . import progress as _progress
 from .compiler import fast_compile_jit
@@ -237,15 +237,14 @@ def _prepare(model, emissions, lengths, inputs, max_iters, tol, frozen, prior=No
         raise ValueError(
             f"`model` must be an ssmjax model (HMM, LGSSM, ...); got {type(model).__name__}."
         )
-    if not isinstance(max_iters, (int, np.integer)) or max_iters < 1:
-        raise ValueError(f"`max_iters` must be a positive int; got {max_iters!r}.")
+    max_iters = positive_int("max_iters", max_iters)
     if tol is not None and not is_non_negative_number(tol):
         raise ValueError(f"`tol` must be a non-negative number, or None to run every iteration; got {tol!r}.")
     frozen = check_frozen(model, frozen)
     model._check_em(frozen)
     model._check_prior(prior)
     emissions, lengths, inputs = model._check_batch(emissions, lengths, inputs)
-    return emissions, lengths, inputs, int(max_iters), frozen, _batch_pattern(emissions, lengths)
+    return emissions, lengths, inputs, max_iters, frozen, _batch_pattern(emissions, lengths)
 
 
 def _tol_array(tol):

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree, Shaped
 
-from .._checks import to_device, value_checks
+from .._checks import positive_int, to_device, value_checks
 from . import checkpoint as _checkpoint
 from . import progress as _progress
 from .protocol import AbstractFittableModel, Model, check_frozen
@@ -155,8 +155,7 @@ def fit_sgd(
             f"`optimizer` must be an optax.GradientTransformation (e.g. optax.adam(1e-2)); "
             f"got {type(optimizer).__name__}."
         )
-    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"`num_steps` must be a positive int; got {num_steps!r}.")
+    num_steps = positive_int("num_steps", num_steps)
     every = _checkpoint.check_every(checkpoint, checkpoint_every)
     frozen = check_frozen(model, frozen)
     model._check_prior(prior)
@@ -177,7 +176,6 @@ def fit_sgd(
     is_frozen = lambda k: k in frozen or any(k.startswith(f + ".") for f in frozen)  # noqa: E731
     trainable = {k: v for k, v in params.items() if not is_frozen(k)}
     fixed = {k: v for k, v in params.items() if is_frozen(k)}
-    num_steps = int(num_steps)
     losses = np.full((num_steps,), np.nan, np.dtype(jnp.result_type(float)))
     done, skipped, opt_state = 0, 0, None
     if checkpoint is not None:

@@ -424,7 +424,7 @@ def hmm_predict(
     ``L - 1`` (``L = length``), whatever the padding holds.
 
     Args:{args}
-        num_steps: horizon ``H`` (positive Python int).
+        num_steps: horizon ``H`` (positive int).
         future_transition_matrix: transitions beyond the data, shape (K, K) or (H, K, K).
             Defaults to ``transition_matrix`` when that is stationary; **required**
             when ``transition_matrix`` is time-varying (its entries cover only the
@@ -446,8 +446,7 @@ def hmm_predict(
         >>> ssmjax.hmm_predict(pi, A, ll, num_steps=4).shape
         (4, 2)
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"`num_steps` must be a positive Python int; got {num_steps!r}.")
+    num_steps = _checks.positive_int("num_steps", num_steps)
     pi, trans, ll, n = validate(initial_probs, transition_matrix, log_likelihoods, length)
     num_states = ll.shape[1]
     if future_transition_matrix is None:
@@ -512,8 +511,8 @@ def hmm_strategy(
     """
     if function not in ("filter", "smoother"):
         raise ValueError(f"`function` must be 'filter' or 'smoother'; got {function!r}.")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"`batch_size` must be a positive Python int or None; got {batch_size!r}.")
+    if batch_size is not None:
+        batch_size = _checks.positive_int("batch_size", batch_size)
     _, trans, ll, _ = validate(initial_probs, transition_matrix, log_likelihoods, None)
     return select_strategy(function, ll.shape[1], trans.ndim == 3, parallel, batch_size, model_batched)
 

@@ -51,6 +51,7 @@ INPUT_FAMILIES = (LinearRegressionEmissions, PoissonRegressionEmissions, Bernoul
 def from_data(cls, emissions, num_states, emissions_type, *, lengths, inputs, stay_prob, num_classes, num_lags,
               structure, max_jump, key):
     """``cls.from_data``'s model (arguments as documented there)."""
+    num_states = _checks.positive_int("num_states", num_states)
     emissions = _checks.host_copy(emissions)
     lengths = None if lengths is None else _checks.host_copy(lengths)
     inputs = None if inputs is None else _checks.host_copy(inputs)
@@ -95,8 +96,7 @@ def start_log_probs(num_states: int, structure: str, max_jump: int, stay_prob: f
         allowed = np.ones((num_states, num_states), bool)
         initial = np.full(num_states, 1.0 / num_states)
     elif structure == "left-right":
-        if not isinstance(max_jump, int) or max_jump < 1:
-            raise ValueError(f"`max_jump` must be a positive int; got {max_jump!r}.")
+        max_jump = _checks.positive_int("max_jump", max_jump)
         steps = np.arange(num_states)[None, :] - np.arange(num_states)[:, None]
         allowed = (steps >= 0) & (steps <= max_jump)
         initial = np.eye(num_states)[0]

@@ -414,12 +414,11 @@ class HMM(AbstractFittableModel):
             >>> states.shape, counts.shape
             ((20,), (20, 1))
         """
-        if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
-            raise ValueError(f"`num_timesteps` must be a positive int; got {num_timesteps!r}.")
+        num_timesteps = _checks.positive_int("num_timesteps", num_timesteps)
         # One compiled program (an eager call would compile every primitive of the
         # samplers separately: seconds on first use).
-        inputs = self._check_inputs(inputs, int(num_timesteps))
-        return _sample_jit(self, key, int(num_timesteps), inputs)
+        inputs = self._check_inputs(inputs, num_timesteps)
+        return _sample_jit(self, key, num_timesteps, inputs)
 
     # --------------------------------------------------------- initialisers
     @classmethod

@@ -115,15 +115,15 @@ def select_num_states(
     """
     from_data_kwargs = dict(from_data_kwargs or {})
     emissions = _checks.host_copy(emissions)
-    candidates = np.asarray([int(k) for k in num_states])
-    if candidates.size == 0 or np.any(candidates < 1):
-        raise ValueError(f"`num_states` must hold positive ints; got {list(num_states)!r}.")
+    values = list(num_states)
+    if not values or not all(_checks.is_positive_int(k) for k in values):
+        raise ValueError(f"`num_states` must hold positive ints; got {values!r}.")
+    candidates = np.asarray([int(k) for k in values])
     num_seq, num_timesteps = emissions.shape[:2]
     lengths = np.full(num_seq, num_timesteps) if lengths is None else _checks.host_copy(lengths)
     if num_folds > num_seq:
         raise ValueError(f"`num_folds` must be at most the number of sequences B = {num_seq}; got {num_folds}.")
-    if not isinstance(num_restarts, int) or num_restarts < 1:
-        raise ValueError(f"`num_restarts` must be a positive int; got {num_restarts!r}.")
+    num_restarts = _checks.positive_int("num_restarts", num_restarts)
     fit_key, fold_key = jax.random.split(key)
     folds = np.asarray(jax.random.permutation(fold_key, num_seq)) % max(num_folds, 1)
     rows = {name: [] for name in ("log_likelihood", "num_parameters", "aic", "bic", "heldout")}

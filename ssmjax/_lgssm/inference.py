@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
-from .. import _deprecation, _linalg
+from .. import _checks, _deprecation, _linalg
 from . import diffuse, steady, step, strategy
 from .canonical import LOG_2PI as _LOG_2PI
 from .canonical import KalmanParams, _canonical, _dtype
@@ -763,8 +763,7 @@ def lgssm_sample(
     """
     if not isinstance(model, AbstractLGSSM):
         raise ValueError(f"`model` must be an ssmjax.LGSSM; got {type(model).__name__}.")
-    if not isinstance(num_timesteps, int) or num_timesteps < 1:
-        raise ValueError(f"`num_timesteps` must be a positive Python int; got {num_timesteps!r}.")
+    num_timesteps = _checks.positive_int("num_timesteps", num_timesteps)
     _proper_only(model, "lgssm_sample")
     time_sizes = validate_shapes(model)
     _check_time_sizes(time_sizes, num_timesteps)

@@ -13,7 +13,6 @@ rebuilds that model; before ``fit`` it holds the value a user gives for a parame
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
@@ -154,8 +153,7 @@ class BaseStateSpaceEstimator(BaseEstimator):
                     f"`{name}` must be a string of the letters {''.join(self._letters)!r} "
                     f"({', '.join(f'{k}: {v[0]}' for k, v in self._letters.items())}); got {value!r}."
                 )
-        if not isinstance(self.n_iter, numbers.Integral) or self.n_iter < 1:
-            raise ValueError(f"`n_iter` must be a positive int; got {self.n_iter!r}.")
+        _checks.positive_int("n_iter", self.n_iter)
         if self.tol is not None and not _checks.is_non_negative_number(self.tol):
             raise ValueError(f"`tol` must be a non-negative number (relative improvement), or None to run all "
                              f"`n_iter` iterations; got {self.tol!r}.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import ssmjax
+from ssmjax import _checks
 
 from ._base import FittedParameter, as_array, float_dtype
 from ._hmm import BaseHMMEstimator, check_parameter, check_probabilities, log, softmax
@@ -258,8 +259,7 @@ class GMMHMM(BaseHMMEstimator):
 
     def _validate_hyperparameters(self) -> None:
         _check_covariance_type(self.covariance_type, ("full", "diag", "spherical"))
-        if not isinstance(self.n_mix, (int, np.integer)) or self.n_mix < 1:
-            raise ValueError(f"`n_mix` must be a positive int; got {self.n_mix!r}.")
+        _checks.positive_int("n_mix", self.n_mix)
         if isinstance(self.params, str) and ("m" in self.params) != ("c" in self.params):
             raise ValueError(f"`params` must hold both 'm' and 'c' or neither for GMMHMM; got {self.params!r}.")
         super()._validate_hyperparameters()

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 import ssmjax
+from ssmjax import _checks
 
 from ._base import BaseStateSpaceEstimator, FittedParameter, as_array, float_dtype, jax_key, unpad
 
@@ -131,8 +132,7 @@ class BaseHMMEstimator(BaseStateSpaceEstimator):
                                emissions=emissions)
 
     def _validate_hyperparameters(self) -> None:
-        if not isinstance(self.n_components, (int, np.integer)) or self.n_components < 1:
-            raise ValueError(f"`n_components` must be a positive int; got {self.n_components!r}.")
+        _checks.positive_int("n_components", self.n_components)
         super()._validate_hyperparameters()
 
     # ------------------------------------------------------------- inference
@@ -295,12 +295,11 @@ class BaseHMMEstimator(BaseStateSpaceEstimator):
             ((8, 1), (8,))
         """
         model = self._fitted_model()
-        if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
-            raise ValueError(f"`n_samples` must be a positive int; got {n_samples!r}.")
+        n_samples = _checks.positive_int("n_samples", n_samples)
         key = jax_key(self.random_state if random_state is None else random_state)
-        states, emissions = model.sample(int(n_samples), key=key)
+        states, emissions = model.sample(n_samples, key=key)
         emissions = np.asarray(emissions)
-        return emissions.reshape(int(n_samples), -1), np.asarray(states).astype(np.int64)
+        return emissions.reshape(n_samples, -1), np.asarray(states).astype(np.int64)
 
     def _num_parameters(self) -> int:
         # hmmlearn's count: every entry of the chain, also a probability that EM drove to exactly zero

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 import ssmjax
+from ssmjax import _checks
 
 from ._base import BaseStateSpaceEstimator, FittedParameter, as_array, float_dtype, jax_key, unpad
 from ._hmm import check_parameter
@@ -134,10 +135,9 @@ class BaseLGSSMEstimator(BaseStateSpaceEstimator):
             ((10, 2), (10, 2))
         """
         model = self._fitted_model()
-        if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
-            raise ValueError(f"`n_samples` must be a positive int; got {n_samples!r}.")
+        n_samples = _checks.positive_int("n_samples", n_samples)
         key = jax_key(self.random_state if random_state is None else random_state)
-        states, emissions = model.sample(int(n_samples), key=key)
+        states, emissions = model.sample(n_samples, key=key)
         return as_array(emissions), as_array(states)
 
 
@@ -200,8 +200,7 @@ class KalmanSmoother(BaseLGSSMEstimator):
         self.random_state = random_state
 
     def _validate_hyperparameters(self) -> None:
-        if not isinstance(self.n_dim_state, (int, np.integer)) or self.n_dim_state < 1:
-            raise ValueError(f"`n_dim_state` must be a positive int; got {self.n_dim_state!r}.")
+        _checks.positive_int("n_dim_state", self.n_dim_state)
         super()._validate_hyperparameters()
 
     def _read_parameters(self, model) -> dict:

@@ -223,6 +223,8 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.BernoulliEmissions.random(3, 4, key=jax.random.key(0)).probs.shape
             (3, 4)
         """
+        num_states = _checks.positive_int("num_states", num_states)
+        emission_dim = _checks.positive_int("emission_dim", emission_dim)
         dtype = dtype or jnp.result_type(float)
         probs = jax.random.uniform(key, (num_states, emission_dim), dtype, 0.05, 0.95)
         return cls(logits=_log_odds(probs))
@@ -251,6 +253,7 @@ class BernoulliEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.BernoulliEmissions.from_data(ys, 2).probs.shape
             (2, 2)
         """
+        num_states = _checks.positive_int("num_states", num_states)
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", "D"), "pooled 0/1 outcome vectors")
         probe = cls(logits=np.zeros((num_states, emissions.shape[1]), jnp.result_type(float)))  # host: no compilation

@@ -191,6 +191,8 @@ class CategoricalEmissions(_AbstractProbabilityRows):
             >>> ssmjax.CategoricalEmissions.random(3, 4, key=jax.random.key(0)).probs.shape
             (3, 4)
         """
+        num_states = _checks.positive_int("num_states", num_states)
+        num_classes = _checks.positive_int("num_classes", num_classes)
         dtype = dtype or jnp.result_type(float)
         probs = jax.random.dirichlet(key, jnp.ones(num_classes, dtype), shape=(num_states,))
         return cls(logits=jnp.log(probs))
@@ -222,6 +224,8 @@ class CategoricalEmissions(_AbstractProbabilityRows):
             >>> ssmjax.CategoricalEmissions.from_data(ys, 2, 3, key=jax.random.key(0)).probs.shape
             (2, 3)
         """
+        num_states = _checks.positive_int("num_states", num_states)
+        num_classes = _checks.positive_int("num_classes", num_classes)
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N",), "pooled integer symbols")
         probe = cls(logits=np.zeros((num_states, num_classes), jnp.result_type(float)))

@@ -303,6 +303,8 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.GammaEmissions.random(3, 2, key=jax.random.key(0)).shapes.shape
             (3, 2)
         """
+        num_states = _checks.positive_int("num_states", num_states)
+        emission_dim = _checks.positive_int("emission_dim", emission_dim)
         dtype = dtype or jnp.result_type(float)
         k1, k2 = jax.random.split(key)
         shapes = jax.random.uniform(k1, (num_states, emission_dim), dtype, 1.0, 5.0)
@@ -328,6 +330,7 @@ class GammaEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.GammaEmissions.from_data(ys, 2).means.shape
             (2, 1)
         """
+        num_states = _checks.positive_int("num_states", num_states)
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", "D"), "pooled positive value vectors")
         zeros = np.zeros((num_states, emissions.shape[1]), jnp.result_type(float))  # host: no compilation

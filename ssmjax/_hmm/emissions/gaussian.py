@@ -228,6 +228,8 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.GaussianEmissions.random(3, 2, key=jax.random.key(0)).covs.shape
             (3, 2, 2)
         """
+        num_states = _checks.positive_int("num_states", num_states)
+        emission_dim = _checks.positive_int("emission_dim", emission_dim)
         cls = _family(cls, covariance_type, "random")
         dtype = dtype or jnp.result_type(float)
         means = jax.random.normal(key, (num_states, emission_dim), dtype)
@@ -269,6 +271,7 @@ class AbstractGaussianEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.GaussianEmissions.from_data(ys, 3, key=jax.random.key(0)).means.shape
             (3, 2)
         """
+        num_states = _checks.positive_int("num_states", num_states)
         cls = _family(cls, covariance_type, "from_data")
         emissions = _kmeans_points(emissions, num_states)
         model = _kmeans_start(cls, key, emissions, min_variance, num_states, num_iters)

@@ -350,6 +350,7 @@ class AbstractGLMEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.PoissonRegressionEmissions.from_data(y, u, 2, key=jax.random.key(2)).weights.shape
             (2, 1, 2)
         """
+        num_states = _checks.positive_int("num_states", num_states)
         emissions, inputs = np.asarray(emissions), np.asarray(inputs, float)
         if emissions.ndim == 2:
             emissions, inputs = emissions[None], inputs[None]

@@ -19,6 +19,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real, Shaped
 
+from ... import _checks
 from .base import AbstractExponentialFamilyEmissions, _checked_indices
 
 
@@ -45,8 +46,7 @@ class KnownStateEmissions(AbstractExponentialFamilyEmissions):
 
     @typing.no_type_check
     def __init__(self, num_states: int):
-        if not isinstance(num_states, int) or isinstance(num_states, bool) or num_states < 1:
-            raise ValueError(f"`num_states` must be a positive int; got {num_states!r}.")
+        num_states = _checks.positive_int("num_states", num_states)
         self.states = num_states
 
     @property

@@ -324,6 +324,8 @@ class GaussianMixtureEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.GaussianMixtureEmissions.from_data(ys, 2, num_mix=3, key=jax.random.key(0)).means.shape
             (2, 3, 2)
         """
+        num_states = _checks.positive_int("num_states", num_states)
+        num_mix = _checks.positive_int("num_mix", num_mix)
         points = _kmeans_points(emissions, num_states)
         states = _kmeans_start(family, key, points, min_variance, num_states, num_iters)
         # the components' spread drawn on the host too (see .host): a threefry draw in the start's program

@@ -123,8 +123,7 @@ class MultinomialEmissions(_AbstractProbabilityRows):
         self, probs: Float[ArrayLike, "K C"] | None = None, num_trials: int = 1, *,
         logits: Float[ArrayLike, "K C"] | None = None,
     ):
-        if not isinstance(num_trials, int) or isinstance(num_trials, bool) or num_trials < 1:
-            raise ValueError(f"`num_trials` must be a positive int; got {num_trials!r}.")
+        num_trials = _checks.positive_int("num_trials", num_trials)
         self.num_trials = num_trials
         self.logits = _rows_logits(probs, logits, "one row of category probabilities per state")
 
@@ -222,6 +221,8 @@ class MultinomialEmissions(_AbstractProbabilityRows):
             >>> ssmjax.MultinomialEmissions.random(3, 4, 10, key=jax.random.key(0)).probs.shape
             (3, 4)
         """
+        num_states = _checks.positive_int("num_states", num_states)
+        num_classes = _checks.positive_int("num_classes", num_classes)
         dtype = dtype or jnp.result_type(float)
         probs = jax.random.dirichlet(key, jnp.ones(num_classes, dtype), shape=(num_states,))
         return cls(logits=jnp.log(probs), num_trials=num_trials)
@@ -250,6 +251,7 @@ class MultinomialEmissions(_AbstractProbabilityRows):
             >>> ssmjax.MultinomialEmissions.from_data(ys, 2).num_trials
             4
         """
+        num_states = _checks.positive_int("num_states", num_states)
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", "C"), "pooled count vectors")
         if num_trials is None:

@@ -216,6 +216,8 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.PoissonEmissions.random(3, 2, key=jax.random.key(0)).rates.shape
             (3, 2)
         """
+        num_states = _checks.positive_int("num_states", num_states)
+        emission_dim = _checks.positive_int("emission_dim", emission_dim)
         dtype = dtype or jnp.result_type(float)
         rates = jax.random.gamma(key, 2.0, (num_states, emission_dim), dtype) * (mean_rate / 2.0)
         return cls(log_rates=jnp.log(rates))
@@ -246,6 +248,7 @@ class PoissonEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.PoissonEmissions.from_data(ys, 2).rates.shape
             (2, 1)
         """
+        num_states = _checks.positive_int("num_states", num_states)
         emissions = _checks.to_device(emissions)
         _checks.check_shape("emissions", emissions, ("N", "D"), "pooled count vectors")
         probe = cls(log_rates=np.zeros((num_states, emissions.shape[1]), jnp.result_type(float)))

@@ -384,6 +384,7 @@ class LinearRegressionEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.LinearRegressionEmissions.from_data(y, u, 2, key=jax.random.key(1)).weights.shape
             (2, 1, 2)
         """
+        num_states = _checks.positive_int("num_states", num_states)
         emissions, inputs = np.asarray(emissions, float), np.asarray(inputs, float)
         if emissions.ndim == 2:
             emissions, inputs = emissions[None], inputs[None]
@@ -419,12 +420,6 @@ def _conditional_regressions(means: np.ndarray, covs: np.ndarray, dim: int):
     weights = np.swapaxes(np.linalg.solve(s_xx, np.swapaxes(s_yx, -1, -2)), -1, -2)
     biases = means[:, :dim] - np.einsum("kdp,kp->kd", weights, means[:, dim:])
     return weights, biases, s_yy - weights @ np.swapaxes(s_yx, -1, -2)
-
-
-def _check_num_lags(num_lags) -> int:
-    if isinstance(num_lags, bool) or not isinstance(num_lags, (int, np.integer)) or num_lags < 1:
-        raise ValueError(f"`num_lags` must be a positive int; got {num_lags!r}.")
-    return int(num_lags)
 
 
 def _autoregressive_rows(emissions, inputs, num_lags: int, xp):
@@ -486,9 +481,9 @@ class AutoregressiveEmissions(LinearRegressionEmissions):
         chol_covs: Float[ArrayLike, "K D D"] | None = None,
         min_variance: float = 1e-6,
     ):
-        num_lags = _check_num_lags(num_lags)
+        num_lags = _checks.positive_int("num_lags", num_lags)
         super().__init__(weights, biases, covs, chol_covs=chol_covs, min_variance=min_variance)
-        self.num_lags = int(num_lags)
+        self.num_lags = num_lags
         if self.num_covariates < self.num_lags * self.emission_dim:
             raise ValueError(
                 f"`weights` must have at least num_lags * D = {self.num_lags * self.emission_dim} columns "
@@ -554,13 +549,14 @@ class AutoregressiveEmissions(LinearRegressionEmissions):
             >>> ssmjax.AutoregressiveEmissions.from_data(y, 2, num_lags=2, key=jax.random.key(1)).weights.shape
             (2, 1, 2)
         """
+        num_states = _checks.positive_int("num_states", num_states)
         emissions = np.asarray(emissions, float)
         if emissions.ndim == 2:
             emissions = emissions[None]
             inputs = None if inputs is None else np.asarray(inputs, float)[None]
         if emissions.ndim != 3:
             raise ValueError(f"`emissions` must have shape (T, D) or (B, T, D); got shape {emissions.shape}.")
-        num_lags = _check_num_lags(num_lags)
+        num_lags = _checks.positive_int("num_lags", num_lags)
         time_first = lambda a: None if a is None else np.swapaxes(np.asarray(a, float), 0, 1)  # noqa: E731
         rows = _autoregressive_rows(time_first(emissions), time_first(inputs), num_lags, np)
         rows = _pooled(np.swapaxes(rows, 0, 1), lengths)

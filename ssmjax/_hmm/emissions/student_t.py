@@ -490,6 +490,8 @@ class StudentTEmissions(AbstractExponentialFamilyEmissions):
             >>> model.scales.shape, model.dofs.tolist()
             ((3, 2, 2), [4.0, 4.0, 4.0])
         """
+        num_states = _checks.positive_int("num_states", num_states)
+        emission_dim = _checks.positive_int("emission_dim", emission_dim)
         dtype = dtype or jnp.result_type(float)
         means = jax.random.normal(key, (num_states, emission_dim), dtype)
         eye = jnp.broadcast_to(jnp.eye(emission_dim, dtype=dtype), (num_states, emission_dim, emission_dim))
@@ -523,6 +525,7 @@ class StudentTEmissions(AbstractExponentialFamilyEmissions):
             >>> ssmjax.StudentTEmissions.from_data(ys, 2, key=jax.random.key(0)).means.shape
             (2, 2)
         """
+        num_states = _checks.positive_int("num_states", num_states)
         if not (isinstance(dofs, (int, float)) and math.isfinite(dofs) and dofs > 0):
             raise ValueError(f"`dofs` must be a finite positive number; got {dofs!r}.")
         emissions = _checks.as_float_array("emissions", emissions)
