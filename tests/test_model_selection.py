@@ -108,8 +108,9 @@ def test_select_num_states_finds_the_true_number_by_bic_and_held_out_likelihood(
     assert_allclose(chosen.bic[1], chosen.models[1].bic(ys))
     assert chosen.num_parameters.tolist() == [m.num_parameters() for m in chosen.models]
     assert "BIC" in chosen.table()
-    with pytest.raises(ValueError, match="num_folds"):
-        ssmjax.select_num_states(ys, [2], "gaussian_diag", num_folds=7, key=jax.random.key(0))
+    for bad in (7, -1, 2.5):
+        with pytest.raises(ValueError, match=rf"`num_folds` must be an int in \[0, 6\].*got {bad}"):
+            ssmjax.select_num_states(ys, [2], "gaussian_diag", num_folds=bad, key=jax.random.key(0))
 
 
 def test_left_right_structure_is_declared_kept_by_em_and_counted():

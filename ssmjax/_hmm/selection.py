@@ -121,8 +121,10 @@ def select_num_states(
     candidates = np.asarray([int(k) for k in values])
     num_seq, num_timesteps = emissions.shape[:2]
     lengths = np.full(num_seq, num_timesteps) if lengths is None else _checks.host_copy(lengths)
-    if num_folds > num_seq:
-        raise ValueError(f"`num_folds` must be at most the number of sequences B = {num_seq}; got {num_folds}.")
+    if isinstance(num_folds, bool) or not isinstance(num_folds, (int, np.integer)) or not 0 <= num_folds <= num_seq:
+        raise ValueError(
+            f"`num_folds` must be an int in [0, {num_seq}] (at most the number of sequences B); got {num_folds!r}."
+        )
     num_restarts = _checks.positive_int("num_restarts", num_restarts)
     fit_key, fold_key = jax.random.split(key)
     folds = np.asarray(jax.random.permutation(fold_key, num_seq)) % max(num_folds, 1)
