@@ -126,7 +126,7 @@ def as_int_array(name: str, x: object) -> jax.Array:
     return arr
 
 
-def check_shape(name: str, x: jax.Array, expected: Sequence[object], meaning: str = "") -> None:
+def check_shape(name: str, x: jax.Array | np.ndarray, expected: Sequence[object], meaning: str = "") -> None:
     """Raise ``ValueError`` unless ``x.shape`` matches ``expected``.
 
     ``expected`` is a sequence whose entries are ints (must match), ``None`` (any

@@ -486,6 +486,19 @@ def test_every_initialiser_checks_the_number_of_states(name):
         assert start(np.int64(2), y, u, key).num_states == 2
 
 
+def test_hmm_from_data_states_the_batch_shape_of_each_family():
+    """A batch of the wrong rank is named as the batch the user passed, not as the pooled rows the family sees."""
+    from ssmjax._hmm.initialise import FAMILIES
+
+    rng = np.random.default_rng(1)
+    for name, family in FAMILIES.items():
+        symbols = family is ssmjax.CategoricalEmissions
+        wrong = np.ones((2, 30, 1)) if symbols else np.ones((2, 30))
+        expected = r"\(B, T\)" if symbols else r"\(B, T, D\)"
+        with pytest.raises(ValueError, match=rf"`emissions` must have shape {expected} .*got shape \({', '.join(map(str, wrong.shape))}\)"):
+            ssmjax.HMM.from_data(wrong, 2, name, inputs=rng.normal(size=(2, 30, 1)), key=jax.random.key(0))
+
+
 def test_value_errors_eager_and_under_jit():
     rng = np.random.default_rng(13)
     models = _models(rng)

@@ -59,16 +59,22 @@ def from_data(cls, emissions, num_states, emissions_type, *, lengths, inputs, st
         raise ValueError(
             f"`emissions` must be a batch (B, T, ...) of sequences; got shape {emissions.shape}."
         )
-    num_seq, num_timesteps = emissions.shape[:2]
-    lengths_np = np.full(num_seq, num_timesteps) if lengths is None else lengths
-    mask = np.arange(num_timesteps)[None, :] < lengths_np[:, None]
-    pooled = emissions[mask]
     family = FAMILIES.get(emissions_type) if isinstance(emissions_type, str) else emissions_type
     if not (isinstance(family, type) and issubclass(family, AbstractEmissions) and hasattr(family, "from_data")):
         raise ValueError(
             f"`emissions_type` must be one of {sorted(FAMILIES)} or an emission class with a `from_data`; "
             f"got {emissions_type!r}."
         )
+    if family in FAMILIES.values():  # the built-in families' steps are symbols (categorical) or vectors
+        symbols = family is CategoricalEmissions
+        _checks.check_shape(
+            "emissions", emissions, ("B", "T") if symbols else ("B", "T", "D"),
+            f"a batch of sequences of {'integer symbols' if symbols else 'vectors'} for a {family.__name__} model",
+        )
+    num_seq, num_timesteps = emissions.shape[:2]
+    lengths_np = np.full(num_seq, num_timesteps) if lengths is None else lengths
+    mask = np.arange(num_timesteps)[None, :] < lengths_np[:, None]
+    pooled = emissions[mask]
     if family is AutoregressiveEmissions:
         emission_model = family.from_data(
             emissions, num_states, num_lags=num_lags, inputs=inputs, lengths=lengths, key=key
