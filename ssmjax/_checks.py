@@ -158,9 +158,14 @@ def check_shape_options(
     raise ValueError(f"`{name}` must have shape {alternatives}{what}; got shape {_fmt_shape(shape)}.")
 
 
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy; not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def is_positive_int(value: object) -> bool:
-    """Whether ``value`` is a positive integer (Python or NumPy; not a bool)."""
-    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer)) and bool(value >= 1)
+    """Whether ``value`` is an integer (:func:`is_int`) of at least 1."""
+    return is_int(value) and bool(value >= 1)
 
 
 def positive_int(name: str, value: object) -> int:

@@ -121,7 +121,7 @@ def select_num_states(
     candidates = np.asarray([int(k) for k in values])
     num_seq, num_timesteps = emissions.shape[:2]
     lengths = np.full(num_seq, num_timesteps) if lengths is None else _checks.host_copy(lengths)
-    if isinstance(num_folds, bool) or not isinstance(num_folds, (int, np.integer)) or not 0 <= num_folds <= num_seq:
+    if not (_checks.is_int(num_folds) and 0 <= num_folds <= num_seq):
         raise ValueError(
             f"`num_folds` must be an int in [0, {num_seq}] (at most the number of sequences B); got {num_folds!r}."
         )
